@@ -1,0 +1,152 @@
+"""``pushfw``: push firewall commands and read what the hosts did with them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import redis
+
+from pushfw.producer.client import Producer
+from pushfw.producer.contract import CommandRejected, Result
+from pushfw.producer.duration import parse_duration
+from pushfw.producer.keys import DEFAULT_PREFIX
+from pushfw.producer.render import as_json, as_table
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _when(entry_id: str) -> str:
+    ms = int(entry_id.split("-", 1)[0])
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _result_rows(results: list[Result]) -> list[dict[str, object]]:
+    return [
+        {"time": _when(r.id) if r.id else "", **r.to_fields()}
+        for r in results
+    ]
+
+
+def _show(rows: list[dict[str, object]], columns: list[str], json_out: bool) -> None:
+    click.echo(as_json(rows) if json_out else as_table(rows, columns))
+
+
+@click.group()
+@click.option(
+    "--redis-url",
+    envvar="PUSHFW_REDIS_URL",
+    default="redis://127.0.0.1:6379/0",
+    show_default=True,
+    help="Redis holding the command stream (env PUSHFW_REDIS_URL).",
+)
+@click.option("--prefix", envvar="PUSHFW_KEY_PREFIX", default=DEFAULT_PREFIX, show_default=True)
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
+    """pushfw: firewall commands for every host, through Redis Streams."""
+    ctx.obj = Producer.from_url(redis_url, prefix)
+
+
+def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
+    @click.argument("ip")
+    @click.option("--target", default="*", help="Host names or labels, comma-separated.")
+    @click.option("--reason", default="", help="Free text kept with the rule.")
+    @click.option("--request-id", default="", help="Your correlation id, echoed in results.")
+    @click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
+    @click.option("--expect", default=1, show_default=True, help="Results to wait for.")
+    @click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
+    @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    def command(producer: Producer, ip: str, ttl: int | None = None, **opts: Any) -> None:
+        send: Callable[..., str] = getattr(producer, method)
+        kwargs: dict[str, Any] = {
+            "target": [t for t in opts["target"].split(",") if t.strip() not in ("", "*")],
+            "reason": opts["reason"],
+            "request_id": opts["request_id"],
+        }
+        if timed:
+            kwargs["ttl_s"] = ttl
+        try:
+            cmd_id = send(ip, **kwargs)
+        except CommandRejected as exc:
+            raise click.UsageError(str(exc)) from None
+        if not opts["wait"]:
+            click.echo(as_json([{"cmd": cmd_id}]) if opts["json_out"] else cmd_id)
+            return
+        results = producer.wait(cmd_id, expect=opts["expect"], timeout_s=opts["timeout_s"])
+        _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
+        if len(results) < opts["expect"]:
+            click.echo(f"pushfw: {len(results)} of {opts['expect']} results before the timeout", err=True)
+            sys.exit(3)
+        if any(r.status.value in ("rejected", "failed") for r in results):
+            sys.exit(4)
+
+    if timed:
+        command = click.option("--ttl", type=Duration(), default=None, help="Lifetime (600, 10m, 2h).")(command)
+    cli.command(name, help=help_text)(command)
+
+
+_push_command("drop", "drop", True, "Ban IP (address or network) on the targeted hosts.")
+_push_command("accept", "accept", True, "Allow IP; an allow wins over any ban.")
+_push_command("undrop", "undrop", False, "Lift a ban.")
+_push_command("unaccept", "unaccept", False, "Withdraw an allow.")
+
+
+@cli.command()
+@click.option("--count", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--cmd", "cmd_id", default=None, help="Only results of this command id.")
+@click.option("--json", "json_out", is_flag=True)
+@click.pass_obj
+def results(producer: Producer, count: int, cmd_id: str | None, json_out: bool) -> None:
+    """The newest results, newest first."""
+    rows = _result_rows(producer.results(count, cmd_id))
+    _show(rows, ["time", "host", "status", "cmd", "request_id", "detail"], json_out)
+
+
+@cli.command()
+@click.option("--count", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "json_out", is_flag=True)
+@click.pass_obj
+def dead(producer: Producer, count: int, json_out: bool) -> None:
+    """Commands a host gave up on, newest first."""
+    rows: list[dict[str, object]] = [
+        {
+            "time": _when(d.id),
+            "host": d.host,
+            "cmd": d.cmd,
+            "op": d.fields.get("op", ""),
+            "ip": d.fields.get("ip", ""),
+            "deliveries": d.deliveries,
+            "error": d.error,
+            **({"fields": d.fields} if json_out else {}),
+        }
+        for d in producer.dead(count)
+    ]
+    _show(rows, ["time", "host", "cmd", "op", "ip", "deliveries", "error"], json_out)
+
+
+def main() -> None:
+    """Entry point: one-line errors and non-zero exits instead of tracebacks."""
+    try:
+        cli.main(standalone_mode=False, prog_name="pushfw")
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"pushfw: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except redis.RedisError as exc:
+        click.echo(f"pushfw: redis: {exc}", err=True)
+        sys.exit(1)

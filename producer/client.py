@@ -1,0 +1,148 @@
+"""The Python producer: append commands to the stream and read what hosts did with them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from pushfw.producer.contract import Command, Result, parse_command
+from pushfw.producer.keys import DEFAULT_PREFIX, Keys
+
+__all__ = ["DeadLetter", "Producer"]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A command a host gave up on, with its original fields."""
+
+    id: str
+    cmd: str
+    host: str
+    deliveries: int
+    error: str
+    fields: dict[str, str]
+
+
+def _stream_id_before(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq) - 1}" if seq and int(seq) > 0 else f"{max(int(ms) - 1, 0)}"
+
+
+class Producer:
+    """Sends commands; every method validates before any I/O.
+
+    Args:
+        client: a redis-py client created with ``decode_responses=True``.
+        prefix: the key prefix the workers use.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> Producer:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+
+    def send(self, command: Command) -> str:
+        """XADD one command; returns its entry id. https://redis.io/commands/xadd/"""
+        return cast(str, self.client.xadd(self.keys.cmd, dict(command.to_fields())))
+
+    def _command(
+        self,
+        op: str,
+        ip: str,
+        ttl_s: int | None,
+        target: Iterable[str],
+        reason: str,
+        request_id: str,
+    ) -> str:
+        fields = {"op": op, "ip": ip, "reason": reason, "request_id": request_id}
+        if ttl_s is not None:
+            fields["ttl"] = str(ttl_s)
+        if names := ",".join(target):
+            fields["target"] = names
+        return self.send(parse_command(fields))
+
+    def drop(
+        self,
+        ip: str,
+        *,
+        ttl_s: int | None = None,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+    ) -> str:
+        """Ban ``ip`` (an address or network), for ``ttl_s`` seconds or for good."""
+        return self._command("drop.insert", ip, ttl_s, target, reason, request_id)
+
+    def accept(
+        self,
+        ip: str,
+        *,
+        ttl_s: int | None = None,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+    ) -> str:
+        """Allow ``ip``; an accept wins over any drop."""
+        return self._command("accept.insert", ip, ttl_s, target, reason, request_id)
+
+    def undrop(
+        self, ip: str, *, target: Iterable[str] = (), reason: str = "", request_id: str = ""
+    ) -> str:
+        """Lift a ban."""
+        return self._command("drop.delete", ip, None, target, reason, request_id)
+
+    def unaccept(
+        self, ip: str, *, target: Iterable[str] = (), reason: str = "", request_id: str = ""
+    ) -> str:
+        """Withdraw an allow."""
+        return self._command("accept.delete", ip, None, target, reason, request_id)
+
+    def wait(self, cmd_id: str, expect: int = 1, timeout_s: float = 10.0) -> list[Result]:
+        """Block until ``expect`` hosts reported on ``cmd_id`` or the timeout passes."""
+        found: dict[str, Result] = {}
+        cursor = _stream_id_before(cmd_id)
+        deadline = time.monotonic() + timeout_s
+        while len(found) < expect:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            reply = cast(
+                list[Any], self.client.xread({self.keys.results: cursor}, count=500, block=left_ms)
+            )
+            for entry_id, fields in reply[0][1] if reply else []:
+                cursor = entry_id
+                if fields.get("cmd") == cmd_id:
+                    result = Result.from_entry(entry_id, fields)
+                    found[result.host] = result
+        return list(found.values())
+
+    def results(self, count: int = 20, cmd_id: str | None = None) -> list[Result]:
+        """The newest results, newest first; only those of ``cmd_id`` if given."""
+        rows = cast(list[Any], self.client.xrevrange(self.keys.results, count=count * (1 if cmd_id is None else 50)))
+        out = [Result.from_entry(eid, fields) for eid, fields in rows]
+        if cmd_id is not None:
+            out = [r for r in out if r.cmd == cmd_id]
+        return out[:count]
+
+    def dead(self, count: int = 20) -> list[DeadLetter]:
+        """The newest dead letters, newest first."""
+        rows = cast(list[Any], self.client.xrevrange(self.keys.dead, count=count))
+        meta = {"cmd", "host", "deliveries", "error"}
+        return [
+            DeadLetter(
+                id=eid,
+                cmd=fields.get("cmd", ""),
+                host=fields.get("host", ""),
+                deliveries=int(fields.get("deliveries", "0") or 0),
+                error=fields.get("error", ""),
+                fields={k: v for k, v in fields.items() if k not in meta},
+            )
+            for eid, fields in rows
+        ]

@@ -1,0 +1,324 @@
+"""The wire contract (v1): a command as stream fields, and a host's result.
+
+A command is a flat map of strings so that ``redis-cli XADD {pushfw}:cmd '*' op drop.insert
+ip 192.168.1.6`` is a complete producer. Parsing never trusts the bytes: every field is
+decoded strictly, bounded, and validated with :mod:`ipaddress`; the first problem becomes
+a :class:`CommandRejected` whose message names the field and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "MAX_REASON_LEN",
+    "MAX_REQUEST_ID_LEN",
+    "MAX_TTL_S",
+    "Action",
+    "Command",
+    "CommandRejected",
+    "Network",
+    "Op",
+    "Result",
+    "Status",
+    "parse_command",
+    "parse_network",
+]
+
+MAX_TTL_S = 10 * 365 * 24 * 3600
+MAX_REASON_LEN = 256
+MAX_REQUEST_ID_LEN = 128
+MAX_TARGETS = 64
+MAX_FIELD_LEN = 4096
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]+")
+_ORIGIN = re.compile(r"[a-z][a-z0-9_-]{0,15}")
+_TTL = re.compile(r"[0-9]{1,12}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class CommandRejected(ValueError):
+    """A stream entry that is not a valid command; the message says why."""
+
+
+class Action(StrEnum):
+    DROP = "drop"
+    ACCEPT = "accept"
+
+
+class Op(StrEnum):
+    """The operations of wire format v1, spelt canonically."""
+
+    DROP_INSERT = "drop.insert"
+    DROP_DELETE = "drop.delete"
+    ACCEPT_INSERT = "accept.insert"
+    ACCEPT_DELETE = "accept.delete"
+    TTL_DROP_INSERT = "ttl.drop.insert"
+    TTL_ACCEPT_INSERT = "ttl.accept.insert"
+
+    @property
+    def action(self) -> Action:
+        return Action.DROP if "drop" in self.value else Action.ACCEPT
+
+    @property
+    def is_insert(self) -> bool:
+        return self.value.endswith(".insert")
+
+    @property
+    def needs_ttl(self) -> bool:
+        return self.value.startswith("ttl.")
+
+    @classmethod
+    def parse(cls, raw: str) -> Op:
+        """Accept the seed's spellings: any case, ``_`` for ``.`` (``TTL_DROP_INSERT``)."""
+        try:
+            return cls(raw.lower().replace("_", "."))
+        except ValueError:
+            known = ", ".join(op.value for op in cls)
+            raise ValueError(f"unknown op {raw[:40]!r} (expected one of {known})") from None
+
+
+class Status(StrEnum):
+    """What a host did with a command."""
+
+    APPLIED = "applied"
+    UNCHANGED = "unchanged"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+def parse_network(raw: str) -> Network:
+    """Parse an address or a network strictly; an IPv4-mapped IPv6 value means the IPv4 one."""
+    if not raw:
+        raise ValueError("is empty")
+    if _CONTROL.search(raw) or " " in raw:
+        raise ValueError(f"{raw[:60]!r} contains whitespace or control characters")
+    if "%" in raw:
+        raise ValueError(f"{raw[:60]!r}: scoped IPv6 addresses are not firewall rules")
+    if len(raw) > 64:
+        raise ValueError(f"is too long ({len(raw)} characters) to be an address")
+    try:
+        net = ipaddress.ip_network(raw, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            raise ValueError(f"{raw!r} has host bits set; send the network address") from None
+        raise ValueError(f"{raw!r} is not an IPv4/IPv6 address or network") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED):
+        v4 = ipaddress.IPv4Address(int(net.network_address) & 0xFFFFFFFF)
+        return ipaddress.IPv4Network((v4, net.prefixlen - 96))
+    return net
+
+
+class Command(BaseModel):
+    """One validated command.
+
+    Built by :func:`parse_command` from stream fields, or directly by the producer client.
+    ``ttl_s`` is set for timed inserts; expiry is the entry id's time plus ``ttl_s``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    op: Op
+    network: Network
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] | None = None
+    target: tuple[str, ...] = ()
+    reason: Annotated[str, Field(max_length=MAX_REASON_LEN)] = ""
+    request_id: Annotated[str, Field(max_length=MAX_REQUEST_ID_LEN)] = ""
+    origin: str = ""
+
+    @field_validator("op", mode="before")
+    @classmethod
+    def _op(cls, value: object) -> object:
+        return Op.parse(value) if isinstance(value, str) else value
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, value: object) -> object:
+        return parse_network(value) if isinstance(value, str) else value
+
+    @field_validator("ttl_s", mode="before")
+    @classmethod
+    def _ttl(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not _TTL.fullmatch(value):
+                raise ValueError(f"{value[:40]!r} is not a whole number of seconds")
+            seconds = int(value)
+            if not 1 <= seconds <= MAX_TTL_S:
+                raise ValueError(f"{seconds} is outside 1..{MAX_TTL_S} seconds")
+            return seconds
+        return value
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = () if value.strip() in ("", "*") else tuple(value.split(","))
+        if isinstance(value, (tuple, list)):
+            names = tuple(str(name).strip() for name in value)
+            if len(names) > MAX_TARGETS:
+                raise ValueError(f"names {len(names)} hosts; at most {MAX_TARGETS}")
+            for name in names:
+                if not _HOST_NAME.fullmatch(name):
+                    raise ValueError(f"{name[:70]!r} is not a host name or label")
+            return names
+        return value
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        if _CONTROL.search(value):
+            raise ValueError("contains control characters (newline, NUL, ...)")
+        return value
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, value: str) -> str:
+        if value and not _REQUEST_ID.fullmatch(value):
+            raise ValueError("must be printable ASCII without spaces")
+        return value
+
+    @field_validator("origin")
+    @classmethod
+    def _origin(cls, value: str) -> str:
+        if value and not _ORIGIN.fullmatch(value):
+            raise ValueError(f"{value[:20]!r} is not a valid origin tag")
+        return value
+
+    @model_validator(mode="after")
+    def _ttl_matches_op(self) -> Command:
+        if self.op.needs_ttl and self.ttl_s is None:
+            raise ValueError(f"ttl: op {self.op.value} needs a ttl")
+        if not self.op.is_insert and self.ttl_s is not None:
+            raise ValueError(f"ttl: op {self.op.value} takes no ttl")
+        return self
+
+    @property
+    def action(self) -> Action:
+        return self.op.action
+
+    @property
+    def is_insert(self) -> bool:
+        return self.op.is_insert
+
+    def targets(self, host: str, labels: frozenset[str]) -> bool:
+        """Whether a host with this name and these labels is meant by ``target``."""
+        return not self.target or any(t == host or t in labels for t in self.target)
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream fields of this command, in canonical spelling."""
+        fields = {"op": self.op.value, "ip": _network_text(self.network)}
+        if self.ttl_s is not None:
+            fields["ttl"] = str(self.ttl_s)
+        if self.target:
+            fields["target"] = ",".join(self.target)
+        for name in ("reason", "request_id", "origin"):
+            if value := getattr(self, name):
+                fields[name] = value
+        return fields
+
+
+def _network_text(net: Network) -> str:
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+_WIRE_TO_MODEL = {
+    "op": "op",
+    "ip": "network",
+    "ttl": "ttl_s",
+    "target": "target",
+    "reason": "reason",
+    "request_id": "request_id",
+    "origin": "origin",
+}
+
+
+def _decode_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
+    """Decode the known fields strictly; unknown fields are ignored (forward compatibility)."""
+    decoded: dict[str, str] = {}
+    for raw_key, raw_value in fields.items():
+        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
+        key = key.lower()
+        if key not in _WIRE_TO_MODEL:
+            continue
+        if isinstance(raw_value, bytes):
+            try:
+                value = raw_value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CommandRejected(f"{key}: is not valid UTF-8") from None
+        else:
+            value = raw_value
+        if len(value) > MAX_FIELD_LEN:
+            raise CommandRejected(f"{key}: is {len(value)} characters long, at most {MAX_FIELD_LEN}")
+        decoded[_WIRE_TO_MODEL[key]] = value
+    return decoded
+
+
+def _explain(exc: ValidationError) -> str:
+    model_to_wire = {v: k for k, v in _WIRE_TO_MODEL.items()}
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = model_to_wire.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Command:
+    """Parse one stream entry's fields into a :class:`Command`.
+
+    Raises:
+        CommandRejected: the entry is not a valid v1 command; the message says which field
+            is wrong and why, and is safe to show (it quotes at most a short prefix).
+    """
+    values = _decode_fields(fields)
+    for required, wire in (("op", "op"), ("network", "ip")):
+        if required not in values:
+            raise CommandRejected(f"{wire}: is missing")
+    try:
+        return Command.model_validate(values)
+    except ValidationError as exc:
+        raise CommandRejected(_explain(exc)) from None
+
+
+class Result(BaseModel):
+    """One host's outcome for one command, as written to the results stream."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cmd: str
+    host: str
+    status: Status
+    detail: str = ""
+    request_id: str = ""
+    id: str = ""
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "cmd": self.cmd,
+            "request_id": self.request_id,
+            "host": self.host,
+            "status": self.status.value,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_entry(cls, entry_id: str, fields: Mapping[str, str]) -> Result:
+        return cls(
+            id=entry_id,
+            cmd=fields.get("cmd", ""),
+            host=fields.get("host", ""),
+            status=Status(fields.get("status", "failed")),
+            detail=fields.get("detail", ""),
+            request_id=fields.get("request_id", ""),
+        )

@@ -1,0 +1,85 @@
+"""The backend interface: stage changes, commit them as one batch, list what is applied."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from pushfw.producer.contract import Action, Network
+
+
+@dataclass(frozen=True, order=True)
+class RuleKey:
+    """A rule's identity: one action for one network. Drop and accept of one network coexist."""
+
+    action: Action
+    network: Network
+
+    def __str__(self) -> str:
+        return f"{self.action.value} {self.network}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A managed rule as the kernel holds it; ``expires_ms`` is absolute (Redis clock)."""
+
+    key: RuleKey
+    expires_ms: int | None = None
+
+
+class Backend(abc.ABC):
+    """A kernel firewall that pushfw manages, changed in batches.
+
+    A backend owns its chains/sets/table and touches nothing else. Changes are staged with
+    :meth:`add` and :meth:`delete` and reach the kernel only on :meth:`commit`.
+    """
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Create the managed chains/sets if missing and load the index of managed rules."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release handles. Never removes a rule: bans stay in force while the worker is down."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> dict[RuleKey, Rule]:
+        """The managed rules as last committed (from the in-memory index, not the kernel)."""
+
+    @abc.abstractmethod
+    def add(self, rule: Rule) -> None:
+        """Stage a rule; a rule with the same key but another expiry replaces it."""
+
+    @abc.abstractmethod
+    def delete(self, key: RuleKey) -> None:
+        """Stage the removal of a managed rule."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Send every staged change to the kernel.
+
+        What holds after ``commit()`` returns:
+
+        - every staged change is in the kernel, and :meth:`snapshot` reflects it;
+        - ``add`` of a rule already present and ``delete`` of a rule absent are harmless
+          (idempotent), so a replayed batch has the effect of one;
+        - per table and address family the batch is all-or-nothing.
+
+        On failure the staged changes are discarded, :meth:`snapshot` still describes the
+        kernel, and the error says whether retrying can help.
+
+        Raises:
+            TransientBackendError: the kernel was busy (xtables lock, concurrent commit).
+            PermanentBackendError: this batch will never apply as it is.
+            BackendError: anything else the kernel refused.
+        """
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Forget the staged changes."""
+
+    def get(self, key: RuleKey) -> Rule | None:
+        """The committed rule with this key, answered from the index without a kernel call."""
+        return self.snapshot().get(key)

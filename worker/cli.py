@@ -1,0 +1,68 @@
+"""``pushfw-worker``: run the daemon, or remove pushfw's chains from this host."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from pydantic import ValidationError
+
+from pushfw.worker.daemon import ForceStop, Worker
+from pushfw.worker.errors import PushfwError
+from pushfw.worker.settings import WorkerSettings
+
+logger = logging.getLogger("pushfw.worker")
+
+
+def _settings() -> WorkerSettings:
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            name = "PUSHFW_" + "_".join(str(p) for p in err["loc"]).upper()
+            click.echo(f"pushfw-worker: {name}: {err['msg']}", err=True)
+        sys.exit(2)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log every rule (DEBUG).")
+def main(verbose: bool) -> None:
+    """pushfw worker: applies the command stream to this host's firewall."""
+    _logging(verbose)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Exit once everything pending is applied.")
+def run(burst: bool) -> None:
+    """Follow the command stream until SIGTERM (settings from PUSHFW_* variables)."""
+    settings = _settings()
+    try:
+        worker = Worker(settings)
+        worker.install_signal_handlers()
+        worker.run(burst=burst)
+    except ForceStop:
+        sys.exit(130)
+    except PushfwError as exc:
+        click.echo(f"pushfw-worker: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+def uninstall() -> None:
+    """Remove pushfw's chains and jumps; leave every other rule alone."""
+    settings = _settings()
+    if settings.backend != "iptables":
+        click.echo(f"pushfw-worker: nothing to uninstall for backend {settings.backend}")
+        return
+    from pushfw.worker.backends.iptables import IptablesBackend
+
+    IptablesBackend(chain=settings.chain, hooks=settings.hook_chains).uninstall()
+    click.echo(f"removed chain {settings.chain} and its jumps (IPv4 and IPv6)")

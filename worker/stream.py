@@ -1,0 +1,131 @@
+"""Thin typed wrappers over the Redis stream commands the applier uses.
+
+The client runs with ``decode_responses=False``: a producer may write bytes that are not
+UTF-8, and that must become one ``rejected`` entry, not a decode error that stalls the read.
+Entry ids are decoded to ``str`` here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from pushfw.producer.keys import Keys
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry; ``fields`` is ``None`` when the entry was trimmed while pending."""
+
+    id: str
+    fields: dict[bytes, bytes] | None
+
+    @property
+    def ms(self) -> int:
+        """The entry's time in Redis's clock when it was added."""
+        return int(self.id.split("-", 1)[0])
+
+    @property
+    def order(self) -> tuple[int, int]:
+        ms, _, seq = self.id.partition("-")
+        return int(ms), int(seq or 0)
+
+
+def _entries(raw: Sequence[Any]) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        out.append(Entry(eid, dict(fields) if fields is not None else None))
+    return out
+
+
+class CommandStream:
+    """The command stream as one host's consumer group sees it."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, group: str, consumer: str) -> None:
+        self.client = client
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+
+    def ensure_group(self) -> bool:
+        """Create the group at the start of the stream (MKSTREAM); False if it existed.
+
+        https://redis.io/commands/xgroup-create/
+        """
+        try:
+            self.client.xgroup_create(self.keys.cmd, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        return True
+
+    def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
+        """XREADGROUP from ``start``: ``>`` for new entries, an id for this consumer's pending.
+
+        https://redis.io/commands/xreadgroup/
+        """
+        reply = self.client.xreadgroup(
+            self.group, self.consumer, {self.keys.cmd: start}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        return _entries(reply[0][1])
+
+    def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[Entry]]:
+        """Take entries other consumers of the group left pending too long.
+
+        https://redis.io/commands/xautoclaim/
+        """
+        reply = cast(
+            list[Any],
+            self.client.xautoclaim(
+                self.keys.cmd, self.group, self.consumer, min_idle_ms, start, count=count
+            ),
+        )
+        next_start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        claimed = [e for e in reply[1] if e is not None]
+        return next_start, _entries(claimed)
+
+    def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending entry has been delivered (XPENDING extended form).
+
+        https://redis.io/commands/xpending/
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for eid in ids:
+            pipe.xpending_range(self.keys.cmd, self.group, min=eid, max=eid, count=1)
+        counts: dict[str, int] = {}
+        for eid, rows in zip(ids, pipe.execute(), strict=True):
+            counts[eid] = int(rows[0]["times_delivered"]) if rows else 0
+        return counts
+
+    def finish(
+        self,
+        ack_ids: Sequence[str],
+        results: Sequence[Mapping[str, str]],
+        dead: Sequence[Mapping[str | bytes, str | bytes]],
+        results_maxlen: int,
+        dead_maxlen: int,
+    ) -> None:
+        """Write results and dead letters, then XACK, in one MULTI/EXEC.
+
+        https://redis.io/commands/xack/
+        """
+        pipe = self.client.pipeline(transaction=True)
+        for fields in results:
+            pipe.xadd(self.keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
+        for fields in dead:
+            pipe.xadd(self.keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
+        if ack_ids:
+            pipe.xack(self.keys.cmd, self.group, *ack_ids)
+        pipe.execute()
+
+    def now_ms(self) -> int:
+        """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
+        seconds, micros = cast(tuple[int, int], self.client.time())
+        return int(seconds) * 1000 + int(micros) // 1000
