@@ -1,0 +1,3 @@
+from pushfw.producer.cli import main
+
+main()

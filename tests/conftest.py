@@ -1,0 +1,281 @@
+"""Real parts for every test: a redis-server on a free port and network namespaces.
+
+The Redis server listens on TCP 127.0.0.1 (for the test process) and on a unix socket,
+which workers inside network namespaces reach because the file system is shared.
+Tests that need root or ``ip netns`` skip with the reason, except under ``CI=true``,
+where a missing capability fails the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from pushfw.producer import Producer
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when a capability is missing; under CI=true that is a failure instead."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process of the test session's own."""
+
+    workdir: Path
+    appendonly: bool = False
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    def start(self) -> None:
+        args = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "777",
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+            time.sleep(0.02)
+        client.close()
+
+    def stop(self, hard: bool = False) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    need(os.path.exists(REDIS_SERVER), "redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="pushfw-redis-") as tmp:
+        server = RedisServer(Path(tmp))
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, with AOF, that the test may restart."""
+    need(os.path.exists(REDIS_SERVER), "redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="pushfw-aof-") as tmp:
+        server = RedisServer(Path(tmp), appendonly=True)
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A bytes client on a freshly flushed server."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def producer(r: redis.Redis, redis_server: RedisServer) -> Iterator[Producer]:
+    prod = Producer.from_url(redis_server.url)
+    yield prod
+    prod.client.close()
+
+
+_ns_counter = itertools.count()
+
+
+def _run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@dataclass
+class Netns:
+    name: str
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *args],
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def popen(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.name, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _can_netns() -> bool:
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        return False
+    probe = f"pfw-probe-{os.getpid()}"
+    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ok
+
+
+@pytest.fixture(scope="session")
+def netns_capable() -> bool:
+    return _can_netns()
+
+
+@pytest.fixture
+def make_netns(netns_capable: bool) -> Iterator[Callable[[], Netns]]:
+    """Create network namespaces (loopback up); every one is deleted at teardown."""
+    need(netns_capable, "needs root and 'ip netns' (network namespaces)")
+    need(shutil.which("iptables-legacy") is not None, "iptables (legacy tools) is not installed")
+    made: list[Netns] = []
+
+    def make() -> Netns:
+        ns = Netns(f"pfw-{os.getpid()}-{next(_ns_counter)}")
+        _run("ip", "netns", "add", ns.name)
+        made.append(ns)
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    yield make
+    for ns in made:
+        pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+
+
+@pytest.fixture
+def netns(make_netns: Callable[[], Netns]) -> Netns:
+    return make_netns()
+
+
+@dataclass
+class WorkerProcess:
+    """``pushfw-worker run`` as a subprocess inside a namespace."""
+
+    ns: Netns
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    logs: list[str] = field(default_factory=list)
+
+    def start(self, *extra: str) -> WorkerProcess:
+        self.proc = self.ns.popen([sys.executable, "-m", "pushfw.worker", "run", *extra], self.env)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.logs.append(out.decode(errors="replace"))
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.logs)
+
+
+@pytest.fixture
+def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers in namespaces; every one still running is killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def spawn(ns: Netns, server: RedisServer | None = None, **settings: str) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+        env.update(
+            {
+                "PUSHFW_REDIS_URL": (server or redis_server).unix_url,
+                "PUSHFW_HOST_NAME": ns.name,
+                "PUSHFW_BACKEND": "iptables",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update({f"PUSHFW_{k.upper()}": v for k, v in settings.items()})
+        worker = WorkerProcess(ns, env)
+        started.append(worker)
+        return worker
+
+    yield spawn
+    for worker in started:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill9()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:
+    """Poll until ``predicate()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,3 @@
+from pushfw.worker.cli import main
+
+main()
