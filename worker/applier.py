@@ -9,6 +9,7 @@ stream after ``max_deliveries``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import Counter
@@ -77,15 +78,61 @@ class Applier:
         self._claim_at = 0.0
         self._failed: dict[RuleKey, list[tuple[int, int]]] = {}
         self._superseded: set[str] = set()
+        self._expiry: list[tuple[int, RuleKey]] = []
+        self._clock_offset_ms = 0
 
     def setup(self) -> None:
         """Create the host's group (from the stream's start) and open the backend."""
         if self.stream.ensure_group():
             logger.info("created consumer group %s on %s", self.stream.group, self.stream.keys.cmd)
         self.backend.open()
+        self._sync_clock(self.stream.now_ms())
+        self._expiry = [
+            (rule.expires_ms, key)
+            for key, rule in self.backend.snapshot().items()
+            if rule.expires_ms is not None
+        ]
+        heapq.heapify(self._expiry)
+
+    def _sync_clock(self, redis_ms: int) -> None:
+        self._clock_offset_ms = redis_ms - int(time.time() * 1000)
+
+    def now_ms(self) -> int:
+        """Redis's clock, estimated locally so expiry keeps working while Redis is away."""
+        return int(time.time() * 1000) + self._clock_offset_ms
+
+    def expire_due(self) -> int:
+        """Remove timed rules whose expiry has passed; the kernel index is the authority.
+
+        Every host does this itself, so a ban ends on time even when Redis is unreachable
+        and, after a restart, as soon as the index is read back from the kernel.
+        """
+        now = self.now_ms()
+        due: list[tuple[int, RuleKey]] = []
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_ms, key = heapq.heappop(self._expiry)
+            rule = self.backend.get(key)
+            if rule is not None and rule.expires_ms == expires_ms:
+                self.backend.delete(key)
+                due.append((expires_ms, key))
+        if not due:
+            return 0
+        error = self._commit_with_retry()
+        if error is not None:
+            logger.warning("could not remove %d expired rules (%s); will retry", len(due), error)
+            for expires_ms, key in due:
+                heapq.heappush(self._expiry, (expires_ms + 1000, key))
+            return 0
+        lag_ms = now - min(ms for ms, _ in due)
+        logger.info("expired %d rules (oldest %d ms late)", len(due), lag_ms)
+        return len(due)
+
+    def _ms_to_next_expiry(self) -> int | None:
+        return self._expiry[0][0] - self.now_ms() if self._expiry else None
 
     def iteration(self) -> int:
-        """Read one batch (pending first, then claimed, then new) and process it."""
+        """Expire what is due, then read one batch (pending, claimed, new) and process it."""
+        self.expire_due()
         entries = self._next_entries()
         if entries:
             self.process(entries)
@@ -118,7 +165,11 @@ class Applier:
     def _read_new(self, count: int) -> list[Entry]:
         block_ms = self.settings.block_ms
         if self._retry_at:
-            block_ms = max(10, min(block_ms, int((self._retry_at - time.monotonic()) * 1000)))
+            block_ms = min(block_ms, int((self._retry_at - time.monotonic()) * 1000))
+        next_expiry_ms = self._ms_to_next_expiry()
+        if next_expiry_ms is not None:
+            block_ms = min(block_ms, next_expiry_ms)
+        block_ms = max(1, block_ms)
         self.blocking = True
         try:
             if self.stopping:
@@ -131,6 +182,7 @@ class Applier:
         """Decide, apply, report and acknowledge one batch."""
         started = time.perf_counter()
         now_ms = self.stream.now_ms()
+        self._sync_clock(now_ms)
         outcomes = [self._classify(entry, now_ms) for entry in entries]
         changes = [o for o in outcomes if o.status is None]
         if changes:
@@ -232,6 +284,8 @@ class Applier:
         for out in changes:
             if out.status is None:
                 out.status = Status.APPLIED
+                if out.change is not None and out.change.expires_ms is not None:
+                    heapq.heappush(self._expiry, (out.change.expires_ms, out.change.key))
             if out.key in self._failed:
                 older = self._failed.pop(out.key)
                 self._superseded.update(f"{ms}-{seq}" for ms, seq in older if (ms, seq) < out.entry.order)

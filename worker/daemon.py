@@ -119,5 +119,6 @@ class Worker:
             logger.warning("redis unavailable (%s); retrying with backoff", exc)
             down_since = time.monotonic()
         self.applier.reset_reads()
+        self.applier.expire_due()
         time.sleep(backoff.next_delay_s())
         return down_since
