@@ -113,8 +113,9 @@ class Producer:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
+            block_ms = min(left_ms, 1000)  # stay well inside the client's socket timeout
             reply = cast(
-                list[Any], self.client.xread({self.keys.results: cursor}, count=500, block=left_ms)
+                list[Any], self.client.xread({self.keys.results: cursor}, count=500, block=block_ms)
             )
             for entry_id, fields in reply[0][1] if reply else []:
                 cursor = entry_id

@@ -31,13 +31,14 @@ class ForceStop(Exception):
 
 def connect(settings: WorkerSettings) -> redis.Redis:
     """A client whose socket timeouts outlast the blocking read."""
+    tcp = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=False,
         socket_timeout=settings.block_ms / 1000 + 10,
         socket_connect_timeout=5,
-        socket_keepalive=True,
         health_check_interval=30,
+        **tcp,
     )
 
 
