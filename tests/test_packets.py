@@ -1,0 +1,75 @@
+"""Real packets: a client namespace connects over a veth pair to a firewalled one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+from pushfw.producer import Producer
+from tests.conftest import Netns, wait_for
+
+SERVER_IP = "10.213.0.1"
+CLIENT_IP = "10.213.0.2"
+PORT = 8080
+
+LISTEN = f"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{SERVER_IP}", {PORT}))
+s.listen(16)
+while True:
+    s.accept()[0].close()
+"""
+CONNECT = f"""
+import socket, sys
+try:
+    socket.create_connection(("{SERVER_IP}", {PORT}), timeout=1).close()
+except OSError:
+    sys.exit(1)
+"""
+
+
+def link(server: Netns, client: Netns) -> None:
+    """A veth pair between the two namespaces, addressed from a range only they use."""
+    a, b = f"v{server.name[-8:]}a", f"v{server.name[-8:]}b"
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    subprocess.run(["ip", "link", "set", a, "netns", server.name], check=True)
+    subprocess.run(["ip", "link", "set", b, "netns", client.name], check=True)
+    server.run("ip", "addr", "add", f"{SERVER_IP}/24", "dev", a)
+    client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", b)
+    server.run("ip", "link", "set", a, "up")
+    client.run("ip", "link", "set", b, "up")
+
+
+def can_connect(client: Netns) -> bool:
+    return client.run(sys.executable, "-c", CONNECT, check=False).returncode == 0
+
+
+def test_drop_blocks_real_traffic_and_undrop_restores_it(
+    make_netns: Callable[[], Netns], spawn_worker, producer: Producer
+):
+    server, client = make_netns(), make_netns()
+    link(server, client)
+    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
+    try:
+        wait_for(lambda: can_connect(client), what="the listener to accept connections")
+        spawn_worker(server).start()
+
+        results = producer.wait(producer.drop(CLIENT_IP, reason="test ban"), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert not can_connect(client), "traffic from a dropped address still gets through"
+
+        results = producer.wait(producer.accept(CLIENT_IP), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert can_connect(client), "an accept must win over a drop"
+        producer.wait(producer.unaccept(CLIENT_IP), timeout_s=15)
+        assert not can_connect(client)
+
+        results = producer.wait(producer.undrop(CLIENT_IP), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert can_connect(client), "traffic is still blocked after the drop was deleted"
+    finally:
+        listener.kill()
+        listener.wait()
