@@ -17,7 +17,7 @@ from pushfw.producer.keys import DEFAULT_PREFIX
 from pushfw.producer.render import as_json, as_table
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -35,10 +35,7 @@ def _when(entry_id: str) -> str:
 
 
 def _result_rows(results: list[Result]) -> list[dict[str, object]]:
-    return [
-        {"time": _when(r.id) if r.id else "", **r.to_fields()}
-        for r in results
-    ]
+    return [{"time": _when(r.id) if r.id else "", **r.to_fields()} for r in results]
 
 
 def _show(rows: list[dict[str, object]], columns: list[str], json_out: bool) -> None:
@@ -70,7 +67,7 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
     @click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
     @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    def command(producer: Producer, ip: str, ttl: int | None = None, **opts: Any) -> None:
+    def command(producer: Producer, /, ip: str, ttl: int | None = None, **opts: Any) -> None:
         send: Callable[..., str] = getattr(producer, method)
         kwargs: dict[str, Any] = {
             "target": [t for t in opts["target"].split(",") if t.strip() not in ("", "*")],
@@ -89,13 +86,17 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
         results = producer.wait(cmd_id, expect=opts["expect"], timeout_s=opts["timeout_s"])
         _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
         if len(results) < opts["expect"]:
-            click.echo(f"pushfw: {len(results)} of {opts['expect']} results before the timeout", err=True)
+            click.echo(
+                f"pushfw: {len(results)} of {opts['expect']} results before the timeout", err=True
+            )
             sys.exit(3)
         if any(r.status.value in ("rejected", "failed") for r in results):
             sys.exit(4)
 
     if timed:
-        command = click.option("--ttl", type=Duration(), default=None, help="Lifetime (600, 10m, 2h).")(command)
+        command = click.option(
+            "--ttl", type=Duration(), default=None, help="Lifetime (600, 10m, 2h)."
+        )(command)
     cli.command(name, help=help_text)(command)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.contract import Command, Result, parse_command
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
@@ -50,7 +51,8 @@ class Producer:
 
     def send(self, command: Command) -> str:
         """XADD one command; returns its entry id. https://redis.io/commands/xadd/"""
-        return cast(str, self.client.xadd(self.keys.cmd, dict(command.to_fields())))
+        fields: dict[FieldT, EncodableT] = {k: v for k, v in command.to_fields().items()}
+        return cast(str, self.client.xadd(self.keys.cmd, fields))
 
     def _command(
         self,
@@ -126,7 +128,10 @@ class Producer:
 
     def results(self, count: int = 20, cmd_id: str | None = None) -> list[Result]:
         """The newest results, newest first; only those of ``cmd_id`` if given."""
-        rows = cast(list[Any], self.client.xrevrange(self.keys.results, count=count * (1 if cmd_id is None else 50)))
+        rows = cast(
+            list[Any],
+            self.client.xrevrange(self.keys.results, count=count * (1 if cmd_id is None else 50)),
+        )
         out = [Result.from_entry(eid, fields) for eid, fields in rows]
         if cmd_id is not None:
             out = [r for r in out if r.cmd == cmd_id]

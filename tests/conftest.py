@@ -8,6 +8,7 @@ where a missing capability fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -68,14 +69,22 @@ class RedisServer:
     def start(self) -> None:
         args = [
             REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "777",
-            "--dir", str(self.workdir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "777",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
@@ -152,7 +161,9 @@ def _run(*args: str) -> None:
 class Netns:
     name: str
 
-    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ip", "netns", "exec", self.name, *args],
             check=check,
@@ -203,10 +214,8 @@ def make_netns(netns_capable: bool) -> Iterator[Callable[[], Netns]]:
     for ns in made:
         pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True)
         for pid in pids.stdout.split():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -19,7 +20,9 @@ def address(i: int) -> str:
     return f"198.18.{i // 250}.{i % 250 + 1}"
 
 
-def push(server: RedisServer, start: int, stop: int, chunk: int = 50, pause_s: float = 0.02) -> None:
+def push(
+    server: RedisServer, start: int, stop: int, chunk: int = 50, pause_s: float = 0.02
+) -> None:
     """XADD like a producer would: pipelined chunks."""
     client = redis.Redis.from_url(server.url)
     for first in range(start, stop, chunk):
@@ -31,10 +34,10 @@ def push(server: RedisServer, start: int, stop: int, chunk: int = 50, pause_s: f
     client.close()
 
 
-def settled(client: redis.Redis, group: str) -> bool:
+def settled(client: Any, group: str) -> bool:
     groups = {g["name"].decode(): g for g in client.xinfo_groups(CMD)}
     info = groups.get(group)
-    return bool(info) and info["pending"] == 0 and info["lag"] == 0
+    return info is not None and info["pending"] == 0 and info["lag"] == 0
 
 
 def assert_each_rule_once(ns: Netns, count: int) -> None:
@@ -59,9 +62,7 @@ def test_kill9_at_random_points_loses_nothing(netns, spawn_worker, redis_server,
     assert worker.stop() == 0
     assert kills >= 3
     assert_each_rule_once(netns, 1000)
-    results = {
-        fields[b"cmd"]: fields[b"status"] for _, fields in r.xrange("{pushfw}:results")
-    }
+    results = {fields[b"cmd"]: fields[b"status"] for _, fields in r.xrange("{pushfw}:results")}
     assert len(results) == 1000, "every command has a result"
     assert set(results.values()) <= {b"applied", b"unchanged"}
 
@@ -76,7 +77,9 @@ def test_redis_restart_with_aof_loses_nothing(netns, spawn_worker, aof_redis: Re
     aof_redis.start()
     client = redis.Redis.from_url(aof_redis.url)
     try:
-        wait_for(lambda: settled(client, f"host:{netns.name}"), timeout=60, what="the group to drain")
+        wait_for(
+            lambda: settled(client, f"host:{netns.name}"), timeout=60, what="the group to drain"
+        )
         assert worker.stop() == 0
         assert_each_rule_once(netns, 600)
         assert "redis unavailable" in worker.log

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import redis
-
 from pushfw.producer import Producer
 from tests.conftest import Netns, wait_for
 from tests.kernel import accepted, chain_rules, dropped
@@ -70,8 +68,11 @@ def test_injection_attempt_is_rejected_with_no_side_effect(netns, spawn_worker, 
     for cmd_id in ids:
         assert status_of(producer, cmd_id) == "rejected"
     after = netns.run("iptables-legacy-save").stdout.splitlines()
-    strip = lambda lines: [x for x in lines if not x.startswith(("#", ":"))]  # noqa: E731
-    assert strip(after) == strip(before)
+    assert rules_only(after) == rules_only(before)
+
+
+def rules_only(save_lines: list[str]) -> list[str]:
+    return [x for x in save_lines if not x.startswith(("#", ":"))]
 
 
 def test_protected_network_refused(netns, spawn_worker, producer, r):
@@ -85,7 +86,7 @@ def test_protected_network_refused(netns, spawn_worker, producer, r):
     assert dropped(netns, v6=True) == []
 
 
-def test_timed_rule_leaves_the_kernel_on_time(netns, spawn_worker, producer, r: redis.Redis):
+def test_timed_rule_leaves_the_kernel_on_time(netns, spawn_worker, producer, r):
     spawn_worker(netns).start()
     cmd_id = r.xadd(CMD, {"op": "TTL_DROP_INSERT", "ip": "192.0.2.9", "ttl": "2"}).decode()
     assert status_of(producer, cmd_id) == "applied"

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.contract import Command, CommandRejected, Status, parse_command
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
@@ -158,7 +159,9 @@ class Applier:
             if self._claim_start == "0-0":
                 self._claim_at = now + max(1.0, self.settings.claim_idle_ms / 2000)
             if entries:
-                logger.info("reclaimed %d idle entries of group %s", len(entries), self.stream.group)
+                logger.info(
+                    "reclaimed %d idle entries of group %s", len(entries), self.stream.group
+                )
                 return entries
         return self._read_new(count)
 
@@ -288,11 +291,13 @@ class Applier:
                     heapq.heappush(self._expiry, (out.change.expires_ms, out.change.key))
             if out.key in self._failed:
                 older = self._failed.pop(out.key)
-                self._superseded.update(f"{ms}-{seq}" for ms, seq in older if (ms, seq) < out.entry.order)
+                self._superseded.update(
+                    f"{ms}-{seq}" for ms, seq in older if (ms, seq) < out.entry.order
+                )
 
     def _finish(self, outcomes: list[Outcome]) -> None:
         failing = [o for o in outcomes if o.status is None]
-        dead: list[dict[str | bytes, str | bytes]] = []
+        dead: list[dict[FieldT, EncodableT]] = []
         if failing:
             counts = self.stream.deliveries([o.entry.id for o in failing])
             for out in failing:
@@ -320,7 +325,7 @@ class Applier:
         if not self._retry_at:
             self._retry_at = time.monotonic() + self._retry_backoff.next_delay_s()
 
-    def _result_fields(self, out: Outcome) -> dict[str, str]:
+    def _result_fields(self, out: Outcome) -> dict[FieldT, EncodableT]:
         assert out.status is not None
         return {
             "cmd": out.entry.id,
@@ -330,8 +335,8 @@ class Applier:
             "detail": out.detail,
         }
 
-    def _dead_letter(self, out: Outcome, delivered: int) -> dict[str | bytes, str | bytes]:
-        fields: dict[str | bytes, str | bytes] = {
+    def _dead_letter(self, out: Outcome, delivered: int) -> dict[FieldT, EncodableT]:
+        fields: dict[FieldT, EncodableT] = {
             k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
             for k, v in (out.entry.fields or {}).items()
         }

@@ -113,9 +113,7 @@ class Worker:
             self.client.close()
         logger.info("pushfw worker stopped")
 
-    def _redis_down(
-        self, exc: Exception, down_since: float | None, backoff: Backoff
-    ) -> float:
+    def _redis_down(self, exc: Exception, down_since: float | None, backoff: Backoff) -> float:
         if down_since is None:
             logger.warning("redis unavailable (%s); retrying with backoff", exc)
             down_since = time.monotonic()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.keys import Keys
 
@@ -69,7 +70,7 @@ class CommandStream:
 
         https://redis.io/commands/xreadgroup/
         """
-        reply = self.client.xreadgroup(
+        reply: Any = self.client.xreadgroup(
             self.group, self.consumer, {self.keys.cmd: start}, count=count, block=block_ms
         )
         if not reply:
@@ -81,11 +82,8 @@ class CommandStream:
 
         https://redis.io/commands/xautoclaim/
         """
-        reply = cast(
-            list[Any],
-            self.client.xautoclaim(
-                self.keys.cmd, self.group, self.consumer, min_idle_ms, start, count=count
-            ),
+        reply = self.client.xautoclaim(
+            self.keys.cmd, self.group, self.consumer, min_idle_ms, start, count=count
         )
         next_start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         claimed = [e for e in reply[1] if e is not None]
@@ -107,8 +105,8 @@ class CommandStream:
     def finish(
         self,
         ack_ids: Sequence[str],
-        results: Sequence[Mapping[str, str]],
-        dead: Sequence[Mapping[str | bytes, str | bytes]],
+        results: Sequence[Mapping[FieldT, EncodableT]],
+        dead: Sequence[Mapping[FieldT, EncodableT]],
         results_maxlen: int,
         dead_maxlen: int,
     ) -> None:
@@ -127,5 +125,5 @@ class CommandStream:
 
     def now_ms(self) -> int:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
-        seconds, micros = cast(tuple[int, int], self.client.time())
+        seconds, micros = self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000

@@ -223,7 +223,9 @@ class IptablesBackend(Backend):
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise TransientBackendError("xtables lock is held by another process") from None
+                        raise TransientBackendError(
+                            "xtables lock is held by another process"
+                        ) from None
                     time.sleep(0.01)
             yield
         finally:
