@@ -84,7 +84,8 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
             click.echo(as_json([{"cmd": cmd_id}]) if opts["json_out"] else cmd_id)
             return
         results = producer.wait(cmd_id, expect=opts["expect"], timeout_s=opts["timeout_s"])
-        _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
+        if results or opts["json_out"]:
+            _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
         if len(results) < opts["expect"]:
             click.echo(
                 f"pushfw: {len(results)} of {opts['expect']} results before the timeout", err=True
@@ -150,4 +151,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except redis.RedisError as exc:
         click.echo(f"pushfw: redis: {exc}", err=True)
+        sys.exit(1)
+    except ValueError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        click.echo(f"pushfw: unreadable entry in Redis: {first}", err=True)
         sys.exit(1)

@@ -43,8 +43,8 @@ _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]+")
 _ORIGIN = re.compile(r"[a-z][a-z0-9_-]{0,15}")
-_TTL = re.compile(r"[0-9]{1,12}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TTL = re.compile(r"[0-9]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class CommandRejected(ValueError):
@@ -153,9 +153,10 @@ class Command(BaseModel):
         if isinstance(value, str):
             if not _TTL.fullmatch(value):
                 raise ValueError(f"{value[:40]!r} is not a whole number of seconds")
-            seconds = int(value)
+            digits = value.lstrip("0") or "0"
+            seconds = int(digits) if len(digits) <= 12 else MAX_TTL_S + 1
             if not 1 <= seconds <= MAX_TTL_S:
-                raise ValueError(f"{seconds} is outside 1..{MAX_TTL_S} seconds")
+                raise ValueError(f"{digits[:40]} is outside 1..{MAX_TTL_S} seconds")
             return seconds
         return value
 
@@ -251,6 +252,8 @@ def _decode_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[st
         key = key.lower()
         if key not in _WIRE_TO_MODEL:
             continue
+        if _WIRE_TO_MODEL[key] in decoded:
+            raise CommandRejected(f"{key}: appears more than once")
         if isinstance(raw_value, bytes):
             try:
                 value = raw_value.decode("utf-8")
@@ -259,7 +262,9 @@ def _decode_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[st
         else:
             value = raw_value
         if len(value) > MAX_FIELD_LEN:
-            raise CommandRejected(f"{key}: is {len(value)} characters long, at most {MAX_FIELD_LEN}")
+            raise CommandRejected(
+                f"{key}: is {len(value)} characters long, at most {MAX_FIELD_LEN}"
+            )
         decoded[_WIRE_TO_MODEL[key]] = value
     return decoded
 

@@ -7,7 +7,7 @@ import re
 __all__ = ["parse_duration"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PART = re.compile(r"(\d+)([smhdw])")
+_PART = re.compile(r"([0-9]+)([smhdw])")
 
 
 def parse_duration(text: str) -> int:
@@ -17,7 +17,7 @@ def parse_duration(text: str) -> int:
         ValueError: the text is not a positive duration.
     """
     raw = text.strip().lower()
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():
         seconds = int(raw)
     else:
         parts = _PART.findall(raw)

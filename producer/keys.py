@@ -32,6 +32,32 @@ class Keys:
         """Commands that kept failing, with their original fields and the last error."""
         return f"{self.prefix}:dead"
 
+    @property
+    def rules(self) -> str:
+        """The ledger: hash of rule id -> JSON record of the newest command for that rule."""
+        return f"{self.prefix}:rules"
+
+    @property
+    def expiry(self) -> str:
+        """Timed rule ids scored by expiry (ms, Redis clock): the scheduler's queue."""
+        return f"{self.prefix}:expiry"
+
+    @property
+    def hosts(self) -> str:
+        """Hash of host name -> JSON heartbeat (last seen, version, backend, rules, lag)."""
+        return f"{self.prefix}:hosts"
+
+    def ttl_marker(self, rule_id: str) -> str:
+        """A key that expires with a timed rule, so Redis's expiry event wakes schedulers."""
+        return f"{self.prefix}:ttl:{rule_id}"
+
+    @property
+    def ttl_marker_prefix(self) -> str:
+        return f"{self.prefix}:ttl:"
+
+    LEDGER_GROUP = "ledger"
+    """The one consumer group, shared by every worker, that folds commands into the ledger."""
+
     @staticmethod
     def host_group(host: str) -> str:
         """The consumer group of one host: every host sees every command (fan-out)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -232,9 +233,34 @@ class WorkerProcess:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     logs: list[str] = field(default_factory=list)
+    started_ms: int = 0
 
-    def start(self, *extra: str) -> WorkerProcess:
+    def start(self, *extra: str, wait: bool = True) -> WorkerProcess:
+        """Start ``pushfw-worker run``; by default wait until it follows the stream."""
+        self.started_ms = int(time.time() * 1000)
         self.proc = self.ns.popen([sys.executable, "-m", "pushfw.worker", "run", *extra], self.env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20) -> WorkerProcess:
+        """Wait for this process's first heartbeat: it has reconciled and follows the stream."""
+        host = self.env["PUSHFW_HOST_NAME"]
+        hosts_key = f"{self.env.get('PUSHFW_KEY_PREFIX', '{pushfw}')}:hosts"
+        client = redis.Redis.from_url(self.env["PUSHFW_REDIS_URL"])
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                pytest.fail(f"worker {host} exited with {self.proc.returncode}:\n{out}")
+            raw = client.hget(hosts_key, host)
+            return raw is not None and json.loads(raw)["started_ms"] >= self.started_ms - 1000
+
+        try:
+            wait_for(ready, timeout=timeout, what=f"worker {host} to be ready")
+        finally:
+            client.close()
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:

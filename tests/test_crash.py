@@ -56,8 +56,9 @@ def test_kill9_at_random_points_loses_nothing(netns, spawn_worker, redis_server,
         time.sleep(rng.uniform(0.05, 0.4))
         worker.kill9()
         kills += 1
-        worker.start()
+        worker.start(wait=False)
     sender.join()
+    worker.wait_ready()
     wait_for(lambda: settled(r, f"host:{netns.name}"), timeout=60, what="the host group to drain")
     assert worker.stop() == 0
     assert kills >= 3
@@ -68,6 +69,7 @@ def test_kill9_at_random_points_loses_nothing(netns, spawn_worker, redis_server,
 
 
 def test_redis_restart_with_aof_loses_nothing(netns, spawn_worker, aof_redis: RedisServer):
+    client = redis.Redis.from_url(aof_redis.url)
     worker = spawn_worker(netns, server=aof_redis, batch_size="20").start()
     push(aof_redis, 0, 300, chunk=20, pause_s=0.005)
     aof_redis.restart()
@@ -75,7 +77,6 @@ def test_redis_restart_with_aof_loses_nothing(netns, spawn_worker, aof_redis: Re
     aof_redis.stop(hard=True)
     time.sleep(0.5)
     aof_redis.start()
-    client = redis.Redis.from_url(aof_redis.url)
     try:
         wait_for(
             lambda: settled(client, f"host:{netns.name}"), timeout=60, what="the group to drain"

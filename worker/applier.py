@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import redis
 from redis.typing import EncodableT, FieldT
 
-from pushfw.producer.contract import Command, CommandRejected, Status, parse_command
+from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.errors import BackendError, TransientBackendError
+from pushfw.worker.ledger import Ledger
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import CommandStream, Entry
+from pushfw.worker.stream import CommandStream, Entry, stream_id_order
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,14 @@ class Applier:
         backend: Backend,
         settings: WorkerSettings,
         protection: Protection,
+        ledger: Ledger | None = None,
     ) -> None:
         from pushfw.producer.keys import Keys
 
         self.settings = settings
         self.backend = backend
         self.protection = protection
+        self.ledger = ledger
         self.host = settings.host_name
         self.labels = settings.labels
         keys = Keys(settings.key_prefix)
@@ -77,17 +80,26 @@ class Applier:
         self._retry_backoff = Backoff(settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
         self._claim_start = "0-0"
         self._claim_at = 0.0
-        self._failed: dict[RuleKey, list[tuple[int, int]]] = {}
-        self._superseded: set[str] = set()
         self._expiry: list[tuple[int, RuleKey]] = []
+        self._high_water = (0, 0)
         self._clock_offset_ms = 0
 
-    def setup(self) -> None:
-        """Create the host's group (from the stream's start) and open the backend."""
-        if self.stream.ensure_group():
-            logger.info("created consumer group %s on %s", self.stream.group, self.stream.keys.cmd)
+    def setup(self, start_id: str = "0") -> None:
+        """Create the host's group at ``start_id`` if it is new, and open the backend."""
+        if self.stream.ensure_group(start_id):
+            logger.info(
+                "created consumer group %s on %s at %s",
+                self.stream.group,
+                self.stream.keys.cmd,
+                start_id,
+            )
         self.backend.open()
+        self._high_water = stream_id_order(self.stream.last_delivered())
         self._sync_clock(self.stream.now_ms())
+        self.rebuild_expiry()
+
+    def rebuild_expiry(self) -> None:
+        """Queue every timed rule the backend holds (after open or a reconcile)."""
         self._expiry = [
             (rule.expires_ms, key)
             for key, rule in self.backend.snapshot().items()
@@ -134,9 +146,11 @@ class Applier:
     def iteration(self) -> int:
         """Expire what is due, then read one batch (pending, claimed, new) and process it."""
         self.expire_due()
+        boundary = self._high_water
         entries = self._next_entries()
         if entries:
-            self.process(entries)
+            self._high_water = max(self._high_water, entries[-1].order)
+            self.process(entries, boundary)
         return len(entries)
 
     def _next_entries(self) -> list[Entry]:
@@ -181,13 +195,17 @@ class Applier:
         finally:
             self.blocking = False
 
-    def process(self, entries: list[Entry]) -> None:
-        """Decide, apply, report and acknowledge one batch."""
+    def process(self, entries: list[Entry], boundary: tuple[int, int] = (0, 0)) -> None:
+        """Decide, apply, report and acknowledge one batch.
+
+        ``boundary`` is the newest entry this host had read before this batch: a command
+        the ledger knows a newer command for, up to there, is superseded.
+        """
         started = time.perf_counter()
         now_ms = self.stream.now_ms()
         self._sync_clock(now_ms)
         outcomes = [self._classify(entry, now_ms) for entry in entries]
-        changes = [o for o in outcomes if o.status is None]
+        changes = self._drop_superseded([o for o in outcomes if o.status is None], boundary)
         if changes:
             self._apply(changes)
         self._finish(outcomes)
@@ -211,14 +229,14 @@ class Applier:
             request_id = entry.fields.get(b"request_id", b"")[:128].decode("utf-8", "replace")
             return Outcome(entry, Status.REJECTED, str(exc), request_id=request_id)
         out = Outcome(entry, None, request_id=cmd.request_id, command=cmd)
-        if not cmd.targets(self.host, self.labels):
-            out.status, out.skip = Status.UNCHANGED, True
-            return out
-        if entry.id in self._superseded:
-            out.status, out.detail = Status.UNCHANGED, "superseded by a newer command"
-            return out
         out.key = RuleKey(cmd.action, cmd.network)
-        if cmd.is_insert and cmd.action.value == "drop":
+        if not cmd.targets(self.host, self.labels):
+            # The newest command for this rule is meant for other hosts: ours must go.
+            out.skip = True
+            if self.backend.get(out.key) is None:
+                out.status = Status.UNCHANGED
+            return out
+        if cmd.is_insert and cmd.action is Action.DROP:
             protected = self.protection.covering(cmd.network)
             if protected is not None:
                 out.status = Status.REJECTED
@@ -231,6 +249,21 @@ class Applier:
         if cmd.is_insert:
             out.change = Rule(out.key, expires_ms)
         return out
+
+    def _drop_superseded(self, changes: list[Outcome], boundary: tuple[int, int]) -> list[Outcome]:
+        """Skip commands overtaken by a newer one this host already read (late retries)."""
+        if self.ledger is None:
+            return changes
+        ids = list({str(o.key): None for o in changes if o.key is not None})
+        newest = self.ledger.newest_ids(ids)
+        remaining = []
+        for out in changes:
+            newer = newest.get(str(out.key))
+            if newer is not None and out.entry.order < stream_id_order(newer) <= boundary:
+                out.status, out.detail = Status.UNCHANGED, f"superseded by newer command {newer}"
+            else:
+                remaining.append(out)
+        return remaining
 
     def _apply(self, changes: list[Outcome]) -> None:
         self._stage(changes)
@@ -289,13 +322,17 @@ class Applier:
                 out.status = Status.APPLIED
                 if out.change is not None and out.change.expires_ms is not None:
                     heapq.heappush(self._expiry, (out.change.expires_ms, out.change.key))
-            if out.key in self._failed:
-                older = self._failed.pop(out.key)
-                self._superseded.update(
-                    f"{ms}-{seq}" for ms, seq in older if (ms, seq) < out.entry.order
-                )
 
     def _finish(self, outcomes: list[Outcome]) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            for out in outcomes:
+                logger.debug(
+                    "%s %s: %s %s",
+                    out.entry.id,
+                    out.key or "-",
+                    out.status.value if out.status else "retry",
+                    out.detail,
+                )
         failing = [o for o in outcomes if o.status is None]
         dead: list[dict[FieldT, EncodableT]] = []
         if failing:
@@ -306,8 +343,6 @@ class Applier:
                     dead.append(self._dead_letter(out, delivered))
                     out.status = Status.FAILED
                     out.detail = f"dead letter after {delivered} deliveries: {out.detail}"
-                elif out.key is not None:
-                    self._failed.setdefault(out.key, []).append(out.entry.order)
             self._schedule_retry()
         done = [o for o in outcomes if o.status is not None]
         results = [self._result_fields(o) for o in done if not o.skip]
@@ -318,8 +353,6 @@ class Applier:
             self.settings.results_maxlen,
             self.settings.dead_maxlen,
         )
-        for out in done:
-            self._superseded.discard(out.entry.id)
 
     def _schedule_retry(self) -> None:
         if not self._retry_at:

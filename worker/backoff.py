@@ -1,4 +1,4 @@
-"""Exponential backoff with full jitter, so many workers do not retry in step."""
+"""Exponential backoff with jitter, so many workers do not retry in step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backoff:
-    """Delays of ``base_s * 2**n`` capped at ``max_s``, each drawn uniformly below that."""
+    """Delays of ``base_s * 2**n`` capped at ``max_s``, each drawn from the upper half of that."""
 
     base_s: float = 0.2
     max_s: float = 30.0

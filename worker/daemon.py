@@ -16,10 +16,18 @@ from types import FrameType
 
 import redis
 
+from pushfw.producer.keys import Keys
+from pushfw.producer.records import HostStatus
 from pushfw.worker.applier import Applier, StopRequested
 from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
+from pushfw.worker.errors import BackendError
+from pushfw.worker.heartbeat import beat, group_info, pushfw_version
+from pushfw.worker.ledger import Ledger
 from pushfw.worker.protect import Protection
+from pushfw.worker.reconcile import Drift, desired_rules, reconcile
+from pushfw.worker.retention import trim
+from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -43,10 +51,11 @@ def connect(settings: WorkerSettings) -> redis.Redis:
 
 
 class Worker:
-    """One host's daemon: the applier loop with Redis reconnects and graceful stop."""
+    """One host's daemon: applier, ledger, scheduler and housekeeping, with graceful stop."""
 
     def __init__(self, settings: WorkerSettings, backend: Backend | None = None) -> None:
         self.settings = settings
+        self.keys = Keys(settings.key_prefix)
         self.client = connect(settings)
         self.backend = backend or make_backend(
             settings.backend,
@@ -55,7 +64,12 @@ class Worker:
             memory_fail=settings.fail_networks,
         )
         self.protection = Protection.build(settings.protected, settings.redis_url)
-        self.applier = Applier(self.client, self.backend, settings, self.protection)
+        self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
+        self.applier = Applier(self.client, self.backend, settings, self.protection, self.ledger)
+        self.scheduler = Scheduler(connect(settings), self.keys, settings.scheduler_poll)
+        self.started_ms = int(time.time() * 1000)
+        self.last_drift: Drift | None = None
+        self._due: dict[str, float] = {}
         self._signals = 0
 
     def install_signal_handlers(self) -> None:
@@ -75,6 +89,80 @@ class Worker:
     def request_stop(self) -> None:
         self.applier.stopping = True
 
+    def setup(self) -> None:
+        """Groups, backend, then converge on the ledger before following the stream.
+
+        A host new to the stream starts its group at the stream's head once the ledger holds
+        everything up to there: it gets the current state from the ledger (reconcile), not
+        by replaying history.
+        """
+        self.ledger.ensure_group()
+        start_id = "0"
+        if not self.applier.stream.group_exists():
+            start_id = self.applier.stream.head()
+            self.ledger.catch_up(start_id)
+        self.applier.setup(start_id)
+        enable_expiry_events(self.client)
+        self.reconcile()
+
+    def reconcile(self) -> Drift | None:
+        """Make the managed rules equal the ledger's active rules for this host."""
+        position = self.applier.stream.last_delivered()
+        self.ledger.catch_up(position)
+        now_ms = self.applier.now_ms()
+        desired = desired_rules(
+            self.ledger.records(), self.settings.host_name, self.settings.labels, now_ms
+        )
+        try:
+            self.last_drift = reconcile(self.backend, desired)
+        except BackendError as exc:
+            logger.error("reconcile failed, kept the current rules: %s", exc)
+            self.backend.discard()
+            return None
+        finally:
+            self.applier.rebuild_expiry()
+        return self.last_drift
+
+    def _every(self, name: str, interval_s: float) -> bool:
+        now = time.monotonic()
+        if now < self._due.get(name, 0.0):
+            return False
+        self._due[name] = now + interval_s
+        return True
+
+    def iteration(self) -> int:
+        """One pass: fold for the ledger, apply for this host, then housekeeping when due."""
+        self.ledger.fold_new()
+        processed = self.applier.iteration()
+        if self._every("heartbeat", self.settings.heartbeat_interval):
+            self.heartbeat()
+        if self._every("trim", self.settings.trim_interval):
+            trim(self.client, self.keys, self.applier.now_ms(), self.settings.host_expiry)
+        interval = self.settings.reconcile_interval
+        if interval and self._every("reconcile", interval) and self._due.get("started"):
+            self.reconcile()
+        self._due.setdefault("started", 1.0)
+        return processed
+
+    def heartbeat(self) -> None:
+        lag, pending = group_info(self.client, self.keys, self.applier.stream.group)
+        beat(
+            self.client,
+            self.keys,
+            HostStatus(
+                host=self.settings.host_name,
+                labels=sorted(self.settings.labels),
+                version=pushfw_version(),
+                backend=self.backend.name,
+                last_seen_ms=self.applier.now_ms(),
+                started_ms=self.started_ms,
+                rules=self.backend.size(),
+                lag=lag,
+                pending=pending,
+                interval_s=self.settings.heartbeat_interval,
+            ),
+        )
+
     def run(self, burst: bool = False) -> None:
         """Run until stopped; with ``burst``, until nothing of ours is left to do."""
         backoff = Backoff(0.1, 10.0)
@@ -90,9 +178,11 @@ class Worker:
             while not self.applier.stopping:
                 try:
                     if not ready:
-                        self.applier.setup()
+                        self.setup()
                         ready = True
-                    processed = self.applier.iteration()
+                        if not burst:
+                            self.scheduler.start()
+                    processed = self.iteration()
                     if down_since is not None:
                         logger.info("redis is back after %.1f s", time.monotonic() - down_since)
                         down_since = None
@@ -109,6 +199,7 @@ class Worker:
         except StopRequested:
             pass
         finally:
+            self.scheduler.close()
             self.backend.close()
             self.client.close()
         logger.info("pushfw worker stopped")

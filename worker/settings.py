@@ -39,6 +39,13 @@ class WorkerSettings(BaseSettings):
     results_maxlen: int = Field(default=100_000, ge=100)
     dead_maxlen: int = Field(default=100_000, ge=100)
     memory_fail: str = ""
+    reconcile_interval: int = Field(default=300, ge=0, description="seconds; 0 turns it off")
+    host_expiry: int = Field(
+        default=900, ge=10, description="seconds of silence before a host stops holding the stream"
+    )
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    trim_interval: float = Field(default=60.0, gt=0)
+    scheduler_poll: float = Field(default=0.25, gt=0, le=1.0)
 
     @field_validator("redis_url")
     @classmethod

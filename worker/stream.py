@@ -31,11 +31,16 @@ class Entry:
 
     @property
     def order(self) -> tuple[int, int]:
-        ms, _, seq = self.id.partition("-")
-        return int(ms), int(seq or 0)
+        return stream_id_order(self.id)
 
 
-def _entries(raw: Sequence[Any]) -> list[Entry]:
+def stream_id_order(entry_id: str) -> tuple[int, int]:
+    """An entry id as a tuple that sorts the way Redis orders ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def entries_from_reply(raw: Sequence[Any]) -> list[Entry]:
     out = []
     for entry_id, fields in raw:
         eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -52,13 +57,13 @@ class CommandStream:
         self.group = group
         self.consumer = consumer
 
-    def ensure_group(self) -> bool:
-        """Create the group at the start of the stream (MKSTREAM); False if it existed.
+    def ensure_group(self, start_id: str = "0") -> bool:
+        """Create the group at ``start_id`` (MKSTREAM); False if it existed.
 
         https://redis.io/commands/xgroup-create/
         """
         try:
-            self.client.xgroup_create(self.keys.cmd, self.group, id="0", mkstream=True)
+            self.client.xgroup_create(self.keys.cmd, self.group, id=start_id, mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" in str(exc):
                 return False
@@ -75,7 +80,7 @@ class CommandStream:
         )
         if not reply:
             return []
-        return _entries(reply[0][1])
+        return entries_from_reply(reply[0][1])
 
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[Entry]]:
         """Take entries other consumers of the group left pending too long.
@@ -87,7 +92,7 @@ class CommandStream:
         )
         next_start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         claimed = [e for e in reply[1] if e is not None]
-        return next_start, _entries(claimed)
+        return next_start, entries_from_reply(claimed)
 
     def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
         """How many times each pending entry has been delivered (XPENDING extended form).
@@ -122,6 +127,37 @@ class CommandStream:
         if ack_ids:
             pipe.xack(self.keys.cmd, self.group, *ack_ids)
         pipe.execute()
+
+    def group_exists(self) -> bool:
+        try:
+            rows: Any = self.client.xinfo_groups(self.keys.cmd)
+        except redis.ResponseError:
+            return False
+        return any(
+            (r["name"].decode() if isinstance(r["name"], bytes) else r["name"]) == self.group
+            for r in rows
+        )
+
+    def head(self) -> str:
+        """The id of the newest entry in the stream ("0-0" if it is empty)."""
+        rows: Any = self.client.xrevrange(self.keys.cmd, count=1)
+        if not rows:
+            return "0-0"
+        first = rows[0][0]
+        return first.decode() if isinstance(first, bytes) else str(first)
+
+    def last_delivered(self) -> str:
+        """The group's last-delivered id: this host has read everything up to it.
+
+        https://redis.io/commands/xinfo-groups/
+        """
+        rows: Any = self.client.xinfo_groups(self.keys.cmd)
+        for row in rows:
+            name = row["name"].decode() if isinstance(row["name"], bytes) else str(row["name"])
+            if name == self.group:
+                last = row["last-delivered-id"]
+                return last.decode() if isinstance(last, bytes) else str(last)
+        return "0-0"
 
     def now_ms(self) -> int:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""

@@ -6,6 +6,7 @@ import abc
 from dataclasses import dataclass
 
 from pushfw.producer.contract import Action, Network
+from pushfw.producer.records import rule_id
 
 
 @dataclass(frozen=True, order=True)
@@ -16,7 +17,7 @@ class RuleKey:
     network: Network
 
     def __str__(self) -> str:
-        return f"{self.action.value} {self.network}"
+        return rule_id(self.action.value, str(self.network))
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,7 @@ class Backend(abc.ABC):
     def get(self, key: RuleKey) -> Rule | None:
         """The committed rule with this key, answered from the index without a kernel call."""
         return self.snapshot().get(key)
+
+    def size(self) -> int:
+        """How many managed rules are committed."""
+        return len(self.snapshot())

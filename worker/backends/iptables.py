@@ -158,6 +158,9 @@ class IptablesBackend(Backend):
     def get(self, key: RuleKey) -> Rule | None:
         return self._families[key.network.version].index.get(key)
 
+    def size(self) -> int:
+        return sum(len(fam.index) for fam in self._families.values())
+
     def add(self, rule: Rule) -> None:
         self._families[rule.key.network.version].staged.append(("add", rule))
 

@@ -32,6 +32,9 @@ class MemoryBackend(Backend):
     def get(self, key: RuleKey) -> Rule | None:
         return self._rules.get(key)
 
+    def size(self) -> int:
+        return len(self._rules)
+
     def add(self, rule: Rule) -> None:
         self._staged.append((rule.key, rule))
 

@@ -1,0 +1,42 @@
+"""Host registration: each worker says in ``{pushfw}:hosts`` that it is alive and how it is."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import redis
+
+from pushfw.producer.keys import Keys
+from pushfw.producer.records import HostStatus
+
+logger = logging.getLogger(__name__)
+
+
+def pushfw_version() -> str:
+    try:
+        return version("pushfw")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def group_info(client: redis.Redis, keys: Keys, group: str) -> tuple[int | None, int]:
+    """The group's lag (entries not yet delivered; None if Redis cannot tell) and pending."""
+    rows: Any = client.xinfo_groups(keys.cmd)
+    for row in rows:
+        name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
+        if name == group:
+            lag = row.get("lag")
+            return (int(lag) if lag is not None else None), int(row["pending"])
+    return None, 0
+
+
+def beat(client: redis.Redis, keys: Keys, status: HostStatus) -> None:
+    """HSET this host's heartbeat. https://redis.io/commands/hset/"""
+    client.hset(keys.hosts, status.host, status.model_dump_json())
+
+
+def read_hosts(client: redis.Redis, keys: Keys) -> list[HostStatus]:
+    raw: Any = client.hgetall(keys.hosts)
+    return sorted((HostStatus.model_validate_json(v) for v in raw.values()), key=lambda h: h.host)

@@ -1,0 +1,192 @@
+"""The Ledger role: fold every command, once, into the desired state in Redis.
+
+Every worker reads the shared ``ledger`` consumer group, so any one of them may fold an
+entry. The fold is a Lua compare-and-set on the entry id: a record is replaced only by a
+newer entry, so folds that arrive out of order (two consumers, a retry, a replay) still
+leave the newest command's state. Deletes and commands that arrive already expired leave
+tombstones, so an older insert replayed later cannot bring the rule back; tombstones are
+dropped once the stream is trimmed past them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from redis.typing import StreamIdT
+
+from pushfw.producer.contract import Command, CommandRejected, parse_command
+from pushfw.producer.keys import Keys
+from pushfw.producer.records import RuleRecord
+from pushfw.worker.stream import Entry, entries_from_reply, stream_id_order
+
+logger = logging.getLogger(__name__)
+
+_NEWER = """
+local function parse(id)
+  local ms, seq = string.match(id, "^(%d+)-(%d+)$")
+  return tonumber(ms), tonumber(seq)
+end
+local function newer(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+"""
+
+FOLD = (
+    _NEWER
+    + """
+-- KEYS: rules, expiry, marker; ARGV: rule id, entry id, record json, expires ms or ''
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and not newer(ARGV[2], cjson.decode(current)['id']) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+  local t = redis.call('TIME')
+  local left = tonumber(ARGV[4]) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if left > 0 then
+    redis.call('SET', KEYS[3], ARGV[2], 'PX', left)
+  end
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
+end
+return 1
+"""
+)
+
+
+def record_for(entry: Entry, cmd: Command, now_ms: int) -> RuleRecord:
+    """The ledger state a command sets; an insert already past its expiry is a tombstone."""
+    expires_ms = entry.ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
+    expired = expires_ms is not None and expires_ms <= now_ms
+    return RuleRecord(
+        id=entry.id,
+        action=cmd.action.value,
+        network=str(cmd.network),
+        expires_ms=None if expired or not cmd.is_insert else expires_ms,
+        target=list(cmd.target),
+        reason=cmd.reason,
+        origin=cmd.origin,
+        deleted=expired or not cmd.is_insert,
+    )
+
+
+class Ledger:
+    """Folds the command stream into ``{pushfw}:rules`` and ``{pushfw}:expiry``."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, consumer: str, batch_size: int = 500):
+        self.client = client
+        self.keys = keys
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self._fold = client.register_script(FOLD)
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.keys.cmd, Keys.LEDGER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def fold_new(self, block_ms: int | None = None) -> int:
+        """Read the ledger group's next entries (non-blocking by default) and fold them."""
+        reply: Any = self.client.xreadgroup(
+            Keys.LEDGER_GROUP,
+            self.consumer,
+            {self.keys.cmd: ">"},
+            count=self.batch_size,
+            block=block_ms,
+        )
+        entries = entries_from_reply(reply[0][1]) if reply else []
+        self.fold(entries)
+        return len(entries)
+
+    def fold(self, entries: list[Entry]) -> int:
+        """Fold entries (invalid ones are only acknowledged); returns how many changed state."""
+        if not entries:
+            return 0
+        seconds, micros = self.client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        pipe = self.client.pipeline(transaction=False)
+        folded = 0
+        for entry in entries:
+            record = self._record(entry, now_ms)
+            if record is None:
+                continue
+            folded += 1
+            self._fold(
+                keys=[self.keys.rules, self.keys.expiry, self.keys.ttl_marker(record.rule_id)],
+                args=[
+                    record.rule_id,
+                    record.id,
+                    record.model_dump_json(exclude_defaults=True),
+                    "" if record.expires_ms is None else str(record.expires_ms),
+                ],
+                client=pipe,
+            )
+        pipe.xack(self.keys.cmd, Keys.LEDGER_GROUP, *(e.id for e in entries))
+        changed = sum(int(x) for x in pipe.execute()[:-1])
+        logger.debug(
+            "ledger folded %d of %d entries, %d changed state", folded, len(entries), changed
+        )
+        return changed
+
+    @staticmethod
+    def _record(entry: Entry, now_ms: int) -> RuleRecord | None:
+        if entry.fields is None:
+            return None
+        try:
+            return record_for(entry, parse_command(entry.fields), now_ms)
+        except CommandRejected:
+            return None
+
+    def catch_up(self, position: str) -> None:
+        """Make the ledger hold every entry up to ``position`` before a host reconciles.
+
+        New entries up to there are folded here; entries up to there that another ledger
+        consumer holds pending are folded again (the fold is idempotent), so the ledger is
+        never behind what this host has applied.
+        """
+        order = stream_id_order(position)
+        while self._last_delivered() < order and self.fold_new():
+            pass
+        rows = self.client.xpending_range(
+            self.keys.cmd, Keys.LEDGER_GROUP, min="-", max=position, count=100_000
+        )
+        ids: list[StreamIdT] = [row["message_id"] for row in rows]
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start : start + self.batch_size]
+            claimed: Any = self.client.xclaim(
+                self.keys.cmd, Keys.LEDGER_GROUP, self.consumer, 0, chunk
+            )
+            self.fold(entries_from_reply([c for c in claimed if c is not None]))
+
+    def _last_delivered(self) -> tuple[int, int]:
+        for group in self.client.xinfo_groups(self.keys.cmd):
+            name = group["name"]
+            if (name.decode() if isinstance(name, bytes) else name) == Keys.LEDGER_GROUP:
+                last = group["last-delivered-id"]
+                return stream_id_order(last.decode() if isinstance(last, bytes) else str(last))
+        return (0, 0)
+
+    def records(self) -> Iterator[RuleRecord]:
+        """Every record, tombstones included, read in HSCAN pages."""
+        for _, raw in self.client.hscan_iter(self.keys.rules, count=1000):
+            yield RuleRecord.model_validate_json(raw)
+
+    def newest_ids(self, rule_ids: list[str]) -> dict[str, str]:
+        """The entry id of the newest command folded for each rule that has a record."""
+        if not rule_ids:
+            return {}
+        values: Any = self.client.hmget(self.keys.rules, rule_ids)
+        return {
+            rid: RuleRecord.model_validate_json(raw).id
+            for rid, raw in zip(rule_ids, values, strict=True)
+            if raw is not None
+        }

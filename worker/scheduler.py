@@ -1,0 +1,155 @@
+"""The Scheduler role: turn due expiries in the ledger into ``*.delete`` commands, once.
+
+It runs in its own thread with its own Redis connection and never touches the kernel (each
+host's applier removes its timed rules itself, on the same clock). It wakes on Redis
+key-expiry events of the per-rule marker keys and, because those events are fire-and-forget
+and fire late under lazy expiry, on a short timer to the next due score as well: the timer
+alone meets the 1 s bound. A due rule is claimed in Lua: only if its expiry is still the
+current one does the script write the tombstone, drop it from the queue and XADD the
+delete, so two schedulers never emit one expiry twice and an extended ban is not cut short.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+
+from pushfw.producer.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+CLAIM = """
+-- KEYS: rules, expiry, cmd, marker; ARGV: rule id, cmd stream approximate maxlen (0: none)
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(score) > now then return false end
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local rec = raw and cjson.decode(raw)
+if not rec or rec['deleted'] or tonumber(rec['expires_ms']) ~= tonumber(score) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+local fields = {'op', rec['action'] .. '.delete', 'ip', rec['network'], 'origin', 'ttl'}
+local tomb = {action = rec['action'], network = rec['network'], deleted = true, origin = 'ttl'}
+if type(rec['target']) == 'table' and #rec['target'] > 0 then
+  table.insert(fields, 'target')
+  table.insert(fields, table.concat(rec['target'], ','))
+  tomb['target'] = rec['target']
+end
+local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
+tomb['id'] = id
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(tomb))
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[4])
+return id
+"""
+
+
+def enable_expiry_events(client: redis.Redis) -> bool:
+    """Make sure Redis publishes key-expiry events (``notify-keyspace-events`` E and x)."""
+    try:
+        current = str(client.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
+        flags = set(current)
+        if "E" in flags and ("x" in flags or "A" in flags):
+            return True
+        client.config_set("notify-keyspace-events", "".join(sorted(flags | {"E", "x"})))
+        logger.info(
+            "enabled Redis key-expiry events (notify-keyspace-events %s)",
+            "".join(sorted(flags | {"E", "x"})),
+        )
+        return True
+    except redis.ResponseError as exc:
+        logger.info(
+            "cannot enable key-expiry events (%s); the scheduler runs on its timer alone", exc
+        )
+        return False
+
+
+class Scheduler:
+    """Claims due expiries; safe to run on every host at once.
+
+    Args:
+        client: a connection of the scheduler's own (it blocks on pub/sub).
+        keys: key names under the configured prefix.
+        poll_s: the longest the scheduler sleeps without looking at the queue.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, poll_s: float = 0.25) -> None:
+        self.client = client
+        self.keys = keys
+        self.poll_s = poll_s
+        self.stop = threading.Event()
+        self.emitted = 0
+        self._claim = client.register_script(CLAIM)
+        self._thread: threading.Thread | None = None
+
+    def due(self, limit: int = 500) -> tuple[list[str], float | None]:
+        """Rule ids due now, and seconds until the next one after them (None if none)."""
+        seconds, micros = self.client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        rows: Any = self.client.zrangebyscore(
+            self.keys.expiry, "-inf", "+inf", start=0, num=limit + 1, withscores=True
+        )
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m, s in rows if s <= now_ms]
+        later = [s for _, s in rows if s > now_ms]
+        return ids[:limit], (later[0] - now_ms) / 1000 if later else None
+
+    def claim_due(self) -> float | None:
+        """Claim everything due; returns seconds until the next expiry (None if none)."""
+        while True:
+            ids, next_s = self.due()
+            if not ids:
+                return next_s
+            pipe = self.client.pipeline(transaction=False)
+            for rid in ids:
+                self._claim(
+                    keys=[
+                        self.keys.rules,
+                        self.keys.expiry,
+                        self.keys.cmd,
+                        self.keys.ttl_marker(rid),
+                    ],
+                    args=[rid],
+                    client=pipe,
+                )
+            emitted = [x for x in pipe.execute() if x]
+            self.emitted += len(emitted)
+            if emitted:
+                logger.info("scheduler expired %d rules", len(emitted))
+
+    def run(self) -> None:
+        """Loop until :attr:`stop` is set; Redis outages are waited out."""
+        pubsub = None
+        while not self.stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._subscribe()
+                next_s = self.claim_due()
+                timeout = self.poll_s if next_s is None else max(0.0, min(next_s, self.poll_s))
+                if pubsub is not None and timeout > 0:
+                    pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+                else:
+                    self.stop.wait(timeout)
+            except (redis.ConnectionError, redis.TimeoutError):
+                pubsub = None
+                self.stop.wait(1.0)
+
+    def _subscribe(self) -> Any:
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub.psubscribe(f"__keyevent@{db}__:expired")
+        return pubsub
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="pushfw-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
