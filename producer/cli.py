@@ -140,6 +140,92 @@ def dead(producer: Producer, count: int, json_out: bool) -> None:
     _show(rows, ["time", "host", "cmd", "op", "ip", "deliveries", "error"], json_out)
 
 
+def _ago(ms: int) -> str:
+    return _span(ms) + " ago" if ms >= 0 else "in " + _span(-ms)
+
+
+def _span(ms: int) -> str:
+    """A duration as a person reads it: ``9m 58s``, ``3h 12m``, ``2d 4h``."""
+    days, rest = divmod(max(0, ms // 1000), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {seconds}s" if minutes else f"{seconds}s"
+
+
+@cli.command(name="list")
+@click.option("--host", default=None, help="Only rules that reach this host (name).")
+@click.option("--json", "json_out", is_flag=True)
+@click.pass_obj
+def list_rules(producer: Producer, host: str | None, json_out: bool) -> None:
+    """Active rules in the ledger, with time remaining, reason and origin."""
+    now_ms = producer.now_ms()
+    rows: list[dict[str, object]] = []
+    for rec in producer.rules(host):
+        left = None if rec.expires_ms is None else max(0, rec.expires_ms - now_ms)
+        rows.append(
+            {
+                "action": rec.action,
+                "network": rec.network,
+                "expires_in": ("never" if left is None else _span(left))
+                if not json_out
+                else (None if left is None else left / 1000),
+                "expires_ms": rec.expires_ms,
+                "target": ",".join(rec.target) or "*",
+                "reason": rec.reason,
+                "origin": rec.origin or "producer",
+                "set_by": rec.id,
+                "set_at": _when(rec.id),
+            }
+        )
+    columns = ["action", "network", "expires_in", "target", "reason", "origin", "set_at"]
+    _show(rows, columns, json_out)
+    if not json_out:
+        click.echo(f"{len(rows)} active rules" + (f" for {host}" if host else ""), err=True)
+
+
+@cli.command()
+@click.option("--json", "json_out", is_flag=True)
+@click.pass_obj
+def status(producer: Producer, json_out: bool) -> None:
+    """Hosts and their health; a host that missed three heartbeats is STALE."""
+    now_ms = producer.now_ms()
+    rows: list[dict[str, object]] = []
+    for h in producer.hosts():
+        silent_ms = now_ms - h.last_seen_ms
+        stale = silent_ms > 3 * h.interval_s * 1000
+        rows.append(
+            {
+                "host": h.host,
+                "state": "STALE" if stale else "ok",
+                "last_seen": _ago(silent_ms) if not json_out else h.last_seen_ms,
+                "rules": h.rules,
+                "lag": "-" if h.lag is None and not json_out else h.lag,
+                "pending": h.pending,
+                "backend": h.backend,
+                "labels": ",".join(h.labels) if not json_out else h.labels,
+                "version": h.version,
+                "up": _span(now_ms - h.started_ms) if not json_out else h.started_ms,
+            }
+        )
+    columns = [
+        "host",
+        "state",
+        "last_seen",
+        "rules",
+        "lag",
+        "pending",
+        "backend",
+        "labels",
+        "version",
+        "up",
+    ]
+    _show(rows, columns, json_out)
+
+
 def main() -> None:
     """Entry point: one-line errors and non-zero exits instead of tracebacks."""
     try:

@@ -12,6 +12,7 @@ from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.contract import Command, Result, parse_command
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
+from pushfw.producer.records import HostStatus, RuleRecord
 
 __all__ = ["DeadLetter", "Producer"]
 
@@ -152,3 +153,33 @@ class Producer:
             )
             for eid, fields in rows
         ]
+
+    def now_ms(self) -> int:
+        """Redis's clock, which stamps entry ids and so measures every expiry."""
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def rules(self, host: str | None = None) -> list[RuleRecord]:
+        """Active rules in the ledger (for one host if given), by network."""
+        now_ms = self.now_ms()
+        labels: frozenset[str] = frozenset()
+        if host is not None:
+            known = {h.host: h for h in self.hosts()}
+            labels = frozenset(known[host].labels) if host in known else frozenset()
+        records = (
+            RuleRecord.model_validate_json(raw)
+            for _, raw in self.client.hscan_iter(self.keys.rules, count=1000)
+        )
+        active = [
+            rec
+            for rec in records
+            if rec.active_at(now_ms) and (host is None or rec.targets(host, labels))
+        ]
+        return sorted(active, key=lambda rec: (rec.action, rec.network))
+
+    def hosts(self) -> list[HostStatus]:
+        """Every host that has sent a heartbeat, by name."""
+        raw = cast(dict[str, str], self.client.hgetall(self.keys.hosts))
+        return sorted(
+            (HostStatus.model_validate_json(v) for v in raw.values()), key=lambda h: h.host
+        )

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import click
+import redis
 from pydantic import ValidationError
 
 from pushfw.worker.daemon import ForceStop, Worker
@@ -53,6 +54,30 @@ def run(burst: bool) -> None:
     except PushfwError as exc:
         click.echo(f"pushfw-worker: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command(name="reconcile")
+@click.option("--force", is_flag=True, help="Remove extras even when the ledger is empty.")
+def reconcile_once(force: bool) -> None:
+    """Make this host's managed rules equal the ledger's, print the drift, exit."""
+    settings = _settings()
+    try:
+        worker = Worker(settings)
+        worker.ledger.ensure_group()
+        worker.applier.setup(worker.applier.stream.head())
+        drift = worker.reconcile(force=force)
+    except PushfwError as exc:
+        click.echo(f"pushfw-worker: {exc}", err=True)
+        sys.exit(1)
+    except redis.RedisError as exc:
+        click.echo(f"pushfw-worker: redis: {exc}", err=True)
+        sys.exit(1)
+    if drift is None:
+        sys.exit(1)
+    click.echo(
+        f"added {drift.added}, removed {drift.removed}, expiry fixed {drift.updated}, "
+        f"kept {drift.kept} in {drift.seconds:.2f} s"
+    )
 
 
 @main.command()

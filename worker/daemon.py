@@ -102,19 +102,31 @@ class Worker:
             start_id = self.applier.stream.head()
             self.ledger.catch_up(start_id)
         self.applier.setup(start_id)
-        enable_expiry_events(self.client)
+        if self.settings.expiry_events:
+            enable_expiry_events(self.client)
         self.reconcile()
 
-    def reconcile(self) -> Drift | None:
-        """Make the managed rules equal the ledger's active rules for this host."""
+    def reconcile(self, force: bool = False) -> Drift | None:
+        """Make the managed rules equal the ledger's active rules for this host.
+
+        An empty ledger beside a kernel holding rules looks like Redis lost its data, not
+        like an operator lifting every ban: then nothing is removed unless ``force``.
+        """
         position = self.applier.stream.last_delivered()
         self.ledger.catch_up(position)
         now_ms = self.applier.now_ms()
         desired = desired_rules(
             self.ledger.records(), self.settings.host_name, self.settings.labels, now_ms
         )
+        remove = force or self.ledger.size() > 0 or self.backend.size() == 0
+        if not remove:
+            logger.warning(
+                "the ledger is empty but %d rules are applied (did Redis lose its data?): "
+                "keeping them; 'pushfw-worker reconcile --force' removes them",
+                self.backend.size(),
+            )
         try:
-            self.last_drift = reconcile(self.backend, desired)
+            self.last_drift = reconcile(self.backend, desired, remove_extras=remove)
         except BackendError as exc:
             logger.error("reconcile failed, kept the current rules: %s", exc)
             self.backend.discard()

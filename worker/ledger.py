@@ -175,6 +175,10 @@ class Ledger:
                 return stream_id_order(last.decode() if isinstance(last, bytes) else str(last))
         return (0, 0)
 
+    def size(self) -> int:
+        """How many records (tombstones included) the ledger holds."""
+        return int(self.client.hlen(self.keys.rules))
+
     def records(self) -> Iterator[RuleRecord]:
         """Every record, tombstones included, read in HSCAN pages."""
         for _, raw in self.client.hscan_iter(self.keys.rules, count=1000):

@@ -47,8 +47,8 @@ def desired_rules(
     return desired
 
 
-def reconcile(backend: Backend, desired: dict[RuleKey, Rule]) -> Drift:
-    """Add what is missing, fix expiries, remove managed extras; one commit.
+def reconcile(backend: Backend, desired: dict[RuleKey, Rule], remove_extras: bool = True) -> Drift:
+    """Add what is missing, fix expiries, remove managed extras (unless told not to); one commit.
 
     Raises:
         BackendError: the kernel refused the batch; nothing was changed.
@@ -65,7 +65,7 @@ def reconcile(backend: Backend, desired: dict[RuleKey, Rule]) -> Drift:
             added += 1
         else:
             updated += 1
-    for key in current.keys() - desired.keys():
+    for key in current.keys() - desired.keys() if remove_extras else ():
         backend.delete(key)
         removed += 1
     if added or updated or removed:

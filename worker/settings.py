@@ -45,6 +45,7 @@ class WorkerSettings(BaseSettings):
     )
     heartbeat_interval: float = Field(default=5.0, gt=0)
     trim_interval: float = Field(default=60.0, gt=0)
+    expiry_events: bool = True
     scheduler_poll: float = Field(default=0.25, gt=0, le=1.0)
 
     @field_validator("redis_url")
