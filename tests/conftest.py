@@ -54,6 +54,8 @@ class RedisServer:
     appendonly: bool = False
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
+    netns: str | None = None
+    bind: str = "127.0.0.1"
 
     @property
     def socket_path(self) -> Path:
@@ -61,7 +63,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """For the test process: TCP on loopback, or the unix socket if Redis runs in a netns."""
+        return self.unix_url if self.netns else f"redis://127.0.0.1:{self.port}/0"
 
     @property
     def unix_url(self) -> str:
@@ -73,7 +76,7 @@ class RedisServer:
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            *self.bind.split(),
             "--unixsocket",
             str(self.socket_path),
             "--unixsocketperm",
@@ -87,8 +90,11 @@ class RedisServer:
             "--appendfsync",
             "always",
         ]
+        if self.netns:
+            # reached over veth pairs inside namespaces that only the test made
+            args = ["ip", "netns", "exec", self.netns, *args, "--protected-mode", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(unix_socket_path=str(self.socket_path))
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -234,6 +240,7 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None
     logs: list[str] = field(default_factory=list)
     started_ms: int = 0
+    watch_url: str = ""
 
     def start(self, *extra: str, wait: bool = True) -> WorkerProcess:
         """Start ``pushfw-worker run``; by default wait until it follows the stream."""
@@ -247,7 +254,7 @@ class WorkerProcess:
         """Wait for this process's first heartbeat: it has reconciled and follows the stream."""
         host = self.env["PUSHFW_HOST_NAME"]
         hosts_key = f"{self.env.get('PUSHFW_KEY_PREFIX', '{pushfw}')}:hosts"
-        client = redis.Redis.from_url(self.env["PUSHFW_REDIS_URL"])
+        client = redis.Redis.from_url(self.watch_url or self.env["PUSHFW_REDIS_URL"])
 
         def ready() -> bool:
             assert self.proc is not None
@@ -297,7 +304,7 @@ def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProc
             }
         )
         env.update({f"PUSHFW_{k.upper()}": v for k, v in settings.items()})
-        worker = WorkerProcess(ns, env)
+        worker = WorkerProcess(ns, env, watch_url=(server or redis_server).unix_url)
         started.append(worker)
         return worker
 

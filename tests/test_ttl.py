@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
-from tests.conftest import Netns, RedisServer, wait_for
+from tests.conftest import RedisServer, wait_for
 from tests.kernel import dropped
 
 CMD = "{pushfw}:cmd"

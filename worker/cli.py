@@ -54,6 +54,9 @@ def run(burst: bool) -> None:
     except PushfwError as exc:
         click.echo(f"pushfw-worker: {exc}", err=True)
         sys.exit(1)
+    except redis.RedisError as exc:
+        click.echo(f"pushfw-worker: redis refused: {str(exc).splitlines()[0][:300]}", err=True)
+        sys.exit(1)
 
 
 @main.command(name="reconcile")
