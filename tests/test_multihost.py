@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pushfw.producer import Producer
-from tests.conftest import Netns, RedisServer, wait_for
+from tests.conftest import Netns, RedisServer
 from tests.kernel import chain_rules, dropped
 
 CMD = "{pushfw}:cmd"
