@@ -246,3 +246,21 @@ def test_in_stream_order_last_write_wins(r, redis_server, producer):
     rules = worker.backend.snapshot()
     assert rules[key("drop", "192.0.2.1")].expires_ms is not None
     assert rules[key("drop", "192.0.2.2")].expires_ms is None
+
+
+def test_retargeting_a_rule_removes_it_from_hosts_no_longer_named(r, redis_server, producer):
+    """A rule has one state: the newest command's target decides which hosts hold it."""
+    web = make_worker(redis_server, host="web1")
+    db = make_worker(redis_server, host="db1")
+    producer.drop("192.0.2.1")
+    web.run(burst=True)
+    db.run(burst=True)
+    assert key("drop", "192.0.2.1") in web.backend.snapshot()
+    assert key("drop", "192.0.2.1") in db.backend.snapshot()
+
+    producer.drop("192.0.2.1", target=["db1"])
+    web.run(burst=True)
+    db.run(burst=True)
+    assert web.backend.snapshot() == {}
+    assert set(db.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert pending(r, "web1") == pending(r, "db1") == 0
