@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+
 from tests.conftest import Netns
+
+
+def veth(a: Netns, a_ip: str, b: Netns, b_ip: str, tag: str = "") -> None:
+    """A veth pair between two namespaces, each end addressed (/24) and up."""
+    left, right = f"pf{tag}a{a.name[-7:]}", f"pf{tag}b{a.name[-7:]}"
+    subprocess.run(["ip", "link", "add", left, "type", "veth", "peer", "name", right], check=True)
+    subprocess.run(["ip", "link", "set", left, "netns", a.name], check=True)
+    subprocess.run(["ip", "link", "set", right, "netns", b.name], check=True)
+    a.run("ip", "addr", "add", f"{a_ip}/24", "dev", left)
+    b.run("ip", "addr", "add", f"{b_ip}/24", "dev", right)
+    a.run("ip", "link", "set", left, "up")
+    b.run("ip", "link", "set", right, "up")
 
 
 def chain_rules(ns: Netns, chain: str = "PUSHFW", v6: bool = False) -> list[str]:

@@ -14,20 +14,9 @@ from pathlib import Path
 
 from pushfw.producer import Producer
 from tests.conftest import Netns, RedisServer
-from tests.kernel import chain_rules, dropped
+from tests.kernel import chain_rules, dropped, veth
 
 CMD = "{pushfw}:cmd"
-
-
-def veth(a: Netns, a_ip: str, b: Netns, b_ip: str, tag: str) -> None:
-    left, right = f"pf{tag}a{a.name[-6:]}", f"pf{tag}b{a.name[-6:]}"
-    subprocess.run(["ip", "link", "add", left, "type", "veth", "peer", "name", right], check=True)
-    subprocess.run(["ip", "link", "set", left, "netns", a.name], check=True)
-    subprocess.run(["ip", "link", "set", right, "netns", b.name], check=True)
-    a.run("ip", "addr", "add", f"{a_ip}/24", "dev", left)
-    b.run("ip", "addr", "add", f"{b_ip}/24", "dev", right)
-    a.run("ip", "link", "set", left, "up")
-    b.run("ip", "link", "set", right, "up")
 
 
 def statuses(producer: Producer, cmd_id: str, expect: int) -> dict[str, str]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from pushfw.producer import Producer
 from tests.conftest import Netns, wait_for
+from tests.kernel import veth
 
 SERVER_IP = "10.213.0.1"
 CLIENT_IP = "10.213.0.2"
@@ -31,18 +32,6 @@ except OSError:
 """
 
 
-def link(server: Netns, client: Netns) -> None:
-    """A veth pair between the two namespaces, addressed from a range only they use."""
-    a, b = f"v{server.name[-8:]}a", f"v{server.name[-8:]}b"
-    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
-    subprocess.run(["ip", "link", "set", a, "netns", server.name], check=True)
-    subprocess.run(["ip", "link", "set", b, "netns", client.name], check=True)
-    server.run("ip", "addr", "add", f"{SERVER_IP}/24", "dev", a)
-    client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", b)
-    server.run("ip", "link", "set", a, "up")
-    client.run("ip", "link", "set", b, "up")
-
-
 def can_connect(client: Netns) -> bool:
     return client.run(sys.executable, "-c", CONNECT, check=False).returncode == 0
 
@@ -51,7 +40,7 @@ def test_drop_blocks_real_traffic_and_undrop_restores_it(
     make_netns: Callable[[], Netns], spawn_worker, producer: Producer
 ):
     server, client = make_netns(), make_netns()
-    link(server, client)
+    veth(server, SERVER_IP, client, CLIENT_IP)
     listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
     try:
         wait_for(lambda: can_connect(client), what="the listener to accept connections")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import click
 import redis
@@ -33,6 +35,19 @@ def _logging(verbose: bool) -> None:
     )
 
 
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Known failures end the process with one line on stderr and status 1, not a traceback."""
+    try:
+        yield
+    except PushfwError as exc:
+        click.echo(f"pushfw-worker: {exc}", err=True)
+        sys.exit(1)
+    except redis.RedisError as exc:
+        click.echo(f"pushfw-worker: redis refused: {str(exc).splitlines()[0][:300]}", err=True)
+        sys.exit(1)
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log every rule (DEBUG).")
 def main(verbose: bool) -> None:
@@ -45,18 +60,13 @@ def main(verbose: bool) -> None:
 def run(burst: bool) -> None:
     """Follow the command stream until SIGTERM (settings from PUSHFW_* variables)."""
     settings = _settings()
-    try:
-        worker = Worker(settings)
-        worker.install_signal_handlers()
-        worker.run(burst=burst)
-    except ForceStop:
-        sys.exit(130)
-    except PushfwError as exc:
-        click.echo(f"pushfw-worker: {exc}", err=True)
-        sys.exit(1)
-    except redis.RedisError as exc:
-        click.echo(f"pushfw-worker: redis refused: {str(exc).splitlines()[0][:300]}", err=True)
-        sys.exit(1)
+    with _one_line_errors():
+        try:
+            worker = Worker(settings)
+            worker.install_signal_handlers()
+            worker.run(burst=burst)
+        except ForceStop:
+            sys.exit(130)
 
 
 @main.command(name="reconcile")
@@ -64,17 +74,11 @@ def run(burst: bool) -> None:
 def reconcile_once(force: bool) -> None:
     """Make this host's managed rules equal the ledger's, print the drift, exit."""
     settings = _settings()
-    try:
+    with _one_line_errors():
         worker = Worker(settings)
         worker.ledger.ensure_group()
         worker.applier.setup(worker.applier.stream.head())
         drift = worker.reconcile(force=force)
-    except PushfwError as exc:
-        click.echo(f"pushfw-worker: {exc}", err=True)
-        sys.exit(1)
-    except redis.RedisError as exc:
-        click.echo(f"pushfw-worker: redis: {exc}", err=True)
-        sys.exit(1)
     if drift is None:
         sys.exit(1)
     click.echo(
