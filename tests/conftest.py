@@ -231,6 +231,15 @@ def netns(make_netns: Callable[[], Netns]) -> Netns:
     return make_netns()
 
 
+@pytest.fixture(params=["iptables", "nftables", "ipset"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each kernel backend in turn; a test taking it runs once per backend."""
+    name = str(request.param)
+    tool = {"iptables": "iptables-legacy", "nftables": "nft", "ipset": "ipset"}[name]
+    need(shutil.which(tool) is not None, f"{tool} is not installed")
+    return name
+
+
 @dataclass
 class WorkerProcess:
     """``pushfw-worker run`` as a subprocess inside a namespace."""
@@ -310,7 +319,7 @@ def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProc
 
     yield spawn
     for worker in started:
-        if worker.proc is not None and worker.proc.poll() is None:
+        if worker.proc is not None:
             worker.kill9()
 
 

@@ -1,10 +1,135 @@
-"""Reading a namespace's kernel tables the way an operator would: iptables-legacy -S."""
+"""Reading a namespace's firewall the way an operator would: iptables-legacy -S, nft, ipset."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import re
 import subprocess
+from dataclasses import dataclass
 
 from tests.conftest import Netns
+
+BACKENDS = ("iptables", "nftables", "ipset")
+_NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
+_IPSET_LINE = re.compile(
+    r'add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: comment "([^"]*)")?'
+)
+
+
+def _net(text: str) -> str:
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+@dataclass
+class Firewall:
+    """One namespace's pushfw rules as the kernel holds them, for one backend."""
+
+    ns: Netns
+    backend: str
+
+    def rules(self) -> dict[tuple[str, str], int | None]:
+        """(action, network) -> expiry ms from the rule's comment (None: permanent)."""
+        match self.backend:
+            case "nftables":
+                return self._nft()
+            case "ipset":
+                return self._ipset()
+            case _:
+                return self._iptables()
+
+    def _iptables(self) -> dict[tuple[str, str], int | None]:
+        out: dict[tuple[str, str], int | None] = {}
+        for v6 in (False, True):
+            for line in chain_rules(self.ns, v6=v6):
+                words = line.split()
+                if "-s" not in words:
+                    continue
+                action = "accept" if line.endswith("-j ACCEPT") else "drop"
+                exp = re.search(r"exp=(\d+)", line)
+                out[(action, _net(words[words.index("-s") + 1]))] = int(exp[1]) if exp else None
+        return out
+
+    def _nft(self) -> dict[tuple[str, str], int | None]:
+        proc = self.ns.run("nft", "-j", "list", "table", "inet", "pushfw", check=False)
+        out: dict[tuple[str, str], int | None] = {}
+        for item in json.loads(proc.stdout or "{}").get("nftables", []):
+            nft_set = item.get("set")
+            name = _NFT_SET.fullmatch(nft_set["name"]) if nft_set else None
+            if nft_set is None or name is None:
+                continue
+            for raw in nft_set.get("elem", []):
+                elem = raw["elem"] if isinstance(raw, dict) and "elem" in raw else {"val": raw}
+                val = elem["val"]
+                if isinstance(val, dict):
+                    val = f"{val['prefix']['addr']}/{val['prefix']['len']}"
+                exp = re.fullmatch(r"exp=(\d+)", str(elem.get("comment", "")))
+                out[(name[1], _net(str(val)))] = int(exp[1]) if exp else None
+        return out
+
+    def _ipset(self) -> dict[tuple[str, str], int | None]:
+        proc = self.ns.run("ipset", "save", check=False)
+        out: dict[tuple[str, str], int | None] = {}
+        for line in proc.stdout.splitlines():
+            parsed = _IPSET_LINE.fullmatch(line.strip())
+            if parsed:
+                exp = re.fullmatch(r"exp=(\d+)", parsed[5] or "")
+                out[(parsed[1], _net(parsed[3]))] = int(exp[1]) if exp else None
+        return out
+
+    def dropped(self, v6: bool = False) -> list[str]:
+        version = 6 if v6 else 4
+        return sorted(
+            (
+                n
+                for a, n in self.rules()
+                if a == "drop" and ipaddress.ip_network(n).version == version
+            ),
+            key=ipaddress.ip_network,
+        )
+
+    def accepted(self, v6: bool = False) -> list[str]:
+        version = 6 if v6 else 4
+        return sorted(
+            (
+                n
+                for a, n in self.rules()
+                if a == "accept" and ipaddress.ip_network(n).version == version
+            ),
+            key=ipaddress.ip_network,
+        )
+
+    def dump(self) -> str:
+        """Everything the firewall holds, as text (for "nothing else changed" checks)."""
+        legacy = self.ns.run("iptables-legacy-save", check=False).stdout
+        nft = self.ns.run("nft", "list", "ruleset", check=False).stdout
+        sets = self.ns.run("ipset", "save", check=False).stdout
+        lines = (legacy + nft + sets).splitlines()
+        return "\n".join(x for x in lines if not x.startswith(("#", ":")))
+
+    def flush(self) -> None:
+        """Remove every managed rule by hand, as an operator's mistake or a reload would."""
+        match self.backend:
+            case "nftables":
+                listing = json.loads(self.ns.run("nft", "-j", "list", "sets", "inet").stdout)
+                for item in listing.get("nftables", []):
+                    if "set" in item and item["set"]["table"] == "pushfw":
+                        self.ns.run("nft", "flush", "set", "inet", "pushfw", item["set"]["name"])
+                self.ns.run("nft", "flush", "chain", "inet", "pushfw", "input")
+            case "ipset":
+                for name in ("drop4", "drop6", "accept4", "accept6"):
+                    self.ns.run("ipset", "flush", f"pushfw-{name}", check=False)
+            case _:
+                self.ns.run("iptables-legacy", "-F", "PUSHFW")
+                self.ns.run("ip6tables-legacy", "-F", "PUSHFW")
+
+    def wipe(self) -> None:
+        """Empty the whole firewall, as a reboot does."""
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            self.ns.run(tool, "-F")
+            self.ns.run(tool, "-X")
+        self.ns.run("nft", "flush", "ruleset", check=False)
+        self.ns.run("ipset", "destroy", check=False)
 
 
 def veth(a: Netns, a_ip: str, b: Netns, b_ip: str, tag: str = "") -> None:

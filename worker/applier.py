@@ -85,7 +85,7 @@ class Applier:
         self._clock_offset_ms = 0
 
     def setup(self, start_id: str = "0") -> None:
-        """Create the host's group at ``start_id`` if it is new, and open the backend."""
+        """Create the host's group at ``start_id`` if it is new (the worker opens the backend)."""
         if self.stream.ensure_group(start_id):
             logger.info(
                 "created consumer group %s on %s at %s",
@@ -93,7 +93,6 @@ class Applier:
                 self.stream.keys.cmd,
                 start_id,
             )
-        self.backend.open()
         self._high_water = stream_id_order(self.stream.last_delivered())
         self._sync_clock(self.stream.now_ms())
         self.rebuild_expiry()

@@ -11,6 +11,7 @@ import click
 import redis
 from pydantic import ValidationError
 
+from pushfw.worker.backends import make_backend
 from pushfw.worker.daemon import ForceStop, Worker
 from pushfw.worker.errors import PushfwError
 from pushfw.worker.settings import WorkerSettings
@@ -89,12 +90,13 @@ def reconcile_once(force: bool) -> None:
 
 @main.command()
 def uninstall() -> None:
-    """Remove pushfw's chains and jumps; leave every other rule alone."""
+    """Remove pushfw's chains, sets and table, whichever backend made them; nothing else."""
     settings = _settings()
-    if settings.backend != "iptables":
-        click.echo(f"pushfw-worker: nothing to uninstall for backend {settings.backend}")
-        return
-    from pushfw.worker.backends.iptables import IptablesBackend
-
-    IptablesBackend(chain=settings.chain, hooks=settings.hook_chains).uninstall()
-    click.echo(f"removed chain {settings.chain} and its jumps (IPv4 and IPv6)")
+    for name in ("nftables", "ipset", "iptables"):
+        try:
+            backend = make_backend(name, chain=settings.chain, hooks=settings.hook_chains)
+            removed = backend.uninstall()
+        except (PushfwError, ImportError, OSError) as exc:
+            click.echo(f"{name}: skipped ({str(exc).splitlines()[0][:200]})")
+            continue
+        click.echo(f"{name}: {removed}")

@@ -62,10 +62,12 @@ class Worker:
             chain=settings.chain,
             hooks=settings.hook_chains,
             memory_fail=settings.fail_networks,
+            set_size=settings.set_size,
         )
         self.protection = Protection.build(settings.protected, settings.redis_url)
         self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
         self.applier = Applier(self.client, self.backend, settings, self.protection, self.ledger)
+        self.backend.clock = self.applier.now_ms
         self.scheduler = Scheduler(connect(settings), self.keys, settings.scheduler_poll)
         self.started_ms = int(time.time() * 1000)
         self.last_drift: Drift | None = None
@@ -112,6 +114,7 @@ class Worker:
         An empty ledger beside a kernel holding rules looks like Redis lost its data, not
         like an operator lifting every ban: then nothing is removed unless ``force``.
         """
+        self.backend.open()  # re-read the kernel: drift is measured against what it holds
         position = self.applier.stream.last_delivered()
         self.ledger.catch_up(position)
         now_ms = self.applier.now_ms()

@@ -21,6 +21,18 @@ from pushfw.worker.stream import stream_id_order
 logger = logging.getLogger(__name__)
 
 
+FORGET = """
+-- KEYS: rules; ARGV: field, value, ...: delete each field that still holds that value
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -59,15 +71,18 @@ def trim(client: redis.Redis, keys: Keys, now_ms: int, host_expiry_s: float) -> 
         return 0
     trimmed = int(client.xtrim(keys.cmd, minid=minid))
     limit = stream_id_order(minid)
-    stale = []
+    stale: list[Any] = []
     for field, raw in client.hscan_iter(keys.rules, count=1000):
         record = RuleRecord.model_validate_json(raw)
         if record.deleted and stream_id_order(record.id) < limit:
-            stale.append(field)
-    for start in range(0, len(stale), 1000):
-        client.hdel(keys.rules, *stale[start : start + 1000])
-    if trimmed or stale:
+            stale += [field, raw]
+    # a fold may have replaced a tombstone since the scan read it: delete only unchanged ones
+    forget = client.register_script(FORGET)
+    forgotten = 0
+    for start in range(0, len(stale), 2000):
+        forgotten += int(forget(keys=[keys.rules], args=stale[start : start + 2000]))
+    if trimmed or forgotten:
         logger.info(
-            "trimmed %d stream entries and %d tombstones before %s", trimmed, len(stale), minid
+            "trimmed %d stream entries and %d tombstones before %s", trimmed, forgotten, minid
         )
     return trimmed

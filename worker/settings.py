@@ -25,7 +25,8 @@ class WorkerSettings(BaseSettings):
     host_name: str = Field(default_factory=socket.gethostname)
     host_labels: str = ""
     consumer: str = ""
-    backend: Literal["iptables", "memory"] = "iptables"
+    backend: Literal["auto", "nftables", "ipset", "iptables", "memory"] = "auto"
+    set_size: int = Field(default=1_000_000, ge=1, le=100_000_000)
     key_prefix: str = DEFAULT_PREFIX
     chain: str = "PUSHFW"
     hooks: str = "INPUT"

@@ -1,14 +1,52 @@
-"""Firewall backends behind one small batch interface; pick one with :func:`open_backend`."""
+"""Firewall backends behind one small batch interface; pick one with :func:`make_backend`."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+import subprocess
 from collections.abc import Iterable, Sequence
 
 from pushfw.producer.contract import Network
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.errors import ConfigError
 
-__all__ = ["Backend", "Rule", "RuleKey", "make_backend"]
+__all__ = ["Backend", "Rule", "RuleKey", "choose_backend", "make_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+def _nftables_usable() -> str | None:
+    """Why nftables cannot be used here, or None if it can."""
+    try:
+        import nftables
+    except (ImportError, OSError) as exc:
+        return f"libnftables is not loadable ({exc})"
+    nft = nftables.Nftables()
+    rc, _, error = nft.cmd("list tables")
+    return None if rc == 0 else f"nft refused ({str(error).strip()[:120]})"
+
+
+def _ipset_usable() -> str | None:
+    path = shutil.which("ipset")
+    if path is None:
+        return "the ipset command is not installed"
+    probe = subprocess.run([path, "list", "-n"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"ipset refused ({probe.stderr.strip()[:120]})"
+
+
+def choose_backend() -> str:
+    """``auto``: nftables where usable, else ipset, else iptables; says why in one line."""
+    why_not_nft = _nftables_usable()
+    if why_not_nft is None:
+        logger.info("backend auto: nftables (libnftables works here)")
+        return "nftables"
+    why_not_ipset = _ipset_usable()
+    if why_not_ipset is None:
+        logger.info("backend auto: ipset, because %s", why_not_nft)
+        return "ipset"
+    logger.info("backend auto: iptables, because %s and %s", why_not_nft, why_not_ipset)
+    return "iptables"
 
 
 def make_backend(
@@ -17,8 +55,11 @@ def make_backend(
     chain: str = "PUSHFW",
     hooks: Sequence[str] = ("INPUT",),
     memory_fail: Iterable[Network] = (),
+    set_size: int = 1_000_000,
 ) -> Backend:
-    """Build the backend called ``name`` (not yet opened)."""
+    """Build the backend called ``name`` (not yet opened); ``auto`` picks one."""
+    if name == "auto":
+        name = choose_backend()
     match name:
         case "memory":
             from pushfw.worker.backends.memory import MemoryBackend
@@ -28,5 +69,11 @@ def make_backend(
             from pushfw.worker.backends.iptables import IptablesBackend
 
             return IptablesBackend(chain=chain, hooks=hooks)
+        case "nftables":
+            from pushfw.worker.backends.nftables import NftablesBackend
+
+            return NftablesBackend(table=chain.lower(), hooks=hooks)
         case _:
-            raise ConfigError(f"unknown backend {name!r} (expected iptables or memory)")
+            raise ConfigError(
+                f"unknown backend {name!r} (expected auto, nftables, ipset, iptables or memory)"
+            )

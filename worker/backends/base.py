@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pushfw.producer.contract import Action, Network
@@ -36,6 +38,10 @@ class Backend(abc.ABC):
     """
 
     name: str = "backend"
+    clock: Callable[[], int] = staticmethod(lambda: int(time.time() * 1000))
+    """Milliseconds on Redis's clock; the worker replaces it with its Redis-synced clock.
+
+    Backends with kernel timeouts use it to turn an absolute expiry into time remaining."""
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -84,6 +90,10 @@ class Backend(abc.ABC):
     def get(self, key: RuleKey) -> Rule | None:
         """The committed rule with this key, answered from the index without a kernel call."""
         return self.snapshot().get(key)
+
+    def uninstall(self) -> str:
+        """Remove everything this backend created in the kernel; say what, in a few words."""
+        return "nothing to remove"
 
     def size(self) -> int:
         """How many managed rules are committed."""

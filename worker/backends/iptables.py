@@ -234,7 +234,7 @@ class IptablesBackend(Backend):
         finally:
             os.close(fd)
 
-    def uninstall(self) -> None:
+    def uninstall(self) -> str:
         """Remove the jumps and the managed chains; other rules are left untouched."""
         for fam in self._families.values():
             with self._locked():
@@ -251,3 +251,4 @@ class IptablesBackend(Backend):
                     chain.delete()
                 self._commit_table(table)
             fam.index = {}
+        return f"removed chain {self.chain} and its jumps (IPv4 and IPv6)"

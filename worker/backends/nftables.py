@@ -1,0 +1,249 @@
+"""Rules as elements of sets in a table of pushfw's own (``inet pushfw``), via libnftables JSON.
+
+Single addresses live in plain ``flags timeout`` sets (``drop4``, ``accept6`` ...): one add
+stays cheap at any size. Networks live in ``interval`` sets, one per prefix length in use
+(``drop4_24``): aligned networks of one length never overlap, and nft refuses overlapping
+intervals in one set. Every element carries its exact expiry as a comment (``exp=<ms>``) so
+the index can be rebuilt from the kernel, and a kernel timeout (whole seconds, rounded up)
+so a ban ends even while the worker or Redis is away; the worker deletes it at the exact ms.
+Each hook gets one base chain whose rules (accepts first) are a pure function of the sets,
+rewritten atomically whenever a set is added. Every batch is one nft transaction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pushfw.producer.contract import Action, Network
+from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
+
+logger = logging.getLogger(__name__)
+
+_HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
+_PRIORITY = -10
+_SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
+Json = dict[str, Any]
+
+
+def set_name(key: RuleKey) -> str:
+    """The set holding this rule: ``drop4`` for addresses, ``drop4_24`` for /24 networks."""
+    net = key.network
+    base = f"{key.action.value}{net.version}"
+    return base if net.prefixlen == net.max_prefixlen else f"{base}_{net.prefixlen}"
+
+
+def _elem_value(net: Network) -> Any:
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _parse_elem(raw: Any) -> tuple[Network, str]:
+    """An element as nft lists it: ``"1.2.3.4"``, ``{"prefix": ...}`` or ``{"elem": {...}}``."""
+    elem = raw["elem"] if isinstance(raw, dict) and "elem" in raw else {"val": raw}
+    value = elem["val"]
+    if isinstance(value, dict) and "prefix" in value:
+        prefix = value["prefix"]
+        return ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"), str(
+            elem.get("comment", "")
+        )
+    return ipaddress.ip_network(str(value)), str(elem.get("comment", ""))
+
+
+def _version(name: str) -> int:
+    parsed = _SET_NAME.fullmatch(name)
+    return int(parsed["version"]) if parsed else 4
+
+
+class NftablesBackend(Backend):
+    """Sets in ``inet <table>``; one nft transaction per batch."""
+
+    name = "nftables"
+
+    def __init__(self, table: str = "pushfw", hooks: Sequence[str] = ("INPUT",)) -> None:
+        import nftables  # deferred: loads the system's libnftables
+
+        unknown = [h for h in hooks if h.upper() not in _HOOKS]
+        if unknown:
+            raise ConfigError(f"nftables backend: unsupported hook(s) {unknown}; use INPUT/FORWARD")
+        self.table = table
+        self.hooks = sorted({_HOOKS[h.upper()] for h in hooks})
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._index: dict[RuleKey, Rule] = {}
+        self._sets: set[str] = set()
+        self._staged: list[tuple[RuleKey, Rule | None]] = []
+        self.readd_renews: bool | None = None
+
+    def _run(self, commands: list[Json]) -> Any:
+        rc, output, error = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise BackendError(f"nft: {str(error).strip()[:500]}")
+        return output
+
+    def _t(self, **fields: Any) -> Json:
+        return {"family": "inet", "table": self.table, **fields}
+
+    def open(self) -> None:
+        self._run([{"add": {"table": {"family": "inet", "name": self.table}}}])
+        listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
+        self._index, self._sets = self._read(listing)
+        self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
+        self._run(self._schema_commands(self._sets))
+        self.readd_renews = self._probe_renewal()
+        logger.info(
+            "nftables table inet %s ready: %d rules; re-adding an element %s its timeout "
+            "(pushfw renews by delete + add in one transaction either way)",
+            self.table,
+            len(self._index),
+            "renews" if self.readd_renews else "does not renew",
+        )
+
+    def _read(self, listing: Any) -> tuple[dict[RuleKey, Rule], set[str]]:
+        index: dict[RuleKey, Rule] = {}
+        sets: set[str] = set()
+        for item in (listing or {}).get("nftables", []):
+            nft_set = item.get("set")
+            parsed = _SET_NAME.fullmatch(nft_set["name"]) if nft_set else None
+            if nft_set is None or parsed is None:
+                continue
+            sets.add(nft_set["name"])
+            action = Action(parsed["action"])
+            for raw in nft_set.get("elem", []):
+                network, comment = _parse_elem(raw)
+                key = RuleKey(action, network)
+                expires_ms = int(comment[4:]) if comment.startswith("exp=") else None
+                index[key] = Rule(key, expires_ms)
+        return index, sets
+
+    def _schema_commands(self, sets: set[str]) -> list[Json]:
+        """Sets, base chains and their rules (accepts first), rewritten as one transaction."""
+        cmds: list[Json] = []
+        for name in sorted(sets):
+            version = _version(name)
+            spec = self._t(name=name, type=f"ipv{version}_addr", flags=["timeout"])
+            if "_" in name:
+                spec["flags"] = ["interval", "timeout"]
+            cmds.append({"add": {"set": spec}})
+        ordered = sorted(sets, key=lambda n: (not n.startswith("accept"), n))
+        for hook in self.hooks:
+            chain = self._t(name=hook, type="filter", hook=hook, prio=_PRIORITY, policy="accept")
+            cmds.append({"add": {"chain": chain}})
+            cmds.append({"flush": {"chain": self._t(name=hook)}})
+            for name in ordered:
+                proto = "ip6" if _version(name) == 6 else "ip"
+                verdict = "accept" if name.startswith("accept") else "drop"
+                match = {
+                    "op": "==",
+                    "left": {"payload": {"protocol": proto, "field": "saddr"}},
+                    "right": f"@{name}",
+                }
+                rule = self._t(chain=hook, expr=[{"match": match}, {verdict: None}])
+                cmds.append({"add": {"rule": rule}})
+        return cmds
+
+    def _probe_renewal(self) -> bool:
+        """Does re-adding an element renew its timeout on this kernel (>= 6.12)?"""
+        probe = self._t(name="drop6", elem=[{"elem": {"val": "100::1", "timeout": 60}}])
+        bigger = self._t(name="drop6", elem=[{"elem": {"val": "100::1", "timeout": 3600}}])
+        gone = self._t(name="drop6", elem=["100::1"])
+        try:
+            self._run([{"add": {"element": probe}}])
+            self._run([{"add": {"element": bigger}}])
+            listing = self._run([{"list": {"set": self._t(name="drop6")}}])
+            renewed = "3600" in json.dumps(listing)
+        finally:
+            self._run([{"delete": {"element": gone}}])
+        return renewed
+
+    def close(self) -> None:
+        self.discard()
+
+    def snapshot(self) -> dict[RuleKey, Rule]:
+        return dict(self._index)
+
+    def get(self, key: RuleKey) -> Rule | None:
+        return self._index.get(key)
+
+    def size(self) -> int:
+        return len(self._index)
+
+    def add(self, rule: Rule) -> None:
+        self._staged.append((rule.key, rule))
+
+    def delete(self, key: RuleKey) -> None:
+        self._staged.append((key, None))
+
+    def discard(self) -> None:
+        self._staged.clear()
+
+    def _element(self, key: RuleKey, rule: Rule | None) -> Json:
+        if rule is None:
+            return self._t(name=set_name(key), elem=[_elem_value(key.network)])
+        elem: Json = {"val": _elem_value(key.network)}
+        if rule.expires_ms is not None:
+            elem["timeout"] = max(1, math.ceil((rule.expires_ms - self.clock()) / 1000))
+            elem["comment"] = f"exp={rule.expires_ms}"
+        return self._t(name=set_name(key), elem=[{"elem": elem}])
+
+    def _batch(self, index: dict[RuleKey, Rule]) -> tuple[list[Json], set[str]]:
+        """The transaction for the staged changes against ``index`` (which it updates)."""
+        cmds: list[Json] = []
+        new_sets: set[str] = set()
+        for key, rule in self._staged:
+            if key in index:
+                cmds.append({"delete": {"element": self._element(key, None)}})
+                del index[key]
+            if rule is not None:
+                if set_name(key) not in self._sets:
+                    new_sets.add(set_name(key))
+                cmds.append({"add": {"element": self._element(key, rule)}})
+                index[key] = rule
+        if new_sets:
+            cmds = self._schema_commands(self._sets | new_sets) + cmds
+        return cmds, new_sets
+
+    def commit(self) -> None:
+        if not self._staged:
+            return
+        try:
+            self._commit_once()
+        except BackendError as first:
+            # The kernel may have timed an element out before the worker deleted it, and one
+            # absent element fails the whole batch: re-read the kernel and try once more.
+            listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
+            self._index, self._sets = self._read(listing)
+            try:
+                self._commit_once()
+            except BackendError as exc:
+                if "No space left" in str(exc) or "set is full" in str(exc):
+                    raise PermanentBackendError(str(exc)) from first
+                raise
+        finally:
+            self.discard()
+
+    def _commit_once(self) -> None:
+        index = dict(self._index)
+        cmds, new_sets = self._batch(index)
+        if cmds:
+            self._run(cmds)
+        self._index = index
+        self._sets |= new_sets
+
+    def uninstall(self) -> str:
+        """Delete pushfw's table (its sets and chains); nothing else is touched."""
+        try:
+            self._run([{"delete": {"table": {"family": "inet", "name": self.table}}}])
+        except BackendError as exc:
+            if "No such file" not in str(exc):
+                raise
+            return f"no table inet {self.table}"
+        self._index, self._sets = {}, set()
+        return f"removed table inet {self.table}"
