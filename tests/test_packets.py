@@ -37,14 +37,14 @@ def can_connect(client: Netns) -> bool:
 
 
 def test_drop_blocks_real_traffic_and_undrop_restores_it(
-    make_netns: Callable[[], Netns], spawn_worker, producer: Producer
+    make_netns: Callable[[], Netns], backend: str, spawn_worker, producer: Producer
 ):
     server, client = make_netns(), make_netns()
     veth(server, SERVER_IP, client, CLIENT_IP)
     listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
     try:
         wait_for(lambda: can_connect(client), what="the listener to accept connections")
-        spawn_worker(server).start()
+        spawn_worker(server, backend=backend).start()
 
         results = producer.wait(producer.drop(CLIENT_IP, reason="test ban"), timeout_s=15)
         assert [r.status.value for r in results] == ["applied"]
@@ -59,6 +59,15 @@ def test_drop_blocks_real_traffic_and_undrop_restores_it(
         results = producer.wait(producer.undrop(CLIENT_IP), timeout_s=15)
         assert [r.status.value for r in results] == ["applied"]
         assert can_connect(client), "traffic is still blocked after the drop was deleted"
+
+        producer.wait(producer.drop("10.213.0.0/24"), timeout_s=15)
+        assert not can_connect(client), "a network ban must match every address in it"
+        producer.wait(producer.undrop("10.213.0.0/24"), timeout_s=15)
+        assert can_connect(client)
+
+        mapped = producer.drop(f"::ffff:{CLIENT_IP}")
+        assert [r.status.value for r in producer.wait(mapped, timeout_s=15)] == ["applied"]
+        assert not can_connect(client), "an IPv4-mapped IPv6 ban must block the IPv4 address"
     finally:
         listener.kill()
         listener.wait()

@@ -8,11 +8,12 @@ import sys
 import time
 from typing import Any
 
+import pytest
 import redis
 
 from pushfw.producer import Producer
 from tests.conftest import RedisServer, wait_for
-from tests.kernel import dropped
+from tests.kernel import Firewall
 
 CMD = "{pushfw}:cmd"
 
@@ -35,8 +36,9 @@ def address(i: int) -> str:
     return f"198.18.{i // 250}.{i % 250 + 1}"
 
 
-def test_thousand_timed_rules_leave_the_kernel_within_a_second(netns, spawn_worker, r):
-    spawn_worker(netns).start()
+def test_thousand_timed_rules_leave_the_kernel_within_a_second(netns, backend, spawn_worker, r):
+    fw = Firewall(netns, backend)
+    spawn_worker(netns, backend=backend).start()
     pipe = r.pipeline(transaction=False)
     for i in range(1000):
         pipe.xadd(CMD, {"op": "ttl_drop_insert", "ip": address(i), "ttl": str(2 + i % 4)})
@@ -50,7 +52,7 @@ def test_thousand_timed_rules_leave_the_kernel_within_a_second(netns, spawn_work
     seen: set[str] = set()
     deadline = time.monotonic() + 20
     while len(gone_at) < 1000 and time.monotonic() < deadline:
-        present = set(dropped(netns))
+        present = set(fw.dropped())
         now = int(time.time() * 1000) + offset_ms
         seen |= present
         for rule in seen - present - gone_at.keys():
@@ -71,18 +73,19 @@ def test_thousand_timed_rules_leave_the_kernel_within_a_second(netns, spawn_work
 
 
 def test_expiry_while_stopped_is_applied_at_start_and_replay_never_restores(
-    netns, spawn_worker, producer: Producer, r
+    netns, backend, spawn_worker, producer: Producer, r
 ):
-    worker = spawn_worker(netns).start()
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, backend=backend).start()
     timed = producer.drop("192.0.2.10", ttl_s=2)
     assert [x.status.value for x in producer.wait(timed)] == ["applied"]
     producer.drop("192.0.2.11")
-    wait_for(lambda: "192.0.2.11/32" in dropped(netns), what="the permanent rule")
+    wait_for(lambda: "192.0.2.11/32" in fw.dropped(), what="the permanent rule")
     assert worker.stop() == 0
-    assert "192.0.2.10/32" in dropped(netns), "stopping keeps rules"
+    assert "192.0.2.10/32" in fw.dropped(), "stopping keeps rules"
     time.sleep(2.5)
     worker.start()
-    assert dropped(netns) == ["192.0.2.11/32"], "expired while down: gone right after start"
+    assert fw.dropped() == ["192.0.2.11/32"], "expired while down: gone right after start"
 
     assert worker.stop() == 0
     r.xgroup_setid(CMD, f"host:{netns.name}", "0")
@@ -91,63 +94,67 @@ def test_expiry_while_stopped_is_applied_at_start_and_replay_never_restores(
         lambda: r.xinfo_groups(CMD) and all(g["lag"] == 0 for g in r.xinfo_groups(CMD)),
         what="the replay to finish",
     )
-    assert dropped(netns) == ["192.0.2.11/32"], "a replay never brings an expired rule back"
+    assert fw.dropped() == ["192.0.2.11/32"], "a replay never brings an expired rule back"
     statuses = [x.status.value for x in producer.results(count=100, cmd_id=timed)]
     assert "expired" in statuses
 
 
-def test_extended_ban_outlives_the_first_expiry(netns, spawn_worker, producer, r):
-    spawn_worker(netns).start()
+def test_extended_ban_outlives_the_first_expiry(netns, backend, spawn_worker, producer, r):
+    fw = Firewall(netns, backend)
+    spawn_worker(netns, backend=backend).start()
     first = producer.drop("192.0.2.20", ttl_s=2)
     producer.wait(first)
     extended = producer.drop("192.0.2.20", ttl_s=5)
     assert [x.status.value for x in producer.wait(extended)] == ["applied"]
     time.sleep(3)
-    assert dropped(netns) == ["192.0.2.20/32"], "the extension must survive the first expiry"
+    assert fw.dropped() == ["192.0.2.20/32"], "the extension must survive the first expiry"
     assert ttl_deletes(r) == []
-    wait_for(lambda: dropped(netns) == [], timeout=5, what="the extended ban to end")
+    wait_for(lambda: fw.dropped() == [], timeout=5, what="the extended ban to end")
     wait_for(lambda: len(ttl_deletes(r)) >= 1, timeout=3, what="one ttl delete")
     assert ttl_deletes(r) == ["192.0.2.20/32"]
 
 
-def test_delete_before_expiry_leaves_no_stray_delete(netns, spawn_worker, producer, r):
-    spawn_worker(netns).start()
+def test_delete_before_expiry_leaves_no_stray_delete(netns, backend, spawn_worker, producer, r):
+    fw = Firewall(netns, backend)
+    spawn_worker(netns, backend=backend).start()
     producer.wait(producer.drop("192.0.2.30", ttl_s=2))
     producer.wait(producer.undrop("192.0.2.30"))
-    assert dropped(netns) == []
+    assert fw.dropped() == []
     time.sleep(3)
     assert ttl_deletes(r) == []
-    assert dropped(netns) == []
+    assert fw.dropped() == []
 
 
-def test_hand_flushed_chain_is_restored_without_expired_rules(netns, spawn_worker, producer, r):
-    worker = spawn_worker(netns).start()
+def test_hand_flushed_chain_is_restored_without_expired_rules(
+    netns, backend, spawn_worker, producer, r
+):
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, backend=backend).start()
     producer.wait(producer.drop("192.0.2.40"))
     producer.wait(producer.accept("192.0.2.41"))
     producer.wait(producer.drop("192.0.2.42", ttl_s=1))
-    wait_for(lambda: "192.0.2.42/32" not in dropped(netns), timeout=5, what="the timed rule to go")
+    wait_for(lambda: "192.0.2.42/32" not in fw.dropped(), timeout=5, what="the timed rule to go")
     assert worker.stop() == 0
-    netns.run("iptables-legacy", "-F", "PUSHFW")
-    assert dropped(netns) == []
+    fw.flush()
+    assert fw.dropped() == []
 
     settings = [f"{k}={v}" for k, v in worker.env.items() if k.startswith("PUSHFW_")]
     out = netns.run("env", *settings, sys.executable, "-m", "pushfw.worker", "reconcile")
     assert "added 2, removed 0" in out.stdout
-    assert dropped(netns) == ["192.0.2.40/32"]
-    assert "192.0.2.41/32" in netns.run("iptables-legacy", "-S", "PUSHFW").stdout
+    assert fw.dropped() == ["192.0.2.40/32"]
+    assert fw.accepted() == ["192.0.2.41/32"]
 
 
-def test_reboot_that_emptied_the_tables_converges_at_start(netns, spawn_worker, producer):
-    worker = spawn_worker(netns).start()
+def test_reboot_that_emptied_the_tables_converges_at_start(netns, backend, spawn_worker, producer):
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, backend=backend).start()
     producer.wait(producer.drop("192.0.2.50"))
     producer.wait(producer.drop("2001:db8::50"))
     assert worker.stop() == 0
-    for tool in ("iptables-legacy", "ip6tables-legacy"):
-        netns.run(tool, "-F")
-        netns.run(tool, "-X")
+    fw.wipe()
     worker.start()
-    assert dropped(netns) == ["192.0.2.50/32"]
-    assert dropped(netns, v6=True) == ["2001:db8::50/128"]
+    assert fw.dropped() == ["192.0.2.50/32"]
+    assert fw.dropped(v6=True) == ["2001:db8::50/128"]
     assert worker.stop() == 0
     assert "reconcile repaired drift: 2 added" in worker.log
 
@@ -155,6 +162,7 @@ def test_reboot_that_emptied_the_tables_converges_at_start(netns, spawn_worker, 
 def test_redis_restart_with_aof_keeps_every_expiry_once(
     netns, spawn_worker, aof_redis: RedisServer
 ):
+    fw = Firewall(netns, "iptables")
     client = redis.Redis.from_url(aof_redis.url)
     spawn_worker(netns, server=aof_redis).start()
     pipe = client.pipeline(transaction=False)
@@ -173,6 +181,24 @@ def test_redis_restart_with_aof_keeps_every_expiry_once(
         expected = sorted(f"{address(i)}/32" for i in range(200))
         assert sorted(deletes) == expected, "each expiry exactly once"
         assert client.zcard("{pushfw}:expiry") == 0
-        wait_for(lambda: dropped(netns) == [], timeout=5, what="the kernel to be empty")
+        wait_for(lambda: fw.dropped() == [], timeout=5, what="the kernel to be empty")
     finally:
         client.close()
+
+
+def test_kernel_timeouts_end_bans_while_the_worker_is_down(
+    netns, backend, spawn_worker, producer, r
+):
+    """Set backends hand the kernel the time remaining: a ban ends even with no worker."""
+    if backend == "iptables":
+        pytest.skip("iptables rules have no kernel timeout; the worker removes them at start")
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, backend=backend).start()
+    timed = producer.drop("192.0.2.60", ttl_s=2)
+    producer.wait(timed)
+    assert worker.stop() == 0
+    assert fw.dropped() == ["192.0.2.60/32"], "stopping the worker leaves bans in force"
+    expires_ms = int(timed.split("-")[0]) + 2000
+    wait_for(lambda: fw.dropped() == [], timeout=5, what="the kernel to time the ban out")
+    lag_ms = redis_ms(r) - expires_ms
+    assert lag_ms < 1100, f"the kernel removed it {lag_ms} ms late (whole-second timeouts)"

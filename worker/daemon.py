@@ -98,6 +98,7 @@ class Worker:
         everything up to there: it gets the current state from the ledger (reconcile), not
         by replaying history.
         """
+        self.heartbeat()  # announce first, so no trim runs past a group about to be created
         self.ledger.ensure_group()
         start_id = "0"
         if not self.applier.stream.group_exists():

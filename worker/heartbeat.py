@@ -23,7 +23,10 @@ def pushfw_version() -> str:
 
 def group_info(client: redis.Redis, keys: Keys, group: str) -> tuple[int | None, int]:
     """The group's lag (entries not yet delivered; None if Redis cannot tell) and pending."""
-    rows: Any = client.xinfo_groups(keys.cmd)
+    try:
+        rows: Any = client.xinfo_groups(keys.cmd)
+    except redis.ResponseError:  # no stream yet
+        return None, 0
     for row in rows:
         name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
         if name == group:

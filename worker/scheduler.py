@@ -153,3 +153,4 @@ class Scheduler:
         self.stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.client.close()

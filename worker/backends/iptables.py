@@ -48,6 +48,80 @@ def iptables_variant() -> str:
     return "legacy"
 
 
+def filter_table(iptc: Any, version: int) -> Any:
+    """One family's filter table with autocommit off (one commit per batch)."""
+    cls = iptc.Table if version == 4 else iptc.Table6
+    table = cls(cls.FILTER)
+    table.autocommit = False
+    return table
+
+
+def blank_rule(iptc: Any, version: int) -> Any:
+    """An empty rule of one family."""
+    return iptc.Rule() if version == 4 else iptc.Rule6()
+
+
+@contextlib.contextmanager
+def xtables_lock(timeout_s: float) -> Iterator[None]:
+    """Hold the xtables lock that iptables-legacy binaries take, so we never race them."""
+    try:
+        fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TransientBackendError("xtables lock is held by another process") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def commit_table(iptc: Any, table: Any) -> None:
+    """Commit ``table``; a concurrent writer (EAGAIN, EBUSY, EINTR) is a transient error."""
+    try:
+        table.commit()
+    except iptc.IPTCError as exc:
+        code = _c_errno()
+        with contextlib.suppress(iptc.IPTCError):
+            table.refresh()
+        if code in _TRANSIENT_ERRNOS:
+            raise TransientBackendError(f"iptables commit: {exc}") from exc
+        raise BackendError(f"iptables commit: {exc}") from exc
+
+
+def ensure_chain(iptc: Any, table: Any, version: int, chain: str, hooks: Sequence[str]) -> None:
+    """Create ``chain`` if missing and jump to it once from the top of each hook chain."""
+    if not table.is_chain(chain):
+        table.create_chain(chain)
+    for hook in hooks:
+        hook_chain = iptc.Chain(table, hook)
+        if not any(r.target.name == chain for r in hook_chain.rules):
+            jump = blank_rule(iptc, version)
+            jump.create_target(chain)
+            hook_chain.insert_rule(jump)
+
+
+def remove_chain(iptc: Any, table: Any, chain: str, hooks: Sequence[str]) -> None:
+    """Delete the jumps to ``chain`` from the hook chains, then the chain with its rules."""
+    for hook in hooks:
+        hook_chain = iptc.Chain(table, hook)
+        for ipt_rule in list(hook_chain.rules):
+            if ipt_rule.target.name == chain:
+                hook_chain.delete_rule(ipt_rule)
+    if table.is_chain(chain):
+        managed = iptc.Chain(table, chain)
+        managed.flush()
+        managed.delete()
+
+
 def _comment(rule: Rule) -> str:
     return COMMENT if rule.expires_ms is None else f"{COMMENT} exp={rule.expires_ms}"
 
@@ -71,13 +145,10 @@ class _Family:
     staged: list[tuple[str, Rule]] = field(default_factory=list)
 
     def table(self) -> Any:
-        cls = self.iptc.Table if self.version == 4 else self.iptc.Table6
-        table = cls(cls.FILTER)
-        table.autocommit = False
-        return table
+        return filter_table(self.iptc, self.version)
 
     def new_rule(self, rule: Rule) -> Any:
-        ipt_rule = self.iptc.Rule() if self.version == 4 else self.iptc.Rule6()
+        ipt_rule = blank_rule(self.iptc, self.version)
         ipt_rule.src = str(rule.key.network)
         match = ipt_rule.create_match("comment")
         match.comment = _comment(rule)
@@ -126,14 +197,7 @@ class IptablesBackend(Backend):
         )
 
     def _ensure_chain(self, fam: _Family, table: Any) -> None:
-        if not table.is_chain(self.chain):
-            table.create_chain(self.chain)
-        for hook in self.hooks:
-            hook_chain = self._iptc.Chain(table, hook)
-            if not any(r.target.name == self.chain for r in hook_chain.rules):
-                jump = self._iptc.Rule() if fam.version == 4 else self._iptc.Rule6()
-                jump.create_target(self.chain)
-                hook_chain.insert_rule(jump)
+        ensure_chain(self._iptc, table, fam.version, self.chain, self.hooks)
 
     def _read_index(self, fam: _Family, table: Any) -> dict[RuleKey, Rule]:
         index: dict[RuleKey, Rule] = {}
@@ -200,39 +264,10 @@ class IptablesBackend(Backend):
         fam.index = index
 
     def _commit_table(self, table: Any) -> None:
-        try:
-            table.commit()
-        except self._iptc.IPTCError as exc:
-            code = _c_errno()
-            with contextlib.suppress(self._iptc.IPTCError):
-                table.refresh()
-            if code in _TRANSIENT_ERRNOS:
-                raise TransientBackendError(f"iptables commit: {exc}") from exc
-            raise BackendError(f"iptables commit: {exc}") from exc
+        commit_table(self._iptc, table)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the xtables lock that iptables-legacy binaries take, so we never race them."""
-        try:
-            fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        except OSError:
-            yield
-            return
-        try:
-            deadline = time.monotonic() + self.lock_timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TransientBackendError(
-                            "xtables lock is held by another process"
-                        ) from None
-                    time.sleep(0.01)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return xtables_lock(self.lock_timeout_s)
 
     def uninstall(self) -> str:
         """Remove the jumps and the managed chains; other rules are left untouched."""
@@ -240,15 +275,7 @@ class IptablesBackend(Backend):
             with self._locked():
                 table = fam.table()
                 table.refresh()
-                for hook in self.hooks:
-                    hook_chain = self._iptc.Chain(table, hook)
-                    for ipt_rule in list(hook_chain.rules):
-                        if ipt_rule.target.name == self.chain:
-                            hook_chain.delete_rule(ipt_rule)
-                if table.is_chain(self.chain):
-                    chain = self._iptc.Chain(table, self.chain)
-                    chain.flush()
-                    chain.delete()
+                remove_chain(self._iptc, table, self.chain, self.hooks)
                 self._commit_table(table)
             fam.index = {}
         return f"removed chain {self.chain} and its jumps (IPv4 and IPv6)"

@@ -1,0 +1,249 @@
+"""Retention: the stream is trimmed to what live groups still need, old tombstones go.
+
+Workers here run in-process (memory backend) against the session's redis-server and are
+driven one ``iteration()`` at a time, so that the test, not the worker's own housekeeping
+timer, decides when ``retention.trim`` runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from pushfw.producer import Keys, Producer
+from pushfw.producer.records import HostStatus, RuleRecord, rule_id
+from pushfw.worker import Worker, WorkerSettings
+from pushfw.worker.backends.memory import MemoryBackend
+from pushfw.worker.ledger import Ledger
+from pushfw.worker.retention import trim, trim_point
+from tests.conftest import RedisServer
+
+KEYS = Keys()
+HOST_EXPIRY_S = 900
+
+
+def redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def stream_ids(client: redis.Redis) -> list[str]:
+    rows: Any = client.xrange(KEYS.cmd)
+    return [eid.decode() for eid, _ in rows]
+
+
+def ledger_rules(client: redis.Redis) -> dict[str, RuleRecord]:
+    raw: Any = client.hgetall(KEYS.rules)
+    return {k.decode(): RuleRecord.model_validate_json(v) for k, v in raw.items()}
+
+
+def heartbeat(client: redis.Redis, host: str, age_ms: int = 0) -> None:
+    status = HostStatus(host=host, backend="memory", last_seen_ms=redis_ms(client) - age_ms)
+    client.hset(KEYS.hosts, host, status.model_dump_json())
+
+
+def read_unacked(client: redis.Redis, host: str, count: int) -> list[str]:
+    """Another host's consumer reads ``count`` entries and (so far) acknowledges none."""
+    group = Keys.host_group(host)
+    client.xgroup_create(KEYS.cmd, group, id="0")
+    reply: Any = client.xreadgroup(group, host, {KEYS.cmd: ">"}, count=count)
+    return [eid.decode() for eid, _ in reply[0][1]]
+
+
+def push_many(client: redis.Redis, count: int) -> list[str]:
+    pipe = client.pipeline(transaction=False)
+    for i in range(count):
+        pipe.xadd(KEYS.cmd, {"op": "drop.insert", "ip": f"10.0.{i // 250}.{i % 250}"})
+    return [eid.decode() for eid in pipe.execute()]
+
+
+def do_trim(client: redis.Redis) -> int:
+    return trim(client, KEYS, redis_ms(client), HOST_EXPIRY_S)
+
+
+@pytest.fixture
+def make_worker(redis_server: RedisServer) -> Iterator[Callable[[str], Worker]]:
+    """A set-up worker that has done its first pass (heartbeat, first trim) on the stream."""
+    made: list[Worker] = []
+
+    def make(host: str) -> Worker:
+        settings = WorkerSettings(
+            redis_url=redis_server.url,
+            host_name=host,
+            backend="memory",
+            block_ms=50,
+            trim_interval=3600,
+            heartbeat_interval=3600,
+            reconcile_interval=0,
+        )
+        worker = Worker(settings, backend=MemoryBackend(settings.fail_networks))
+        made.append(worker)
+        worker.setup()
+        worker.iteration()
+        return worker
+
+    yield make
+    for worker in made:
+        worker.backend.close()
+        worker.client.close()
+        worker.scheduler.client.close()
+
+
+def consume(worker: Worker) -> None:
+    """Fold and apply everything in the stream (no housekeeping: its timers are not due)."""
+    while worker.iteration():
+        pass
+    assert worker.applier.idle()
+
+
+def test_trim_removes_what_every_live_group_has_done(r, producer: Producer, make_worker):
+    worker = make_worker("h1")
+    for i in range(60):
+        producer.drop(f"192.0.2.{i}")
+    consume(worker)
+    assert r.xlen(KEYS.cmd) == 60
+
+    assert do_trim(r) == 60
+    assert r.xlen(KEYS.cmd) == 0
+    assert do_trim(r) == 0
+    assert len(ledger_rules(r)) == 60
+
+    # the trimmed stream still works: a new command is folded and applied
+    producer.drop("198.51.100.1")
+    consume(worker)
+    assert len(worker.backend.snapshot()) == 61
+    assert len(ledger_rules(r)) == 61
+
+
+def test_a_worker_trims_what_it_consumed_by_itself(r, redis_server, producer):
+    for i in range(20):
+        producer.drop(f"192.0.2.{i}")
+    settings = WorkerSettings(redis_url=redis_server.url, host_name="h1", backend="memory")
+    worker = Worker(settings, backend=MemoryBackend([]))
+    worker.run(burst=True)
+    assert r.xlen(KEYS.cmd) == 0
+    assert len(ledger_rules(r)) == 20
+
+
+def test_a_silent_host_does_not_hold_the_stream_back(r, producer, make_worker):
+    worker = make_worker("h1")
+    for i in range(40):
+        producer.drop(f"192.0.2.{i}")
+    consume(worker)
+    ids = stream_ids(r)
+    assert read_unacked(r, "gone", 10) == ids[:10]
+    heartbeat(r, "gone", age_ms=(HOST_EXPIRY_S + 60) * 1000)
+
+    now = redis_ms(r)
+    # were it still within the host expiry, its oldest pending entry would be the limit
+    assert trim_point(r, KEYS, now, host_expiry_s=HOST_EXPIRY_S + 3600) == ids[0]
+    assert do_trim(r) == 40
+    assert r.xlen(KEYS.cmd) == 0
+
+
+def test_a_live_host_with_pending_entries_holds_the_trim_point(r, make_worker):
+    worker = make_worker("h1")
+    ids = push_many(r, 1000)
+    consume(worker)
+    read_unacked(r, "h2", 700)
+    r.xack(KEYS.cmd, Keys.host_group("h2"), *ids[:600])
+    heartbeat(r, "h2")
+    # XTRIM MINID ~ removes whole stream nodes only: up to one node's worth may stay behind
+    slack = int(r.config_get("stream-node-max-entries")["stream-node-max-entries"])
+
+    assert trim_point(r, KEYS, redis_ms(r), HOST_EXPIRY_S) == ids[600]
+    trimmed = do_trim(r)
+    left = stream_ids(r)
+    assert left[-400:] == ids[600:], "an entry h2 still needs was trimmed"
+    assert len(left) == 1000 - trimmed < 400 + slack
+
+    # once h2 acknowledges what it read, what it has not read yet still holds the stream
+    r.xack(KEYS.cmd, Keys.host_group("h2"), *ids[600:700])
+    trimmed += do_trim(r)
+    left = stream_ids(r)
+    assert left[-300:] == ids[700:]
+    assert len(left) == 1000 - trimmed < 300 + slack
+
+
+def test_old_tombstones_go_and_active_records_stay(r, producer, make_worker):
+    worker = make_worker("h1")
+    past = f"{redis_ms(r) - 5000}-0"
+    r.xadd(KEYS.cmd, {"op": "ttl.drop.insert", "ip": "192.0.2.9", "ttl": "2"}, id=past)
+    producer.drop("192.0.2.1", reason="permanent")
+    producer.drop("192.0.2.2")
+    producer.undrop("192.0.2.2")
+    producer.drop("192.0.2.3", ttl_s=600)
+    hold = producer.drop("192.0.2.4")
+    late_delete = producer.undrop("192.0.2.4")
+    consume(worker)
+
+    # h2 read everything and acknowledged all but the entries from `hold` on
+    read_unacked(r, "h2", 100)
+    ids = stream_ids(r)
+    r.xack(KEYS.cmd, Keys.host_group("h2"), *ids[: ids.index(hold)])
+    heartbeat(r, "h2")
+
+    expired, lifted, permanent, timed, later = (
+        rule_id("drop", f"192.0.2.{n}/32") for n in (9, 2, 1, 3, 4)
+    )
+    before = ledger_rules(r)
+    assert before[expired].deleted and before[lifted].deleted and before[later].deleted
+
+    do_trim(r)
+    assert stream_ids(r)[-2:] == [hold, late_delete]
+    after = ledger_rules(r)
+    assert set(after) == {permanent, timed, later}
+    assert after[later].deleted and after[later].id == late_delete
+    assert after[permanent] == before[permanent] and after[timed] == before[timed]
+
+    r.xack(KEYS.cmd, Keys.host_group("h2"), hold, late_delete)
+    do_trim(r)
+    assert r.xlen(KEYS.cmd) == 0
+    assert set(ledger_rules(r)) == {permanent, timed}
+    assert r.zscore(KEYS.expiry, timed) is not None
+
+
+def test_a_rule_banned_again_while_trim_runs_is_not_forgotten(r, redis_server):
+    """A fold that replaces an old tombstone during the trim's scan must survive the trim."""
+    count = 3000
+    Ledger(r, KEYS, "first").ensure_group()
+
+    def push(op: str) -> None:
+        pipe = r.pipeline(transaction=False)
+        for i in range(count):
+            pipe.xadd(KEYS.cmd, {"op": op, "ip": f"10.0.{i // 250}.{i % 250}"})
+        pipe.execute()
+
+    push("drop.delete")
+    while Ledger(r, KEYS, "first").fold_new():
+        pass
+    push("drop.insert")  # the same rules banned again, not yet folded
+
+    other = redis.Redis.from_url(redis_server.url)
+    folder = Ledger(other, KEYS, "second", batch_size=50)
+    folding = threading.Event()
+
+    def fold_all() -> None:
+        while folder.fold_new():
+            folding.set()
+
+    thread = threading.Thread(target=fold_all)
+    thread.start()
+    try:
+        assert folding.wait(10)
+        do_trim(r)
+    finally:
+        thread.join()
+        other.close()
+
+    records = ledger_rules(r)
+    lost = [
+        rid
+        for rid in (rule_id("drop", f"10.0.{i // 250}.{i % 250}/32") for i in range(count))
+        if rid not in records or records[rid].deleted
+    ]
+    assert not lost, f"{len(lost)} re-banned rules vanished from the ledger, e.g. {lost[:3]}"

@@ -1,0 +1,385 @@
+"""Rules as elements of ipset sets, matched by one iptables rule per set.
+
+One ``hash:net`` set per action and family (``pushfw-accept4``, ``pushfw-drop4``,
+``pushfw-accept6``, ``pushfw-drop6``), created with ``timeout 0`` and ``comment``: every
+element may carry a kernel timeout (0 means permanent) and a timed element carries its exact
+expiry as a comment (``exp=<ms>``), so the index, and timed rules' expiry, can be rebuilt from
+the kernel. A timed element's kernel timeout is the time remaining, rounded up, so a ban ends
+on time even if Redis is unreachable; the worker still deletes it at the exact millisecond.
+
+The managed chain (the iptables backend's chain, jumped to once from each hook chain) holds
+two rules per family: match the accept set and ACCEPT, then match the drop set and DROP, so an
+allow always wins over a ban. Any other rule in that chain is left alone.
+
+Each batch is one ``ipset -exist restore`` process fed on stdin (never a shell), its lines
+built only from ``ipaddress`` network strings and integers. ``restore`` stops at the first
+line the kernel refuses but keeps the lines before it, so a failed batch is undone by a second
+restore that puts back the previous state of every element the batch touched.
+
+Needs the ``ip_set`` and ``xt_set`` kernel modules; sets, like chains, are per network
+namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pushfw.producer.contract import Action, Network
+from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.iptables import (
+    blank_rule,
+    commit_table,
+    ensure_chain,
+    filter_table,
+    iptables_variant,
+    remove_chain,
+    xtables_lock,
+)
+from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
+
+logger = logging.getLogger(__name__)
+
+MAX_TIMEOUT_S = 2_147_483
+"""The largest element timeout ipset accepts (about 24.8 days)."""
+
+_RUN_TIMEOUT_S = 300.0
+_RESIZE_SUFFIX = "-resize"
+_SET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
+_ADD = re.compile(r"add (?P<set>\S+) (?P<elem>\S+)(?P<options>.*)")
+_TIMEOUT = re.compile(r" timeout (\d+)")
+_COMMENT = re.compile(r' comment "([^"]*)"')
+_EXP = re.compile(r"exp=(\d{1,19})")
+_TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element as ``ipset save`` prints it."""
+
+    network: Network
+    timeout_s: int
+    expires_ms: int | None
+
+
+def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:
+    """The element timeout for an expiry: seconds remaining rounded up, at least 1.
+
+    Past ipset's limit the element is permanent in the kernel (0) and only the worker's own
+    delete at the exact millisecond ends it: a ban must never end early.
+    """
+    remaining_s = max(1, -(-(expires_ms - now_ms) // 1000))
+    return remaining_s if remaining_s <= MAX_TIMEOUT_S else 0
+
+
+def parse_save(text: str, set_name: str) -> Iterator[Element]:
+    """The elements of ``set_name`` in ``ipset save`` output; ipset prints /32 and /128 bare."""
+    for line in text.splitlines():
+        found = _ADD.fullmatch(line.strip())
+        if found is None or found["set"] != set_name:
+            continue
+        options = found["options"]
+        if " nomatch" in options:
+            logger.warning("set %s holds a nomatch element pushfw did not write", set_name)
+            continue
+        try:
+            network = ipaddress.ip_network(found["elem"], strict=False)
+        except ValueError:
+            logger.warning("set %s holds %r, not a network; left alone", set_name, found["elem"])
+            continue
+        timeout = _TIMEOUT.search(options)
+        comment = _COMMENT.search(options)
+        exp = _EXP.fullmatch(comment[1]) if comment else None
+        yield Element(network, int(timeout[1]) if timeout else 0, int(exp[1]) if exp else None)
+
+
+@dataclass(frozen=True)
+class _Set:
+    name: str
+    action: Action
+    version: int
+
+    @property
+    def family(self) -> str:
+        return "inet" if self.version == 4 else "inet6"
+
+    def create_args(self, name: str, maxelem: int) -> list[str]:
+        # timeout 0: elements may carry a timeout, 0 (the default) keeping one for ever
+        options = ["family", self.family, "timeout", "0", "comment", "maxelem", str(maxelem)]
+        return [name, "hash:net", *options]
+
+
+class IpsetBackend(Backend):
+    """Four ``hash:net`` sets matched from the managed chain; one ``ipset restore`` per batch."""
+
+    name = "ipset"
+
+    def __init__(
+        self,
+        chain: str = "PUSHFW",
+        hooks: Sequence[str] = ("INPUT",),
+        set_prefix: str = "pushfw",
+        maxelem: int = 1_000_000,
+        lock_timeout_s: float = 5.0,
+    ) -> None:
+        import iptc  # deferred: loading libiptc needs the iptables libraries installed
+
+        prefix_max = _SET_NAME_MAX - len(f"-accept6{_RESIZE_SUFFIX}")
+        if not _PREFIX.fullmatch(set_prefix) or len(set_prefix) > prefix_max:
+            raise ConfigError(
+                f"set prefix {set_prefix!r}: use 1 to {prefix_max} letters, digits, '-', '_', '.'"
+            )
+        if not 1 <= maxelem < 2**32:
+            raise ConfigError(f"maxelem {maxelem}: must be between 1 and 2**32 - 1")
+        self.chain = chain
+        self.hooks = tuple(hooks)
+        self.set_prefix = set_prefix
+        self.maxelem = maxelem
+        self.lock_timeout_s = lock_timeout_s
+        self._iptc = iptc
+        self._exe = shutil.which("ipset")
+        self._sets = {
+            (action, version): _Set(f"{set_prefix}-{action.value}{version}", action, version)
+            for version in (4, 6)
+            for action in (Action.ACCEPT, Action.DROP)
+        }
+        self._index: dict[RuleKey, Rule] = {}
+        self._staged: list[tuple[RuleKey, Rule | None]] = []
+
+    def open(self) -> None:
+        if iptables_variant() == "nf_tables":
+            logger.info(
+                "host iptables is the nf_tables variant; pushfw writes the legacy tables "
+                "(both filter packets): see its rules with iptables-legacy -S %s",
+                self.chain,
+            )
+        for ipset in self._sets.values():
+            self._ensure_set(ipset)
+        for version in (4, 6):
+            with xtables_lock(self.lock_timeout_s):
+                table = filter_table(self._iptc, version)
+                table.refresh()
+                ensure_chain(self._iptc, table, version, self.chain, self.hooks)
+                self._ensure_match_rules(table, version)
+                commit_table(self._iptc, table)
+        self._index = self._read_index()
+        logger.info(
+            "ipset sets %s-{accept,drop}{4,6} ready in chain %s: %d rules",
+            self.set_prefix,
+            self.chain,
+            len(self._index),
+        )
+
+    def _ensure_set(self, ipset: _Set) -> None:
+        try:
+            self._run("-exist", "create", *ipset.create_args(ipset.name, self.maxelem))
+            return
+        except BackendError as exc:
+            refusal = exc  # the set exists with other options, or ipset cannot work here
+        try:
+            header = self._run("list", "-t", ipset.name)
+        except BackendError:
+            raise refusal from None
+        words = dict(re.findall(r"^(Type|Header): (.*)$", header, re.MULTILINE))
+        options = words.get("Header", "").split()
+        compatible = (
+            words.get("Type") == "hash:net"
+            and options[:2] == ["family", ipset.family]
+            and {"timeout", "comment", "maxelem"} <= set(options)
+            and options[options.index("timeout") + 1] == "0"
+        )
+        if not compatible:
+            raise ConfigError(
+                f"set {ipset.name} exists with other options ({header.strip()!r}); "
+                "remove it (pushfw-worker uninstall) and start again"
+            ) from refusal
+        self._resize(ipset, int(options[options.index("maxelem") + 1]))
+
+    def _resize(self, ipset: _Set, old_maxelem: int) -> None:
+        """Move a set's elements to a set with the configured ``maxelem`` (ipset cannot resize)."""
+        temp = f"{ipset.name}{_RESIZE_SUFFIX}"
+        logger.warning("set %s: maxelem %d -> %d", ipset.name, old_maxelem, self.maxelem)
+        self._run("-exist", "destroy", temp)  # left over by an interrupted resize
+        self._run("create", *ipset.create_args(temp, self.maxelem))
+        try:
+            elements = parse_save(self._run("save", ipset.name), ipset.name)
+            self._run("-exist", "restore", stdin="".join(_add_line(temp, e) for e in elements))
+            self._run("swap", ipset.name, temp)  # atomic: rules matching the set keep working
+        finally:
+            self._run("destroy", temp)
+
+    def _match_rule(self, version: int, action: Action) -> Any:
+        ipt_rule = blank_rule(self._iptc, version)
+        match = ipt_rule.create_match("set")
+        match.match_set = [self._sets[(action, version)].name, "src"]
+        ipt_rule.create_target(_TARGETS[action])
+        return ipt_rule
+
+    def _which_match_rule(self, ipt_rule: Any, version: int) -> Action | None:
+        """The action whose set this rule matches, if it is exactly a rule pushfw writes."""
+        for action in (Action.ACCEPT, Action.DROP):
+            if ipt_rule == self._match_rule(version, action):  # matches, addresses, target
+                return action
+        return None
+
+    def _ensure_match_rules(self, table: Any, version: int) -> None:
+        """Make the chain hold our accept rule then our drop rule; leave other rules alone."""
+        chain = self._iptc.Chain(table, self.chain)
+        ours: list[tuple[Action, Any]] = []
+        for ipt_rule in chain.rules:
+            action = self._which_match_rule(ipt_rule, version)
+            if action is None:
+                logger.warning("chain %s holds a rule pushfw did not write; left alone", self.chain)
+            else:
+                ours.append((action, ipt_rule))
+        if [action for action, _ in ours] == [Action.ACCEPT, Action.DROP]:
+            return
+        for _, ipt_rule in ours:
+            chain.delete_rule(ipt_rule)
+        chain.insert_rule(self._match_rule(version, Action.DROP))
+        chain.insert_rule(self._match_rule(version, Action.ACCEPT))
+
+    def _read_index(self) -> dict[RuleKey, Rule]:
+        index: dict[RuleKey, Rule] = {}
+        for ipset in self._sets.values():
+            for element in parse_save(self._run("save", ipset.name), ipset.name):
+                if element.network.version != ipset.version:
+                    continue
+                key = RuleKey(ipset.action, element.network)
+                index[key] = Rule(key, element.expires_ms)
+        return index
+
+    def close(self) -> None:
+        self.discard()
+
+    def snapshot(self) -> dict[RuleKey, Rule]:
+        return dict(self._index)
+
+    def get(self, key: RuleKey) -> Rule | None:
+        return self._index.get(key)
+
+    def size(self) -> int:
+        return len(self._index)
+
+    def add(self, rule: Rule) -> None:
+        self._staged.append((rule.key, rule))
+
+    def delete(self, key: RuleKey) -> None:
+        self._staged.append((key, None))
+
+    def discard(self) -> None:
+        self._staged.clear()
+
+    def commit(self) -> None:
+        staged, self._staged = self._staged, []
+        if not staged:
+            return
+        now_ms = self.clock()
+        lines = [self._line(key, rule, now_ms) for key, rule in staged]  # checks before any I/O
+        started = time.monotonic()
+        try:
+            self._restore(lines)
+        except BackendError:
+            self._roll_back([key for key, _ in staged], now_ms)
+            raise
+        for key, rule in staged:
+            if rule is None:
+                self._index.pop(key, None)
+            else:
+                self._index[key] = rule
+        logger.debug("ipset restore: %d changes in %.3f s", len(staged), time.monotonic() - started)
+
+    def _roll_back(self, keys: list[RuleKey], now_ms: int) -> None:
+        """Put back the committed state of every element a failed batch touched."""
+        touched = dict.fromkeys(keys)
+        removals = [self._line(key, None, now_ms) for key in touched if key not in self._index]
+        restores = [self._line(k, self._index[k], now_ms) for k in touched if k in self._index]
+        try:
+            self._restore(removals + restores)  # removals first: a full set has room again
+        except BackendError as exc:
+            logger.error("undoing a failed ipset batch failed too (%s); reading the sets", exc)
+            try:
+                self._index = self._read_index()
+            except BackendError as read_exc:
+                logger.error("cannot read the ipset sets (%s); the index may be stale", read_exc)
+
+    def _line(self, key: RuleKey, rule: Rule | None, now_ms: int) -> str:
+        net = key.network
+        if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            raise PermanentBackendError(f"not a network: {net!r}")  # lines carry no free text
+        name = self._sets[(key.action, net.version)].name
+        if rule is None:
+            return f"del {name} {net}\n"
+        if net.prefixlen == 0:
+            raise PermanentBackendError(f"an ipset hash:net cannot hold {net}")
+        if rule.expires_ms is None:
+            return f"add {name} {net} timeout 0\n"
+        expires_ms = int(rule.expires_ms)
+        timeout_s = kernel_timeout_s(expires_ms, now_ms)
+        return f'add {name} {net} timeout {timeout_s} comment "exp={expires_ms}"\n'
+
+    def _restore(self, lines: Iterable[str]) -> None:
+        # -exist: an add of a present element renews its timeout and comment, a del of an
+        # absent one is a no-op, so a replayed batch has the effect of one.
+        self._run("-exist", "restore", stdin="".join(lines))
+
+    def _run(self, *args: str, stdin: str | None = None) -> str:
+        """Run ``ipset`` with these arguments (no shell); its refusal becomes a BackendError."""
+        if self._exe is None:
+            raise ConfigError("the ipset command is not installed")
+        command = next(a for a in args if not a.startswith("-"))
+        try:
+            proc = subprocess.run(
+                [self._exe, *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=_RUN_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BackendError(f"ipset {command}: {exc}") from exc
+        if proc.returncode == 0:
+            return proc.stdout
+        message = " ".join(proc.stderr.split())[:300] or f"exit status {proc.returncode}"
+        # ipset reports errors only as text, so a full set can only be told by its words
+        # ("Hash is full, cannot add more elements"); the lines we send carry no free text
+        # that could fake them. Adding to a full set never succeeds by retrying.
+        if command == "restore" and "is full" in message:
+            raise PermanentBackendError(f"ipset {command}: {message}")
+        raise BackendError(f"ipset {command}: {message}")
+
+    def uninstall(self) -> str:
+        """Remove the jumps, the managed chain and pushfw's sets; other rules and sets stay."""
+        if self._exe is None:
+            raise ConfigError("the ipset command is not installed")
+        for version in (4, 6):
+            with xtables_lock(self.lock_timeout_s):
+                table = filter_table(self._iptc, version)
+                table.refresh()
+                remove_chain(self._iptc, table, self.chain, self.hooks)
+                commit_table(self._iptc, table)
+        present = set(self._run("list", "-n").split())
+        ours = [s.name for s in self._sets.values()]
+        ours += [f"{name}{_RESIZE_SUFFIX}" for name in ours]
+        removed = [name for name in ours if name in present]
+        for name in removed:
+            self._run("destroy", name)
+        self._index = {}
+        sets = ", ".join(removed) if removed else "none present"
+        return f"removed chain {self.chain} and its jumps (IPv4 and IPv6); sets: {sets}"
+
+
+def _add_line(set_name: str, element: Element) -> str:
+    line = f"add {set_name} {element.network} timeout {int(element.timeout_s)}"
+    if element.expires_ms is not None:
+        line += f' comment "exp={int(element.expires_ms)}"'
+    return line + "\n"
