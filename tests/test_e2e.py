@@ -80,7 +80,7 @@ def test_injection_attempt_is_rejected_with_no_side_effect(
         "$(reboot)",
         "192.0.2.2\n-A INPUT -j DROP",
         "`id`",
-        '192.0.2.2 } ; flush ruleset ; add element inet pushfw drop4 { 1.1.1.1',
+        "192.0.2.2 } ; flush ruleset ; add element inet pushfw drop4 { 1.1.1.1",
     ]
     ids = [r.xadd(CMD, {"op": "drop_insert", "ip": ip}).decode() for ip in attempts]
     for cmd_id in ids:
