@@ -10,6 +10,7 @@ from typing import Any, cast
 import redis
 from redis.typing import EncodableT, FieldT
 
+from pushfw.producer.connection import connect
 from pushfw.producer.contract import Command, Result, parse_command
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.records import HostStatus, RuleRecord
@@ -48,7 +49,7 @@ class Producer:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> Producer:
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+        return cls(connect(url, decode_responses=True), prefix)
 
     def send(self, command: Command) -> str:
         """XADD one command; returns its entry id. https://redis.io/commands/xadd/"""

@@ -39,26 +39,34 @@ end
 FOLD = (
     _NEWER
     + """
--- KEYS: rules, expiry, marker; ARGV: rule id, entry id, record json, expires ms or ''
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current and not newer(ARGV[2], cjson.decode(current)['id']) then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-  local t = redis.call('TIME')
-  local left = tonumber(ARGV[4]) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  if left > 0 then
-    redis.call('SET', KEYS[3], ARGV[2], 'PX', left)
+-- KEYS: rules, expiry, then one marker key per record
+-- ARGV: 4 per record: rule id, entry id, record json, expires ms or ''
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local changed = 0
+for i = 0, #ARGV / 4 - 1 do
+  local rule, id, json, expires = ARGV[i*4+1], ARGV[i*4+2], ARGV[i*4+3], ARGV[i*4+4]
+  local marker = KEYS[i + 3]
+  local current = redis.call('HGET', KEYS[1], rule)
+  if not current or newer(id, cjson.decode(current)['id']) then
+    changed = changed + 1
+    redis.call('HSET', KEYS[1], rule, json)
+    if expires ~= '' then
+      redis.call('ZADD', KEYS[2], expires, rule)
+      local left = tonumber(expires) - now
+      if left > 0 then
+        redis.call('SET', marker, id, 'PX', left)
+      end
+    else
+      redis.call('ZREM', KEYS[2], rule)
+      redis.call('DEL', marker)
+    end
   end
-else
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('DEL', KEYS[3])
 end
-return 1
+return changed
 """
 )
+_FOLD_CHUNK = 500
 
 
 def record_for(entry: Entry, cmd: Command, now_ms: int) -> RuleRecord:
@@ -113,27 +121,25 @@ class Ledger:
             return 0
         seconds, micros = self.client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        pipe = self.client.pipeline(transaction=False)
-        folded = 0
-        for entry in entries:
-            record = self._record(entry, now_ms)
-            if record is None:
-                continue
-            folded += 1
-            self._fold(
-                keys=[self.keys.rules, self.keys.expiry, self.keys.ttl_marker(record.rule_id)],
-                args=[
+        records = [r for r in (self._record(e, now_ms) for e in entries) if r is not None]
+        changed = 0
+        for start in range(0, len(records), _FOLD_CHUNK):
+            chunk = records[start : start + _FOLD_CHUNK]
+            args: list[str] = []
+            for record in chunk:
+                args += [
                     record.rule_id,
                     record.id,
                     record.model_dump_json(exclude_defaults=True),
                     "" if record.expires_ms is None else str(record.expires_ms),
-                ],
-                client=pipe,
+                ]
+            markers = [self.keys.ttl_marker(r.rule_id) for r in chunk]
+            changed += int(
+                self._fold(keys=[self.keys.rules, self.keys.expiry, *markers], args=args)
             )
-        pipe.xack(self.keys.cmd, Keys.LEDGER_GROUP, *(e.id for e in entries))
-        changed = sum(int(x) for x in pipe.execute()[:-1])
+        self.client.xack(self.keys.cmd, Keys.LEDGER_GROUP, *(e.id for e in entries))
         logger.debug(
-            "ledger folded %d of %d entries, %d changed state", folded, len(entries), changed
+            "ledger folded %d of %d entries, %d changed state", len(records), len(entries), changed
         )
         return changed
 

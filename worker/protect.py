@@ -6,8 +6,8 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
+from pushfw.producer.connection import parse_target
 from pushfw.producer.contract import Network, parse_network
 
 logger = logging.getLogger(__name__)
@@ -19,16 +19,19 @@ LOOPBACK: tuple[Network, ...] = (
 
 
 def redis_networks(redis_url: str) -> list[Network]:
-    """The addresses the worker reaches Redis at; dropping them would cut the worker off."""
-    parts = urlsplit(redis_url)
-    if parts.scheme == "unix" or not parts.hostname:
-        return []
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 6379, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        logger.warning("cannot resolve Redis host %s to protect it: %s", parts.hostname, exc)
-        return []
-    return [ipaddress.ip_network(info[4][0]) for info in infos]
+    """The addresses the worker reaches Redis at; dropping them would cut the worker off.
+
+    For Sentinel and Cluster URLs these are the listed nodes (name every node you use).
+    """
+    networks: list[Network] = []
+    for host, port in parse_target(redis_url).hosts:
+        try:
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        except OSError as exc:
+            logger.warning("cannot resolve Redis host %s to protect it: %s", host, exc)
+            continue
+        networks += [ipaddress.ip_network(info[4][0]) for info in infos]
+    return networks
 
 
 class Protection:

@@ -22,31 +22,37 @@ from pushfw.producer.keys import Keys
 logger = logging.getLogger(__name__)
 
 CLAIM = """
--- KEYS: rules, expiry, cmd, marker; ARGV: rule id, cmd stream approximate maxlen (0: none)
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score then return false end
+-- KEYS: rules, expiry, cmd, then one marker key per rule id; ARGV: rule ids
+-- Returns the ids of the delete entries it added.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if tonumber(score) > now then return false end
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local rec = raw and cjson.decode(raw)
-if not rec or rec['deleted'] or tonumber(rec['expires_ms']) ~= tonumber(score) then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return false
+local emitted = {}
+for i, rule in ipairs(ARGV) do
+  local score = redis.call('ZSCORE', KEYS[2], rule)
+  if score and tonumber(score) <= now then
+    local raw = redis.call('HGET', KEYS[1], rule)
+    local rec = raw and cjson.decode(raw)
+    if not rec or rec['deleted'] or tonumber(rec['expires_ms']) ~= tonumber(score) then
+      redis.call('ZREM', KEYS[2], rule)
+    else
+      local fields = {'op', rec['action'] .. '.delete', 'ip', rec['network'], 'origin', 'ttl'}
+      local tomb = {action = rec['action'], network = rec['network'], deleted = true,
+                    origin = 'ttl'}
+      if type(rec['target']) == 'table' and #rec['target'] > 0 then
+        table.insert(fields, 'target')
+        table.insert(fields, table.concat(rec['target'], ','))
+        tomb['target'] = rec['target']
+      end
+      local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
+      tomb['id'] = id
+      redis.call('HSET', KEYS[1], rule, cjson.encode(tomb))
+      redis.call('ZREM', KEYS[2], rule)
+      redis.call('DEL', KEYS[i + 3])
+      table.insert(emitted, id)
+    end
+  end
 end
-local fields = {'op', rec['action'] .. '.delete', 'ip', rec['network'], 'origin', 'ttl'}
-local tomb = {action = rec['action'], network = rec['network'], deleted = true, origin = 'ttl'}
-if type(rec['target']) == 'table' and #rec['target'] > 0 then
-  table.insert(fields, 'target')
-  table.insert(fields, table.concat(rec['target'], ','))
-  tomb['target'] = rec['target']
-end
-local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
-tomb['id'] = id
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(tomb))
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[4])
-return id
+return emitted
 """
 
 
@@ -105,19 +111,10 @@ class Scheduler:
             ids, next_s = self.due()
             if not ids:
                 return next_s
-            pipe = self.client.pipeline(transaction=False)
-            for rid in ids:
-                self._claim(
-                    keys=[
-                        self.keys.rules,
-                        self.keys.expiry,
-                        self.keys.cmd,
-                        self.keys.ttl_marker(rid),
-                    ],
-                    args=[rid],
-                    client=pipe,
-                )
-            emitted = [x for x in pipe.execute() if x]
+            markers = [self.keys.ttl_marker(rid) for rid in ids]
+            emitted: list[Any] = self._claim(
+                keys=[self.keys.rules, self.keys.expiry, self.keys.cmd, *markers], args=ids
+            )
             self.emitted += len(emitted)
             if emitted:
                 logger.info("scheduler expired %d rules", len(emitted))
@@ -140,7 +137,8 @@ class Scheduler:
                 self.stop.wait(1.0)
 
     def _subscribe(self) -> Any:
-        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        pool = getattr(self.client, "connection_pool", None)  # a cluster client has none: db 0
+        db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
         pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
         pubsub.psubscribe(f"__keyevent@{db}__:expired")
         return pubsub
