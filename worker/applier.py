@@ -21,7 +21,7 @@ from redis.typing import EncodableT, FieldT
 from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
-from pushfw.worker.errors import BackendError, TransientBackendError
+from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
@@ -48,6 +48,7 @@ class Outcome:
     change: Rule | None = None
     key: RuleKey | None = None
     skip: bool = False
+    permanent: bool = False
 
 
 class Applier:
@@ -279,6 +280,7 @@ class Applier:
                 self._settled([out])
             else:
                 out.status, out.detail = None, str(single_error)
+                out.permanent = isinstance(single_error, PermanentBackendError)
 
     def _stage(self, changes: list[Outcome]) -> None:
         """Stage against the index plus earlier changes of the same batch (last write wins)."""
@@ -338,7 +340,7 @@ class Applier:
             counts = self.stream.deliveries([o.entry.id for o in failing])
             for out in failing:
                 delivered = counts.get(out.entry.id, 0)
-                if delivered >= self.settings.max_deliveries:
+                if out.permanent or delivered >= self.settings.max_deliveries:
                     dead.append(self._dead_letter(out, delivered))
                     out.status = Status.FAILED
                     out.detail = f"dead letter after {delivered} deliveries: {out.detail}"

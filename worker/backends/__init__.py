@@ -72,7 +72,7 @@ def make_backend(
         case "nftables":
             from pushfw.worker.backends.nftables import NftablesBackend
 
-            return NftablesBackend(table=chain.lower(), hooks=hooks)
+            return NftablesBackend(table=chain.lower(), hooks=hooks, set_size=set_size)
         case _:
             raise ConfigError(
                 f"unknown backend {name!r} (expected auto, nftables, ipset, iptables or memory)"

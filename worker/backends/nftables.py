@@ -67,13 +67,16 @@ class NftablesBackend(Backend):
 
     name = "nftables"
 
-    def __init__(self, table: str = "pushfw", hooks: Sequence[str] = ("INPUT",)) -> None:
+    def __init__(
+        self, table: str = "pushfw", hooks: Sequence[str] = ("INPUT",), set_size: int = 1_000_000
+    ) -> None:
         import nftables  # deferred: loads the system's libnftables
 
         unknown = [h for h in hooks if h.upper() not in _HOOKS]
         if unknown:
             raise ConfigError(f"nftables backend: unsupported hook(s) {unknown}; use INPUT/FORWARD")
         self.table = table
+        self.set_size = set_size
         self.hooks = sorted({_HOOKS[h.upper()] for h in hooks})
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
@@ -128,7 +131,9 @@ class NftablesBackend(Backend):
         cmds: list[Json] = []
         for name in sorted(sets):
             version = _version(name)
-            spec = self._t(name=name, type=f"ipv{version}_addr", flags=["timeout"])
+            spec = self._t(
+                name=name, type=f"ipv{version}_addr", flags=["timeout"], size=self.set_size
+            )
             if "_" in name:
                 spec["flags"] = ["interval", "timeout"]
             cmds.append({"add": {"set": spec}})
@@ -223,8 +228,11 @@ class NftablesBackend(Backend):
             try:
                 self._commit_once()
             except BackendError as exc:
-                if "No space left" in str(exc) or "set is full" in str(exc):
-                    raise PermanentBackendError(str(exc)) from first
+                # libnftables reports only text; a full set surfaces as ENFILE's message.
+                if "Too many open files" in str(exc):
+                    raise PermanentBackendError(
+                        f"a set is full (size {self.set_size}; raise PUSHFW_SET_SIZE): {exc}"
+                    ) from first
                 raise
         finally:
             self.discard()
