@@ -11,7 +11,7 @@ import redis
 
 from pushfw.producer import Producer
 from tests.conftest import Netns, RedisServer, wait_for
-from tests.kernel import dropped
+from tests.kernel import Firewall, dropped
 
 CMD = "{pushfw}:cmd"
 
@@ -40,15 +40,15 @@ def settled(client: Any, group: str) -> bool:
     return info is not None and info["pending"] == 0 and info["lag"] == 0
 
 
-def assert_each_rule_once(ns: Netns, count: int) -> None:
-    rules = dropped(ns)
+def assert_each_rule_once(ns: Netns, count: int, backend: str = "iptables") -> None:
+    rules = Firewall(ns, backend).dropped() if backend != "iptables" else dropped(ns)
     assert len(rules) == len(set(rules)), "a rule is in the kernel twice"
     assert sorted(rules) == sorted(f"{address(i)}/32" for i in range(count))
 
 
-def test_kill9_at_random_points_loses_nothing(netns, spawn_worker, redis_server, r):
+def test_kill9_at_random_points_loses_nothing(netns, backend, spawn_worker, redis_server, r):
     rng = random.Random(7)
-    worker = spawn_worker(netns, batch_size="50").start()
+    worker = spawn_worker(netns, backend=backend, batch_size="50").start()
     sender = threading.Thread(target=push, args=(redis_server, 0, 1000, 25, 0.08))
     sender.start()
     kills = 0
@@ -62,7 +62,7 @@ def test_kill9_at_random_points_loses_nothing(netns, spawn_worker, redis_server,
     wait_for(lambda: settled(r, f"host:{netns.name}"), timeout=60, what="the host group to drain")
     assert worker.stop() == 0
     assert kills >= 3
-    assert_each_rule_once(netns, 1000)
+    assert_each_rule_once(netns, 1000, backend)
     results = {fields[b"cmd"]: fields[b"status"] for _, fields in r.xrange("{pushfw}:results")}
     assert len(results) == 1000, "every command has a result"
     assert set(results.values()) <= {b"applied", b"unchanged"}
