@@ -10,6 +10,7 @@ from typing import Any
 import click
 import redis
 
+from pushfw.producer import acl, functions
 from pushfw.producer.client import Producer
 from pushfw.producer.contract import CommandRejected, Result
 from pushfw.producer.duration import parse_duration
@@ -51,10 +52,18 @@ def _show(rows: list[dict[str, object]], columns: list[str], json_out: bool) -> 
     help="Redis holding the command stream (env PUSHFW_REDIS_URL).",
 )
 @click.option("--prefix", envvar="PUSHFW_KEY_PREFIX", default=DEFAULT_PREFIX, show_default=True)
+@click.option(
+    "--hmac-key",
+    envvar="PUSHFW_HMAC_KEY",
+    default=None,
+    help="Sign every command with this key shared with the workers (env PUSHFW_HMAC_KEY).",
+)
 @click.pass_context
-def cli(ctx: click.Context, redis_url: str, prefix: str) -> None:
+def cli(ctx: click.Context, redis_url: str, prefix: str, hmac_key: str | None) -> None:
     """pushfw: firewall commands for every host, through Redis Streams."""
-    ctx.obj = Producer.from_url(redis_url, prefix)
+    if ctx.invoked_subcommand == "acl":
+        return  # prints rules; needs no Redis
+    ctx.obj = Producer.from_url(redis_url, prefix, hmac_key=hmac_key)
 
 
 def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
@@ -200,7 +209,7 @@ def status(producer: Producer, json_out: bool) -> None:
         rows.append(
             {
                 "host": h.host,
-                "state": "STALE" if stale else "ok",
+                "state": "STALE" if stale else ("ok" if h.state == "running" else h.state),
                 "last_seen": _ago(silent_ms) if not json_out else h.last_seen_ms,
                 "rules": h.rules,
                 "lag": "-" if h.lag is None and not json_out else h.lag,
@@ -224,6 +233,64 @@ def status(producer: Producer, json_out: bool) -> None:
         "up",
     ]
     _show(rows, columns, json_out)
+
+
+@cli.group(name="redis-functions")
+def redis_functions() -> None:
+    """The seed's commands as Redis Functions: FCALL drop_insert 1 {pushfw}:cmd IP."""
+
+
+@redis_functions.command(name="install")
+@click.pass_obj
+def redis_functions_install(producer: Producer) -> None:
+    """Load (or replace) the function library in Redis (needs Redis >= 7)."""
+    try:
+        name = functions.install(producer.client, producer.keys.prefix)
+    except redis.ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            raise click.ClickException(
+                f"this Redis has no FUNCTION command (Redis Functions need Redis >= 7): {exc}"
+            ) from None
+        raise
+    click.echo(f"loaded library {name}: {', '.join(functions.FUNCTIONS)}")
+    click.echo(f"try: FCALL drop_insert 1 {producer.keys.cmd} 192.0.2.1", err=True)
+
+
+@redis_functions.command(name="show")
+@click.pass_obj
+def redis_functions_show(producer: Producer) -> None:
+    """Print the library's Lua code, as install would load it."""
+    click.echo(functions.library_code(producer.keys.prefix), nl=False)
+
+
+@cli.command(name="acl")
+@click.option(
+    "--producer-password", envvar="PUSHFW_ACL_PRODUCER_PASSWORD", show_envvar=True, required=True
+)
+@click.option(
+    "--worker-password", envvar="PUSHFW_ACL_WORKER_PASSWORD", show_envvar=True, required=True
+)
+@click.option("--minimal", is_flag=True, help="The producer may only XADD (no reading back).")
+@click.option("--fcall", is_flag=True, help="The producer may call the Redis Functions too.")
+@click.option("--db", default=0, show_default=True, type=click.IntRange(0, 65535), help="Database.")
+@click.option("--redis-version", default="7.0", show_default=True, help="7.2+ adds SETINFO.")
+@click.option("--file", "as_file", is_flag=True, help="ACL file lines instead of commands.")
+@click.pass_context
+def acl_users(ctx: click.Context, /, **opts: Any) -> None:
+    """Print the Redis ACL users pushfw-producer and pushfw-worker (no Redis needed)."""
+    prefix = str(ctx.parent.params["prefix"]) if ctx.parent else DEFAULT_PREFIX
+    producer_pw, worker_pw = opts["producer_password"], opts["worker_password"]
+    scope = {k: opts[k] for k in ("minimal", "fcall", "db", "redis_version")}
+    try:
+        if opts["as_file"]:
+            secrets = (acl.password_rule(producer_pw), acl.password_rule(worker_pw))
+            lines = acl.acl_file_lines(*secrets, prefix, **scope)
+        else:
+            commands = acl.setuser_commands(producer_pw, worker_pw, prefix, **scope)
+            lines = [" ".join(c) for c in commands]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.connection import connect
-from pushfw.producer.contract import Command, Result, parse_command
+from pushfw.producer.contract import Command, Result, parse_command, signature
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.records import HostStatus, RuleRecord
 
@@ -41,19 +41,33 @@ class Producer:
     Args:
         client: a redis-py client created with ``decode_responses=True``.
         prefix: the key prefix the workers use.
+        hmac_key: the key shared with the workers; when set, every command carries ``ts``
+            (this host's clock, unix ms) and ``sig`` (see :func:`~.contract.signature`).
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, hmac_key: str | None = None
+    ) -> None:
         self.client = client
         self.keys = Keys(prefix)
+        self._hmac_key = hmac_key.encode("utf-8") if hmac_key else None
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> Producer:
-        return cls(connect(url, decode_responses=True), prefix)
+    def from_url(
+        cls, url: str, prefix: str = DEFAULT_PREFIX, hmac_key: str | None = None
+    ) -> Producer:
+        return cls(connect(url, decode_responses=True), prefix, hmac_key)
 
     def send(self, command: Command) -> str:
-        """XADD one command; returns its entry id. https://redis.io/commands/xadd/"""
-        fields: dict[FieldT, EncodableT] = {k: v for k, v in command.to_fields().items()}
+        """XADD one command (signed if a key is set); returns its entry id.
+
+        https://redis.io/commands/xadd/
+        """
+        wire = command.to_fields()
+        if self._hmac_key is not None:
+            wire["ts"] = str(time.time_ns() // 1_000_000)
+            wire["sig"] = signature(wire, self._hmac_key)
+        fields: dict[FieldT, EncodableT] = {k: v for k, v in wire.items()}
         return cast(str, self.client.xadd(self.keys.cmd, fields))
 
     def _command(

@@ -8,6 +8,8 @@ a :class:`CommandRejected` whose message names the field and the reason.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -20,6 +22,7 @@ __all__ = [
     "MAX_REASON_LEN",
     "MAX_REQUEST_ID_LEN",
     "MAX_TTL_S",
+    "SIGNED_FIELDS",
     "Action",
     "Command",
     "CommandRejected",
@@ -29,6 +32,8 @@ __all__ = [
     "Status",
     "parse_command",
     "parse_network",
+    "signature",
+    "signing_payload",
 ]
 
 MAX_TTL_S = 10 * 365 * 24 * 3600
@@ -294,6 +299,54 @@ def parse_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Command:
         return Command.model_validate(values)
     except ValidationError as exc:
         raise CommandRejected(_explain(exc)) from None
+
+
+SIGNED_FIELDS = ("ip", "op", "origin", "reason", "request_id", "target", "ts", "ttl")
+"""The fields a signature covers: every known field, plus ``ts``; never ``sig`` itself."""
+
+
+def _wire_items(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[bytes, bytes]:
+    """Field names lower-cased, names and values as bytes (str values as UTF-8)."""
+    out: dict[bytes, bytes] = {}
+    for raw_key, raw_value in fields.items():
+        key = raw_key if isinstance(raw_key, bytes) else raw_key.encode("utf-8")
+        value = raw_value if isinstance(raw_value, bytes) else raw_value.encode("utf-8")
+        key = key.lower()
+        if key in out:
+            raise CommandRejected(f"{key.decode('utf-8', 'replace')}: appears more than once")
+        out[key] = value
+    return out
+
+
+def signing_payload(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> bytes:
+    """The bytes an HMAC signature of a command covers (signing rule v1).
+
+    Take every field of :data:`SIGNED_FIELDS` that the entry has (field names compared in
+    lower case; other fields, ``sig`` among them, are left out), write each as
+    ``name=value`` with the name in lower case and the value's bytes exactly as sent (UTF-8
+    for text), sort these lines by name and join them with ``\n`` (no newline at the end).
+    The signature is the lower-case hex HMAC-SHA256 of these bytes under the shared key.
+
+    Raises:
+        CommandRejected: a signed field appears twice (``op`` and ``OP``) or a value holds a
+            newline, either of which would make the payload ambiguous.
+    """
+    items = _wire_items(fields)
+    lines = []
+    for name in SIGNED_FIELDS:
+        value = items.get(name.encode())
+        if value is None:
+            continue
+        if b"\n" in value:
+            raise CommandRejected(f"{name}: contains a newline")
+        lines.append(name.encode() + b"=" + value)
+    return b"\n".join(lines)
+
+
+def signature(fields: Mapping[bytes, bytes] | Mapping[str, str], key: bytes | str) -> str:
+    """The ``sig`` field for these fields: hex HMAC-SHA256 of :func:`signing_payload`."""
+    secret = key.encode("utf-8") if isinstance(key, str) else key
+    return hmac.new(secret, signing_payload(fields), hashlib.sha256).hexdigest()
 
 
 class Result(BaseModel):

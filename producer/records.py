@@ -60,3 +60,5 @@ class HostStatus(BaseModel):
     lag: int | None = None
     pending: int = 0
     interval_s: float = 5.0
+    state: str = "running"
+    """``starting`` until the first reconcile is done, then ``running``."""

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -271,7 +272,10 @@ class WorkerProcess:
                 out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
                 pytest.fail(f"worker {host} exited with {self.proc.returncode}:\n{out}")
             raw = client.hget(hosts_key, host)
-            return raw is not None and json.loads(raw)["started_ms"] >= self.started_ms - 1000
+            # The worker takes started_ms after this process took its own (same clock), so a
+            # heartbeat left by the previous run of this host never passes for this one.
+            beat: dict[str, Any] = json.loads(raw) if raw is not None else {}
+            return bool(beat.get("started_ms", 0) >= self.started_ms and beat["state"] == "running")
 
         try:
             wait_for(ready, timeout=timeout, what=f"worker {host} to be ready")

@@ -6,9 +6,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -72,7 +73,7 @@ def exercise(url: str) -> None:
         assert {r.network for r in producer.rules()} >= {"192.0.2.1/32"}
 
         def expired_by_scheduler() -> bool:
-            rows = producer.client.xrange(producer.keys.cmd)
+            rows: Any = producer.client.xrange(producer.keys.cmd)
             return any(f.get("origin") == "ttl" for _, f in rows)
 
         wait_for(expired_by_scheduler, timeout=10, what="the scheduler's ttl delete")
@@ -184,12 +185,12 @@ def cluster(redis_binary: None, tmp_path: Path) -> Iterator[str]:
             str(tmp_path / f"nodes-{p}.conf"),
             "--dir",
             str(tmp_path),
-        )  # fmt: skip
+        )
         for p in ports
     ]
     try:
         for p in ports:
-            wait_for(lambda p=p: _pings(f"redis://127.0.0.1:{p}/0"), what=f"node {p}")
+            wait_for(partial(_pings, f"redis://127.0.0.1:{p}/0"), what=f"node {p}")
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
              "--cluster-replicas", "0", "--cluster-yes"],

@@ -23,8 +23,10 @@ from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.ledger import Ledger
+from pushfw.worker.metrics import Metrics
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.signing import Signing, confirm_expiry
 from pushfw.worker.stream import CommandStream, Entry, stream_id_order
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class Outcome:
     key: RuleKey | None = None
     skip: bool = False
     permanent: bool = False
+    unverified: bool = False
 
 
 class Applier:
@@ -68,6 +71,7 @@ class Applier:
         self.backend = backend
         self.protection = protection
         self.ledger = ledger
+        self.signing = Signing.from_settings(settings)
         self.host = settings.host_name
         self.labels = settings.labels
         keys = Keys(settings.key_prefix)
@@ -84,6 +88,7 @@ class Applier:
         self._expiry: list[tuple[int, RuleKey]] = []
         self._high_water = (0, 0)
         self._clock_offset_ms = 0
+        self.metrics = Metrics()  # the worker shares it with its other roles
 
     def setup(self, start_id: str = "0") -> None:
         """Create the host's group at ``start_id`` if it is new (the worker opens the backend)."""
@@ -138,6 +143,7 @@ class Applier:
             return 0
         lag_ms = now - min(ms for ms, _ in due)
         logger.info("expired %d rules (oldest %d ms late)", len(due), lag_ms)
+        self.metrics.expired((ms for ms, _ in due), self.now_ms())
         return len(due)
 
     def _ms_to_next_expiry(self) -> int | None:
@@ -205,10 +211,12 @@ class Applier:
         now_ms = self.stream.now_ms()
         self._sync_clock(now_ms)
         outcomes = [self._classify(entry, now_ms) for entry in entries]
+        self._confirm_expiries(outcomes)
         changes = self._drop_superseded([o for o in outcomes if o.status is None], boundary)
         if changes:
             self._apply(changes)
         self._finish(outcomes)
+        self.metrics.batch(outcomes, time.perf_counter() - started, self.now_ms())
         tally = Counter(o.status.value if o.status else "retry" for o in outcomes if not o.skip)
         logger.info(
             "batch of %d (%s..%s) in %.1f ms: %s",
@@ -225,10 +233,11 @@ class Applier:
             return Outcome(entry, Status.FAILED, "entry was trimmed before it was applied")
         try:
             cmd = parse_command(entry.fields)
+            unverified = self.signing.check(entry.fields, entry.ms, cmd)
         except CommandRejected as exc:
             request_id = entry.fields.get(b"request_id", b"")[:128].decode("utf-8", "replace")
             return Outcome(entry, Status.REJECTED, str(exc), request_id=request_id)
-        out = Outcome(entry, None, request_id=cmd.request_id, command=cmd)
+        out = Outcome(entry, None, request_id=cmd.request_id, command=cmd, unverified=unverified)
         out.key = RuleKey(cmd.action, cmd.network)
         if not cmd.targets(self.host, self.labels):
             # The newest command for this rule is meant for other hosts: ours must go.
@@ -249,6 +258,17 @@ class Applier:
         if cmd.is_insert:
             out.change = Rule(out.key, expires_ms)
         return out
+
+    def _confirm_expiries(self, outcomes: list[Outcome]) -> None:
+        """Unsigned expiries count only where the ledger holds their own tombstone."""
+        unsigned = [o for o in outcomes if o.unverified]
+        keys = [str(o.key) for o in unsigned]
+        records = self.ledger.records_for(keys) if keys and self.ledger is not None else {}
+        for out in unsigned:
+            verdict = confirm_expiry(out.entry.id, records.get(str(out.key)))
+            if verdict is not None:
+                out.status, out.detail = verdict
+                out.change, out.skip = None, out.skip and verdict.status is Status.UNCHANGED
 
     def _drop_superseded(self, changes: list[Outcome], boundary: tuple[int, int]) -> list[Outcome]:
         """Skip commands overtaken by a newer one this host already read (late retries)."""
@@ -354,6 +374,7 @@ class Applier:
             self.settings.results_maxlen,
             self.settings.dead_maxlen,
         )
+        self.metrics.dead_letters.inc(len(dead))
 
     def _schedule_retry(self) -> None:
         if not self._retry_at:

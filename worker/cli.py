@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import click
 import redis
-from pydantic import ValidationError
 
+from pushfw.producer.render import as_table
+from pushfw.worker import log
 from pushfw.worker.backends import make_backend
+from pushfw.worker.config import DEFAULT_PATH, ConfigInvalid, Loaded, load, masked, secrets_of
 from pushfw.worker.daemon import ForceStop, Worker
 from pushfw.worker.errors import PushfwError
 from pushfw.worker.settings import WorkerSettings
@@ -19,21 +24,28 @@ from pushfw.worker.settings import WorkerSettings
 logger = logging.getLogger("pushfw.worker")
 
 
-def _settings() -> WorkerSettings:
+@dataclass(frozen=True)
+class _Options:
+    verbose: bool
+    config: Path | None
+
+
+def _load() -> Loaded:
+    """Settings from the file and the environment; invalid ones exit 2, one line per problem."""
+    opts = click.get_current_context().find_object(_Options) or _Options(False, None)
     try:
-        return WorkerSettings()
-    except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            name = "PUSHFW_" + "_".join(str(p) for p in err["loc"]).upper()
-            click.echo(f"pushfw-worker: {name}: {err['msg']}", err=True)
+        loaded = load(opts.config)
+    except ConfigInvalid as exc:
+        for line in exc.lines:
+            click.echo(f"pushfw-worker: {line}", err=True)
         sys.exit(2)
+    settings = loaded.settings
+    log.setup(settings.log_format, opts.verbose, secrets_of(settings))
+    return loaded
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _settings() -> WorkerSettings:
+    return _load().settings
 
 
 @contextlib.contextmanager
@@ -51,9 +63,47 @@ def _one_line_errors() -> Iterator[None]:
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log every rule (DEBUG).")
-def main(verbose: bool) -> None:
-    """pushfw worker: applies the command stream to this host's firewall."""
-    _logging(verbose)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="PUSHFW_CONFIG",
+    help=f"Settings file (TOML; default {DEFAULT_PATH} if it exists). Env PUSHFW_CONFIG.",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, config: Path | None) -> None:
+    """pushfw worker: applies the command stream to this host's firewall.
+
+    Settings come from PUSHFW_* variables, then the config file, then defaults.
+    """
+    ctx.obj = _Options(verbose, config)
+
+
+@main.command(name="check-config")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_config(as_json: bool) -> None:
+    """Validate the settings and print the effective ones (secrets masked); exit 2 if invalid."""
+    loaded = _load()
+    values = masked(loaded.settings)
+    if as_json:
+        doc = {
+            "file": str(loaded.path) if loaded.path else None,
+            "settings": values,
+            "sources": {name: loaded.source(name) for name in values},
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"# config file: {loaded.path or f'none ({DEFAULT_PATH} does not exist)'}")
+    rows = [
+        {"key": name, "value": _show(value), "source": loaded.source(name)}
+        for name, value in values.items()
+    ]
+    click.echo(as_table(rows, ["key", "value", "source"]))
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
 @main.command()

@@ -4,11 +4,14 @@ Shutdown has two stages: the first SIGTERM/SIGINT stops reading, lets the batch 
 finish (apply, results, XACK) and exits 0; a second one aborts at once. Anything aborted is
 still pending in the host's group and is re-read on the next start (at-least-once).
 Redis outages are waited out with backoff; one log line when Redis goes away, one when it
-is back.
+is back. Under systemd (``Type=notify``) the worker reports READY=1 after its first
+reconcile, a STATUS= line at every state change and heartbeat, and pings the watchdog from
+its loop: also while Redis is away, since the loop still expires rules in the kernel then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -16,19 +19,23 @@ from types import FrameType
 
 import redis
 
+from pushfw.producer.connection import connect as redis_connect
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus
 from pushfw.worker.applier import Applier, StopRequested
 from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
-from pushfw.worker.errors import BackendError
+from pushfw.worker.config import mask_url
+from pushfw.worker.errors import BackendError, ConfigError
 from pushfw.worker.heartbeat import beat, group_info, pushfw_version
 from pushfw.worker.ledger import Ledger
+from pushfw.worker.notify import Notifier
 from pushfw.worker.protect import Protection
 from pushfw.worker.reconcile import Drift, desired_rules, reconcile
 from pushfw.worker.retention import trim
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.signing import Signing
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ class ForceStop(Exception):
 def connect(settings: WorkerSettings) -> redis.Redis:
     """A client whose socket timeouts outlast the blocking read."""
     tcp = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
-    return redis.Redis.from_url(
+    return redis_connect(
         settings.redis_url,
         decode_responses=False,
         socket_timeout=settings.block_ms / 1000 + 10,
@@ -54,6 +61,8 @@ class Worker:
     """One host's daemon: applier, ledger, scheduler and housekeeping, with graceful stop."""
 
     def __init__(self, settings: WorkerSettings, backend: Backend | None = None) -> None:
+        self.notifier = Notifier()
+        settings = _fit_watchdog(settings, self.notifier)
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.client = connect(settings)
@@ -65,10 +74,19 @@ class Worker:
             set_size=settings.set_size,
         )
         self.protection = Protection.build(settings.protected, settings.redis_url)
-        self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
+        self.ledger = Ledger(
+            self.client,
+            self.keys,
+            settings.consumer_name,
+            settings.batch_size,
+            Signing.from_settings(settings),
+        )
         self.applier = Applier(self.client, self.backend, settings, self.protection, self.ledger)
         self.backend.clock = self.applier.now_ms
-        self.scheduler = Scheduler(connect(settings), self.keys, settings.scheduler_poll)
+        self.metrics = self.applier.metrics
+        self.scheduler = Scheduler(
+            connect(settings), self.keys, settings.scheduler_poll, self.metrics
+        )
         self.started_ms = int(time.time() * 1000)
         self.last_drift: Drift | None = None
         self._due: dict[str, float] = {}
@@ -81,9 +99,15 @@ class Worker:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
-            logger.warning("second %s: stopping now", signal.Signals(signum).name)
+            logger.warning(
+                "second %s: stopping now", signal.Signals(signum).name, extra={"state": "aborting"}
+            )
             raise ForceStop
-        logger.info("%s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        logger.info(
+            "%s: finishing the batch in hand, then stopping",
+            signal.Signals(signum).name,
+            extra={"state": "stopping"},
+        )
         self.request_stop()
         if self.applier.blocking:
             raise StopRequested
@@ -98,7 +122,7 @@ class Worker:
         everything up to there: it gets the current state from the ledger (reconcile), not
         by replaying history.
         """
-        self.heartbeat()  # announce first, so no trim runs past a group about to be created
+        self.heartbeat("starting")  # announce first: no trim runs past a group being created
         self.ledger.ensure_group()
         start_id = "0"
         if not self.applier.stream.group_exists():
@@ -108,6 +132,10 @@ class Worker:
         if self.settings.expiry_events:
             enable_expiry_events(self.client)
         self.reconcile()
+        self.heartbeat()
+        now = time.monotonic()
+        self._due["reconcile"] = now + self.settings.reconcile_interval
+        self._due["heartbeat"] = now + self.settings.heartbeat_interval
 
     def reconcile(self, force: bool = False) -> Drift | None:
         """Make the managed rules equal the ledger's active rules for this host.
@@ -131,6 +159,7 @@ class Worker:
             )
         try:
             self.last_drift = reconcile(self.backend, desired, remove_extras=remove)
+            self.metrics.reconciled(self.last_drift)
         except BackendError as exc:
             logger.error("reconcile failed, kept the current rules: %s", exc)
             self.backend.discard()
@@ -155,12 +184,11 @@ class Worker:
         if self._every("trim", self.settings.trim_interval):
             trim(self.client, self.keys, self.applier.now_ms(), self.settings.host_expiry)
         interval = self.settings.reconcile_interval
-        if interval and self._every("reconcile", interval) and self._due.get("started"):
+        if interval and self._every("reconcile", interval):
             self.reconcile()
-        self._due.setdefault("started", 1.0)
         return processed
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, state: str = "running") -> None:
         lag, pending = group_info(self.client, self.keys, self.applier.stream.group)
         beat(
             self.client,
@@ -176,7 +204,18 @@ class Worker:
                 lag=lag,
                 pending=pending,
                 interval_s=self.settings.heartbeat_interval,
+                state=state,
             ),
+        )
+        rules = self.backend.snapshot() if self.metrics.serving else {}
+        self.metrics.heartbeat(lag, pending, self.backend.name, rules)
+        if self.notifier.is_ready:
+            self.notifier.status(f"{self._following()}; lag {lag}, pending {pending}")
+
+    def _following(self) -> str:
+        return (
+            f"following {self.keys.cmd} as {self.applier.stream.group}: "
+            f"{self.backend.size()} rules ({self.backend.name})"
         )
 
     def run(self, burst: bool = False) -> None:
@@ -185,22 +224,29 @@ class Worker:
         ready = False
         down_since: float | None = None
         logger.info(
-            "pushfw worker starting: host %s, backend %s, group %s",
+            "pushfw worker starting: host %s, backend %s, group %s, redis %s",
             self.settings.host_name,
             self.backend.name,
             self.applier.stream.group,
+            mask_url(self.settings.redis_url),
+            extra={"state": "starting"},
         )
+        self.notifier.status("starting: connecting to Redis")
         try:
+            self._serve_metrics()
             while not self.applier.stopping:
+                self.notifier.alive()
                 try:
                     if not ready:
-                        self.setup()
-                        ready = True
-                        if not burst:
-                            self.scheduler.start()
+                        ready = self._start(burst)
                     processed = self.iteration()
                     if down_since is not None:
-                        logger.info("redis is back after %.1f s", time.monotonic() - down_since)
+                        logger.info(
+                            "redis is back after %.1f s",
+                            time.monotonic() - down_since,
+                            extra={"state": "following"},
+                        )
+                        self.notifier.status(self._following())
                         down_since = None
                     backoff.reset()
                     if burst and not processed and self.applier.idle():
@@ -210,21 +256,70 @@ class Worker:
                 except redis.ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
-                    logger.warning("consumer group vanished (Redis lost its data?): recreating")
+                    logger.warning(
+                        "consumer group vanished (Redis lost its data?): recreating",
+                        extra={"state": "starting"},
+                    )
                     ready = False
         except StopRequested:
             pass
         finally:
+            self.notifier.stopping()
+            self._last_heartbeat()
+            self.metrics.close()
             self.scheduler.close()
             self.backend.close()
             self.client.close()
-        logger.info("pushfw worker stopped")
+        logger.info("pushfw worker stopped", extra={"state": "stopped"})
+
+    def _last_heartbeat(self) -> None:
+        """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one."""
+        with contextlib.suppress(redis.RedisError):
+            self.heartbeat("stopped")
+
+    def _start(self, burst: bool) -> bool:
+        """Set up and converge, then tell systemd the worker is ready."""
+        self.notifier.status("starting: reconciling with the ledger")
+        self.setup()
+        if not burst:
+            self.scheduler.start()
+        logger.info("ready: %s", self._following(), extra={"state": "following"})
+        self.notifier.ready(self._following())
+        return True
+
+    def _serve_metrics(self) -> None:
+        address = self.settings.metrics_address
+        if address is None:
+            return
+        try:
+            host, port = self.metrics.serve(*address)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics_listen {self.settings.metrics_listen}: {exc.strerror or exc}"
+            ) from exc
+        logger.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
     def _redis_down(self, exc: Exception, down_since: float | None, backoff: Backoff) -> float:
         if down_since is None:
-            logger.warning("redis unavailable (%s); retrying with backoff", exc)
+            logger.warning(
+                "redis unavailable (%s); retrying with backoff", exc, extra={"state": "redis_down"}
+            )
+            self.metrics.redis_reconnects.inc()
+            self.notifier.status(f"Redis unavailable ({exc}); still expiring timed rules")
             down_since = time.monotonic()
         self.applier.reset_reads()
         self.applier.expire_due()
-        time.sleep(backoff.next_delay_s())
+        self.notifier.alive()  # the loop runs: kernel expiry goes on without Redis
+        time.sleep(min(backoff.next_delay_s(), self.notifier.max_wait_s))
         return down_since
+
+
+def _fit_watchdog(settings: WorkerSettings, notifier: Notifier) -> WorkerSettings:
+    """Bound the blocking read so the loop pings the watchdog in time."""
+    limit_ms = int(notifier.max_wait_s * 1000) if notifier.watchdog_s else None
+    if limit_ms is None or settings.block_ms <= limit_ms:
+        return settings
+    logger.info(
+        "block_ms lowered from %d to %d for the systemd watchdog", settings.block_ms, limit_ms
+    )
+    return settings.model_copy(update={"block_ms": max(10, limit_ms)})

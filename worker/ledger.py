@@ -20,6 +20,7 @@ from redis.typing import StreamIdT
 from pushfw.producer.contract import Command, CommandRejected, parse_command
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleRecord
+from pushfw.worker.signing import Signing
 from pushfw.worker.stream import Entry, entries_from_reply, stream_id_order
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,19 @@ def record_for(entry: Entry, cmd: Command, now_ms: int) -> RuleRecord:
 class Ledger:
     """Folds the command stream into ``{pushfw}:rules`` and ``{pushfw}:expiry``."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, consumer: str, batch_size: int = 500):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        consumer: str,
+        batch_size: int = 500,
+        signing: Signing | None = None,
+    ):
         self.client = client
         self.keys = keys
         self.consumer = consumer
         self.batch_size = batch_size
+        self.signing = signing or Signing()
         self._fold = client.register_script(FOLD)
 
     def ensure_group(self) -> None:
@@ -143,14 +152,19 @@ class Ledger:
         )
         return changed
 
-    @staticmethod
-    def _record(entry: Entry, now_ms: int) -> RuleRecord | None:
+    def _record(self, entry: Entry, now_ms: int) -> RuleRecord | None:
+        """The state an entry sets; None for what every applier rejects."""
         if entry.fields is None:
             return None
         try:
-            return record_for(entry, parse_command(entry.fields), now_ms)
+            cmd = parse_command(entry.fields)
+            if self.signing.check(entry.fields, entry.ms, cmd):
+                # an unsigned expiry: the scheduler's claim wrote its tombstone already, and
+                # one it did not write (forged) must not reach the ledger
+                return None
         except CommandRejected:
             return None
+        return record_for(entry, cmd, now_ms)
 
     def catch_up(self, position: str) -> None:
         """Make the ledger hold every entry up to ``position`` before a host reconciles.
@@ -189,6 +203,15 @@ class Ledger:
         """Every record, tombstones included, read in HSCAN pages."""
         for _, raw in self.client.hscan_iter(self.keys.rules, count=1000):
             yield RuleRecord.model_validate_json(raw)
+
+    def records_for(self, rule_ids: list[str]) -> dict[str, RuleRecord]:
+        """The record (tombstones included) of each rule that has one."""
+        values: Any = self.client.hmget(self.keys.rules, rule_ids) if rule_ids else []
+        return {
+            rid: RuleRecord.model_validate_json(raw)
+            for rid, raw in zip(rule_ids, values, strict=True)
+            if raw is not None
+        }
 
     def newest_ids(self, rule_ids: list[str]) -> dict[str, str]:
         """The entry id of the newest command folded for each rule that has a record."""

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from pushfw.producer.keys import Keys
+from pushfw.worker.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,19 @@ class Scheduler:
         client: a connection of the scheduler's own (it blocks on pub/sub).
         keys: key names under the configured prefix.
         poll_s: the longest the scheduler sleeps without looking at the queue.
+        metrics: where expiries emitted are counted (the worker's).
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, poll_s: float = 0.25) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, poll_s: float = 0.25, metrics: Metrics | None = None
+    ) -> None:
         self.client = client
+        self.metrics = metrics or Metrics()
         self.keys = keys
         self.poll_s = poll_s
         self.stop = threading.Event()
         self.emitted = 0
+        self.events = True  # False once Redis refused the key-event channel (an ACL)
         self._claim = client.register_script(CLAIM)
         self._thread: threading.Thread | None = None
 
@@ -116,6 +122,7 @@ class Scheduler:
                 keys=[self.keys.rules, self.keys.expiry, self.keys.cmd, *markers], args=ids
             )
             self.emitted += len(emitted)
+            self.metrics.scheduler_expiries.inc(len(emitted))
             if emitted:
                 logger.info("scheduler expired %d rules", len(emitted))
 
@@ -135,8 +142,13 @@ class Scheduler:
             except (redis.ConnectionError, redis.TimeoutError):
                 pubsub = None
                 self.stop.wait(1.0)
+            except redis.exceptions.NoPermissionError as exc:
+                logger.warning("key-expiry events refused (%s); the timer alone wakes us", exc)
+                self.events, pubsub = False, None
 
     def _subscribe(self) -> Any:
+        if not self.events:
+            return None
         pool = getattr(self.client, "connection_pool", None)  # a cluster client has none: db 0
         db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
         pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
@@ -144,6 +156,8 @@ class Scheduler:
         return pubsub
 
     def start(self) -> None:
+        if self._thread is not None:
+            return  # already running (the worker re-runs its setup after Redis lost its data)
         self._thread = threading.Thread(target=self.run, name="pushfw-scheduler", daemon=True)
         self._thread.start()
 

@@ -1,19 +1,45 @@
-"""The worker's settings, read from ``PUSHFW_*`` environment variables."""
+"""The worker's settings: ``PUSHFW_*`` environment variables over ``worker.toml`` over defaults.
+
+The file is read by :func:`pushfw.worker.config.load`, which hands its values to
+:meth:`WorkerSettings.with_file`; the environment still wins over them.
+"""
 
 from __future__ import annotations
 
 import socket
-from typing import Literal
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from pushfw.producer.connection import parse_target
 from pushfw.producer.contract import Network, parse_network
 from pushfw.producer.keys import DEFAULT_PREFIX
 
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# The values of the config file being loaded, for the one source that reads them (below env).
+_FILE_VALUES: ContextVar[Mapping[str, Any] | None] = ContextVar("pushfw_file_values", default=None)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9477, [::1]:9477)")
+    return host, int(port)
 
 
 class WorkerSettings(BaseSettings):
@@ -48,12 +74,69 @@ class WorkerSettings(BaseSettings):
     trim_interval: float = Field(default=60.0, gt=0)
     expiry_events: bool = True
     scheduler_poll: float = Field(default=0.25, gt=0, le=1.0)
+    metrics_listen: str = Field(default="", description="host:port of /metrics; empty: off")
+    log_format: Literal["auto", "json", "text"] = "auto"
+    hmac_key: SecretStr | None = Field(default=None, description="shared command-signing key")
+    require_signature: bool = False
+    signature_window: int = Field(default=300, ge=1, le=86_400, description="seconds")
+
+    @field_validator("hmac_key")
+    @classmethod
+    def _hmac_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < 16:
+            raise ValueError("is shorter than 16 characters")
+        return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("require_signature")
+    @classmethod
+    def _signing(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("hmac_key") is None:
+            raise ValueError("needs a key to check signatures with (PUSHFW_HMAC_KEY)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_values = dict(_FILE_VALUES.get() or {})
+        file_settings = InitSettingsSource(settings_cls, init_kwargs=file_values)
+        return init_settings, env_settings, file_settings
+
+    @classmethod
+    def with_file(cls, values: Mapping[str, Any]) -> WorkerSettings:
+        """Settings with ``values`` (a config file's keys) below the environment."""
+        token = _FILE_VALUES.set(values)
+        try:
+            return cls()
+        finally:
+            _FILE_VALUES.reset(token)
+
+    @field_validator("host_labels", "hooks", "protect", "memory_fail", mode="before")
+    @classmethod
+    def _list(cls, value: object) -> object:
+        """A TOML array is the same list as a comma-separated string."""
+        if isinstance(value, list | tuple):
+            if not all(isinstance(item, str) for item in value):
+                raise ValueError("a list may hold only strings")
+            return ",".join(value)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
 
     @field_validator("redis_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        parse_target(value)
         return value
 
     @field_validator("host_name", "consumer", "chain")
@@ -87,6 +170,10 @@ class WorkerSettings(BaseSettings):
     @property
     def fail_networks(self) -> list[Network]:
         return [parse_network(text) for text in _split(self.memory_fail)]
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return parse_listen(self.metrics_listen) if self.metrics_listen else None
 
     @property
     def consumer_name(self) -> str:

@@ -69,6 +69,10 @@ def make_backend(
             from pushfw.worker.backends.iptables import IptablesBackend
 
             return IptablesBackend(chain=chain, hooks=hooks)
+        case "ipset":
+            from pushfw.worker.backends.ipset import IpsetBackend
+
+            return IpsetBackend(chain=chain, hooks=hooks, maxelem=set_size)
         case "nftables":
             from pushfw.worker.backends.nftables import NftablesBackend
 

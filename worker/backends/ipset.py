@@ -22,15 +22,18 @@ namespace.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import ipaddress
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
@@ -54,15 +57,19 @@ _RUN_TIMEOUT_S = 300.0
 _RESIZE_SUFFIX = "-resize"
 _SET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
-_ADD = re.compile(r"add (?P<set>\S+) (?P<elem>\S+)(?P<options>.*)")
-_TIMEOUT = re.compile(r" timeout (\d+)")
-_COMMENT = re.compile(r' comment "([^"]*)"')
-_EXP = re.compile(r"exp=(\d{1,19})")
+_SAVED = re.compile(  # one line of ``ipset save``, in the order ipset prints the options
+    r"^add (?P<set>\S+) (?P<addr>[^\s/]+)(?:/(?P<prefix>\d{1,3}))?"
+    r'(?: timeout (?P<timeout>\d+))?(?: comment "(?:exp=(?P<exp>\d{1,19})|[^"]*)")?(?P<rest>.*)$',
+    re.MULTILINE,
+)
+_FAMILIES: dict[int, tuple[socket.AddressFamily, type[Network], int]] = {
+    4: (socket.AF_INET, ipaddress.IPv4Network, 32),
+    6: (socket.AF_INET6, ipaddress.IPv6Network, 128),
+}
 _TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
 
 
-@dataclass(frozen=True)
-class Element:
+class Element(NamedTuple):
     """One element as ``ipset save`` prints it."""
 
     network: Network
@@ -80,25 +87,40 @@ def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:
     return remaining_s if remaining_s <= MAX_TIMEOUT_S else 0
 
 
-def parse_save(text: str, set_name: str) -> Iterator[Element]:
-    """The elements of ``set_name`` in ``ipset save`` output; ipset prints /32 and /128 bare."""
-    for line in text.splitlines():
-        found = _ADD.fullmatch(line.strip())
-        if found is None or found["set"] != set_name:
+def parse_save(text: str, set_name: str, version: int) -> Iterator[Element]:
+    """The elements of ``set_name`` in ``ipset save`` output (which prints /32 and /128 bare).
+
+    Fast enough for a million elements: the addresses go through ``inet_pton``, not the much
+    slower ``ipaddress`` string parser.
+    """
+    family, network_type, max_prefixlen = _FAMILIES[version]
+    for found in _SAVED.finditer(text):
+        if found["set"] != set_name:
             continue
-        options = found["options"]
-        if " nomatch" in options:
-            logger.warning("set %s holds a nomatch element pushfw did not write", set_name)
+        if found["rest"].strip():  # nomatch, counters...: not an element pushfw writes
+            logger.warning("set %s holds %s, not written by pushfw", set_name, found[0][:80])
             continue
         try:
-            network = ipaddress.ip_network(found["elem"], strict=False)
-        except ValueError:
-            logger.warning("set %s holds %r, not a network; left alone", set_name, found["elem"])
+            address = int.from_bytes(socket.inet_pton(family, found["addr"]))
+            prefixlen = int(found["prefix"] or max_prefixlen)
+            network = network_type((address, prefixlen), strict=False)
+        except (OSError, ValueError):
+            logger.warning("set %s holds %s, not a network", set_name, found[0][:80])
             continue
-        timeout = _TIMEOUT.search(options)
-        comment = _COMMENT.search(options)
-        exp = _EXP.fullmatch(comment[1]) if comment else None
-        yield Element(network, int(timeout[1]) if timeout else 0, int(exp[1]) if exp else None)
+        exp = found["exp"]
+        yield Element(network, int(found["timeout"] or 0), int(exp) if exp else None)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC, which a million new (acyclic) objects set off over and over."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -210,8 +232,10 @@ class IpsetBackend(Backend):
         self._run("-exist", "destroy", temp)  # left over by an interrupted resize
         self._run("create", *ipset.create_args(temp, self.maxelem))
         try:
-            elements = parse_save(self._run("save", ipset.name), ipset.name)
-            self._run("-exist", "restore", stdin="".join(_add_line(temp, e) for e in elements))
+            elements = parse_save(self._run("save", ipset.name), ipset.name, ipset.version)
+            now_ms = self.clock()
+            lines = (_add_line(temp, e, now_ms) for e in elements)
+            self._run("-exist", "restore", stdin="".join(lines))
             self._run("swap", ipset.name, temp)  # atomic: rules matching the set keep working
         finally:
             self._run("destroy", temp)
@@ -233,13 +257,17 @@ class IpsetBackend(Backend):
     def _ensure_match_rules(self, table: Any, version: int) -> None:
         """Make the chain hold our accept rule then our drop rule; leave other rules alone."""
         chain = self._iptc.Chain(table, self.chain)
-        ours: list[tuple[Action, Any]] = []
-        for ipt_rule in chain.rules:
-            action = self._which_match_rule(ipt_rule, version)
-            if action is None:
-                logger.warning("chain %s holds a rule pushfw did not write; left alone", self.chain)
-            else:
-                ours.append((action, ipt_rule))
+        rules = chain.rules
+        ours = [(self._which_match_rule(r, version), r) for r in rules]
+        ours = [(action, r) for action, r in ours if action is not None]
+        if len(ours) < len(rules):
+            logger.warning(
+                "chain %s (IPv%d) holds %d rules the ipset backend did not write; left alone "
+                "(rules of the iptables backend? 'pushfw-worker uninstall' clears the chain)",
+                self.chain,
+                version,
+                len(rules) - len(ours),
+            )
         if [action for action, _ in ours] == [Action.ACCEPT, Action.DROP]:
             return
         for _, ipt_rule in ours:
@@ -250,11 +278,11 @@ class IpsetBackend(Backend):
     def _read_index(self) -> dict[RuleKey, Rule]:
         index: dict[RuleKey, Rule] = {}
         for ipset in self._sets.values():
-            for element in parse_save(self._run("save", ipset.name), ipset.name):
-                if element.network.version != ipset.version:
-                    continue
-                key = RuleKey(ipset.action, element.network)
-                index[key] = Rule(key, element.expires_ms)
+            saved = self._run("save", ipset.name)
+            with _gc_paused():
+                for element in parse_save(saved, ipset.name, ipset.version):
+                    key = RuleKey(ipset.action, element.network)
+                    index[key] = Rule(key, element.expires_ms)
         return index
 
     def close(self) -> None:
@@ -378,8 +406,12 @@ class IpsetBackend(Backend):
         return f"removed chain {self.chain} and its jumps (IPv4 and IPv6); sets: {sets}"
 
 
-def _add_line(set_name: str, element: Element) -> str:
-    line = f"add {set_name} {element.network} timeout {int(element.timeout_s)}"
+def _add_line(set_name: str, element: Element, now_ms: int) -> str:
+    """An element copied to another set; ``save`` rounds timeouts down, so recompute them."""
+    timeout_s = element.timeout_s
+    if element.expires_ms is not None and timeout_s:
+        timeout_s = kernel_timeout_s(element.expires_ms, now_ms)
+    line = f"add {set_name} {element.network} timeout {int(timeout_s)}"
     if element.expires_ms is not None:
         line += f' comment "exp={int(element.expires_ms)}"'
     return line + "\n"

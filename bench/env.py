@@ -1,0 +1,378 @@
+"""The throwaway world a benchmark run lives in: a network namespace, a redis-server, workers.
+
+Everything here is created by the run and removed by it, also on errors and on SIGTERM:
+the namespace is deleted (after killing what the run started in it), the redis-server is
+stopped and its directory removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from pushfw.producer.keys import Keys
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+CHAIN = "PUSHFW"
+BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
+"""RFC 2544's benchmarking range: every address the run pushes comes from here."""
+MAX_ADDRESSES = BENCH_NET.num_addresses - 2
+
+
+def address(i: int) -> str:
+    """The ``i``-th host address of the benchmarking range."""
+    if not 0 <= i < MAX_ADDRESSES:
+        raise ValueError(f"address index {i} is outside 0..{MAX_ADDRESSES - 1}")
+    return str(BENCH_NET.network_address + 1 + i)
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs did not work; the message says what."""
+
+
+class Progress:
+    """Progress lines on stderr, stamped with the time since the run started."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[bench {self.elapsed():6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_ms(client: redis.Redis) -> int:
+    """Redis's clock (TIME) in milliseconds."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def clock_offset_ms(client: redis.Redis) -> float:
+    """Redis's clock minus this process's wall clock, from the midpoint of a TIME call."""
+    before = time.time()
+    server = redis_ms(client)
+    after = time.time()
+    return server - (before + after) / 2 * 1000
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the run's own: a free TCP port on 127.0.0.1 and a unix socket."""
+
+    workdir: Path
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    def start(self) -> None:
+        args = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "777",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(unix_socket_path=str(self.socket_path))
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise BenchError(
+                            f"redis-server on port {self.port} did not start"
+                        ) from None
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@dataclass
+class Netns:
+    """A network namespace the run made (loopback up)."""
+
+    name: str
+
+    def create(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def delete(self) -> None:
+        """Kill whatever still runs inside (only the run's own processes), then delete it."""
+        pids = subprocess.run(
+            ["ip", "netns", "pids", self.name], capture_output=True, text=True, check=False
+        )
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        stdin: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.argv(*args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+        )
+        if check and proc.returncode != 0:
+            raise BenchError(
+                f"{' '.join(args[:3])} ... exited {proc.returncode}: {proc.stderr.strip()[:500]}"
+            )
+        return proc
+
+    def legacy_rule_count(self) -> int:
+        """``-A PUSHFW`` lines of ``iptables-legacy -S PUSHFW`` (waits for the xtables lock)."""
+        proc = self.run("iptables-legacy", "-w", "-S", CHAIN, check=False)
+        return sum(1 for line in proc.stdout.splitlines() if line.startswith(f"-A {CHAIN} "))
+
+    def legacy_sources(self) -> set[str]:
+        """Source networks of the rules in PUSHFW, from ``iptables-legacy-save``.
+
+        The save tool reads one snapshot of the table without taking the xtables lock, so
+        polling it does not hold the worker back the way ``iptables-legacy -S`` would.
+        """
+        proc = self.run("iptables-legacy-save", "-t", "filter")
+        prefix = f"-A {CHAIN} -s "
+        return {
+            line[len(prefix) :].split(" ", 1)[0]
+            for line in proc.stdout.splitlines()
+            if line.startswith(prefix)
+        }
+
+    def flush_legacy_chain(self) -> None:
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            self.run(tool, "-w", "-F", CHAIN, check=False)
+
+
+class WorkerProc:
+    """``python -m pushfw.worker run`` inside the namespace, its output in a log file."""
+
+    def __init__(self, env: BenchEnv, backend: str) -> None:
+        self.env = env
+        self.backend = backend
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = env.tmp / f"worker-{backend}-{time.monotonic_ns()}.log"
+
+    def start(self, timeout: float = 60) -> WorkerProc:
+        started_ms = int(time.time() * 1000)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.env.ns.argv(sys.executable, "-m", "pushfw.worker", "run"),
+                env=self.env.worker_env(self.backend),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.env.workers.append(self)
+        deadline = time.monotonic() + timeout
+        while not self._heartbeat_since(started_ms - 1000):
+            if self.proc.poll() is not None:
+                raise BenchError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.02)
+        return self
+
+    def _heartbeat_since(self, since_ms: int) -> bool:
+        """Its heartbeat (written once it follows the stream) is this process's, running."""
+        raw = self.env.client.hget(self.env.keys.hosts, self.env.host)
+        if raw is None:
+            return False
+        beat = json.loads(raw)
+        return int(beat["started_ms"]) >= since_ms and beat.get("state", "running") == "running"
+
+    def alive(self) -> bool:
+        """True while it runs; a worker that died is an error, with its log."""
+        if self.proc is not None and self.proc.poll() is None:
+            return True
+        code = self.proc.returncode if self.proc else None
+        raise BenchError(f"the {self.backend} worker exited ({code}):\n{self.log_tail()}")
+
+    def rss_kb(self) -> int:
+        """VmRSS of the worker (``ip netns exec`` execs it, so the pid is the worker's)."""
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BenchError("no VmRSS in /proc/<pid>/status")
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        with contextlib.suppress(ValueError):
+            self.env.workers.remove(self)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class BenchEnv:
+    """The namespace, the redis-server, a client on it, and the workers started so far."""
+
+    def __init__(self, tmp: Path, ns: Netns, server: RedisServer, progress: Progress) -> None:
+        self.tmp = tmp
+        self.ns = ns
+        self.server = server
+        self.progress = progress
+        self.keys = Keys()
+        self.host = ns.name
+        self.group = Keys.host_group(self.host)
+        self.client = redis.Redis(unix_socket_path=str(server.socket_path), socket_timeout=60)
+        self.workers: list[WorkerProc] = []
+        self.python = sys.executable
+
+    def worker_env(self, backend: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+        env.update(
+            {
+                "PUSHFW_REDIS_URL": self.server.unix_url,
+                "PUSHFW_HOST_NAME": self.host,
+                "PUSHFW_BACKEND": backend,
+                "PUSHFW_CHAIN": CHAIN,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    @contextlib.contextmanager
+    def worker(self, backend: str) -> Iterator[WorkerProc]:
+        """A fresh worker on a clean slate: empty Redis, empty chain; stopped afterwards."""
+        self.reset()
+        proc = WorkerProc(self, backend).start()
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
+    def reset(self) -> None:
+        """Empty Redis and pushfw's chain (no worker may be running)."""
+        assert not self.workers, "reset with a worker running"
+        self.client.flushall()
+        self.ns.flush_legacy_chain()
+
+    def group_state(self, group: str = "") -> dict[str, Any] | None:
+        """A group's row of XINFO GROUPS, by default the host's (None if it does not exist)."""
+        rows: Any = self.client.xinfo_groups(self.keys.cmd)
+        for row in rows:
+            name = row["name"]
+            if (name.decode() if isinstance(name, bytes) else name) == (group or self.group):
+                return dict(row)
+        return None
+
+    def close(self) -> None:
+        for proc in list(self.workers):
+            with contextlib.suppress(Exception):
+                proc.stop(timeout=10)
+        self.client.close()
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def bench_env(progress: Progress) -> Iterator[BenchEnv]:
+    """Create the namespace and the redis-server; always remove both."""
+    if os.geteuid() != 0:
+        raise BenchError("needs root (network namespaces, iptables)")
+    for tool in ("ip", "iptables", "iptables-restore", "iptables-legacy", "iptables-legacy-save"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed")
+    if not os.path.exists(REDIS_SERVER):
+        raise BenchError("redis-server is not installed")
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    ns = Netns(f"pfwbench-{os.getpid()}")
+    with tempfile.TemporaryDirectory(prefix="pushfw-bench-") as tmp:
+        server = RedisServer(Path(tmp))
+        env: BenchEnv | None = None
+        try:
+            ns.create()
+            server.start()
+            progress(f"namespace {ns.name}, redis-server on 127.0.0.1:{server.port} + unix socket")
+            env = BenchEnv(Path(tmp), ns, server, progress)
+            yield env
+        finally:
+            if env is not None:
+                env.close()
+            server.stop()
+            ns.delete()
+            signal.signal(signal.SIGTERM, previous)
+            progress(f"removed namespace {ns.name} and stopped redis-server")

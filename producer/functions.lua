@@ -1,0 +1,87 @@
+#!lua name=pushfw
+--[[
+pushfw: the seed's commands (RedisPushIptables: drop_insert, ttl_drop_insert, ...) as
+Redis Functions (Redis >= 7). Each one appends the equivalent command to the pushfw stream
+and returns the entry id; the pushfw workers validate and apply it like any other entry.
+
+  FCALL drop_insert 1 {pushfw}:cmd 192.168.1.6                  cluster-correct form
+  FCALL drop_insert 0 192.168.1.6                               the seed's form: {pushfw}:cmd
+  FCALL ttl_drop_insert 1 {pushfw}:cmd 192.168.1.6 600 "ssh brute force"
+
+  drop_insert       <ip> [reason]        accept_insert       <ip> [reason]
+  drop_delete       <ip> [reason]        accept_delete       <ip> [reason]
+  ttl_drop_insert   <ip> <ttl> [reason]  ttl_accept_insert   <ip> <ttl> [reason]
+
+Only the argument count, the stream key's name and that ttl is digits are checked here:
+everything else (the address, the ttl's range, the reason) is the workers' job, which
+report a bad command as "rejected" in the results stream. Installed and replaced by
+`pushfw redis-functions install` (FUNCTION LOAD REPLACE).
+]]
+
+local DEFAULT_STREAM = '{pushfw}:cmd'
+
+local COMMANDS = {
+    {name = 'drop_insert', op = 'drop.insert', timed = false},
+    {name = 'drop_delete', op = 'drop.delete', timed = false},
+    {name = 'accept_insert', op = 'accept.insert', timed = false},
+    {name = 'accept_delete', op = 'accept.delete', timed = false},
+    {name = 'ttl_drop_insert', op = 'ttl.drop.insert', timed = true},
+    {name = 'ttl_accept_insert', op = 'ttl.accept.insert', timed = true},
+}
+
+local function usage(spec)
+    local args = spec.timed and '<ip> <ttl> [reason]' or '<ip> [reason]'
+    -- (concatenation, not string.format: the loading sandbox of Redis 7.0 has no string)
+    return 'FCALL ' .. spec.name .. ' 1 ' .. DEFAULT_STREAM .. ' ' .. args
+        .. ' (or numkeys 0 for ' .. DEFAULT_STREAM .. ')'
+end
+
+local function error_reply(spec, what)
+    return redis.error_reply(string.format(
+        "ERR pushfw %s: %s; usage: %s", spec.name, what, usage(spec)))
+end
+
+local function handler(spec)
+    local required = spec.timed and 2 or 1
+    return function(keys, args)
+        local stream = DEFAULT_STREAM
+        if #keys > 1 then
+            return error_reply(spec, string.format("takes one key, the stream (got %d)", #keys))
+        elseif #keys == 1 then
+            stream = keys[1]
+            if string.sub(stream, -4) ~= ':cmd' then
+                return error_reply(spec, "the key must be the command stream (<prefix>:cmd)")
+            end
+        end
+        if #args < required or #args > required + 1 then
+            return error_reply(spec, string.format(
+                "wrong number of arguments (got %d, expected %d or %d)",
+                #args, required, required + 1))
+        end
+        local fields = {'op', spec.op, 'ip', args[1]}
+        if spec.timed then
+            if not string.match(args[2], '^%d+$') then
+                return error_reply(spec, "ttl must be a whole number of seconds")
+            end
+            table.insert(fields, 'ttl')
+            table.insert(fields, args[2])
+        end
+        if #args > required then
+            table.insert(fields, 'reason')
+            table.insert(fields, args[required + 1])
+        end
+        table.insert(fields, 'origin')
+        table.insert(fields, 'fcall')
+        return redis.call('XADD', stream, '*', unpack(fields))
+    end
+end
+
+-- (a numeric loop: the loading sandbox of Redis 7.0 has no ipairs)
+for i = 1, #COMMANDS do
+    local spec = COMMANDS[i]
+    redis.register_function{
+        function_name = spec.name,
+        callback = handler(spec),
+        description = 'pushfw: ' .. spec.op .. ' (' .. usage(spec) .. ')',
+    }
+end

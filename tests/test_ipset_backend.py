@@ -1,0 +1,398 @@
+"""IpsetBackend against the real kernel, inside a network namespace of the test's own.
+
+The backend must run inside the namespace, so each test drives it through this module run as
+a script (``python -m tests.test_ipset_backend SPEC``) under ``ip netns exec``: SPEC lists
+steps (open, add, delete, commit, snapshot, uninstall) and the script prints one JSON result
+per step. The kernel is then read back the way an operator would: ``ipset save``,
+``ipset test`` and ``iptables-legacy -S``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Netns, need
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = {"pushfw-drop4", "pushfw-drop6", "pushfw-accept4", "pushfw-accept6"}
+_SAVED = re.compile(r'add (\S+) (\S+)(?: timeout (\d+))?(?: comment "([^"]*)")?')
+
+Step = list[Any]
+
+
+def _step(backend: Any, name: str, args: list[Any]) -> Any:
+    """Do one step of a SPEC against ``backend``; its JSON-able result."""
+    from pushfw.producer.contract import Action
+    from pushfw.worker.backends.base import Rule, RuleKey
+
+    def key(action: str, net: str) -> RuleKey:
+        return RuleKey(Action(action), ipaddress.ip_network(net))
+
+    match name:
+        case "open":
+            backend.open()
+        case "add":
+            backend.add(Rule(key(args[0], args[1]), *args[2:]))  # [expires_ms]
+        case "add_hosts":  # action, first address, count[, expires_ms]
+            first = ipaddress.ip_address(args[1])
+            for i in range(args[2]):
+                backend.add(Rule(key(args[0], str(first + i)), *args[3:]))
+        case "delete":
+            backend.delete(key(args[0], args[1]))
+        case "commit":
+            return _commit(backend)
+        case "snapshot":
+            rules = backend.snapshot().values()
+            return sorted([r.key.action.value, str(r.key.network), r.expires_ms] for r in rules)
+        case "uninstall":
+            return backend.uninstall()
+    return None
+
+
+def _commit(backend: Any) -> dict[str, Any]:
+    from pushfw.worker.errors import BackendError
+
+    started = time.perf_counter()
+    try:
+        backend.commit()
+    except BackendError as exc:
+        return {"error": type(exc).__name__, "detail": str(exc)}
+    return {"error": None, "seconds": time.perf_counter() - started}
+
+
+def main(spec_json: str) -> None:
+    """Run the steps of SPEC against one IpsetBackend and print their results as JSON."""
+    from pushfw.worker.backends.ipset import IpsetBackend
+
+    spec = json.loads(spec_json)
+    backend = IpsetBackend(**spec.get("options", {}))
+    print(json.dumps([_step(backend, name, args) for name, *args in spec["steps"]]))
+
+
+def _driver(
+    ns: Netns, steps: tuple[Step, ...], options: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    spec = json.dumps({"options": options, "steps": [list(s) for s in steps]})
+    return subprocess.run(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-m", "tests.test_ipset_backend", spec],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def drive(ns: Netns, *steps: Step, **options: Any) -> list[Any]:
+    """Run ``steps`` in a fresh process inside ``ns``; one result per step."""
+    proc = _driver(ns, steps, options)
+    assert proc.returncode == 0, proc.stderr
+    result: list[Any] = json.loads(proc.stdout)
+    return result
+
+
+def drive_failing(ns: Netns, *steps: Step, **options: Any) -> str:
+    """Run ``steps`` expecting the process to fail; its stderr."""
+    proc = _driver(ns, steps, options)
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr
+
+
+def saved(ns: Netns) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(set, network) -> (kernel timeout s, comment) of every element of pushfw's sets."""
+    out: dict[tuple[str, str], tuple[int, str | None]] = {}
+    for line in ns.run("ipset", "save").stdout.splitlines():
+        found = _SAVED.fullmatch(line)
+        if found and found[1] in SETS:
+            net = str(ipaddress.ip_network(found[2]))
+            out[(found[1], net)] = (int(found[3] or 0), found[4])
+    return out
+
+
+def kernel_rules(ns: Netns) -> list[list[Any]]:
+    """The kernel's elements in the shape of a ``snapshot`` step's result."""
+    rules = []
+    for (set_name, net), (_, comment) in saved(ns).items():
+        action = set_name.removeprefix("pushfw-")[:-1]
+        exp = int(comment.removeprefix("exp=")) if comment else None
+        rules.append([action, net, exp])
+    return sorted(rules)
+
+
+def chain(ns: Netns, v6: bool = False) -> list[str]:
+    tool = "ip6tables-legacy" if v6 else "iptables-legacy"
+    return [x for x in ns.run(tool, "-S", "PUSHFW").stdout.splitlines() if x.startswith("-A")]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def ns(netns: Netns) -> Netns:
+    need(shutil.which("ipset") is not None, "ipset is not installed")
+    probe = netns.run("ipset", "list", "-n", check=False)
+    need(probe.returncode == 0, f"ipset cannot work here (ip_set module?): {probe.stderr}")
+    return netns
+
+
+def test_add_delete_ipv6_network_and_rule_order(ns: Netns):
+    results = drive(
+        ns,
+        ["open"],
+        ["add", "drop", "192.0.2.1"],
+        ["add", "drop", "203.0.113.0/24"],
+        ["add", "drop", "2001:db8::/32"],
+        ["add", "accept", "198.51.100.0/24"],
+        ["add", "accept", "2001:db8:1::7"],
+        ["commit"],
+        ["delete", "drop", "192.0.2.1"],
+        ["delete", "drop", "198.18.0.1"],  # absent: harmless
+        ["commit"],
+        ["snapshot"],
+    )
+    assert results[6]["error"] is None and results[9]["error"] is None
+    assert results[10] == [
+        ["accept", "198.51.100.0/24", None],
+        ["accept", "2001:db8:1::7/128", None],
+        ["drop", "2001:db8::/32", None],
+        ["drop", "203.0.113.0/24", None],
+    ]
+    assert kernel_rules(ns) == results[10]
+    assert ns.run("ipset", "test", "pushfw-drop4", "203.0.113.77", check=False).returncode == 0
+    assert ns.run("ipset", "test", "pushfw-drop4", "203.0.114.1", check=False).returncode != 0
+    assert ns.run("ipset", "test", "pushfw-drop6", "2001:db8:ffff::1", check=False).returncode == 0
+
+    drive(ns, ["open"])  # opening again adds no second rule or jump
+    assert chain(ns) == [
+        "-A PUSHFW -m set --match-set pushfw-accept4 src -j ACCEPT",
+        "-A PUSHFW -m set --match-set pushfw-drop4 src -j DROP",
+    ]
+    assert chain(ns, v6=True) == [
+        "-A PUSHFW -m set --match-set pushfw-accept6 src -j ACCEPT",
+        "-A PUSHFW -m set --match-set pushfw-drop6 src -j DROP",
+    ]
+    assert ns.run("iptables-legacy", "-S", "INPUT").stdout.count("-j PUSHFW") == 1
+    assert ns.run("ip6tables-legacy", "-S", "INPUT").stdout.count("-j PUSHFW") == 1
+
+
+def test_index_is_rebuilt_from_the_kernel(ns: Netns):
+    soon, later = now_ms() + 600_000, now_ms() + 40 * 86_400_000  # 40 days: past ipset's limit
+    first = drive(
+        ns,
+        ["open"],
+        ["add", "drop", "192.0.2.1", soon],
+        ["add", "drop", "192.0.2.0/25"],
+        ["add", "accept", "192.0.2.0/24", later],
+        ["add", "drop", "2001:db8::5", soon + 1],
+        ["add", "accept", "2001:db8::/48"],
+        ["commit"],
+        ["snapshot"],
+    )
+    assert first[6]["error"] is None
+    assert len(first[7]) == 5
+    assert drive(ns, ["open"], ["snapshot"])[1] == first[7]
+    kernel = saved(ns)
+    assert 595 <= kernel[("pushfw-drop4", "192.0.2.1/32")][0] <= 600
+    assert kernel[("pushfw-drop4", "192.0.2.1/32")][1] == f"exp={soon}"
+    assert kernel[("pushfw-accept4", "192.0.2.0/24")] == (0, f"exp={later}")
+    assert kernel[("pushfw-drop4", "192.0.2.0/25")] == (0, None)
+
+
+def test_readding_renews_the_kernel_timeout(ns: Netns):
+    exp = now_ms() + 600_000
+    drive(ns, ["open"], ["add", "drop", "192.0.2.5", exp], ["commit"])
+    timeout, comment = saved(ns)[("pushfw-drop4", "192.0.2.5/32")]
+    assert 595 <= timeout <= 600 and comment == f"exp={exp}"
+
+    exp = now_ms() + 1_200_000
+    drive(ns, ["open"], ["add", "drop", "192.0.2.5", exp], ["commit"])
+    timeout, comment = saved(ns)[("pushfw-drop4", "192.0.2.5/32")]
+    assert 1195 <= timeout <= 1200 and comment == f"exp={exp}"
+
+    drive(ns, ["open"], ["add", "drop", "192.0.2.5", None], ["commit"])
+    assert saved(ns)[("pushfw-drop4", "192.0.2.5/32")] == (0, None), "permanent from now on"
+
+
+def test_timed_element_leaves_the_kernel_by_itself(ns: Netns):
+    expires_ms = now_ms() + 1500
+    drive(ns, ["open"], ["add", "drop", "192.0.2.9", expires_ms], ["commit"])
+    # no process of pushfw is left running: only the kernel timeout can remove it now
+    assert ("pushfw-drop4", "192.0.2.9/32") in saved(ns)
+    deadline = time.monotonic() + 5
+    while ("pushfw-drop4", "192.0.2.9/32") in saved(ns):
+        assert time.monotonic() < deadline, "the kernel kept a timed element"
+        time.sleep(0.05)
+    late_ms = now_ms() - expires_ms
+    assert -50 <= late_ms < 1500, f"left the kernel {late_ms} ms after its expiry"
+
+
+def test_full_set_is_a_permanent_failure_and_is_undone(ns: Netns):
+    exp, exp2 = now_ms() + 600_000, now_ms() + 900_000
+    results = drive(
+        ns,
+        ["open"],
+        ["add_hosts", "drop", "192.0.2.1", 5, None],
+        ["commit"],
+        ["snapshot"],
+        ["add", "drop", "192.0.2.1", exp],
+        ["add", "drop", "192.0.2.2"],
+        ["add", "drop", "192.0.2.3"],
+        ["commit"],
+        # renews one, deletes one, then adds one more than fits
+        ["add", "drop", "192.0.2.1", exp2],
+        ["delete", "drop", "192.0.2.2"],
+        ["add_hosts", "drop", "198.51.100.1", 3, None],
+        ["commit"],
+        ["snapshot"],
+        maxelem=4,
+    )
+    assert results[2]["error"] == "PermanentBackendError"
+    assert "is full" in results[2]["detail"]
+    assert results[3] == [] and results[7]["error"] is None
+    assert results[11]["error"] == "PermanentBackendError"
+    before = [["drop", "192.0.2.1/32", exp], ["drop", "192.0.2.2/32", None]]
+    assert results[12] == [*before, ["drop", "192.0.2.3/32", None]]
+    assert kernel_rules(ns) == results[12], "the index describes the kernel"
+    assert drive(ns, ["open"], ["snapshot"], maxelem=4)[1] == results[12]
+
+
+def test_a_zero_length_prefix_is_refused_before_the_kernel(ns: Netns):
+    results = drive(
+        ns, ["open"], ["add", "accept", "192.0.2.0/24"], ["add", "accept", "0.0.0.0/0"], ["commit"]
+    )
+    assert results[3]["error"] == "PermanentBackendError"
+    assert saved(ns) == {}
+
+
+def test_maxelem_change_moves_the_elements(ns: Netns):
+    exp = now_ms() + 600_000
+    drive(ns, ["open"], ["add", "drop", "192.0.2.1", exp], ["add", "drop", "192.0.2.2"], ["commit"])
+    assert "maxelem 1000000 " in ns.run("ipset", "list", "-t", "pushfw-drop4").stdout
+
+    results = drive(
+        ns, ["open"], ["snapshot"], ["add_hosts", "drop", "198.51.100.1", 4], ["commit"], maxelem=6
+    )
+    assert "maxelem 6 " in ns.run("ipset", "list", "-t", "pushfw-drop4").stdout
+    assert results[1] == [["drop", "192.0.2.1/32", exp], ["drop", "192.0.2.2/32", None]]
+    assert results[3]["error"] is None
+    after = saved(ns)
+    assert after[("pushfw-drop4", "192.0.2.1/32")][1] == f"exp={exp}"
+    assert 590 <= after[("pushfw-drop4", "192.0.2.1/32")][0] <= 600
+    assert len(after) == 6
+    assert len(chain(ns)) == 2, "the rules matching the set survive the swap"
+
+    failed = drive_failing(ns, ["open"], maxelem=4)
+    assert "PermanentBackendError" in failed and "is full" in failed, failed
+    assert kernel_rules(ns) == [
+        *results[1],
+        *(["drop", f"198.51.100.{i}/32", None] for i in range(1, 5)),
+    ]
+    assert ns.run("ipset", "list", "-n").stdout.split() == sorted(SETS, key=_creation_order)
+
+
+def _creation_order(name: str) -> int:
+    return ["pushfw-accept4", "pushfw-drop4", "pushfw-accept6", "pushfw-drop6"].index(name)
+
+
+def test_foreign_rules_in_the_chain_are_left_alone(ns: Netns):
+    drive(ns, ["open"])
+    ns.run("iptables-legacy", "-D", "PUSHFW", "1")  # our accept rule, removed by hand
+    ns.run("iptables-legacy", "-I", "PUSHFW", "-s", "198.51.100.7", "-j", "DROP")
+    drive(ns, ["open"])
+    assert chain(ns) == [
+        "-A PUSHFW -m set --match-set pushfw-accept4 src -j ACCEPT",
+        "-A PUSHFW -m set --match-set pushfw-drop4 src -j DROP",
+        "-A PUSHFW -s 198.51.100.7/32 -j DROP",
+    ]
+
+
+def test_uninstall_removes_only_pushfw(ns: Netns):
+    ns.run("ipset", "create", "other", "hash:ip")
+    ns.run("iptables-legacy", "-A", "INPUT", "-s", "198.51.100.1", "-j", "DROP")
+    results = drive(ns, ["open"], ["add", "drop", "192.0.2.6"], ["commit"], ["uninstall"])
+    assert "pushfw-drop4" in results[3]
+    assert ns.run("ipset", "list", "-n").stdout.split() == ["other"]
+    v4 = ns.run("iptables-legacy", "-S").stdout
+    assert "PUSHFW" not in v4 and "-A INPUT -s 198.51.100.1/32 -j DROP" in v4
+    assert "PUSHFW" not in ns.run("ip6tables-legacy", "-S").stdout
+    assert "no sets" not in drive(ns, ["uninstall"])[0], "uninstall twice is harmless"
+
+
+def test_ten_thousand_adds_in_one_batch(ns: Netns):
+    exp = now_ms() + 3_600_000
+    results = drive(
+        ns,
+        ["open"],
+        ["add_hosts", "drop", "10.0.0.0", 5_000, exp],
+        ["add_hosts", "drop", "2001:db8::", 5_000, None],
+        ["commit"],
+        ["snapshot"],
+    )
+    assert results[3]["error"] is None
+    print(f"10,000 adds in one ipset restore: {results[3]['seconds'] * 1000:.0f} ms")
+    assert len(results[4]) == 10_000
+    assert "Number of entries: 5000" in ns.run("ipset", "list", "-t", "pushfw-drop4").stdout
+    assert "Number of entries: 5000" in ns.run("ipset", "list", "-t", "pushfw-drop6").stdout
+
+
+def test_kernel_timeout_is_the_time_remaining_rounded_up():
+    from pushfw.worker.backends.ipset import MAX_TIMEOUT_S, kernel_timeout_s
+
+    assert kernel_timeout_s(10_001, 10_000) == 1
+    assert kernel_timeout_s(11_000, 10_000) == 1
+    assert kernel_timeout_s(11_001, 10_000) == 2
+    assert kernel_timeout_s(9_000, 10_000) == 1, "already due: the worker deletes it"
+    assert kernel_timeout_s(MAX_TIMEOUT_S * 1000, 0) == MAX_TIMEOUT_S
+    assert kernel_timeout_s(MAX_TIMEOUT_S * 1000 + 1, 0) == 0, "past ipset's limit: permanent"
+
+
+def test_save_output_is_parsed_into_networks():
+    from pushfw.worker.backends.ipset import Element, parse_save
+
+    text = """create pushfw-drop4 hash:net family inet hashsize 1024 maxelem 4 timeout 0 comment
+add pushfw-drop4 192.0.2.1 timeout 599 comment "exp=1795783706829"
+add pushfw-drop4 192.0.2.0/24 timeout 0
+add pushfw-drop4 198.51.100.0/24 timeout 0 comment "by hand"
+add pushfw-drop4 198.51.101.0/24 timeout 0 comment "exp=12x"
+add pushfw-drop4 203.0.113.0/24 timeout 0 nomatch comment "x y"
+add other 192.0.2.2 timeout 0
+add pushfw-drop6 2001:db8::/32 timeout 0 comment "exp=5"
+add pushfw-drop6 2001:db8::1 timeout 7
+"""
+    net = ipaddress.ip_network
+    assert list(parse_save(text, "pushfw-drop4", 4)) == [
+        Element(net("192.0.2.1/32"), 599, 1795783706829),
+        Element(net("192.0.2.0/24"), 0, None),
+        Element(net("198.51.100.0/24"), 0, None),
+        Element(net("198.51.101.0/24"), 0, None),
+    ]
+    assert list(parse_save(text, "pushfw-drop6", 6)) == [
+        Element(net("2001:db8::/32"), 0, 5),
+        Element(net("2001:db8::1/128"), 7, None),
+    ]
+
+
+def test_bad_set_prefix_is_a_config_error():
+    from pushfw.worker.backends.ipset import IpsetBackend
+    from pushfw.worker.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        IpsetBackend(set_prefix="a b")
+    with pytest.raises(ConfigError):
+        IpsetBackend(set_prefix="x" * 20)
+    with pytest.raises(ConfigError):
+        IpsetBackend(maxelem=0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

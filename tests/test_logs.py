@@ -1,0 +1,123 @@
+"""Structured logs: JSON lines when not on a terminal, text on one, never a secret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from pushfw.producer import Producer
+from pushfw.worker.log import JsonFormatter, TextFormatter
+from tests.conftest import RedisServer
+from tests.daemon import Daemon, cli, worker_env
+
+SNIPPET = """
+import logging
+from pushfw.worker import log
+log.setup({fmt!r})
+logging.getLogger("pushfw.worker.test").info("batch of %d", 3, extra={{"batch": 3}})
+"""
+
+
+def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("pushfw.worker.x", logging.WARNING, __file__, 1, msg, args, None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_json_line_has_the_fields_and_the_extras() -> None:
+    line = JsonFormatter().format(record("redis unavailable (%s)", "refused", host="h1"))
+    doc = json.loads(line)
+    assert doc["level"] == "WARNING"
+    assert doc["logger"] == "pushfw.worker.x"
+    assert doc["message"] == "redis unavailable (refused)"
+    assert doc["host"] == "h1"
+    assert doc["time"].endswith("+00:00")
+
+
+def test_exception_is_one_json_line() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line
+    assert "ValueError: boom" in json.loads(line)["exc"]
+
+
+def test_formatters_scrub_secrets() -> None:
+    secret = 'pa"ss'  # JSON escapes the quote: both spellings must go
+    for formatter in (JsonFormatter([secret]), TextFormatter([secret])):
+        line = formatter.format(record("url redis://:%s@h/0", secret, token=secret))
+        assert secret not in line
+        assert 'pa\\"ss' not in line
+        assert line.count("***") == 2
+
+
+def run_snippet(fmt: str, tty: bool) -> str:
+    """Run the snippet with stderr on a pipe, or on a real pseudo-terminal."""
+    code = SNIPPET.format(fmt=fmt)
+    if not tty:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return done.stderr
+    leader, follower = pty.openpty()
+    try:
+        subprocess.run([sys.executable, "-c", code], stderr=follower, timeout=30, check=True)
+        return os.read(leader, 65536).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+def test_auto_is_json_on_a_pipe_and_text_on_a_terminal() -> None:
+    piped = run_snippet("auto", tty=False)
+    assert json.loads(piped)["message"] == "batch of 3"
+    assert json.loads(piped)["batch"] == 3
+    on_tty = run_snippet("auto", tty=True)
+    assert "INFO pushfw.worker.test: batch of 3 batch=3" in on_tty
+    assert not on_tty.startswith("{")
+    assert run_snippet("text", tty=False).rstrip().endswith("batch of 3 batch=3")
+    assert json.loads(run_snippet("json", tty=True))["level"] == "INFO"
+
+
+def test_the_redis_password_never_appears(aof_redis: RedisServer, tmp_path: Path) -> None:
+    """A worker whose Redis needs a password: its whole output, debug included, greps clean."""
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "s3cret")
+    admin.close()
+    url = f"redis://:s3cret@127.0.0.1:{aof_redis.port}/0"
+    config = tmp_path / "worker.toml"
+    config.write_text(f'redis_url = "{url}"\n')
+    env = worker_env(config, host_name="log1", backend="memory")
+
+    checked = cli("check-config", env=env)
+    assert checked.returncode == 0
+    assert f"redis://:***@127.0.0.1:{aof_redis.port}/0" in checked.stdout
+
+    producer = Producer.from_url(url)
+    with Daemon(env, verbose=True) as worker:
+        worker.wait_line("ready: following")
+        assert producer.wait(producer.drop("192.0.2.1", reason="s3cret is not logged"))
+        aof_redis.stop()  # the outage is logged with the error text
+        worker.wait_line("redis unavailable")
+        assert worker.stop() == 0
+    producer.client.close()
+
+    output = checked.stdout + checked.stderr + worker.output
+    assert "s3cret" not in output
+    assert "redis://:***@127.0.0.1" in worker.output
+    # Every line is one JSON object (stderr is a pipe: auto means JSON); state changes say so.
+    states = [json.loads(line).get("state") for line in worker.lines]
+    assert [s for s in states if s] == [
+        "starting",
+        "following",
+        "redis_down",
+        "stopping",
+        "stopped",
+    ]

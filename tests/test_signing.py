@@ -1,0 +1,252 @@
+"""Signed commands (HMAC-SHA256, ``sig`` + ``ts``) against a real redis-server, memory backend.
+
+The signing rule is recomputed here from README's words alone, with ``hmac``/``hashlib``,
+so that a producer in another language that follows the README gets the same signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from pushfw.producer import Producer
+from pushfw.producer.contract import SIGNED_FIELDS, signature
+from pushfw.producer.records import RuleRecord
+from pushfw.worker import Worker, WorkerSettings
+from pushfw.worker.backends.memory import MemoryBackend
+from pushfw.worker.signing import FORGED_EXPIRY, Signing, confirm_expiry
+from tests.conftest import RedisServer, need, wait_for
+from tests.test_applier import key, results_by_cmd
+
+CMD = "{pushfw}:cmd"
+README = Path(__file__).resolve().parents[1] / "README.md"
+KEY = "k3y-shared-by-producers-and-workers"
+
+
+def make_worker(server: RedisServer, **overrides: Any) -> Worker:
+    settings = WorkerSettings(
+        redis_url=server.url,
+        host_name="h1",
+        backend="memory",
+        block_ms=50,
+        hmac_key=KEY,
+        **overrides,
+    )
+    worker = Worker(settings, backend=MemoryBackend())
+    worker.setup()
+    return worker
+
+
+def readme_signature(fields: dict[str, str], key_text: str) -> str:
+    """README, "Signing commands", computed independently of pushfw's code."""
+    known = {"op", "ip", "ttl", "target", "reason", "request_id", "origin", "ts"}
+    lines = sorted(f"{name.lower()}={value}" for name, value in fields.items() if name in known)
+    payload = "\n".join(lines).encode("utf-8")
+    return hmac.new(key_text.encode("utf-8"), payload, hashlib.sha256).hexdigest()
+
+
+def signed(fields: dict[str, str], ts_ms: int | None = None, key_text: str = KEY) -> dict[str, str]:
+    out = {**fields, "ts": str(int(time.time() * 1000) if ts_ms is None else ts_ms)}
+    return {**out, "sig": readme_signature(out, key_text)}
+
+
+def status(r: Any, cmd_id: str) -> tuple[str, str]:
+    result = results_by_cmd(r)[cmd_id]
+    return result["status"], result["detail"]
+
+
+def test_the_readme_rule_reproduces_the_producers_signature(r, redis_server):
+    producer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    cmd_id = producer.drop(
+        "2001:db8::/32", ttl_s=600, target=["web1", "eu"], reason="abuse report", request_id="q-1"
+    )
+    [(_, raw)] = r.xrange(CMD, cmd_id, cmd_id)
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    assert set(fields) == {"op", "ip", "ttl", "target", "reason", "request_id", "ts", "sig"}
+    assert abs(int(fields["ts"]) - int(cmd_id.split("-")[0])) < 5000
+    assert fields["sig"] == readme_signature(fields, KEY)
+    assert signature(fields, KEY) == fields["sig"]
+    assert list(SIGNED_FIELDS) == sorted(SIGNED_FIELDS)
+    producer.client.close()
+
+
+def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server):
+    worker = make_worker(redis_server, require_signature=True)
+    producer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    good = producer.drop("192.0.2.1", reason="signed")
+    unsigned = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.2"}).decode()
+    tampered_fields = signed({"op": "drop.insert", "ip": "192.0.2.3"})
+    tampered = r.xadd(CMD, {**tampered_fields, "ip": "192.0.2.4"}).decode()
+    added = signed({"op": "drop.insert", "ip": "192.0.2.5"})
+    added_reason = r.xadd(CMD, {**added, "REASON": "slipped in"}).decode()
+    no_ts = {"op": "drop.insert", "ip": "192.0.2.6"}
+    without_ts = r.xadd(CMD, {**no_ts, "sig": readme_signature(no_ts, KEY)}).decode()
+    now_ms = int(time.time() * 1000)
+    stale = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.7"}, now_ms - 301_000))
+    future = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.8"}, now_ms + 301_000))
+    other_key = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.9"}, key_text="x" * 20))
+    worker.run(burst=True)
+
+    assert status(r, good) == ("applied", "inserted")
+    assert status(r, unsigned) == ("rejected", "sig: missing")
+    assert status(r, tampered) == ("rejected", "sig: does not match")
+    assert status(r, added_reason) == ("rejected", "sig: does not match")
+    assert status(r, without_ts)[1].startswith("ts: missing")
+    assert status(r, stale.decode())[1].startswith("ts: outside the 300 s window")
+    assert status(r, future.decode())[1].startswith("ts: outside the 300 s window")
+    assert status(r, other_key.decode()) == ("rejected", "sig: does not match")
+    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert [rec.network for rec in producer.rules()] == ["192.0.2.1/32"], "ledger: signed only"
+    producer.client.close()
+
+
+def test_a_key_without_require_takes_unsigned_but_not_badly_signed(r, redis_server):
+    worker = make_worker(redis_server, signature_window=60)
+    unsigned = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.1"}).decode()
+    bad = r.xadd(CMD, {**signed({"op": "drop.insert", "ip": "192.0.2.2"}), "sig": "0" * 64})
+    stale = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.3"}, 1))
+    worker.run(burst=True)
+    assert status(r, unsigned) == ("applied", "inserted")
+    assert status(r, bad.decode()) == ("rejected", "sig: does not match")
+    assert status(r, stale.decode())[1].startswith("ts: outside the 60 s window")
+    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}
+
+
+def test_no_key_ignores_signatures(r, redis_server):
+    settings = WorkerSettings(redis_url=redis_server.url, host_name="h1", backend="memory")
+    worker = Worker(settings, backend=MemoryBackend())
+    worker.setup()
+    bad = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.2", "sig": "nonsense", "ts": "x"})
+    worker.run(burst=True)
+    assert status(r, bad.decode()) == ("applied", "inserted")
+
+
+def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_server):
+    worker = make_worker(redis_server, require_signature=True)
+    producer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    ban = producer.drop("198.51.100.7", reason="stays")
+    timed = producer.drop("198.51.100.8", ttl_s=1)
+    worker.run(burst=True)
+    assert {status(r, ban)[0], status(r, timed)[0]} == {"applied"}
+
+    # anyone who can XADD can write what the scheduler writes: it must not lift the ban
+    forged = r.xadd(CMD, {"op": "drop.delete", "ip": "198.51.100.7", "origin": "ttl"}).decode()
+    worker.run(burst=True)
+    assert status(r, forged) == ("rejected", FORGED_EXPIRY)
+    assert key("drop", "198.51.100.7") in worker.backend.snapshot()
+    assert [rec.network for rec in producer.rules()] == ["198.51.100.7/32", "198.51.100.8/32"]
+
+    wait_for(lambda: producer.now_ms() > int(timed.split("-")[0]) + 1000, 5, "the ttl to pass")
+    worker.scheduler.claim_due()
+    [(expiry, fields)] = [
+        (eid.decode(), f) for eid, f in r.xrange(CMD, f"({forged}") if f.get(b"origin") == b"ttl"
+    ]
+    assert b"sig" not in fields, "the scheduler's delete comes from Lua, unsigned"
+    # process the delete before this host's own timer removes the rule: the delete does it
+    assert key("drop", "198.51.100.8") in worker.backend.snapshot()
+    worker.applier.process(worker.applier.stream.read(">", 10, None))
+    assert status(r, expiry) == ("applied", "deleted")
+    assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}
+    assert [rec.network for rec in producer.rules()] == ["198.51.100.7/32"]
+
+    worker.reconcile()
+    assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}, "the ledger kept it"
+    producer.client.close()
+
+
+def test_an_expiry_is_confirmed_only_by_its_own_tombstone():
+    tomb = RuleRecord(id="5-0", action="drop", network="192.0.2.1/32", deleted=True, origin="ttl")
+    assert confirm_expiry("5-0", tomb) is None
+    assert confirm_expiry("6-0", tomb) == ("rejected", FORGED_EXPIRY), "after the tombstone"
+    assert confirm_expiry("6-0", None) == ("rejected", FORGED_EXPIRY), "no record at all"
+    active = RuleRecord(id="5-0", action="drop", network="192.0.2.1/32")
+    assert confirm_expiry("5-0", active) == ("rejected", FORGED_EXPIRY)
+    assert confirm_expiry("4-9", tomb) == ("unchanged", "superseded by newer command 5-0")
+    by_hand = tomb.model_copy(update={"origin": ""})
+    assert confirm_expiry("5-0", by_hand) == ("rejected", FORGED_EXPIRY)
+
+
+def test_signing_settings_are_checked():
+    with pytest.raises(ValidationError, match="PUSHFW_HMAC_KEY"):
+        WorkerSettings(require_signature=True)
+    with pytest.raises(ValidationError, match="shorter than 16"):
+        WorkerSettings(hmac_key="short")
+    assert WorkerSettings(hmac_key="").hmac_key is None
+    assert KEY not in repr(WorkerSettings(hmac_key=KEY))
+    with pytest.raises(ValueError, match="needs a key"):
+        Signing(None, required=True)
+
+
+def test_cli_signs_with_the_key_from_the_environment(r, redis_server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+    for extra, args in (({"PUSHFW_HMAC_KEY": KEY}, []), ({}, ["--hmac-key", KEY])):
+        cli = [sys.executable, "-m", "pushfw.producer", "--redis-url", redis_server.url]
+        proc = subprocess.run(
+            [*cli, *args, "drop", "192.0.2.1", "--ttl", "1h"],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        cmd_id = proc.stdout.strip()
+        [(_, raw)] = r.xrange(CMD, cmd_id, cmd_id)
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        assert fields["sig"] == readme_signature(fields, KEY)
+
+
+def test_unsigned_producer_gets_a_rejection_it_can_read(r, redis_server):
+    worker = make_worker(redis_server, require_signature=True)
+    producer = Producer.from_url(redis_server.url)
+    cmd_id = producer.drop("192.0.2.1")
+    worker.run(burst=True)
+    [result] = producer.wait(cmd_id)
+    assert (result.status.value, result.detail) == ("rejected", "sig: missing")
+    producer.client.close()
+
+
+def test_signature_checks_do_not_need_the_ledger_for_signed_expiries(r, redis_server):
+    """A signed ``origin ttl`` delete (a producer may sign one) is taken on its signature."""
+    worker = make_worker(redis_server, require_signature=True)
+    producer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    producer.drop("192.0.2.1")
+    delete = r.xadd(CMD, signed({"op": "drop.delete", "ip": "192.0.2.1", "origin": "ttl"}))
+    worker.run(burst=True)
+    assert status(r, delete.decode()) == ("applied", "deleted")
+    producer.client.close()
+
+
+def test_the_readme_shell_recipe_signs_for_redis_cli(r, redis_server):
+    """README's openssl + redis-cli lines make a command a requiring worker applies."""
+    need(shutil.which("openssl") is not None and shutil.which("redis-cli") is not None, "tools")
+    worker = make_worker(redis_server, require_signature=True)
+    recipe = README.read_text().split("<!-- signing-shell -->")[1].split("```sh")[1].split("```")[0]
+    env = {**os.environ, "PUSHFW_HMAC_KEY": KEY, "REDISCLI_AUTH": ""}
+    proc = subprocess.run(
+        [
+            "bash",
+            "-euo",
+            "pipefail",
+            "-c",
+            recipe.replace("redis-cli ", f"redis-cli -p {redis_server.port} "),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cmd_id = proc.stdout.split()[-1]
+    worker.run(burst=True)
+    assert status(r, cmd_id) == ("applied", "inserted")

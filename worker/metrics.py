@@ -1,0 +1,181 @@
+"""Prometheus metrics of one worker, served over HTTP when ``metrics_listen`` is set.
+
+Every metric lives in a registry of the worker's own (not prometheus-client's global one),
+so several workers in one process (tests) never collide. The roles call one method per
+event; nothing here touches Redis or the kernel, and the HTTP thread only reads counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pushfw.producer.contract import Action, Command, Op, Status
+from pushfw.worker.backends.base import RuleKey
+from pushfw.worker.reconcile import Drift
+from pushfw.worker.stream import Entry
+
+__all__ = ["Finished", "Metrics"]
+
+logger = logging.getLogger(__name__)
+
+# Seconds: from a millisecond command to a worker catching up after an hour away.
+_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class Finished(Protocol):
+    """What the metrics read of one processed entry (the applier's ``Outcome``)."""
+
+    @property
+    def entry(self) -> Entry: ...
+
+    @property
+    def status(self) -> Status | None: ...
+
+    @property
+    def command(self) -> Command | None: ...
+
+    @property
+    def skip(self) -> bool: ...
+
+
+def _op_label(out: Finished) -> str:
+    """The canonical op, also for a rejected entry whose op itself was valid; else ``invalid``."""
+    if out.command is not None:
+        return out.command.op.value
+    raw = (out.entry.fields or {}).get(b"op", b"")
+    try:
+        return Op.parse(raw.decode()).value
+    except (ValueError, UnicodeDecodeError):
+        return "invalid"  # never the raw text: labels from request data would be unbounded
+
+
+class Metrics:
+    """The ``pushfw_*`` metrics of one worker."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.commands = Counter(
+            "pushfw_commands",
+            "Commands this host answered, by op and result status.",
+            ["op", "status"],
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "pushfw_batch_size", "Entries per batch read.", buckets=_SIZE_BUCKETS, registry=reg
+        )
+        self.apply_seconds = Histogram(
+            "pushfw_apply_duration_seconds",
+            "Time to process one batch: decide, commit to the kernel, write results, XACK.",
+            buckets=_DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.command_lag = Histogram(
+            "pushfw_command_lag_seconds",
+            "From XADD (the entry id's time) to this host's result.",
+            buckets=_LAG_BUCKETS,
+            registry=reg,
+        )
+        self.group_pending = Gauge(
+            "pushfw_group_pending",
+            "Entries delivered to this host's group but not acknowledged (at heartbeat).",
+            registry=reg,
+        )
+        self.group_lag = Gauge(
+            "pushfw_group_lag",
+            "Entries not yet delivered to this host's group (at heartbeat; NaN: unknown).",
+            registry=reg,
+        )
+        self.rules = Gauge(
+            "pushfw_rules",
+            "Managed rules in the kernel, by backend and action (at heartbeat).",
+            ["backend", "action"],
+            registry=reg,
+        )
+        self.expiry_lag = Histogram(
+            "pushfw_expiry_lag_seconds",
+            "From a timed rule's expiry to its removal from this host's kernel.",
+            buckets=_LAG_BUCKETS,
+            registry=reg,
+        )
+        self.drift = Counter(
+            "pushfw_reconcile_drift",
+            "Rules a reconcile repaired, by kind (added, removed, updated expiry).",
+            ["kind"],
+            registry=reg,
+        )
+        for kind in ("added", "removed", "updated"):
+            self.drift.labels(kind)
+        self.dead_letters = Counter(
+            "pushfw_dead_letters", "Commands sent to the dead-letter stream.", registry=reg
+        )
+        self.redis_reconnects = Counter(
+            "pushfw_redis_reconnects",
+            "Times the connection to Redis was lost and had to be re-established.",
+            registry=reg,
+        )
+        self.scheduler_expiries = Counter(
+            "pushfw_scheduler_expiries",
+            "Expiries this worker's scheduler claimed and emitted as delete commands.",
+            registry=reg,
+        )
+        self._server: WSGIServer | None = None
+        self.address: tuple[str, int] | None = None
+        """Where ``/metrics`` is served (None: not served)."""
+
+    def batch(self, outcomes: Sequence[Finished], seconds: float, now_ms: int) -> None:
+        """One processed batch: its size, its duration, and each answered command."""
+        self.batch_size.observe(len(outcomes))
+        self.apply_seconds.observe(seconds)
+        for out in outcomes:
+            if out.status is None or out.skip:
+                continue
+            self.commands.labels(_op_label(out), out.status.value).inc()
+            self.command_lag.observe(max(0, now_ms - out.entry.ms) / 1000)
+
+    def expired(self, expiries_ms: Iterable[int], now_ms: int) -> None:
+        """Timed rules removed from the kernel at ``now_ms``."""
+        for expires_ms in expiries_ms:
+            self.expiry_lag.observe(max(0, now_ms - expires_ms) / 1000)
+
+    def reconciled(self, drift: Drift) -> None:
+        self.drift.labels("added").inc(drift.added)
+        self.drift.labels("removed").inc(drift.removed)
+        self.drift.labels("updated").inc(drift.updated)
+
+    def heartbeat(
+        self, lag: int | None, pending: int, backend: str, rules: Iterable[RuleKey]
+    ) -> None:
+        """Gauges that are sampled, not counted: the host's group and its rules."""
+        self.group_pending.set(pending)
+        self.group_lag.set(float("nan") if lag is None else lag)
+        tally = Tally(key.action for key in rules)
+        for action in Action:
+            self.rules.labels(backend, action.value).set(tally[action])
+
+    def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Serve ``/metrics`` from a daemon thread; returns the bound address (port 0 works)."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._server.server_address
+        self.address = str(bound[0]), int(bound[1])
+        return self.address
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    def close(self) -> None:
+        """Stop serving (the counters stay readable in-process)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+            self.address = None
