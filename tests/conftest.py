@@ -232,13 +232,22 @@ def netns(make_netns: Callable[[], Netns]) -> Netns:
     return make_netns()
 
 
-@pytest.fixture(params=["iptables", "nftables", "ipset"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Each kernel backend in turn; a test taking it runs once per backend."""
-    name = str(request.param)
+def _kernel_backend(name: str) -> str:
     tool = {"iptables": "iptables-legacy", "nftables": "nft", "ipset": "ipset"}[name]
     need(shutil.which(tool) is not None, f"{tool} is not installed")
     return name
+
+
+@pytest.fixture(params=["iptables", "nftables", "ipset"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each kernel backend in turn; a test taking it runs once per backend."""
+    return _kernel_backend(str(request.param))
+
+
+@pytest.fixture(params=["nftables", "ipset"])
+def set_backend(request: pytest.FixtureRequest) -> str:
+    """Each backend whose kernel objects carry timeouts and a size (sets)."""
+    return _kernel_backend(str(request.param))
 
 
 @dataclass

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from pushfw.producer import Producer
 from tests.conftest import Netns, wait_for
 from tests.kernel import Firewall
@@ -38,32 +36,25 @@ def kernel_timeout_s(ns: Netns, backend: str, ip: str) -> int:
     return total + (int(number) if number else 0)
 
 
-def set_backend(backend: str) -> None:
-    if backend == "iptables":
-        pytest.skip("iptables rules carry no kernel timeout or set size")
-
-
 def test_extending_a_ban_renews_the_kernel_timeout(
-    netns: Netns, backend: str, spawn_worker, producer: Producer
+    netns: Netns, set_backend: str, spawn_worker, producer: Producer
 ):
-    set_backend(backend)
-    fw = Firewall(netns, backend)
-    worker = spawn_worker(netns, backend=backend).start()
+    fw = Firewall(netns, set_backend)
+    worker = spawn_worker(netns, backend=set_backend).start()
     producer.wait(producer.drop("192.0.2.70", ttl_s=2))
-    assert kernel_timeout_s(netns, backend, "192.0.2.70") <= 2
+    assert kernel_timeout_s(netns, set_backend, "192.0.2.70") <= 2
     extended = producer.drop("192.0.2.70", ttl_s=600)
     assert [r.status.value for r in producer.wait(extended)] == ["applied"]
-    assert kernel_timeout_s(netns, backend, "192.0.2.70") > 590
+    assert kernel_timeout_s(netns, set_backend, "192.0.2.70") > 590
     assert worker.stop() == 0
     time.sleep(3)
     assert fw.dropped() == ["192.0.2.70/32"], "the kernel kept the old 2 s timeout"
 
 
 def test_a_full_set_is_a_permanent_failure(
-    netns: Netns, backend: str, spawn_worker, producer: Producer, r
+    netns: Netns, set_backend: str, spawn_worker, producer: Producer, r
 ):
-    set_backend(backend)
-    spawn_worker(netns, backend=backend, set_size="4", max_deliveries="5").start()
+    spawn_worker(netns, backend=set_backend, set_size="4", max_deliveries="5").start()
     ids = [producer.drop(f"192.0.2.{80 + i}") for i in range(6)]
     for cmd_id in ids[:4]:
         assert [x.status.value for x in producer.wait(cmd_id)] == ["applied"]

@@ -8,7 +8,6 @@ import sys
 import time
 from typing import Any
 
-import pytest
 import redis
 
 from pushfw.producer import Producer
@@ -198,13 +197,11 @@ def test_redis_restart_with_aof_keeps_every_expiry_once(
 
 
 def test_kernel_timeouts_end_bans_while_the_worker_is_down(
-    netns, backend, spawn_worker, producer, r
+    netns, set_backend, spawn_worker, producer, r
 ):
     """Set backends hand the kernel the time remaining: a ban ends even with no worker."""
-    if backend == "iptables":
-        pytest.skip("iptables rules have no kernel timeout; the worker removes them at start")
-    fw = Firewall(netns, backend)
-    worker = spawn_worker(netns, backend=backend).start()
+    fw = Firewall(netns, set_backend)
+    worker = spawn_worker(netns, backend=set_backend).start()
     timed = producer.drop("192.0.2.60", ttl_s=2)
     producer.wait(timed)
     assert worker.stop() == 0
