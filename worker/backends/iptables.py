@@ -135,25 +135,89 @@ def _parse_comment(text: str) -> tuple[bool, int | None]:
     return False, None
 
 
+_MATCH_HEADER = 32  # struct xt_entry_match: u16 size, char name[29], u8 revision
+_COMMENT_LEN = 256  # struct xt_comment_info
+
+
+class _RuleCodec:
+    """Builds and reads pushfw's raw x_tables entries for one family.
+
+    python-iptables' Rule objects cost about 0.3 ms each to build and compare, which made
+    a batch of 2,500 expiries on a 10k-rule chain take over a second. Our rules have one
+    shape (source, comment, ACCEPT/DROP), so a template built once by python-iptables is
+    patched per rule instead; the offsets are checked against python-iptables at start.
+    """
+
+    def __init__(self, iptc: Any, version: int) -> None:
+        self.version = version
+        width = 4 if version == 4 else 16
+        self._src = slice(0, width)
+        self._smsk = slice(2 * width, 3 * width)
+        probe = "10.9.8.7/32" if version == 4 else "2001:db8::9:8:7/128"
+        self._templates: dict[Action, bytes] = {}
+        self._masks: dict[Action, Any] = {}
+        for action in Action:
+            ipt_rule = self._python_iptables_rule(iptc, probe, COMMENT, action)
+            self._templates[action] = bytes(ipt_rule.rule)
+            self._masks[action] = ipt_rule.mask
+            entry_size = int(ipt_rule._entry_size())
+        self._comment = slice(entry_size + _MATCH_HEADER, entry_size + _MATCH_HEADER + _COMMENT_LEN)
+        self._check(iptc, probe)
+
+    def _python_iptables_rule(self, iptc: Any, src: str, comment: str, action: Action) -> Any:
+        ipt_rule = blank_rule(iptc, self.version)
+        ipt_rule.src = src
+        match = ipt_rule.create_match("comment")
+        match.comment = comment
+        ipt_rule.create_target("ACCEPT" if action is Action.ACCEPT else "DROP")
+        return ipt_rule
+
+    def _check(self, iptc: Any, probe: str) -> None:
+        """The patched bytes must equal what python-iptables builds for the same rule."""
+        net = ipaddress.ip_network(probe)
+        rule = Rule(RuleKey(Action.DROP, net), 1_795_000_000_123)
+        built = self._python_iptables_rule(iptc, str(net), _comment(rule), Action.DROP)
+        if bytes(self.encode(rule)) != bytes(built.rule):
+            raise BackendError("x_tables entry layout differs from the one pushfw expects")
+
+    def encode(self, rule: Rule) -> Any:
+        net = rule.key.network
+        buf = bytearray(self._templates[rule.key.action])
+        buf[self._src] = net.network_address.packed
+        buf[self._smsk] = net.netmask.packed
+        buf[self._comment] = _comment(rule).encode().ljust(_COMMENT_LEN, b"\0")
+        return (ctypes.c_ubyte * len(buf)).from_buffer(buf)
+
+    def mask(self, action: Action) -> Any:
+        return self._masks[action]
+
+    def decode(self, raw: bytes, target: str) -> Rule | None:
+        """Our rule in ``raw``, or None for a rule pushfw did not write."""
+        if target not in ("ACCEPT", "DROP") or len(raw) != len(self._templates[Action.DROP]):
+            return None
+        managed, expires_ms = _parse_comment(raw[self._comment].split(b"\0", 1)[0].decode())
+        if not managed:
+            return None
+        cls = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
+        address = int.from_bytes(raw[self._src], "big")
+        prefix = bin(int.from_bytes(raw[self._smsk], "big")).count("1")
+        action = Action.ACCEPT if target == "ACCEPT" else Action.DROP
+        key = RuleKey(action, cls((address, prefix)))
+        return Rule(key, expires_ms)
+
+
 @dataclass
 class _Family:
     """One address family's table, chain and index of managed rules."""
 
     version: int
     iptc: Any
+    codec: _RuleCodec
     index: dict[RuleKey, Rule] = field(default_factory=dict)
     staged: list[tuple[str, Rule]] = field(default_factory=list)
 
     def table(self) -> Any:
         return filter_table(self.iptc, self.version)
-
-    def new_rule(self, rule: Rule) -> Any:
-        ipt_rule = blank_rule(self.iptc, self.version)
-        ipt_rule.src = str(rule.key.network)
-        match = ipt_rule.create_match("comment")
-        match.comment = _comment(rule)
-        ipt_rule.create_target("ACCEPT" if rule.key.action is Action.ACCEPT else "DROP")
-        return ipt_rule
 
 
 class IptablesBackend(Backend):
@@ -172,7 +236,7 @@ class IptablesBackend(Backend):
         self.chain = chain
         self.hooks = tuple(hooks)
         self.lock_timeout_s = lock_timeout_s
-        self._families = {4: _Family(4, iptc), 6: _Family(6, iptc)}
+        self._families = {v: _Family(v, iptc, _RuleCodec(iptc, v)) for v in (4, 6)}
         self._iptc = iptc
 
     def open(self) -> None:
@@ -201,16 +265,24 @@ class IptablesBackend(Backend):
 
     def _read_index(self, fam: _Family, table: Any) -> dict[RuleKey, Rule]:
         index: dict[RuleKey, Rule] = {}
-        for ipt_rule in self._iptc.Chain(table, self.chain).rules:
-            comments = [m.comment for m in ipt_rule.matches if m.name == "comment"]
-            managed, expires_ms = _parse_comment(comments[0] if comments else "")
-            target = ipt_rule.target.name
-            if not managed or target not in ("ACCEPT", "DROP"):
-                logger.warning("chain %s holds a rule pushfw did not write; left alone", self.chain)
-                continue
-            network = ipaddress.ip_network(ipt_rule.src, strict=False)
-            key = RuleKey(Action.ACCEPT if target == "ACCEPT" else Action.DROP, network)
-            index[key] = Rule(key, expires_ms)
+        foreign = 0
+        entry = table.first_rule(self.chain)
+        while entry:
+            raw = ctypes.string_at(ctypes.addressof(entry), entry.next_offset)
+            target = table.get_target(entry)
+            rule = fam.codec.decode(raw, target.decode() if isinstance(target, bytes) else "")
+            if rule is None:
+                foreign += 1
+            else:
+                index[rule.key] = rule
+            entry = table.next_rule(entry)
+        if foreign:
+            logger.warning(
+                "chain %s (IPv%d) holds %d rules pushfw did not write; left alone",
+                self.chain,
+                fam.version,
+                foreign,
+            )
         return index
 
     def close(self) -> None:
@@ -248,17 +320,19 @@ class IptablesBackend(Backend):
         with self._locked():
             table = fam.table()
             table.refresh()
-            chain = self._iptc.Chain(table, self.chain)
+            codec = fam.codec
             for kind, rule in fam.staged:
                 old = index.pop(rule.key, None)
                 if old is not None:
                     with contextlib.suppress(self._iptc.IPTCError):
-                        chain.delete_rule(fam.new_rule(old))
+                        table.delete_entry(
+                            self.chain, codec.encode(old), codec.mask(old.key.action)
+                        )
                 if kind == "add":
                     if rule.key.action is Action.ACCEPT:
-                        chain.insert_rule(fam.new_rule(rule))
+                        table.insert_entry(self.chain, codec.encode(rule), 0)
                     else:
-                        chain.append_rule(fam.new_rule(rule))
+                        table.append_entry(self.chain, codec.encode(rule))
                     index[rule.key] = rule
             self._commit_table(table)
         fam.index = index
