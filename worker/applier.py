@@ -9,7 +9,6 @@ stream after ``max_deliveries``.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from pushfw.producer.contract import Action, Command, CommandRejected, Status, p
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
+from pushfw.worker.expiry import ExpiryQueue
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.protect import Protection
@@ -85,7 +85,7 @@ class Applier:
         self._retry_backoff = Backoff(settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
         self._claim_start = "0-0"
         self._claim_at = 0.0
-        self._expiry: list[tuple[int, RuleKey]] = []
+        self.expiry = ExpiryQueue()
         self._high_water = (0, 0)
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
@@ -105,12 +105,7 @@ class Applier:
 
     def rebuild_expiry(self) -> None:
         """Queue every timed rule the backend holds (after open or a reconcile)."""
-        self._expiry = [
-            (rule.expires_ms, key)
-            for key, rule in self.backend.snapshot().items()
-            if rule.expires_ms is not None
-        ]
-        heapq.heapify(self._expiry)
+        self.expiry.rebuild(self.backend.snapshot().values())
 
     def _sync_clock(self, redis_ms: int) -> None:
         self._clock_offset_ms = redis_ms - int(time.time() * 1000)
@@ -120,34 +115,22 @@ class Applier:
         return int(time.time() * 1000) + self._clock_offset_ms
 
     def expire_due(self) -> int:
-        """Remove timed rules whose expiry has passed; the kernel index is the authority.
-
-        Every host does this itself, so a ban ends on time even when Redis is unreachable
-        and, after a restart, as soon as the index is read back from the kernel.
-        """
+        """Remove the timed rules whose expiry has passed (see :mod:`pushfw.worker.expiry`)."""
         now = self.now_ms()
-        due: list[tuple[int, RuleKey]] = []
-        while self._expiry and self._expiry[0][0] <= now:
-            expires_ms, key = heapq.heappop(self._expiry)
-            rule = self.backend.get(key)
-            if rule is not None and rule.expires_ms == expires_ms:
-                self.backend.delete(key)
-                due.append((expires_ms, key))
+        due = self.expiry.pop_due(now, self.backend.get)
         if not due:
             return 0
+        for rule in due:
+            self.backend.delete(rule.key)
         error = self._commit_with_retry()
         if error is not None:
             logger.warning("could not remove %d expired rules (%s); will retry", len(due), error)
-            for expires_ms, key in due:
-                heapq.heappush(self._expiry, (expires_ms + 1000, key))
+            self.expiry.retry(due, delay_ms=1000)
             return 0
-        lag_ms = now - min(ms for ms, _ in due)
-        logger.info("expired %d rules (oldest %d ms late)", len(due), lag_ms)
-        self.metrics.expired((ms for ms, _ in due), self.now_ms())
+        expiries = [r.expires_ms for r in due if r.expires_ms is not None]
+        logger.info("expired %d rules (oldest %d ms late)", len(due), now - min(expiries))
+        self.metrics.expired(expiries, self.now_ms())
         return len(due)
-
-    def _ms_to_next_expiry(self) -> int | None:
-        return self._expiry[0][0] - self.now_ms() if self._expiry else None
 
     def iteration(self) -> int:
         """Expire what is due, then read one batch (pending, claimed, new) and process it."""
@@ -189,7 +172,7 @@ class Applier:
         block_ms = self.settings.block_ms
         if self._retry_at:
             block_ms = min(block_ms, int((self._retry_at - time.monotonic()) * 1000))
-        next_expiry_ms = self._ms_to_next_expiry()
+        next_expiry_ms = self.expiry.ms_until_next(self.now_ms())
         if next_expiry_ms is not None:
             block_ms = min(block_ms, next_expiry_ms)
         block_ms = max(1, block_ms)
@@ -341,8 +324,8 @@ class Applier:
         for out in changes:
             if out.status is None:
                 out.status = Status.APPLIED
-                if out.change is not None and out.change.expires_ms is not None:
-                    heapq.heappush(self._expiry, (out.change.expires_ms, out.change.key))
+                if out.change is not None:
+                    self.expiry.push(out.change)
 
     def _finish(self, outcomes: list[Outcome]) -> None:
         if logger.isEnabledFor(logging.DEBUG):
