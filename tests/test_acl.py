@@ -303,7 +303,11 @@ def acl_worker(acl_server, admin, tmp_path) -> Iterator[Callable[[], Worker]]:
 def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_worker):
     worker = acl_worker()
     producer = Producer.from_url(url(acl_server, PRODUCER_USER, PRODUCER_PW), hmac_key=HMAC_KEY)
-    wait_for(lambda: producer.hosts() or not worker.alive(), 20, "the worker's first heartbeat")
+    wait_for(
+        lambda: any(h.state == "running" for h in producer.hosts()) or not worker.alive(),
+        20,
+        "the worker to follow the stream",
+    )
     assert worker.alive(), worker.log
     wait_for(
         lambda: int(execute(admin, "PUBSUB", "NUMPAT")) >= 1,

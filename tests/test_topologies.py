@@ -65,7 +65,10 @@ def exercise(url: str) -> None:
     producer = Producer.from_url(url)
     worker, thread = run_worker(url)
     try:
-        wait_for(lambda: producer.hosts(), what="the worker's heartbeat")
+        wait_for(
+            lambda: any(h.state == "running" for h in producer.hosts()),
+            what="the worker to follow the stream",
+        )
         drop = producer.drop("192.0.2.1", reason="topology")
         timed = producer.drop("192.0.2.2", ttl_s=1)
         assert [r.status.value for r in producer.wait(drop)] == ["applied"]
