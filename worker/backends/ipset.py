@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.base import IndexedBackend, Rule, RuleKey
 from pushfw.worker.backends.iptables import (
     blank_rule,
     commit_table,
@@ -139,7 +139,7 @@ class _Set:
         return [name, "hash:net", *options]
 
 
-class IpsetBackend(Backend):
+class IpsetBackend(IndexedBackend):
     """Four ``hash:net`` sets matched from the managed chain; one ``ipset restore`` per batch."""
 
     name = "ipset"
@@ -153,6 +153,8 @@ class IpsetBackend(Backend):
         lock_timeout_s: float = 5.0,
     ) -> None:
         import iptc  # deferred: loading libiptc needs the iptables libraries installed
+
+        super().__init__()
 
         prefix_max = _SET_NAME_MAX - len(f"-accept6{_RESIZE_SUFFIX}")
         if not _PREFIX.fullmatch(set_prefix) or len(set_prefix) > prefix_max:
@@ -173,8 +175,6 @@ class IpsetBackend(Backend):
             for version in (4, 6)
             for action in (Action.ACCEPT, Action.DROP)
         }
-        self._index: dict[RuleKey, Rule] = {}
-        self._staged: list[tuple[RuleKey, Rule | None]] = []
 
     def open(self) -> None:
         if iptables_variant() == "nf_tables":
@@ -284,27 +284,6 @@ class IpsetBackend(Backend):
                     key = RuleKey(ipset.action, element.network)
                     index[key] = Rule(key, element.expires_ms)
         return index
-
-    def close(self) -> None:
-        self.discard()
-
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return dict(self._index)
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._index.get(key)
-
-    def size(self) -> int:
-        return len(self._index)
-
-    def add(self, rule: Rule) -> None:
-        self._staged.append((rule.key, rule))
-
-    def delete(self, key: RuleKey) -> None:
-        self._staged.append((key, None))
-
-    def discard(self) -> None:
-        self._staged.clear()
 
     def commit(self) -> None:
         staged, self._staged = self._staged, []

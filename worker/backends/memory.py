@@ -5,41 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pushfw.producer.contract import Network
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.base import IndexedBackend
 from pushfw.worker.errors import BackendError
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(IndexedBackend):
     """Rules in a dict; ``fail_networks`` makes every batch touching them fail (fault injection)."""
 
     name = "memory"
 
     def __init__(self, fail_networks: Iterable[Network] = ()) -> None:
-        self._rules: dict[RuleKey, Rule] = {}
-        self._staged: list[tuple[RuleKey, Rule | None]] = []
+        super().__init__()
         self._fail = frozenset(fail_networks)
         self.commits = 0
 
     def open(self) -> None:
         """Nothing to create."""
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return dict(self._rules)
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._rules.get(key)
-
-    def size(self) -> int:
-        return len(self._rules)
-
-    def add(self, rule: Rule) -> None:
-        self._staged.append((rule.key, rule))
-
-    def delete(self, key: RuleKey) -> None:
-        self._staged.append((key, None))
 
     def commit(self) -> None:
         staged, self._staged = self._staged, []
@@ -48,10 +29,7 @@ class MemoryBackend(Backend):
                 raise BackendError(f"injected failure for {key.network}")
         for key, rule in staged:
             if rule is None:
-                self._rules.pop(key, None)
+                self._index.pop(key, None)
             else:
-                self._rules[key] = rule
+                self._index[key] = rule
         self.commits += 1
-
-    def discard(self) -> None:
-        self._staged.clear()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.base import IndexedBackend, Rule, RuleKey
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _version(name: str) -> int:
     return int(parsed["version"]) if parsed else 4
 
 
-class NftablesBackend(Backend):
+class NftablesBackend(IndexedBackend):
     """Sets in ``inet <table>``; one nft transaction per batch."""
 
     name = "nftables"
@@ -72,6 +72,8 @@ class NftablesBackend(Backend):
     ) -> None:
         import nftables  # deferred: loads the system's libnftables
 
+        super().__init__()
+
         unknown = [h for h in hooks if h.upper() not in _HOOKS]
         if unknown:
             raise ConfigError(f"nftables backend: unsupported hook(s) {unknown}; use INPUT/FORWARD")
@@ -80,9 +82,7 @@ class NftablesBackend(Backend):
         self.hooks = sorted({_HOOKS[h.upper()] for h in hooks})
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
-        self._index: dict[RuleKey, Rule] = {}
         self._sets: set[str] = set()
-        self._staged: list[tuple[RuleKey, Rule | None]] = []
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -167,27 +167,6 @@ class NftablesBackend(Backend):
         finally:
             self._run([{"delete": {"element": gone}}])
         return renewed
-
-    def close(self) -> None:
-        self.discard()
-
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return dict(self._index)
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._index.get(key)
-
-    def size(self) -> int:
-        return len(self._index)
-
-    def add(self, rule: Rule) -> None:
-        self._staged.append((rule.key, rule))
-
-    def delete(self, key: RuleKey) -> None:
-        self._staged.append((key, None))
-
-    def discard(self) -> None:
-        self._staged.clear()
 
     def _element(self, key: RuleKey, rule: Rule | None) -> Json:
         if rule is None:
