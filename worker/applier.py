@@ -86,6 +86,7 @@ class Applier:
         self._claim_start = "0-0"
         self._claim_at = 0.0
         self.expiry = ExpiryQueue()
+        self._failing: set[str] = set()  # entries left pending to retry: logged once, not per try
         self._high_water = (0, 0)
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
@@ -274,7 +275,13 @@ class Applier:
         if error is None:
             self._settled(changes)
             return
-        logger.warning("batch of %d refused (%s); applying one by one", len(changes), error)
+        retrying = all(o.entry.id in self._failing for o in changes)
+        logger.log(
+            logging.DEBUG if retrying else logging.WARNING,
+            "batch of %d refused (%s); applying one by one",
+            len(changes),
+            error,
+        )
         for out in changes:
             out.status, out.detail = None, ""
             self._stage([out])
@@ -348,7 +355,9 @@ class Applier:
                     out.status = Status.FAILED
                     out.detail = f"dead letter after {delivered} deliveries: {out.detail}"
             self._schedule_retry()
+        self._failing.update(o.entry.id for o in outcomes if o.status is None)
         done = [o for o in outcomes if o.status is not None]
+        self._failing.difference_update(o.entry.id for o in done)
         results = [self._result_fields(o) for o in done if not o.skip]
         self.stream.finish(
             [o.entry.id for o in done],
