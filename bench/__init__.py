@@ -2,6 +2,8 @@
 
 Everything is measured in one run, inside a network namespace and against a redis-server
 that the run creates and always removes: a per-rule ``sh -c "iptables ..."`` baseline (the
-seed's way), pushfw end to end per backend, idle latency, reconcile time, TTL expiry lag,
-Redis memory per rule, worker RSS, and the bare Redis drain and parse limits.
+seed's way); per backend (nftables, ipset, iptables, memory) pushfw end to end, idle
+latency, reconcile time, TTL expiry lag and worker RSS (set backends: also with 1M rules);
+Redis memory per rule; the bare Redis drain and parse limits and the raw kernel batch rate
+of ipset and nftables; and a table of issue 5's targets, met or not.
 """

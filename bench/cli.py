@@ -13,14 +13,32 @@ from pathlib import Path
 from typing import Any
 
 from bench import baseline, limits, phases
-from bench.env import BenchEnv, BenchError, Progress, WorkerProc, bench_env
+from bench.env import (
+    WIDE_NET,
+    BenchEnv,
+    BenchError,
+    Progress,
+    WorkerProc,
+    backend_missing,
+    bench_env,
+    wide_address,
+)
 from bench.report import machine_info, render
+from bench.targets import targets
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
-BACKENDS = ("iptables", "memory")
+BACKENDS = ("nftables", "ipset", "iptables", "memory")
+SET_BACKENDS = ("nftables", "ipset")
+KERNEL_BACKENDS = ("nftables", "ipset", "iptables")
 MAX_N = 120_000
 BIG_N = 100_000
 BIG_IPTABLES_TIMEOUT_S = 120.0
+MILLION = 1_000_000
+MILLION_CAP_S = 150.0
+"""The 1M-rule job (set backends, full run) is stopped after this long."""
+MILLION_SKIP_S = 3 * MILLION_CAP_S
+"""... and not started if its estimate is beyond this (it would reach too few rules)."""
+MILLION_SET_SIZE = 1_100_000
 LATENCY_SAMPLES = 50
 TIMED_TTL_S = 3600
 
@@ -35,20 +53,25 @@ class Plan:
     baseline_rules: int = 200
     reconcile_n: int = 10_000
     ttl_n: int = 10_000
+    ttls: tuple[int, ...] = (2, 3, 4, 5)
+    million: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
         quick = bool(args.quick)
         sizes = args.sizes or ([1000, 10_000] if quick else [1000, 10_000, BIG_N])
+        backends = args.backends or list(BACKENDS)
         return cls(
             quick=quick,
             sizes=sorted(set(sizes)),
-            backends=args.backends,
+            backends=backends,
             out=args.out,
             baseline_table_sizes=[0, 1000, 5000] if quick else [0, 1000, 5000, 20_000],
             baseline_rules=50 if quick else 200,
             reconcile_n=1000 if quick else 10_000,
             ttl_n=1000 if quick else 10_000,
+            ttls=(1, 2) if quick else (2, 3, 4, 5),
+            million=not quick and not args.no_million,
         )
 
     def timeout_s(self, backend: str, n: int) -> float:
@@ -84,7 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--sizes", type=_sizes, help="job sizes N, e.g. 1000,10000")
     parser.add_argument(
-        "--backends", type=_backends, default=list(BACKENDS), help="iptables,memory"
+        "--backends", type=_backends, default=None, help=f"default {','.join(BACKENDS)}"
+    )
+    parser.add_argument(
+        "--no-million",
+        action="store_true",
+        help="skip the worker-RSS job of 1,000,000 rules on the set backends (full run)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     return parser.parse_args(argv)
@@ -99,15 +127,15 @@ class Run:
         self.log = env.progress
         self.jobs: list[dict[str, Any]] = []
         self.latency: list[dict[str, Any]] = []
-        self.memory: dict[str, Any] = {"worker_rss": {}}
-        self.reconcile: dict[str, Any] | None = None
-        self.ttl: dict[str, Any] | None = None
+        self.memory: dict[str, Any] = {"worker_rss": {}, "worker_rss_million": {}}
+        self.reconcile: dict[str, dict[str, Any]] = {}
+        self.ttl: list[dict[str, Any]] = []
         self.notes: list[str] = []
 
     def backend(self, backend: str) -> None:
         for n in self.plan.sizes:
             self.job(backend, n)
-        if backend == "iptables" and self.reconcile is None:
+        if backend in KERNEL_BACKENDS and backend not in self.reconcile:
             self.job(backend, self.plan.reconcile_n, record=False)
         with self.env.worker(backend) as worker:
             self.log(f"{backend}: latency, {LATENCY_SAMPLES} commands on an idle worker")
@@ -115,6 +143,10 @@ class Run:
                 self.env, worker, 0, LATENCY_SAMPLES, phases.LATENCY_OFFSET
             )
             self.latency.append(lat.to_json())
+        if backend in KERNEL_BACKENDS:
+            self.ttl_lag(backend)
+        if self.plan.million and backend in SET_BACKENDS:
+            self.million(backend)
 
     def job(self, backend: str, n: int, record: bool = True) -> None:
         timeout = self.plan.timeout_s(backend, n)
@@ -129,13 +161,18 @@ class Run:
                 self.jobs.append(job.to_json())
             if job.completed and record:
                 self.after_job(worker, job)
-            if job.completed and backend == "iptables" and n == self.plan.reconcile_n:
+            if (
+                job.completed
+                and backend in KERNEL_BACKENDS
+                and n == self.plan.reconcile_n
+                and backend not in self.reconcile
+            ):
                 worker.stop()
-                self.log(f"reconcile: empty kernel -> {n} rules")
-                self.reconcile = phases.measure_reconcile(self.env, n)
-        if not job.completed and backend == "iptables" and n >= BIG_N:
+                self.log(f"{backend}: reconcile, hand-flushed kernel -> {n} rules")
+                self.reconcile[backend] = phases.measure_reconcile(self.env, backend, n)
+        if not job.completed and n >= BIG_N:
             self.notes.append(
-                f"iptables N={n} was stopped at its {timeout:.0f} s limit, unfinished; its "
+                f"{backend} N={n} was stopped at its {timeout:.0f} s limit, unfinished; its "
                 f"row shows the rate of the {job.acknowledged} commands acknowledged by then"
             )
 
@@ -155,11 +192,63 @@ class Run:
             )
             self.latency.append(lat.to_json())
 
-    def ttl_lag(self) -> None:
+    def ttl_lag(self, backend: str) -> None:
         n = self.plan.ttl_n
-        self.log(f"ttl: {n} timed drops (ttl 2-5 s), watching them leave the kernel")
-        with self.env.worker("iptables"):
-            self.ttl = phases.measure_ttl(self.env, n)
+        ttls = self.plan.ttls
+        self.log(
+            f"{backend}: ttl, {n} timed drops (ttl {min(ttls)}-{max(ttls)} s), "
+            "watching them leave the kernel"
+        )
+        with self.env.worker(backend) as worker:
+            ttl = phases.measure_ttl(self.env, backend, n, ttls)
+            ttl["worker_warnings"] = worker.warnings()
+            self.ttl.append(ttl)
+
+    def million(self, backend: str) -> None:
+        """Worker RSS with 1M rules: the job is stopped at :data:`MILLION_CAP_S`, and skipped
+        if its estimate (from the backend's two largest jobs) is far beyond that."""
+        done = [j for j in self.jobs if j["backend"] == backend and j["completed"]]
+        if not done or done[-1]["n"] < BIG_N:
+            self.notes.append(f"{backend}: no 1M-rule job (no finished {BIG_N}-rule job to go by)")
+            return
+        estimate = estimate_s([(j["n"], j["seconds"]) for j in done], MILLION)
+        if estimate > MILLION_SKIP_S:
+            self.notes.append(
+                f"{backend}: 1M-rule job skipped: from its jobs up to {done[-1]['n']} rules it "
+                f"would take ~{estimate:.0f} s"
+            )
+            return
+        self.log(
+            f"{backend}: {MILLION} drops for worker RSS (estimate {estimate:.0f} s, "
+            f"stopped at {MILLION_CAP_S:.0f} s)"
+        )
+        settings = {"PUSHFW_SET_SIZE": str(MILLION_SET_SIZE)}
+        with self.env.worker(backend, settings) as worker:
+            idle_kb = worker.rss_kb()
+            job = phases.run_job(self.env, worker, MILLION, MILLION_CAP_S, where=wide_address)
+            rss_kb = worker.rss_kb()
+            reached = job.n if job.completed else job.acknowledged
+            self.log(f"{backend}: {MILLION} drops: {job.seconds:.1f} s, {reached} acked")
+            grown_kb = rss_kb - idle_kb
+            self.memory["worker_rss_million"][backend] = {
+                **job.to_json(),
+                "estimate_s": estimate,
+                "rules": reached,
+                "idle_vmrss_kb": idle_kb,
+                "vmrss_kb": rss_kb,
+                "vmhwm_kb": worker.rss_kb("VmHWM"),
+                "bytes_per_rule": grown_kb * 1024 / reached if reached else None,
+                "vmrss_at_million_kb": (
+                    idle_kb + grown_kb * MILLION / reached if reached else None
+                ),
+                "set_size": MILLION_SET_SIZE,
+            }
+        if not job.completed:
+            self.notes.append(
+                f"{backend}: the 1M-rule job was stopped at {MILLION_CAP_S:.0f} s with {reached:,} "
+                f"rules applied (estimate was {estimate:.0f} s); its RSS at 1M is extrapolated "
+                "linearly from the worker's RSS idle and at that point"
+            )
 
     def timed_memory(self) -> None:
         backend = "memory" if "memory" in self.plan.backends else self.plan.backends[0]
@@ -178,6 +267,17 @@ class Run:
                 raise BenchError("timed drops were not processed within 300 s")
             phases.wait_ledger(self.env, ids[-1])
             self.memory["timed"] = phases.redis_memory(self.env, before)
+
+
+def estimate_s(jobs: list[tuple[int, float]], n: int) -> float:
+    """Time for an n-rule job, from (N, seconds) of smaller ones: t = a*N + b*N^2 through
+    the two largest (b >= 0: a per-batch cost that grows with the table shows as b)."""
+    (n1, t1), (n2, t2) = [(0, 0.0), *sorted(jobs)][-2:]
+    if n1 == 0:
+        return t2 / n2 * n
+    b = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))
+    a = max(0.0, t2 / n2 - b * n2)
+    return a * n + b * n * n
 
 
 def _attach_baseline(jobs: list[dict[str, Any]], base: baseline.Baseline) -> None:
@@ -200,25 +300,52 @@ def _notes(data: dict[str, Any], base: baseline.Baseline) -> list[str]:
             f"baseline times past table size {sampled} are extrapolated along the last "
             "sampled segment (iptables -C reads the whole ruleset: the cost keeps growing)"
         )
-    ttl = data.get("ttl")
-    if ttl and ttl["never_seen"]:
+    for ttl in data.get("ttl") or []:
+        if ttl["never_seen"]:
+            notes.append(
+                f"ttl ({ttl['backend']}): {ttl['never_seen']} of {ttl['n']} timed rules never "
+                "reached the kernel: their expiry passed while the worker was still applying "
+                "the burst, so it reported them 'expired' instead of applying them (as designed)"
+            )
+    if any(t["backend"] in SET_BACKENDS for t in data.get("ttl") or []):
         notes.append(
-            f"ttl: {ttl['never_seen']} of {ttl['n']} timed rules never reached the kernel: "
-            "their expiry passed while the worker was still applying the burst, so it "
-            "reported them 'expired' instead of applying them (as designed)"
+            "ttl (set backends): the kernel also times each element out itself, at the "
+            "expiry rounded up to a whole second, so their lag cannot much exceed 1 s even "
+            "if the worker is late; the lag shown is the worker's delete when it came first"
         )
     notes.append(
         f"latency p99 of {LATENCY_SAMPLES} samples is their maximum; numbers vary between "
         "runs with the machine's load (see load average), the ratios less so: the baseline "
         "and pushfw run under the same load"
     )
+    if data["memory"].get("worker_rss_million"):
+        notes.append(
+            f"the 1M-rule jobs use addresses of {WIDE_NET} (the benchmarking range holds "
+            f"131,070) and PUSHFW_SET_SIZE={MILLION_SET_SIZE} (the default, 1,000,000, "
+            "would leave no room beyond the job)"
+        )
+    return notes
+
+
+def _available(plan: Plan, progress: Progress) -> list[str]:
+    """The plan's backends this machine can run; the others are dropped with a note."""
+    notes = []
+    for backend in list(plan.backends):
+        why = backend_missing(backend)
+        if why:
+            plan.backends.remove(backend)
+            notes.append(f"{backend} backend not measured: {why}")
+            progress(notes[-1])
+    if not plan.backends:
+        raise BenchError("no backend can run here")
     return notes
 
 
 def execute(plan: Plan, progress: Progress) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.UTC)
+    skipped = _available(plan, progress)
     data: dict[str, Any] = {
-        "version": 1,
+        "version": 2,
         "quick": plan.quick,
         "started": started.isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -230,19 +357,20 @@ def execute(plan: Plan, progress: Progress) -> dict[str, Any]:
             "latency_samples": LATENCY_SAMPLES,
             "reconcile_n": plan.reconcile_n,
             "ttl_n": plan.ttl_n,
+            "ttl_s": list(plan.ttls),
+            "million": plan.million,
             "worker": "default PUSHFW_* settings (batch 500, block 1000 ms)",
         },
     }
     with bench_env(progress) as env:
         run = Run(plan, env)
+        run.notes += skipped
         base = baseline.run_baseline(env, plan.baseline_table_sizes, plan.baseline_rules)
         for backend in plan.backends:
             run.backend(backend)
-        if "iptables" in plan.backends:
-            run.ttl_lag()
         run.timed_memory()
-        progress(f"limits: bare drain and parse of {plan.sizes[-1]} entries")
-        lim = limits.measure_limits(env, plan.sizes[-1])
+        progress(f"limits: bare drain, parse and raw kernel batches of {plan.sizes[-1]} entries")
+        lim = limits.measure_limits(env, plan.sizes[-1], plan.backends)
     data["machine"]["loadavg_at_end"] = list(os.getloadavg())
     _attach_baseline(run.jobs, base)
     lim["shares"] = limits.shares(lim, run.jobs)
@@ -251,14 +379,15 @@ def execute(plan: Plan, progress: Progress) -> dict[str, Any]:
             "baseline": base.to_json(plan.sizes),
             "throughput": run.jobs,
             "latency": run.latency,
-            "reconcile": run.reconcile,
+            "reconcile": list(run.reconcile.values()),
             "ttl": run.ttl,
             "memory": run.memory,
             "limits": lim,
-            "duration_s": progress.elapsed(),
         }
     )
+    data["targets"] = targets(data)
     data["notes"] = run.notes + _notes(data, base)
+    data["duration_s"] = progress.elapsed()
     return data
 
 

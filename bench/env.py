@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,9 @@ CHAIN = "PUSHFW"
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
 """RFC 2544's benchmarking range: every address the run pushes comes from here."""
 MAX_ADDRESSES = BENCH_NET.num_addresses - 2
+WIDE_NET = ipaddress.IPv4Network("100.64.0.0/10")
+"""Shared address space (RFC 6598), for the one job too large for the benchmarking range."""
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def address(i: int) -> str:
@@ -39,6 +43,27 @@ def address(i: int) -> str:
     if not 0 <= i < MAX_ADDRESSES:
         raise ValueError(f"address index {i} is outside 0..{MAX_ADDRESSES - 1}")
     return str(BENCH_NET.network_address + 1 + i)
+
+
+def wide_address(i: int) -> str:
+    """The ``i``-th host address of the shared address space (up to about 4 million)."""
+    if not 0 <= i < WIDE_NET.num_addresses - 2:
+        raise ValueError(f"address index {i} is outside {WIDE_NET}")
+    return str(WIDE_NET.network_address + 1 + i)
+
+
+def backend_missing(backend: str) -> str | None:
+    """Why this machine cannot run the backend's worker, or None if it can."""
+    tools = {"nftables": ("nft",), "ipset": ("ipset",)}.get(backend, ())
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if backend == "nftables":
+        try:
+            import nftables  # noqa: F401
+        except (ImportError, OSError) as exc:
+            return f"the nftables Python binding does not load ({exc})"
+    return None
 
 
 class BenchError(RuntimeError):
@@ -214,9 +239,12 @@ class Netns:
 class WorkerProc:
     """``python -m pushfw.worker run`` inside the namespace, its output in a log file."""
 
-    def __init__(self, env: BenchEnv, backend: str) -> None:
+    def __init__(
+        self, env: BenchEnv, backend: str, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.env = env
         self.backend = backend
+        self.settings = dict(settings or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = env.tmp / f"worker-{backend}-{time.monotonic_ns()}.log"
 
@@ -225,7 +253,7 @@ class WorkerProc:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.env.ns.argv(sys.executable, "-m", "pushfw.worker", "run"),
-                env=self.env.worker_env(self.backend),
+                env=self.env.worker_env(self.backend, self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -254,14 +282,15 @@ class WorkerProc:
         code = self.proc.returncode if self.proc else None
         raise BenchError(f"the {self.backend} worker exited ({code}):\n{self.log_tail()}")
 
-    def rss_kb(self) -> int:
-        """VmRSS of the worker (``ip netns exec`` execs it, so the pid is the worker's)."""
+    def rss_kb(self, field: str = "VmRSS") -> int:
+        """VmRSS (or another ``/proc/<pid>/status`` field in kB, e.g. VmHWM, the peak) of the
+        worker (``ip netns exec`` execs it, so the pid is the worker's)."""
         assert self.proc is not None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         for line in status.splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-        raise BenchError("no VmRSS in /proc/<pid>/status")
+        raise BenchError(f"no {field} in /proc/<pid>/status")
 
     def stop(self, timeout: float = 60) -> None:
         if self.proc is None:
@@ -276,6 +305,26 @@ class WorkerProc:
         self.proc = None
         with contextlib.suppress(ValueError):
             self.env.workers.remove(self)
+
+    def warnings(self) -> dict[str, int]:
+        """WARNING and ERROR lines of its (JSON) log so far, counted by message: the text
+        before its first " (", digits as N (e.g. "could not remove N expired rules")."""
+        counts: dict[str, int] = {}
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return counts
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict) or record.get("level") not in ("WARNING", "ERROR"):
+                continue
+            message = str(record.get("message", ""))
+            key = re.sub(r"\d+", "N", message.split(" (", 1)[0])[:80]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -299,7 +348,7 @@ class BenchEnv:
         self.workers: list[WorkerProc] = []
         self.python = sys.executable
 
-    def worker_env(self, backend: str) -> dict[str, str]:
+    def worker_env(self, backend: str, settings: Mapping[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
         env.update(
             {
@@ -308,25 +357,36 @@ class BenchEnv:
                 "PUSHFW_BACKEND": backend,
                 "PUSHFW_CHAIN": CHAIN,
                 "PYTHONUNBUFFERED": "1",
+                **(settings or {}),
             }
         )
         return env
 
+    def helper_env(self) -> dict[str, str]:
+        """For ``python -m bench.<module>`` inside the namespace: the repo on the path."""
+        path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
     @contextlib.contextmanager
-    def worker(self, backend: str) -> Iterator[WorkerProc]:
-        """A fresh worker on a clean slate: empty Redis, empty chain; stopped afterwards."""
+    def worker(
+        self, backend: str, settings: Mapping[str, str] | None = None
+    ) -> Iterator[WorkerProc]:
+        """A fresh worker on a clean slate: empty Redis, no pushfw objects in the kernel;
+        stopped afterwards. ``settings`` are extra PUSHFW_* variables."""
         self.reset()
-        proc = WorkerProc(self, backend).start()
+        proc = WorkerProc(self, backend, settings).start()
         try:
             yield proc
         finally:
             proc.stop()
 
     def reset(self) -> None:
-        """Empty Redis and pushfw's chain (no worker may be running)."""
+        """Empty Redis and remove every backend's objects (no worker may be running)."""
+        from bench.kernel import clear_all  # bench.kernel builds on this module
+
         assert not self.workers, "reset with a worker running"
         self.client.flushall()
-        self.ns.flush_legacy_chain()
+        clear_all(self.ns)
 
     def group_state(self, group: str = "") -> dict[str, Any] | None:
         """A group's row of XINFO GROUPS, by default the host's (None if it does not exist)."""

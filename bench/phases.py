@@ -2,12 +2,15 @@
 
 Producers here do what any producer does: pipelined ``XADD`` to ``{pushfw}:cmd`` in chunks
 of 1000. "Processed" means the host's consumer group has every entry delivered and
-acknowledged (XINFO GROUPS: last-delivered-id is the last entry, lag 0, pending 0); for the
-iptables backend the kernel must also hold the rules (``iptables-legacy -S PUSHFW``).
+acknowledged (XINFO GROUPS: last-delivered-id is the last entry, lag 0, pending 0). A job's
+time ends there: the worker commits a batch to the kernel before it acknowledges it. For
+the kernel backends the kernel is then checked to hold the N rules (:mod:`bench.kernel`);
+if it does not yet, the job's time runs on until it does.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import resource
@@ -20,6 +23,7 @@ from redis.typing import EncodableT, FieldT
 
 from bench.baseline import percentile
 from bench.env import BenchEnv, BenchError, WorkerProc, address, clock_offset_ms
+from bench.kernel import Kernel, kernel
 from pushfw.producer.keys import Keys
 
 CHUNK = 1000
@@ -31,8 +35,8 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def drop_fields(n: int) -> list[dict[str, str]]:
-    return [{"op": "drop.insert", "ip": address(i)} for i in range(n)]
+def drop_fields(n: int, where: Callable[[int], str] = address) -> list[dict[str, str]]:
+    return [{"op": "drop.insert", "ip": where(i)} for i in range(n)]
 
 
 def push(env: BenchEnv, commands: Sequence[dict[str, str]], key: str = "") -> list[str]:
@@ -100,10 +104,15 @@ class Job:
     xadd_seconds: float = 0.0
     completed: bool = False
     kernel_rules: int | None = None
+    kernel_check_seconds: float | None = None
     acknowledged: int = 0
     timeout_s: float = 0.0
     used_memory_before: int = 0
     last_id: str = ""
+
+    @property
+    def rules_per_s(self) -> float:
+        return (self.n if self.completed else self.acknowledged) / self.seconds
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -111,10 +120,11 @@ class Job:
             "n": self.n,
             "completed": self.completed,
             "seconds": self.seconds,
-            "rules_per_s": (self.n if self.completed else self.acknowledged) / self.seconds,
+            "rules_per_s": self.rules_per_s,
             "xadd_seconds": self.xadd_seconds,
             "acknowledged": self.acknowledged,
             "kernel_rules": self.kernel_rules,
+            "kernel_check_seconds": self.kernel_check_seconds,
         }
         if not self.completed:
             out["note"] = (
@@ -124,34 +134,77 @@ class Job:
         return out
 
 
-def _wait_kernel(env: BenchEnv, job: Job, deadline: float) -> bool:
-    while True:
-        job.kernel_rules = env.ns.legacy_rule_count()
-        if job.kernel_rules >= job.n:
-            return True
-        if time.perf_counter() > deadline:
+PROGRESS_EVERY_S = 15.0
+
+
+@dataclass
+class _JobProgress:
+    """Logs a long job's progress every :data:`PROGRESS_EVERY_S` seconds; never done."""
+
+    env: BenchEnv
+    n: int
+    started: float
+    logged: int = 0
+
+    def __call__(self) -> bool:
+        elapsed = time.perf_counter() - self.started
+        if elapsed < (self.logged + 1) * PROGRESS_EVERY_S:
             return False
+        self.logged = int(elapsed // PROGRESS_EVERY_S)
+        done = group_done(self.env, self.n)
+        self.env.progress(
+            f"  ... {elapsed:.0f} s: {done} of {self.n} acknowledged ({done / elapsed:.0f}/s)"
+        )
+        return False
+
+
+def _kernel_holds(fw: Kernel, job: Job, acked: float, deadline: float) -> float | None:
+    """Count the kernel's drops after the group acked all, until they reach N. The job's end:
+    the ack if the first count shows N (the worker commits before it acks), else the start of
+    the first count that does; None if the deadline passes first."""
+    end = acked
+    while True:
+        started = time.perf_counter()
+        job.kernel_rules = fw.drop_count()
+        job.kernel_check_seconds = time.perf_counter() - started
+        if job.kernel_rules >= job.n:
+            return end
+        if started > deadline:
+            return None
         time.sleep(0.01)
+        end = time.perf_counter()
 
 
-def run_job(env: BenchEnv, worker: WorkerProc, n: int, timeout_s: float) -> Job:
+def run_job(
+    env: BenchEnv,
+    worker: WorkerProc,
+    n: int,
+    timeout_s: float,
+    where: Callable[[int], str] = address,
+) -> Job:
     """Push N drops to a ready worker and time until all are processed (and in the kernel)."""
     job = Job(worker.backend, n, timeout_s=timeout_s)
-    commands = drop_fields(n)
+    fw = kernel(env.ns, worker.backend)
+    commands = drop_fields(n, where)
     job.used_memory_before = used_memory(env)
     started = time.perf_counter()
     deadline = started + timeout_s
     ids = push(env, commands)
     job.xadd_seconds = time.perf_counter() - started
     job.last_id = ids[-1]
-    done = wait_until(lambda: worker.alive() and processed(env, ids[-1]), deadline)
-    if done and worker.backend == "iptables":
-        done = _wait_kernel(env, job, deadline)
-    job.seconds = time.perf_counter() - started
+    del commands
+    log = _JobProgress(env, n, started)
+    done = wait_until(lambda: worker.alive() and (processed(env, ids[-1]) or log()), deadline)
+    end = time.perf_counter()
+    if done and fw.real:
+        held = _kernel_holds(fw, job, end, deadline)
+        done = held is not None
+        end = held if held is not None else time.perf_counter()
     job.completed = done
     job.acknowledged = n if done else group_done(env, n)
-    if not done and worker.backend == "iptables":
-        job.kernel_rules = len(env.ns.legacy_sources())
+    job.seconds = end - started
+    if not done and fw.real:
+        job.kernel_rules = fw.busy_count()
     return job
 
 
@@ -210,14 +263,14 @@ _RECONCILE_LINE = re.compile(
 )
 
 
-def _reconcile_once(env: BenchEnv) -> tuple[float, dict[str, float]]:
+def _reconcile_once(env: BenchEnv, backend: str) -> tuple[float, dict[str, float]]:
     started = time.perf_counter()
     proc = env.ns.run(
         env.python,
         "-m",
         "pushfw.worker",
         "reconcile",
-        env=env.worker_env("iptables"),
+        env=env.worker_env(backend),
         timeout=600,
     )
     wall = time.perf_counter() - started
@@ -228,28 +281,36 @@ def _reconcile_once(env: BenchEnv) -> tuple[float, dict[str, float]]:
     return wall, dict(zip(names, (float(g) for g in match.groups()), strict=True))
 
 
-def _startup_s(env: BenchEnv, runs: int = 3) -> float:
-    """Interpreter start and pushfw's imports: ``python -m pushfw.worker --help``, best of 3."""
+@functools.cache
+def _startup_s(env: BenchEnv, backend: str, runs: int = 3) -> float:
+    """Interpreter start and pushfw's imports: ``python -m pushfw.worker --help``, best of 3
+    (measured once per run and backend)."""
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        env.ns.run(env.python, "-m", "pushfw.worker", "--help", env=env.worker_env("iptables"))
+        env.ns.run(env.python, "-m", "pushfw.worker", "--help", env=env.worker_env(backend))
         times.append(time.perf_counter() - started)
     return min(times)
 
 
-def measure_reconcile(env: BenchEnv, n: int) -> dict[str, Any]:
-    """With the ledger holding N rules and no worker running: empty kernel -> N rules."""
-    env.ns.flush_legacy_chain()
-    if env.ns.legacy_rule_count() != 0:
-        raise BenchError("the chain is not empty after a flush")
-    wall, drift = _reconcile_once(env)
-    after = env.ns.legacy_rule_count()
+def measure_reconcile(env: BenchEnv, backend: str, n: int) -> dict[str, Any]:
+    """With the ledger holding N rules and no worker running: the managed rules flushed by
+    hand (:meth:`bench.kernel.Kernel.flush`), then one-shot reconciles: empty -> N, no-op."""
+    fw = kernel(env.ns, backend)
+    fw.flush()
+    if fw.drop_count() != 0:
+        raise BenchError(f"{backend}: the kernel still holds drops after a flush")
+    wall, drift = _reconcile_once(env, backend)
+    after = fw.drop_count()
     if after != n or drift["added"] != n:
-        raise BenchError(f"reconcile added {drift['added']:.0f}, kernel holds {after}, not {n}")
-    noop_wall, noop = _reconcile_once(env)
-    startup = _startup_s(env)
+        raise BenchError(
+            f"{backend}: reconcile added {drift['added']:.0f}, kernel holds {after}, not {n}"
+        )
+    noop_wall, noop = _reconcile_once(env, backend)
+    startup = _startup_s(env, backend)
     return {
+        "backend": backend,
+        "flush": fw.flush_how,
         "n": n,
         "wall_s": wall,
         "noop_wall_s": noop_wall,
@@ -274,13 +335,14 @@ class TtlWatch:
 
     expires: dict[str, int]
     offset_ms: float
+    fw: Kernel
     seen: set[str] = field(default_factory=set)
     gone_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
     snapshots_ms: list[float] = field(default_factory=list)
 
-    def poll(self, env: BenchEnv) -> None:
+    def poll(self) -> None:
         before = time.time()
-        present = env.ns.legacy_sources()
+        present = self.fw.drop_sources()
         snapshot_ms = (before + time.time()) / 2 * 1000 + self.offset_ms
         present &= self.expires.keys()
         previous = self.snapshots_ms[-1] if self.snapshots_ms else snapshot_ms
@@ -303,13 +365,18 @@ def _cpu_s() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def _ttl_summary(watch: TtlWatch, n: int, cpu_share: float, expired: int) -> dict[str, Any]:
+def _ttl_summary(
+    watch: TtlWatch, ttls: Sequence[int], cpu_share: float, expired: int
+) -> dict[str, Any]:
+    n = len(watch.expires)
     lags = watch.lags_ms()
     upper = watch.lags_ms(upper=True)
     periods = watch.periods_ms()
     out: dict[str, Any] = {
+        "backend": watch.fw.backend,
+        "poll_tool": watch.fw.source_tool,
         "n": n,
-        "ttl_s": [2, 5],
+        "ttl_s": [min(ttls), max(ttls)],
         "removed": len(lags),
         "never_seen": n - len(watch.seen),
         "reported_expired": expired,
@@ -343,22 +410,26 @@ def count_results(env: BenchEnv, status: str) -> int:
     return sum(1 for _, fields in entries if fields.get(b"status") == status.encode())
 
 
-def measure_ttl(env: BenchEnv, n: int) -> dict[str, Any]:
-    """N timed drops (ttl 2..5 s); poll the kernel every ~20 ms; lag = left - expiry."""
+def measure_ttl(
+    env: BenchEnv, backend: str, n: int, ttls: Sequence[int] = (2, 3, 4, 5)
+) -> dict[str, Any]:
+    """N timed drops (ttls taken in turn, seconds) to a ready worker of this backend; poll the
+    kernel every ~20 ms; lag = left - expiry."""
     commands = [
-        {"op": "ttl_drop_insert", "ip": address(i), "ttl": str(2 + i % 4)} for i in range(n)
+        {"op": "ttl_drop_insert", "ip": address(i), "ttl": str(ttls[i % len(ttls)])}
+        for i in range(n)
     ]
     offset = clock_offset_ms(env.client)
     ids = push(env, commands)
     expires = {
-        f"{c['ip']}/32": int(i.split("-")[0]) + int(c["ttl"]) * 1000
+        c["ip"]: int(i.split("-")[0]) + int(c["ttl"]) * 1000
         for c, i in zip(commands, ids, strict=True)
     }
-    watch = TtlWatch(expires, offset)
+    watch = TtlWatch(expires, offset, kernel(env.ns, backend))
     last_expiry = max(expires.values())
     cpu_before, wall_before = _cpu_s(), time.perf_counter()
     while len(watch.gone_ms) < n:
-        watch.poll(env)
+        watch.poll()
         now_ms = time.time() * 1000 + offset
         if now_ms > last_expiry + 10_000:
             break
@@ -368,7 +439,7 @@ def measure_ttl(env: BenchEnv, n: int) -> dict[str, Any]:
     cpu_share = (_cpu_s() - cpu_before) / (time.perf_counter() - wall_before)
     if not wait_until(lambda: caught_up(env), time.perf_counter() + 120, pause=0.05):
         raise BenchError("the worker did not catch up with the stream within 120 s")
-    return _ttl_summary(watch, n, cpu_share, count_results(env, "expired"))
+    return _ttl_summary(watch, ttls, cpu_share, count_results(env, "expired"))
 
 
 def redis_memory(env: BenchEnv, used_before: int) -> dict[str, Any]:

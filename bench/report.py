@@ -126,6 +126,7 @@ def _baseline(b: dict[str, Any]) -> str:
 def _throughput(jobs: list[dict[str, Any]]) -> str:
     rows = []
     for j in jobs:
+        rss = j.get("worker_rss_kb")
         rows.append(
             [
                 j["backend"],
@@ -136,12 +137,28 @@ def _throughput(jobs: list[dict[str, Any]]) -> str:
                 num(j.get("baseline_seconds")),
                 "x" + num(j.get("ratio_vs_baseline")),
                 "x" + num(j.get("ratio_vs_baseline_without_netns_exec")),
+                num(rss / 1024) if rss else "-",
                 j.get("note", ""),
             ]
         )
-    return "pushfw end to end (first XADD -> group acked all, and the kernel holds N):\n" + table(
-        ["backend", "N", "seconds", "rules/s", "xadd s", "baseline s", "vs base", "vs base-ns", ""],
-        rows,
+    return (
+        "pushfw end to end (first XADD -> the host group acked all N; the kernel then checked "
+        "to hold N):\n"
+        + table(
+            [
+                "backend",
+                "N",
+                "seconds",
+                "rules/s",
+                "xadd s",
+                "baseline s",
+                "vs base",
+                "vs base-ns",
+                "RSS MiB",
+                "",
+            ],
+            rows,
+        )
     )
 
 
@@ -162,43 +179,83 @@ def _latency(lat: list[dict[str, Any]]) -> str:
     )
 
 
-def _reconcile(r: dict[str, Any]) -> str:
+def _reconcile(items: list[dict[str, Any]]) -> str:
+    measures = [
+        ("one-shot process, wall", "wall_s"),
+        ("the same, no-op (kernel already matches)", "noop_wall_s"),
+        ("wall minus no-op", "minus_noop_s"),
+        ("interpreter + imports ('--help')", "startup_s"),
+        ("wall minus interpreter + imports", "minus_startup_s"),
+        ("reconcile's own 'in X s'", "reported_s"),
+        ("reconcile's own 'in X s', no-op", "noop_reported_s"),
+    ]
+    rows = [[label, *(num(r[key], 2) for r in items)] for label, key in measures]
+    flushes = "; ".join(f"{r['backend']}: {r['flush']}" for r in items)
+    sizes = sorted({r["n"] for r in items})
     return (
-        f"Reconcile, empty kernel -> {r['n']} rules (one-shot 'python -m pushfw.worker "
-        "reconcile' with the ledger holding them, worker stopped, chain flushed):\n"
-        + table(
-            ["measure", "seconds"],
+        f"Reconcile, hand-flushed kernel -> {', '.join(map(str, sizes))} rules (one-shot "
+        "'python -m pushfw.worker reconcile' with the ledger holding them, worker stopped), "
+        f"seconds;\n  flushed with {flushes}\n"
+        + table(["measure", *(r["backend"] for r in items)], rows)
+    )
+
+
+def _ttl(items: list[dict[str, Any]]) -> str:
+    rows = []
+    for t in items:
+        has = "p50_ms" in t
+        rows.append(
             [
-                ["one-shot process, wall", num(r["wall_s"], 2)],
-                ["the same, no-op (kernel already matches)", num(r["noop_wall_s"], 2)],
-                ["wall minus no-op", num(r["minus_noop_s"], 2)],
-                ["interpreter + imports ('--help')", num(r["startup_s"], 2)],
-                ["wall minus interpreter + imports", num(r["minus_startup_s"], 2)],
-                [
-                    "reconcile's own 'in X s' (no-op)",
-                    f"{num(r['reported_s'], 2)} ({num(r['noop_reported_s'], 2)})",
-                ],
-            ],
+                t["backend"],
+                str(t["n"]),
+                t["poll_tool"],
+                num(t["poll_period_ms_p50"]),
+                f"{t['poller_cpu_share'] * 100:.0f}%",
+                num(t["p50_ms"]) if has else "-",
+                num(t["p99_ms"]) if has else "-",
+                num(t["max_ms"]) if has else "-",
+                num(t["max_upper_bound_ms"]) if has else "-",
+                num(t["min_ms"]) if has else "-",
+                str(t["removed"]),
+                str(t["never_seen"]),
+                str(t["reported_expired"]),
+                str(t["still_present"]),
+                str(sum(t.get("worker_warnings", {}).values())),
+            ]
         )
-    )
-
-
-def _ttl(t: dict[str, Any]) -> str:
-    lags = (
-        f"p50 {num(t['p50_ms'])} ms, p99 {num(t['p99_ms'])} ms, max {num(t['max_ms'])} ms "
-        f"(upper bound {num(t['max_upper_bound_ms'])} ms), min {num(t['min_ms'])} ms"
-        if "p50_ms" in t
-        else "no rule was seen leaving"
-    )
+    warned = [
+        f"  {t['backend']} worker: {count} x '{message}'"
+        for t in items
+        for message, count in t.get("worker_warnings", {}).items()
+    ]
+    low, high = items[0]["ttl_s"]
     return (
-        f"TTL expiry lag, {t['n']} timed rules (ttl 2-5 s): kernel polled with "
-        f"iptables-legacy-save every {num(t['poll_period_ms_p50'])} ms (p50), lag = midpoint "
-        f"between snapshots - expiry;\n  the poller used {t['poller_cpu_share'] * 100:.0f}% "
-        f"of one CPU meanwhile\n"
-        f"  {lags}\n"
-        f"  removed {t['removed']}; never seen in the kernel {t['never_seen']}; results "
-        f"'expired' (reached after their expiry) {t['reported_expired']}; "
-        f"still present at the end {t['still_present']}"
+        f"TTL expiry lag (timed drops, ttl {low}-{high} s, pushed at once; the kernel polled; "
+        "lag = midpoint between the last snapshot with the rule and the first without - expiry;\n"
+        "  upper = the later snapshot; never seen: expired before the worker reached them; "
+        "expired: results 'expired'; left: still present at the end; warnings: the worker "
+        "log's, during the phase):\n"
+        + table(
+            [
+                "backend",
+                "N",
+                "polled with",
+                "poll ms",
+                "CPU",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "upper ms",
+                "min ms",
+                "removed",
+                "never seen",
+                "expired",
+                "left",
+                "warnings",
+            ],
+            rows,
+        )
+        + "".join("\n" + line for line in warned)
     )
 
 
@@ -221,6 +278,22 @@ def _memory(mem: dict[str, Any]) -> str:
         lines.append(
             f"  worker RSS ({backend}, {rss['n']} rules): {num(rss['vmrss_kb'] / 1024)} MiB"
         )
+    for backend, big in mem.get("worker_rss_million", {}).items():
+        per_rule = big["bytes_per_rule"]
+        at_million = big["vmrss_at_million_kb"]
+        state = (
+            "finished"
+            if big["completed"]
+            else f"stopped at {num(big['seconds'])} s with {big['rules']:,} rules applied "
+            f"(estimate {num(big['estimate_s'])} s); at 1M, extrapolated: "
+            f"{num(at_million / 1024 if at_million else None)} MiB"
+        )
+        lines.append(
+            f"  worker RSS ({backend}, {big['rules']:,} rules of a {big['n']:,}-rule job): "
+            f"{num(big['vmrss_kb'] / 1024)} MiB (idle before it "
+            f"{num(big['idle_vmrss_kb'] / 1024)} MiB, peak {num(big['vmhwm_kb'] / 1024)} MiB, "
+            f"{num(per_rule, 0)} B per rule); {num(big['rules_per_s'], 0)} rules/s, {state}"
+        )
     return "\n".join(lines)
 
 
@@ -232,15 +305,50 @@ def _limits(lim: dict[str, Any]) -> str:
             num(s["seconds"], 2),
             num(s["floor_seconds"], 2),
             f"{s['pushfw_share'] * 100:.0f}%",
+            num(s["rules_per_s"], 0),
+            num(s["kernel_batch_per_s"], 0),
+            f"{num(s['limit_per_s'], 0)} ({s['limit_is']})",
+            f"{s['share_of_limit'] * 100:.1f}%",
         ]
         for s in lim["shares"]
+    ]
+    raw = [
+        f"  raw kernel batch, {k}: {num(r['adds_per_s'], 0)} adds/s ({num(r['seconds'], 3)} s; "
+        f"best of {len(r['runs_seconds'])}): {r['how']}"
+        for k, r in lim.get("raw_kernel", {}).items()
     ]
     return (
         f"Limits ({lim['n']} entries; hiredis {'on' if lim['hiredis'] else 'off'}): "
         f"bare XREADGROUP+XACK drain {num(lim['drain_per_s'], 0)}/s "
         f"({num(lim['drain_us_per_entry'])} us each), parse_command "
-        f"{num(lim['parse_per_s'], 0)}/s ({num(lim['parse_us_per_entry'])} us each)\n"
-        + table(["backend", "N", "job s", "drain+parse s", "pushfw share"], rows)
+        f"{num(lim['parse_per_s'], 0)}/s ({num(lim['parse_us_per_entry'])} us each); "
+        f"the two in series {num(lim['drain_and_parse_per_s'], 0)}/s (the most one worker "
+        "process could do if everything else were free)\n"
+        + "".join(line + "\n" for line in raw)
+        + "  pushfw share: the job's time beyond drain+parse; limit: the slower of the bare "
+        "drain and the backend's raw kernel batch (measured at the N above)\n"
+        + table(
+            [
+                "backend",
+                "N",
+                "job s",
+                "drain+parse s",
+                "pushfw share",
+                "rules/s",
+                "kernel batch/s",
+                "limit/s",
+                "of limit",
+            ],
+            rows,
+        )
+    )
+
+
+def _targets(rows: list[dict[str, Any]]) -> str:
+    met = {True: "yes", False: "NO", None: "-"}
+    return "Targets (issue 5; a report, nothing asserted):\n" + table(
+        ["target", "measured", "met"],
+        [[r["target"], r["measured"], met[r["met"]]] for r in rows],
     )
 
 
@@ -262,4 +370,6 @@ def render(data: dict[str, Any]) -> str:
     parts.append(_limits(data["limits"]))
     if data.get("notes"):
         parts.append("\n".join(f"note: {n}" for n in data["notes"]))
+    if data.get("targets"):
+        parts.append(_targets(data["targets"]))
     return "\n\n".join(parts) + "\n"

@@ -50,34 +50,52 @@ def test_quick_benchmark_reports_every_section(tmp_path, netns_capable):
     assert all(positive(s["mean_ms"]) for s in baseline["samples"])
     assert all(positive(e["seconds"]) for e in baseline["estimates"])
 
+    backends = data["plan"]["backends"]
+    assert {"iptables", "memory"} <= set(backends)
+    kernels = [b for b in backends if b != "memory"]
+    sets = [b for b in backends if b in ("nftables", "ipset")]
     jobs = {(j["backend"], j["n"]): j for j in data["throughput"]}
-    assert set(jobs) == {(b, n) for b in ("iptables", "memory") for n in (1000, 10000)}
+    assert set(jobs) == {(b, n) for b in backends for n in (1000, 10000)}
     for job in jobs.values():
         assert job["completed"], job
         assert positive(job["seconds"]) and positive(job["rules_per_s"])
         assert positive(job["ratio_vs_baseline"])
-    assert jobs["iptables", 1000]["kernel_rules"] == 1000
+    for backend in kernels:
+        assert jobs[backend, 1000]["kernel_rules"] == 1000, backend
 
     latency = {(item["backend"], item["table_size"]) for item in data["latency"]}
-    assert {("iptables", 0), ("memory", 0)} <= latency
+    assert {(b, 0) for b in backends} <= latency
     assert all(positive(item["p50_ms"]) and item["samples"] == 50 for item in data["latency"])
 
-    reconcile = data["reconcile"]
-    assert reconcile["kernel_rules_after"] == reconcile["n"] == 1000
-    assert positive(reconcile["wall_s"]) and positive(reconcile["reported_s"])
+    reconcile = {r["backend"]: r for r in data["reconcile"]}
+    assert set(reconcile) == set(kernels)
+    for r in reconcile.values():
+        assert r["kernel_rules_after"] == r["n"] == 1000, r
+        assert positive(r["wall_s"]) and positive(r["reported_s"])
 
-    ttl = data["ttl"]
-    assert ttl["removed"] > 0 and positive(ttl["max_ms"])
+    ttl = {t["backend"]: t for t in data["ttl"]}
+    assert set(ttl) == set(kernels)
+    for t in ttl.values():
+        assert t["removed"] > 0 and positive(t["max_ms"]), t
 
     memory = data["memory"]
     for kind in ("permanent", "timed"):
         assert positive(memory[kind]["ledger_bytes_per_rule"])
         assert positive(memory[kind]["used_memory_delta_per_rule"])
-    assert positive(memory["worker_rss"]["iptables"]["vmrss_kb"])
+    for backend in backends:
+        assert positive(memory["worker_rss"][backend]["vmrss_kb"]), backend
 
     limits = data["limits"]
     assert positive(limits["drain_per_s"]) and positive(limits["parse_per_s"])
+    assert set(limits["raw_kernel"]) == set(sets)
+    for raw in limits["raw_kernel"].values():
+        assert positive(raw["adds_per_s"]) and raw["elements_after"] == limits["n"]
     assert limits["shares"]
+    assert all(positive(s["share_of_limit"]) for s in limits["shares"])
+
+    targets = data["targets"]
+    assert targets and all(set(t) == {"target", "measured", "met"} for t in targets)
+    assert "Targets" in proc.stdout
 
     made = re.search(r"namespace (pfwbench-\d+)", proc.stderr)
     assert made is not None, proc.stderr[-2000:]
