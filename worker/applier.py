@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis
 from redis.typing import EncodableT, FieldT
 
-from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
+from pushfw.producer.contract import Action, Command, CommandRejected, Status
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
@@ -27,7 +27,7 @@ from pushfw.worker.metrics import Metrics
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing, confirm_expiry
-from pushfw.worker.stream import CommandStream, Entry, stream_id_order
+from pushfw.worker.stream import CommandStream, Entry, ParsedEntries, stream_id_order
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Applier:
         self.protection = protection
         self.ledger = ledger
         self.signing = Signing.from_settings(settings)
+        self.parsed = ledger.parsed if ledger is not None else ParsedEntries()
         self.host = settings.host_name
         self.labels = settings.labels
         keys = Keys(settings.key_prefix)
@@ -216,7 +217,7 @@ class Applier:
         if entry.fields is None:
             return Outcome(entry, Status.FAILED, "entry was trimmed before it was applied")
         try:
-            cmd = parse_command(entry.fields)
+            cmd = self.parsed.parse(entry)
             unverified = self.signing.check(entry.fields, entry.ms, cmd)
         except CommandRejected as exc:
             request_id = entry.fields.get(b"request_id", b"")[:128].decode("utf-8", "replace")
@@ -256,9 +257,12 @@ class Applier:
 
     def _drop_superseded(self, changes: list[Outcome], boundary: tuple[int, int]) -> list[Outcome]:
         """Skip commands overtaken by a newer one this host already read (late retries)."""
-        if self.ledger is None:
+        # Only an entry this host had already read can have been overtaken by a newer one it
+        # also read: entries fresh from '>' are all past the boundary and skip the lookup.
+        older = [o for o in changes if o.entry.order <= boundary]
+        if self.ledger is None or not older:
             return changes
-        ids = list({str(o.key): None for o in changes if o.key is not None})
+        ids = list({str(o.key): None for o in older if o.key is not None})
         newest = self.ledger.newest_ids(ids)
         remaining = []
         for out in changes:

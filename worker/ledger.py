@@ -17,11 +17,11 @@ from typing import Any
 import redis
 from redis.typing import StreamIdT
 
-from pushfw.producer.contract import Command, CommandRejected, parse_command
+from pushfw.producer.contract import Command, CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.signing import Signing
-from pushfw.worker.stream import Entry, entries_from_reply, stream_id_order
+from pushfw.worker.stream import Entry, ParsedEntries, entries_from_reply, stream_id_order
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class Ledger:
         self.consumer = consumer
         self.batch_size = batch_size
         self.signing = signing or Signing()
+        self.parsed = ParsedEntries()
         self._fold = client.register_script(FOLD)
 
     def ensure_group(self) -> None:
@@ -157,7 +158,7 @@ class Ledger:
         if entry.fields is None:
             return None
         try:
-            cmd = parse_command(entry.fields)
+            cmd = self.parsed.parse(entry)
             if self.signing.check(entry.fields, entry.ms, cmd):
                 # an unsigned expiry: the scheduler's claim wrote its tombstone already, and
                 # one it did not write (forged) must not reach the ledger

@@ -135,10 +135,12 @@ class Metrics:
         """One processed batch: its size, its duration, and each answered command."""
         self.batch_size.observe(len(outcomes))
         self.apply_seconds.observe(seconds)
-        for out in outcomes:
-            if out.status is None or out.skip:
-                continue
-            self.commands.labels(_op_label(out), out.status.value).inc()
+        answered = [out for out in outcomes if out.status is not None and not out.skip]
+        for (op, status), count in Tally(
+            (_op_label(out), out.status.value) for out in answered if out.status is not None
+        ).items():
+            self.commands.labels(op, status).inc(count)
+        for out in answered:
             self.command_lag.observe(max(0, now_ms - out.entry.ms) / 1000)
 
     def expired(self, expiries_ms: Iterable[int], now_ms: int) -> None:

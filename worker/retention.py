@@ -53,11 +53,10 @@ def trim_point(client: redis.Redis, keys: Keys, now_ms: int, host_expiry_s: floa
         name = _text(group["name"])
         if name != Keys.LEDGER_GROUP and name.removeprefix("host:") not in live:
             continue
-        if int(group["pending"]) > 0:
-            summary: Any = client.xpending(keys.cmd, name)
-            needed.append(stream_id_order(_text(summary["min"])))
-        else:
-            needed.append(stream_id_order(_next_id(_text(group["last-delivered-id"]))))
+        after_last = stream_id_order(_next_id(_text(group["last-delivered-id"])))
+        summary: Any = client.xpending(keys.cmd, name) if int(group["pending"]) > 0 else {}
+        oldest = summary.get("min")  # None if the pending entries were acked meanwhile
+        needed.append(stream_id_order(_text(oldest)) if oldest is not None else after_last)
     if not needed:
         return None
     ms, seq = min(needed)

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
+from pushfw.producer.contract import Command, CommandRejected, parse_command
 from pushfw.producer.keys import Keys
 
 
@@ -163,3 +164,31 @@ class CommandStream:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
         seconds, micros = self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000
+
+
+class ParsedEntries:
+    """Each entry parsed once per worker: the ledger and the applier read the same entries.
+
+    Entry ids are unique in a stream and an entry's fields never change, so a parse (or its
+    rejection) can be remembered by id; the most recent ``size`` are kept.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._parsed: dict[str, Command | CommandRejected] = {}
+
+    def parse(self, entry: Entry) -> Command:
+        """The entry's command. Raises CommandRejected as :func:`parse_command` does."""
+        assert entry.fields is not None
+        found = self._parsed.get(entry.id)
+        if found is None:
+            try:
+                found = parse_command(entry.fields)
+            except CommandRejected as exc:
+                found = exc
+            if len(self._parsed) >= self.size:
+                del self._parsed[next(iter(self._parsed))]
+            self._parsed[entry.id] = found
+        if isinstance(found, CommandRejected):
+            raise found
+        return found
