@@ -209,4 +209,6 @@ def test_kernel_timeouts_end_bans_while_the_worker_is_down(
     expires_ms = int(timed.split("-")[0]) + 2000
     wait_for(lambda: fw.dropped() == [], timeout=5, what="the kernel to time the ban out")
     lag_ms = redis_ms(r) - expires_ms
-    assert lag_ms < 1100, f"the kernel removed it {lag_ms} ms late (whole-second timeouts)"
+    # whole-second timeouts, rounded up; nftables adds a second so the worker deletes first
+    bound_ms = 2100 if set_backend == "nftables" else 1100
+    assert lag_ms < bound_ms, f"the kernel removed it {lag_ms} ms late"

@@ -5,7 +5,8 @@ stays cheap at any size. Networks live in ``interval`` sets, one per prefix leng
 (``drop4_24``): aligned networks of one length never overlap, and nft refuses overlapping
 intervals in one set. Every element carries its exact expiry as a comment (``exp=<ms>``) so
 the index can be rebuilt from the kernel, and a kernel timeout (whole seconds, rounded up)
-so a ban ends even while the worker or Redis is away; the worker deletes it at the exact ms.
+plus a second so a ban ends even while the worker or Redis is away (the worker deletes it at
+the exact ms, first: nft fails a whole batch on deleting an element already timed out).
 Each hook gets one base chain whose rules (accepts first) are a pure function of the sets,
 rewritten atomically whenever a set is added. Every batch is one nft transaction.
 """
@@ -173,23 +174,26 @@ class NftablesBackend(IndexedBackend):
             return self._t(name=set_name(key), elem=[_elem_value(key.network)])
         elem: Json = {"val": _elem_value(key.network)}
         if rule.expires_ms is not None:
-            elem["timeout"] = max(1, math.ceil((rule.expires_ms - self.clock()) / 1000))
+            # One second beyond the expiry: the worker deletes the element at the exact ms,
+            # and nft fails a whole batch on deleting an element the kernel already timed out.
+            elem["timeout"] = max(1, math.ceil((rule.expires_ms - self.clock()) / 1000)) + 1
             elem["comment"] = f"exp={rule.expires_ms}"
         return self._t(name=set_name(key), elem=[{"elem": elem}])
 
-    def _batch(self, index: dict[RuleKey, Rule]) -> tuple[list[Json], set[str]]:
-        """The transaction for the staged changes against ``index`` (which it updates)."""
+    def _batch(self, undo: list[tuple[RuleKey, Rule | None]]) -> tuple[list[Json], set[str]]:
+        """The transaction for the staged changes; updates the index, noting how to undo it."""
         cmds: list[Json] = []
         new_sets: set[str] = set()
         for key, rule in self._staged:
-            if key in index:
+            undo.append((key, self._index.get(key)))
+            if key in self._index:
                 cmds.append({"delete": {"element": self._element(key, None)}})
-                del index[key]
+                del self._index[key]
             if rule is not None:
                 if set_name(key) not in self._sets:
                     new_sets.add(set_name(key))
                 cmds.append({"add": {"element": self._element(key, rule)}})
-                index[key] = rule
+                self._index[key] = rule
         if new_sets:
             cmds = self._schema_commands(self._sets | new_sets) + cmds
         return cmds, new_sets
@@ -217,11 +221,19 @@ class NftablesBackend(IndexedBackend):
             self.discard()
 
     def _commit_once(self) -> None:
-        index = dict(self._index)
-        cmds, new_sets = self._batch(index)
-        if cmds:
-            self._run(cmds)
-        self._index = index
+        """One transaction; the index is changed in place (copying it cost O(rules) per batch)."""
+        undo: list[tuple[RuleKey, Rule | None]] = []
+        cmds, new_sets = self._batch(undo)
+        try:
+            if cmds:
+                self._run(cmds)
+        except BackendError:
+            for key, old in reversed(undo):
+                if old is None:
+                    self._index.pop(key, None)
+                else:
+                    self._index[key] = old
+            raise
         self._sets |= new_sets
 
     def uninstall(self) -> str:
