@@ -11,7 +11,7 @@ from pushfw.producer.contract import Action, Network
 from pushfw.producer.records import rule_id
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class RuleKey:
     """A rule's identity: one action for one network. Drop and accept of one network coexist."""
 
@@ -22,7 +22,7 @@ class RuleKey:
         return rule_id(self.action.value, str(self.network))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     """A managed rule as the kernel holds it; ``expires_ms`` is absolute (Redis clock)."""
 
