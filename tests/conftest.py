@@ -28,6 +28,8 @@ import pytest
 import redis
 
 from pushfw.producer import Producer
+from pushfw.worker import Worker, WorkerSettings
+from pushfw.worker.backends.memory import MemoryBackend
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -334,6 +336,14 @@ def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProc
     for worker in started:
         if worker.proc is not None:
             worker.kill9()
+
+
+def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
+    """An in-process worker on the memory backend, quick to retry and to notice new entries."""
+    settings: dict[str, Any] = {"block_ms": 50, "retry_base_ms": 5, "retry_max_ms": 20}
+    settings.update(overrides)
+    config = WorkerSettings(redis_url=server.url, host_name=host, backend="memory", **settings)
+    return Worker(config, backend=MemoryBackend(config.fail_networks))
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:

@@ -8,25 +8,16 @@ import time
 from typing import Any
 
 from pushfw.producer import Action, Producer
-from pushfw.worker import Worker, WorkerSettings
+from pushfw.worker import Worker
 from pushfw.worker.backends.base import RuleKey
 from pushfw.worker.backends.memory import MemoryBackend
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, memory_worker
 
 CMD = "{pushfw}:cmd"
 
 
 def make_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
-    settings = WorkerSettings(
-        redis_url=server.url,
-        host_name=host,
-        backend="memory",
-        block_ms=50,
-        retry_base_ms=5,
-        retry_max_ms=20,
-        **overrides,
-    )
-    worker = Worker(settings, backend=MemoryBackend(settings.fail_networks))
+    worker = memory_worker(server, host, **overrides)
     worker.setup()
     return worker
 

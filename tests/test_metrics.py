@@ -14,29 +14,18 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from pushfw.producer import Action, Producer
-from pushfw.worker import Worker, WorkerSettings
+from pushfw.worker import Worker
 from pushfw.worker.backends.base import Rule, RuleKey
-from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.metrics import Metrics
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import RedisServer, memory_worker, wait_for
 
 CMD = "{pushfw}:cmd"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def build(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
-    settings = WorkerSettings(
-        redis_url=server.url,
-        host_name=host,
-        backend="memory",
-        block_ms=50,
-        retry_base_ms=5,
-        retry_max_ms=20,
-        heartbeat_interval=0.1,
-        metrics_listen="127.0.0.1:0",
-        **overrides,
-    )
-    return Worker(settings, backend=MemoryBackend(settings.fail_networks))
+    settings = {"heartbeat_interval": 0.1, "metrics_listen": "127.0.0.1:0", **overrides}
+    return memory_worker(server, host, **settings)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, memory_worker
 
 KEYS = Keys()
 HOST_EXPIRY_S = 900
@@ -71,16 +71,9 @@ def make_worker(redis_server: RedisServer) -> Iterator[Callable[[str], Worker]]:
     made: list[Worker] = []
 
     def make(host: str) -> Worker:
-        settings = WorkerSettings(
-            redis_url=redis_server.url,
-            host_name=host,
-            backend="memory",
-            block_ms=50,
-            trim_interval=3600,
-            heartbeat_interval=3600,
-            reconcile_interval=0,
+        worker = memory_worker(
+            redis_server, host, trim_interval=3600, heartbeat_interval=3600, reconcile_interval=0
         )
-        worker = Worker(settings, backend=MemoryBackend(settings.fail_networks))
         made.append(worker)
         worker.setup()
         worker.iteration()
