@@ -75,6 +75,8 @@ _WORKER = (
     "+hget",
     "+hmget",
     "+hset",
+    "+hsetnx",  # first-seen stamps of entries ahead of Redis's clock
+    "+hincrby",
     "+hdel",
     "+hlen",
     "+hscan",
@@ -83,7 +85,8 @@ _WORKER = (
     "+zrem",
     "+zscore",
     "+zrangebyscore",
-    "+set",  # TTL marker keys only, from the fold script
+    "+set",  # TTL marker keys, from the fold script; the ledger's generation marker
+    "+get",
     "+del",
     "+time",
     "+psubscribe",  # key-expiry events wake the scheduler
@@ -143,7 +146,9 @@ def producer_rules(
     keys = Keys(prefix)
     rules = ["resetchannels", f"%{'RW' if fcall else 'W'}~{_glob(keys.cmd)}"]
     if not minimal:
-        rules += [f"%R~{_glob(k)}" for k in (keys.results, keys.dead, keys.rules, keys.hosts)]
+        rules += [
+            f"%R~{_glob(k)}" for k in (keys.results, keys.dead, keys.rules, keys.hosts, keys.ahead)
+        ]
     rules += ["-@all", "+xadd", *_connection(db, redis_version)]
     if fcall:
         rules.append("+fcall")

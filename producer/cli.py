@@ -206,10 +206,11 @@ def status(producer: Producer, json_out: bool) -> None:
     for h in producer.hosts():
         silent_ms = now_ms - h.last_seen_ms
         stale = silent_ms > 3 * h.interval_s * 1000
+        state = "STALE" if stale else ("ok" if h.state == "running" else h.state)
         rows.append(
             {
                 "host": h.host,
-                "state": "STALE" if stale else ("ok" if h.state == "running" else h.state),
+                "state": "LEDGER LOST" if h.ledger_lost and not stale else state,
                 "last_seen": _ago(silent_ms) if not json_out else h.last_seen_ms,
                 "rules": h.rules,
                 "lag": "-" if h.lag is None and not json_out else h.lag,
@@ -218,6 +219,7 @@ def status(producer: Producer, json_out: bool) -> None:
                 "labels": ",".join(h.labels) if not json_out else h.labels,
                 "version": h.version,
                 "up": _span(now_ms - h.started_ms) if not json_out else h.started_ms,
+                **({"ledger_lost": h.ledger_lost, "ids_ahead": h.ids_ahead} if json_out else {}),
             }
         )
     columns = [
@@ -233,6 +235,20 @@ def status(producer: Producer, json_out: bool) -> None:
         "up",
     ]
     _show(rows, columns, json_out)
+    if not json_out:
+        _warn_ahead(producer)
+
+
+def _warn_ahead(producer: Producer) -> None:
+    """Say so when producers chose entry ids ahead of Redis's clock (docs: security)."""
+    ahead = producer.ids_ahead()
+    if ahead is not None:
+        click.echo(
+            f"warning: {ahead.count} command(s) had ids ahead of Redis's clock, the newest "
+            f"{ahead.max_id} ({ahead.max_ahead_ms / 1000:.1f} s ahead); their time is taken "
+            "from when a worker first saw them. See README, 'Producer-chosen entry ids'.",
+            err=True,
+        )
 
 
 @cli.group(name="redis-functions")

@@ -13,7 +13,7 @@ from redis.typing import EncodableT, FieldT
 from pushfw.producer.connection import connect
 from pushfw.producer.contract import Command, Result, parse_command, signature
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
-from pushfw.producer.records import HostStatus, RuleRecord
+from pushfw.producer.records import HostStatus, IdsAhead, RuleRecord
 
 __all__ = ["DeadLetter", "Producer"]
 
@@ -126,6 +126,10 @@ class Producer:
         """Block until ``expect`` hosts reported on ``cmd_id`` or the timeout passes."""
         found: dict[str, Result] = {}
         cursor = _stream_id_before(cmd_id)
+        now_ms = self.now_ms()
+        if int(cmd_id.partition("-")[0]) > now_ms:
+            # an id ahead of Redis's clock (a producer chose one): results get ids behind it
+            cursor = f"{now_ms - 60_000}-0"
         deadline = time.monotonic() + timeout_s
         while len(found) < expect:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -191,6 +195,11 @@ class Producer:
             if rec.active_at(now_ms) and (host is None or rec.targets(host, labels))
         ]
         return sorted(active, key=lambda rec: (rec.action, rec.network))
+
+    def ids_ahead(self) -> IdsAhead | None:
+        """Commands added with ids ahead of Redis's clock, as the workers counted them."""
+        raw = cast(dict[str, str], self.client.hgetall(self.keys.ahead))
+        return IdsAhead.model_validate(raw) if raw else None
 
     def hosts(self) -> list[HostStatus]:
         """Every host that has sent a heartbeat, by name."""

@@ -47,6 +47,21 @@ class Keys:
         """Hash of host name -> JSON heartbeat (last seen, version, backend, rules, lag)."""
         return f"{self.prefix}:hosts"
 
+    @property
+    def seen(self) -> str:
+        """Hash of entry id -> Redis's ms when first seen, for entries whose id was ahead of it."""
+        return f"{self.prefix}:seen"
+
+    @property
+    def ahead(self) -> str:
+        """Hash summing up entry ids ahead of Redis's clock: count, newest id, first/last seen."""
+        return f"{self.prefix}:ahead"
+
+    @property
+    def generation(self) -> str:
+        """The ledger's generation: written once, so an empty ledger is told from a lost one."""
+        return f"{self.prefix}:generation"
+
     def ttl_marker(self, rule_id: str) -> str:
         """A key that expires with a timed rule, so Redis's expiry event wakes schedulers."""
         return f"{self.prefix}:ttl:{rule_id}"

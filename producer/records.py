@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["HostStatus", "RuleRecord", "rule_id"]
+__all__ = ["HostStatus", "IdsAhead", "RuleRecord", "rule_id"]
 
 
 def rule_id(action: str, network: str) -> str:
@@ -33,10 +33,34 @@ class RuleRecord(BaseModel):
     reason: str = ""
     origin: str = ""
     deleted: bool = False
+    seen_ms: int | None = None
+    """Redis's time when the command was first seen, where the entry id is ahead of it."""
+    signed: dict[str, str] = {}
+    """A signed command's signed fields and ``sig``, so a strict host can verify it itself."""
+    expired_id: str | None = None
+    """On the scheduler's ttl tombstones: the entry whose timed state this one ended."""
+    expired_ms: int | None = None
+    """On the scheduler's ttl tombstones: the expiry that ended."""
+    voided: str | None = None
+    """A ttl delete this command overrode: it renewed the rule before that delete was folded."""
 
     @property
     def rule_id(self) -> str:
         return rule_id(self.action, self.network)
+
+    @property
+    def is_expiry(self) -> bool:
+        """A tombstone the scheduler's claim wrote (folds never write one)."""
+        return self.deleted and self.origin == "ttl" and self.expired_id is not None
+
+    @property
+    def order_id(self) -> str:
+        """The id this state is ordered by: a ttl tombstone ranks as the entry it expired.
+
+        So any command added after that entry, even one folded after the delete was
+        emitted (a renewal behind a backlog), wins over the expiry.
+        """
+        return self.expired_id if self.is_expiry and self.expired_id else self.id
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
         return not self.target or any(t == host or t in labels for t in self.target)
@@ -62,3 +86,17 @@ class HostStatus(BaseModel):
     interval_s: float = 5.0
     state: str = "running"
     """``starting`` until the first reconcile is done, then ``running``."""
+    ledger_lost: bool = False
+    """The ledger is not the one this host converged with: it keeps rules the ledger lacks."""
+    ids_ahead: int = 0
+    """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
+
+
+class IdsAhead(BaseModel):
+    """``{pushfw}:ahead``: commands whose entry ids were ahead of Redis's clock when first seen."""
+
+    count: int
+    max_id: str
+    max_ahead_ms: int
+    first_ms: int
+    last_ms: int

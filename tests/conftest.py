@@ -123,6 +123,16 @@ class RedisServer:
         self.start()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dir() -> Iterator[Path]:
+    """Workers built from the environment remember their ledger generation here, never in
+    /var/lib/pushfw of the machine running the tests."""
+    with tempfile.TemporaryDirectory(prefix="pushfw-state-") as tmp:
+        os.environ["PUSHFW_STATE_DIR"] = tmp
+        yield Path(tmp)
+        os.environ.pop("PUSHFW_STATE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     need(os.path.exists(REDIS_SERVER), "redis-server is not installed")
@@ -313,8 +323,14 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start workers in namespaces; every one still running is killed at teardown."""
+def spawn_worker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers in namespaces; every one still running is killed at teardown.
+
+    The workers of one test share a state directory of that test's own.
+    """
+    state_dir = tmp_path_factory.mktemp("state")
     started: list[WorkerProcess] = []
 
     def spawn(ns: Netns, server: RedisServer | None = None, **settings: str) -> WorkerProcess:
@@ -324,6 +340,7 @@ def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProc
                 "PUSHFW_REDIS_URL": (server or redis_server).unix_url,
                 "PUSHFW_HOST_NAME": ns.name,
                 "PUSHFW_BACKEND": "iptables",
+                "PUSHFW_STATE_DIR": str(state_dir),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -340,7 +357,12 @@ def spawn_worker(redis_server: RedisServer) -> Iterator[Callable[..., WorkerProc
 
 def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
     """An in-process worker on the memory backend, quick to retry and to notice new entries."""
-    settings: dict[str, Any] = {"block_ms": 50, "retry_base_ms": 5, "retry_max_ms": 20}
+    settings: dict[str, Any] = {
+        "block_ms": 50,
+        "retry_base_ms": 5,
+        "retry_max_ms": 20,
+        "state_dir": tempfile.mkdtemp(prefix="state-", dir=server.workdir),
+    }
     settings.update(overrides)
     config = WorkerSettings(redis_url=server.url, host_name=host, backend="memory", **settings)
     return Worker(config, backend=MemoryBackend(config.fail_networks))

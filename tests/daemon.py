@@ -26,7 +26,13 @@ def worker_env(config: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         env.pop(name, None)
-    env.update({"PUSHFW_CONFIG": str(config), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "PUSHFW_CONFIG": str(config),
+            "PUSHFW_STATE_DIR": str(config.parent / "state"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update({f"PUSHFW_{k.upper()}": v for k, v in settings.items()})
     return env
 

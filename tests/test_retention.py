@@ -62,7 +62,7 @@ def push_many(client: redis.Redis, count: int) -> list[str]:
 
 
 def do_trim(client: redis.Redis) -> int:
-    return trim(client, KEYS, redis_ms(client), HOST_EXPIRY_S)
+    return trim(Ledger(client, KEYS, "trimmer"), redis_ms(client), HOST_EXPIRY_S)
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from pydantic import ValidationError
 
 from pushfw.producer import Producer
 from pushfw.producer.contract import SIGNED_FIELDS, signature
-from pushfw.producer.records import RuleRecord
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
-from pushfw.worker.signing import FORGED_EXPIRY, Signing, confirm_expiry
+from pushfw.worker.decide import FORGED_EXPIRY
+from pushfw.worker.signing import Signing
 from tests.conftest import RedisServer, need, wait_for
 from tests.test_applier import key, results_by_cmd
 
@@ -106,7 +106,13 @@ def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server)
     assert status(r, future.decode())[1].startswith("ts: outside the 300 s window")
     assert status(r, other_key.decode()) == ("rejected", "sig: does not match")
     assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}
-    assert [rec.network for rec in producer.rules()] == ["192.0.2.1/32"], "ledger: signed only"
+    # the ledger records every valid command, with what a strict host needs to verify it
+    [good_record] = [rec for rec in producer.rules() if rec.network == "192.0.2.1/32"]
+    assert good_record.signed["sig"] and good_record.signed["ip"] == "192.0.2.1"
+    worker.reconcile()
+    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}, (
+        "reconcile installs only what this strict host can verify"
+    )
     producer.client.close()
 
 
@@ -162,18 +168,6 @@ def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_serv
     worker.reconcile()
     assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}, "the ledger kept it"
     producer.client.close()
-
-
-def test_an_expiry_is_confirmed_only_by_its_own_tombstone():
-    tomb = RuleRecord(id="5-0", action="drop", network="192.0.2.1/32", deleted=True, origin="ttl")
-    assert confirm_expiry("5-0", tomb) is None
-    assert confirm_expiry("6-0", tomb) == ("rejected", FORGED_EXPIRY), "after the tombstone"
-    assert confirm_expiry("6-0", None) == ("rejected", FORGED_EXPIRY), "no record at all"
-    active = RuleRecord(id="5-0", action="drop", network="192.0.2.1/32")
-    assert confirm_expiry("5-0", active) == ("rejected", FORGED_EXPIRY)
-    assert confirm_expiry("4-9", tomb) == ("unchanged", "superseded by newer command 5-0")
-    by_hand = tomb.model_copy(update={"origin": ""})
-    assert confirm_expiry("5-0", by_hand) == ("rejected", FORGED_EXPIRY)
 
 
 def test_signing_settings_are_checked():

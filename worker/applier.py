@@ -1,10 +1,12 @@
 """The Applier role: read a host's share of the command stream and make the kernel follow it.
 
-Per batch: validate every entry, decide each command against the backend's index (so a rule
-already present costs no kernel call), commit the batch once, write one result per command,
-then XACK. A batch the kernel refuses is split and retried one command at a time so one bad
-command cannot hold the others back; a command that keeps failing ends in the dead-letter
-stream after ``max_deliveries``.
+Per batch: parse every entry, ask the gate (:func:`pushfw.worker.decide.decide`) what each
+command means for this host, plan the decisions against the backend's index (so a rule
+already present costs no kernel call), commit the batch once, write one result per
+command, then XACK. A batch the kernel refuses is split and retried one command at a time
+so one bad command cannot hold the others back; a command that keeps failing ends in the
+dead-letter stream after ``max_deliveries``. The applier decides nothing itself: it stages,
+commits, reports and acknowledges.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from redis.typing import EncodableT, FieldT
 
-from pushfw.producer.contract import Action, Command, CommandRejected, Status
+from pushfw.producer.contract import Command, CommandRejected, Status
+from pushfw.producer.records import RuleRecord
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
+from pushfw.worker.clock import Clock
+from pushfw.worker.decide import Add, Decision, Delete, Policy, Report, Request, decide
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.expiry import ExpiryQueue
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.metrics import Metrics
-from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.signing import Signing, confirm_expiry
 from pushfw.worker.stream import CommandStream, Entry, ParsedEntries, stream_id_order
 
 logger = logging.getLogger(__name__)
@@ -38,20 +41,102 @@ class StopRequested(Exception):
     """Raised from the signal handler to cut an idle blocking read short."""
 
 
-@dataclass
-class Outcome:
-    """What happened to one entry; ``status`` None means: leave it pending and retry later."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What this host answers for one entry; ``status`` None: leave it pending, retry later."""
 
     entry: Entry
     status: Status | None
     detail: str = ""
     request_id: str = ""
     command: Command | None = None
-    change: Rule | None = None
-    key: RuleKey | None = None
-    skip: bool = False
+    report: bool = True
     permanent: bool = False
-    unverified: bool = False
+
+    @property
+    def skip(self) -> bool:
+        return not self.report
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A decision planned against the rules as they stand: the change to stage, if any.
+
+    ``status`` is what to report once the change (if any) is committed.
+    """
+
+    status: Status
+    detail: str
+    add: Rule | None = None
+    delete: RuleKey | None = None
+
+    @property
+    def changes(self) -> bool:
+        return self.add is not None or self.delete is not None
+
+
+def plan(decision: Decision, current: Rule | None) -> Step:
+    """What ``decision`` takes, given the rule of its key as it stands (None: absent)."""
+    if isinstance(decision, Report):
+        return Step(decision.status, decision.detail)
+    if isinstance(decision, Add):
+        rule = decision.rule
+        if current is not None and current.expires_ms == rule.expires_ms:
+            return Step(Status.UNCHANGED, "already present")
+        return Step(Status.APPLIED, "inserted" if current is None else "renewed", add=rule)
+    if current is None:
+        if decision.status is Status.APPLIED:
+            return Step(Status.UNCHANGED, "not present")
+        return Step(decision.status, decision.detail)
+    limit = decision.expiring_by
+    if limit is not None and (current.expires_ms is None or current.expires_ms > limit):
+        return Step(Status.UNCHANGED, "renewed since it expired")
+    if decision.status is Status.APPLIED:
+        return Step(Status.APPLIED, "deleted", delete=decision.key)
+    detail = f"{decision.detail}; removed the rule" if decision.detail else "removed the rule"
+    return Step(decision.status, detail, delete=decision.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """One entry with the gate's decision for it."""
+
+    entry: Entry
+    request: Request
+    decision: Decision
+
+    @property
+    def key(self) -> RuleKey:
+        return self.request.key
+
+
+def _answer(item: Answer | Decided, step: Step | BackendError | None) -> Answer:
+    """The answer once the batch is committed (status None: left pending for a retry)."""
+    if isinstance(item, Answer):
+        return item
+    decision = item.decision
+    report = not isinstance(decision, Delete) or decision.report
+    base = Answer(item.entry, None, "", _request_id(item.request), item.request.command, report)
+    if isinstance(step, BackendError):
+        return replace(base, detail=str(step), permanent=isinstance(step, PermanentBackendError))
+    assert step is not None
+    return replace(base, status=step.status, detail=step.detail)
+
+
+def _superseding(
+    request: Request, record: RuleRecord | None, boundary: tuple[int, int]
+) -> Report | None:
+    """A late retry overtaken by a newer command this host already read: nothing to do."""
+    if record is None or request.is_expiry:
+        return None
+    newer = stream_id_order(record.order_id)
+    if stream_id_order(request.id) < newer <= boundary:
+        return Report(Status.UNCHANGED, f"superseded by newer command {record.id}")
+    return None
+
+
+def _request_id(request: Request) -> str:
+    return request.command.request_id if request.command is not None else ""
 
 
 class Applier:
@@ -62,20 +147,19 @@ class Applier:
         client: redis.Redis,
         backend: Backend,
         settings: WorkerSettings,
-        protection: Protection,
+        policy: Policy,
         ledger: Ledger | None = None,
     ) -> None:
         from pushfw.producer.keys import Keys
 
         self.settings = settings
         self.backend = backend
-        self.protection = protection
+        self.policy = policy
         self.ledger = ledger
-        self.signing = Signing.from_settings(settings)
+        keys = Keys(settings.key_prefix)
+        self.clock = ledger.clock if ledger is not None else Clock(client, keys)
         self.parsed = ledger.parsed if ledger is not None else ParsedEntries()
         self.host = settings.host_name
-        self.labels = settings.labels
-        keys = Keys(settings.key_prefix)
         self.stream = CommandStream(
             client, keys, Keys.host_group(self.host), settings.consumer_name
         )
@@ -122,9 +206,7 @@ class Applier:
         due = self.expiry.pop_due(now, self.backend.get)
         if not due:
             return 0
-        for rule in due:
-            self.backend.delete(rule.key)
-        error = self._commit_with_retry()
+        error = self._commit([Step(Status.APPLIED, "expired", delete=rule.key) for rule in due])
         if error is not None:
             logger.warning("could not remove %d expired rules (%s); will retry", len(due), error)
             self.expiry.retry(due, delay_ms=1000)
@@ -133,6 +215,10 @@ class Applier:
         logger.info("expired %d rules (oldest %d ms late)", len(due), now - min(expiries))
         self.metrics.expired(expiries, self.now_ms())
         return len(due)
+
+    def remove(self, keys: list[RuleKey]) -> BackendError | None:
+        """Remove these rules now, outside any batch (a drop that came to cover Redis)."""
+        return self._commit([Step(Status.APPLIED, "removed", delete=key) for key in keys])
 
     def iteration(self) -> int:
         """Expire what is due, then read one batch (pending, claimed, new) and process it."""
@@ -193,16 +279,24 @@ class Applier:
         the ledger knows a newer command for, up to there, is superseded.
         """
         started = time.perf_counter()
-        now_ms = self.stream.now_ms()
+        now_ms, seen = self.clock.read(entries)
         self._sync_clock(now_ms)
-        outcomes = [self._classify(entry, now_ms) for entry in entries]
-        self._confirm_expiries(outcomes)
-        changes = self._drop_superseded([o for o in outcomes if o.status is None], boundary)
-        if changes:
-            self._apply(changes)
-        self._finish(outcomes)
-        self.metrics.batch(outcomes, time.perf_counter() - started, self.now_ms())
-        tally = Counter(o.status.value if o.status else "retry" for o in outcomes if not o.skip)
+        requests = [self._request(entry, seen) for entry in entries]
+        records = self._records(requests, boundary)
+        decided: list[Answer | Decided] = []
+        for entry, request in zip(entries, requests, strict=True):
+            if isinstance(request, Answer):
+                decided.append(request)
+                continue
+            record = records.get(str(request.key))
+            decision = _superseding(request, record, boundary) or decide(
+                request, self.policy, now_ms, record
+            )
+            decided.append(Decided(entry, request, decision))
+        final = self._apply(decided)
+        final = self._finish(final)
+        self.metrics.batch(final, time.perf_counter() - started, self.now_ms())
+        tally = Counter(a.status.value if a.status else "retry" for a in final if a.report)
         logger.info(
             "batch of %d (%s..%s) in %.1f ms: %s",
             len(entries),
@@ -212,114 +306,84 @@ class Applier:
             ", ".join(f"{n} {s}" for s, n in sorted(tally.items())) or "none for this host",
         )
 
-    def _classify(self, entry: Entry, now_ms: int) -> Outcome:
-        """Everything decidable without the kernel: parse, target, protection, expiry."""
+    def _request(self, entry: Entry, seen: dict[str, int]) -> Request | Answer:
         if entry.fields is None:
-            return Outcome(entry, Status.FAILED, "entry was trimmed before it was applied")
+            return Answer(entry, Status.FAILED, "entry was trimmed before it was applied")
         try:
             cmd = self.parsed.parse(entry)
-            unverified = self.signing.check(entry.fields, entry.ms, cmd)
         except CommandRejected as exc:
             request_id = entry.fields.get(b"request_id", b"")[:128].decode("utf-8", "replace")
-            return Outcome(entry, Status.REJECTED, str(exc), request_id=request_id)
-        out = Outcome(entry, None, request_id=cmd.request_id, command=cmd, unverified=unverified)
-        out.key = RuleKey(cmd.action, cmd.network)
-        if not cmd.targets(self.host, self.labels):
-            # The newest command for this rule is meant for other hosts: ours must go.
-            out.skip = True
-            if self.backend.get(out.key) is None:
-                out.status = Status.UNCHANGED
-            return out
-        if cmd.is_insert and cmd.action is Action.DROP:
-            protected = self.protection.covering(cmd.network)
-            if protected is not None:
-                out.status = Status.REJECTED
-                out.detail = f"ip: {cmd.network} overlaps protected network {protected}"
-                return out
-        expires_ms = entry.ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
-        if expires_ms is not None and expires_ms <= now_ms:
-            out.status, out.detail = Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago"
-            return out
-        if cmd.is_insert:
-            out.change = Rule(out.key, expires_ms)
-        return out
+            return Answer(entry, Status.REJECTED, str(exc), request_id=request_id)
+        return Request.from_entry(entry, cmd, seen[entry.id])
 
-    def _confirm_expiries(self, outcomes: list[Outcome]) -> None:
-        """Unsigned expiries count only where the ledger holds their own tombstone."""
-        unsigned = [o for o in outcomes if o.unverified]
-        keys = [str(o.key) for o in unsigned]
-        records = self.ledger.records_for(keys) if keys and self.ledger is not None else {}
-        for out in unsigned:
-            verdict = confirm_expiry(out.entry.id, records.get(str(out.key)))
-            if verdict is not None:
-                out.status, out.detail = verdict
-                out.change, out.skip = None, out.skip and verdict.status is Status.UNCHANGED
-
-    def _drop_superseded(self, changes: list[Outcome], boundary: tuple[int, int]) -> list[Outcome]:
-        """Skip commands overtaken by a newer one this host already read (late retries)."""
+    def _records(
+        self, requests: list[Request | Answer], boundary: tuple[int, int]
+    ) -> dict[str, RuleRecord]:
+        """Ledger records the batch needs: the scheduler's expiries, and late retries."""
         # Only an entry this host had already read can have been overtaken by a newer one it
         # also read: entries fresh from '>' are all past the boundary and skip the lookup.
-        older = [o for o in changes if o.entry.order <= boundary]
-        if self.ledger is None or not older:
-            return changes
-        ids = list({str(o.key): None for o in older if o.key is not None})
-        newest = self.ledger.newest_ids(ids)
-        remaining = []
-        for out in changes:
-            newer = newest.get(str(out.key))
-            if newer is not None and out.entry.order < stream_id_order(newer) <= boundary:
-                out.status, out.detail = Status.UNCHANGED, f"superseded by newer command {newer}"
-            else:
-                remaining.append(out)
-        return remaining
+        wanted = {
+            str(r.key): None
+            for r in requests
+            if isinstance(r, Request) and (r.is_expiry or stream_id_order(r.id) <= boundary)
+        }
+        if not wanted or self.ledger is None:
+            return {}
+        return self.ledger.records_for(list(wanted))
 
-    def _apply(self, changes: list[Outcome]) -> None:
-        self._stage(changes)
-        error = self._commit_with_retry()
-        if error is None:
-            self._settled(changes)
-            return
-        retrying = all(o.entry.id in self._failing for o in changes)
-        logger.log(
-            logging.DEBUG if retrying else logging.WARNING,
-            "batch of %d refused (%s); applying one by one",
-            len(changes),
-            error,
-        )
-        for out in changes:
-            out.status, out.detail = None, ""
-            self._stage([out])
-            single_error = self._commit_with_retry()
-            if single_error is None:
-                self._settled([out])
-            else:
-                out.status, out.detail = None, str(single_error)
-                out.permanent = isinstance(single_error, PermanentBackendError)
-
-    def _stage(self, changes: list[Outcome]) -> None:
-        """Stage against the index plus earlier changes of the same batch (last write wins)."""
+    def _apply(self, decided: list[Answer | Decided]) -> list[Answer]:
+        """Plan every decision against the index plus the batch's earlier steps, commit once."""
         view: dict[RuleKey, Rule | None] = {}
-        for out in changes:
-            assert out.key is not None
-            current = view[out.key] if out.key in view else self.backend.get(out.key)
-            if out.change is not None:
-                if current is not None and current.expires_ms == out.change.expires_ms:
-                    out.status, out.detail = Status.UNCHANGED, "already present"
-                    continue
-                self.backend.add(out.change)
-                view[out.key] = out.change
-                out.detail = "inserted" if current is None else "renewed"
-            else:
-                if current is None:
-                    out.status, out.detail = Status.UNCHANGED, "not present"
-                    continue
-                self.backend.delete(out.key)
-                view[out.key] = None
-                out.detail = "deleted"
+        steps: list[Step | BackendError | None] = []
+        for item in decided:
+            if isinstance(item, Answer):
+                steps.append(None)
+                continue
+            key = item.key
+            step = plan(item.decision, view[key] if key in view else self.backend.get(key))
+            if step.add is not None:
+                view[step.add.key] = step.add
+            elif step.delete is not None:
+                view[step.delete] = None
+            steps.append(step)
+        changes = [s for s in steps if isinstance(s, Step) and s.changes]
+        error = self._commit(changes) if changes else None
+        if error is not None:
+            retrying = all(item.entry.id in self._failing for item in decided)
+            logger.log(
+                logging.DEBUG if retrying else logging.WARNING,
+                "batch of %d refused (%s); applying one by one",
+                len(decided),
+                error,
+            )
+            steps = [None if isinstance(i, Answer) else self._apply_alone(i) for i in decided]
+        for done in steps:
+            if isinstance(done, Step) and done.add is not None:
+                self.expiry.push(done.add)
+        return [_answer(item, step) for item, step in zip(decided, steps, strict=True)]
 
-    def _commit_with_retry(self) -> BackendError | None:
+    def _apply_alone(self, item: Decided) -> Step | BackendError:
+        """Re-plan one decision against the kernel as it now stands and commit it alone."""
+        step = plan(item.decision, self.backend.get(item.key))
+        if not step.changes:
+            return step
+        error = self._commit([step])
+        return step if error is None else error
+
+    def _commit(self, steps: list[Step]) -> BackendError | None:
+        """Stage ``steps`` and commit them; a busy kernel is retried with the changes staged anew.
+
+        A failed commit discards what was staged, so every attempt stages again: a retry
+        never commits an empty batch and calls it done.
+        """
         backoff = Backoff(0.05, 0.5)
         for attempt in range(_QUICK_RETRIES):
+            self.backend.discard()
+            for step in steps:
+                if step.add is not None:
+                    self.backend.add(step.add)
+                elif step.delete is not None:
+                    self.backend.delete(step.delete)
             try:
                 self.backend.commit()
                 return None
@@ -331,52 +395,46 @@ class Applier:
                 return exc
         return None
 
-    def _settled(self, changes: list[Outcome]) -> None:
-        for out in changes:
-            if out.status is None:
-                out.status = Status.APPLIED
-                if out.change is not None:
-                    self.expiry.push(out.change)
-
-    def _finish(self, outcomes: list[Outcome]) -> None:
-        if logger.isEnabledFor(logging.DEBUG):
-            for out in outcomes:
-                logger.debug(
-                    "%s %s: %s %s",
-                    out.entry.id,
-                    out.key or "-",
-                    out.status.value if out.status else "retry",
-                    out.detail,
-                )
-        failing = [o for o in outcomes if o.status is None]
+    def _finish(self, answers: list[Answer]) -> list[Answer]:
+        """Dead-letter what failed too often, write results and acknowledge what is done."""
+        failing = [a for a in answers if a.status is None]
         dead: list[dict[FieldT, EncodableT]] = []
         if failing:
-            counts = self.stream.deliveries([o.entry.id for o in failing])
-            for out in failing:
-                delivered = counts.get(out.entry.id, 0)
-                if out.permanent or delivered >= self.settings.max_deliveries:
-                    dead.append(self._dead_letter(out, delivered))
-                    out.status = Status.FAILED
-                    out.detail = f"dead letter after {delivered} deliveries: {out.detail}"
+            counts = self.stream.deliveries([a.entry.id for a in failing])
+            buried = {}
+            for answer in failing:
+                delivered = counts.get(answer.entry.id, 0)
+                if answer.permanent or delivered >= self.settings.max_deliveries:
+                    dead.append(self._dead_letter(answer, delivered))
+                    buried[answer.entry.id] = replace(
+                        answer,
+                        status=Status.FAILED,
+                        detail=f"dead letter after {delivered} deliveries: {answer.detail}",
+                    )
+            answers = [buried.get(a.entry.id, a) for a in answers]
             self._schedule_retry()
-        self._failing.update(o.entry.id for o in outcomes if o.status is None)
-        done = [o for o in outcomes if o.status is not None]
-        self._failing.difference_update(o.entry.id for o in done)
-        results = [self._result_fields(o) for o in done if not o.skip]
+        if logger.isEnabledFor(logging.DEBUG):
+            for answer in answers:
+                status = answer.status.value if answer.status else "retry"
+                logger.debug("%s: %s %s", answer.entry.id, status, answer.detail)
+        done = [a for a in answers if a.status is not None]
+        self._failing.update(a.entry.id for a in answers if a.status is None)
+        self._failing.difference_update(a.entry.id for a in done)
         self.stream.finish(
-            [o.entry.id for o in done],
-            results,
+            [a.entry.id for a in done],
+            [self._result_fields(a) for a in done if a.report],
             dead,
             self.settings.results_maxlen,
             self.settings.dead_maxlen,
         )
         self.metrics.dead_letters.inc(len(dead))
+        return answers
 
     def _schedule_retry(self) -> None:
         if not self._retry_at:
             self._retry_at = time.monotonic() + self._retry_backoff.next_delay_s()
 
-    def _result_fields(self, out: Outcome) -> dict[FieldT, EncodableT]:
+    def _result_fields(self, out: Answer) -> dict[FieldT, EncodableT]:
         assert out.status is not None
         return {
             "cmd": out.entry.id,
@@ -386,7 +444,7 @@ class Applier:
             "detail": out.detail,
         }
 
-    def _dead_letter(self, out: Outcome, delivered: int) -> dict[FieldT, EncodableT]:
+    def _dead_letter(self, out: Answer, delivered: int) -> dict[FieldT, EncodableT]:
         fields: dict[FieldT, EncodableT] = {
             k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
             for k, v in (out.entry.fields or {}).items()

@@ -121,7 +121,12 @@ def run(burst: bool) -> None:
 
 
 @main.command(name="reconcile")
-@click.option("--force", is_flag=True, help="Remove extras even when the ledger is empty.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Adopt the ledger even if it is not the one this host converged with (Redis lost "
+    "its data): remove the rules it does not hold.",
+)
 def reconcile_once(force: bool) -> None:
     """Make this host's managed rules equal the ledger's, print the drift, exit."""
     settings = _settings()

@@ -20,13 +20,16 @@ from types import FrameType
 import redis
 
 from pushfw.producer.connection import connect as redis_connect
+from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus
 from pushfw.worker.applier import Applier, StopRequested
 from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.config import mask_url
+from pushfw.worker.decide import Policy
 from pushfw.worker.errors import BackendError, ConfigError
+from pushfw.worker.generation import GenerationFile, trusts_ledger
 from pushfw.worker.heartbeat import beat, group_info, pushfw_version
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.notify import Notifier
@@ -74,14 +77,18 @@ class Worker:
             set_size=settings.set_size,
         )
         self.protection = Protection.build(settings.protected, settings.redis_url)
-        self.ledger = Ledger(
-            self.client,
-            self.keys,
-            settings.consumer_name,
-            settings.batch_size,
-            Signing.from_settings(settings),
+        self.policy = Policy(
+            host=settings.host_name,
+            labels=settings.labels,
+            protection=self.protection,
+            signing=Signing.from_settings(settings),
+            min_drop_prefix_v4=settings.min_drop_prefix_v4,
+            min_drop_prefix_v6=settings.min_drop_prefix_v6,
         )
-        self.applier = Applier(self.client, self.backend, settings, self.protection, self.ledger)
+        self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
+        self.generation = GenerationFile(settings.state_dir, settings.host_name)
+        self.ledger_lost = False
+        self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
         self.backend.clock = self.applier.now_ms
         self.metrics = self.applier.metrics
         self.scheduler = Scheduler(
@@ -138,28 +145,35 @@ class Worker:
         self._due["heartbeat"] = now + self.settings.heartbeat_interval
 
     def reconcile(self, force: bool = False) -> Drift | None:
-        """Make the managed rules equal the ledger's active rules for this host.
+        """Make the managed rules equal what the ledger holds for this host, through the gate.
 
-        An empty ledger beside a kernel holding rules looks like Redis lost its data, not
-        like an operator lifting every ban: then nothing is removed unless ``force``.
+        Rules the ledger does not speak of are removed only when this is the ledger the host
+        converged with before (:mod:`pushfw.worker.generation`), or with ``force``: a new or
+        missing ledger beside a kernel holding rules means Redis lost its data.
         """
+        self.protection.refresh(self.client)
         self.backend.open()  # re-read the kernel: drift is measured against what it holds
         position = self.applier.stream.last_delivered()
         self.ledger.catch_up(position)
         now_ms = self.applier.now_ms()
-        desired = desired_rules(
-            self.ledger.records(), self.settings.host_name, self.settings.labels, now_ms
+        desired = desired_rules(self.ledger.records(), self.policy, now_ms)
+        marker = self.ledger.generation()
+        trusted = force or trusts_ledger(
+            marker, self.generation.read(), self.ledger.size(), self.backend.size()
         )
-        remove = force or self.ledger.size() > 0 or self.backend.size() == 0
-        if not remove:
-            logger.warning(
-                "the ledger is empty but %d rules are applied (did Redis lose its data?): "
-                "keeping them; 'pushfw-worker reconcile --force' removes them",
+        if not trusted and not self.ledger_lost:
+            logger.error(
+                "the ledger is not the one this host converged with (did Redis lose its data?): "
+                "keeping the %d applied rules it does not hold; "
+                "'pushfw-worker reconcile --force' adopts it and removes them",
                 self.backend.size(),
             )
+        self.ledger_lost = not trusted
         try:
-            self.last_drift = reconcile(self.backend, desired, remove_extras=remove)
+            self.last_drift = reconcile(self.backend, desired, remove_extras=trusted)
             self.metrics.reconciled(self.last_drift)
+            if trusted and marker is not None:
+                self.generation.write(marker)
         except BackendError as exc:
             logger.error("reconcile failed, kept the current rules: %s", exc)
             self.backend.discard()
@@ -167,6 +181,28 @@ class Worker:
         finally:
             self.applier.rebuild_expiry()
         return self.last_drift
+
+    def _protect(self, client: redis.Redis | None) -> None:
+        """Protect every address Redis is reached at now; lift at once a drop covering one.
+
+        This needs no Redis: a drop of the address Redis moved to may be what cuts us off.
+        """
+        if not self.protection.refresh(client):
+            return
+        covering = [
+            key
+            for key in self.backend.snapshot()
+            if key.action is Action.DROP and self.protection.covering(key.network) is not None
+        ]
+        logger.warning(
+            "Redis is reached at a new address (%s): protected; lifting %d drops covering it",
+            ", ".join(str(n) for n in self.protection.redis_addresses),
+            len(covering),
+        )
+        if covering:
+            error = self.applier.remove(covering)
+            if error is not None:
+                logger.error("could not lift the drops covering Redis: %s", error)
 
     def _every(self, name: str, interval_s: float) -> bool:
         now = time.monotonic()
@@ -176,13 +212,20 @@ class Worker:
         return True
 
     def iteration(self) -> int:
-        """One pass: fold for the ledger, apply for this host, then housekeeping when due."""
+        """One pass: fold for the ledger, apply for this host, then housekeeping when due.
+
+        The ledger folds again after a batch arrived while the applier was waiting, so it is
+        not a batch behind this host when the worker stops.
+        """
         self.ledger.fold_new()
         processed = self.applier.iteration()
+        if processed:
+            self.ledger.fold_new()
         if self._every("heartbeat", self.settings.heartbeat_interval):
+            self._protect(self.client)
             self.heartbeat()
         if self._every("trim", self.settings.trim_interval):
-            trim(self.client, self.keys, self.applier.now_ms(), self.settings.host_expiry)
+            trim(self.ledger, self.applier.now_ms(), self.settings.host_expiry)
         interval = self.settings.reconcile_interval
         if interval and self._every("reconcile", interval):
             self.reconcile()
@@ -205,6 +248,8 @@ class Worker:
                 pending=pending,
                 interval_s=self.settings.heartbeat_interval,
                 state=state,
+                ledger_lost=self.ledger_lost,
+                ids_ahead=self.ledger.clock.stamped,
             ),
         )
         rules = self.backend.snapshot() if self.metrics.serving else {}
@@ -237,15 +282,9 @@ class Worker:
             while not self.applier.stopping:
                 self.notifier.alive()
                 try:
-                    if not ready:
-                        ready = self._start(burst)
+                    ready = self._resume(ready, down_since, burst)
                     processed = self.iteration()
                     if down_since is not None:
-                        logger.info(
-                            "redis is back after %.1f s",
-                            time.monotonic() - down_since,
-                            extra={"state": "following"},
-                        )
                         self.notifier.status(self._following())
                         down_since = None
                     backoff.reset()
@@ -271,6 +310,20 @@ class Worker:
             self.backend.close()
             self.client.close()
         logger.info("pushfw worker stopped", extra={"state": "stopped"})
+
+    def _resume(self, ready: bool, down_since: float | None, burst: bool) -> bool:
+        """Set up at start (and after Redis lost its data); reconcile after every outage."""
+        if down_since is not None:
+            logger.info(
+                "redis is back after %.1f s: reconciling",
+                time.monotonic() - down_since,
+                extra={"state": "following"},
+            )
+        if not ready:
+            return self._start(burst)
+        if down_since is not None:
+            self.reconcile()  # whatever happened meanwhile, a trim past this host included
+        return True
 
     def _last_heartbeat(self) -> None:
         """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one."""
@@ -308,6 +361,7 @@ class Worker:
             self.notifier.status(f"Redis unavailable ({exc}); still expiring timed rules")
             down_since = time.monotonic()
         self.applier.reset_reads()
+        self._protect(None)  # a drop of Redis's new address may be what keeps us out
         self.applier.expire_due()
         self.notifier.alive()  # the loop runs: kernel expiry goes on without Redis
         time.sleep(min(backoff.next_delay_s(), self.notifier.max_wait_s))

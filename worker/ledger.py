@@ -1,44 +1,53 @@
-"""The Ledger role: fold every command, once, into the desired state in Redis.
+"""The Ledger role, and the one definition of the ledger's schema and of every script writing it.
 
 Every worker reads the shared ``ledger`` consumer group, so any one of them may fold an
 entry. The fold is a Lua compare-and-set on the entry id: a record is replaced only by a
 newer entry, so folds that arrive out of order (two consumers, a retry, a replay) still
 leave the newest command's state. Deletes and commands that arrive already expired leave
 tombstones, so an older insert replayed later cannot bring the rule back; tombstones are
-dropped once the stream is trimmed past them.
+dropped once the stream is trimmed past them (:data:`FORGET`).
+
+The ledger records only commands that pass validation, whoever folds them: the fold does
+not apply the folding worker's signature policy or protected networks (each host has its
+own). A signed command's record keeps its signed fields and signature, so every host
+checks the record against its own policy (:mod:`pushfw.worker.decide`) before reconcile
+installs it.
+
+The scheduler's :data:`CLAIM` ends a timed rule: it writes a ttl tombstone that names the
+entry it expired and XADDs the ``*.delete origin ttl``. The tombstone ranks as the entry it
+expired, so a renewal added before the delete still wins when it is folded after it; the
+renewal's record then says which delete it ``voided``. Folds skip the claim's deletes (the
+claim folded them already) and every other ``*.delete origin ttl``: a forged one is void.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import secrets
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
 from redis.typing import StreamIdT
 
-from pushfw.producer.contract import Command, CommandRejected
+from pushfw.producer.contract import SIGNED_FIELDS, Action, Command, CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleRecord
-from pushfw.worker.signing import Signing
-from pushfw.worker.stream import Entry, ParsedEntries, entries_from_reply, stream_id_order
+from pushfw.worker.clock import Clock
+from pushfw.worker.decide import is_signed
+from pushfw.worker.protect import LOOPBACK, Protection
+from pushfw.worker.stream import (
+    LUA_ID_ORDER,
+    Entry,
+    ParsedEntries,
+    entries_from_reply,
+    stream_id_order,
+)
 
 logger = logging.getLogger(__name__)
 
-_NEWER = """
-local function parse(id)
-  local ms, seq = string.match(id, "^(%d+)-(%d+)$")
-  return tonumber(ms), tonumber(seq)
-end
-local function newer(a, b)
-  local ams, aseq = parse(a)
-  local bms, bseq = parse(b)
-  return ams > bms or (ams == bms and aseq > bseq)
-end
-"""
-
 FOLD = (
-    _NEWER
+    LUA_ID_ORDER
     + """
 -- KEYS: rules, expiry, then one marker key per record
 -- ARGV: 4 per record: rule id, entry id, record json, expires ms or ''
@@ -48,8 +57,21 @@ local changed = 0
 for i = 0, #ARGV / 4 - 1 do
   local rule, id, json, expires = ARGV[i*4+1], ARGV[i*4+2], ARGV[i*4+3], ARGV[i*4+4]
   local marker = KEYS[i + 3]
-  local current = redis.call('HGET', KEYS[1], rule)
-  if not current or newer(id, cjson.decode(current)['id']) then
+  local raw = redis.call('HGET', KEYS[1], rule)
+  local replace = true
+  if raw then
+    local cur = cjson.decode(raw)
+    local rank = cur['id']
+    if cur['deleted'] and cur['origin'] == 'ttl' and type(cur['expired_id']) == 'string' then
+      rank = cur['expired_id']
+    end
+    replace = newer(id, rank)
+    if replace and newer(cur['id'], id) then
+      -- added before the scheduler's delete of an older state, folded after it
+      json = string.sub(json, 1, -2) .. ',"voided":' .. cjson.encode(cur['id']) .. '}'
+    end
+  end
+  if replace then
     changed = changed + 1
     redis.call('HSET', KEYS[1], rule, json)
     if expires ~= '' then
@@ -67,13 +89,70 @@ end
 return changed
 """
 )
+
+CLAIM = """
+-- KEYS: rules, expiry, cmd, then one marker key per rule id; ARGV: rule ids
+-- Returns the ids of the delete entries it added.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local emitted = {}
+for i, rule in ipairs(ARGV) do
+  local score = redis.call('ZSCORE', KEYS[2], rule)
+  if score and tonumber(score) <= now then
+    local raw = redis.call('HGET', KEYS[1], rule)
+    local rec = raw and cjson.decode(raw)
+    if not rec or rec['deleted'] or tonumber(rec['expires_ms']) ~= tonumber(score) then
+      redis.call('ZREM', KEYS[2], rule)
+    else
+      local fields = {'op', rec['action'] .. '.delete', 'ip', rec['network'], 'origin', 'ttl'}
+      local tomb = {action = rec['action'], network = rec['network'], deleted = true,
+                    origin = 'ttl', expired_id = rec['id'], expired_ms = tonumber(score)}
+      if type(rec['target']) == 'table' and #rec['target'] > 0 then
+        table.insert(fields, 'target')
+        table.insert(fields, table.concat(rec['target'], ','))
+        tomb['target'] = rec['target']
+      end
+      local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
+      tomb['id'] = id
+      redis.call('HSET', KEYS[1], rule, cjson.encode(tomb))
+      redis.call('ZREM', KEYS[2], rule)
+      redis.call('DEL', KEYS[i + 3])
+      table.insert(emitted, id)
+    end
+  end
+end
+return emitted
+"""
+
+FORGET = """
+-- KEYS: rules; ARGV: field, value, ...: delete each field that still holds that value
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
 _FOLD_CHUNK = 500
+_EVERYWHERE = Protection(LOOPBACK)
+_SIGNED = frozenset(name.encode() for name in (*SIGNED_FIELDS, "sig"))
 
 
-def record_for(entry: Entry, cmd: Command, now_ms: int) -> RuleRecord:
+def record_for(entry: Entry, cmd: Command, seen_ms: int, now_ms: int) -> RuleRecord:
     """The ledger state a command sets; an insert already past its expiry is a tombstone."""
-    expires_ms = entry.ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
+    expires_ms = seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
     expired = expires_ms is not None and expires_ms <= now_ms
+    fields = entry.fields or {}
+    signed = (
+        {
+            k.lower().decode("utf-8", "replace"): v.decode("utf-8", "replace")
+            for k, v in fields.items()
+            if k.lower() in _SIGNED
+        }
+        if any(k.lower() == b"sig" for k in fields)
+        else {}
+    )
     return RuleRecord(
         id=entry.id,
         action=cmd.action.value,
@@ -83,7 +162,16 @@ def record_for(entry: Entry, cmd: Command, now_ms: int) -> RuleRecord:
         reason=cmd.reason,
         origin=cmd.origin,
         deleted=expired or not cmd.is_insert,
+        seen_ms=seen_ms if seen_ms != entry.ms else None,
+        signed=signed,
     )
+
+
+def refused_everywhere(entry: Entry, cmd: Command) -> bool:
+    """What no fold takes: a drop of loopback; unsigned ttl deletes (the claim folded its own)."""
+    if cmd.origin == "ttl" and not cmd.is_insert and not is_signed(entry.fields):
+        return True
+    return cmd.action is Action.DROP and _EVERYWHERE.covering(cmd.network) is not None
 
 
 class Ledger:
@@ -95,22 +183,38 @@ class Ledger:
         keys: Keys,
         consumer: str,
         batch_size: int = 500,
-        signing: Signing | None = None,
+        clock: Clock | None = None,
     ):
         self.client = client
         self.keys = keys
         self.consumer = consumer
         self.batch_size = batch_size
-        self.signing = signing or Signing()
+        self.clock = clock or Clock(client, keys)
         self.parsed = ParsedEntries()
         self._fold = client.register_script(FOLD)
+        self._forget = client.register_script(FORGET)
 
     def ensure_group(self) -> None:
+        """Create the ledger group, and the generation marker with it if the ledger is new.
+
+        A ledger that has records but no marker predates markers: it gets one too.
+        """
         try:
             self.client.xgroup_create(self.keys.cmd, Keys.LEDGER_GROUP, id="0", mkstream=True)
+            created = True
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            created = False
+        if created or self.size() > 0:
+            token = secrets.token_hex(8)
+            if self.client.set(self.keys.generation, token, nx=True):
+                logger.info("ledger generation %s begins", token)
+
+    def generation(self) -> str | None:
+        """The marker written once when this ledger began (None: Redis lost it, or too old)."""
+        raw: Any = self.client.get(self.keys.generation)
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     def fold_new(self, block_ms: int | None = None) -> int:
         """Read the ledger group's next entries (non-blocking by default) and fold them."""
@@ -129,9 +233,10 @@ class Ledger:
         """Fold entries (invalid ones are only acknowledged); returns how many changed state."""
         if not entries:
             return 0
-        seconds, micros = self.client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        records = [r for r in (self._record(e, now_ms) for e in entries) if r is not None]
+        now_ms, seen = self.clock.read(entries)
+        records = [
+            r for r in (self._record(e, seen[e.id], now_ms) for e in entries) if r is not None
+        ]
         changed = 0
         for start in range(0, len(records), _FOLD_CHUNK):
             chunk = records[start : start + _FOLD_CHUNK]
@@ -153,19 +258,17 @@ class Ledger:
         )
         return changed
 
-    def _record(self, entry: Entry, now_ms: int) -> RuleRecord | None:
-        """The state an entry sets; None for what every applier rejects."""
+    def _record(self, entry: Entry, seen_ms: int, now_ms: int) -> RuleRecord | None:
+        """The state an entry sets; None for what every host refuses."""
         if entry.fields is None:
             return None
         try:
             cmd = self.parsed.parse(entry)
-            if self.signing.check(entry.fields, entry.ms, cmd):
-                # an unsigned expiry: the scheduler's claim wrote its tombstone already, and
-                # one it did not write (forged) must not reach the ledger
-                return None
         except CommandRejected:
             return None
-        return record_for(entry, cmd, now_ms)
+        if refused_everywhere(entry, cmd):
+            return None
+        return record_for(entry, cmd, seen_ms, now_ms)
 
     def catch_up(self, position: str) -> None:
         """Make the ledger hold every entry up to ``position`` before a host reconciles.
@@ -214,13 +317,15 @@ class Ledger:
             if raw is not None
         }
 
-    def newest_ids(self, rule_ids: list[str]) -> dict[str, str]:
-        """The entry id of the newest command folded for each rule that has a record."""
-        if not rule_ids:
-            return {}
-        values: Any = self.client.hmget(self.keys.rules, rule_ids)
-        return {
-            rid: RuleRecord.model_validate_json(raw).id
-            for rid, raw in zip(rule_ids, values, strict=True)
-            if raw is not None
-        }
+    def forget(self, stale: Sequence[tuple[Any, Any]]) -> int:
+        """Delete tombstones (field, raw value) that no fold replaced since they were read."""
+        forgotten = 0
+        for start in range(0, len(stale), 1000):
+            args = [part for pair in stale[start : start + 1000] for part in pair]
+            forgotten += int(self._forget(keys=[self.keys.rules], args=args))
+        return forgotten
+
+
+def claim_script(client: redis.Redis) -> Any:
+    """The scheduler's claim, registered on its own connection."""
+    return client.register_script(CLAIM)

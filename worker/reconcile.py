@@ -1,21 +1,21 @@
 """Reconciliation: make the managed firewall exactly the ledger's active rules for this host.
 
-Runs at start (also after a reboot emptied the kernel tables), periodically, and on
-``pushfw-worker reconcile``. A host that joins late converges here from the ledger instead
-of replaying history.
+Runs at start (also after a reboot emptied the kernel tables), after every Redis
+reconnect, periodically, and on ``pushfw-worker reconcile``. Every record goes through the
+same gate as a stream entry (:mod:`pushfw.worker.decide`). A host that joins late
+converges here from the ledger instead of replaying history.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pushfw.producer.contract import Action
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.decide import Add, Delete, Policy, decide, request_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +35,44 @@ class Drift:
         return self.added + self.removed + self.updated
 
 
-def desired_rules(
-    records: Iterable[RuleRecord], host: str, labels: frozenset[str], now_ms: int
-) -> dict[RuleKey, Rule]:
-    """The rules this host should hold: active records that target it."""
-    desired: dict[RuleKey, Rule] = {}
+@dataclass(frozen=True)
+class Desired:
+    """What the ledger says of this host's kernel, rule by rule, through the gate.
+
+    ``present``: rules that must be there, with their expiry; ``absent``: rules that must
+    not be; ``held``: rules whose newest command this host refuses as a whole (a signature
+    it cannot verify), which keep the state they have, as on the stream path.
+    """
+
+    present: dict[RuleKey, Rule]
+    absent: frozenset[RuleKey]
+    held: frozenset[RuleKey]
+
+
+def desired_rules(records: Iterable[RuleRecord], policy: Policy, now_ms: int) -> Desired:
+    """Ask the gate about every record: reconcile installs only what the stream path would."""
+    present: dict[RuleKey, Rule] = {}
+    absent: set[RuleKey] = set()
+    held: set[RuleKey] = set()
     for record in records:
-        if record.active_at(now_ms) and record.targets(host, labels):
-            key = RuleKey(Action(record.action), ipaddress.ip_network(record.network))
-            desired[key] = Rule(key, record.expires_ms)
-    return desired
+        request = request_from_record(record)
+        if request is None:
+            continue
+        decision = decide(request, policy, now_ms)
+        if isinstance(decision, Add):
+            present[decision.rule.key] = decision.rule
+        elif isinstance(decision, Delete):
+            absent.add(decision.key)
+        else:
+            held.add(request.key)
+    return Desired(present, frozenset(absent), frozenset(held))
 
 
-def reconcile(backend: Backend, desired: dict[RuleKey, Rule], remove_extras: bool = True) -> Drift:
-    """Add what is missing, fix expiries, remove managed extras (unless told not to); one commit.
+def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) -> Drift:
+    """Add what is missing, fix expiries, remove what must go; one commit.
+
+    Rules the ledger does not speak of are removed too, unless ``remove_extras`` is False
+    (the ledger is not known to be the one this host converged with).
 
     Raises:
         BackendError: the kernel refused the batch; nothing was changed.
@@ -56,7 +80,7 @@ def reconcile(backend: Backend, desired: dict[RuleKey, Rule], remove_extras: boo
     started = time.perf_counter()
     current = backend.snapshot()
     added = updated = removed = 0
-    for key, rule in desired.items():
+    for key, rule in desired.present.items():
         have = current.get(key)
         if have == rule:
             continue
@@ -65,14 +89,14 @@ def reconcile(backend: Backend, desired: dict[RuleKey, Rule], remove_extras: boo
             added += 1
         else:
             updated += 1
-    for key in current.keys() - desired.keys() if remove_extras else ():
-        backend.delete(key)
-        removed += 1
+    for key in current.keys() - desired.present.keys() - desired.held:
+        if key in desired.absent or remove_extras:
+            backend.delete(key)
+            removed += 1
     if added or updated or removed:
         backend.commit()
-    drift = Drift(
-        added, removed, updated, len(desired) - added - updated, time.perf_counter() - started
-    )
+    kept = len(current) - updated - removed
+    drift = Drift(added, removed, updated, kept, time.perf_counter() - started)
     if drift.changed:
         logger.warning(
             "reconcile repaired drift: %d added, %d removed, %d expiry fixed (%d kept) in %.2f s",

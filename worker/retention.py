@@ -16,25 +16,18 @@ import redis
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.heartbeat import read_hosts
+from pushfw.worker.ledger import Ledger
 from pushfw.worker.stream import stream_id_order
 
 logger = logging.getLogger(__name__)
 
 
-FORGET = """
--- KEYS: rules; ARGV: field, value, ...: delete each field that still holds that value
-local n = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
-    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-  end
-end
-return n
-"""
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _before(entry_id: Any, limit: tuple[int, int]) -> bool:
+    return stream_id_order(_text(entry_id)) < limit
 
 
 def _next_id(entry_id: str) -> str:
@@ -63,23 +56,24 @@ def trim_point(client: redis.Redis, keys: Keys, now_ms: int, host_expiry_s: floa
     return f"{ms}-{seq}"
 
 
-def trim(client: redis.Redis, keys: Keys, now_ms: int, host_expiry_s: float) -> int:
-    """Trim the stream and forget tombstones behind the trim point; returns entries trimmed."""
+def trim(ledger: Ledger, now_ms: int, host_expiry_s: float) -> int:
+    """Trim the stream and forget tombstones and stamps behind it; returns entries trimmed."""
+    client, keys = ledger.client, ledger.keys
     minid = trim_point(client, keys, now_ms, host_expiry_s)
     if minid is None:
         return 0
     trimmed = int(client.xtrim(keys.cmd, minid=minid))
     limit = stream_id_order(minid)
-    stale: list[Any] = []
+    stale: list[tuple[Any, Any]] = []
     for field, raw in client.hscan_iter(keys.rules, count=1000):
         record = RuleRecord.model_validate_json(raw)
         if record.deleted and stream_id_order(record.id) < limit:
-            stale += [field, raw]
+            stale.append((field, raw))
     # a fold may have replaced a tombstone since the scan read it: delete only unchanged ones
-    forget = client.register_script(FORGET)
-    forgotten = 0
-    for start in range(0, len(stale), 2000):
-        forgotten += int(forget(keys=[keys.rules], args=stale[start : start + 2000]))
+    forgotten = ledger.forget(stale)
+    old_stamps = [f for f, _ in client.hscan_iter(keys.seen, count=1000) if _before(f, limit)]
+    if old_stamps:
+        client.hdel(keys.seen, *old_stamps)
     if trimmed or forgotten:
         logger.info(
             "trimmed %d stream entries and %d tombstones before %s", trimmed, forgotten, minid

@@ -4,9 +4,10 @@ It runs in its own thread with its own Redis connection and never touches the ke
 host's applier removes its timed rules itself, on the same clock). It wakes on Redis
 key-expiry events of the per-rule marker keys and, because those events are fire-and-forget
 and fire late under lazy expiry, on a short timer to the next due score as well: the timer
-alone meets the 1 s bound. A due rule is claimed in Lua: only if its expiry is still the
-current one does the script write the tombstone, drop it from the queue and XADD the
-delete, so two schedulers never emit one expiry twice and an extended ban is not cut short.
+alone meets the 1 s bound. A due rule is claimed in Lua (:data:`pushfw.worker.ledger.CLAIM`):
+only if its expiry is still the current one does the script write the tombstone, drop it
+from the queue and XADD the delete, so two schedulers never emit one expiry twice and an
+extended ban is not cut short.
 """
 
 from __future__ import annotations
@@ -18,43 +19,10 @@ from typing import Any
 import redis
 
 from pushfw.producer.keys import Keys
+from pushfw.worker.ledger import claim_script
 from pushfw.worker.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-CLAIM = """
--- KEYS: rules, expiry, cmd, then one marker key per rule id; ARGV: rule ids
--- Returns the ids of the delete entries it added.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local emitted = {}
-for i, rule in ipairs(ARGV) do
-  local score = redis.call('ZSCORE', KEYS[2], rule)
-  if score and tonumber(score) <= now then
-    local raw = redis.call('HGET', KEYS[1], rule)
-    local rec = raw and cjson.decode(raw)
-    if not rec or rec['deleted'] or tonumber(rec['expires_ms']) ~= tonumber(score) then
-      redis.call('ZREM', KEYS[2], rule)
-    else
-      local fields = {'op', rec['action'] .. '.delete', 'ip', rec['network'], 'origin', 'ttl'}
-      local tomb = {action = rec['action'], network = rec['network'], deleted = true,
-                    origin = 'ttl'}
-      if type(rec['target']) == 'table' and #rec['target'] > 0 then
-        table.insert(fields, 'target')
-        table.insert(fields, table.concat(rec['target'], ','))
-        tomb['target'] = rec['target']
-      end
-      local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
-      tomb['id'] = id
-      redis.call('HSET', KEYS[1], rule, cjson.encode(tomb))
-      redis.call('ZREM', KEYS[2], rule)
-      redis.call('DEL', KEYS[i + 3])
-      table.insert(emitted, id)
-    end
-  end
-end
-return emitted
-"""
 
 
 def enable_expiry_events(client: redis.Redis) -> bool:
@@ -97,7 +65,7 @@ class Scheduler:
         self.stop = threading.Event()
         self.emitted = 0
         self.events = True  # False once Redis refused the key-event channel (an ACL)
-        self._claim = client.register_script(CLAIM)
+        self._claim = claim_script(client)
         self._thread: threading.Thread | None = None
 
     def due(self, limit: int = 500) -> tuple[list[str], float | None]:

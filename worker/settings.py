@@ -57,6 +57,16 @@ class WorkerSettings(BaseSettings):
     chain: str = "PUSHFW"
     hooks: str = "INPUT"
     protect: str = ""
+    min_drop_prefix_v4: int = Field(
+        default=8, ge=0, le=32, description="the widest IPv4 network a drop may cover"
+    )
+    min_drop_prefix_v6: int = Field(
+        default=16, ge=0, le=128, description="the widest IPv6 network a drop may cover"
+    )
+    state_dir: str = Field(
+        default="/var/lib/pushfw",
+        description="where the worker remembers the ledger generation it converged with",
+    )
     batch_size: int = Field(default=500, ge=1, le=10_000)
     block_ms: int = Field(default=1000, ge=10, le=60_000)
     max_deliveries: int = Field(default=5, ge=1, le=1000)

@@ -6,11 +6,8 @@ signed command is still checked in full and a bad one rejected. A signed command
 the stream within ``window_s`` of it, so a captured command cannot be replayed much later.
 
 The scheduler's own ``*.delete`` entries (``origin ttl``) are written from Lua, which has
-no HMAC, so they are unsigned. Such an entry is taken only when the ledger shows, for its
-rule, the tombstone with that very entry id: the scheduler's claim script writes both in
-one atomic step, and a producer cannot write the ledger (its ACL user has no HSET), so an
-entry a producer forged never has one. The ledger skips them outright (the claim already
-folded them), and an applier asks the ledger (:func:`confirm_expiry`).
+no HMAC, so they are unsigned: :mod:`pushfw.worker.decide` takes them only where the ledger
+holds their tombstone, before any signature policy applies.
 """
 
 from __future__ import annotations
@@ -18,23 +15,11 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Mapping
-from typing import NamedTuple
 
-from pushfw.producer.contract import Command, CommandRejected, Status, signature
-from pushfw.producer.records import RuleRecord
+from pushfw.producer.contract import CommandRejected, signature
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import stream_id_order
 
 _TS = re.compile(rb"[0-9]{1,15}")
-
-FORGED_EXPIRY = "sig: missing (an unsigned expiry the ledger does not confirm)"
-
-
-class Verdict(NamedTuple):
-    """What to report instead of applying an unsigned expiry that is not the scheduler's."""
-
-    status: Status
-    detail: str
 
 
 def _envelope(fields: Mapping[bytes, bytes], name: bytes) -> bytes | None:
@@ -43,11 +28,6 @@ def _envelope(fields: Mapping[bytes, bytes], name: bytes) -> bytes | None:
     if len(found) > 1:
         raise CommandRejected(f"{name.decode()}: appears more than once")
     return found[0] if found else None
-
-
-def is_expiry(cmd: Command) -> bool:
-    """A ``*.delete`` with ``origin ttl``: what the scheduler emits."""
-    return cmd.origin == "ttl" and not cmd.is_insert
 
 
 class Signing:
@@ -73,22 +53,20 @@ class Signing:
             secret.encode("utf-8") or None, settings.require_signature, settings.signature_window
         )
 
-    def check(self, fields: Mapping[bytes, bytes], entry_ms: int, cmd: Command) -> bool:
-        """Check one entry's signature; True: an unsigned expiry the ledger must confirm.
+    def check(self, fields: Mapping[bytes, bytes], seen_ms: int) -> None:
+        """Check one command's signature; ``seen_ms``: Redis's time when it was first seen.
 
         Raises:
             CommandRejected: unsigned while signatures are required, or signed badly
                 (wrong signature, missing or malformed ``ts``, ``ts`` outside the window).
         """
         if self.key is None:
-            return False
+            return
         sig = _envelope(fields, b"sig")
         if sig is None:
-            if self.required and is_expiry(cmd):
-                return True
             if self.required:
                 raise CommandRejected("sig: missing")
-            return False
+            return
         ts = _envelope(fields, b"ts")
         if ts is None:
             raise CommandRejected("ts: missing (a signed command carries its time)")
@@ -97,26 +75,10 @@ class Signing:
         expected = signature(fields, self.key).encode()
         if not hmac.compare_digest(expected, sig.lower()):
             raise CommandRejected("sig: does not match")
-        age_ms = entry_ms - int(ts)
+        age_ms = seen_ms - int(ts)
         if abs(age_ms) > self.window_s * 1000:
             when = "before" if age_ms > 0 else "after"
             raise CommandRejected(
                 f"ts: outside the {self.window_s} s window "
                 f"(signed {abs(age_ms) // 1000} s {when} it was added)"
             )
-        return False
-
-
-def confirm_expiry(entry_id: str, record: RuleRecord | None) -> Verdict | None:
-    """Whether an unsigned expiry is the scheduler's; None: it is, apply it.
-
-    A record newer than the entry means a newer command decides the rule anyway: the entry
-    is reported ``unchanged`` and changes nothing, whoever wrote it.
-    """
-    if record is not None and record.id == entry_id:
-        if record.deleted and record.origin == "ttl":
-            return None
-        return Verdict(Status.REJECTED, FORGED_EXPIRY)
-    if record is not None and stream_id_order(record.id) > stream_id_order(entry_id):
-        return Verdict(Status.UNCHANGED, f"superseded by newer command {record.id}")
-    return Verdict(Status.REJECTED, FORGED_EXPIRY)

@@ -35,6 +35,20 @@ class Entry:
         return stream_id_order(self.id)
 
 
+LUA_ID_ORDER = """
+local function parse(id)
+  local ms, seq = string.match(id, "^(%d+)-(%d+)$")
+  return tonumber(ms), tonumber(seq)
+end
+local function newer(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+"""
+"""Lua helpers for scripts that compare entry ids: ``parse(id)`` and ``newer(a, b)``."""
+
+
 def stream_id_order(entry_id: str) -> tuple[int, int]:
     """An entry id as a tuple that sorts the way Redis orders ids."""
     ms, _, seq = entry_id.partition("-")

@@ -1,0 +1,256 @@
+"""The one gate into the kernel: may this rule be in this host's kernel, and until when.
+
+Every path that can put a rule into a host's kernel asks :func:`decide`: the applier for
+each stream entry, reconcile for each ledger record. So reconcile never installs what the
+same host would refuse from the stream. The checks run in one order, the same on every
+path: authenticity (the signature policy, the scheduler's own expiries), target,
+protected networks and blast radius, expiry. The answer is a frozen value:
+
+- :class:`Add`: the rule belongs in the kernel, with this absolute expiry;
+- :class:`Delete`: the rule must not be in the kernel (a delete, a command meant for
+  other hosts, a drop of a protected network, an insert that arrived already expired);
+- :class:`Report`: change nothing for this rule (the command is refused as a whole, so
+  the rule keeps the state older commands gave it).
+
+:func:`decide` does no I/O: it is table-tested without Redis or a kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
+from pushfw.producer.records import RuleRecord
+from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.protect import Protection
+from pushfw.worker.signing import Signing
+from pushfw.worker.stream import Entry, stream_id_order
+
+__all__ = [
+    "FORGED_EXPIRY",
+    "Add",
+    "Decision",
+    "Delete",
+    "Policy",
+    "Report",
+    "Request",
+    "decide",
+    "is_signed",
+    "request_from_record",
+]
+
+FORGED_EXPIRY = "sig: missing (an unsigned expiry the ledger does not confirm)"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What one host accepts into its kernel.
+
+    Args:
+        host: the host's name, matched against ``target``.
+        labels: the host's labels, matched against ``target``.
+        protection: networks a drop must never cover.
+        signing: the host's signature policy.
+        min_drop_prefix_v4: the widest IPv4 network a drop may cover (a prefix length).
+        min_drop_prefix_v6: the widest IPv6 network a drop may cover.
+    """
+
+    host: str
+    labels: frozenset[str]
+    protection: Protection
+    signing: Signing
+    min_drop_prefix_v4: int = 8
+    min_drop_prefix_v6: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A command as the gate sees it, from a stream entry or from a ledger record.
+
+    ``fields`` are the wire fields a signature covers (None: a record of an unsigned
+    command, which has nothing to verify); ``seen_ms`` is Redis's time when the command was
+    first seen, from which the signature window is measured.
+    """
+
+    id: str
+    key: RuleKey
+    insert: bool
+    expires_ms: int | None
+    target: tuple[str, ...]
+    origin: str
+    seen_ms: int
+    fields: Mapping[bytes, bytes] | None
+    command: Command | None = None
+    confirmed: bool = False
+    """A ttl tombstone of the ledger's: the scheduler's claim wrote it, nothing to verify."""
+
+    @property
+    def is_expiry(self) -> bool:
+        """An unsigned ``*.delete`` with ``origin ttl``: what the scheduler's claim emits."""
+        return not self.insert and self.origin == "ttl" and not is_signed(self.fields)
+
+    @classmethod
+    def from_entry(cls, entry: Entry, cmd: Command, seen_ms: int) -> Request:
+        return cls(
+            id=entry.id,
+            key=RuleKey(cmd.action, cmd.network),
+            insert=cmd.is_insert,
+            expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            target=cmd.target,
+            origin=cmd.origin,
+            seen_ms=seen_ms,
+            fields=entry.fields,
+            command=cmd,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Add:
+    """Put this rule in the kernel (replacing one of the same key with another expiry)."""
+
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """This rule must not be in the kernel.
+
+    ``status``/``detail`` are what to report; ``report`` False for a command meant for other
+    hosts. ``expiring_by`` (the scheduler's expiries): remove only a timed rule that expires
+    by then, so a renewal this host already applied is not cut short.
+    """
+
+    key: RuleKey
+    status: Status = Status.APPLIED
+    detail: str = ""
+    report: bool = True
+    expiring_by: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Change nothing for this rule; report ``status`` with ``detail``."""
+
+    status: Status
+    detail: str
+
+
+Decision = Add | Delete | Report
+
+
+def is_signed(fields: Mapping[bytes, bytes] | None) -> bool:
+    """Whether the fields carry a ``sig`` (checked or not, depending on the host's key)."""
+    return fields is not None and any(name.lower() == b"sig" for name in fields)
+
+
+def decide(
+    request: Request, policy: Policy, now_ms: int, record: RuleRecord | None = None
+) -> Decision:
+    """The one decision for one command on one host.
+
+    Args:
+        request: the command.
+        policy: the host's policy.
+        now_ms: Redis's clock now.
+        record: the ledger's record for the rule; consulted only for the scheduler's
+            unsigned expiries, which count only where the ledger holds their tombstone.
+    """
+    if request.is_expiry:
+        return _confirm_expiry(request, record)
+    refused = None if request.confirmed else _authentic(request, policy)
+    if refused is not None:
+        return refused
+    key = request.key
+    if request.target and not any(t == policy.host or t in policy.labels for t in request.target):
+        return Delete(key, Status.UNCHANGED, report=False)  # the newest command is for others
+    if not request.insert:
+        return Delete(key)
+    if key.action is Action.DROP:
+        unsafe = _unsafe_drop(key, policy)
+        if unsafe is not None:
+            return Delete(key, Status.REJECTED, f"ip: {unsafe}")
+    if request.expires_ms is not None and request.expires_ms <= now_ms:
+        return Delete(key, Status.EXPIRED, f"expired {now_ms - request.expires_ms} ms ago")
+    return Add(Rule(key, request.expires_ms))
+
+
+def _authentic(request: Request, policy: Policy) -> Report | None:
+    signing = policy.signing
+    if request.fields is None:
+        if signing.required:
+            return Report(Status.REJECTED, "sig: missing")
+        return None
+    try:
+        signing.check(request.fields, request.seen_ms)
+    except CommandRejected as exc:
+        return Report(Status.REJECTED, str(exc))
+    return None
+
+
+def _unsafe_drop(key: RuleKey, policy: Policy) -> str | None:
+    network = key.network
+    protected = policy.protection.covering(network)
+    if protected is not None:
+        return f"{network} overlaps protected network {protected}"
+    widest = policy.min_drop_prefix_v4 if network.version == 4 else policy.min_drop_prefix_v6
+    if network.prefixlen < widest:
+        return f"{network} is wider than /{widest}, the widest network a drop may cover here"
+    return None
+
+
+def _confirm_expiry(request: Request, record: RuleRecord | None) -> Decision:
+    """The scheduler's expiry counts where the ledger holds its tombstone; else it is void."""
+    if record is not None and record.id == request.id and record.is_expiry:
+        return Delete(request.key, expiring_by=record.expired_ms)
+    if record is not None and record.voided == request.id:
+        return Report(Status.UNCHANGED, f"renewed by {record.id} before it expired")
+    if record is not None and stream_id_order(record.order_id) > stream_id_order(request.id):
+        return Report(Status.UNCHANGED, f"superseded by newer command {record.id}")
+    return Report(Status.REJECTED, FORGED_EXPIRY)
+
+
+def request_from_record(record: RuleRecord) -> Request | None:
+    """The command a ledger record holds, as the gate sees it (None: not a valid rule).
+
+    A signed record is rebuilt from its signed fields, so a strict host trusts nothing the
+    folding worker wrote beside them.
+    """
+    try:
+        network = ipaddress.ip_network(record.network)
+        action = Action(record.action)
+    except ValueError:
+        return None
+    key = RuleKey(action, network)
+    seen_ms = record.seen_ms if record.seen_ms is not None else stream_id_order(record.id)[0]
+    if record.signed:
+        fields = {k.encode(): v.encode() for k, v in record.signed.items()}
+        try:
+            cmd = parse_command(fields)
+        except CommandRejected:
+            return None
+        if RuleKey(cmd.action, cmd.network) != key:
+            return None
+        return Request(
+            id=record.id,
+            key=key,
+            insert=cmd.is_insert,
+            expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            target=cmd.target,
+            origin=cmd.origin,
+            seen_ms=seen_ms,
+            fields=fields,
+            command=cmd,
+        )
+    return Request(
+        id=record.id,
+        key=key,
+        insert=not record.deleted,
+        expires_ms=record.expires_ms,
+        target=tuple(record.target),
+        origin="" if record.is_expiry else record.origin,
+        seen_ms=seen_ms,
+        fields=None,
+        confirmed=record.is_expiry,
+    )

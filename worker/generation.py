@@ -1,0 +1,75 @@
+"""Which ledger a host converged with, so an empty ledger is told from a lost one.
+
+The ledger's generation marker (``{pushfw}:generation``) is written once, when the ledger
+begins. Each host keeps the marker it last reconciled against in a file of its own
+(``state_dir``), outside Redis. At reconcile:
+
+- the same marker: the ledger is the truth, even empty: bans lifted (and forgotten by
+  trimming) while the host was away are removed;
+- another marker, or none: Redis lost its data and a new ledger began (or none yet).
+  The host keeps every rule the new ledger does not speak of, says so, and adopts the new
+  generation only on ``pushfw-worker reconcile --force``;
+- a host with no file yet (new, or an upgrade) trusts the ledger unless the ledger is
+  empty while the kernel holds rules: that looks like lost data, so the rules are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["GenerationFile", "trusts_ledger"]
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationFile:
+    """``<state_dir>/<host>.generation``; held in memory when the directory is not writable."""
+
+    def __init__(self, state_dir: str, host: str) -> None:
+        self.path = Path(state_dir) / f"{host}.generation"
+        self._memory: str | None = None
+        self._warned = False
+
+    def read(self) -> str | None:
+        return self._read_file() or self._memory
+
+    def _read_file(self) -> str | None:
+        try:
+            return self.path.read_text(encoding="ascii").strip() or None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._warn(exc)
+            return None
+
+    def write(self, token: str) -> None:
+        self._memory = token
+        if self._read_file() == token:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".tmp")
+            partial.write_text(token + "\n", encoding="ascii")
+            os.replace(partial, self.path)
+        except OSError as exc:
+            self._warn(exc)
+
+    def _warn(self, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "cannot keep the ledger generation in %s (%s): remembered until the worker stops",
+                self.path,
+                exc,
+            )
+
+
+def trusts_ledger(
+    marker: str | None, known: str | None, ledger_size: int, kernel_size: int
+) -> bool:
+    """Whether reconcile may remove managed rules the ledger does not hold."""
+    if known is not None:
+        return marker == known
+    return marker is not None and (ledger_size > 0 or kernel_size == 0)
