@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -20,7 +21,7 @@ from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim
 from pushfw.worker.scheduler import Scheduler
 from tests.conftest import Netns, RedisServer, WorkerProcess, wait_for
-from tests.kernel import Firewall
+from tests.kernel import Firewall, veth
 
 CMD = "{pushfw}:cmd"
 KEYS = Keys()
@@ -260,3 +261,44 @@ def test_i4_convergent_reconcile_after_every_redis_reconnect(
     aof_redis.start()
     wait_for(lambda: fw.rules() == {("drop", "192.0.2.51/32"): None}, 30, "the reconcile")
     producer.client.close()
+
+
+def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+):
+    """A Redis host name that comes to resolve elsewhere: a drop of the new address is lifted
+    (it would cut the worker off) and refused from then on."""
+    hub, db = make_netns(), make_netns()
+    veth(hub, "10.215.0.1", db, "10.215.0.2", "m")
+    hub.run("ip", "addr", "add", "10.215.0.3/24", "dev", f"pfma{hub.name[-7:]}")
+    server = RedisServer(tmp_path, netns=hub.name, bind="127.0.0.1 10.215.0.1 10.215.0.3")
+    server.start()
+    etc = Path("/etc/netns") / db.name  # `ip netns exec` mounts these files over /etc
+    etc.mkdir(parents=True)
+    hosts = etc / "hosts"
+    hosts.write_text("10.215.0.1 redis-home\n")
+    try:
+        producer = Producer.from_url(server.url)
+        fw = Firewall(db, backend)
+        url = f"redis://redis-home:{server.port}/0"
+        spawn_worker(db, server=server, backend=backend, redis_url=url).start()
+        moved_to = producer.drop("10.215.0.3")
+        assert status_of(producer, moved_to) == ("applied", "inserted"), "not Redis's, yet"
+
+        with hosts.open("w") as rewrite:  # in place: the bind mount keeps the inode
+            rewrite.write("10.215.0.3 redis-home\n")
+        producer.client.client_kill_filter(_type="normal", skipme=True)
+        wait_for(lambda: ("drop", "10.215.0.3/32") not in fw.rules(), 30, "the drop to be lifted")
+        again = producer.drop("10.215.0.3")
+        assert status_of(producer, again) == (
+            "rejected",
+            "ip: 10.215.0.3/32 overlaps protected network 10.215.0.3/32",
+        )
+        producer.client.close()
+    finally:
+        server.stop()
+        hosts.unlink()
+        etc.rmdir()

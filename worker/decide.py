@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.backends.base import Rule, RuleKey
-from pushfw.worker.protect import Protection
+from pushfw.worker.protect import LOOPBACK, Protection
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import Entry, stream_id_order
 
@@ -38,9 +38,11 @@ __all__ = [
     "Request",
     "decide",
     "is_signed",
+    "refused_by_every_host",
     "request_from_record",
 ]
 
+_LOOPBACK = Protection(LOOPBACK)
 FORGED_EXPIRY = "sig: missing (an unsigned expiry the ledger does not confirm)"
 
 
@@ -143,6 +145,18 @@ Decision = Add | Delete | Report
 def is_signed(fields: Mapping[bytes, bytes] | None) -> bool:
     """Whether the fields carry a ``sig`` (checked or not, depending on the host's key)."""
     return fields is not None and any(name.lower() == b"sig" for name in fields)
+
+
+def refused_by_every_host(cmd: Command, fields: Mapping[bytes, bytes] | None) -> bool:
+    """What the ledger never records: a drop of loopback (every host protects it) and an
+    unsigned ttl delete (the scheduler's claim folded its own; any other is forged).
+
+    Everything else a host may refuse depends on that host's policy, so the ledger keeps it
+    and each host's :func:`decide` refuses it at reconcile as it does on the stream.
+    """
+    if cmd.origin == "ttl" and not cmd.is_insert and not is_signed(fields):
+        return True
+    return cmd.action is Action.DROP and _LOOPBACK.covering(cmd.network) is not None
 
 
 def decide(

@@ -30,12 +30,11 @@ from typing import Any
 import redis
 from redis.typing import StreamIdT
 
-from pushfw.producer.contract import SIGNED_FIELDS, Action, Command, CommandRejected
+from pushfw.producer.contract import SIGNED_FIELDS, Command, CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.clock import Clock
-from pushfw.worker.decide import is_signed
-from pushfw.worker.protect import LOOPBACK, Protection
+from pushfw.worker.decide import refused_by_every_host
 from pushfw.worker.stream import (
     LUA_ID_ORDER,
     Entry,
@@ -135,7 +134,6 @@ end
 return n
 """
 _FOLD_CHUNK = 500
-_EVERYWHERE = Protection(LOOPBACK)
 _SIGNED = frozenset(name.encode() for name in (*SIGNED_FIELDS, "sig"))
 
 
@@ -165,13 +163,6 @@ def record_for(entry: Entry, cmd: Command, seen_ms: int, now_ms: int) -> RuleRec
         seen_ms=seen_ms if seen_ms != entry.ms else None,
         signed=signed,
     )
-
-
-def refused_everywhere(entry: Entry, cmd: Command) -> bool:
-    """What no fold takes: a drop of loopback; unsigned ttl deletes (the claim folded its own)."""
-    if cmd.origin == "ttl" and not cmd.is_insert and not is_signed(entry.fields):
-        return True
-    return cmd.action is Action.DROP and _EVERYWHERE.covering(cmd.network) is not None
 
 
 class Ledger:
@@ -266,7 +257,7 @@ class Ledger:
             cmd = self.parsed.parse(entry)
         except CommandRejected:
             return None
-        if refused_everywhere(entry, cmd):
+        if refused_by_every_host(cmd, entry.fields):
             return None
         return record_for(entry, cmd, seen_ms, now_ms)
 
