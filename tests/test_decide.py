@@ -25,6 +25,7 @@ from pushfw.worker.decide import (
     decide,
     request_from_record,
 )
+from pushfw.worker.generation import trusts_ledger
 from pushfw.worker.ledger import record_for
 from pushfw.worker.protect import LOOPBACK, Protection
 from pushfw.worker.signing import Signing
@@ -267,3 +268,21 @@ def test_a_ttl_tombstone_decides_on_a_strict_host_too():
     request = request_from_record(tomb("500-0"))
     assert request is not None and request.confirmed
     assert decide(request, STRICT, NOW) == Delete(D1)
+
+
+@pytest.mark.parametrize(
+    ("marker", "known", "ledger_size", "kernel_size", "trusted"),
+    [
+        ("g1", "g1", 0, 5, True),  # every ban lifted, tombstones trimmed: the truth
+        ("g2", "g1", 0, 5, False),  # Redis lost its data and a new ledger began
+        (None, "g1", 0, 5, False),  # ... or none has begun yet
+        ("g2", "g1", 0, 0, True),  # nothing to keep: adopt
+        ("g1", None, 3, 5, True),  # a host new to the state file, a ledger with records
+        ("g1", None, 0, 5, False),  # an empty ledger beside a full kernel looks lost
+        (None, None, 0, 0, True),
+    ],
+)
+def test_which_ledger_a_host_trusts(
+    marker: str | None, known: str | None, ledger_size: int, kernel_size: int, trusted: bool
+):
+    assert trusts_ledger(marker, known, ledger_size, kernel_size) is trusted

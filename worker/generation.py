@@ -10,7 +10,8 @@ begins. Each host keeps the marker it last reconciled against in a file of its o
   The host keeps every rule the new ledger does not speak of, says so, and adopts the new
   generation only on ``pushfw-worker reconcile --force``;
 - a host with no file yet (new, or an upgrade) trusts the ledger unless the ledger is
-  empty while the kernel holds rules: that looks like lost data, so the rules are kept.
+  empty while the kernel holds rules: that looks like lost data, so the rules are kept;
+- a host whose kernel holds no managed rule has nothing to keep: it adopts the ledger.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def trusts_ledger(
     marker: str | None, known: str | None, ledger_size: int, kernel_size: int
 ) -> bool:
     """Whether reconcile may remove managed rules the ledger does not hold."""
+    if kernel_size == 0:
+        return True  # nothing to keep: a host rebooted after Redis lost its data just adopts
     if known is not None:
         return marker == known
-    return marker is not None and (ledger_size > 0 or kernel_size == 0)
+    return marker is not None and ledger_size > 0
