@@ -15,6 +15,7 @@ from pushfw.producer.client import Producer
 from pushfw.producer.contract import CommandRejected, Result
 from pushfw.producer.duration import parse_duration
 from pushfw.producer.keys import DEFAULT_PREFIX
+from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table
 
 
@@ -203,14 +204,15 @@ def status(producer: Producer, json_out: bool) -> None:
     """Hosts and their health; a host that missed three heartbeats is STALE."""
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
-    for h in producer.hosts():
+    hosts = producer.hosts()
+    for h in hosts:
         silent_ms = now_ms - h.last_seen_ms
         stale = silent_ms > 3 * h.interval_s * 1000
         state = "STALE" if stale else ("ok" if h.state == "running" else h.state)
         rows.append(
             {
                 "host": h.host,
-                "state": "LEDGER LOST" if h.ledger_lost and not stale else state,
+                "state": _health(h, state) if state == "ok" else state,
                 "last_seen": _ago(silent_ms) if not json_out else h.last_seen_ms,
                 "rules": h.rules,
                 "lag": "-" if h.lag is None and not json_out else h.lag,
@@ -219,7 +221,11 @@ def status(producer: Producer, json_out: bool) -> None:
                 "labels": ",".join(h.labels) if not json_out else h.labels,
                 "version": h.version,
                 "up": _span(now_ms - h.started_ms) if not json_out else h.started_ms,
-                **({"ledger_lost": h.ledger_lost, "ids_ahead": h.ids_ahead} if json_out else {}),
+                **(
+                    {"ledger_lost": h.ledger_lost, "problems": h.problems, "ids_ahead": h.ids_ahead}
+                    if json_out
+                    else {}
+                ),
             }
         )
     columns = [
@@ -236,7 +242,17 @@ def status(producer: Producer, json_out: bool) -> None:
     ]
     _show(rows, columns, json_out)
     if not json_out:
+        for h in hosts:
+            for problem in h.problems:
+                click.echo(f"warning: {h.host}: {problem}", err=True)
         _warn_ahead(producer)
+
+
+def _health(h: HostStatus, state: str) -> str:
+    """A running host's state: what is wrong with it first."""
+    if h.ledger_lost:
+        return "LEDGER LOST"
+    return "DEGRADED" if h.problems else state
 
 
 def _warn_ahead(producer: Producer) -> None:

@@ -88,6 +88,8 @@ class HostStatus(BaseModel):
     """``starting`` until the first reconcile is done, then ``running``."""
     ledger_lost: bool = False
     """The ledger is not the one this host converged with: it keeps rules the ledger lacks."""
+    problems: list[str] = []
+    """What keeps a role of this worker from doing its job (a failing scheduler, reconcile)."""
     ids_ahead: int = 0
     """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
 

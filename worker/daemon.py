@@ -88,6 +88,7 @@ class Worker:
         self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
         self.generation = GenerationFile(settings.state_dir, settings.host_name)
         self.ledger_lost = False
+        self.reconcile_error: str | None = None
         self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
         self.backend.clock = self.applier.now_ms
         self.metrics = self.applier.metrics
@@ -176,10 +177,18 @@ class Worker:
                 self.generation.write(marker)
         except BackendError as exc:
             logger.error("reconcile failed, kept the current rules: %s", exc)
+            self.reconcile_error = f"failed, kept the current rules: {exc}"
             self.backend.discard()
             return None
         finally:
             self.applier.rebuild_expiry()
+        refused = self.last_drift.refused
+        self.reconcile_error = (
+            f"the kernel refused {len(refused)} of the ledger's rules (first: {refused[0][0]}: "
+            f"{refused[0][1]})"
+            if refused
+            else None
+        )
         return self.last_drift
 
     def _protect(self, client: redis.Redis | None) -> None:
@@ -249,6 +258,7 @@ class Worker:
                 interval_s=self.settings.heartbeat_interval,
                 state=state,
                 ledger_lost=self.ledger_lost,
+                problems=self._problems(),
                 ids_ahead=self.ledger.clock.stamped,
             ),
         )
@@ -256,6 +266,12 @@ class Worker:
         self.metrics.heartbeat(lag, pending, self.backend.name, rules)
         if self.notifier.is_ready:
             self.notifier.status(f"{self._following()}; lag {lag}, pending {pending}")
+
+    def _problems(self) -> list[str]:
+        found = [self.scheduler.problem()]
+        if self.reconcile_error is not None:
+            found.append(f"reconcile: {self.reconcile_error}")
+        return [p for p in found if p]
 
     def _following(self) -> str:
         return (

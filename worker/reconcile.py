@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.decide import Add, Delete, Policy, decide, request_from_record
+from pushfw.worker.errors import BackendError, TransientBackendError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class Drift:
     updated: int
     kept: int
     seconds: float
+    refused: tuple[tuple[RuleKey, str], ...] = ()
+    """Changes the kernel refused (rule, error); every other change was made."""
 
     @property
     def changed(self) -> int:
@@ -69,34 +72,41 @@ def desired_rules(records: Iterable[RuleRecord], policy: Policy, now_ms: int) ->
 
 
 def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) -> Drift:
-    """Add what is missing, fix expiries, remove what must go; one commit.
+    """Add what is missing, fix expiries, remove what must go; one commit when the kernel agrees.
 
     Rules the ledger does not speak of are removed too, unless ``remove_extras`` is False
-    (the ledger is not known to be the one this host converged with).
+    (the ledger is not known to be the one this host converged with). A change the kernel
+    refuses (a network a set type cannot hold, a full set) is isolated by halving the batch,
+    so it costs only itself: every other change is made and the refused ones are reported.
 
     Raises:
-        BackendError: the kernel refused the batch; nothing was changed.
+        TransientBackendError: the kernel was busy (xtables lock); nothing was changed.
     """
     started = time.perf_counter()
     current = backend.snapshot()
-    added = updated = removed = 0
+    changes: list[tuple[RuleKey, Rule | None]] = []
     for key, rule in desired.present.items():
-        have = current.get(key)
-        if have == rule:
-            continue
-        backend.add(rule)
-        if have is None:
-            added += 1
-        else:
-            updated += 1
+        if current.get(key) != rule:
+            changes.append((key, rule))
     for key in current.keys() - desired.present.keys() - desired.held:
         if key in desired.absent or remove_extras:
-            backend.delete(key)
-            removed += 1
-    if added or updated or removed:
-        backend.commit()
+            changes.append((key, None))
+    refused = dict(_commit(backend, changes)) if changes else {}
+    made = [(key, rule) for key, rule in changes if key not in refused]
+    added = sum(1 for key, rule in made if rule is not None and key not in current)
+    updated = sum(1 for key, rule in made if rule is not None and key in current)
+    removed = sum(1 for _, rule in made if rule is None)
     kept = len(current) - updated - removed
-    drift = Drift(added, removed, updated, kept, time.perf_counter() - started)
+    drift = Drift(
+        added,
+        removed,
+        updated,
+        kept,
+        time.perf_counter() - started,
+        tuple((key, str(exc)) for key, exc in refused.items()),
+    )
+    for key, error in drift.refused[:10]:
+        logger.error("reconcile: the kernel refused %s: %s", key, error)
     if drift.changed:
         logger.warning(
             "reconcile repaired drift: %d added, %d removed, %d expiry fixed (%d kept) in %.2f s",
@@ -111,3 +121,26 @@ def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) ->
             "reconcile: kernel matches the ledger (%d rules) in %.2f s", drift.kept, drift.seconds
         )
     return drift
+
+
+def _commit(
+    backend: Backend, changes: list[tuple[RuleKey, Rule | None]]
+) -> list[tuple[RuleKey, BackendError]]:
+    """Commit ``changes``; on a refusal, each half on its own, down to the refused changes."""
+    for key, rule in changes:
+        if rule is None:
+            backend.delete(key)
+        else:
+            backend.add(rule)
+    try:
+        backend.commit()
+    except TransientBackendError:
+        backend.discard()
+        raise
+    except BackendError as exc:
+        backend.discard()
+        if len(changes) == 1:
+            return [(changes[0][0], exc)]
+        half = len(changes) // 2
+        return _commit(backend, changes[:half]) + _commit(backend, changes[half:])
+    return []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -65,6 +66,8 @@ class Scheduler:
         self.stop = threading.Event()
         self.emitted = 0
         self.events = True  # False once Redis refused the key-event channel (an ACL)
+        self.failing_since: float | None = None
+        self.last_error = ""
         self._claim = claim_script(client)
         self._thread: threading.Thread | None = None
 
@@ -107,12 +110,34 @@ class Scheduler:
                     pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 else:
                     self.stop.wait(timeout)
-            except (redis.ConnectionError, redis.TimeoutError):
-                pubsub = None
-                self.stop.wait(1.0)
+                self._recovered()
             except redis.exceptions.NoPermissionError as exc:
                 logger.warning("key-expiry events refused (%s); the timer alone wakes us", exc)
                 self.events, pubsub = False, None
+            except redis.RedisError as exc:  # an outage, or error replies (OOM, LOADING, ...)
+                pubsub = None
+                self._failed(exc)
+                self.stop.wait(1.0)
+
+    def _failed(self, exc: redis.RedisError) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            logger.warning("scheduler: %s; retrying every second", exc)
+        self.last_error = str(exc) or type(exc).__name__
+
+    def _recovered(self) -> None:
+        if self.failing_since is not None:
+            logger.info("scheduler works again after %.1f s", time.monotonic() - self.failing_since)
+            self.failing_since = None
+
+    def problem(self) -> str | None:
+        """What keeps the scheduler from emitting expiries, for the heartbeat (None: nothing)."""
+        if self._thread is not None and not self._thread.is_alive() and not self.stop.is_set():
+            return "scheduler: its thread has stopped"
+        if self.failing_since is not None:
+            failing_s = time.monotonic() - self.failing_since
+            return f"scheduler: failing for {failing_s:.0f} s: {self.last_error}"
+        return None
 
     def _subscribe(self) -> Any:
         if not self.events:

@@ -1,0 +1,122 @@
+"""I1/I3 under faults: a result never claims more than the kernel holds.
+
+Real redis-server, real kernel tables in namespaces, real worker processes; the faults are
+real too (another process holding the xtables lock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from pushfw.producer import Producer
+from pushfw.worker.backends.iptables import XTABLES_LOCK
+from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, wait_for
+from tests.kernel import Firewall
+from tests.test_applier import key, results_by_cmd
+
+CMD = "{pushfw}:cmd"
+
+
+def test_i3_ordered_two_commands_for_one_rule_in_one_batch_meant_for_other_hosts(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    """The newest command for a rule names other hosts: this host's rule goes, in one batch."""
+    worker = memory_worker(redis_server)
+    worker.setup()
+    producer.drop("192.0.2.60")
+    worker.run(burst=True)
+    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.60")}
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.60", "target": "h2"})
+    pipe.xadd(CMD, {"op": "drop.delete", "ip": "192.0.2.60", "target": "h2"})
+    pipe.execute()
+    worker.run(burst=True)
+    assert worker.backend.snapshot() == {}, "the rule stayed on a host it should have left"
+    worker.reconcile()
+    assert worker.backend.snapshot() == {}, "the stream and the ledger agree"
+
+
+def test_i1_a_held_xtables_lock_never_yields_an_applied_rule_the_kernel_lacks(
+    netns: Netns, spawn_worker: Callable[..., WorkerProcess], producer: Producer, r: Any
+):
+    fw = Firewall(netns, "iptables")
+    spawn_worker(netns, backend="iptables", retry_base_ms="100", retry_max_ms="500").start()
+    fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as an operator's long iptables-restore would
+        cmd_id = producer.drop("192.0.2.61")
+        held_until = time.monotonic() + 8  # longer than one commit's 5 s wait for the lock
+        while time.monotonic() < held_until:
+            result = results_by_cmd(r).get(cmd_id)
+            assert result is None, f"answered {result} while the kernel could not be written"
+            time.sleep(0.2)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    wait_for(lambda: cmd_id in results_by_cmd(r), 30, "the drop to be applied")
+    assert results_by_cmd(r)[cmd_id]["status"] == "applied"
+    assert fw.rules() == {("drop", "192.0.2.61/32"): None}
+
+
+def test_i4_convergent_one_rule_the_kernel_refuses_costs_only_itself(
+    netns: Netns,
+    spawn_worker: Callable[..., WorkerProcess],
+    redis_server: RedisServer,
+    producer: Producer,
+):
+    """After a reboot, reconcile installs every rule but the one ipset cannot hold, and says so."""
+    fw = Firewall(netns, "ipset")
+    worker = spawn_worker(netns, backend="ipset").start()
+    refused = producer.accept("0.0.0.0/0")  # hash:net has no room for a zero-length prefix
+    drops = [producer.drop(f"192.0.2.{i}") for i in range(70, 75)]
+    assert [r.status.value for r in producer.wait(drops[-1])] == ["applied"]
+    assert [r.status.value for r in producer.wait(refused)] == ["failed"]
+    assert worker.stop() == 0
+    fw.wipe()
+    worker.start()
+    assert fw.rules() == {("drop", f"192.0.2.{i}/32"): None for i in range(70, 75)}
+    [host] = producer.hosts()
+    assert host.problems == [
+        "reconcile: the kernel refused 1 of the ledger's rules (first: accept 0.0.0.0/0: "
+        "an ipset hash:net cannot hold 0.0.0.0/0)"
+    ]
+    status = subprocess.run(
+        [sys.executable, "-m", "pushfw.producer", "--redis-url", redis_server.url, "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "DEGRADED" in status.stdout
+    assert f"warning: {netns.name}: reconcile: the kernel refused 1 of" in status.stderr
+
+
+def test_the_scheduler_outlives_error_replies_and_says_so(r: Any, redis_server: RedisServer):
+    """Seconds of OOM error replies (maxmemory) must not end the scheduler's thread."""
+    worker = memory_worker(redis_server)
+    worker.setup()
+    Producer(redis.Redis.from_url(redis_server.url, decode_responses=True)).drop(
+        "192.0.2.80", ttl_s=1
+    )
+    worker.ledger.fold_new()
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", "1")  # every write is refused now: Redis answers OOM errors
+    try:
+        worker.scheduler.start()
+        wait_for(lambda: worker.scheduler.problem() is not None, 10, "the claim to fail")
+        problem = worker.scheduler.problem()
+        assert problem is not None and problem.startswith("scheduler: failing for ")
+        assert "command not allowed when used memory > 'maxmemory'" in problem
+    finally:
+        r.config_set("maxmemory", "0")
+    wait_for(lambda: worker.scheduler.emitted == 1, 10, "the expiry once Redis takes writes")
+    assert worker.scheduler.problem() is None
+    worker.scheduler.close()
