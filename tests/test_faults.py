@@ -120,3 +120,25 @@ def test_the_scheduler_outlives_error_replies_and_says_so(r: Any, redis_server: 
     wait_for(lambda: worker.scheduler.emitted == 1, 10, "the expiry once Redis takes writes")
     assert worker.scheduler.problem() is None
     worker.scheduler.close()
+
+
+def test_a_worker_started_while_the_xtables_lock_is_held_waits_for_it(
+    netns: Netns, spawn_worker: Callable[..., WorkerProcess], producer: Producer
+):
+    worker = spawn_worker(netns, backend="iptables")
+    fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        worker.start(wait=False)
+        time.sleep(7)  # longer than the 5 s one open waits for the lock
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker gave up"
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    worker.wait_ready()
+    assert [r.status.value for r in producer.wait(producer.drop("192.0.2.62"))] == ["applied"]
+    assert Firewall(netns, "iptables").rules() == {("drop", "192.0.2.62/32"): None}
+    assert worker.stop() == 0
+    assert "the kernel is busy (xtables lock is held by another process); trying again" in (
+        worker.log
+    )

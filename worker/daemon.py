@@ -28,7 +28,7 @@ from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.config import mask_url
 from pushfw.worker.decide import Policy
-from pushfw.worker.errors import BackendError, ConfigError
+from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
 from pushfw.worker.generation import GenerationFile, trusts_ledger
 from pushfw.worker.heartbeat import beat, group_info, pushfw_version
 from pushfw.worker.ledger import Ledger
@@ -309,13 +309,10 @@ class Worker:
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     down_since = self._redis_down(exc, down_since, backoff)
                 except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    logger.warning(
-                        "consumer group vanished (Redis lost its data?): recreating",
-                        extra={"state": "starting"},
-                    )
-                    ready = False
+                    ready = self._group_vanished(exc)
+                except TransientBackendError as exc:
+                    logger.warning("the kernel is busy (%s); trying again", exc)
+                    time.sleep(min(backoff.next_delay_s(), self.notifier.max_wait_s))
         except StopRequested:
             pass
         finally:
@@ -326,6 +323,16 @@ class Worker:
             self.backend.close()
             self.client.close()
         logger.info("pushfw worker stopped", extra={"state": "stopped"})
+
+    def _group_vanished(self, exc: redis.ResponseError) -> bool:
+        """NOGROUP: Redis lost its data, set up again (returns False: not ready); else raise."""
+        if "NOGROUP" not in str(exc):
+            raise exc
+        logger.warning(
+            "consumer group vanished (Redis lost its data?): recreating",
+            extra={"state": "starting"},
+        )
+        return False
 
     def _resume(self, ready: bool, down_since: float | None, burst: bool) -> bool:
         """Set up at start (and after Redis lost its data); reconcile after every outage."""
