@@ -142,3 +142,22 @@ def test_a_worker_started_while_the_xtables_lock_is_held_waits_for_it(
     assert "the kernel is busy (xtables lock is held by another process); trying again" in (
         worker.log
     )
+
+
+def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
+    r: Any, redis_server: RedisServer
+):
+    """Once crashed the worker: the expiry queue compared an IPv4 with an IPv6 network."""
+    worker = memory_worker(redis_server)
+    worker.setup()
+    pipe = r.pipeline(transaction=True)  # one MULTI: both ids share Redis's millisecond
+    pipe.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.90", "ttl": "1"})
+    pipe.xadd(CMD, {"op": "drop.insert", "ip": "2001:db8::90", "ttl": "1"})
+    first, second = (eid.decode() for eid in pipe.execute())
+    assert first.split("-")[0] == second.split("-")[0]
+    worker.run(burst=True)
+    assert len(worker.backend.snapshot()) == 2
+    due_ms = int(first.split("-")[0]) + 1000
+    wait_for(lambda: worker.applier.now_ms() > due_ms, 5, "the expiry")
+    assert worker.applier.expire_due() == 2
+    assert worker.backend.snapshot() == {}
