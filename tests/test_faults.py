@@ -161,3 +161,22 @@ def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
     wait_for(lambda: worker.applier.now_ms() > due_ms, 5, "the expiry")
     assert worker.applier.expire_due() == 2
     assert worker.backend.snapshot() == {}
+
+
+def test_i1_entries_a_crashed_ledger_consumer_read_are_folded(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    """A worker killed between reading for the ledger and folding: its restart folds them,
+    and another worker takes over what a dead one left idle."""
+    first = memory_worker(redis_server, host="h1", claim_idle_ms=100)
+    first.setup()
+    producer.drop("192.0.2.100")
+    producer.drop("192.0.2.101")
+    r.xreadgroup("ledger", "h1", {CMD: ">"}, count=1)  # read, then killed before the fold
+    r.xreadgroup("ledger", "gone", {CMD: ">"}, count=1)  # a worker that never comes back
+    first.setup()  # the restart
+    assert [rec.network for rec in producer.rules()] == ["192.0.2.100/32"]
+    time.sleep(0.15)  # the dead consumer's entry is idle past claim_idle_ms
+    assert first.ledger.recover(100) == 1
+    assert [rec.network for rec in producer.rules()] == ["192.0.2.100/32", "192.0.2.101/32"]
+    assert r.xpending(CMD, "ledger")["pending"] == 0

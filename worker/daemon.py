@@ -132,6 +132,7 @@ class Worker:
         """
         self.heartbeat("starting")  # announce first: no trim runs past a group being created
         self.ledger.ensure_group()
+        self.ledger.recover(self.settings.claim_idle_ms)
         start_id = "0"
         if not self.applier.stream.group_exists():
             start_id = self.applier.stream.head()
@@ -231,6 +232,7 @@ class Worker:
         if processed:
             self.ledger.fold_new()
         if self._every("heartbeat", self.settings.heartbeat_interval):
+            self.ledger.recover(self.settings.claim_idle_ms)
             self._protect(self.client)
             self.heartbeat()
         if self._every("trim", self.settings.trim_interval):

@@ -207,6 +207,37 @@ class Ledger:
         raw: Any = self.client.get(self.keys.generation)
         return raw.decode() if isinstance(raw, bytes) else raw
 
+    def recover(self, idle_ms: int) -> int:
+        """Fold what this consumer read but never folded (it crashed), then what other ledger
+        consumers left pending longer than ``idle_ms`` (they died); returns entries folded.
+
+        https://redis.io/commands/xautoclaim/
+        """
+        folded = 0
+        while True:
+            reply: Any = self.client.xreadgroup(
+                Keys.LEDGER_GROUP, self.consumer, {self.keys.cmd: "0"}, count=self.batch_size
+            )
+            entries = entries_from_reply(reply[0][1]) if reply else []
+            if not entries:
+                break
+            self.fold(entries)
+            folded += len(entries)
+        start = "0-0"
+        while True:
+            claimed: Any = self.client.xautoclaim(
+                self.keys.cmd, Keys.LEDGER_GROUP, self.consumer, idle_ms, start, self.batch_size
+            )
+            start = claimed[0].decode() if isinstance(claimed[0], bytes) else str(claimed[0])
+            entries = entries_from_reply([e for e in claimed[1] if e is not None])
+            self.fold(entries)
+            folded += len(entries)
+            if start == "0-0":
+                break
+        if folded:
+            logger.info("ledger folded %d entries left pending by a crash", folded)
+        return folded
+
     def fold_new(self, block_ms: int | None = None) -> int:
         """Read the ledger group's next entries (non-blocking by default) and fold them."""
         reply: Any = self.client.xreadgroup(
