@@ -43,6 +43,13 @@ from pushfw.worker.signing import Signing
 logger = logging.getLogger(__name__)
 
 
+_REPLY_MARGIN_S = 2.0
+"""How long past a blocking read's own timeout Redis may take to answer before it counts as
+gone: a frozen Redis holds the loop (and the kernel expiry in it) no longer than this."""
+_RECONNECT_MAX_S = 1.0
+"""Reconnect attempts are at most this far apart: a backlog waits at most this long."""
+
+
 class ForceStop(Exception):
     """A second stop signal: abandon the batch in hand."""
 
@@ -53,8 +60,8 @@ def connect(settings: WorkerSettings) -> redis.Redis:
     return redis_connect(
         settings.redis_url,
         decode_responses=False,
-        socket_timeout=settings.block_ms / 1000 + 10,
-        socket_connect_timeout=5,
+        socket_timeout=settings.block_ms / 1000 + _REPLY_MARGIN_S,
+        socket_connect_timeout=_REPLY_MARGIN_S,
         health_check_interval=30,
         **tcp,
     )
@@ -283,7 +290,7 @@ class Worker:
 
     def run(self, burst: bool = False) -> None:
         """Run until stopped; with ``burst``, until nothing of ours is left to do."""
-        backoff = Backoff(0.1, 10.0)
+        backoff = Backoff(0.1, _RECONNECT_MAX_S)
         ready = False
         down_since: float | None = None
         logger.info(
@@ -387,10 +394,19 @@ class Worker:
             down_since = time.monotonic()
         self.applier.reset_reads()
         self._protect(None)  # a drop of Redis's new address may be what keeps us out
-        self.applier.expire_due()
-        self.notifier.alive()  # the loop runs: kernel expiry goes on without Redis
-        time.sleep(min(backoff.next_delay_s(), self.notifier.max_wait_s))
+        self._expire_until(time.monotonic() + min(backoff.next_delay_s(), self.notifier.max_wait_s))
         return down_since
+
+    def _expire_until(self, deadline: float) -> None:
+        """Wait for the next reconnect attempt, removing timed rules the moment they are due."""
+        while True:
+            self.applier.expire_due()
+            self.notifier.alive()  # the loop runs: kernel expiry goes on without Redis
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                return
+            next_ms = self.applier.expiry.ms_until_next(self.applier.now_ms())
+            time.sleep(max(0.001, min(left_s, next_ms / 1000 if next_ms is not None else left_s)))
 
 
 def _fit_watchdog(settings: WorkerSettings, notifier: Notifier) -> WorkerSettings:
