@@ -213,3 +213,19 @@ def test_i5_timely_expiry_while_redis_is_down(
     print(f"\nexpiry lag with Redis down (ms): min {lags[0]:.0f} max {lags[-1]:.0f}")
     assert lags[0] >= -50, "a rule left before its expiry"
     assert lags[-1] < 1000
+
+
+def test_nftables_starts_with_a_full_ipv6_set_and_leaves_its_bans_alone(
+    netns: Netns, spawn_worker: Callable[..., WorkerProcess], producer: Producer
+):
+    """The renewal probe once ran in the live drop6 set: it flapped a ban of 100::1, and with
+    the set full it failed and the worker exited, at every restart."""
+    fw = Firewall(netns, "nftables")
+    worker = spawn_worker(netns, backend="nftables", set_size="2").start()
+    for ip in ("100::1", "2001:db8::1"):
+        assert [x.status.value for x in producer.wait(producer.drop(ip))] == ["applied"]
+    assert worker.stop() == 0
+    worker.start()
+    assert fw.dropped(v6=True) == ["100::1/128", "2001:db8::1/128"]
+    assert worker.stop() == 0
+    assert "reconcile: kernel matches the ledger (2 rules)" in worker.logs[-1], "no flap"

@@ -13,6 +13,7 @@ rewritten atomically whenever a set is added. Every batch is one nft transaction
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -101,7 +102,8 @@ class NftablesBackend(IndexedBackend):
         self._index, self._sets = self._read(listing)
         self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
         self._run(self._schema_commands(self._sets))
-        self.readd_renews = self._probe_renewal()
+        if self.readd_renews is None:
+            self.readd_renews = self._probe_renewal()
         logger.info(
             "nftables table inet %s ready: %d rules; re-adding an element %s its timeout "
             "(pushfw renews by delete + add in one transaction either way)",
@@ -156,18 +158,26 @@ class NftablesBackend(IndexedBackend):
         return cmds
 
     def _probe_renewal(self) -> bool:
-        """Does re-adding an element renew its timeout on this kernel (>= 6.12)?"""
-        probe = self._t(name="drop6", elem=[{"elem": {"val": "100::1", "timeout": 60}}])
-        bigger = self._t(name="drop6", elem=[{"elem": {"val": "100::1", "timeout": 3600}}])
-        gone = self._t(name="drop6", elem=["100::1"])
+        """Does re-adding an element renew its timeout on this kernel (>= 6.12)?
+
+        Asked once per process, in a set of its own that no rule matches: a probe in a live
+        set would flap a real ban of the probe address, and fail when that set is full.
+        """
+        name = "probe6"
+        spec = self._t(name=name, type="ipv6_addr", flags=["timeout"], size=1)
+        probe = self._t(name=name, elem=[{"elem": {"val": "100::1", "timeout": 60}}])
+        bigger = self._t(name=name, elem=[{"elem": {"val": "100::1", "timeout": 3600}}])
         try:
-            self._run([{"add": {"element": probe}}])
+            self._run([{"add": {"set": spec}}, {"add": {"element": probe}}])
             self._run([{"add": {"element": bigger}}])
-            listing = self._run([{"list": {"set": self._t(name="drop6")}}])
-            renewed = "3600" in json.dumps(listing)
+            listing = self._run([{"list": {"set": self._t(name=name)}}])
+            return "3600" in json.dumps(listing)
+        except BackendError as exc:
+            logger.info("could not probe timeout renewal (%s); assuming it does not renew", exc)
+            return False
         finally:
-            self._run([{"delete": {"element": gone}}])
-        return renewed
+            with contextlib.suppress(BackendError):
+                self._run([{"delete": {"set": self._t(name=name)}}])
 
     def _element(self, key: RuleKey, rule: Rule | None) -> Json:
         if rule is None:
