@@ -229,3 +229,20 @@ def test_nftables_starts_with_a_full_ipv6_set_and_leaves_its_bans_alone(
     assert fw.dropped(v6=True) == ["100::1/128", "2001:db8::1/128"]
     assert worker.stop() == 0
     assert "reconcile: kernel matches the ledger (2 rules)" in worker.logs[-1], "no flap"
+
+
+def test_i4_convergent_a_wiped_firewall_is_put_back_by_the_next_command(
+    netns: Netns, backend: str, spawn_worker: Callable[..., WorkerProcess], producer: Producer
+):
+    """A hand flush used to make every command a dead letter until the periodic reconcile
+    (and crashed the iptables worker): the first refused batch now re-opens and reconciles."""
+    fw = Firewall(netns, backend)
+    spawn_worker(netns, backend=backend).start()
+    for i in range(120, 123):
+        assert [x.status.value for x in producer.wait(producer.drop(f"192.0.2.{i}"))] == ["applied"]
+    fw.wipe()  # iptables -F/-X, nft flush ruleset, ipset destroy
+    [result] = producer.wait(producer.drop("192.0.2.123"), timeout_s=15)
+    assert (result.status.value, result.detail) == ("applied", "inserted")
+    want = [f"192.0.2.{i}/32" for i in range(120, 124)]
+    wait_for(lambda: fw.dropped() == want, 15, "the reconcile the refused batch asked for")
+    assert producer.dead() == []

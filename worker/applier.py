@@ -165,6 +165,8 @@ class Applier:
         )
         self.stopping = False
         self.blocking = False
+        self.drifted = False
+        """Set when the kernel was found changed behind our back: the worker reconciles."""
         self._pending_from: str | None = "0"
         self._retry_at = 0.0
         self._retry_backoff = Backoff(settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
@@ -349,6 +351,8 @@ class Applier:
         changes = [s for s in steps if isinstance(s, Step) and s.changes]
         error = self._commit(changes) if changes else None
         if error is not None:
+            if not isinstance(error, TransientBackendError):
+                self._check_kernel()
             retrying = all(item.entry.id in self._failing for item in decided)
             logger.log(
                 logging.DEBUG if retrying else logging.WARNING,
@@ -361,6 +365,24 @@ class Applier:
             if isinstance(done, Step) and done.add is not None:
                 self.expiry.push(done.add)
         return [_answer(item, step) for item, step in zip(decided, steps, strict=True)]
+
+    def _check_kernel(self) -> None:
+        """After a refused batch: was the kernel changed behind our back (a hand flush)?
+
+        Re-opening recreates missing chains, sets and tables and re-reads the index, so
+        the batch is retried against the kernel as it is; a changed index asks the worker to
+        reconcile at once instead of at the next interval.
+        """
+        before = self.backend.snapshot()
+        try:
+            self.backend.open()
+        except BackendError as exc:
+            logger.error("could not re-open the firewall after a refused batch: %s", exc)
+            return
+        if self.backend.snapshot() != before:
+            logger.warning("the kernel's managed rules changed behind pushfw's back: reconciling")
+            self.drifted = True
+            self.rebuild_expiry()
 
     def _apply_alone(self, item: Decided) -> Step | BackendError:
         """Re-plan one decision against the kernel as it now stands and commit it alone."""

@@ -238,6 +238,9 @@ class Worker:
         processed = self.applier.iteration()
         if processed:
             self.ledger.fold_new()
+        if self.applier.drifted:
+            self.applier.drifted = False
+            self.reconcile()
         if self._every("heartbeat", self.settings.heartbeat_interval):
             self.ledger.recover(self.settings.claim_idle_ms)
             self._protect(self.client)

@@ -320,22 +320,28 @@ class IptablesBackend(Backend):
         with self._locked():
             table = fam.table()
             table.refresh()
-            codec = fam.codec
-            for kind, rule in fam.staged:
-                old = index.pop(rule.key, None)
-                if old is not None:
-                    with contextlib.suppress(self._iptc.IPTCError):
-                        table.delete_entry(
-                            self.chain, codec.encode(old), codec.mask(old.key.action)
-                        )
-                if kind == "add":
-                    if rule.key.action is Action.ACCEPT:
-                        table.insert_entry(self.chain, codec.encode(rule), 0)
-                    else:
-                        table.append_entry(self.chain, codec.encode(rule))
-                    index[rule.key] = rule
+            try:
+                self._stage_entries(table, fam, index)
+            except self._iptc.IPTCError as exc:  # the chain vanished (iptables -X by hand)
+                with contextlib.suppress(self._iptc.IPTCError):
+                    table.refresh()
+                raise BackendError(f"iptables: {exc} (chain {self.chain})") from exc
             self._commit_table(table)
         fam.index = index
+
+    def _stage_entries(self, table: Any, fam: _Family, index: dict[RuleKey, Rule]) -> None:
+        codec = fam.codec
+        for kind, rule in fam.staged:
+            old = index.pop(rule.key, None)
+            if old is not None:
+                with contextlib.suppress(self._iptc.IPTCError):
+                    table.delete_entry(self.chain, codec.encode(old), codec.mask(old.key.action))
+            if kind == "add":
+                if rule.key.action is Action.ACCEPT:
+                    table.insert_entry(self.chain, codec.encode(rule), 0)
+                else:
+                    table.append_entry(self.chain, codec.encode(rule))
+                index[rule.key] = rule
 
     def _commit_table(self, table: Any) -> None:
         commit_table(self._iptc, table)
