@@ -211,24 +211,33 @@ class NftablesBackend(IndexedBackend):
     def commit(self) -> None:
         if not self._staged:
             return
+        touches_present = any(key in self._index for key, _ in self._staged)
         try:
-            self._commit_once()
-        except BackendError as first:
-            # The kernel may have timed an element out before the worker deleted it, and one
-            # absent element fails the whole batch: re-read the kernel and try once more.
-            listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
-            self._index, self._sets = self._read(listing)
             try:
                 self._commit_once()
-            except BackendError as exc:
-                # libnftables reports only text; a full set surfaces as ENFILE's message.
-                if "Too many open files" in str(exc):
-                    raise PermanentBackendError(
-                        f"a set is full (size {self.set_size}; raise PUSHFW_SET_SIZE): {exc}"
-                    ) from first
-                raise
+            except BackendError as first:
+                if not touches_present:
+                    self._raise_if_full(first, first)
+                    raise
+                # The kernel may have timed an element out before the worker deleted it, and
+                # one absent element fails the whole batch: re-read the kernel, try once more.
+                # A batch of new elements only (a full set) has no such cause: no re-read.
+                listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
+                self._index, self._sets = self._read(listing)
+                try:
+                    self._commit_once()
+                except BackendError as exc:
+                    self._raise_if_full(exc, first)
+                    raise
         finally:
             self.discard()
+
+    def _raise_if_full(self, exc: BackendError, cause: BackendError) -> None:
+        """libnftables reports only text; a full set surfaces as ENFILE's message."""
+        if "Too many open files" in str(exc):
+            raise PermanentBackendError(
+                f"a set is full (size {self.set_size}; raise PUSHFW_SET_SIZE): {exc}"
+            ) from cause
 
     def _commit_once(self) -> None:
         """One transaction; the index is changed in place (copying it cost O(rules) per batch)."""
