@@ -284,7 +284,7 @@ def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
         producer = Producer.from_url(server.url)
         fw = Firewall(db, backend)
         url = f"redis://redis-home:{server.port}/0"
-        spawn_worker(db, server=server, backend=backend, redis_url=url).start()
+        worker = spawn_worker(db, server=server, backend=backend, redis_url=url).start()
         moved_to = producer.drop("10.215.0.3")
         assert status_of(producer, moved_to) == ("applied", "inserted"), "not Redis's, yet"
 
@@ -297,6 +297,8 @@ def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
             "rejected",
             "ip: 10.215.0.3/32 overlaps protected network 10.215.0.3/32",
         )
+        reboot(fw, worker)  # the ledger holds that drop: reconcile refuses it too
+        assert fw.rules() == {}
         producer.client.close()
     finally:
         server.stop()

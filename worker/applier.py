@@ -69,6 +69,8 @@ class Step:
     detail: str
     add: Rule | None = None
     delete: RuleKey | None = None
+    ended_ms: int | None = None
+    """The expiry a scheduler's delete ends (the expiry-lag metric counts it)."""
 
     @property
     def changes(self) -> bool:
@@ -89,8 +91,10 @@ def plan(decision: Decision, current: Rule | None) -> Step:
             return Step(Status.UNCHANGED, "not present")
         return Step(decision.status, decision.detail)
     limit = decision.expiring_by
-    if limit is not None and (current.expires_ms is None or current.expires_ms > limit):
-        return Step(Status.UNCHANGED, "renewed since it expired")
+    if limit is not None:
+        if current.expires_ms is None or current.expires_ms > limit:
+            return Step(Status.UNCHANGED, "renewed since it expired")
+        return Step(Status.APPLIED, "deleted", delete=decision.key, ended_ms=current.expires_ms)
     if decision.status is Status.APPLIED:
         return Step(Status.APPLIED, "deleted", delete=decision.key)
     detail = f"{decision.detail}; removed the rule" if decision.detail else "removed the rule"
@@ -364,6 +368,9 @@ class Applier:
         for done in steps:
             if isinstance(done, Step) and done.add is not None:
                 self.expiry.push(done.add)
+        ended = [s.ended_ms for s in steps if isinstance(s, Step) and s.ended_ms is not None]
+        if ended:
+            self.metrics.expired(ended, self.now_ms())
         return [_answer(item, step) for item, step in zip(decided, steps, strict=True)]
 
     def _check_kernel(self) -> None:
