@@ -19,7 +19,7 @@ import redis
 from pushfw.producer import Producer
 from pushfw.worker.backends.iptables import XTABLES_LOCK
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, wait_for
-from tests.kernel import Firewall
+from tests.kernel import Firewall, chain_rules
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"
@@ -246,3 +246,47 @@ def test_i4_convergent_a_wiped_firewall_is_put_back_by_the_next_command(
     want = [f"192.0.2.{i}/32" for i in range(120, 124)]
     wait_for(lambda: fw.dropped() == want, 15, "the reconcile the refused batch asked for")
     assert producer.dead() == []
+
+
+HAND_FLUSHES = {  # two per backend that leave the next commit working; each trips its own check
+    "iptables": (["iptables-legacy", "-F"], ["iptables-legacy", "-F", "PUSHFW"]),  # jump, count
+    "nftables": (
+        ["nft", "flush", "chain", "inet", "pushfw", "input"],  # the chain's rules
+        ["nft", "flush", "set", "inet", "pushfw", "drop4"],  # a set emptied
+    ),
+    "ipset": (["ipset", "flush", "pushfw-drop4"], ["iptables-legacy", "-F"]),  # count, match rules
+}
+
+
+def hooked(ns: Netns, backend: str) -> bool:
+    """Does traffic reach pushfw's drop4 rules: a jump from INPUT, a rule matching the set?"""
+    if backend == "nftables":
+        return "@drop4" in ns.run("nft", "list", "chain", "inet", "pushfw", "input").stdout
+    jumps = "-j PUSHFW" in ns.run("iptables-legacy", "-S", "INPUT").stdout
+    if backend == "iptables":
+        return jumps
+    return jumps and any("--match-set pushfw-drop4 src" in line for line in chain_rules(ns))
+
+
+def test_i4_convergent_a_hand_flush_is_put_back_at_the_next_heartbeat(
+    netns: Netns, backend: str, spawn_worker: Callable[..., WorkerProcess], producer: Producer
+):
+    """A flush that leaves the next commit working (iptables -F, nft flush chain, ipset flush)
+    kept the rules missing until the periodic reconcile, 300 s later by default."""
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, backend=backend, heartbeat_interval="0.5").start()
+    want = [f"192.0.2.{i}/32" for i in range(130, 133)]
+    for net in want:
+        assert [x.status.value for x in producer.wait(producer.drop(net))] == ["applied"]
+    assert fw.dropped() == want and hooked(netns, backend)
+    for command in HAND_FLUSHES[backend]:
+        netns.run(*command)
+        assert fw.dropped() != want or not hooked(netns, backend), f"{command} changed nothing"
+        wait_for(
+            lambda: fw.dropped() == want and hooked(netns, backend),
+            15,
+            f"the heartbeat to put back what {' '.join(command)} removed",
+        )
+    time.sleep(2)  # four more heartbeats with nothing lost
+    assert worker.stop() == 0
+    assert worker.log.count("the kernel lost pushfw's rules or hooks") == 2, "once per flush"

@@ -244,6 +244,12 @@ class Worker:
         if self._every("heartbeat", self.settings.heartbeat_interval):
             self.ledger.recover(self.settings.claim_idle_ms)
             self._protect(self.client)
+            if not self.backend.intact():
+                logger.warning(
+                    "the kernel lost pushfw's rules or hooks behind its back (a hand flush?): "
+                    "reconciling"
+                )
+                self.reconcile()
             self.heartbeat()
         if self._every("trim", self.settings.trim_interval):
             trim(self.ledger, self.applier.now_ms(), self.settings.host_expiry)

@@ -91,6 +91,20 @@ class Backend(abc.ABC):
         """The committed rule with this key, answered from the index without a kernel call."""
         return self.snapshot().get(key)
 
+    def intact(self) -> bool:
+        """Does the kernel still hold what the index says, as far as a cheap look can tell?
+
+        False when something a hand flush removes is gone: a managed chain, table or set, a
+        hook's jump or rule leading to it, or managed rules (fewer than the index counts). The
+        worker then reconciles at once instead of at the next periodic reconcile.
+
+        It is called at every heartbeat (default every 5 s) and must stay cheap: it reads
+        headers, counts and hook rules, and never lists set elements or builds an object per
+        managed rule. It never raises: a kernel it cannot read now (a busy xtables lock, an
+        odd error) answers True, and the next commit or reconcile reports the problem.
+        """
+        return True
+
     def uninstall(self) -> str:
         """Remove everything this backend created in the kernel; say what, in a few words."""
         return "nothing to remove"

@@ -39,7 +39,9 @@ from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import IndexedBackend, Rule, RuleKey
 from pushfw.worker.backends.iptables import (
     blank_rule,
+    chain_entries,
     commit_table,
+    count_entries,
     ensure_chain,
     filter_table,
     iptables_variant,
@@ -175,6 +177,8 @@ class IpsetBackend(IndexedBackend):
             for version in (4, 6)
             for action in (Action.ACCEPT, Action.DROP)
         }
+        self._counts = dict.fromkeys((s.name for s in self._sets.values()), 0)
+        self._chain_entries: dict[int, int | None] = {}
 
     def open(self) -> None:
         if iptables_variant() == "nf_tables":
@@ -192,6 +196,7 @@ class IpsetBackend(IndexedBackend):
                 ensure_chain(self._iptc, table, version, self.chain, self.hooks)
                 self._ensure_match_rules(table, version)
                 commit_table(self._iptc, table)
+                self._chain_entries[version] = chain_entries(table, self.chain, self.hooks)
         self._index = self._read_index()
         logger.info(
             "ipset sets %s-{accept,drop}{4,6} ready in chain %s: %d rules",
@@ -276,14 +281,43 @@ class IpsetBackend(IndexedBackend):
         chain.insert_rule(self._match_rule(version, Action.ACCEPT))
 
     def _read_index(self) -> dict[RuleKey, Rule]:
+        """The sets' elements; also counts them per set, as :meth:`intact` compares."""
         index: dict[RuleKey, Rule] = {}
+        counts = {}
         for ipset in self._sets.values():
             saved = self._run("save", ipset.name)
+            before = len(index)
             with _gc_paused():
                 for element in parse_save(saved, ipset.name, ipset.version):
                     key = RuleKey(ipset.action, element.network)
                     index[key] = Rule(key, element.expires_ms)
+            counts[ipset.name] = len(index) - before
+        self._counts = counts
         return index
+
+    def intact(self) -> bool:
+        """The chain holds its match rules behind each hook's jump, and no set holds fewer
+        elements than the index counts: a flushed set holds none, and an element the kernel
+        timed out still counts until its garbage collector runs, so more is no alarm."""
+        chain = count_entries(self._iptc, self.chain, self.hooks)
+        if chain is not None and chain != self._chain_entries:
+            return False
+        try:
+            headers = self._run("list", "-t")  # every set's header, none of their elements
+        except BackendError as exc:
+            logger.debug("ipset sets not checked: %s", exc)
+            return True
+        names: set[str] = set()
+        held: dict[str, int] = {}
+        for label, _, value in (line.partition(": ") for line in headers.splitlines()):
+            if label == "Name":
+                names.add(value)
+                name = value
+            elif label == "Number of entries" and names:
+                held[name] = int(value)
+        return all(
+            name in names and held.get(name, count) >= count for name, count in self._counts.items()
+        )
 
     def commit(self) -> None:
         staged, self._staged = self._staged, []
@@ -298,10 +332,12 @@ class IpsetBackend(IndexedBackend):
             self._roll_back([key for key, _ in staged], now_ms)
             raise
         for key, rule in staged:
-            if rule is None:
-                self._index.pop(key, None)
-            else:
+            name = self._sets[(key.action, key.network.version)].name
+            if self._index.pop(key, None) is not None:
+                self._counts[name] -= 1
+            if rule is not None:
                 self._index[key] = rule
+                self._counts[name] += 1
         logger.debug("ipset restore: %d changes in %.3f s", len(staged), time.monotonic() - started)
 
     def _roll_back(self, keys: list[RuleKey], now_ms: int) -> None:

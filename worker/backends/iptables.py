@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 COMMENT = "pushfw"
 XTABLES_LOCK = "/run/xtables.lock"
+_CHECK_LOCK_TIMEOUT_S = 0.5  # a heartbeat's check skips a busy table rather than wait as commits do
 _TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
 _libc = ctypes.CDLL(None)
 _libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
@@ -107,6 +108,50 @@ def ensure_chain(iptc: Any, table: Any, version: int, chain: str, hooks: Sequenc
             jump = blank_rule(iptc, version)
             jump.create_target(chain)
             hook_chain.insert_rule(jump)
+
+
+def _jumps_to(table: Any, hook: str, chain: str) -> bool:
+    target = chain.encode()
+    entry = table.first_rule(hook)
+    while entry:
+        if table.get_target(entry) == target:
+            return True
+        entry = table.next_rule(entry)
+    return False
+
+
+def chain_entries(table: Any, chain: str, hooks: Sequence[str]) -> int | None:
+    """How many entries ``chain`` holds; None if it, or a hook chain's jump to it, is gone.
+
+    Walks libiptc's copy of the table entry by entry, building no python-iptables Rule
+    (about 0.3 ms each): a few milliseconds for 10k entries.
+    """
+    if not table.is_chain(chain) or not all(_jumps_to(table, hook, chain) for hook in hooks):
+        return None
+    count = 0
+    entry = table.first_rule(chain)
+    while entry:
+        count += 1
+        entry = table.next_rule(entry)
+    return count
+
+
+def count_entries(iptc: Any, chain: str, hooks: Sequence[str]) -> dict[int, int | None] | None:
+    """:func:`chain_entries` per family, read now; None when the kernel cannot be read now.
+
+    Waits for the xtables lock only briefly: a busy table is checked at the next heartbeat.
+    """
+    counts: dict[int, int | None] = {}
+    for version in (4, 6):
+        try:
+            with xtables_lock(_CHECK_LOCK_TIMEOUT_S):
+                table = filter_table(iptc, version)
+                table.refresh()
+                counts[version] = chain_entries(table, chain, hooks)
+        except (TransientBackendError, iptc.IPTCError) as exc:
+            logger.debug("IPv%d filter table not checked: %s", version, exc)
+            return None
+    return counts
 
 
 def remove_chain(iptc: Any, table: Any, chain: str, hooks: Sequence[str]) -> None:
@@ -215,6 +260,8 @@ class _Family:
     codec: _RuleCodec
     index: dict[RuleKey, Rule] = field(default_factory=dict)
     staged: list[tuple[str, Rule]] = field(default_factory=list)
+    extra: int = 0
+    """Entries of the chain beyond the index (rules pushfw did not write, duplicates)."""
 
     def table(self) -> Any:
         return filter_table(self.iptc, self.version)
@@ -265,9 +312,10 @@ class IptablesBackend(Backend):
 
     def _read_index(self, fam: _Family, table: Any) -> dict[RuleKey, Rule]:
         index: dict[RuleKey, Rule] = {}
-        foreign = 0
+        foreign = entries = 0
         entry = table.first_rule(self.chain)
         while entry:
+            entries += 1
             raw = ctypes.string_at(ctypes.addressof(entry), entry.next_offset)
             target = table.get_target(entry)
             rule = fam.codec.decode(raw, target.decode() if isinstance(target, bytes) else "")
@@ -276,6 +324,7 @@ class IptablesBackend(Backend):
             else:
                 index[rule.key] = rule
             entry = table.next_rule(entry)
+        fam.extra = entries - len(index)
         if foreign:
             logger.warning(
                 "chain %s (IPv%d) holds %d rules pushfw did not write; left alone",
@@ -296,6 +345,13 @@ class IptablesBackend(Backend):
 
     def size(self) -> int:
         return sum(len(fam.index) for fam in self._families.values())
+
+    def intact(self) -> bool:
+        """Per family: the chain, each hook's jump, and as many entries as the index explains."""
+        counts = count_entries(self._iptc, self.chain, self.hooks)
+        return counts is None or all(
+            counts[version] == len(fam.index) + fam.extra for version, fam in self._families.items()
+        )
 
     def add(self, rule: Rule) -> None:
         self._families[rule.key.network.version].staged.append(("add", rule))

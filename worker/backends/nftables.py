@@ -9,17 +9,25 @@ plus a second so a ban ends even while the worker or Redis is away (the worker d
 the exact ms, first: nft fails a whole batch on deleting an element already timed out).
 Each hook gets one base chain whose rules (accepts first) are a pure function of the sets,
 rewritten atomically whenever a set is added. Every batch is one nft transaction.
+
+The heartbeat's check (:meth:`NftablesBackend.intact`) reads the kernel over netlink itself:
+libnftables fetches every set element before it lists even one chain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import math
+import os
 import re
-from collections.abc import Sequence
+import socket
+import struct
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
@@ -32,6 +40,14 @@ _HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
 _PRIORITY = -10
 _SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
 Json = dict[str, Any]
+
+_NETLINK_NETFILTER = 12
+_NFT_GETRULE, _NFT_GETSET, _NFT_GETSETELEM = 7, 10, 13  # enum nf_tables_msg_types
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_DUMP_INTR = 0x10  # the ruleset changed during the dump: its replies may disagree
+_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+_NFPROTO_INET = 1
+_NETLINK_TIMEOUT_S = 2.0
 
 
 def set_name(key: RuleKey) -> str:
@@ -57,6 +73,69 @@ def _parse_elem(raw: Any) -> tuple[Network, str]:
             elem.get("comment", "")
         )
     return ipaddress.ip_network(str(value)), str(elem.get("comment", ""))
+
+
+def _nla(kind: int, text: str) -> bytes:
+    """One netlink string attribute, padded to 4 bytes."""
+    payload = text.encode() + b"\0"
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def _nlas(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The netlink attributes in ``data``: (type without its flag bits, payload)."""
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _text(payload: bytes) -> str:
+    return payload.rstrip(b"\0").decode(errors="replace")
+
+
+def _lookups(expressions: bytes) -> Iterator[str]:
+    """The sets a rule's expressions (NFTA_RULE_EXPRESSIONS) look up, by name."""
+    for _, element in _nlas(expressions):
+        expression = dict(_nlas(element))  # NFTA_EXPR_NAME 1, NFTA_EXPR_DATA 2
+        if _text(expression.get(1, b"")) == "lookup":
+            yield _text(dict(_nlas(expression.get(2, b""))).get(1, b""))  # NFTA_LOOKUP_SET
+
+
+def _dump(message: int, attributes: bytes, first_only: bool = False) -> list[bytes]:
+    """The replies of one nf_tables netlink dump (``inet`` family), as attribute bytes.
+
+    With ``first_only`` the dump stops after one reply: the kernel fills its replies as they
+    are read, so a set of a million elements costs no more than an empty one.
+
+    Raises:
+        OSError: the kernel's refusal (``ENOENT``: no such table or set), an interrupted
+            dump (``EINTR``), or no answer in time.
+    """
+    kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
+    with socket.socket(socket.AF_NETLINK, kind, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(_NETLINK_TIMEOUT_S)
+        body = struct.pack("=BBH", _NFPROTO_INET, 0, 0) + attributes  # struct nfgenmsg
+        header = struct.pack("=IHHII", 16 + len(body), 10 << 8 | message, _DUMP_REQUEST, 1, 0)
+        sock.send(header + body)
+        replies: list[bytes] = []
+        while True:
+            data, offset = sock.recv(1 << 16), 0
+            while offset + 16 <= len(data):  # struct nlmsghdr, then the payload
+                length, reply, flags = struct.unpack_from("=IHH", data, offset)
+                payload = data[offset + 16 : offset + length]
+                offset += (length + 3) & ~3
+                if reply == _NLMSG_ERROR and (code := struct.unpack_from("=i", payload)[0]):
+                    raise OSError(-code, os.strerror(-code))
+                if flags & _NLM_F_DUMP_INTR:
+                    raise OSError(errno.EINTR, "the ruleset changed during the dump")
+                if reply in (_NLMSG_ERROR, _NLMSG_DONE):
+                    return replies
+                replies.append(payload[4:])  # after struct nfgenmsg
+                if first_only:
+                    return replies
 
 
 def _version(name: str) -> int:
@@ -85,6 +164,7 @@ class NftablesBackend(IndexedBackend):
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._sets: set[str] = set()
+        self._counts: Counter[str] = Counter()  # elements per set, as the index has them
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -99,7 +179,7 @@ class NftablesBackend(IndexedBackend):
     def open(self) -> None:
         self._run([{"add": {"table": {"family": "inet", "name": self.table}}}])
         listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
-        self._index, self._sets = self._read(listing)
+        self._read(listing)
         self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
         self._run(self._schema_commands(self._sets))
         if self.readd_renews is None:
@@ -112,7 +192,8 @@ class NftablesBackend(IndexedBackend):
             "renews" if self.readd_renews else "does not renew",
         )
 
-    def _read(self, listing: Any) -> tuple[dict[RuleKey, Rule], set[str]]:
+    def _read(self, listing: Any) -> None:
+        """Take the index, the sets and their element counts from a listing of the table."""
         index: dict[RuleKey, Rule] = {}
         sets: set[str] = set()
         for item in (listing or {}).get("nftables", []):
@@ -127,7 +208,47 @@ class NftablesBackend(IndexedBackend):
                 key = RuleKey(action, network)
                 expires_ms = int(comment[4:]) if comment.startswith("exp=") else None
                 index[key] = Rule(key, expires_ms)
-        return index, sets
+        self._index, self._sets = index, sets
+        self._counts = Counter(set_name(key) for key in index)
+
+    def _put(self, key: RuleKey, rule: Rule | None) -> None:
+        """Add, replace (``rule``) or remove (None) one index entry, keeping the counts."""
+        if self._index.pop(key, None) is not None:
+            self._counts[set_name(key)] -= 1
+        if rule is not None:
+            self._index[key] = rule
+            self._counts[set_name(key)] += 1
+
+    def intact(self) -> bool:
+        """The sets, each hook chain's rules matching them, and an element in every set the
+        index fills, read with small netlink dumps (:func:`_dump`); cost is independent of
+        how many elements the sets hold. Elements are not counted: nf_tables keeps no count."""
+        try:
+            sets = {_text(dict(_nlas(r)).get(2, b"")) for r in self._dump(_NFT_GETSET)}
+            lookups: dict[str, list[str]] = {hook: [] for hook in self.hooks}
+            for reply in self._dump(_NFT_GETRULE):
+                rule = dict(_nlas(reply))  # NFTA_RULE_CHAIN 2, NFTA_RULE_EXPRESSIONS 4
+                lookups.setdefault(_text(rule.get(2, b"")), []).extend(_lookups(rule.get(4, b"")))
+            emptied = [n for n in sorted(self._sets) if self._counts[n] > 0 and self._empty(n)]
+        except OSError as exc:
+            logger.debug("nftables table inet %s not checked: %s", self.table, exc)
+            return exc.errno != errno.ENOENT
+        except (struct.error, ValueError) as exc:  # a reply this reader does not understand
+            logger.debug("nftables table inet %s not checked: %s", self.table, exc)
+            return True
+        want = sorted(self._sets)
+        hooked = all(sorted(lookups[hook]) == want for hook in self.hooks)
+        return self._sets <= sets and hooked and not emptied
+
+    def _dump(self, message: int, of_set: str | None = None) -> list[bytes]:
+        """A dump of this table's sets or rules, or the first reply of one set's elements."""
+        attributes = _nla(1, self.table) + (_nla(2, of_set) if of_set else b"")
+        return _dump(message, attributes, first_only=of_set is not None)
+
+    def _empty(self, name: str) -> bool:
+        """Does the kernel's set hold no element? Only the dump's first reply is read."""
+        replies = self._dump(_NFT_GETSETELEM, name)
+        return not any(kind == 3 and value for r in replies for kind, value in _nlas(r))
 
     def _schema_commands(self, sets: set[str]) -> list[Json]:
         """Sets, base chains and their rules (accepts first), rewritten as one transaction."""
@@ -198,12 +319,11 @@ class NftablesBackend(IndexedBackend):
             undo.append((key, self._index.get(key)))
             if key in self._index:
                 cmds.append({"delete": {"element": self._element(key, None)}})
-                del self._index[key]
             if rule is not None:
                 if set_name(key) not in self._sets:
                     new_sets.add(set_name(key))
                 cmds.append({"add": {"element": self._element(key, rule)}})
-                self._index[key] = rule
+            self._put(key, rule)
         if new_sets:
             cmds = self._schema_commands(self._sets | new_sets) + cmds
         return cmds, new_sets
@@ -223,7 +343,7 @@ class NftablesBackend(IndexedBackend):
                 # one absent element fails the whole batch: re-read the kernel, try once more.
                 # A batch of new elements only (a full set) has no such cause: no re-read.
                 listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
-                self._index, self._sets = self._read(listing)
+                self._read(listing)
                 try:
                     self._commit_once()
                 except BackendError as exc:
@@ -248,10 +368,7 @@ class NftablesBackend(IndexedBackend):
                 self._run(cmds)
         except BackendError:
             for key, old in reversed(undo):
-                if old is None:
-                    self._index.pop(key, None)
-                else:
-                    self._index[key] = old
+                self._put(key, old)
             raise
         self._sets |= new_sets
 
@@ -263,5 +380,5 @@ class NftablesBackend(IndexedBackend):
             if "No such file" not in str(exc):
                 raise
             return f"no table inet {self.table}"
-        self._index, self._sets = {}, set()
+        self._read(None)
         return f"removed table inet {self.table}"
