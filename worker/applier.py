@@ -24,11 +24,12 @@ from pushfw.producer.records import RuleRecord
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.clock import Clock
-from pushfw.worker.decide import Add, Decision, Delete, Policy, Report, Request, decide
+from pushfw.worker.decide import Decision, Delete, Policy, Report, Request, decide
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.expiry import ExpiryQueue
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.metrics import Metrics
+from pushfw.worker.plan import Step, plan
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.stream import CommandStream, Entry, ParsedEntries, stream_id_order
 
@@ -56,49 +57,6 @@ class Answer:
     @property
     def skip(self) -> bool:
         return not self.report
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """A decision planned against the rules as they stand: the change to stage, if any.
-
-    ``status`` is what to report once the change (if any) is committed.
-    """
-
-    status: Status
-    detail: str
-    add: Rule | None = None
-    delete: RuleKey | None = None
-    ended_ms: int | None = None
-    """The expiry a scheduler's delete ends (the expiry-lag metric counts it)."""
-
-    @property
-    def changes(self) -> bool:
-        return self.add is not None or self.delete is not None
-
-
-def plan(decision: Decision, current: Rule | None) -> Step:
-    """What ``decision`` takes, given the rule of its key as it stands (None: absent)."""
-    if isinstance(decision, Report):
-        return Step(decision.status, decision.detail)
-    if isinstance(decision, Add):
-        rule = decision.rule
-        if current is not None and current.expires_ms == rule.expires_ms:
-            return Step(Status.UNCHANGED, "already present")
-        return Step(Status.APPLIED, "inserted" if current is None else "renewed", add=rule)
-    if current is None:
-        if decision.status is Status.APPLIED:
-            return Step(Status.UNCHANGED, "not present")
-        return Step(decision.status, decision.detail)
-    limit = decision.expiring_by
-    if limit is not None:
-        if current.expires_ms is None or current.expires_ms > limit:
-            return Step(Status.UNCHANGED, "renewed since it expired")
-        return Step(Status.APPLIED, "deleted", delete=decision.key, ended_ms=current.expires_ms)
-    if decision.status is Status.APPLIED:
-        return Step(Status.APPLIED, "deleted", delete=decision.key)
-    detail = f"{decision.detail}; removed the rule" if decision.detail else "removed the rule"
-    return Step(decision.status, detail, delete=decision.key)
 
 
 @dataclass(frozen=True, slots=True)
