@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -290,3 +291,43 @@ def test_i4_convergent_a_hand_flush_is_put_back_at_the_next_heartbeat(
     time.sleep(2)  # four more heartbeats with nothing lost
     assert worker.stop() == 0
     assert worker.log.count("the kernel lost pushfw's rules or hooks") == 2, "once per flush"
+
+
+def test_i5_timely_expiry_while_redis_is_frozen(
+    netns: Netns, backend: str, spawn_worker: Callable[..., WorkerProcess], aof_redis: RedisServer
+):
+    """Redis stopped with SIGSTOP: its socket stays open and every call hangs until a timeout;
+    the expiry alarm cuts the call short, so each timed rule still leaves within 1 s."""
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, server=aof_redis, backend=backend).start()
+    producer = Producer.from_url(aof_redis.url)
+    ids = {
+        f"192.0.2.{140 + i}/32": producer.drop(f"192.0.2.{140 + i}", ttl_s=2 + i % 2)
+        for i in range(20)
+    }
+    assert [x.status.value for x in producer.wait(list(ids.values())[-1])] == ["applied"]
+    expires = {
+        net: int(cmd.split("-")[0]) + (2 + i % 2) * 1000 for i, (net, cmd) in enumerate(ids.items())
+    }
+    assert aof_redis.proc is not None
+    aof_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        gone_at: dict[str, float] = {}
+        deadline = time.monotonic() + 15
+        while len(gone_at) < len(expires) and time.monotonic() < deadline:
+            present = {net for _, net in fw.rules()}
+            now_ms = time.time() * 1000
+            for net in expires.keys() - present - gone_at.keys():
+                gone_at[net] = now_ms
+            time.sleep(0.05)
+    finally:
+        aof_redis.proc.send_signal(signal.SIGCONT)
+    assert len(gone_at) == len(expires), "timed rules outlived their expiry while Redis was frozen"
+    lags = sorted(gone_at[net] - expires[net] for net in expires)
+    print(f"\nexpiry lag with Redis frozen (ms): min {lags[0]:.0f} max {lags[-1]:.0f}")
+    assert lags[0] >= -50, "a rule left before its expiry"
+    assert lags[-1] < 1000
+    after = producer.drop("192.0.2.139")
+    assert [x.status.value for x in producer.wait(after, timeout_s=20)] == ["applied"]
+    assert worker.stop() == 0
+    producer.client.close()

@@ -11,9 +11,12 @@ commits, reports and acknowledges.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import redis
@@ -129,6 +132,8 @@ class Applier:
         self.blocking = False
         self.drifted = False
         """Set when the kernel was found changed behind our back: the worker reconciles."""
+        self.kernel: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+        """Wraps kernel work; the worker's expiry alarm never interrupts it."""
         self._pending_from: str | None = "0"
         self._retry_at = 0.0
         self._retry_backoff = Backoff(settings.retry_base_ms / 1000, settings.retry_max_ms / 1000)
@@ -155,7 +160,8 @@ class Applier:
 
     def rebuild_expiry(self) -> None:
         """Queue every timed rule the backend holds (after open or a reconcile)."""
-        self.expiry.rebuild(self.backend.snapshot().values())
+        with self.kernel():
+            self.expiry.rebuild(self.backend.snapshot().values())
 
     def _sync_clock(self, redis_ms: int) -> None:
         self._clock_offset_ms = redis_ms - int(time.time() * 1000)
@@ -166,6 +172,10 @@ class Applier:
 
     def expire_due(self) -> int:
         """Remove the timed rules whose expiry has passed (see :mod:`pushfw.worker.expiry`)."""
+        with self.kernel():  # the queue and the kernel change together, never half
+            return self._expire_due()
+
+    def _expire_due(self) -> int:
         now = self.now_ms()
         due = self.expiry.pop_due(now, self.backend.get)
         if not due:
@@ -297,6 +307,10 @@ class Applier:
 
     def _apply(self, decided: list[Answer | Decided]) -> list[Answer]:
         """Plan every decision against the index plus the batch's earlier steps, commit once."""
+        with self.kernel():  # the kernel, the index and the expiry queue change together
+            return self._apply_now(decided)
+
+    def _apply_now(self, decided: list[Answer | Decided]) -> list[Answer]:
         view: dict[RuleKey, Rule | None] = {}
         steps: list[Step | BackendError | None] = []
         for item in decided:
@@ -340,7 +354,8 @@ class Applier:
         """
         before = self.backend.snapshot()
         try:
-            self.backend.open()
+            with self.kernel():
+                self.backend.open()
         except BackendError as exc:
             logger.error("could not re-open the firewall after a refused batch: %s", exc)
             return
@@ -363,6 +378,10 @@ class Applier:
         A failed commit discards what was staged, so every attempt stages again: a retry
         never commits an empty batch and calls it done.
         """
+        with self.kernel():
+            return self._commit_now(steps)
+
+    def _commit_now(self, steps: list[Step]) -> BackendError | None:
         backoff = Backoff(0.05, 0.5)
         for attempt in range(_QUICK_RETRIES):
             self.backend.discard()

@@ -23,6 +23,7 @@ from pushfw.producer.connection import connect as redis_connect
 from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus
+from pushfw.worker.alarm import ExpiryAlarm, ExpiryDue
 from pushfw.worker.applier import Applier, StopRequested
 from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
@@ -96,7 +97,10 @@ class Worker:
         self.generation = GenerationFile(settings.state_dir, settings.host_name)
         self.ledger_lost = False
         self.reconcile_error: str | None = None
+        self.alarm = ExpiryAlarm()
+        self._cut_warned = False
         self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
+        self.applier.kernel = self.alarm.kernel
         self.backend.clock = self.applier.now_ms
         self.metrics = self.applier.metrics
         self.scheduler = Scheduler(
@@ -110,6 +114,7 @@ class Worker:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.alarm.install()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -161,7 +166,8 @@ class Worker:
         missing ledger beside a kernel holding rules means Redis lost its data.
         """
         self.protection.refresh(self.client)
-        self.backend.open()  # re-read the kernel: drift is measured against what it holds
+        with self.alarm.kernel():
+            self.backend.open()  # re-read the kernel: drift is measured against what it holds
         position = self.applier.stream.last_delivered()
         self.ledger.catch_up(position)
         now_ms = self.applier.now_ms()
@@ -179,7 +185,8 @@ class Worker:
             )
         self.ledger_lost = not trusted
         try:
-            self.last_drift = reconcile(self.backend, desired, remove_extras=trusted)
+            with self.alarm.kernel():
+                self.last_drift = reconcile(self.backend, desired, remove_extras=trusted)
             self.metrics.reconciled(self.last_drift)
             if trusted and marker is not None:
                 self.generation.write(marker)
@@ -244,7 +251,9 @@ class Worker:
         if self._every("heartbeat", self.settings.heartbeat_interval):
             self.ledger.recover(self.settings.claim_idle_ms)
             self._protect(self.client)
-            if not self.backend.intact():
+            with self.alarm.kernel():
+                intact = self.backend.intact()
+            if not intact:
                 logger.warning(
                     "the kernel lost pushfw's rules or hooks behind its back (a hand flush?): "
                     "reconciling"
@@ -316,14 +325,17 @@ class Worker:
             while not self.applier.stopping:
                 self.notifier.alive()
                 try:
-                    ready = self._resume(ready, down_since, burst)
-                    processed = self.iteration()
+                    with self.alarm.watch(self.applier.expiry.ms_until_next(self.applier.now_ms())):
+                        ready = self._resume(ready, down_since, burst)
+                        processed = self.iteration()
                     if down_since is not None:
                         self.notifier.status(self._following())
                         down_since = None
                     backoff.reset()
                     if burst and not processed and self.applier.idle():
                         break
+                except ExpiryDue:
+                    self._cut_short()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     down_since = self._redis_down(exc, down_since, backoff)
                 except redis.ResponseError as exc:
@@ -341,6 +353,16 @@ class Worker:
             self.backend.close()
             self.client.close()
         logger.info("pushfw worker stopped", extra={"state": "stopped"})
+
+    def _cut_short(self) -> None:
+        """A Redis call outlived the next expiry: drop the connections (their state is
+        unknown), remove what is due, and re-read our pending entries on the next pass."""
+        if not self._cut_warned:
+            logger.warning("Redis has not answered past an expiry: removing timed rules meanwhile")
+            self._cut_warned = True
+        self.client.connection_pool.disconnect()
+        self.applier.reset_reads()
+        self.applier.expire_due()
 
     def _group_vanished(self, exc: redis.ResponseError) -> bool:
         """NOGROUP: Redis lost its data, set up again (returns False: not ready); else raise."""
