@@ -129,6 +129,16 @@ ROWS: list[tuple[str, Policy, dict[str, str], Decision]] = [
         ),
     ),
     (
+        "an accept of everything would lift every ban",
+        LAX,
+        {"op": "accept.insert", "ip": "0.0.0.0/0"},
+        Delete(
+            rule_key("accept", "0.0.0.0/0"),
+            Status.REJECTED,
+            "ip: 0.0.0.0/0 is wider than /8, the widest network an accept may cover here",
+        ),
+    ),
+    (
         "an accept of a protected network is fine",
         LAX,
         {"op": "accept.insert", "ip": "127.0.0.1"},

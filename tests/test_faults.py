@@ -75,8 +75,8 @@ def test_i4_convergent_one_rule_the_kernel_refuses_costs_only_itself(
 ):
     """After a reboot, reconcile installs every rule but the one ipset cannot hold, and says so."""
     fw = Firewall(netns, "ipset")
-    worker = spawn_worker(netns, backend="ipset").start()
-    refused = producer.accept("0.0.0.0/0")  # hash:net has no room for a zero-length prefix
+    worker = spawn_worker(netns, backend="ipset", min_accept_prefix_v4="0").start()
+    refused = producer.accept("0.0.0.0/0")  # allowed here; hash:net has no room for a /0
     drops = [producer.drop(f"192.0.2.{i}") for i in range(70, 75)]
     assert [r.status.value for r in producer.wait(drops[-1])] == ["applied"]
     assert [r.status.value for r in producer.wait(refused)] == ["failed"]

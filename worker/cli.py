@@ -139,7 +139,7 @@ def reconcile_once(force: bool) -> None:
         sys.exit(1)
     click.echo(
         f"added {drift.added}, removed {drift.removed}, expiry fixed {drift.updated}, "
-        f"kept {drift.kept} in {drift.seconds:.2f} s"
+        f"kept {drift.kept} in {drift.seconds:.3f} s"
     )
 
 

@@ -4,7 +4,7 @@ Every path that can put a rule into a host's kernel asks :func:`decide`: the app
 each stream entry, reconcile for each ledger record. So reconcile never installs what the
 same host would refuse from the stream. The checks run in one order, the same on every
 path: authenticity (the signature policy, the scheduler's own expiries), target,
-protected networks and blast radius, expiry. The answer is a frozen value:
+protected networks and blast radius (for accepts too), expiry. The answer is a frozen value:
 
 - :class:`Add`: the rule belongs in the kernel, with this absolute expiry;
 - :class:`Delete`: the rule must not be in the kernel (a delete, a command meant for
@@ -57,6 +57,9 @@ class Policy:
         signing: the host's signature policy.
         min_drop_prefix_v4: the widest IPv4 network a drop may cover (a prefix length).
         min_drop_prefix_v6: the widest IPv6 network a drop may cover.
+        min_accept_prefix_v4: the widest IPv4 network an accept may cover (an accept beats
+            every ban, so ``0.0.0.0/0`` would lift them all).
+        min_accept_prefix_v6: the widest IPv6 network an accept may cover.
     """
 
     host: str
@@ -65,6 +68,8 @@ class Policy:
     signing: Signing
     min_drop_prefix_v4: int = 8
     min_drop_prefix_v6: int = 16
+    min_accept_prefix_v4: int = 8
+    min_accept_prefix_v6: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +186,9 @@ def decide(
         return Delete(key, Status.UNCHANGED, report=False)  # the newest command is for others
     if not request.insert:
         return Delete(key)
-    if key.action is Action.DROP:
-        unsafe = _unsafe_drop(key, policy)
-        if unsafe is not None:
-            return Delete(key, Status.REJECTED, f"ip: {unsafe}")
+    unsafe = _unsafe_drop(key, policy) if key.action is Action.DROP else _wide_accept(key, policy)
+    if unsafe is not None:
+        return Delete(key, Status.REJECTED, f"ip: {unsafe}")
     if request.expires_ms is not None and request.expires_ms <= now_ms:
         return Delete(key, Status.EXPIRED, f"expired {now_ms - request.expires_ms} ms ago")
     return Add(Rule(key, request.expires_ms))
@@ -211,6 +215,14 @@ def _unsafe_drop(key: RuleKey, policy: Policy) -> str | None:
     widest = policy.min_drop_prefix_v4 if network.version == 4 else policy.min_drop_prefix_v6
     if network.prefixlen < widest:
         return f"{network} is wider than /{widest}, the widest network a drop may cover here"
+    return None
+
+
+def _wide_accept(key: RuleKey, policy: Policy) -> str | None:
+    network = key.network
+    widest = policy.min_accept_prefix_v4 if network.version == 4 else policy.min_accept_prefix_v6
+    if network.prefixlen < widest:
+        return f"{network} is wider than /{widest}, the widest network an accept may cover here"
     return None
 
 

@@ -63,6 +63,12 @@ class WorkerSettings(BaseSettings):
     min_drop_prefix_v6: int = Field(
         default=16, ge=0, le=128, description="the widest IPv6 network a drop may cover"
     )
+    min_accept_prefix_v4: int = Field(
+        default=8, ge=0, le=32, description="the widest IPv4 network an accept may cover"
+    )
+    min_accept_prefix_v6: int = Field(
+        default=16, ge=0, le=128, description="the widest IPv6 network an accept may cover"
+    )
     state_dir: str = Field(
         default="/var/lib/pushfw",
         description="where the worker remembers the ledger generation it converged with",
