@@ -331,3 +331,20 @@ def test_i5_timely_expiry_while_redis_is_frozen(
     assert [x.status.value for x in producer.wait(after, timeout_s=20)] == ["applied"]
     assert worker.stop() == 0
     producer.client.close()
+
+
+def test_a_hook_chain_missing_from_the_legacy_table_is_one_line_not_a_traceback(
+    netns: Netns, spawn_worker: Callable[..., WorkerProcess]
+):
+    """Docker on an nf_tables host makes DOCKER-USER with iptables-nft: libiptc cannot see it."""
+    for backend in ("iptables", "ipset"):
+        worker = spawn_worker(netns, backend=backend, hooks="DOCKER-USER").start(wait=False)
+        assert worker.proc is not None
+        worker.proc.wait(timeout=30)
+        assert worker.stop() == 1
+        assert "Traceback" not in worker.log
+        assert (
+            "pushfw-worker: hooks: chain DOCKER-USER does not exist in the legacy iptables "
+            "filter table" in worker.log
+        )
+        assert "PUSHFW_BACKEND=nftables" in worker.log

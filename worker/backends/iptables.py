@@ -24,7 +24,7 @@ from typing import Any
 
 from pushfw.producer.contract import Action
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
-from pushfw.worker.errors import BackendError, TransientBackendError
+from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ def ensure_chain(iptc: Any, table: Any, version: int, chain: str, hooks: Sequenc
     if not table.is_chain(chain):
         table.create_chain(chain)
     for hook in hooks:
+        if not table.is_chain(hook):
+            raise ConfigError(
+                f"hooks: chain {hook} does not exist in the legacy iptables filter table that "
+                "this backend writes (a chain Docker made with iptables-nft lives in nf_tables); "
+                "create it there, or use PUSHFW_BACKEND=nftables with PUSHFW_HOOKS=FORWARD"
+            )
         hook_chain = iptc.Chain(table, hook)
         if not any(r.target.name == chain for r in hook_chain.rules):
             jump = blank_rule(iptc, version)
