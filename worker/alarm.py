@@ -18,7 +18,7 @@ from types import FrameType
 
 __all__ = ["ExpiryAlarm", "ExpiryDue"]
 
-MARGIN_S = 0.3
+MARGIN_S = 0.5
 """How long past an expiry a Redis call may run before it is cut short."""
 
 

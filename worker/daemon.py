@@ -101,6 +101,7 @@ class Worker:
         self.reconcile_error: str | None = None
         self.alarm = ExpiryAlarm()
         self._cut_warned = False
+        self._refold = False
         self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
         self.applier.kernel = self.alarm.kernel
         self.backend.clock = self.applier.now_ms
@@ -243,13 +244,16 @@ class Worker:
         The ledger folds again after a batch arrived while the applier was waiting, so it is
         not a batch behind this host when the worker stops.
         """
+        if self._refold:
+            self.ledger.fold_own_pending()
+            self._refold = False
         self.ledger.fold_new()
         processed = self.applier.iteration()
         if processed:
             self.ledger.fold_new()
         if self.applier.drifted:
-            self.applier.drifted = False
             self.reconcile()
+            self.applier.drifted = False  # only once done: a pass cut short tries again
         if self._every("heartbeat", self.settings.heartbeat_interval):
             self.ledger.recover(self.settings.claim_idle_ms)
             self._protect(self.client)
@@ -364,6 +368,7 @@ class Worker:
             self._cut_warned = True
         self.client.connection_pool.disconnect()
         self.applier.reset_reads()
+        self._refold = True  # a fold may have been cut between its read and its script
         self.applier.expire_due()
 
     def _group_vanished(self, exc: redis.ResponseError) -> bool:

@@ -207,12 +207,8 @@ class Ledger:
         raw: Any = self.client.get(self.keys.generation)
         return raw.decode() if isinstance(raw, bytes) else raw
 
-    def recover(self, idle_ms: int) -> int:
-        """Fold what this consumer read but never folded (it crashed), then what other ledger
-        consumers left pending longer than ``idle_ms`` (they died); returns entries folded.
-
-        https://redis.io/commands/xautoclaim/
-        """
+    def fold_own_pending(self) -> int:
+        """Fold the entries this consumer read for the ledger but never folded."""
         folded = 0
         while True:
             reply: Any = self.client.xreadgroup(
@@ -220,9 +216,17 @@ class Ledger:
             )
             entries = entries_from_reply(reply[0][1]) if reply else []
             if not entries:
-                break
+                return folded
             self.fold(entries)
             folded += len(entries)
+
+    def recover(self, idle_ms: int) -> int:
+        """Fold what this consumer read but never folded (it crashed), then what other ledger
+        consumers left pending longer than ``idle_ms`` (they died); returns entries folded.
+
+        https://redis.io/commands/xautoclaim/
+        """
+        folded = self.fold_own_pending()
         start = "0-0"
         while True:
             claimed: Any = self.client.xautoclaim(
