@@ -26,6 +26,31 @@ from tests.test_applier import key, results_by_cmd
 CMD = "{pushfw}:cmd"
 
 
+def push_timed(producer: Producer, first: int) -> dict[str, int]:
+    """20 drops with a 2 or 3 s ttl, applied; network -> expiry ms (Redis's clock)."""
+    ids = {
+        f"192.0.2.{first + i}/32": producer.drop(f"192.0.2.{first + i}", ttl_s=2 + i % 2)
+        for i in range(20)
+    }
+    assert [x.status.value for x in producer.wait(list(ids.values())[-1])] == ["applied"]
+    return {
+        net: int(cmd.split("-")[0]) + (2 + i % 2) * 1000 for i, (net, cmd) in enumerate(ids.items())
+    }
+
+
+def watch_leave(fw: Firewall, expires: dict[str, int], timeout_s: float = 15) -> dict[str, float]:
+    """Poll the kernel until every rule left; network -> when it was first seen gone (ms)."""
+    gone_at: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(gone_at) < len(expires) and time.monotonic() < deadline:
+        present = {net for _, net in fw.rules()}
+        now_ms = time.time() * 1000
+        for net in expires.keys() - present - gone_at.keys():
+            gone_at[net] = now_ms
+        time.sleep(0.05)
+    return gone_at
+
+
 def test_i3_ordered_two_commands_for_one_rule_in_one_batch_meant_for_other_hosts(
     r: Any, redis_server: RedisServer, producer: Producer
 ):
@@ -190,24 +215,10 @@ def test_i5_timely_expiry_while_redis_is_down(
     fw = Firewall(netns, backend)
     spawn_worker(netns, server=aof_redis, backend=backend).start()
     producer = Producer.from_url(aof_redis.url)
-    ids = {
-        f"192.0.2.{110 + i}/32": producer.drop(f"192.0.2.{110 + i}", ttl_s=2 + i % 2)
-        for i in range(20)
-    }
-    assert [x.status.value for x in producer.wait(list(ids.values())[-1])] == ["applied"]
-    expires = {
-        net: int(cmd.split("-")[0]) + (2 + i % 2) * 1000 for i, (net, cmd) in enumerate(ids.items())
-    }
+    expires = push_timed(producer, first=110)
     producer.client.close()
     aof_redis.stop(hard=True)
-    gone_at: dict[str, float] = {}
-    deadline = time.monotonic() + 15
-    while len(gone_at) < len(expires) and time.monotonic() < deadline:
-        present = {net for _, net in fw.rules()}
-        now_ms = time.time() * 1000
-        for net in expires.keys() - present - gone_at.keys():
-            gone_at[net] = now_ms
-        time.sleep(0.05)
+    gone_at = watch_leave(fw, expires)
     aof_redis.start()
     assert len(gone_at) == len(expires), "timed rules outlived their expiry while Redis was down"
     lags = sorted(gone_at[net] - expires[net] for net in expires)
@@ -301,25 +312,11 @@ def test_i5_timely_expiry_while_redis_is_frozen(
     fw = Firewall(netns, backend)
     worker = spawn_worker(netns, server=aof_redis, backend=backend).start()
     producer = Producer.from_url(aof_redis.url)
-    ids = {
-        f"192.0.2.{140 + i}/32": producer.drop(f"192.0.2.{140 + i}", ttl_s=2 + i % 2)
-        for i in range(20)
-    }
-    assert [x.status.value for x in producer.wait(list(ids.values())[-1])] == ["applied"]
-    expires = {
-        net: int(cmd.split("-")[0]) + (2 + i % 2) * 1000 for i, (net, cmd) in enumerate(ids.items())
-    }
+    expires = push_timed(producer, first=140)
     assert aof_redis.proc is not None
     aof_redis.proc.send_signal(signal.SIGSTOP)
     try:
-        gone_at: dict[str, float] = {}
-        deadline = time.monotonic() + 15
-        while len(gone_at) < len(expires) and time.monotonic() < deadline:
-            present = {net for _, net in fw.rules()}
-            now_ms = time.time() * 1000
-            for net in expires.keys() - present - gone_at.keys():
-                gone_at[net] = now_ms
-            time.sleep(0.05)
+        gone_at = watch_leave(fw, expires)
     finally:
         aof_redis.proc.send_signal(signal.SIGCONT)
     assert len(gone_at) == len(expires), "timed rules outlived their expiry while Redis was frozen"
