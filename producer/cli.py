@@ -11,12 +11,12 @@ import click
 import redis
 
 from pushfw.producer import acl, functions
-from pushfw.producer.client import Producer
+from pushfw.producer.client import Producer, is_live, is_stale, reaches
 from pushfw.producer.contract import CommandRejected, Result
 from pushfw.producer.duration import parse_duration
 from pushfw.producer.keys import DEFAULT_PREFIX
 from pushfw.producer.records import HostStatus
-from pushfw.producer.render import as_json, as_table
+from pushfw.producer.render import as_json, as_table, plural
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -72,7 +72,11 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
     @click.option("--target", default="*", help="Host names or labels, comma-separated.")
     @click.option("--reason", default="", help="Free text kept with the rule.")
     @click.option("--request-id", default="", help="Your correlation id, echoed in results.")
-    @click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
+    @click.option(
+        "--wait",
+        is_flag=True,
+        help="Wait for the hosts' results (exit 3 at once if no live host matches the target).",
+    )
     @click.option("--expect", default=1, show_default=True, help="Results to wait for.")
     @click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
     @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
@@ -93,16 +97,7 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
         if not opts["wait"]:
             click.echo(as_json([{"cmd": cmd_id}]) if opts["json_out"] else cmd_id)
             return
-        results = producer.wait(cmd_id, expect=opts["expect"], timeout_s=opts["timeout_s"])
-        if results or opts["json_out"]:
-            _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
-        if len(results) < opts["expect"]:
-            click.echo(
-                f"pushfw: {len(results)} of {opts['expect']} results before the timeout", err=True
-            )
-            sys.exit(3)
-        if any(r.status.value in ("rejected", "failed") for r in results):
-            sys.exit(4)
+        _wait(producer, cmd_id, kwargs["target"], opts)
 
     if timed:
         command = click.option(
@@ -115,6 +110,60 @@ _push_command("drop", "drop", True, "Ban IP (address or network) on the targeted
 _push_command("accept", "accept", True, "Allow IP; an allow wins over any ban.")
 _push_command("undrop", "undrop", False, "Lift a ban.")
 _push_command("unaccept", "unaccept", False, "Withdraw an allow.")
+
+
+def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, Any]) -> None:
+    """Wait for the results of ``cmd_id``, unless no live host is there to send one."""
+    if (nobody := _nobody_answers(producer, target)) is not None:
+        if opts["json_out"]:
+            click.echo(as_json([]))
+        click.echo(f"pushfw: sent {cmd_id}, but {nobody}", err=True)
+        sys.exit(3)
+    results = producer.wait(cmd_id, expect=opts["expect"], timeout_s=opts["timeout_s"])
+    if results or opts["json_out"]:
+        _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
+    if len(results) < opts["expect"]:
+        expected = plural(opts["expect"], "result")
+        click.echo(f"pushfw: {len(results)} of {expected} before the timeout", err=True)
+        sys.exit(3)
+    if any(r.status.value in ("rejected", "failed") for r in results):
+        sys.exit(4)
+
+
+_KNOWN_SHOWN = 10
+"""Hosts named in the no-live-host line; a larger fleet is summed up with a count."""
+
+
+def _nobody_answers(producer: Producer, target: list[str]) -> str | None:
+    """Why no host will report on a command for ``target`` (None: a live host it reaches)."""
+    try:
+        hosts = producer.hosts()
+    except redis.exceptions.NoPermissionError:
+        return None  # an ACL that lets this user read results but not heartbeats: just wait
+    now_ms = producer.now_ms()
+    if any(is_live(h, now_ms) and reaches(target, h) for h in hosts):
+        return None
+    if not hosts:
+        return _no_hosts(producer)
+    known = [_known_host(h, now_ms) for h in hosts[:_KNOWN_SHOWN]]
+    if len(hosts) > _KNOWN_SHOWN:
+        known.append(f"and {len(hosts) - _KNOWN_SHOWN} more (pushfw status)")
+    names = ",".join(target) or "*"
+    return f"no live host matches target '{names}'; known hosts: {', '.join(known)}"
+
+
+def _known_host(h: HostStatus, now_ms: int) -> str:
+    """``web1 [eu,web]``, ``db1 (stopped)``: a host's name, labels, and why it is not live."""
+    labels = f" [{','.join(h.labels)}]" if h.labels else ""
+    why = " (STALE)" if is_stale(h, now_ms) else " (stopped)" if h.state == "stopped" else ""
+    return h.host + labels + why
+
+
+def _no_hosts(producer: Producer) -> str:
+    return (
+        f"no host has reported to {producer.keys.hosts} yet: "
+        "is a pushfw-worker running against this Redis?"
+    )
 
 
 @cli.command()
@@ -194,7 +243,7 @@ def list_rules(producer: Producer, host: str | None, json_out: bool) -> None:
     columns = ["action", "network", "expires_in", "target", "reason", "origin", "set_at"]
     _show(rows, columns, json_out)
     if not json_out:
-        click.echo(f"{len(rows)} active rules" + (f" for {host}" if host else ""), err=True)
+        click.echo(plural(len(rows), "active rule") + (f" for {host}" if host else ""), err=True)
 
 
 @cli.command()
@@ -205,10 +254,13 @@ def status(producer: Producer, json_out: bool) -> None:
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
     hosts = producer.hosts()
+    if not hosts and not json_out:
+        click.echo(_no_hosts(producer), err=True)
+        _warn_ahead(producer)
+        return
     for h in hosts:
         silent_ms = now_ms - h.last_seen_ms
-        stale = silent_ms > 3 * h.interval_s * 1000
-        state = "STALE" if stale else ("ok" if h.state == "running" else h.state)
+        state = "STALE" if is_stale(h, now_ms) else ("ok" if h.state == "running" else h.state)
         rows.append(
             {
                 "host": h.host,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -15,7 +15,10 @@ from pushfw.producer.contract import Command, Result, parse_command, signature
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.records import HostStatus, IdsAhead, RuleRecord
 
-__all__ = ["DeadLetter", "Producer"]
+__all__ = ["STALE_AFTER_BEATS", "DeadLetter", "Producer", "is_live", "is_stale", "reaches"]
+
+STALE_AFTER_BEATS = 3
+"""Heartbeats a host may miss before ``pushfw status`` calls it STALE."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,25 @@ class DeadLetter:
 def _stream_id_before(entry_id: str) -> str:
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq) - 1}" if seq and int(seq) > 0 else f"{max(int(ms) - 1, 0)}"
+
+
+def is_stale(host: HostStatus, now_ms: int) -> bool:
+    """Whether ``host`` missed :data:`STALE_AFTER_BEATS` heartbeats by Redis's ``now_ms``."""
+    return now_ms - host.last_seen_ms > STALE_AFTER_BEATS * host.interval_s * 1000
+
+
+def is_live(host: HostStatus, now_ms: int) -> bool:
+    """Whether ``host`` follows the stream now, so it will report on a new command."""
+    return host.state != "stopped" and not is_stale(host, now_ms)
+
+
+def reaches(target: Collection[str], host: HostStatus) -> bool:
+    """Whether a command with ``target`` is meant for ``host``, as every worker decides it.
+
+    The rule of :meth:`.contract.Command.targets`: no target means every host, else a
+    name in it is the host's name or one of its labels.
+    """
+    return not target or any(t == host.host or t in host.labels for t in target)
 
 
 class Producer:

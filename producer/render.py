@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-__all__ = ["as_json", "as_table"]
+__all__ = ["as_json", "as_table", "plural"]
 
 
 def as_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
@@ -19,3 +19,8 @@ def as_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> st
 
 def as_json(rows: Sequence[Mapping[str, object]]) -> str:
     return json.dumps(list(rows), indent=2, default=str)
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """A count with its noun: ``1 rule``, ``2 rules``, ``plural(n, "entry", "entries")``."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -22,11 +22,13 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer import Op, parse_command
+from pushfw.producer.records import HostStatus
 from tests.conftest import RedisServer
 
 CMD = "{pushfw}:cmd"
 RESULTS = "{pushfw}:results"
 DEAD = "{pushfw}:dead"
+HOSTS = "{pushfw}:hosts"
 UNREACHABLE = "redis://127.0.0.1:1/0"
 ENTRY_ID = re.compile(r"\d+-\d+")
 WHEN = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
@@ -92,6 +94,16 @@ RawEntry = tuple[bytes, dict[bytes, bytes]]
 def entries(client: redis.Redis, key: str) -> list[RawEntry]:
     """XRANGE on a bytes client, typed."""
     return cast(list[RawEntry], client.xrange(key))
+
+
+def beat(
+    client: redis.Redis, host: str, labels: tuple[str, ...] = (), state: str = "running"
+) -> None:
+    """A heartbeat as a worker writes it, stamped now by Redis's clock."""
+    seconds, micros = client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    status = HostStatus(host=host, labels=list(labels), last_seen_ms=now_ms, state=state)
+    client.hset(HOSTS, host, status.model_dump_json())
 
 
 def xadd(client: redis.Redis, key: str, fields: dict[str, str]) -> str:
@@ -356,12 +368,27 @@ def test_empty_listings(pushfw: Run, sub: str, header: list[str]) -> None:
 # --- waiting for hosts ------------------------------------------------------------------
 
 
-def test_wait_times_out_without_worker(pushfw: Run, r: redis.Redis) -> None:
-    """No host answers: exit 3 and one line saying how many results came."""
+def test_wait_without_any_worker_says_so_at_once(pushfw: Run, r: redis.Redis) -> None:
+    """No host ever reported: exit 3 at once, naming the heartbeat key, not after the timeout."""
+    started = time.monotonic()
+    proc = pushfw("drop", "192.0.2.1", "--wait", "--timeout", "60")
+    assert proc.returncode == 3, proc.stderr
+    [(entry_id, _)] = entries(r, CMD)
+    assert one_line_error(proc) == (
+        f"pushfw: sent {entry_id.decode()}, but no host has reported to {{pushfw}}:hosts yet: "
+        "is a pushfw-worker running against this Redis?"
+    )
+    assert proc.stdout == ""
+    assert time.monotonic() - started < 30, "it did not wait for the timeout"
+
+
+def test_wait_times_out_when_the_live_host_is_silent(pushfw: Run, r: redis.Redis) -> None:
+    """A live host that does not answer: exit 3 and one line saying how many results came."""
+    beat(r, "web-1")
     started = time.monotonic()
     proc = pushfw("drop", "192.0.2.1", "--wait", "--timeout", "1")
     assert proc.returncode == 3, proc.stderr
-    assert one_line_error(proc) == "pushfw: 0 of 1 results before the timeout"
+    assert one_line_error(proc) == "pushfw: 0 of 1 result before the timeout"
     assert 1 <= time.monotonic() - started < 30
     assert r.xlen(CMD) == 1, "the command was sent all the same"
 
@@ -396,7 +423,7 @@ def answer_when_sent(
     ("status", "code"), [("applied", 0), ("unchanged", 0), ("rejected", 4), ("failed", 4)]
 )
 def test_wait_json_prints_the_result(
-    pushfw: Run, redis_server: RedisServer, status: str, code: int
+    pushfw: Run, r: redis.Redis, redis_server: RedisServer, status: str, code: int
 ) -> None:
     """``--wait --json`` prints this command's result only; failures exit 4."""
 
@@ -404,6 +431,7 @@ def test_wait_json_prints_the_result(
         add_result(client, "1-0", "other-host", "failed", "another command")
         add_result(client, cmd_id, "web-1", status, "by the test", "req-7")
 
+    beat(r, "web-1")
     thread, errors = answer_when_sent(redis_server, reply)
     proc = pushfw(
         "drop", "192.0.2.1", "--request-id", "req-7", "--wait", "--timeout", "20", "--json"
@@ -425,8 +453,11 @@ def test_wait_json_prints_the_result(
     }
 
 
-def test_wait_for_more_hosts_than_answer(pushfw: Run, redis_server: RedisServer) -> None:
+def test_wait_for_more_hosts_than_answer(
+    pushfw: Run, r: redis.Redis, redis_server: RedisServer
+) -> None:
     """``--expect 2`` with one answer: the answer is shown, then exit 3."""
+    beat(r, "web-1")
     thread, errors = answer_when_sent(
         redis_server, lambda client, cmd_id: add_result(client, cmd_id, "web-1", "applied")
     )
