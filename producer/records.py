@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["HostStatus", "IdsAhead", "RuleRecord", "rule_id"]
+__all__ = ["HostStatus", "IdsAhead", "RoleState", "RuleRecord", "rule_id"]
 
 
 def rule_id(action: str, network: str) -> str:
@@ -69,6 +69,17 @@ class RuleRecord(BaseModel):
         return not self.deleted and (self.expires_ms is None or self.expires_ms > now_ms)
 
 
+class RoleState(BaseModel):
+    """One role of a worker as its heartbeat tells it: ``ok``, or failing since when and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: str = "ok"
+    since_ms: int | None = None
+    failures: int = 0
+    error: str = ""
+
+
 class HostStatus(BaseModel):
     """One worker's heartbeat in ``{pushfw}:hosts``."""
 
@@ -92,6 +103,8 @@ class HostStatus(BaseModel):
     """What keeps a role of this worker from doing its job (a failing scheduler, reconcile)."""
     ids_ahead: int = 0
     """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
+    roles: dict[str, RoleState] = {}
+    """Each role's health: startup, applier, ledger, expiry, reconcile, heartbeat, trimming, ..."""
 
 
 class IdsAhead(BaseModel):

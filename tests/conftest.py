@@ -29,6 +29,7 @@ import redis
 
 from pushfw.producer import Producer
 from pushfw.worker import Worker, WorkerSettings
+from pushfw.worker.backends.iptables import XTABLES_LOCK
 from pushfw.worker.backends.memory import MemoryBackend
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -272,11 +273,22 @@ class WorkerProcess:
     logs: list[str] = field(default_factory=list)
     started_ms: int = 0
     watch_url: str = ""
+    xtables_lock: Path | None = None
+    """A file bind-mounted over /run/xtables.lock in the worker's own mount namespace, so a
+    test holds the worker's lock without holding the one of the machine it runs on."""
 
     def start(self, *extra: str, wait: bool = True) -> WorkerProcess:
         """Start ``pushfw-worker run``; by default wait until it follows the stream."""
         self.started_ms = int(time.time() * 1000)
-        self.proc = self.ns.popen([sys.executable, "-m", "pushfw.worker", "run", *extra], self.env)
+        argv = [sys.executable, "-m", "pushfw.worker", "run", *extra]
+        if self.xtables_lock is not None:
+            argv = [
+                *("unshare", "--mount", "--propagation", "private", "--"),
+                *("sh", "-c", f'mount --bind "$0" {XTABLES_LOCK} && exec "$@"'),
+                str(self.xtables_lock),
+                *argv,
+            ]
+        self.proc = self.ns.popen(argv, self.env)
         if wait:
             self.wait_ready()
         return self
@@ -353,6 +365,15 @@ def spawn_worker(
     for worker in started:
         if worker.proc is not None:
             worker.kill9()
+
+
+@pytest.fixture
+def private_xtables_lock(tmp_path: Path) -> Path:
+    """A lock file of this test's own, for :attr:`WorkerProcess.xtables_lock`."""
+    Path(XTABLES_LOCK).touch(exist_ok=True)  # the mount point; iptables makes it too
+    lock = tmp_path / "xtables.lock"
+    lock.touch()
+    return lock
 
 
 def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:

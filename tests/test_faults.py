@@ -1,29 +1,30 @@
 """I1/I3 under faults: a result never claims more than the kernel holds.
 
 Real redis-server, real kernel tables in namespaces, real worker processes; the faults are
-real too (another process holding the xtables lock).
+real too (another process holding the xtables lock: a private one, bind-mounted over
+/run/xtables.lock in the worker's own mount namespace, so the machine's lock is never held).
 """
 
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from pushfw.producer import Producer
-from pushfw.worker.backends.iptables import XTABLES_LOCK
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, wait_for
 from tests.kernel import Firewall, chain_rules
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"
+DEAD = "{pushfw}:dead"
 
 
 def push_timed(producer: Producer, first: int) -> dict[str, int]:
@@ -71,25 +72,36 @@ def test_i3_ordered_two_commands_for_one_rule_in_one_batch_meant_for_other_hosts
 
 
 def test_i1_a_held_xtables_lock_never_yields_an_applied_rule_the_kernel_lacks(
-    netns: Netns, spawn_worker: Callable[..., WorkerProcess], producer: Producer, r: Any
+    netns: Netns,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    r: Any,
+    private_xtables_lock: Path,
 ):
+    """The lock held past a commit's wait and past max_deliveries: late, never lost or lied."""
     fw = Firewall(netns, "iptables")
-    spawn_worker(netns, backend="iptables", retry_base_ms="100", retry_max_ms="500").start()
-    fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # as an operator's long iptables-restore would
+    worker = spawn_worker(
+        netns, backend="iptables", retry_base_ms="100", retry_max_ms="500", max_deliveries="1"
+    )
+    worker.xtables_lock = private_xtables_lock
+    worker.start()
+    with private_xtables_lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as an operator's long iptables-restore would
         cmd_id = producer.drop("192.0.2.61")
         held_until = time.monotonic() + 8  # longer than one commit's 5 s wait for the lock
         while time.monotonic() < held_until:
             result = results_by_cmd(r).get(cmd_id)
             assert result is None, f"answered {result} while the kernel could not be written"
             time.sleep(0.2)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        fcntl.flock(held, fcntl.LOCK_UN)
     wait_for(lambda: cmd_id in results_by_cmd(r), 30, "the drop to be applied")
     assert results_by_cmd(r)[cmd_id]["status"] == "applied"
     assert fw.rules() == {("drop", "192.0.2.61/32"): None}
+    assert r.xlen(DEAD) == 0, "a busy kernel is not the command's fault: no dead letter"
+    assert worker.stop() == 0
+    assert "waited 5." in worker.log and "s for the xtables lock another process holds" in (
+        worker.log
+    )
 
 
 def test_i4_convergent_one_rule_the_kernel_refuses_costs_only_itself(
@@ -139,7 +151,7 @@ def test_the_scheduler_outlives_error_replies_and_says_so(r: Any, redis_server: 
         worker.scheduler.start()
         wait_for(lambda: worker.scheduler.problem() is not None, 10, "the claim to fail")
         problem = worker.scheduler.problem()
-        assert problem is not None and problem.startswith("scheduler: failing for ")
+        assert problem is not None and problem.startswith("scheduler: failing since ")
         assert "command not allowed when used memory > 'maxmemory'" in problem
     finally:
         r.config_set("maxmemory", "0")
@@ -149,18 +161,19 @@ def test_the_scheduler_outlives_error_replies_and_says_so(r: Any, redis_server: 
 
 
 def test_a_worker_started_while_the_xtables_lock_is_held_waits_for_it(
-    netns: Netns, spawn_worker: Callable[..., WorkerProcess], producer: Producer
+    netns: Netns,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    private_xtables_lock: Path,
 ):
     worker = spawn_worker(netns, backend="iptables")
-    fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    worker.xtables_lock = private_xtables_lock
+    with private_xtables_lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
         worker.start(wait=False)
         time.sleep(7)  # longer than the 5 s one open waits for the lock
         assert worker.proc is not None and worker.proc.poll() is None, "the worker gave up"
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        fcntl.flock(held, fcntl.LOCK_UN)
     worker.wait_ready()
     assert [r.status.value for r in producer.wait(producer.drop("192.0.2.62"))] == ["applied"]
     assert Firewall(netns, "iptables").rules() == {("drop", "192.0.2.62/32"): None}

@@ -56,6 +56,8 @@ class Answer:
     command: Command | None = None
     report: bool = True
     permanent: bool = False
+    busy: bool = False
+    """Left pending because the kernel was busy (a held lock): not the command's fault."""
 
     @property
     def skip(self) -> bool:
@@ -83,7 +85,12 @@ def _answer(item: Answer | Decided, step: Step | BackendError | None) -> Answer:
     report = not isinstance(decision, Delete) or decision.report
     base = Answer(item.entry, None, "", _request_id(item.request), item.request.command, report)
     if isinstance(step, BackendError):
-        return replace(base, detail=str(step), permanent=isinstance(step, PermanentBackendError))
+        return replace(
+            base,
+            detail=str(step),
+            permanent=isinstance(step, PermanentBackendError),
+            busy=isinstance(step, TransientBackendError),
+        )
     assert step is not None
     return replace(base, status=step.status, detail=step.detail)
 
@@ -141,6 +148,7 @@ class Applier:
         self._claim_at = 0.0
         self.expiry = ExpiryQueue()
         self._failing: set[str] = set()  # entries left pending to retry: logged once, not per try
+        self._busy: Counter[str] = Counter()  # deliveries a busy kernel cost, per entry
         self._high_water = (0, 0)
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
@@ -195,8 +203,7 @@ class Applier:
         return self._commit([Step(Status.APPLIED, "removed", delete=key) for key in keys])
 
     def iteration(self) -> int:
-        """Expire what is due, then read one batch (pending, claimed, new) and process it."""
-        self.expire_due()
+        """Read one batch (pending, claimed, new) and process it (the worker expires first)."""
         boundary = self._high_water
         entries = self._next_entries()
         if entries:
@@ -326,9 +333,17 @@ class Applier:
             steps.append(step)
         changes = [s for s in steps if isinstance(s, Step) and s.changes]
         error = self._commit(changes) if changes else None
-        if error is not None:
-            if not isinstance(error, TransientBackendError):
-                self._check_kernel()
+        if isinstance(error, TransientBackendError):
+            # One by one would wait for the same lock once per command: the batch waits whole.
+            logger.log(
+                logging.DEBUG if self._busy else logging.WARNING,
+                "the kernel is busy (%s): %d commands wait for the next try",
+                error,
+                len(decided),
+            )
+            steps = [None if isinstance(i, Answer) else error for i in decided]
+        elif error is not None:
+            self._check_kernel()
             retrying = all(item.entry.id in self._failing for item in decided)
             logger.log(
                 logging.DEBUG if retrying else logging.WARNING,
@@ -407,10 +422,12 @@ class Applier:
         dead: list[dict[FieldT, EncodableT]] = []
         if failing:
             counts = self.stream.deliveries([a.entry.id for a in failing])
+            self._busy.update(a.entry.id for a in failing if a.busy)
             buried = {}
             for answer in failing:
                 delivered = counts.get(answer.entry.id, 0)
-                if answer.permanent or delivered >= self.settings.max_deliveries:
+                tried = delivered - self._busy[answer.entry.id]
+                if answer.permanent or (not answer.busy and tried >= self.settings.max_deliveries):
                     dead.append(self._dead_letter(answer, delivered))
                     buried[answer.entry.id] = replace(
                         answer,
@@ -426,6 +443,8 @@ class Applier:
         done = [a for a in answers if a.status is not None]
         self._failing.update(a.entry.id for a in answers if a.status is None)
         self._failing.difference_update(a.entry.id for a in done)
+        for answer in done:
+            self._busy.pop(answer.entry.id, None)
         self.stream.finish(
             [a.entry.id for a in done],
             [self._result_fields(a) for a in done if a.report],

@@ -40,6 +40,7 @@ from pushfw.worker.retention import trim
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
+from pushfw.worker.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ _REPLY_MARGIN_S = 2.0
 gone: a frozen Redis holds the loop (and the kernel expiry in it) no longer than this."""
 _RECONNECT_MAX_S = 1.0
 """Reconnect attempts are at most this far apart: a backlog waits at most this long."""
+_CHANGED_BEAT_GAP_S = 0.25
+"""The least time between two heartbeats brought forward by changed rules."""
+_LOCK_WAIT_WARN_S = 1.0
+"""A wait for the xtables lock at least this long is logged (at most once a minute)."""
 
 
 class ForceStop(Exception):
@@ -106,8 +111,18 @@ class Worker:
         self.applier.kernel = self.alarm.kernel
         self.backend.clock = self.applier.now_ms
         self.metrics = self.applier.metrics
+        self.supervisor = Supervisor(
+            _handled_by_the_loop, lambda role: self.metrics.role_failures.labels(role).inc()
+        )
+        self.backend.lock_waited = self._lock_waited
+        self._lock_warned_at = float("-inf")
+        self._beat_at, self._beat_rules = float("-inf"), 0
         self.scheduler = Scheduler(
-            connect(settings), self.keys, settings.scheduler_poll, self.metrics
+            connect(settings),
+            self.keys,
+            settings.scheduler_poll,
+            self.metrics,
+            self.supervisor["scheduler"],
         )
         self.started_ms = int(time.time() * 1000)
         self.last_drift: Drift | None = None
@@ -239,41 +254,89 @@ class Worker:
         return True
 
     def iteration(self) -> int:
-        """One pass: fold for the ledger, apply for this host, then housekeeping when due.
+        """One pass of every role: fold, expire, apply, then housekeeping when due.
 
-        The ledger folds again after a batch arrived while the applier was waiting, so it is
-        not a batch behind this host when the worker stops.
+        Each role runs supervised (:mod:`pushfw.worker.supervisor`): one that fails is
+        retried with backoff while the others go on. The ledger folds again after a batch
+        arrived while the applier was waiting, so it is not a batch behind this host when
+        the worker stops.
         """
+        run = self.supervisor.run
+        run("ledger", self._fold, self._fold_again)
+        run("expiry", self.applier.expire_due)
+        processed = run("applier", self.applier.iteration, self.applier.reset_reads) or 0
+        if processed:
+            run("ledger", self.ledger.fold_new, self._fold_again)
+        if self._every("heartbeat", self.settings.heartbeat_interval):
+            run("ledger", lambda: self.ledger.recover(self.settings.claim_idle_ms))
+            run("heartbeat", self._check_and_beat)
+        if self.applier.drifted:
+            run("reconcile", self._repair)
+        self._beat_soon_if_changed()
+        if self._every("trim", self.settings.trim_interval):
+            run(
+                "trimming",
+                lambda: trim(self.ledger, self.applier.now_ms(), self.settings.host_expiry),
+            )
+        interval = self.settings.reconcile_interval
+        if interval and self._every("reconcile", interval):
+            run("reconcile", self.reconcile)
+        applier = self.supervisor["applier"]
+        if not applier.ready():  # no blocking read paces the loop: wait here, expiring
+            self._expire_until(min(applier.retry_at, time.monotonic() + 1.0))
+        return processed
+
+    def _fold(self) -> None:
         if self._refold:
             self.ledger.fold_own_pending()
             self._refold = False
         self.ledger.fold_new()
-        processed = self.applier.iteration()
-        if processed:
-            self.ledger.fold_new()
-        if self.applier.drifted:
-            self.reconcile()
-            self.applier.drifted = False  # only once done: a pass cut short tries again
-        if self._every("heartbeat", self.settings.heartbeat_interval):
-            self.ledger.recover(self.settings.claim_idle_ms)
-            self._protect(self.client)
-            with self.alarm.kernel():
-                intact = self.backend.intact()
-            if not intact:
-                logger.warning(
-                    "the kernel lost pushfw's rules or hooks behind its back (a hand flush?): "
-                    "reconciling"
-                )
-                self.reconcile()
-            self.heartbeat()
-        if self._every("trim", self.settings.trim_interval):
-            trim(self.ledger, self.applier.now_ms(), self.settings.host_expiry)
-        interval = self.settings.reconcile_interval
-        if interval and self._every("reconcile", interval):
-            self.reconcile()
-        return processed
+
+    def _fold_again(self) -> None:
+        """A failed fold may have read entries it did not fold: fold our pending ones next."""
+        self._refold = True
+
+    def _repair(self) -> None:
+        self.reconcile()
+        self.applier.drifted = False  # only once done: a pass cut short tries again
+
+    def _check_and_beat(self) -> None:
+        """Protect Redis, check the kernel still holds our objects, revive the scheduler, beat."""
+        self._protect(self.client)
+        with self.alarm.kernel():
+            intact = self.backend.intact()
+        if not intact:
+            logger.warning(
+                "the kernel lost pushfw's rules or hooks behind its back (a hand flush?): "
+                "reconciling"
+            )
+            self.applier.drifted = True
+        self.scheduler.revive()
+        self.heartbeat()
+
+    def _beat_soon_if_changed(self) -> None:
+        """The rules changed since the last heartbeat: beat within a moment, not an interval.
+
+        ``pushfw status`` then agrees with ``pushfw list`` a moment after a batch, at most
+        a few heartbeats a second however busy the stream is.
+        """
+        if self.backend.size() == self._beat_rules:
+            return
+        soon = max(time.monotonic(), self._beat_at + _CHANGED_BEAT_GAP_S)
+        self._due["heartbeat"] = min(self._due.get("heartbeat", soon), soon)
+
+    def _lock_waited(self, seconds: float) -> None:
+        self.metrics.lock_wait.observe(seconds)
+        now = time.monotonic()
+        if seconds >= _LOCK_WAIT_WARN_S and now - self._lock_warned_at >= 60:
+            self._lock_warned_at = now
+            logger.warning(
+                "waited %.1f s for the xtables lock another process holds (an iptables run?)",
+                seconds,
+            )
 
     def heartbeat(self, state: str = "running") -> None:
+        self._beat_at, self._beat_rules = time.monotonic(), self.backend.size()
         lag, pending = group_info(self.client, self.keys, self.applier.stream.group)
         beat(
             self.client,
@@ -285,7 +348,7 @@ class Worker:
                 backend=self.backend.name,
                 last_seen_ms=self.applier.now_ms(),
                 started_ms=self.started_ms,
-                rules=self.backend.size(),
+                rules=self._beat_rules,
                 lag=lag,
                 pending=pending,
                 interval_s=self.settings.heartbeat_interval,
@@ -293,18 +356,21 @@ class Worker:
                 ledger_lost=self.ledger_lost,
                 problems=self._problems(),
                 ids_ahead=self.ledger.clock.stamped,
+                roles=self.supervisor.states(),
             ),
         )
+        for role, health in self.supervisor.roles.items():
+            self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
         rules = self.backend.snapshot() if self.metrics.serving else {}
         self.metrics.heartbeat(lag, pending, self.backend.name, rules)
         if self.notifier.is_ready:
             self.notifier.status(f"{self._following()}; lag {lag}, pending {pending}")
 
     def _problems(self) -> list[str]:
-        found = [self.scheduler.problem()]
+        found = self.supervisor.problems()
         if self.reconcile_error is not None:
             found.append(f"reconcile: {self.reconcile_error}")
-        return [p for p in found if p]
+        return found
 
     def _following(self) -> str:
         return (
@@ -315,6 +381,7 @@ class Worker:
     def run(self, burst: bool = False) -> None:
         """Run until stopped; with ``burst``, until nothing of ours is left to do."""
         backoff = Backoff(0.1, _RECONNECT_MAX_S)
+        self.supervisor.strict = burst  # a one-off run reports a failure instead of retrying
         ready = False
         down_since: float | None = None
         logger.info(
@@ -333,7 +400,7 @@ class Worker:
                 try:
                     with self.alarm.watch(self.applier.expiry.ms_until_next(self.applier.now_ms())):
                         ready = self._resume(ready, down_since, burst)
-                        processed = self.iteration()
+                        processed = self.iteration() if ready else self._wait_to_start()
                     if down_since is not None:
                         self.notifier.status(self._following())
                         down_since = None
@@ -390,7 +457,8 @@ class Worker:
                 extra={"state": "following"},
             )
         if not ready:
-            return self._start(burst)
+            started = self.supervisor.run("startup", lambda: self._start(burst), self._beat_anyway)
+            return bool(started)
         if down_since is not None:
             self.reconcile()  # whatever happened meanwhile, a trim past this host included
         return True
@@ -399,6 +467,16 @@ class Worker:
         """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one."""
         with contextlib.suppress(redis.RedisError):
             self.heartbeat("stopped")
+
+    def _beat_anyway(self) -> None:
+        """A failed start still tells ``pushfw status`` why this host is not ready."""
+        with contextlib.suppress(Exception):
+            self.heartbeat("starting")
+
+    def _wait_to_start(self) -> int:
+        startup = self.supervisor["startup"]
+        self._expire_until(min(startup.retry_at, time.monotonic() + 1.0))
+        return 0
 
     def _start(self, burst: bool) -> bool:
         """Set up and converge, then tell systemd the worker is ready."""
@@ -456,3 +534,19 @@ def _fit_watchdog(settings: WorkerSettings, notifier: Notifier) -> WorkerSetting
         "block_ms lowered from %d to %d for the systemd watchdog", settings.block_ms, limit_ms
     )
     return settings.model_copy(update={"block_ms": max(10, limit_ms)})
+
+
+def _handled_by_the_loop(exc: BaseException) -> bool:
+    """Errors the run loop handles for every role at once: never a single role's failure."""
+    if isinstance(exc, redis.ResponseError):
+        return "NOGROUP" in str(exc)
+    return isinstance(
+        exc,
+        StopRequested
+        | ForceStop
+        | ExpiryDue
+        | redis.ConnectionError
+        | redis.TimeoutError
+        | TransientBackendError
+        | ConfigError,
+    )

@@ -127,6 +127,24 @@ class Metrics:
             "Expiries this worker's scheduler claimed and emitted as delete commands.",
             registry=reg,
         )
+        self.role_failures = Counter(
+            "pushfw_role_failures",
+            "Unexpected errors a role of this worker survived, by role (it retried with backoff).",
+            ["role"],
+            registry=reg,
+        )
+        self.role_failing = Gauge(
+            "pushfw_role_failing",
+            "1 while a role of this worker is failing, by role (at heartbeat).",
+            ["role"],
+            registry=reg,
+        )
+        self.lock_wait = Histogram(
+            "pushfw_xtables_lock_wait_seconds",
+            "Time a kernel change waited for the xtables lock held by another process.",
+            buckets=_LAG_BUCKETS,
+            registry=reg,
+        )
         self._server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
         """Where ``/metrics`` is served (None: not served)."""

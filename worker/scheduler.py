@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import redis
@@ -22,6 +21,7 @@ import redis
 from pushfw.producer.keys import Keys
 from pushfw.worker.ledger import claim_script
 from pushfw.worker.metrics import Metrics
+from pushfw.worker.supervisor import RoleHealth
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,16 @@ class Scheduler:
         keys: key names under the configured prefix.
         poll_s: the longest the scheduler sleeps without looking at the queue.
         metrics: where expiries emitted are counted (the worker's).
+        health: the scheduler role's health, which the worker's heartbeat reports.
     """
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, poll_s: float = 0.25, metrics: Metrics | None = None
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        poll_s: float = 0.25,
+        metrics: Metrics | None = None,
+        health: RoleHealth | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics or Metrics()
@@ -66,8 +72,7 @@ class Scheduler:
         self.stop = threading.Event()
         self.emitted = 0
         self.events = True  # False once Redis refused the key-event channel (an ACL)
-        self.failing_since: float | None = None
-        self.last_error = ""
+        self.health = health or RoleHealth("scheduler")
         self._claim = claim_script(client)
         self._thread: threading.Thread | None = None
 
@@ -98,7 +103,10 @@ class Scheduler:
                 logger.info("scheduler expired %d rules", len(emitted))
 
     def run(self) -> None:
-        """Loop until :attr:`stop` is set; Redis outages are waited out."""
+        """Loop until :attr:`stop` is set; Redis outages and unexpected errors are waited out.
+
+        A failure is retried at least every second whatever the backoff: expiries are due.
+        """
         pubsub = None
         while not self.stop.is_set():
             try:
@@ -110,34 +118,26 @@ class Scheduler:
                     pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 else:
                     self.stop.wait(timeout)
-                self._recovered()
+                self.health.succeeded()
             except redis.exceptions.NoPermissionError as exc:
                 logger.warning("key-expiry events refused (%s); the timer alone wakes us", exc)
                 self.events, pubsub = False, None
-            except redis.RedisError as exc:  # an outage, or error replies (OOM, LOADING, ...)
+            except Exception as exc:  # an outage, error replies (OOM, LOADING, ...), a bug
                 pubsub = None
-                self._failed(exc)
-                self.stop.wait(1.0)
-
-    def _failed(self, exc: redis.RedisError) -> None:
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
-            logger.warning("scheduler: %s; retrying every second", exc)
-        self.last_error = str(exc) or type(exc).__name__
-
-    def _recovered(self) -> None:
-        if self.failing_since is not None:
-            logger.info("scheduler works again after %.1f s", time.monotonic() - self.failing_since)
-            self.failing_since = None
+                self.stop.wait(min(self.health.failed(exc), 1.0))
 
     def problem(self) -> str | None:
         """What keeps the scheduler from emitting expiries, for the heartbeat (None: nothing)."""
-        if self._thread is not None and not self._thread.is_alive() and not self.stop.is_set():
-            return "scheduler: its thread has stopped"
-        if self.failing_since is not None:
-            failing_s = time.monotonic() - self.failing_since
-            return f"scheduler: failing for {failing_s:.0f} s: {self.last_error}"
-        return None
+        return self.health.problem()
+
+    def revive(self) -> bool:
+        """Start the thread again if it ended although no one stopped it; True if it had."""
+        if self._thread is None or self._thread.is_alive() or self.stop.is_set():
+            return False
+        self.health.failed(RuntimeError("its thread had ended: started again"))
+        self._thread = None
+        self.start()
+        return True
 
     def _subscribe(self) -> Any:
         if not self.events:

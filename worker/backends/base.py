@@ -42,6 +42,8 @@ class Backend(abc.ABC):
     """Milliseconds on Redis's clock; the worker replaces it with its Redis-synced clock.
 
     Backends with kernel timeouts use it to turn an absolute expiry into time remaining."""
+    lock_waited: Callable[[float], None] = staticmethod(lambda seconds: None)
+    """Told how long a change waited for a lock another process held (the xtables lock)."""
 
     @abc.abstractmethod
     def open(self) -> None:

@@ -190,7 +190,7 @@ class IpsetBackend(IndexedBackend):
         for ipset in self._sets.values():
             self._ensure_set(ipset)
         for version in (4, 6):
-            with xtables_lock(self.lock_timeout_s):
+            with xtables_lock(self.lock_timeout_s, self.lock_waited):
                 table = filter_table(self._iptc, version)
                 table.refresh()
                 ensure_chain(self._iptc, table, version, self.chain, self.hooks)
@@ -405,7 +405,7 @@ class IpsetBackend(IndexedBackend):
         if self._exe is None:
             raise ConfigError("the ipset command is not installed")
         for version in (4, 6):
-            with xtables_lock(self.lock_timeout_s):
+            with xtables_lock(self.lock_timeout_s, self.lock_waited):
                 table = filter_table(self._iptc, version)
                 table.refresh()
                 remove_chain(self._iptc, table, self.chain, self.hooks)

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,23 +63,30 @@ def blank_rule(iptc: Any, version: int) -> Any:
 
 
 @contextlib.contextmanager
-def xtables_lock(timeout_s: float) -> Iterator[None]:
-    """Hold the xtables lock that iptables-legacy binaries take, so we never race them."""
+def xtables_lock(timeout_s: float, waited: Callable[[float], None] | None = None) -> Iterator[None]:
+    """Hold the xtables lock that iptables-legacy binaries take, so we never race them.
+
+    ``waited`` hears how long another holder kept us waiting (also when we gave up).
+    """
     try:
         fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
     except OSError:
         yield
         return
     try:
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                if time.monotonic() - started > timeout_s:
+                    if waited is not None:
+                        waited(time.monotonic() - started)
                     raise TransientBackendError("xtables lock is held by another process") from None
                 time.sleep(0.01)
+        if waited is not None and time.monotonic() - started >= 0.01:
+            waited(time.monotonic() - started)
         yield
     finally:
         os.close(fd)
@@ -409,7 +416,7 @@ class IptablesBackend(Backend):
         commit_table(self._iptc, table)
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return xtables_lock(self.lock_timeout_s)
+        return xtables_lock(self.lock_timeout_s, self.lock_waited)
 
     def uninstall(self) -> str:
         """Remove the jumps and the managed chains; other rules are left untouched."""
