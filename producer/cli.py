@@ -314,7 +314,7 @@ def _warn_ahead(producer: Producer) -> None:
         click.echo(
             f"warning: {ahead.count} command(s) had ids ahead of Redis's clock, the newest "
             f"{ahead.max_id} ({ahead.max_ahead_ms / 1000:.1f} s ahead); their time is taken "
-            "from when a worker first saw them. See README, 'Producer-chosen entry ids'.",
+            "from when a worker first saw them. See docs/security.md, 'Producer-chosen entry ids'.",
             err=True,
         )
 

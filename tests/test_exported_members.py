@@ -30,6 +30,7 @@ MODULES_WITH_ALL = [
     "pushfw.worker.log",
     "pushfw.worker.metrics",
     "pushfw.worker.notify",
+    "pushfw.worker.settings_doc",
 ]
 
 

@@ -56,7 +56,8 @@ failregex = ^Hostile id <F-ID>.+</F-ID>$
 datepattern = {NONE}
 """
 
-# The options of the action the way README suggests: pushfw.local and `banaction = pushfw`.
+# The options of the action the way docs/integrations.md suggests: pushfw.local and
+# `banaction = pushfw`.
 ACTION_LOCAL = """\
 [Init]
 pushfw = {pushfw}

@@ -1,7 +1,8 @@
 """Signed commands (HMAC-SHA256, ``sig`` + ``ts``) against a real redis-server, memory backend.
 
-The signing rule is recomputed here from README's words alone, with ``hmac``/``hashlib``,
-so that a producer in another language that follows the README gets the same signature.
+The signing rule is recomputed here from docs/producers.md's words alone, with
+``hmac``/``hashlib``, so that a producer in another language that follows the docs gets the
+same signature.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tests.conftest import RedisServer, need, wait_for
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "producers.md"
 KEY = "k3y-shared-by-producers-and-workers"
 
 
@@ -47,8 +48,8 @@ def make_worker(server: RedisServer, **overrides: Any) -> Worker:
     return worker
 
 
-def readme_signature(fields: dict[str, str], key_text: str) -> str:
-    """README, "Signing commands", computed independently of pushfw's code."""
+def documented_signature(fields: dict[str, str], key_text: str) -> str:
+    """docs/producers.md, "Signing commands", computed independently of pushfw's code."""
     known = {"op", "ip", "ttl", "target", "reason", "request_id", "origin", "ts"}
     lines = sorted(f"{name.lower()}={value}" for name, value in fields.items() if name in known)
     payload = "\n".join(lines).encode("utf-8")
@@ -57,7 +58,7 @@ def readme_signature(fields: dict[str, str], key_text: str) -> str:
 
 def signed(fields: dict[str, str], ts_ms: int | None = None, key_text: str = KEY) -> dict[str, str]:
     out = {**fields, "ts": str(int(time.time() * 1000) if ts_ms is None else ts_ms)}
-    return {**out, "sig": readme_signature(out, key_text)}
+    return {**out, "sig": documented_signature(out, key_text)}
 
 
 def status(r: Any, cmd_id: str) -> tuple[str, str]:
@@ -65,7 +66,7 @@ def status(r: Any, cmd_id: str) -> tuple[str, str]:
     return result["status"], result["detail"]
 
 
-def test_the_readme_rule_reproduces_the_producers_signature(r, redis_server):
+def test_the_documented_rule_reproduces_the_producers_signature(r, redis_server):
     producer = Producer.from_url(redis_server.url, hmac_key=KEY)
     cmd_id = producer.drop(
         "2001:db8::/32", ttl_s=600, target=["web1", "eu"], reason="abuse report", request_id="q-1"
@@ -74,7 +75,7 @@ def test_the_readme_rule_reproduces_the_producers_signature(r, redis_server):
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     assert set(fields) == {"op", "ip", "ttl", "target", "reason", "request_id", "ts", "sig"}
     assert abs(int(fields["ts"]) - int(cmd_id.split("-")[0])) < 5000
-    assert fields["sig"] == readme_signature(fields, KEY)
+    assert fields["sig"] == documented_signature(fields, KEY)
     assert signature(fields, KEY) == fields["sig"]
     assert list(SIGNED_FIELDS) == sorted(SIGNED_FIELDS)
     producer.client.close()
@@ -90,7 +91,7 @@ def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server)
     added = signed({"op": "drop.insert", "ip": "192.0.2.5"})
     added_reason = r.xadd(CMD, {**added, "REASON": "slipped in"}).decode()
     no_ts = {"op": "drop.insert", "ip": "192.0.2.6"}
-    without_ts = r.xadd(CMD, {**no_ts, "sig": readme_signature(no_ts, KEY)}).decode()
+    without_ts = r.xadd(CMD, {**no_ts, "sig": documented_signature(no_ts, KEY)}).decode()
     now_ms = int(time.time() * 1000)
     stale = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.7"}, now_ms - 301_000))
     future = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.8"}, now_ms + 301_000))
@@ -197,7 +198,7 @@ def test_cli_signs_with_the_key_from_the_environment(r, redis_server, tmp_path):
         cmd_id = proc.stdout.strip()
         [(_, raw)] = r.xrange(CMD, cmd_id, cmd_id)
         fields = {k.decode(): v.decode() for k, v in raw.items()}
-        assert fields["sig"] == readme_signature(fields, KEY)
+        assert fields["sig"] == documented_signature(fields, KEY)
 
 
 def test_unsigned_producer_gets_a_rejection_it_can_read(r, redis_server):
@@ -221,11 +222,11 @@ def test_signature_checks_do_not_need_the_ledger_for_signed_expiries(r, redis_se
     producer.client.close()
 
 
-def test_the_readme_shell_recipe_signs_for_redis_cli(r, redis_server):
-    """README's openssl + redis-cli lines make a command a requiring worker applies."""
+def test_the_documented_shell_recipe_signs_for_redis_cli(r, redis_server):
+    """The docs' openssl + redis-cli lines make a command a requiring worker applies."""
     need(shutil.which("openssl") is not None and shutil.which("redis-cli") is not None, "tools")
     worker = make_worker(redis_server, require_signature=True)
-    recipe = README.read_text().split("<!-- signing-shell -->")[1].split("```sh")[1].split("```")[0]
+    recipe = DOC.read_text().split("<!-- signing-shell -->")[1].split("```sh")[1].split("```")[0]
     env = {**os.environ, "PUSHFW_HMAC_KEY": KEY, "REDISCLI_AUTH": ""}
     proc = subprocess.run(
         [

@@ -47,54 +47,190 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PUSHFW_", extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    host_name: str = Field(default_factory=socket.gethostname)
-    host_labels: str = ""
-    consumer: str = ""
-    backend: Literal["auto", "nftables", "ipset", "iptables", "memory"] = "auto"
-    set_size: int = Field(default=1_000_000, ge=1, le=100_000_000)
-    key_prefix: str = DEFAULT_PREFIX
-    chain: str = "PUSHFW"
-    hooks: str = "INPUT"
-    protect: str = ""
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="the Redis holding the streams: `redis://`, `rediss://` (TLS), `unix://`, "
+        "`redis+sentinel://` or `redis+cluster://`",
+    )
+    host_name: str = Field(
+        default_factory=socket.gethostname,
+        description="this host's name: its consumer group is `host:<name>` and a command's "
+        "`target` matches it; letters, digits, `-_.`, at most 63 characters",
+    )
+    host_labels: str = Field(
+        default="", description="labels a command's `target` may name besides the host name"
+    )
+    consumer: str = Field(
+        default="",
+        description="consumer name in the host's group (empty: `host_name`); keep it stable so a "
+        "restarted worker re-reads its own pending entries",
+    )
+    backend: Literal["auto", "nftables", "ipset", "iptables", "memory"] = Field(
+        default="auto",
+        description="the firewall to drive: `auto` picks nftables where libnftables works, else "
+        "ipset, else iptables; `memory` keeps rules in memory (dry runs, no root)",
+    )
+    set_size: int = Field(
+        default=1_000_000,
+        ge=1,
+        le=100_000_000,
+        description="most elements per set (nftables `size`, ipset `maxelem`); a command that "
+        "finds its set full goes to the dead letters",
+    )
+    key_prefix: str = Field(
+        default=DEFAULT_PREFIX,
+        description="prefix of every Redis key; keep the {hash tag} so that on Redis Cluster "
+        "every key lives in one slot",
+    )
+    chain: str = Field(
+        default="PUSHFW",
+        description="the worker's own chain, IPv4 and IPv6 (iptables, ipset backends); in lower "
+        "case, the name of the nftables backend's table",
+    )
+    hooks: str = Field(
+        default="INPUT",
+        description="chains that jump to the worker's chain: add `FORWARD` or `DOCKER-USER` where "
+        "traffic is forwarded",
+    )
+    protect: str = Field(
+        default="",
+        description="networks never to drop, on top of loopback and every address of the "
+        "worker's Redis",
+    )
     min_drop_prefix_v4: int = Field(
-        default=8, ge=0, le=32, description="the widest IPv4 network a drop may cover"
+        default=8,
+        ge=0,
+        le=32,
+        description="the widest IPv4 network a drop may cover, as a prefix length (a wider "
+        "drop is rejected)",
     )
     min_drop_prefix_v6: int = Field(
-        default=16, ge=0, le=128, description="the widest IPv6 network a drop may cover"
+        default=16,
+        ge=0,
+        le=128,
+        description="the widest IPv6 network a drop may cover, as a prefix length",
     )
     min_accept_prefix_v4: int = Field(
-        default=8, ge=0, le=32, description="the widest IPv4 network an accept may cover"
+        default=8,
+        ge=0,
+        le=32,
+        description="the widest IPv4 network an accept may cover (an accept beats every ban: "
+        "`0.0.0.0/0` would lift them all)",
     )
     min_accept_prefix_v6: int = Field(
-        default=16, ge=0, le=128, description="the widest IPv6 network an accept may cover"
+        default=16,
+        ge=0,
+        le=128,
+        description="the widest IPv6 network an accept may cover, as a prefix length",
     )
     state_dir: str = Field(
         default="/var/lib/pushfw",
-        description="where the worker remembers the ledger generation it converged with",
+        description="where the worker remembers the ledger generation it converged with "
+        "(the unit's `StateDirectory=`)",
     )
-    batch_size: int = Field(default=500, ge=1, le=10_000)
-    block_ms: int = Field(default=1000, ge=10, le=60_000)
-    max_deliveries: int = Field(default=5, ge=1, le=1000)
-    claim_idle_ms: int = Field(default=60_000, ge=100)
-    retry_base_ms: int = Field(default=200, ge=1)
-    retry_max_ms: int = Field(default=30_000, ge=1)
-    results_maxlen: int = Field(default=100_000, ge=100)
-    dead_maxlen: int = Field(default=100_000, ge=100)
-    memory_fail: str = ""
-    reconcile_interval: int = Field(default=300, ge=0, description="seconds; 0 turns it off")
+    batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="entries read and committed to the kernel at once",
+    )
+    block_ms: int = Field(
+        default=1000,
+        ge=10,
+        le=60_000,
+        description="how long one read waits for new entries; under a systemd watchdog, "
+        "lowered to a quarter of its interval at most",
+    )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="deliveries of a failing command before it becomes a dead letter",
+    )
+    claim_idle_ms: int = Field(
+        default=60_000,
+        ge=100,
+        description="how long another consumer may leave an entry pending (the host's group, "
+        "the ledger's) before this one claims it",
+    )
+    retry_base_ms: int = Field(
+        default=200,
+        ge=1,
+        description="first retry delay of a failing command (doubling, with jitter)",
+    )
+    retry_max_ms: int = Field(default=30_000, ge=1, description="longest retry delay")
+    results_maxlen: int = Field(
+        default=100_000,
+        ge=100,
+        description="approximate length the results stream is trimmed to",
+    )
+    dead_maxlen: int = Field(
+        default=100_000,
+        ge=100,
+        description="approximate length the dead-letter stream is trimmed to",
+    )
+    memory_fail: str = Field(
+        default="",
+        description="memory backend only: networks whose changes always fail (fault "
+        "injection for tests)",
+    )
+    reconcile_interval: int = Field(
+        default=300,
+        ge=0,
+        description="seconds between reconciliations with the ledger; `0`: only at start and "
+        "after each Redis reconnect",
+    )
     host_expiry: int = Field(
-        default=900, ge=10, description="seconds of silence before a host stops holding the stream"
+        default=900,
+        ge=10,
+        description="seconds a host may stay silent before its group stops holding the command "
+        "stream back",
     )
-    heartbeat_interval: float = Field(default=5.0, gt=0)
-    trim_interval: float = Field(default=60.0, gt=0)
-    expiry_events: bool = True
-    scheduler_poll: float = Field(default=0.25, gt=0, le=1.0)
-    metrics_listen: str = Field(default="", description="host:port of /metrics; empty: off")
-    log_format: Literal["auto", "json", "text"] = "auto"
-    hmac_key: SecretStr | None = Field(default=None, description="shared command-signing key")
-    require_signature: bool = False
-    signature_window: int = Field(default=300, ge=1, le=86_400, description="seconds")
+    heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds between heartbeats in `{pushfw}:hosts` (and metric gauge updates)",
+    )
+    trim_interval: float = Field(
+        default=60.0, gt=0, description="seconds between trims of the streams"
+    )
+    expiry_events: bool = Field(
+        default=True,
+        description="turn on Redis key-expiry events (`notify-keyspace-events Ex`) to wake the "
+        "scheduler early; its timer alone meets the 1 s bound",
+    )
+    scheduler_poll: float = Field(
+        default=0.25,
+        gt=0,
+        le=1.0,
+        description="the longest the scheduler sleeps without looking at the expiry queue, "
+        "in seconds",
+    )
+    metrics_listen: str = Field(
+        default="",
+        description="`host:port` (`[::1]:9477` for IPv6) serving Prometheus `/metrics`, without "
+        "authentication; empty: off",
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="`auto`: JSON lines unless stderr is a terminal; `json` or `text` forces one",
+    )
+    hmac_key: SecretStr | None = Field(
+        default=None,
+        description="key shared with the producers to check command signatures, at least 16 "
+        "characters (shown masked)",
+    )
+    require_signature: bool = Field(
+        default=False,
+        description="reject every command not signed with `hmac_key` (needs `hmac_key`)",
+    )
+    signature_window: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="seconds a signed command's `ts` may be from when Redis first saw the "
+        "command, either way",
+    )
 
     @field_validator("hmac_key")
     @classmethod
