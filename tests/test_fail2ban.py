@@ -1,14 +1,17 @@
-"""The fail2ban action (integrations/fail2ban/action.d/pushfw.conf) in a real fail2ban.
+"""The fail2ban actions (integrations/fail2ban/action.d/) in a real fail2ban.
 
-The test runs its own ``fail2ban-server`` (foreground, private socket, pid file, log and
+The tests run their own ``fail2ban-server`` (foreground, private socket, pid file, log and
 configuration in a temporary directory; backend ``polling``, so no systemd or inotify), with
-jails whose filter matches ``Failed login from <HOST>``, and watches what reaches the
-session's redis-server through the real ``pushfw`` CLI.
+jails whose filter matches ``Failed login from <HOST>``, and watch what reaches the
+session's redis-server: through the ``pushfw`` CLI (the shell action ``pushfw.conf``) or
+from inside fail2ban (the Python action ``pushfw_redis.py``, pointed at this virtualenv with
+``python_path``, since fail2ban runs under the system's python3).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -24,11 +27,24 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer, need
-from tests.test_applier import make_worker, results_by_cmd
+from tests.test_applier import key, make_worker, results_by_cmd
 
 CMD = "{pushfw}:cmd"
-ACTION = Path(__file__).resolve().parents[1] / "integrations/fail2ban/action.d/pushfw.conf"
+ACTIONS = Path(__file__).resolve().parents[1] / "integrations/fail2ban/action.d"
 BANNED = "203.0.113.50"
+JAIL_NAMES = (
+    "pushfw-test",
+    "pushfw-forever",
+    "pushfw-hostile",
+    "py-test",
+    "py-forever",
+    "py-hostile",
+    "py-plain",
+    "py-short",
+    "pushfw-unban",
+    "py-unban",
+    "py-broken",
+)
 
 FAIL2BAN_CONF = """\
 [Definition]
@@ -56,7 +72,7 @@ failregex = ^Hostile id <F-ID>.+</F-ID>$
 datepattern = {NONE}
 """
 
-# The options of the action the way docs/integrations.md suggests: pushfw.local and
+# The options of the shell action the way docs/integrations.md suggests: pushfw.local and
 # `banaction = pushfw`.
 ACTION_LOCAL = """\
 [Init]
@@ -64,13 +80,18 @@ pushfw = {pushfw}
 redis_url = {redis_url}
 """
 
-JAILS = """\
+JAIL_DEFAULTS = """\
 [DEFAULT]
 backend = polling
 maxretry = 1
 findtime = 600
 ignoreip = 127.0.0.1/8 ::1
+action_pushfw = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}"]
+"""
 
+JAILS = (
+    JAIL_DEFAULTS
+    + """
 [pushfw-test]
 enabled = true
 filter = pushfw-test
@@ -93,7 +114,81 @@ filter = pushfw-hostile
 logpath = {tmp}/hostile.log
 bantime = 600
 action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}"]
+
+[py-test]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-auth.log
+bantime = 600
+action = %(action_pushfw)s
+
+[py-forever]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-forever.log
+bantime = -1
+# what a banaction gets from jail.conf's action_ is accepted and ignored
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}", port="ssh",
+                         protocol="tcp", chain="INPUT"]
+
+[py-hostile]
+enabled = true
+filter = pushfw-hostile
+logpath = {tmp}/py-hostile.log
+bantime = 600
+action = %(action_pushfw)s
+
+[py-plain]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-plain.log
+bantime = 600
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}", client="redis",
+                         target="web1, web2"]
+
+[py-short]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-short.log
+bantime = 2
+action = %(action_pushfw)s
+
+[pushfw-unban]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/unban.log
+bantime = 600
+action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}", unban_on_stop="true"]
+
+[py-unban]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-unban.log
+bantime = 600
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}", unban_on_stop="true"]
+
+[py-broken]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-broken.log
+bantime = 600
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}", unban_on_stop="maybe"]
 """
+)
+
+# One jail for the test at scale; the whole server is started for it and stopped by it.
+SCALE_JAILS = (
+    JAIL_DEFAULTS
+    + """
+[py-scale]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/scale.log
+bantime = 3600
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}",
+                         unban_on_stop="{unban_on_stop}"]
+"""
+)
 
 # Ticket ids that would run `touch` if the action pasted them into its shell command
 # unquoted or single-quoted (relative paths: fail2ban refuses ids with a "/").
@@ -114,13 +209,15 @@ class Fail2ban:
     tmp: Path
     proc: subprocess.Popen[bytes]
 
-    def client(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def client(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         sock, conf = self.tmp / "f2b.sock", self.tmp / "conf"
         return subprocess.run(
             ["fail2ban-client", "-c", str(conf), "-s", str(sock), *args],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
             check=check,
         )
 
@@ -133,46 +230,83 @@ class Fail2ban:
         with (self.tmp / log).open("a") as out:
             out.write(line + "\n")
 
-    def wait(self, predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
+    def wait(self, predicate: Callable[[], object], what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"fail2ban: waiting for {what}; its log:\n{self.log[-6000:]}")
             time.sleep(0.1)
 
+    def stop(self, timeout: float = 60) -> None:
+        """``fail2ban-client stop``, then wait for the server to exit (kill it after that)."""
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.client("stop", check=False, timeout=timeout)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
-def write_config(tmp: Path, pushfw: str, redis_url: str) -> None:
+
+def write_config(tmp: Path, jails: str, **values: str) -> None:
     conf = tmp / "conf"
     (conf / "action.d").mkdir(parents=True)
     (conf / "filter.d").mkdir()
-    shutil.copy(ACTION, conf / "action.d/pushfw.conf")
-    values = {"tmp": str(tmp), "pushfw": pushfw, "redis_url": redis_url}
+    for action in ("pushfw.conf", "pushfw_redis.py"):
+        shutil.copy(ACTIONS / action, conf / "action.d" / action)
+    values = {"tmp": str(tmp), **values}
     (conf / "action.d/pushfw.local").write_text(ACTION_LOCAL.format(**values))
     (conf / "fail2ban.conf").write_text(FAIL2BAN_CONF.format(**values))
     (conf / "filter.d/pushfw-test.conf").write_text(FILTER)
     (conf / "filter.d/pushfw-hostile.conf").write_text(HOSTILE_FILTER)
-    (conf / "jail.local").write_text(JAILS.format(**values))
-    for log in ("auth.log", "forever.log", "hostile.log"):
-        (tmp / log).touch()
+    (conf / "jail.local").write_text(jails.format(**values))
+    for line in jails.splitlines():
+        if line.startswith("logpath = {tmp}/"):
+            (tmp / line.removeprefix("logpath = {tmp}/")).touch()
 
 
-@pytest.fixture
-def fail2ban(
-    request: pytest.FixtureRequest, r: redis.Redis, redis_server: RedisServer
-) -> Iterator[Fail2ban]:
-    """The server; indirect parametrization adds variables to its environment."""
+def need_fail2ban() -> None:
+    """fail2ban, and pushfw importable from this venv by the Python fail2ban runs on."""
+    server = shutil.which("fail2ban-server")
     need(
-        shutil.which("fail2ban-server") is not None and shutil.which("fail2ban-client") is not None,
+        server is not None and shutil.which("fail2ban-client") is not None,
         "fail2ban is not installed (apt-get install fail2ban)",
     )
+    assert server is not None
+    interpreter = Path(server).read_text(errors="replace").partition("\n")[0].removeprefix("#!")
+    probe = subprocess.run(
+        [
+            *interpreter.split(),
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import pushfw_redis as a;"
+            "a.add_python_path(sys.argv[2]); import pushfw.producer",
+            str(ACTIONS),
+            sys.prefix,
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    need(
+        probe.returncode == 0,
+        f"fail2ban's Python ({interpreter}) cannot import pushfw from {sys.prefix} "
+        f"(build the venv with that Python, or give it what that version needs):\n"
+        + probe.stderr[-1500:],
+    )
+
+
+@contextlib.contextmanager
+def running_fail2ban(
+    jails: str, names: tuple[str, ...], redis_url: str, env: dict[str, str], **values: str
+) -> Iterator[Fail2ban]:
+    """A fail2ban-server with ``jails`` (a template), its jails ``names`` started."""
     pushfw = Path(sys.executable).with_name("pushfw")
     assert pushfw.exists(), f"the pushfw console script is not next to {sys.executable}"
     # a short path: the control socket's name must fit in sun_path (108 bytes)
     with tempfile.TemporaryDirectory(prefix="pushfw-f2b-") as name:
         tmp = Path(name)
-        write_config(tmp, str(pushfw), redis_server.url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-        env.update(cast(dict[str, str], getattr(request, "param", {})))
+        write_config(tmp, jails, pushfw=str(pushfw), redis_url=redis_url, venv=sys.prefix, **values)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")} | env
         with (tmp / "server.out").open("wb") as out:
             proc = subprocess.Popen(
                 [
@@ -193,20 +327,24 @@ def fail2ban(
             )
         server = Fail2ban(tmp, proc)
         try:
-            jails = ("pushfw-test", "pushfw-forever", "pushfw-hostile")
             server.wait(
-                lambda: all(server.client("status", j, check=False).returncode == 0 for j in jails),
+                lambda: all(server.client("status", j, check=False).returncode == 0 for j in names),
                 "the jails to start",
             )
             yield server
         finally:
-            with contextlib.suppress(subprocess.SubprocessError):
-                server.client("stop", check=False)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            server.stop()
+
+
+@pytest.fixture
+def fail2ban(
+    request: pytest.FixtureRequest, r: redis.Redis, redis_server: RedisServer
+) -> Iterator[Fail2ban]:
+    """The server; indirect parametrization adds variables to its environment."""
+    need_fail2ban()
+    env = cast(dict[str, str], getattr(request, "param", {}))
+    with running_fail2ban(JAILS, JAIL_NAMES, redis_server.url, env) as server:
+        yield server
 
 
 def commands(r: redis.Redis) -> list[dict[str, str]]:
@@ -284,7 +422,201 @@ def test_signing_key_from_fail2bans_environment(
     worker = make_worker(redis_server, hmac_key=SIGNING_KEY, require_signature=True)
     fail2ban.append("auth.log", f"Failed login from {BANNED}")
     fail2ban.wait(lambda: find(r, op="drop.insert", ip=BANNED), f"a drop.insert of {BANNED}")
-    (entry_id, fields), *_ = cast(list[Any], r.xrange(CMD))
+    (_, fields), *_ = cast(list[Any], r.xrange(CMD))
     assert {b"ts", b"sig"} <= set(fields)
     worker.run(burst=True)  # requires a valid signature
-    assert results_by_cmd(r)[entry_id.decode()]["status"] == "applied"
+    assert set(worker.backend.snapshot()) == {key("drop", BANNED)}, results_by_cmd(r)
+
+
+# The Python action (pushfw_redis.py), inside fail2ban's own process
+
+
+def test_python_action_ban_and_unban(fail2ban: Fail2ban, r: redis.Redis) -> None:
+    fail2ban.append("py-auth.log", f"Failed login from {BANNED}")
+    fail2ban.wait(lambda: find(r, op="drop.insert", ip=BANNED), f"a drop.insert of {BANNED}")
+    drop = find(r, op="drop.insert", ip=BANNED)
+    assert drop is not None
+    # what is left of the jail's bantime of 600 s when the action ran
+    assert 550 <= int(drop.pop("ttl")) <= 600
+    assert drop == {"op": "drop.insert", "ip": BANNED, "reason": "fail2ban py-test"}
+    assert "Redis answers (client pushfw.producer)" in fail2ban.log
+
+    fail2ban.client("set", "py-test", "unbanip", BANNED)
+    fail2ban.wait(lambda: find(r, op="drop.delete", ip=BANNED), f"a drop.delete of {BANNED}")
+    assert find(r, op="drop.delete", ip=BANNED) == {
+        "op": "drop.delete",
+        "ip": BANNED,
+        "reason": "fail2ban py-test",
+    }
+
+
+def test_python_action_unban_all_sends_deletes(fail2ban: Fail2ban, r: redis.Redis) -> None:
+    """An operator's "unban --all" (fail2ban calls flush) is no stop: each ban is lifted."""
+    for ip in ("192.0.2.11", "192.0.2.12"):
+        fail2ban.append("py-auth.log", f"Failed login from {ip}")
+    fail2ban.wait(lambda: find(r, op="drop.insert", ip="192.0.2.12"), "both drops")
+    fail2ban.client("unban", "--all")
+    fail2ban.wait(lambda: find(r, op="drop.delete", ip="192.0.2.12"), "the deletes")
+    deletes = [c["ip"] for c in commands(r) if c["op"] == "drop.delete"]
+    assert sorted(deletes) == ["192.0.2.11", "192.0.2.12"]
+
+
+def test_python_action_permanent_ban_has_no_ttl(fail2ban: Fail2ban, r: redis.Redis) -> None:
+    fail2ban.append("py-forever.log", "Failed login from 2001:db8::8")
+    fail2ban.wait(lambda: find(r, op="drop.insert", ip="2001:db8::8"), "a drop.insert, no ttl")
+    assert find(r, op="drop.insert", ip="2001:db8::8") == {
+        "op": "drop.insert",
+        "ip": "2001:db8::8",
+        "reason": "fail2ban py-forever",
+    }
+    assert "unknown options" not in fail2ban.log, "port, protocol and chain are fail2ban's"
+
+
+def test_python_action_plain_redis_py(fail2ban: Fail2ban, r: redis.Redis) -> None:
+    """client = redis: no pushfw import, the wire format written by hand; target passed on."""
+    fail2ban.append("py-plain.log", f"Failed login from {BANNED}")
+    fail2ban.wait(lambda: find(r, op="drop.insert", ip=BANNED), f"a drop.insert of {BANNED}")
+    drop = find(r, op="drop.insert", ip=BANNED)
+    assert drop is not None
+    assert 550 <= int(drop.pop("ttl")) <= 600
+    assert drop == {
+        "op": "drop.insert",
+        "ip": BANNED,
+        "reason": "fail2ban py-plain",
+        "target": "web1,web2",
+    }
+    assert "Redis answers (client redis-py)" in fail2ban.log
+
+
+def test_python_action_refuses_what_is_no_address(fail2ban: Fail2ban, r: redis.Redis) -> None:
+    for ticket in HOSTILE_IDS:
+        fail2ban.append("py-hostile.log", f"Hostile id {ticket}")
+    fail2ban.append("py-hostile.log", "Hostile id 198.51.100.3")
+
+    fail2ban.wait(lambda: find(r, ip="198.51.100.3"), "the last ban of the hostile jail")
+    assert [c["ip"] for c in commands(r)] == ["198.51.100.3"], "nothing else reached the stream"
+    failed = fail2ban.log.count("Failed to execute ban jail 'py-hostile' action 'pushfw_redis'")
+    assert failed == len(HOSTILE_IDS)
+
+
+def test_python_action_sends_no_delete_when_the_ban_runs_out(
+    fail2ban: Fail2ban, r: redis.Redis
+) -> None:
+    """bantime 2 s: pushfw ends the ban with its ttl; a delete could cut short another
+    host's newer ban of the same address."""
+    fail2ban.append("py-short.log", f"Failed login from {BANNED}")
+    fail2ban.wait(lambda: find(r, op="drop.insert", ip=BANNED), "the drop")
+    assert 1 <= int(cast(dict[str, str], find(r, ip=BANNED))["ttl"]) <= 2
+    fail2ban.wait(lambda: f"[py-short] Unban {BANNED}" in fail2ban.log, "fail2ban's unban")
+    assert find(r, op="drop.delete") is None
+
+
+@pytest.mark.parametrize(
+    "fail2ban", [{"PUSHFW_HMAC_KEY": SIGNING_KEY}], ids=["signed"], indirect=True
+)
+@pytest.mark.parametrize("jail, log", [("py-test", "py-auth.log"), ("py-plain", "py-plain.log")])
+def test_python_action_signs_with_fail2bans_key(
+    fail2ban: Fail2ban, r: redis.Redis, redis_server: RedisServer, jail: str, log: str
+) -> None:
+    """Both clients sign with PUSHFW_HMAC_KEY from fail2ban's environment; a worker that
+    requires signatures applies the ban."""
+    # py-plain's target is web1,web2
+    host = "web1" if jail == "py-plain" else "h1"
+    worker = make_worker(redis_server, host, hmac_key=SIGNING_KEY, require_signature=True)
+    fail2ban.append(log, f"Failed login from {BANNED}")
+    fail2ban.wait(lambda: find(r, op="drop.insert", ip=BANNED), f"a drop.insert of {BANNED}")
+    (_, fields), *_ = cast(list[Any], r.xrange(CMD))
+    assert {b"ts", b"sig"} <= set(fields)
+    worker.run(burst=True)
+    assert set(worker.backend.snapshot()) == {key("drop", BANNED)}, results_by_cmd(r)
+
+
+# At scale: 5,000 addresses at once, then `fail2ban-client stop`
+
+SCALE = 5000
+
+
+def scale_addresses() -> list[str]:
+    base = ipaddress.ip_address("198.18.0.1")  # RFC 2544's benchmarking range
+    return [str(base + i) for i in range(SCALE)]
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("unban_on_stop", [False, True], ids=["default", "unban_on_stop"])
+def test_5000_bans_at_once_then_stop(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    unban_on_stop: bool,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    need_fail2ban()
+    addresses = scale_addresses()
+    flag = "true" if unban_on_stop else "false"
+    with running_fail2ban(
+        SCALE_JAILS, ("py-scale",), redis_server.url, {}, unban_on_stop=flag
+    ) as server:
+        started = time.monotonic()
+        (server.tmp / "scale.log").write_text(
+            "".join(f"Failed login from {ip}\n" for ip in addresses)
+        )
+        server.wait(lambda: r.xlen(CMD) >= SCALE, f"{SCALE} drops", timeout=1200)
+        elapsed = time.monotonic() - started
+        with capsys.disabled():
+            print(f"\nfail2ban + pushfw_redis.py: {SCALE} bans in Redis in {elapsed:.1f} s")
+
+        drops = commands(r)
+        assert sorted(c["ip"] for c in drops) == sorted(addresses)
+        for command in drops:
+            assert command["op"] == "drop.insert"
+            assert command["reason"] == "fail2ban py-scale"
+            assert 0 < int(command["ttl"]) <= 3600
+
+        worker = make_worker(redis_server)
+        worker.run(burst=True)
+        rules = worker.backend.snapshot()
+        assert len(rules) == SCALE
+        assert all(rule.expires_ms is not None for rule in rules.values())
+
+        server.stop(timeout=600)
+        assert server.proc.returncode == 0, server.log[-3000:]
+
+    deletes = [c["ip"] for c in commands(r) if c["op"] == "drop.delete"]
+    if unban_on_stop:
+        assert sorted(deletes) == sorted(addresses), "one drop.delete per ban"
+    else:
+        assert deletes == [], "a stop leaves the fleet's bans alone"
+    worker.run(burst=True)
+    assert len(worker.backend.snapshot()) == (0 if unban_on_stop else SCALE)
+
+
+def test_stop_leaves_the_fleets_bans_unless_asked(fail2ban: Fail2ban, r: redis.Redis) -> None:
+    """Both actions: a stop sends no undrop, except where the jail says unban_on_stop."""
+    bans = {
+        "auth.log": "192.0.2.21",  # shell action, default
+        "unban.log": "192.0.2.22",  # shell action, unban_on_stop = true
+        "py-auth.log": "192.0.2.23",  # Python action, default
+        "py-unban.log": "192.0.2.24",  # Python action, unban_on_stop = true
+        "forever.log": "192.0.2.25",  # shell action, permanent: stays too
+    }
+    for log, ip in bans.items():
+        fail2ban.append(log, f"Failed login from {ip}")
+
+    def dropped() -> set[str]:
+        return {c["ip"] for c in commands(r) if c["op"] == "drop.insert"}
+
+    fail2ban.wait(lambda: dropped() >= set(bans.values()), "the drops")
+    fail2ban.stop()
+    assert fail2ban.proc.returncode == 0, fail2ban.log[-3000:]
+    deletes = sorted(c["ip"] for c in commands(r) if c["op"] == "drop.delete")
+    assert deletes == ["192.0.2.22", "192.0.2.24"]
+
+
+def test_python_action_misconfigured_fails_its_bans_only(
+    fail2ban: Fail2ban, r: redis.Redis
+) -> None:
+    """A bad option does not take fail2ban down (every jail started): its bans fail, logged."""
+    fail2ban.append("py-broken.log", f"Failed login from {BANNED}")
+    failed = "Failed to execute ban jail 'py-broken' action 'pushfw_redis'"
+    fail2ban.wait(lambda: failed in fail2ban.log, "the failed ban")
+    assert "unban_on_stop = 'maybe': say true or false" in fail2ban.log
+    assert commands(r) == []

@@ -1,0 +1,365 @@
+"""fail2ban action in Python: each ban becomes a pushfw drop, sent over one Redis connection.
+
+fail2ban loads this file into its own process, so a ban costs one ``XADD`` (well under a
+millisecond) instead of a new ``pushfw`` process (about 0.16 s of CPU). Every host that
+runs a pushfw worker then enforces this host's fail2ban bans (fail2ban/fail2ban#881).
+
+    ban    -> drop.insert, ttl = the time left of fail2ban's ban (bantime < 0: no ttl, forever)
+    unban  -> drop.delete (an unbanip, or "unban --all"); none when fail2ban's ban time is
+              over, because the ttl has ended the ban in pushfw already, and a delete then
+              could cut short a newer ban of the same address from another host
+    stop   -> nothing: the bans carry their ttl and end on time on every host
+              (unban_on_stop = true: one drop.delete per banned address, fail2ban's habit)
+
+Install (docs/integrations.md has the whole story)::
+
+    cp integrations/fail2ban/action.d/pushfw_redis.py /etc/fail2ban/action.d/
+
+    # /etc/fail2ban/jail.local: pushfw bans for every jail ...
+    [DEFAULT]
+    action_pushfw = pushfw_redis.py[redis_url="redis://redis.example:6379/0",
+                                    python_path="/opt/pushfw/venv"]
+    action = %(action_pushfw)s
+
+    # ... or for one jail, next to its local action
+    [sshd]
+    action = %(action_)s
+             %(action_pushfw)s
+
+(``banaction = pushfw_redis.py`` works too, but fail2ban passes a banaction only port,
+protocol and chain: the Redis URL and prefix then come from PUSHFW_REDIS_URL and
+PUSHFW_KEY_PREFIX in fail2ban's environment, as for the pushfw CLI.)
+
+(The ``.py`` in the action's name is how fail2ban tells a Python action from a ``.conf``
+one; the file is not named ``pushfw.py`` because fail2ban registers the module under the
+file's name, which would hide the ``pushfw`` package this action imports.)
+
+Options (all strings, as fail2ban passes them):
+
+    redis_url      the Redis that holds pushfw's streams (default: PUSHFW_REDIS_URL, else
+                   redis://127.0.0.1:6379/0)
+    key_prefix     the workers' key_prefix (default: PUSHFW_KEY_PREFIX, else {pushfw})
+    target         * (every host, the default) or host names / labels, comma-separated
+    unban_on_stop  true: a fail2ban stop or restart lifts this jail's bans on every host
+    python_path    where pushfw is installed, when fail2ban's python3 cannot import it: a
+                   virtualenv, or site-packages directories, separated by ":"; the venv
+                   must be built with the Python version fail2ban runs on
+    client         auto (default): pushfw's producer client if importable, else redis-py;
+                   pushfw, or redis, to insist on one
+    redis_timeout  seconds to wait for Redis per command (default 5)
+
+Signing: PUSHFW_HMAC_KEY in fail2ban's environment (e.g. a systemd drop-in with
+``EnvironmentFile=``) signs every command, as the pushfw CLI does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import os
+import site
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from fail2ban.server.action import ActionBase  # type: ignore[import-not-found]
+from fail2ban.server.mytime import MyTime  # type: ignore[import-not-found]
+
+DEFAULTS = {
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "key_prefix": "{pushfw}",
+    "target": "*",
+    "unban_on_stop": "false",
+    "python_path": "",
+    "client": "auto",
+    "redis_timeout": "5",
+}
+# What fail2ban's banaction interface (jail.conf's action_ and friends) passes to every
+# action; meaningless here, so accepted without a warning.
+BANACTION_OPTIONS = frozenset(
+    {"port", "protocol", "chain", "name", "bantime", "blocktype", "returntype", "actname"}
+)
+MAX_TTL_S = 10 * 365 * 24 * 3600  # the wire format's bound on ttl
+SIGNED_FIELDS = ("op", "ip", "ttl", "target", "reason", "request_id", "origin", "ts")
+
+
+def _flag(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} = {value!r}: say true or false")
+
+
+def add_python_path(spec: str) -> None:
+    """Put each directory of ``spec`` (":"-separated; a venv stands for its site-packages)
+    in front of ``sys.path``, its ``.pth`` files processed (editable installs need them)."""
+    for entry in filter(None, (part.strip() for part in spec.split(os.pathsep))):
+        path = Path(entry)
+        if (path / "pyvenv.cfg").is_file():
+            version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+            path = path / "lib" / version / "site-packages"
+        if not path.is_dir():
+            raise ValueError(
+                f"python_path: {path} is not a directory (fail2ban runs Python "
+                f"{sys.version.split()[0]}; a venv must be built with that version)"
+            )
+        before = list(sys.path)
+        site.addsitedir(str(path))
+        # in front: pushfw's own redis-py and pydantic, not older ones the system may have
+        sys.path[:] = [p for p in sys.path if p not in before] + before
+
+
+def remaining_s(ban_time_s: int, since: float, now: float) -> int | None:
+    """What is left of a ban from ``since`` for ``ban_time_s`` (< 0: forever, None)."""
+    if ban_time_s < 0:
+        return None
+    return min(max(math.ceil(since + ban_time_s - now), 0), MAX_TTL_S)
+
+
+def wire_fields(
+    op: str, ip: str, ttl_s: int | None, target: tuple[str, ...], reason: str
+) -> dict[str, str]:
+    """A command as docs/producers.md spells it; no ``reply``: hosts write no result per ban."""
+    fields = {"op": op, "ip": ip, "reason": reason}
+    if ttl_s is not None:
+        fields["ttl"] = str(ttl_s)
+    if target:
+        fields["target"] = ",".join(target)
+    return fields
+
+
+class Sender(Protocol):
+    """One way of putting a command into the stream."""
+
+    name: str
+
+    def send(self, op: str, ip: str, ttl_s: int | None) -> str: ...
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class ProducerSender:
+    """pushfw's own client: validates like the CLI, every Redis topology of its URLs."""
+
+    name = "pushfw.producer"
+
+    def __init__(
+        self, url: str, prefix: str, target: tuple[str, ...], reason: str, timeout_s: float
+    ) -> None:
+        from pushfw.producer import Producer, parse_command
+        from pushfw.producer.connection import connect
+
+        client = connect(
+            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._producer = Producer(client, prefix, os.environ.get("PUSHFW_HMAC_KEY") or None)
+        self._parse = parse_command
+        self._target, self._reason = target, reason
+
+    def send(self, op: str, ip: str, ttl_s: int | None) -> str:
+        fields = wire_fields(op, ip, ttl_s, self._target, self._reason)
+        return self._producer.send(self._parse(fields))  # invalid: raises, nothing is sent
+
+    def ping(self) -> bool:
+        return bool(self._producer.client.ping())
+
+    def close(self) -> None:
+        self._producer.client.close()
+
+
+def signature(fields: dict[str, str], key: bytes) -> str:
+    """The v1 signing rule of docs/producers.md ("Signing commands")."""
+    lines = sorted(f"{k}={v}" for k, v in fields.items() if k in SIGNED_FIELDS)
+    return hmac.new(key, "\n".join(lines).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class RedisSender:
+    """Plain redis-py (Debian: python3-redis) and the wire format of docs/producers.md."""
+
+    name = "redis-py"
+
+    def __init__(
+        self, url: str, prefix: str, target: tuple[str, ...], reason: str, timeout_s: float
+    ) -> None:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self._client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self._stream = f"{prefix}:cmd"
+        self._target, self._reason = target, reason
+        key = os.environ.get("PUSHFW_HMAC_KEY")
+        self._key = key.encode("utf-8") if key else None
+
+    def send(self, op: str, ip: str, ttl_s: int | None) -> str:
+        ipaddress.ip_network(ip, strict=True)  # ValueError: nothing is sent
+        fields = wire_fields(op, ip, ttl_s, self._target, self._reason)
+        if self._key is not None:
+            fields["ts"] = str(time.time_ns() // 1_000_000)
+            fields["sig"] = signature(fields, self._key)
+        return str(self._client.xadd(self._stream, fields))  # type: ignore[arg-type]
+
+    def ping(self) -> bool:
+        return bool(self._client.ping())
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def make_sender(
+    choice: str, url: str, prefix: str, target: tuple[str, ...], reason: str, timeout_s: float
+) -> Sender:
+    """The client ``choice`` (auto, pushfw, redis) names; auto prefers pushfw's."""
+    if choice not in ("auto", "pushfw", "redis"):
+        raise ValueError(f"client = {choice!r}: say auto, pushfw or redis")
+    why_not_pushfw = ""
+    if choice in ("auto", "pushfw"):
+        try:
+            return ProducerSender(url, prefix, target, reason, timeout_s)
+        except ImportError as exc:
+            if choice == "pushfw":
+                raise
+            why_not_pushfw = f"pushfw: {exc}; "
+    try:
+        return RedisSender(url, prefix, target, reason, timeout_s)
+    except ImportError as exc:
+        raise RuntimeError(
+            "the pushfw action needs pushfw (python_path = its virtualenv) or redis-py "
+            f"(apt-get install python3-redis) in fail2ban's Python {sys.version.split()[0]} "
+            f"({why_not_pushfw}redis-py: {exc})"
+        ) from exc
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    names = tuple(filter(None, (t.strip() for t in value.split(","))))
+    return () if names in ((), ("*",)) else names
+
+
+class Action(ActionBase):  # type: ignore[misc]
+    """The pushfw action of one jail: one Redis connection, one command per ban or unban."""
+
+    def __init__(self, jail: Any, name: str, **options: str) -> None:
+        super().__init__(jail, name)
+        self._sender: Sender | None = None
+        self._unban_on_stop = False
+        self._broken = ""
+        self._configure(options)
+
+    def _configure(self, options: dict[str, str]) -> None:
+        # An exception here would stop the whole fail2ban-server, the host's own firewall
+        # actions too: log it, and let every ban of this action fail with it instead.
+        try:
+            self._setup(options)
+            self._broken = ""
+        except (ImportError, RuntimeError, ValueError) as exc:
+            self._broken = f"pushfw action not configured: {exc}"
+            self._logSys.error("[%s] %s", self._jail.name, self._broken)
+
+    def _setup(self, options: dict[str, str]) -> None:
+        unknown = set(options) - set(DEFAULTS) - BANACTION_OPTIONS
+        if unknown:
+            self._logSys.warning("pushfw action: unknown options ignored: %s", sorted(unknown))
+        environ = {
+            "redis_url": os.environ.get("PUSHFW_REDIS_URL", ""),
+            "key_prefix": os.environ.get("PUSHFW_KEY_PREFIX", ""),
+        }
+        opts = {**DEFAULTS, **{k: v for k, v in environ.items() if v}}
+        opts.update((k, str(v)) for k, v in options.items())
+        self._unban_on_stop = _flag("unban_on_stop", opts["unban_on_stop"])
+        add_python_path(opts["python_path"])
+        sender = make_sender(
+            opts["client"].strip().lower(),
+            opts["redis_url"],
+            opts["key_prefix"],
+            _targets(opts["target"]),
+            f"fail2ban {self._jail.name}",
+            float(opts["redis_timeout"]),
+        )
+        if self._sender is not None:
+            self._sender.close()
+        self._sender = sender
+
+    @property
+    def sender(self) -> Sender:
+        if self._broken or self._sender is None:
+            raise RuntimeError(self._broken or "pushfw action: no sender")
+        return self._sender
+
+    def start(self) -> None:
+        if self._broken:
+            return
+        try:
+            self.sender.ping()
+            self._logSys.info("pushfw action: Redis answers (client %s)", self.sender.name)
+        except Exception as exc:  # fail2ban keeps the jail; every ban will retry Redis
+            self._logSys.warning("pushfw action: Redis does not answer yet: %s", exc)
+
+    def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+
+    def ban(self, aInfo: Any) -> None:
+        ttl_s = remaining_s(int(aInfo["bantime"]), float(aInfo["time"]), MyTime.time())
+        if ttl_s == 0:
+            self._logSys.info("pushfw action: the ban of %s is over already", aInfo["ip"])
+            return
+        self.sender.send("drop.insert", str(aInfo["ip"]), ttl_s)
+
+    def reban(self, aInfo: Any) -> None:
+        self.ban(aInfo)
+
+    @property
+    def _prolongable(self) -> bool:
+        return True  # bantime.increment: a longer ban is the same drop with a longer ttl
+
+    def prolong(self, aInfo: Any) -> None:
+        self.ban(aInfo)
+
+    def unban(self, aInfo: Any) -> None:
+        if self._stopping():
+            if not self._unban_on_stop:
+                return
+        elif remaining_s(int(aInfo["bantime"]), float(aInfo["time"]), MyTime.time()) == 0:
+            return  # over: the ttl ended it in pushfw; a delete could end a newer ban
+        self.sender.send("drop.delete", str(aInfo["ip"]), None)
+
+    def flush(self) -> bool:
+        """fail2ban's flush (on stop, on "unban --all", when a reload drops this action):
+        True means done, so fail2ban calls no ``unban`` per address on this action."""
+        if self._unban_on_stop or not self._leaving():
+            return False
+        self._logSys.notice(
+            "[%s] pushfw action: leaving the bans in pushfw, they end with their ttl",
+            self._jail.name,
+        )
+        return True
+
+    # fail2ban keeps a Python action across "fail2ban-client reload" only if it has both.
+    def clearAllParams(self) -> None:
+        pass
+
+    def reload(self, **options: str) -> None:
+        self._configure(options)
+
+    def _stopping(self) -> bool:
+        """Whether the jail's actions thread is shutting down (fail2ban stop or restart)."""
+        return getattr(getattr(self._jail, "actions", None), "active", None) is False
+
+    def _leaving(self) -> bool:
+        # Actions.reload sets _reload_actions while it removes actions a reload left out
+        actions = getattr(self._jail, "actions", None)
+        return self._stopping() or hasattr(actions, "_reload_actions")
