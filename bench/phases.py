@@ -236,7 +236,7 @@ def _one_latency(env: BenchEnv, ip: str) -> float:
     """XADD one drop, then XREAD BLOCK on the results until this command's result is there."""
     last = _last_result_id(env)
     started = time.perf_counter()
-    cmd_id = _text(env.client.xadd(env.keys.cmd, {"op": "drop.insert", "ip": ip}))
+    cmd_id = _text(env.client.xadd(env.keys.cmd, {"op": "drop.insert", "ip": ip, "reply": "1"}))
     deadline = started + 30
     while time.perf_counter() < deadline:
         reply: Any = env.client.xread({env.keys.results: last}, block=5000)
@@ -416,7 +416,7 @@ def measure_ttl(
     """N timed drops (ttls taken in turn, seconds) to a ready worker of this backend; poll the
     kernel every ~20 ms; lag = left - expiry."""
     commands = [
-        {"op": "ttl_drop_insert", "ip": address(i), "ttl": str(ttls[i % len(ttls)])}
+        {"op": "ttl_drop_insert", "ip": address(i), "ttl": str(ttls[i % len(ttls)]), "reply": "1"}
         for i in range(n)
     ]
     offset = clock_offset_ms(env.client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ import redis
 from pushfw.producer import acl, functions
 from pushfw.producer.client import Producer, is_live, is_stale, reaches
 from pushfw.producer.contract import CommandRejected, Result
+from pushfw.producer.crowdsec import crowdsec_command
 from pushfw.producer.duration import parse_duration
 from pushfw.producer.keys import DEFAULT_PREFIX
 from pushfw.producer.records import HostStatus
@@ -87,6 +89,7 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
             "target": [t for t in opts["target"].split(",") if t.strip() not in ("", "*")],
             "reason": opts["reason"],
             "request_id": opts["request_id"],
+            "reply": opts["wait"],  # a result entry per host only when someone waits for it
         }
         if timed:
             kwargs["ttl_s"] = ttl
@@ -110,6 +113,7 @@ _push_command("drop", "drop", True, "Ban IP (address or network) on the targeted
 _push_command("accept", "accept", True, "Allow IP; an allow wins over any ban.")
 _push_command("undrop", "undrop", False, "Lift a ban.")
 _push_command("unaccept", "unaccept", False, "Withdraw an allow.")
+cli.add_command(crowdsec_command)  # pushfw crowdsec: producer/crowdsec.py
 
 
 def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, Any]) -> None:
@@ -172,9 +176,33 @@ def _no_hosts(producer: Producer) -> str:
 @click.option("--json", "json_out", is_flag=True)
 @click.pass_obj
 def results(producer: Producer, count: int, cmd_id: str | None, json_out: bool) -> None:
-    """The newest results, newest first."""
+    """The newest results, newest first; with --cmd, every host's answer to that command.
+
+    Hosts that wrote no result for it (it asked for none) show where their group stands:
+    done, pending (read, being retried) or not read yet.
+    """
+    if cmd_id is None:
+        _show(_result_rows(producer.results(count)), _RESULT_COLUMNS, json_out)
+        return
+    if not _ENTRY_ID.fullmatch(cmd_id):
+        raise click.BadParameter(f"{cmd_id!r} is not a stream entry id (like 1712345678901-0)")
     rows = _result_rows(producer.results(count, cmd_id))
-    _show(rows, ["time", "host", "status", "cmd", "request_id", "detail"], json_out)
+    answered = {row["host"] for row in rows}
+    try:
+        progress = producer.progress(cmd_id)
+    except redis.exceptions.NoPermissionError:
+        progress = {}  # a producer user may not read the groups: results alone then
+    for host, where in sorted(progress.items()):
+        if host not in answered:
+            detail = "no result requested" if where == "done" else ""
+            rows.append(
+                {"time": "", "host": host, "status": where, "cmd": cmd_id, "detail": detail}
+            )
+    _show(rows, _RESULT_COLUMNS, json_out)
+
+
+_RESULT_COLUMNS = ["time", "host", "status", "cmd", "request_id", "detail"]
+_ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 
 @cli.command()

@@ -33,6 +33,11 @@ class DeadLetter:
     fields: dict[str, str]
 
 
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _stream_id_before(entry_id: str) -> str:
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq) - 1}" if seq and int(seq) > 0 else f"{max(int(ms) - 1, 0)}"
@@ -65,6 +70,10 @@ class Producer:
         prefix: the key prefix the workers use.
         hmac_key: the key shared with the workers; when set, every command carries ``ts``
             (this host's clock, unix ms) and ``sig`` (see :func:`~.contract.signature`).
+
+    Every sending method takes ``reply`` (default True): ask each host for a result entry,
+    which :meth:`wait` reads. Bulk senders pass False; hosts then only count the command in
+    their heartbeats (results of rejected and failed commands are written anyway).
     """
 
     def __init__(
@@ -100,8 +109,11 @@ class Producer:
         target: Iterable[str],
         reason: str,
         request_id: str,
+        reply: bool,
     ) -> str:
         fields = {"op": op, "ip": ip, "reason": reason, "request_id": request_id}
+        if reply:
+            fields["reply"] = "1"
         if ttl_s is not None:
             fields["ttl"] = str(ttl_s)
         if names := ",".join(target):
@@ -116,9 +128,10 @@ class Producer:
         target: Iterable[str] = (),
         reason: str = "",
         request_id: str = "",
+        reply: bool = True,
     ) -> str:
         """Ban ``ip`` (an address or network), for ``ttl_s`` seconds or for good."""
-        return self._command("drop.insert", ip, ttl_s, target, reason, request_id)
+        return self._command("drop.insert", ip, ttl_s, target, reason, request_id, reply)
 
     def accept(
         self,
@@ -128,21 +141,34 @@ class Producer:
         target: Iterable[str] = (),
         reason: str = "",
         request_id: str = "",
+        reply: bool = True,
     ) -> str:
         """Allow ``ip``; an accept wins over any drop."""
-        return self._command("accept.insert", ip, ttl_s, target, reason, request_id)
+        return self._command("accept.insert", ip, ttl_s, target, reason, request_id, reply)
 
     def undrop(
-        self, ip: str, *, target: Iterable[str] = (), reason: str = "", request_id: str = ""
+        self,
+        ip: str,
+        *,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+        reply: bool = True,
     ) -> str:
         """Lift a ban."""
-        return self._command("drop.delete", ip, None, target, reason, request_id)
+        return self._command("drop.delete", ip, None, target, reason, request_id, reply)
 
     def unaccept(
-        self, ip: str, *, target: Iterable[str] = (), reason: str = "", request_id: str = ""
+        self,
+        ip: str,
+        *,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+        reply: bool = True,
     ) -> str:
         """Withdraw an allow."""
-        return self._command("accept.delete", ip, None, target, reason, request_id)
+        return self._command("accept.delete", ip, None, target, reason, request_id, reply)
 
     def wait(self, cmd_id: str, expect: int = 1, timeout_s: float = 10.0) -> list[Result]:
         """Block until ``expect`` hosts reported on ``cmd_id`` or the timeout passes."""
@@ -169,15 +195,54 @@ class Producer:
         return list(found.values())
 
     def results(self, count: int = 20, cmd_id: str | None = None) -> list[Result]:
-        """The newest results, newest first; only those of ``cmd_id`` if given."""
-        rows = cast(
-            list[Any],
-            self.client.xrevrange(self.keys.results, count=count * (1 if cmd_id is None else 50)),
-        )
-        out = [Result.from_entry(eid, fields) for eid, fields in rows]
-        if cmd_id is not None:
-            out = [r for r in out if r.cmd == cmd_id]
-        return out[:count]
+        """The newest results, newest first; with ``cmd_id``, every result of that command.
+
+        A command's results come after it, so they are read from its id on, in pages: the
+        whole results stream is searched, not only its newest entries.
+        """
+        if cmd_id is None:
+            rows = cast(list[Any], self.client.xrevrange(self.keys.results, count=count))
+            return [Result.from_entry(eid, fields) for eid, fields in rows]
+        start = cmd_id if _order(cmd_id)[0] <= self.now_ms() else "-"  # "-": an id ahead
+        found: list[Result] = []
+        while True:
+            page = cast(list[Any], self.client.xrange(self.keys.results, start, "+", 1000))
+            found.extend(
+                Result.from_entry(eid, fields)
+                for eid, fields in page
+                if fields.get("cmd") == cmd_id
+            )
+            if len(page) < 1000:
+                break
+            start = f"({page[-1][0]}"
+        return found[::-1][:count]
+
+    def progress(self, cmd_id: str) -> dict[str, str]:
+        """Where each host's group stands with ``cmd_id``: ``done``, ``pending`` or ``not read``.
+
+        Read from the groups themselves, so it answers also for commands that asked for no
+        result entry (a producer ACL user may not read them: NoPermissionError).
+        """
+        try:
+            groups = cast(list[Any], self.client.xinfo_groups(self.keys.cmd))
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.ResponseError:  # no command stream yet
+            return {}
+        order = _order(cmd_id)
+        out: dict[str, str] = {}
+        for group in groups:
+            name = str(group["name"])
+            if not name.startswith("host:"):
+                continue
+            if _order(str(group["last-delivered-id"])) < order:
+                out[name.removeprefix("host:")] = "not read"
+                continue
+            held = cast(
+                list[Any], self.client.xpending_range(self.keys.cmd, name, cmd_id, cmd_id, 1)
+            )
+            out[name.removeprefix("host:")] = "pending" if held else "done"
+        return out
 
     def dead(self, count: int = 20) -> list[DeadLetter]:
         """The newest dead letters, newest first."""

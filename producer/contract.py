@@ -141,6 +141,9 @@ class Command(BaseModel):
     reason: Annotated[str, Field(max_length=MAX_REASON_LEN)] = ""
     request_id: Annotated[str, Field(max_length=MAX_REQUEST_ID_LEN)] = ""
     origin: str = ""
+    reply: bool = False
+    """Ask every host for a result entry (a ``request_id`` asks too; rejected and failed
+    commands always get one). Without it a host only counts the command in its heartbeat."""
 
     @field_validator("op", mode="before")
     @classmethod
@@ -194,6 +197,18 @@ class Command(BaseModel):
             raise ValueError("must be printable ASCII without spaces")
         return value
 
+    @field_validator("reply", mode="before")
+    @classmethod
+    def _reply(cls, value: object) -> object:
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in _YES:
+                return True
+            if word in _NO:
+                return False
+            raise ValueError(f"{value[:20]!r} is not 1/yes/true or 0/no/false")
+        return value
+
     @field_validator("origin")
     @classmethod
     def _origin(cls, value: str) -> str:
@@ -217,6 +232,11 @@ class Command(BaseModel):
     def is_insert(self) -> bool:
         return self.op.is_insert
 
+    @property
+    def wants_result(self) -> bool:
+        """The producer asked for a per-host result entry."""
+        return self.reply or bool(self.request_id)
+
     def targets(self, host: str, labels: frozenset[str]) -> bool:
         """Whether a host with this name and these labels is meant by ``target``."""
         return not self.target or any(t == host or t in labels for t in self.target)
@@ -231,6 +251,8 @@ class Command(BaseModel):
         for name in ("reason", "request_id", "origin"):
             if value := getattr(self, name):
                 fields[name] = value
+        if self.reply:
+            fields["reply"] = "1"
         return fields
 
 
@@ -246,7 +268,10 @@ _WIRE_TO_MODEL = {
     "reason": "reason",
     "request_id": "request_id",
     "origin": "origin",
+    "reply": "reply",
 }
+_YES = frozenset({"1", "yes", "true", "on"})
+_NO = frozenset({"", "0", "no", "false", "off"})
 
 
 def _decode_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
@@ -302,7 +327,8 @@ def parse_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Command:
 
 
 SIGNED_FIELDS = ("ip", "op", "origin", "reason", "request_id", "target", "ts", "ttl")
-"""The fields a signature covers: every known field, plus ``ts``; never ``sig`` itself."""
+"""The fields a signature covers: every known field but ``reply`` (which only asks for result
+entries), plus ``ts``; never ``sig`` itself."""
 
 
 def _wire_items(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[bytes, bytes]:

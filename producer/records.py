@@ -103,6 +103,11 @@ class HostStatus(BaseModel):
     """What keeps a role of this worker from doing its job (a failing scheduler, reconcile)."""
     ids_ahead: int = 0
     """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
+    done_id: str = ""
+    """The newest command this host has answered and acknowledged."""
+    counts: dict[str, int] = {}
+    """Commands this host answered since it started, by status: its progress, also for
+    commands that asked for no result entry."""
     roles: dict[str, RoleState] = {}
     """Each role's health: startup, applier, ledger, expiry, reconcile, heartbeat, trimming, ..."""
 

@@ -90,9 +90,9 @@ def test_one_commit_per_batch(r, redis_server, producer):
 def test_invalid_entries_are_rejected_and_acked_without_harm(r, redis_server, producer):
     worker = make_worker(redis_server)
     bad = [
-        r.xadd(CMD, {"op": "drop.insert", "ip": "1.2.3.4; reboot"}),
-        r.xadd(CMD, {"op": "drop.insert", "ip": b"\xff\xfe"}),
-        r.xadd(CMD, {"op": "explode", "ip": "192.0.2.1"}),
+        r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": "1.2.3.4; reboot"}),
+        r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": b"\xff\xfe"}),
+        r.xadd(CMD, {"reply": "1", "op": "explode", "ip": "192.0.2.1"}),
         r.xadd(CMD, {"ip": "192.0.2.1"}),
     ]
     good = producer.drop("192.0.2.9")
@@ -110,8 +110,8 @@ def test_invalid_entries_are_rejected_and_acked_without_harm(r, redis_server, pr
 
 def test_protected_networks_are_never_dropped(r, redis_server, producer):
     worker = make_worker(redis_server, protect="203.0.113.128/25")
-    loop = r.xadd(CMD, {"op": "drop.insert", "ip": "127.0.0.1"})
-    everything = r.xadd(CMD, {"op": "drop.insert", "ip": "0.0.0.0/0"})
+    loop = r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": "127.0.0.1"})
+    everything = r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": "0.0.0.0/0"})
     configured = producer.drop("203.0.113.0/24")
     allowed = producer.accept("127.0.0.1")
     worker.run(burst=True)
@@ -141,7 +141,9 @@ def test_target_selects_hosts_by_name_or_label(r, redis_server, producer):
 def test_command_past_its_expiry_is_reported_expired(r, redis_server):
     """Expiry is absolute: the entry id's time plus ttl; a late host applies nothing."""
     worker = make_worker(redis_server)
-    old = r.xadd(CMD, {"op": "ttl_drop_insert", "ip": "192.0.2.1", "ttl": "60"}, id="1000-0")
+    old = r.xadd(
+        CMD, {"reply": "1", "op": "ttl_drop_insert", "ip": "192.0.2.1", "ttl": "60"}, id="1000-0"
+    )
     worker.run(burst=True)
     assert results_by_cmd(r)[old.decode()]["status"] == "expired"
     assert worker.backend.snapshot() == {}

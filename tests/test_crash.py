@@ -28,7 +28,7 @@ def push(
     for first in range(start, stop, chunk):
         pipe = client.pipeline(transaction=False)
         for i in range(first, min(first + chunk, stop)):
-            pipe.xadd(CMD, {"op": "drop_insert", "ip": address(i)})
+            pipe.xadd(CMD, {"op": "drop_insert", "ip": address(i), "reply": "1"})
         pipe.execute()
         time.sleep(pause_s)
     client.close()

@@ -82,7 +82,7 @@ def test_injection_attempt_is_rejected_with_no_side_effect(
         "`id`",
         "192.0.2.2 } ; flush ruleset ; add element inet pushfw drop4 { 1.1.1.1",
     ]
-    ids = [r.xadd(CMD, {"op": "drop_insert", "ip": ip}).decode() for ip in attempts]
+    ids = [r.xadd(CMD, {"reply": "1", "op": "drop_insert", "ip": ip}).decode() for ip in attempts]
     for cmd_id in ids:
         assert status_of(producer, cmd_id) == "rejected"
     assert fw.dump() == before
@@ -92,7 +92,7 @@ def test_protected_network_refused(netns, backend, spawn_worker, producer, r):
     fw = Firewall(netns, backend)
     spawn_worker(netns, backend=backend, protect="192.0.2.0/24").start()
     for ip in ("127.0.0.1", "127.0.0.0/8", "::1", "192.0.2.77", "0.0.0.0/0", "::ffff:127.0.0.1"):
-        cmd_id = r.xadd(CMD, {"op": "DROP_INSERT", "ip": ip}).decode()
+        cmd_id = r.xadd(CMD, {"reply": "1", "op": "DROP_INSERT", "ip": ip}).decode()
         results = producer.wait(cmd_id)
         assert results and results[0].status.value == "rejected", ip
         assert "protected" in results[0].detail
@@ -103,7 +103,9 @@ def test_protected_network_refused(netns, backend, spawn_worker, producer, r):
 def test_timed_rule_leaves_the_kernel_on_time(netns, backend, spawn_worker, producer, r):
     fw = Firewall(netns, backend)
     spawn_worker(netns, backend=backend).start()
-    cmd_id = r.xadd(CMD, {"op": "TTL_DROP_INSERT", "ip": "192.0.2.9", "ttl": "2"}).decode()
+    cmd_id = r.xadd(
+        CMD, {"reply": "1", "op": "TTL_DROP_INSERT", "ip": "192.0.2.9", "ttl": "2"}
+    ).decode()
     assert status_of(producer, cmd_id) == "applied"
     expires_ms = int(cmd_id.split("-")[0]) + 2000
     assert fw.rules() == {("drop", "192.0.2.9/32"): expires_ms}

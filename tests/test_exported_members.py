@@ -19,6 +19,7 @@ MODULES_WITH_ALL = [
     "pushfw.producer.acl",
     "pushfw.producer.client",
     "pushfw.producer.connection",
+    "pushfw.producer.crowdsec",
     "pushfw.producer.contract",
     "pushfw.producer.duration",
     "pushfw.producer.functions",
@@ -31,6 +32,7 @@ MODULES_WITH_ALL = [
     "pushfw.worker.metrics",
     "pushfw.worker.notify",
     "pushfw.worker.settings_doc",
+    "pushfw.worker.supervisor",
 ]
 
 

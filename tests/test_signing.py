@@ -73,7 +73,17 @@ def test_the_documented_rule_reproduces_the_producers_signature(r, redis_server)
     )
     [(_, raw)] = r.xrange(CMD, cmd_id, cmd_id)
     fields = {k.decode(): v.decode() for k, v in raw.items()}
-    assert set(fields) == {"op", "ip", "ttl", "target", "reason", "request_id", "ts", "sig"}
+    assert set(fields) == {
+        "op",
+        "ip",
+        "ttl",
+        "target",
+        "reason",
+        "request_id",
+        "reply",
+        "ts",
+        "sig",
+    }
     assert abs(int(fields["ts"]) - int(cmd_id.split("-")[0])) < 5000
     assert fields["sig"] == documented_signature(fields, KEY)
     assert signature(fields, KEY) == fields["sig"]
@@ -85,13 +95,15 @@ def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server)
     worker = make_worker(redis_server, require_signature=True)
     producer = Producer.from_url(redis_server.url, hmac_key=KEY)
     good = producer.drop("192.0.2.1", reason="signed")
-    unsigned = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.2"}).decode()
+    unsigned = r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": "192.0.2.2"}).decode()
     tampered_fields = signed({"op": "drop.insert", "ip": "192.0.2.3"})
-    tampered = r.xadd(CMD, {**tampered_fields, "ip": "192.0.2.4"}).decode()
+    tampered = r.xadd(CMD, {"reply": "1", **tampered_fields, "ip": "192.0.2.4"}).decode()
     added = signed({"op": "drop.insert", "ip": "192.0.2.5"})
-    added_reason = r.xadd(CMD, {**added, "REASON": "slipped in"}).decode()
+    added_reason = r.xadd(CMD, {"reply": "1", **added, "REASON": "slipped in"}).decode()
     no_ts = {"op": "drop.insert", "ip": "192.0.2.6"}
-    without_ts = r.xadd(CMD, {**no_ts, "sig": documented_signature(no_ts, KEY)}).decode()
+    without_ts = r.xadd(
+        CMD, {"reply": "1", **no_ts, "sig": documented_signature(no_ts, KEY)}
+    ).decode()
     now_ms = int(time.time() * 1000)
     stale = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.7"}, now_ms - 301_000))
     future = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.8"}, now_ms + 301_000))
@@ -119,8 +131,10 @@ def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server)
 
 def test_a_key_without_require_takes_unsigned_but_not_badly_signed(r, redis_server):
     worker = make_worker(redis_server, signature_window=60)
-    unsigned = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.1"}).decode()
-    bad = r.xadd(CMD, {**signed({"op": "drop.insert", "ip": "192.0.2.2"}), "sig": "0" * 64})
+    unsigned = r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": "192.0.2.1"}).decode()
+    bad = r.xadd(
+        CMD, {"reply": "1", **signed({"op": "drop.insert", "ip": "192.0.2.2"}), "sig": "0" * 64}
+    )
     stale = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.3"}, 1))
     worker.run(burst=True)
     assert status(r, unsigned) == ("applied", "inserted")
@@ -133,7 +147,9 @@ def test_no_key_ignores_signatures(r, redis_server):
     settings = WorkerSettings(redis_url=redis_server.url, host_name="h1", backend="memory")
     worker = Worker(settings, backend=MemoryBackend())
     worker.setup()
-    bad = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.2", "sig": "nonsense", "ts": "x"})
+    bad = r.xadd(
+        CMD, {"reply": "1", "op": "drop.insert", "ip": "192.0.2.2", "sig": "nonsense", "ts": "x"}
+    )
     worker.run(burst=True)
     assert status(r, bad.decode()) == ("applied", "inserted")
 
@@ -147,7 +163,9 @@ def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_serv
     assert {status(r, ban)[0], status(r, timed)[0]} == {"applied"}
 
     # anyone who can XADD can write what the scheduler writes: it must not lift the ban
-    forged = r.xadd(CMD, {"op": "drop.delete", "ip": "198.51.100.7", "origin": "ttl"}).decode()
+    forged = r.xadd(
+        CMD, {"reply": "1", "op": "drop.delete", "ip": "198.51.100.7", "origin": "ttl"}
+    ).decode()
     worker.run(burst=True)
     assert status(r, forged) == ("rejected", FORGED_EXPIRY)
     assert key("drop", "198.51.100.7") in worker.backend.snapshot()
@@ -162,7 +180,8 @@ def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_serv
     # process the delete before this host's own timer removes the rule: the delete does it
     assert key("drop", "198.51.100.8") in worker.backend.snapshot()
     worker.applier.process(worker.applier.stream.read(">", 10, None))
-    assert status(r, expiry) == ("applied", "deleted")
+    assert worker.applier.counts["applied"] == 3, "the ban, the timed one and its expiry"
+    assert expiry not in results_by_cmd(r), "the scheduler's deletes ask no result"
     assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}
     assert [rec.network for rec in producer.rules()] == ["198.51.100.7/32"]
 
@@ -216,7 +235,9 @@ def test_signature_checks_do_not_need_the_ledger_for_signed_expiries(r, redis_se
     worker = make_worker(redis_server, require_signature=True)
     producer = Producer.from_url(redis_server.url, hmac_key=KEY)
     producer.drop("192.0.2.1")
-    delete = r.xadd(CMD, signed({"op": "drop.delete", "ip": "192.0.2.1", "origin": "ttl"}))
+    delete = r.xadd(
+        CMD, {**signed({"op": "drop.delete", "ip": "192.0.2.1", "origin": "ttl"}), "reply": "1"}
+    )
     worker.run(burst=True)
     assert status(r, delete.decode()) == ("applied", "deleted")
     producer.client.close()

@@ -24,6 +24,7 @@ from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.contract import Command, CommandRejected, Status
 from pushfw.producer.records import RuleRecord
+from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.clock import Clock
@@ -107,6 +108,18 @@ def _superseding(
     return None
 
 
+def _is_expiry(answer: Answer) -> bool:
+    cmd = answer.command
+    return cmd is not None and cmd.origin == "ttl" and not cmd.is_insert
+
+
+def _wants_result(answer: Answer) -> bool:
+    """Results on request: for commands that ask, and always for rejected and failed ones."""
+    if answer.status in (Status.REJECTED, Status.FAILED):
+        return True
+    return answer.command is not None and answer.command.wants_result
+
+
 def _request_id(request: Request) -> str:
     return request.command.request_id if request.command is not None else ""
 
@@ -150,6 +163,10 @@ class Applier:
         self._failing: set[str] = set()  # entries left pending to retry: logged once, not per try
         self._busy: Counter[str] = Counter()  # deliveries a busy kernel cost, per entry
         self._high_water = (0, 0)
+        self.done_id = ""
+        """The newest entry this host has answered and acknowledged (for the heartbeat)."""
+        self.counts: Counter[str] = Counter()
+        """Commands this host answered since it started, by status (for the heartbeat)."""
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
 
@@ -194,7 +211,7 @@ class Applier:
             self.expiry.retry(due, delay_ms=1000)
             return 0
         expiries = [r.expires_ms for r in due if r.expires_ms is not None]
-        logger.info("expired %d rules (oldest %d ms late)", len(due), now - min(expiries))
+        logger.info("expired %s (oldest %d ms late)", plural(len(due), "rule"), now - min(expiries))
         self.metrics.expired(expiries, self.now_ms())
         return len(due)
 
@@ -277,8 +294,13 @@ class Applier:
         final = self._apply(decided)
         final = self._finish(final)
         self.metrics.batch(final, time.perf_counter() - started, self.now_ms())
-        tally = Counter(a.status.value if a.status else "retry" for a in final if a.report)
-        logger.info(
+        reported = [a for a in final if a.report]
+        tally = Counter(a.status.value if a.status else "retry" for a in reported)
+        # The scheduler's delete of a rule this host already removed on its own clock is
+        # the usual end of a ban: the expiry was logged once already.
+        echo = all(a.status is Status.UNCHANGED and _is_expiry(a) for a in reported)
+        logger.log(
+            logging.DEBUG if echo else logging.INFO,
             "batch of %d (%s..%s) in %.1f ms: %s",
             len(entries),
             entries[0].id,
@@ -447,12 +469,17 @@ class Applier:
             self._busy.pop(answer.entry.id, None)
         self.stream.finish(
             [a.entry.id for a in done],
-            [self._result_fields(a) for a in done if a.report],
+            [self._result_fields(a) for a in done if a.report and _wants_result(a)],
             dead,
             self.settings.results_maxlen,
             self.settings.dead_maxlen,
         )
         self.metrics.dead_letters.inc(len(dead))
+        if done:
+            newest = max(done, key=lambda a: a.entry.order).entry
+            if not self.done_id or newest.order > stream_id_order(self.done_id):
+                self.done_id = newest.id
+            self.counts.update(a.status.value for a in done if a.report and a.status is not None)
         return answers
 
     def _schedule_retry(self) -> None:

@@ -357,6 +357,8 @@ class Worker:
                 problems=self._problems(),
                 ids_ahead=self.ledger.clock.stamped,
                 roles=self.supervisor.states(),
+                done_id=self.applier.done_id,
+                counts=dict(self.applier.counts),
             ),
         )
         for role, health in self.supervisor.roles.items():

@@ -21,6 +21,8 @@ from typing import TypeVar
 from pushfw.producer.records import RoleState
 from pushfw.worker.backoff import Backoff
 
+__all__ = ["ROLES", "RoleHealth", "Supervisor"]
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
