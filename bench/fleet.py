@@ -1,0 +1,257 @@
+"""A fleet on one Redis: what a command costs the primary when 1,000 hosts follow the stream.
+
+Simulated hosts read their group, decide and acknowledge like a worker, without a kernel:
+each entry is parsed once per process (a worker parses once too), then every host checks
+its target, writes a result entry if the command asks for one (or was rejected), and XACKs
+in one MULTI per batch, as :meth:`pushfw.worker.stream.CommandStream.finish` does. Hosts
+beat every 5 s. Two bursts are timed, each in a Redis of its own:
+
+- ``on request``: commands without ``reply`` (results on request: hosts only count them);
+- ``every command``: each command asks (``reply 1``), i.e. one result entry per host per
+  command, as every command cost before results were on request.
+
+Per burst: seconds until every group is done, Redis CPU seconds per command (``INFO cpu``),
+Redis memory, and PING latency (p50/p99) during the burst against idle.
+
+    python -m bench.fleet                          # 1,000 hosts, 10,000 and 1,000 commands
+    python -m bench.fleet --hosts 200 --commands 5000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.typing import EncodableT, FieldT
+
+from bench.env import RedisServer
+from pushfw.producer.contract import CommandRejected, parse_command
+from pushfw.producer.keys import Keys
+from pushfw.producer.records import HostStatus
+
+KEYS = Keys()
+_BATCH = 1000
+
+
+def _address(i: int) -> str:
+    return f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"
+
+
+def _host_names(n: int) -> list[str]:
+    return [f"sim{i:04d}" for i in range(n)]
+
+
+def _answers(host: str, entries: list[Any], parsed: dict[bytes, Any]) -> list[tuple[Any, ...]]:
+    """The result entries one host writes for a batch: asked for, or rejected."""
+    out = []
+    for entry_id, fields in entries:
+        cmd = parsed.get(entry_id)
+        if cmd is None:
+            try:
+                cmd = parse_command(fields)
+            except CommandRejected as exc:
+                cmd = str(exc)
+            parsed[entry_id] = cmd
+        if isinstance(cmd, str):
+            out.append((entry_id, "rejected", cmd))
+        elif cmd.targets(host, frozenset()) and cmd.wants_result:
+            out.append((entry_id, "applied", "inserted"))
+    return out
+
+
+def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool:
+    """One batch of one host: read, decide, write results and XACK in one MULTI."""
+    group = Keys.host_group(host)
+    reply: Any = client.xreadgroup(group, host, {KEYS.cmd: ">"}, count=_BATCH)
+    if not reply:
+        return False
+    entries = reply[0][1]
+    pipe = client.pipeline(transaction=True)
+    for entry_id, status, detail in _answers(host, entries, parsed):
+        fields: dict[FieldT, EncodableT] = {
+            "cmd": entry_id,
+            "host": host,
+            "status": status,
+            "detail": detail,
+        }
+        pipe.xadd(KEYS.results, fields, maxlen=100_000, approximate=True)
+    pipe.xack(KEYS.cmd, group, *(e for e, _ in entries))
+    pipe.execute()
+    return True
+
+
+def _beat(client: redis.Redis, hosts: list[str]) -> None:
+    now_ms = int(time.time() * 1000)
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.hset(KEYS.hosts, host, HostStatus(host=host, last_seen_ms=now_ms).model_dump_json())
+    pipe.execute()
+
+
+def _simulate(url: str, hosts: list[str], stop_at: float) -> None:
+    """One process's share of the fleet: round-robin over its hosts until ``stop_at``."""
+    client = redis.Redis.from_url(url)
+    parsed: dict[bytes, Any] = {}
+    next_beat = 0.0
+    while time.time() < stop_at:
+        busy = [_serve_one(client, host, parsed) for host in hosts]
+        if time.time() >= next_beat:
+            _beat(client, hosts)
+            next_beat = time.time() + 5
+        if not any(busy):
+            time.sleep(0.01)
+    client.close()
+
+
+def _cpu_s(client: redis.Redis) -> float:
+    info: Any = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+class _Pinger(threading.Thread):
+    """PING every 10 ms from a connection of its own; latencies in ms."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.01):
+            started = time.perf_counter()
+            self.client.ping()
+            self.latencies.append((time.perf_counter() - started) * 1000)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        return {"p50_ms": values[0] if values else 0.0, "p99_ms": values[0] if values else 0.0}
+    cuts = statistics.quantiles(values, n=100)
+    return {"p50_ms": statistics.median(values), "p99_ms": cuts[98]}
+
+
+def burst(hosts: int, commands: int, reply: bool, processes: int) -> dict[str, Any]:
+    """One burst in a Redis of its own; returns its figures."""
+    with tempfile.TemporaryDirectory(prefix="pushfw-fleet-") as tmp:
+        server = RedisServer(Path(tmp))
+        server.start()
+        url = server.unix_url
+        client = redis.Redis.from_url(url)
+        try:
+            client.xgroup_create(KEYS.cmd, Keys.LEDGER_GROUP, id="$", mkstream=True)
+            names = _host_names(hosts)
+            pipe = client.pipeline(transaction=False)
+            for name in names:
+                pipe.xgroup_create(KEYS.cmd, Keys.host_group(name), id="$")
+            pipe.execute()
+            pinger = _Pinger(url)
+            pinger.start()
+            time.sleep(1.0)
+            idle = _percentiles(pinger.latencies)
+            pinger.latencies.clear()
+            stop_at = time.time() + 3600
+            shares = [names[i::processes] for i in range(processes)]
+            procs = [
+                multiprocessing.Process(target=_simulate, args=(url, share, stop_at))
+                for share in shares
+            ]
+            for proc in procs:
+                proc.start()
+            time.sleep(1.0)  # the hosts' first beats
+            used_before = int(client.info("memory")["used_memory"])
+            cpu_before = _cpu_s(client)
+            started = time.perf_counter()
+            pipe = client.pipeline(transaction=False)
+            for i in range(commands):
+                fields = {"op": "drop.insert", "ip": _address(i)}
+                if reply:
+                    fields["reply"] = "1"
+                pipe.xadd(KEYS.cmd, fields)  # type: ignore[arg-type]
+                if len(pipe) >= 1000:
+                    pipe.execute()
+            pipe.execute()
+            while not _fleet_done(client, names):
+                time.sleep(0.5)
+            seconds = time.perf_counter() - started
+            cpu = _cpu_s(client) - cpu_before
+            used_after = int(client.info("memory")["used_memory"])
+            pinger.stop.set()
+            pinger.join(timeout=5)
+            during = _percentiles(pinger.latencies)
+            for proc in procs:
+                proc.terminate()
+                proc.join(timeout=10)
+            return {
+                "hosts": hosts,
+                "commands": commands,
+                "results": "every command" if reply else "on request",
+                "seconds": seconds,
+                "commands_per_s": commands / seconds,
+                "redis_cpu_s": cpu,
+                "redis_cpu_ms_per_command": cpu / commands * 1000,
+                "redis_memory_delta_mb": (used_after - used_before) / 2**20,
+                "results_entries": int(client.xlen(KEYS.results)),
+                "ping_idle": idle,
+                "ping_during": during,
+            }
+        finally:
+            client.close()
+            server.stop()
+
+
+def _fleet_done(client: redis.Redis, names: list[str]) -> bool:
+    """Every simulated host's group has delivered and acknowledged the whole stream."""
+    rows: Any = client.xinfo_groups(KEYS.cmd)
+    mine = {r["name"].decode(): r for r in rows if r["name"].decode().startswith("host:")}
+    return len(mine) == len(names) and all(
+        int(r["lag"] or 0) == 0 and int(r["pending"]) == 0 for r in mine.values()
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--commands", type=int, default=10_000, help="the on-request burst")
+    parser.add_argument(
+        "--commands-with-results", type=int, default=1000, help="the every-command burst"
+    )
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = []
+    for reply, commands in ((False, args.commands), (True, args.commands_with_results)):
+        label = "every command" if reply else "on request"
+        print(
+            f"fleet: {args.hosts} hosts, {commands} commands, results {label} ...", file=sys.stderr
+        )
+        rows.append(burst(args.hosts, commands, reply, args.processes))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        f"{'RESULTS':14} {'HOSTS':>5} {'CMDS':>6} {'SECONDS':>8} {'CMD/S':>8} "
+        f"{'REDIS_CPU_MS/CMD':>16} {'RESULT_ENTRIES':>14} {'MEM_MB':>7} "
+        f"{'PING_P99_IDLE':>13} {'PING_P99_BURST':>14}"
+    )
+    for row in rows:
+        print(
+            f"{row['results']:14} {row['hosts']:>5} {row['commands']:>6} {row['seconds']:>8.1f} "
+            f"{row['commands_per_s']:>8.0f} {row['redis_cpu_ms_per_command']:>16.3f} "
+            f"{row['results_entries']:>14} {row['redis_memory_delta_mb']:>7.1f} "
+            f"{row['ping_idle']['p99_ms']:>13.2f} {row['ping_during']['p99_ms']:>14.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
