@@ -15,6 +15,7 @@ from typing import Any
 
 from pushfw.producer import Producer
 from pushfw.worker import Worker
+from pushfw.worker.backoff import Backoff
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, wait_for
 from tests.kernel import Firewall
 from tests.test_applier import key
@@ -138,3 +139,12 @@ def test_a_start_that_fails_is_retried_and_says_why_meanwhile(
         assert key("drop", "192.0.2.42") in worker.backend.snapshot()
     assert failures(worker, "startup") == 2
     assert any(p and p[0].startswith("startup: failing since ") for p in seen), seen
+
+
+def test_retry_delays_double_within_their_upper_half_up_to_the_cap():
+    backoff = Backoff(0.1, 0.8)
+    ceilings = [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]
+    delays = [backoff.next_delay_s() for _ in ceilings]
+    assert all(c / 2 <= d <= c for c, d in zip(ceilings, delays, strict=True)), delays
+    backoff.reset()
+    assert 0.05 <= backoff.next_delay_s() <= 0.1

@@ -1,24 +1,35 @@
-"""Exponential backoff with jitter, so many workers do not retry in step."""
+"""Exponential backoff with jitter, so many workers do not retry in step.
+
+The delays are redis-py's :class:`~redis.backoff.EqualJitterBackoff` (``base_s * 2**n``
+capped at ``max_s``, drawn from the upper half of that); this only counts the attempts, so
+each loop that retries keeps its own streak.
+"""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
+
+from redis.backoff import EqualJitterBackoff
+
+__all__ = ["Backoff"]
 
 
 @dataclass
 class Backoff:
-    """Delays of ``base_s * 2**n`` capped at ``max_s``, each drawn from the upper half of that."""
+    """One retry streak: each :meth:`next_delay_s` waits longer, :meth:`reset` starts over."""
 
     base_s: float = 0.2
     max_s: float = 30.0
     attempts: int = 0
-    _rng: random.Random = field(default_factory=random.Random, repr=False)
+    _delays: EqualJitterBackoff = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._delays = EqualJitterBackoff(cap=self.max_s, base=self.base_s)
 
     def next_delay_s(self) -> float:
-        ceiling = min(self.max_s, self.base_s * 2**self.attempts)
+        delay = self._delays.compute(self.attempts)
         self.attempts += 1
-        return self._rng.uniform(ceiling / 2, ceiling)
+        return delay
 
     def reset(self) -> None:
         self.attempts = 0
