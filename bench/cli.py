@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import baseline, limits, phases
+from bench import baseline, limits, phases, plot
 from bench.env import (
     WIDE_NET,
     BenchEnv,
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     plan.out.write_text(json.dumps(data, indent=2) + "\n")
+    svg = plot.write_svg(data, plan.out)
     sys.stdout.write(render(data))
-    progress(f"wrote {plan.out}")
+    progress(f"wrote {plan.out} and {svg.name} (python -m bench.plot redraws it)")
     return 0
