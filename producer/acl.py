@@ -56,6 +56,7 @@ _PRODUCER_READ = (
 _WORKER = (
     # its host group and the shared ledger group (stream.py, ledger.py, retention.py)
     "+xgroup|create",
+    "+xgroup|destroy",  # retention retires hosts silent past retire_after_s
     "+xreadgroup",
     "+xautoclaim",
     "+xclaim",
@@ -87,6 +88,7 @@ _WORKER = (
     "+zrangebyscore",
     "+set",  # TTL marker keys, from the fold script; the ledger's generation marker
     "+get",
+    "+exists",
     "+del",
     "+time",
     "+psubscribe",  # key-expiry events wake the scheduler
@@ -149,6 +151,7 @@ def producer_rules(
         rules += [
             f"%R~{_glob(k)}" for k in (keys.results, keys.dead, keys.rules, keys.hosts, keys.ahead)
         ]
+        rules.append(f"%R~{_glob(keys.hits(''))}*")  # pushfw list --hits: every host's hash
     rules += ["-@all", "+xadd", *_connection(db, redis_version)]
     if fcall:
         rules.append("+fcall")

@@ -12,7 +12,7 @@ import click
 import redis
 
 from pushfw.producer import acl, functions
-from pushfw.producer.client import Producer, is_live, is_stale, reaches
+from pushfw.producer.client import Producer, forget_host, is_live, is_stale, reaches
 from pushfw.producer.contract import CommandRejected, Result
 from pushfw.producer.crowdsec import crowdsec_command
 from pushfw.producer.duration import parse_duration
@@ -246,9 +246,24 @@ def _span(ms: int) -> str:
 @cli.command(name="list")
 @click.option("--host", default=None, help="Only rules that reach this host (name).")
 @click.option("--json", "json_out", is_flag=True)
+@click.option("--hits", is_flag=True, help="Packets and bytes each rule matched, per host.")
+@click.option(
+    "--top", type=click.IntRange(1, 100_000), default=None, help="With --hits: rows shown [20]."
+)
 @click.pass_obj
-def list_rules(producer: Producer, host: str | None, json_out: bool) -> None:
-    """Active rules in the ledger, with time remaining, reason and origin."""
+def list_rules(
+    producer: Producer, host: str | None, json_out: bool, hits: bool, top: int | None
+) -> None:
+    """Active rules in the ledger, with time remaining, reason and origin.
+
+    With --hits: the rules that matched the most packets, one row per rule and host, from
+    the counts each host publishes once a minute (its 1,000 busiest rules).
+    """
+    if top is not None and not hits:
+        raise click.UsageError("--top goes with --hits")
+    if hits:
+        _list_hits(producer, host, top or 20, json_out)
+        return
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
     for rec in producer.rules(host):
@@ -272,6 +287,72 @@ def list_rules(producer: Producer, host: str | None, json_out: bool) -> None:
     _show(rows, columns, json_out)
     if not json_out:
         click.echo(plural(len(rows), "active rule") + (f" for {host}" if host else ""), err=True)
+
+
+def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -> None:
+    """``pushfw list --hits``: the busiest (rule, host) pairs, most packets first."""
+    names = [h.host for h in producer.hosts() if host is None or h.host == host]
+    now_ms = producer.now_ms()
+    found = [
+        (hit, name, rule)
+        for name, counts in producer.hits(names).items()
+        for rule, hit in counts.items()
+    ]
+    found.sort(key=lambda f: (-f[0].packets, -f[0].bytes, f[1], f[2]))
+    rows: list[dict[str, object]] = []
+    for hit, name, rule in found[:top]:
+        action, _, network = rule.partition(" ")
+        when = {"ms": hit.ms} if json_out else {"read": _ago(now_ms - hit.ms)}
+        rows.append(
+            {
+                "host": name,
+                "action": action,
+                "network": network,
+                "packets": hit.packets,
+                "bytes": hit.bytes,
+                **when,
+            }
+        )
+    _show(rows, ["host", "action", "network", "packets", "bytes", "read"], json_out)
+    if not json_out:
+        shown = f"{len(rows)} of {plural(len(found), 'rule')}" if found else "no rule"
+        click.echo(
+            f"{shown} with hit counts on {plural(len(names), 'host')}"
+            " (hosts read them every 12 heartbeats: once a minute by default)",
+            err=True,
+        )
+
+
+@cli.group()
+def hosts() -> None:
+    """Manage the hosts known to this Redis (``pushfw status`` lists them)."""
+
+
+@hosts.command("forget")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Forget the host even if it is still reporting.")
+@click.pass_obj
+def hosts_forget(producer: Producer, name: str, force: bool) -> None:
+    """Retire host NAME: remove its consumer group and heartbeat.
+
+    The command stream is then trimmed without waiting for it; a worker that comes back
+    under that name starts from the ledger, as a new host does. Needs a Redis user allowed
+    XGROUP DESTROY and HDEL on pushfw's keys (not the producer user).
+    """
+    known = {h.host: h for h in producer.hosts()}
+    host = known.get(name)
+    if host is not None and is_live(host, producer.now_ms()) and not force:
+        raise click.ClickException(
+            f"host {name} is still reporting (state {host.state}): stop its worker first, "
+            "or pass --force"
+        )
+    try:
+        forgot = forget_host(producer.client, producer.keys, name)
+    except redis.exceptions.NoPermissionError as exc:
+        raise click.ClickException(f"this Redis user may not forget hosts: {exc}") from None
+    if not forgot:
+        raise click.ClickException(f"no host {name!r} is known (no heartbeat, no group)")
+    click.echo(f"forgot host {name}: its consumer group and heartbeat are removed")
 
 
 @cli.command()

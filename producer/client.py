@@ -13,9 +13,17 @@ from redis.typing import EncodableT, FieldT
 from pushfw.producer.connection import connect
 from pushfw.producer.contract import Command, Result, parse_command, signature
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
-from pushfw.producer.records import HostStatus, IdsAhead, RuleRecord
+from pushfw.producer.records import HostStatus, IdsAhead, RuleHits, RuleRecord
 
-__all__ = ["STALE_AFTER_BEATS", "DeadLetter", "Producer", "is_live", "is_stale", "reaches"]
+__all__ = [
+    "STALE_AFTER_BEATS",
+    "DeadLetter",
+    "Producer",
+    "forget_host",
+    "is_live",
+    "is_stale",
+    "reaches",
+]
 
 STALE_AFTER_BEATS = 3
 """Heartbeats a host may miss before ``pushfw status`` calls it STALE."""
@@ -41,6 +49,27 @@ def _order(entry_id: str) -> tuple[int, int]:
 def _stream_id_before(entry_id: str) -> str:
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq) - 1}" if seq and int(seq) > 0 else f"{max(int(ms) - 1, 0)}"
+
+
+def forget_host(client: redis.Redis, keys: Keys, host: str) -> bool:
+    """Destroy ``host``'s consumer group, heartbeat and hit counts; True if any existed.
+
+    The stream is then trimmed without waiting for that host; if it comes back, it finds
+    its group gone and starts from the ledger, as a new host does.
+    """
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(keys.hosts, host)
+    pipe.delete(keys.hits(host))
+    pipe.exists(keys.cmd)
+    deleted, _, stream = pipe.execute()
+    destroyed = 0
+    if stream:
+        try:
+            destroyed = int(client.xgroup_destroy(keys.cmd, Keys.host_group(host)))
+        except redis.ResponseError as exc:  # no such group
+            if "NOGROUP" not in str(exc) and "no such" not in str(exc).lower():
+                raise
+    return bool(deleted or destroyed)
 
 
 def is_stale(host: HostStatus, now_ms: int) -> bool:
@@ -294,3 +323,19 @@ class Producer:
         return sorted(
             (HostStatus.model_validate_json(v) for v in raw.values()), key=lambda h: h.host
         )
+
+    def hits(self, hosts: Iterable[str]) -> dict[str, dict[str, RuleHits]]:
+        """Each host's published hit counts: host -> rule id -> counts (its busiest rules).
+
+        One ``HGETALL`` of ``{pushfw}:hits:<host>`` per host, in one round trip.
+        https://redis.io/commands/hgetall/
+        """
+        names = list(hosts)
+        pipe = self.client.pipeline(transaction=False)
+        for host in names:
+            pipe.hgetall(self.keys.hits(host))
+        replies = cast(list[dict[str, str]], pipe.execute())
+        return {
+            host: {rule: RuleHits.model_validate_json(raw) for rule, raw in reply.items()}
+            for host, reply in zip(names, replies, strict=True)
+        }

@@ -62,6 +62,26 @@ class Keys:
         """The ledger's generation: written once, so an empty ledger is told from a lost one."""
         return f"{self.prefix}:generation"
 
+    @property
+    def tombs(self) -> str:
+        """Ledger tombstones (rule ids) scored by their entry's ms: trimming finds old ones
+        without reading the whole ledger."""
+        return f"{self.prefix}:tombs"
+
+    @property
+    def tombs_indexed(self) -> str:
+        """Set once :attr:`tombs` holds every tombstone (ledgers from before it get indexed)."""
+        return f"{self.prefix}:tombs-indexed"
+
+    @property
+    def trimming(self) -> str:
+        """Which worker trims the streams this interval: one per fleet, not one per host."""
+        return f"{self.prefix}:trimming"
+
+    def hits(self, host: str) -> str:
+        """Hash of rule id -> JSON hit counts (packets, bytes, ms) of one host's busiest rules."""
+        return f"{self.prefix}:hits:{host}"
+
     def ttl_marker(self, rule_id: str) -> str:
         """A key that expires with a timed rule, so Redis's expiry event wakes schedulers."""
         return f"{self.prefix}:ttl:{rule_id}"

@@ -1,4 +1,4 @@
-"""What the workers keep in Redis besides streams: ledger records and host heartbeats.
+"""What the workers keep in Redis besides streams: ledger records, heartbeats, hit counts.
 
 Both are JSON values in hashes, read by ``pushfw list`` / ``pushfw status`` and by every
 worker; the models here are the one definition of their shape.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["HostStatus", "IdsAhead", "RoleState", "RuleRecord", "rule_id"]
+__all__ = ["HostStatus", "IdsAhead", "RoleState", "RuleHits", "RuleRecord", "rule_id"]
 
 
 def rule_id(action: str, network: str) -> str:
@@ -120,3 +120,17 @@ class IdsAhead(BaseModel):
     max_ahead_ms: int
     first_ms: int
     last_ms: int
+
+
+class RuleHits(BaseModel):
+    """One rule's kernel counters on one host, in ``{pushfw}:hits:<host>`` (field: rule id).
+
+    The counts are the kernel's since the rule was last written there (a renewal or a
+    reconcile that rewrites it starts them again); ``ms`` is when they were read (Redis clock).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    packets: int
+    bytes: int
+    ms: int

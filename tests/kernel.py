@@ -13,7 +13,8 @@ from tests.conftest import Netns
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
 _IPSET_LINE = re.compile(
-    r'add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: comment "([^"]*)")?'
+    r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
+    r'(?: comment "([^"]*)")?'
 )
 
 

@@ -280,8 +280,12 @@ class Worker:
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(20)
-        self._log.close()
+        self.close()
         return code
+
+    def close(self) -> None:
+        if not self._log.closed:
+            self._log.close()
 
 
 @pytest.fixture
@@ -298,6 +302,7 @@ def acl_worker(acl_server, admin, tmp_path) -> Iterator[Callable[[], Worker]]:
         if worker.alive():
             worker.proc.kill()
             worker.proc.wait(10)
+        worker.close()
 
 
 def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_worker):
@@ -324,16 +329,17 @@ def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_wo
     undo = producer.undrop("2001:db8::/32")
     assert producer.wait(undo, timeout_s=15)[0].detail == "deleted"
 
-    def expiry_delete() -> str | None:
-        rows: Any = admin.xrange(CMD, f"({timed}")
-        found = [eid.decode() for eid, f in rows if f.get(b"origin") == b"ttl"]
-        return found[0] if found else None
+    def expired_by_the_scheduler() -> bool:
+        """Its claim (Lua, as the worker user) took the rule off the queue and left a ttl
+        tombstone, which a trim may already have forgotten: the stream and the ledger are
+        trimmed every 0.5 s here, so the delete entry itself may be gone when looked for."""
+        raw = admin.hget("{pushfw}:rules", "drop 192.0.2.2/32")
+        record = RuleRecord.model_validate_json(raw) if raw is not None else None
+        queued = admin.zscore("{pushfw}:expiry", "drop 192.0.2.2/32") is not None
+        return not queued and (record is None or (record.deleted and record.origin == "ttl"))
 
-    wait_for(expiry_delete, 10, "the scheduler's origin ttl delete")
-    expiry = expiry_delete()
-    assert expiry is not None
-    admin_view = Producer(redis.Redis(port=acl_server.port, decode_responses=True))
-    wait_for(lambda: admin_view.progress(expiry) == {"acl-host": "done"}, 15, "the expiry done")
+    wait_for(expired_by_the_scheduler, 15, "the scheduler to expire the timed ban")
+    wait_for(lambda: host_counts(producer) >= 5, 15, "the host to answer the scheduler's delete")
     assert [rec.network for rec in producer.rules()] == ["192.0.2.1/32"]
 
     [host] = producer.hosts()
@@ -354,6 +360,12 @@ def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_wo
     assert set(_refused(admin, WORKER_USER)) <= {"command:config|get"}, "only CONFIG"
     assert _refused(admin, PRODUCER_USER) == []
     producer.client.close()
+
+
+def host_counts(producer: Producer) -> int:
+    """Commands the host answered, by its heartbeat (the scheduler's deletes ask no result)."""
+    hosts = producer.hosts()
+    return sum(hosts[0].counts.values()) if hosts else 0
 
 
 def host_pending(producer: Producer) -> int:

@@ -25,7 +25,9 @@ from tests.conftest import Netns, need
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"pushfw-drop4", "pushfw-drop6", "pushfw-accept4", "pushfw-accept6"}
-_SAVED = re.compile(r'add (\S+) (\S+)(?: timeout (\d+))?(?: comment "([^"]*)")?')
+_SAVED = re.compile(
+    r'add (\S+) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?(?: comment "([^"]*)")?'
+)
 
 Step = list[Any]
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from pushfw.producer import Producer
@@ -20,12 +21,12 @@ def kernel_timeout_s(ns: Netns, backend: str, ip: str) -> int:
     """The timeout the kernel holds for one element, as `nft list` / `ipset list` show it."""
     if backend == "nftables":
         out = ns.run("nft", "list", "set", "inet", "pushfw", "drop4").stdout
-        marker = f"{ip} timeout "
     else:
         out = ns.run("ipset", "list", "pushfw-drop4").stdout
-        marker = f"{ip} timeout "
-    rest = out[out.index(marker) + len(marker) :]
-    digits = "".join(c for c in rest.split()[0] if c.isdigit() or c in "hms")
+    # the element, then (counters may come first) its timeout: "192.0.2.70 counter ... timeout 3s"
+    found = re.search(rf"{re.escape(ip)}\s[^,}}\n]*?timeout (\S+)", out)
+    assert found is not None, f"no timeout for {ip} in:\n{out}"
+    digits = "".join(c for c in found.group(1) if c.isdigit() or c in "hms")
     total, number = 0, ""
     for c in digits:
         if c.isdigit():

@@ -7,6 +7,8 @@ timer, decides when ``retention.trim`` runs.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -240,3 +242,120 @@ def test_a_rule_banned_again_while_trim_runs_is_not_forgotten(r, redis_server):
         if rid not in records or records[rid].deleted
     ]
     assert not lost, f"{len(lost)} re-banned rules vanished from the ledger, e.g. {lost[:3]}"
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the stats were reset (``INFO commandstats``)."""
+    stats: Any = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+def test_tombstones_are_forgotten_without_reading_the_whole_ledger(
+    r, producer: Producer, make_worker
+):
+    """O(change): a trim reads the tombstones it forgets, not the 3,000 live rules beside them."""
+    worker = make_worker("h1")
+    pipe = r.pipeline(transaction=False)
+    for i in range(3000):
+        pipe.xadd(KEYS.cmd, {"op": "drop.insert", "ip": f"10.1.{i // 250}.{i % 250}"})
+    pipe.execute()
+    for i in range(20):
+        producer.drop(f"192.0.2.{i}", reply=False)
+        producer.undrop(f"192.0.2.{i}", reply=False)
+    consume(worker)
+    assert r.zcard(KEYS.tombs) == 20, "the fold indexes each tombstone it writes"
+    do_trim(r)  # the first trim of a Redis marks the index complete (no older tombstones)
+    producer.drop("192.0.2.99", reply=False)
+    producer.undrop("192.0.2.99", reply=False)
+    consume(worker)
+    r.config_resetstat()
+    do_trim(r)
+    calls = commandstats(r)
+    assert "hscan" not in calls, f"the trim scanned a hash: {calls}"
+    tombstones = {k for k, rec in ledger_rules(r).items() if rec.deleted}
+    assert tombstones == set(), "every tombstone behind the trim point is forgotten"
+    assert len(ledger_rules(r)) == 3000
+    assert r.zcard(KEYS.tombs) == 0
+
+
+def test_a_ledger_from_before_the_tombstone_index_is_indexed_once(
+    r, producer: Producer, make_worker
+):
+    worker = make_worker("h1")
+    for i in range(10):
+        producer.drop(f"192.0.2.{i}", reply=False)
+        producer.undrop(f"192.0.2.{i}", reply=False)
+    consume(worker)
+    r.delete(KEYS.tombs, KEYS.tombs_indexed)  # as an older pushfw left it
+    do_trim(r)
+    assert not [k for k, rec in ledger_rules(r).items() if rec.deleted]
+    assert r.get(KEYS.tombs_indexed) == b"1"
+
+
+def test_one_trim_keeps_up_with_any_input_rate(r, make_worker):
+    """An approximate XTRIM removes at most 10,000 entries per call unless told otherwise."""
+    worker = make_worker("h1")
+    push_many(r, 25_000)
+    consume(worker)
+    do_trim(r)
+    assert r.xlen(KEYS.cmd) < 1000, "one trim removes everything every group is done with"
+
+
+def test_a_host_silent_past_retire_after_is_retired(r, make_worker, caplog):
+    make_worker("h1")
+    for host, age_ms in (("gone", 3_600_000), ("away", 60_000)):
+        r.xgroup_create(KEYS.cmd, Keys.host_group(host), id="$")
+        heartbeat(r, host, age_ms=age_ms)
+    trim(Ledger(r, KEYS, "trimmer"), redis_ms(r), HOST_EXPIRY_S, retire_after_s=1800)
+    groups = {g["name"].decode() for g in r.xinfo_groups(KEYS.cmd)}
+    assert groups == {"ledger", "host:h1", "host:away"}
+    assert set(r.hkeys(KEYS.hosts)) == {b"h1", b"away"}
+    assert "retired host gone, silent for 3600 s" in caplog.text
+    trim(Ledger(r, KEYS, "trimmer"), redis_ms(r), HOST_EXPIRY_S, retire_after_s=0)
+    assert {g["name"].decode() for g in r.xinfo_groups(KEYS.cmd)} == groups, "0: never"
+
+
+def test_one_worker_of_the_fleet_trims_per_interval(r, redis_server: RedisServer):
+    first = memory_worker(redis_server, "h1", trim_interval=3600)
+    second = memory_worker(redis_server, "h2", trim_interval=3600)
+    for worker in (first, second):
+        worker.setup()
+    r.config_resetstat()
+    for worker in (first, second):
+        worker._trim()
+    assert commandstats(r).get("xinfo|groups", 0) == 1, "the second worker waits its turn"
+    assert r.get(KEYS.trimming) == first.settings.consumer_name.encode()
+
+
+def pushfw(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_hosts_forget_retires_a_stopped_host_and_refuses_a_live_one(
+    r, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server, "web9")
+    worker.setup()
+    live = pushfw(redis_server, "hosts", "forget", "web9")
+    assert live.returncode == 1
+    assert live.stderr.strip().endswith(
+        "host web9 is still reporting (state running): stop its worker first, or pass --force"
+    )
+    unknown = pushfw(redis_server, "hosts", "forget", "nosuch")
+    assert (unknown.returncode, "no host 'nosuch' is known" in unknown.stderr) == (1, True)
+    worker.heartbeat("stopped")
+    done = pushfw(redis_server, "hosts", "forget", "web9")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "forgot host web9: its consumer group and heartbeat are removed\n"
+    assert "host:web9" not in {g["name"].decode() for g in r.xinfo_groups(KEYS.cmd)}
+    assert producer.hosts() == []
+
+    producer.drop("192.0.2.5", reply=False)
+    back = memory_worker(redis_server, "web9")
+    back.run(burst=True)  # a new group at the stream's head: the rule comes from the ledger
+    assert [str(k.network) for k in back.backend.snapshot()] == ["192.0.2.5/32"]

@@ -32,11 +32,13 @@ from pushfw.worker.decide import Policy
 from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
 from pushfw.worker.generation import GenerationFile, trusts_ledger
 from pushfw.worker.heartbeat import beat, group_info, pushfw_version
+from pushfw.worker.hits import HitsReader
+from pushfw.worker.hits import interval_s as hits_interval_s
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.notify import Notifier
 from pushfw.worker.protect import Protection
 from pushfw.worker.reconcile import Drift, desired_rules, reconcile
-from pushfw.worker.retention import trim
+from pushfw.worker.retention import take_turn, trim
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
@@ -123,6 +125,15 @@ class Worker:
             settings.scheduler_poll,
             self.metrics,
             self.supervisor["scheduler"],
+        )
+        self.hits = HitsReader(
+            self.client,
+            self.keys,
+            settings.host_name,
+            self.backend,
+            hits_interval_s(settings.heartbeat_interval),
+            self.metrics,
+            self.alarm.kernel,
         )
         self.started_ms = int(time.time() * 1000)
         self.last_drift: Drift | None = None
@@ -270,14 +281,13 @@ class Worker:
         if self._every("heartbeat", self.settings.heartbeat_interval):
             run("ledger", lambda: self.ledger.recover(self.settings.claim_idle_ms))
             run("heartbeat", self._check_and_beat)
+            if self._every("hits", self.hits.interval_s):
+                run("hits", self._publish_hits)
         if self.applier.drifted:
             run("reconcile", self._repair)
         self._beat_soon_if_changed()
         if self._every("trim", self.settings.trim_interval):
-            run(
-                "trimming",
-                lambda: trim(self.ledger, self.applier.now_ms(), self.settings.host_expiry),
-            )
+            run("trimming", self._trim)
         interval = self.settings.reconcile_interval
         if interval and self._every("reconcile", interval):
             run("reconcile", self.reconcile)
@@ -285,6 +295,20 @@ class Worker:
         if not applier.ready():  # no blocking read paces the loop: wait here, expiring
             self._expire_until(min(applier.retry_at, time.monotonic() + 1.0))
         return processed
+
+    def _trim(self) -> None:
+        """Trim, forget and retire, if it is this worker's turn (one worker per interval)."""
+        settings = self.settings
+        if take_turn(self.client, self.keys, settings.consumer_name, settings.trim_interval):
+            trim(self.ledger, self.applier.now_ms(), settings.host_expiry, settings.retire_after_s)
+
+    def _publish_hits(self) -> None:
+        """Per-rule hit counters to ``{pushfw}:hits:<host>``, between expiries (:mod:`.hits`)."""
+        now_ms = self.applier.now_ms()
+        if self.hits.clear(self.applier.expiry.ms_until_next(now_ms)):
+            self.hits.publish(now_ms)
+        else:
+            self._due["hits"] = time.monotonic()  # a timed rule is due: at the next heartbeat
 
     def _fold(self) -> None:
         if self._refold:

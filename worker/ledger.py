@@ -48,14 +48,14 @@ logger = logging.getLogger(__name__)
 FOLD = (
     LUA_ID_ORDER
     + """
--- KEYS: rules, expiry, then one marker key per record
+-- KEYS: rules, expiry, tombs, then one marker key per record
 -- ARGV: 4 per record: rule id, entry id, record json, expires ms or ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local changed = 0
 for i = 0, #ARGV / 4 - 1 do
   local rule, id, json, expires = ARGV[i*4+1], ARGV[i*4+2], ARGV[i*4+3], ARGV[i*4+4]
-  local marker = KEYS[i + 3]
+  local marker = KEYS[i + 4]
   local raw = redis.call('HGET', KEYS[1], rule)
   local replace = true
   if raw then
@@ -73,6 +73,12 @@ for i = 0, #ARGV / 4 - 1 do
   if replace then
     changed = changed + 1
     redis.call('HSET', KEYS[1], rule, json)
+    -- compact JSON: a top-level "deleted":true cannot occur inside a string value
+    if string.find(json, '"deleted":true', 1, true) then
+      redis.call('ZADD', KEYS[3], tonumber(string.match(id, '^(%d+)')), rule)
+    else
+      redis.call('ZREM', KEYS[3], rule)
+    end
     if expires ~= '' then
       redis.call('ZADD', KEYS[2], expires, rule)
       local left = tonumber(expires) - now
@@ -90,7 +96,7 @@ return changed
 )
 
 CLAIM = """
--- KEYS: rules, expiry, cmd, then one marker key per rule id; ARGV: rule ids
+-- KEYS: rules, expiry, cmd, tombs, then one marker key per rule id; ARGV: rule ids
 -- Returns the ids of the delete entries it added.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -114,8 +120,9 @@ for i, rule in ipairs(ARGV) do
       local id = redis.call('XADD', KEYS[3], '*', unpack(fields))
       tomb['id'] = id
       redis.call('HSET', KEYS[1], rule, cjson.encode(tomb))
+      redis.call('ZADD', KEYS[4], tonumber(string.match(id, '^(%d+)')), rule)
       redis.call('ZREM', KEYS[2], rule)
-      redis.call('DEL', KEYS[i + 3])
+      redis.call('DEL', KEYS[i + 4])
       table.insert(emitted, id)
     end
   end
@@ -124,11 +131,13 @@ return emitted
 """
 
 FORGET = """
--- KEYS: rules; ARGV: field, value, ...: delete each field that still holds that value
+-- KEYS: rules, tombs; ARGV: field, value, ...: delete each field that still holds that
+-- value, with its tombstone index entry
 local n = 0
 for i = 1, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
   end
 end
 return n
@@ -276,7 +285,9 @@ class Ledger:
                 ]
             markers = [self.keys.ttl_marker(r.rule_id) for r in chunk]
             changed += int(
-                self._fold(keys=[self.keys.rules, self.keys.expiry, *markers], args=args)
+                self._fold(
+                    keys=[self.keys.rules, self.keys.expiry, self.keys.tombs, *markers], args=args
+                )
             )
         self.client.xack(self.keys.cmd, Keys.LEDGER_GROUP, *(e.id for e in entries))
         logger.debug(
@@ -348,7 +359,7 @@ class Ledger:
         forgotten = 0
         for start in range(0, len(stale), 1000):
             args = [part for pair in stale[start : start + 1000] for part in pair]
-            forgotten += int(self._forget(keys=[self.keys.rules], args=args))
+            forgotten += int(self._forget(keys=[self.keys.rules, self.keys.tombs], args=args))
         return forgotten
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter as Tally
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -145,6 +145,24 @@ class Metrics:
             buckets=_LAG_BUCKETS,
             registry=reg,
         )
+        self.rule_hits_packets = Gauge(
+            "pushfw_rule_hits_packets",
+            "Packets the managed rules matched, summed by action (kernel counters, read every "
+            "minute; a rule's count starts again when the rule is rewritten).",
+            ["action"],
+            registry=reg,
+        )
+        self.rule_hits_bytes = Gauge(
+            "pushfw_rule_hits_bytes",
+            "Bytes the managed rules matched, summed by action (as pushfw_rule_hits_packets).",
+            ["action"],
+            registry=reg,
+        )
+        self.rule_hits_read_seconds = Gauge(
+            "pushfw_rule_hits_read_seconds",
+            "Time the last reading of the kernel's hit counters took (one dump of every rule).",
+            registry=reg,
+        )
         self._server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
         """Where ``/metrics`` is served (None: not served)."""
@@ -180,6 +198,13 @@ class Metrics:
         tally = Tally(key.action for key in rules)
         for action in Action:
             self.rules.labels(backend, action.value).set(tally[action])
+
+    def hits(self, totals: Mapping[Action, tuple[int, int]], seconds: float) -> None:
+        """One reading of the hit counters: (packets, bytes) per action, and its duration."""
+        for action, (packets, octets) in totals.items():
+            self.rule_hits_packets.labels(action.value).set(packets)
+            self.rule_hits_bytes.labels(action.value).set(octets)
+        self.rule_hits_read_seconds.set(seconds)
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve ``/metrics`` from a daemon thread; returns the bound address (port 0 works)."""

@@ -95,7 +95,8 @@ class Scheduler:
                 return next_s
             markers = [self.keys.ttl_marker(rid) for rid in ids]
             emitted: list[Any] = self._claim(
-                keys=[self.keys.rules, self.keys.expiry, self.keys.cmd, *markers], args=ids
+                keys=[self.keys.rules, self.keys.expiry, self.keys.cmd, self.keys.tombs, *markers],
+                args=ids,
             )
             self.emitted += len(emitted)
             self.metrics.scheduler_expiries.inc(len(emitted))

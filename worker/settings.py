@@ -186,6 +186,12 @@ class WorkerSettings(BaseSettings):
         description="seconds a host may stay silent before its group stops holding the command "
         "stream back",
     )
+    retire_after_s: int = Field(
+        default=7 * 86_400,
+        ge=0,
+        description="seconds a host may stay silent before it is retired: its consumer group "
+        "and heartbeat are removed and it starts from the ledger if it returns; `0`: never",
+    )
     heartbeat_interval: float = Field(
         default=5.0,
         gt=0,

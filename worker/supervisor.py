@@ -1,7 +1,7 @@
 """Supervision of the worker's roles: an unexpected error costs a role one pass, not the worker.
 
-Each role (startup, applier, ledger, expiry, reconcile, heartbeat, trimming, scheduler)
-runs under a :class:`RoleHealth`. A failure is logged once per streak (again only if the
+Each role (startup, applier, ledger, expiry, reconcile, heartbeat, trimming, scheduler,
+hits) runs under a :class:`RoleHealth`. A failure is logged once per streak (again only if the
 error changes), counted in ``pushfw_role_failures_total``, and the role is retried with
 backoff while the others go on: a failing ledger fold must not keep timed rules in the
 kernel. The heartbeat carries every role's state, so ``pushfw status`` says ``scheduler: failing
@@ -36,6 +36,7 @@ ROLES = (
     "heartbeat",
     "trimming",
     "scheduler",
+    "hits",
 )
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0

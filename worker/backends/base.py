@@ -107,6 +107,22 @@ class Backend(abc.ABC):
         """
         return True
 
+    def hits(self) -> dict[RuleKey, tuple[int, int]]:
+        """Each managed rule's kernel counters: ``(packets, bytes)`` it matched so far.
+
+        Read in one dump of the kernel's objects (the chain's entries, the sets' elements),
+        so its cost grows with the number of rules: the worker calls it once a minute (see
+        :mod:`pushfw.worker.hits`), never per heartbeat or per scrape. A rule the kernel
+        keeps no counter for (a set created before counters, until it is migrated) is left
+        out; so is anything pushfw did not write. A counter starts at zero when its rule is
+        (re)written, and a renewal may rewrite it.
+
+        Raises:
+            TransientBackendError: the kernel was busy (the xtables lock).
+            BackendError: the kernel could not be read.
+        """
+        return {}
+
     def uninstall(self) -> str:
         """Remove everything this backend created in the kernel; say what, in a few words."""
         return "nothing to remove"

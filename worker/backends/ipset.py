@@ -1,11 +1,14 @@
 """Rules as elements of ipset sets, matched by one iptables rule per set.
 
 One ``hash:net`` set per action and family (``pushfw-accept4``, ``pushfw-drop4``,
-``pushfw-accept6``, ``pushfw-drop6``), created with ``timeout 0`` and ``comment``: every
-element may carry a kernel timeout (0 means permanent) and a timed element carries its exact
+``pushfw-accept6``, ``pushfw-drop6``), created with ``timeout 0``, ``counters`` and
+``comment``: every element may carry a kernel timeout (0 means permanent), counts the packets
+and bytes it matched (:meth:`IpsetBackend.hits`), and a timed element carries its exact
 expiry as a comment (``exp=<ms>``), so the index, and timed rules' expiry, can be rebuilt from
-the kernel. A timed element's kernel timeout is the time remaining, rounded up, so a ban ends
-on time even if Redis is unreachable; the worker still deletes it at the exact millisecond.
+the kernel. A set made before counters is moved to one with them at open, as a ``maxelem``
+change is (a new set, one restore, an atomic ``swap``). A timed element's kernel timeout is
+the time remaining, rounded up, so a ban ends on time even if Redis is unreachable; the
+worker still deletes it at the exact millisecond.
 
 The managed chain (the iptables backend's chain, jumped to once from each hook chain) holds
 two rules per family: match the accept set and ACCEPT, then match the drop set and DROP, so an
@@ -61,7 +64,8 @@ _SET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
 _SAVED = re.compile(  # one line of ``ipset save``, in the order ipset prints the options
     r"^add (?P<set>\S+) (?P<addr>[^\s/]+)(?:/(?P<prefix>\d{1,3}))?"
-    r'(?: timeout (?P<timeout>\d+))?(?: comment "(?:exp=(?P<exp>\d{1,19})|[^"]*)")?(?P<rest>.*)$',
+    r"(?: timeout (?P<timeout>\d+))?(?: packets (?P<packets>\d+) bytes (?P<bytes>\d+))?"
+    r'(?: comment "(?:exp=(?P<exp>\d{1,19})|[^"]*)")?(?P<rest>.*)$',
     re.MULTILINE,
 )
 _FAMILIES: dict[int, tuple[socket.AddressFamily, type[Network], int]] = {
@@ -77,6 +81,8 @@ class Element(NamedTuple):
     network: Network
     timeout_s: int
     expires_ms: int | None
+    counters: tuple[int, int] | None = None
+    """(packets, bytes) in a set created with ``counters``."""
 
 
 def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:
@@ -109,8 +115,9 @@ def parse_save(text: str, set_name: str, version: int) -> Iterator[Element]:
         except (OSError, ValueError):
             logger.warning("set %s holds %s, not a network", set_name, found[0][:80])
             continue
-        exp = found["exp"]
-        yield Element(network, int(found["timeout"] or 0), int(exp) if exp else None)
+        exp, packets = found["exp"], found["packets"]
+        counters = (int(packets), int(found["bytes"])) if packets is not None else None
+        yield Element(network, int(found["timeout"] or 0), int(exp) if exp else None, counters)
 
 
 @contextlib.contextmanager
@@ -137,7 +144,8 @@ class _Set:
 
     def create_args(self, name: str, maxelem: int) -> list[str]:
         # timeout 0: elements may carry a timeout, 0 (the default) keeping one for ever
-        options = ["family", self.family, "timeout", "0", "comment", "maxelem", str(maxelem)]
+        options = ["family", self.family, "timeout", "0", "counters", "comment"]
+        options += ["maxelem", str(maxelem)]
         return [name, "hash:net", *options]
 
 
@@ -228,12 +236,19 @@ class IpsetBackend(IndexedBackend):
                 f"set {ipset.name} exists with other options ({header.strip()!r}); "
                 "remove it (pushfw-worker uninstall) and start again"
             ) from refusal
-        self._resize(ipset, int(options[options.index("maxelem") + 1]))
+        old_maxelem = int(options[options.index("maxelem") + 1])
+        changes = (
+            [] if old_maxelem == self.maxelem else [f"maxelem {old_maxelem} -> {self.maxelem}"]
+        )
+        if "counters" not in options:
+            changes.append("counters added (hit counts start at 0)")
+        self._resize(ipset, ", ".join(changes) or "recreated")
 
-    def _resize(self, ipset: _Set, old_maxelem: int) -> None:
-        """Move a set's elements to a set with the configured ``maxelem`` (ipset cannot resize)."""
+    def _resize(self, ipset: _Set, changes: str) -> None:
+        """Move a set's elements to a set with the configured options (``maxelem``,
+        ``counters``), which ipset cannot change in place; counts already kept go along."""
         temp = f"{ipset.name}{_RESIZE_SUFFIX}"
-        logger.warning("set %s: maxelem %d -> %d", ipset.name, old_maxelem, self.maxelem)
+        logger.warning("set %s: %s", ipset.name, changes)
         self._run("-exist", "destroy", temp)  # left over by an interrupted resize
         self._run("create", *ipset.create_args(temp, self.maxelem))
         try:
@@ -318,6 +333,17 @@ class IpsetBackend(IndexedBackend):
         return all(
             name in names and held.get(name, count) >= count for name, count in self._counts.items()
         )
+
+    def hits(self) -> dict[RuleKey, tuple[int, int]]:
+        """Each element's counters, from one ``ipset save`` per set."""
+        found: dict[RuleKey, tuple[int, int]] = {}
+        for ipset in self._sets.values():
+            saved = self._run("save", ipset.name)
+            with _gc_paused():
+                for element in parse_save(saved, ipset.name, ipset.version):
+                    if element.counters is not None:
+                        found[RuleKey(ipset.action, element.network)] = element.counters
+        return found
 
     def commit(self) -> None:
         staged, self._staged = self._staged, []
@@ -427,6 +453,8 @@ def _add_line(set_name: str, element: Element, now_ms: int) -> str:
     if element.expires_ms is not None and timeout_s:
         timeout_s = kernel_timeout_s(element.expires_ms, now_ms)
     line = f"add {set_name} {element.network} timeout {int(timeout_s)}"
+    if element.counters is not None:
+        line += f" packets {int(element.counters[0])} bytes {int(element.counters[1])}"
     if element.expires_ms is not None:
         line += f' comment "exp={int(element.expires_ms)}"'
     return line + "\n"

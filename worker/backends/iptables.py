@@ -366,6 +366,28 @@ class IptablesBackend(Backend):
             counts[version] == len(fam.index) + fam.extra for version, fam in self._families.items()
         )
 
+    def hits(self) -> dict[RuleKey, tuple[int, int]]:
+        """Each entry's counters, from one copy of each family's table (no Rule objects)."""
+        found: dict[RuleKey, tuple[int, int]] = {}
+        for fam in self._families.values():
+            try:
+                with xtables_lock(_CHECK_LOCK_TIMEOUT_S, self.lock_waited):
+                    table = fam.table()
+                    table.refresh()
+            except self._iptc.IPTCError as exc:
+                raise BackendError(f"iptables: reading IPv{fam.version} counters: {exc}") from exc
+            entry = table.first_rule(self.chain) if table.is_chain(self.chain) else None
+            while entry:
+                raw = ctypes.string_at(ctypes.addressof(entry), entry.next_offset)
+                target = table.get_target(entry)
+                rule = fam.codec.decode(raw, target.decode() if isinstance(target, bytes) else "")
+                if rule is not None:  # a duplicate entry of one rule adds to its counts
+                    packets, octets = found.get(rule.key, (0, 0))
+                    counters = entry.counters
+                    found[rule.key] = (packets + counters.pcnt, octets + counters.bcnt)
+                entry = table.next_rule(entry)
+        return found
+
     def add(self, rule: Rule) -> None:
         self._families[rule.key.network.version].staged.append(("add", rule))
 

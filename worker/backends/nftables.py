@@ -10,6 +10,13 @@ the exact ms, first: nft fails a whole batch on deleting an element already time
 Each hook gets one base chain whose rules (accepts first) are a pure function of the sets,
 rewritten atomically whenever a set is added. Every batch is one nft transaction.
 
+Every set declares a ``counter`` for its elements, so each rule counts the packets and bytes
+it matched (:meth:`NftablesBackend.hits`). A set made before counters cannot gain them in
+place (the kernel refuses to re-add a set with other expressions), so :meth:`open` moves
+its elements to a new set in one transaction: the chains' rules are flushed, the old set is
+deleted, the new one added with every element (same expiry) and the rules written again.
+Packets meet either the old ruleset or the new one, never a gap.
+
 The heartbeat's check (:meth:`NftablesBackend.intact`) reads the kernel over netlink itself:
 libnftables fetches every set element before it lists even one chain.
 """
@@ -165,6 +172,8 @@ class NftablesBackend(IndexedBackend):
         self._nft.set_json_output(True)
         self._sets: set[str] = set()
         self._counts: Counter[str] = Counter()  # elements per set, as the index has them
+        self._uncounted: set[str] = set()  # sets made before counters, moved at open
+        self._chains: set[str] = set()
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -181,6 +190,8 @@ class NftablesBackend(IndexedBackend):
         listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
         self._read(listing)
         self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
+        if self._uncounted:
+            self._add_counters()
         self._run(self._schema_commands(self._sets))
         if self.readd_renews is None:
             self.readd_renews = self._probe_renewal()
@@ -196,12 +207,17 @@ class NftablesBackend(IndexedBackend):
         """Take the index, the sets and their element counts from a listing of the table."""
         index: dict[RuleKey, Rule] = {}
         sets: set[str] = set()
+        self._uncounted, self._chains = set(), set()
         for item in (listing or {}).get("nftables", []):
+            if "chain" in item:
+                self._chains.add(item["chain"]["name"])
             nft_set = item.get("set")
             parsed = _SET_NAME.fullmatch(nft_set["name"]) if nft_set else None
             if nft_set is None or parsed is None:
                 continue
             sets.add(nft_set["name"])
+            if not any("counter" in stmt for stmt in nft_set.get("stmt", [])):
+                self._uncounted.add(nft_set["name"])
             action = Action(parsed["action"])
             for raw in nft_set.get("elem", []):
                 network, comment = _parse_elem(raw)
@@ -210,6 +226,43 @@ class NftablesBackend(IndexedBackend):
                 index[key] = Rule(key, expires_ms)
         self._index, self._sets = index, sets
         self._counts = Counter(set_name(key) for key in index)
+
+    def _add_counters(self) -> None:
+        """Move the elements of sets made before counters to sets with them, atomically."""
+        old = sorted(self._uncounted)
+        logger.warning(
+            "nftables sets %s have no counters: moving their %d elements to sets with them",
+            ", ".join(old),
+            sum(self._counts[name] for name in old),
+        )
+        cmds: list[Json] = [{"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains)]
+        cmds += [{"delete": {"set": self._t(name=name)}} for name in old]
+        cmds += self._schema_commands(self._sets)
+        moved: dict[str, list[Any]] = {}  # one add per set: a million elements stay one command
+        for key, rule in self._index.items():
+            if set_name(key) in self._uncounted:
+                moved.setdefault(set_name(key), []).extend(self._element(key, rule)["elem"])
+        cmds += [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(moved.items())]
+        self._run(cmds)
+        self._uncounted = set()
+
+    def hits(self) -> dict[RuleKey, tuple[int, int]]:
+        """Each element's counter, from one listing of the table."""
+        listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
+        found: dict[RuleKey, tuple[int, int]] = {}
+        for item in (listing or {}).get("nftables", []):
+            nft_set = item.get("set")
+            parsed = _SET_NAME.fullmatch(nft_set["name"]) if nft_set else None
+            if nft_set is None or parsed is None:
+                continue
+            action = Action(parsed["action"])
+            for raw in nft_set.get("elem", []):
+                elem = raw.get("elem") if isinstance(raw, dict) else None
+                counter = elem.get("counter") if isinstance(elem, dict) else None
+                if isinstance(counter, dict):  # absent in a set made before counters
+                    network, _ = _parse_elem(raw)
+                    found[RuleKey(action, network)] = (counter["packets"], counter["bytes"])
+        return found
 
     def _put(self, key: RuleKey, rule: Rule | None) -> None:
         """Add, replace (``rule``) or remove (None) one index entry, keeping the counts."""
@@ -258,6 +311,7 @@ class NftablesBackend(IndexedBackend):
             spec = self._t(
                 name=name, type=f"ipv{version}_addr", flags=["timeout"], size=self.set_size
             )
+            spec["stmt"] = [{"counter": None}]  # a counter in every element: hits()
             if "_" in name:
                 spec["flags"] = ["interval", "timeout"]
             cmds.append({"add": {"set": spec}})
