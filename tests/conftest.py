@@ -389,6 +389,16 @@ def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Wo
     return Worker(config, backend=MemoryBackend(config.fail_networks))
 
 
+def pushfw_cli(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``pushfw`` CLI against ``server`` as an operator would, to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:
     """Poll until ``predicate()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

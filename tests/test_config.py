@@ -203,3 +203,19 @@ def test_configuration_reference_has_every_key() -> None:
     reference = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     rows = re.findall(r"^\| `(\w+)` \| `(PUSHFW_\w+)` \|", reference, flags=re.MULTILINE)
     assert sorted(rows) == sorted((k, f"PUSHFW_{k.upper()}") for k in WorkerSettings.model_fields)
+
+
+def test_settings_renamed_with_their_unit_still_work_under_the_old_names(tmp_path: Path) -> None:
+    path = write(tmp_path / "worker.toml", "heartbeat_interval = 2.5\nreconcile_interval = 60\n")
+    env = worker_env(path, trim_interval="7", reconcile_interval_s="90")
+    result = cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
+    assert rows["heartbeat_interval_s"] == ["2.5", "file"]
+    assert rows["trim_interval_s"] == ["7.0", "env", "PUSHFW_TRIM_INTERVAL"]
+    assert rows["reconcile_interval_s"] == ["90", "env", "PUSHFW_RECONCILE_INTERVAL_S"], "new wins"
+    assert "heartbeat_interval is now heartbeat_interval_s; the old name still works" in (
+        result.stderr
+    )
+    assert "PUSHFW_TRIM_INTERVAL is now PUSHFW_TRIM_INTERVAL_S" in result.stderr
+    assert "unknown key" not in result.stderr

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
-from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, wait_for
+from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
 from tests.kernel import Firewall, chain_rules
 from tests.test_applier import key, results_by_cmd
 
@@ -126,13 +124,8 @@ def test_i4_convergent_one_rule_the_kernel_refuses_costs_only_itself(
         "reconcile: the kernel refused 1 of the ledger's rules (first: accept 0.0.0.0/0: "
         "an ipset hash:net cannot hold 0.0.0.0/0)"
     ]
-    status = subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", "--redis-url", redis_server.url, "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    status = pushfw_cli(redis_server, "status")
+    assert status.returncode == 0, status.stderr
     assert "DEGRADED" in status.stdout
     assert f"warning: {netns.name}: reconcile: the kernel refused 1 of" in status.stderr
 
@@ -299,7 +292,7 @@ def test_i4_convergent_a_hand_flush_is_put_back_at_the_next_heartbeat(
     """A flush that leaves the next commit working (iptables -F, nft flush chain, ipset flush)
     kept the rules missing until the periodic reconcile, 300 s later by default."""
     fw = Firewall(netns, backend)
-    worker = spawn_worker(netns, backend=backend, heartbeat_interval="0.5").start()
+    worker = spawn_worker(netns, backend=backend, heartbeat_interval_s="0.5").start()
     want = [f"192.0.2.{i}/32" for i in range(130, 133)]
     for net in want:
         assert [x.status.value for x in producer.wait(producer.drop(net))] == ["applied"]

@@ -257,7 +257,7 @@ def test_i4_convergent_reconcile_after_every_redis_reconnect(
 ):
     """With the periodic reconcile off, an outage still ends in a reconcile."""
     fw = Firewall(netns, backend)
-    spawn_worker(netns, server=aof_redis, backend=backend, reconcile_interval="0").start()
+    spawn_worker(netns, server=aof_redis, backend=backend, reconcile_interval_s="0").start()
     producer = Producer.from_url(aof_redis.url)
     assert status_of(producer, producer.drop("192.0.2.51")) == ("applied", "inserted")
     aof_redis.stop()

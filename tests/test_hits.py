@@ -76,7 +76,7 @@ def test_list_hits_shows_the_packets_a_ban_dropped(
 ):
     server, client = make_netns(), make_netns()
     veth(server, SERVER_IP, client, CLIENT_IP)
-    spawn_worker(server, backend=backend, heartbeat_interval=str(BEAT_S)).start()
+    spawn_worker(server, backend=backend, heartbeat_interval_s=str(BEAT_S)).start()
     for ip in (CLIENT_IP, QUIET_IP):
         assert [r.status.value for r in producer.wait(producer.drop(ip), timeout_s=15)] == [
             "applied"

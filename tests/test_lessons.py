@@ -74,7 +74,7 @@ def test_reconcile_restores_hooks_after_a_firewall_reload(
     netns: Netns, backend: str, spawn_worker, producer: Producer
 ):
     fw = Firewall(netns, backend)
-    spawn_worker(netns, backend=backend, reconcile_interval="1").start()
+    spawn_worker(netns, backend=backend, reconcile_interval_s="1").start()
     producer.wait(producer.drop("192.0.2.90"))
     producer.wait(producer.drop("192.0.2.91", ttl_s=600))
     if backend == "nftables":

@@ -24,7 +24,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def build(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
-    settings = {"heartbeat_interval": 0.1, "metrics_listen": "127.0.0.1:0", **overrides}
+    settings = {"heartbeat_interval_s": 0.1, "metrics_listen": "127.0.0.1:0", **overrides}
     return memory_worker(server, host, **settings)
 
 

@@ -7,25 +7,14 @@ Real redis-server, in-process workers on the memory backend.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 from pushfw.producer import Producer
 from pushfw.producer.records import HostStatus
-from tests.conftest import RedisServer, memory_worker
+from tests.conftest import RedisServer, memory_worker, pushfw_cli
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"
-
-
-def pushfw(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def beats_of(producer: Producer) -> dict[str, HostStatus]:
@@ -63,7 +52,7 @@ def test_only_commands_that_ask_get_result_entries_and_progress_is_in_the_heartb
         assert counts["rejected"] == 1
 
     assert producer.progress(quiet[0]) == {"h1": "done", "h2": "done"}
-    shown = pushfw(redis_server, "results", "--cmd", raw, "--json")
+    shown = pushfw_cli(redis_server, "results", "--cmd", raw, "--json")
     assert shown.returncode == 0, shown.stderr
     rows = json.loads(shown.stdout)
     assert sorted((row["host"], row["status"], row["detail"]) for row in rows) == [
@@ -86,13 +75,13 @@ def test_results_for_a_command_are_found_behind_thousands_of_newer_ones(
     assert r.xlen("{pushfw}:results") == 2501
     [result] = producer.results(cmd_id=first)
     assert (result.host, result.status.value, result.detail) == ("h1", "applied", "inserted")
-    shown = pushfw(redis_server, "results", "--cmd", first)
+    shown = pushfw_cli(redis_server, "results", "--cmd", first)
     assert shown.returncode == 0, shown.stderr
     assert "applied" in shown.stdout and first in shown.stdout
 
 
 def test_results_cmd_refuses_what_is_not_an_entry_id(redis_server: RedisServer):
-    shown = pushfw(redis_server, "results", "--cmd", "yesterday")
+    shown = pushfw_cli(redis_server, "results", "--cmd", "yesterday")
     assert shown.returncode == 2
     assert "'yesterday' is not a stream entry id" in shown.stderr
     assert "Traceback" not in shown.stderr

@@ -7,8 +7,6 @@ timer, decides when ``retention.trim`` runs.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +20,7 @@ from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
-from tests.conftest import RedisServer, memory_worker
+from tests.conftest import RedisServer, memory_worker, pushfw_cli
 
 KEYS = Keys()
 HOST_EXPIRY_S = 900
@@ -74,7 +72,11 @@ def make_worker(redis_server: RedisServer) -> Iterator[Callable[[str], Worker]]:
 
     def make(host: str) -> Worker:
         worker = memory_worker(
-            redis_server, host, trim_interval=3600, heartbeat_interval=3600, reconcile_interval=0
+            redis_server,
+            host,
+            trim_interval_s=3600,
+            heartbeat_interval_s=3600,
+            reconcile_interval_s=0,
         )
         made.append(worker)
         worker.setup()
@@ -316,8 +318,8 @@ def test_a_host_silent_past_retire_after_is_retired(r, make_worker, caplog):
 
 
 def test_one_worker_of_the_fleet_trims_per_interval(r, redis_server: RedisServer):
-    first = memory_worker(redis_server, "h1", trim_interval=3600)
-    second = memory_worker(redis_server, "h2", trim_interval=3600)
+    first = memory_worker(redis_server, "h1", trim_interval_s=3600)
+    second = memory_worker(redis_server, "h2", trim_interval_s=3600)
     for worker in (first, second):
         worker.setup()
     r.config_resetstat()
@@ -327,29 +329,20 @@ def test_one_worker_of_the_fleet_trims_per_interval(r, redis_server: RedisServer
     assert r.get(KEYS.trimming) == first.settings.consumer_name.encode()
 
 
-def pushfw(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_hosts_forget_retires_a_stopped_host_and_refuses_a_live_one(
     r, redis_server: RedisServer, producer: Producer
 ):
     worker = memory_worker(redis_server, "web9")
     worker.setup()
-    live = pushfw(redis_server, "hosts", "forget", "web9")
+    live = pushfw_cli(redis_server, "hosts", "forget", "web9")
     assert live.returncode == 1
     assert live.stderr.strip().endswith(
         "host web9 is still reporting (state running): stop its worker first, or pass --force"
     )
-    unknown = pushfw(redis_server, "hosts", "forget", "nosuch")
+    unknown = pushfw_cli(redis_server, "hosts", "forget", "nosuch")
     assert (unknown.returncode, "no host 'nosuch' is known" in unknown.stderr) == (1, True)
     worker.heartbeat("stopped")
-    done = pushfw(redis_server, "hosts", "forget", "web9")
+    done = pushfw_cli(redis_server, "hosts", "forget", "web9")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "forgot host web9: its consumer group and heartbeat are removed\n"
     assert "host:web9" not in {g["name"].decode() for g in r.xinfo_groups(KEYS.cmd)}

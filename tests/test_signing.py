@@ -130,7 +130,7 @@ def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server)
 
 
 def test_a_key_without_require_takes_unsigned_but_not_badly_signed(r, redis_server):
-    worker = make_worker(redis_server, signature_window=60)
+    worker = make_worker(redis_server, signature_window_s=60)
     unsigned = r.xadd(CMD, {"reply": "1", "op": "drop.insert", "ip": "192.0.2.1"}).decode()
     bad = r.xadd(
         CMD, {"reply": "1", **signed({"op": "drop.insert", "ip": "192.0.2.2"}), "sig": "0" * 64}

@@ -7,8 +7,6 @@ worker (a bug), never a fake Redis or kernel.
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 from pushfw.producer import Producer
 from pushfw.worker import Worker
 from pushfw.worker.backoff import Backoff
-from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, wait_for
+from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
 from tests.kernel import Firewall
 from tests.test_applier import key
 
@@ -34,7 +32,7 @@ def test_a_role_refused_by_redis_is_reported_retried_and_the_others_go_on(
     r.execute_command("ACL", "SETUSER", USER, "reset", "on", ">pw", "~*", "&*", "+@all", "-xtrim")
     url = redis_server.unix_url.replace("unix://", f"unix://{USER}:pw@", 1)
     worker = spawn_worker(
-        netns, backend="nftables", redis_url=url, trim_interval="0.2", heartbeat_interval="0.2"
+        netns, backend="nftables", redis_url=url, trim_interval_s="0.2", heartbeat_interval_s="0.2"
     ).start()
 
     def trimming() -> str:
@@ -50,13 +48,8 @@ def test_a_role_refused_by_redis_is_reported_retried_and_the_others_go_on(
     drop = producer.drop("192.0.2.40")
     assert [x.status.value for x in producer.wait(drop)] == ["applied"]
     assert Firewall(netns, "nftables").rules() == {("drop", "192.0.2.40/32"): None}
-    status = subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", "--redis-url", redis_server.url, "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    status = pushfw_cli(redis_server, "status")
+    assert status.returncode == 0, status.stderr
     assert "DEGRADED" in status.stdout
     assert f"warning: {netns.name}: trimming: failing since " in status.stderr
 
@@ -105,7 +98,7 @@ def test_a_bug_in_one_role_costs_that_role_a_pass_not_the_worker(
     redis_server: RedisServer, producer: Producer
 ):
     """The ledger fold raises three times: the applier still applies, then the fold catches up."""
-    worker = memory_worker(redis_server, heartbeat_interval=0.05)
+    worker = memory_worker(redis_server, heartbeat_interval_s=0.05)
     with running(worker) as runner:
         wait_for(lambda: [h.state for h in producer.hosts()] == ["running"], 20, "the worker")
         broken = _break(worker, 3)
@@ -125,7 +118,7 @@ def test_a_start_that_fails_is_retried_and_says_why_meanwhile(
 ):
     """Setup raises twice (a bug in its ledger catch-up): the heartbeat says so, then it starts."""
     producer.drop("192.0.2.42")  # before this host's group exists: it comes from the ledger
-    worker = memory_worker(redis_server, heartbeat_interval=0.05)
+    worker = memory_worker(redis_server, heartbeat_interval_s=0.05)
     broken = _break(worker, 2)
     seen: list[list[str]] = []
 

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import SecretBytes, SecretStr, ValidationError
 
-from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.settings import RENAMED, WorkerSettings
 
 __all__ = [
     "DEFAULT_PATH",
@@ -59,10 +59,11 @@ class Loaded:
 
     def source(self, name: str) -> str:
         """``env PUSHFW_X``, ``file`` or ``default``: where a setting's value came from."""
-        env = _env_name(name)
+        old = next((o for o, new in RENAMED.items() if new == name), None)
+        env = _env_name(name) or (_env_name(old) if old else None)
         if env is not None:
             return f"env {env}"
-        return "file" if name in self.file_keys else "default"
+        return "file" if name in self.file_keys or old in self.file_keys else "default"
 
 
 def _env_name(name: str) -> str | None:
@@ -80,7 +81,7 @@ def _read(path: Path) -> tuple[dict[str, Any], list[str]]:
         raise ConfigInvalid([f"{path}: {exc}"]) from None
     except OSError as exc:
         raise ConfigInvalid([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    known = list(WorkerSettings.model_fields)
+    known = [*WorkerSettings.model_fields, *RENAMED]  # old names still work (with a warning)
     problems = []
     for key in [key for key in values if key not in known]:
         close = difflib.get_close_matches(key, known, n=1)

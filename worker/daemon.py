@@ -122,7 +122,7 @@ class Worker:
         self.scheduler = Scheduler(
             connect(settings),
             self.keys,
-            settings.scheduler_poll,
+            settings.scheduler_poll_s,
             self.metrics,
             self.supervisor["scheduler"],
         )
@@ -131,7 +131,7 @@ class Worker:
             self.keys,
             settings.host_name,
             self.backend,
-            hits_interval_s(settings.heartbeat_interval),
+            hits_interval_s(settings.heartbeat_interval_s),
             self.metrics,
             self.alarm.kernel,
         )
@@ -184,8 +184,8 @@ class Worker:
         self.reconcile()
         self.heartbeat()
         now = time.monotonic()
-        self._due["reconcile"] = now + self.settings.reconcile_interval
-        self._due["heartbeat"] = now + self.settings.heartbeat_interval
+        self._due["reconcile"] = now + self.settings.reconcile_interval_s
+        self._due["heartbeat"] = now + self.settings.heartbeat_interval_s
 
     def reconcile(self, force: bool = False) -> Drift | None:
         """Make the managed rules equal what the ledger holds for this host, through the gate.
@@ -278,7 +278,7 @@ class Worker:
         processed = run("applier", self.applier.iteration, self.applier.reset_reads) or 0
         if processed:
             run("ledger", self.ledger.fold_new, self._fold_again)
-        if self._every("heartbeat", self.settings.heartbeat_interval):
+        if self._every("heartbeat", self.settings.heartbeat_interval_s):
             run("ledger", lambda: self.ledger.recover(self.settings.claim_idle_ms))
             run("heartbeat", self._check_and_beat)
             if self._every("hits", self.hits.interval_s):
@@ -286,9 +286,9 @@ class Worker:
         if self.applier.drifted:
             run("reconcile", self._repair)
         self._beat_soon_if_changed()
-        if self._every("trim", self.settings.trim_interval):
+        if self._every("trim", self.settings.trim_interval_s):
             run("trimming", self._trim)
-        interval = self.settings.reconcile_interval
+        interval = self.settings.reconcile_interval_s
         if interval and self._every("reconcile", interval):
             run("reconcile", self.reconcile)
         applier = self.supervisor["applier"]
@@ -299,8 +299,10 @@ class Worker:
     def _trim(self) -> None:
         """Trim, forget and retire, if it is this worker's turn (one worker per interval)."""
         settings = self.settings
-        if take_turn(self.client, self.keys, settings.consumer_name, settings.trim_interval):
-            trim(self.ledger, self.applier.now_ms(), settings.host_expiry, settings.retire_after_s)
+        if take_turn(self.client, self.keys, settings.consumer_name, settings.trim_interval_s):
+            trim(
+                self.ledger, self.applier.now_ms(), settings.host_expiry_s, settings.retire_after_s
+            )
 
     def _publish_hits(self) -> None:
         """Per-rule hit counters to ``{pushfw}:hits:<host>``, between expiries (:mod:`.hits`)."""
@@ -375,7 +377,7 @@ class Worker:
                 rules=self._beat_rules,
                 lag=lag,
                 pending=pending,
-                interval_s=self.settings.heartbeat_interval,
+                interval_s=self.settings.heartbeat_interval_s,
                 state=state,
                 ledger_lost=self.ledger_lost,
                 problems=self._problems(),

@@ -9,7 +9,7 @@ and publishes the :data:`TOP_RULES` busiest rules in one hash per host,
 :class:`~pushfw.producer.records.RuleHits`), replaced whole in one ``MULTI``. ``pushfw list
 --hits`` reads those hashes; the metrics get the sums per action.
 
-The period follows ``heartbeat_interval`` rather than a setting of its own: a test that
+The period follows ``heartbeat_interval_s`` rather than a setting of its own: a test that
 beats every 0.25 s reads hits every 3 s, with no knob that only tests use.
 
 The read holds the worker's loop (the kernel backends are driven from one thread): 7 to

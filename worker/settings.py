@@ -6,12 +6,15 @@ The file is read by :func:`pushfw.worker.config.load`, which hands its values to
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -22,6 +25,8 @@ from pydantic_settings import (
 from pushfw.producer.connection import parse_target
 from pushfw.producer.contract import Network, parse_network
 from pushfw.producer.keys import DEFAULT_PREFIX
+
+logger = logging.getLogger(__name__)
 
 
 def _split(text: str) -> list[str]:
@@ -40,6 +45,44 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9477, [::1]:9477)")
     return host, int(port)
+
+
+RENAMED = {
+    "reconcile_interval": "reconcile_interval_s",
+    "host_expiry": "host_expiry_s",
+    "heartbeat_interval": "heartbeat_interval_s",
+    "trim_interval": "trim_interval_s",
+    "scheduler_poll": "scheduler_poll_s",
+    "signature_window": "signature_window_s",
+}
+"""Settings whose names now carry their unit: the old names still work, with a warning."""
+
+
+def renamed(values: Mapping[str, Any], spell: Callable[[str], str] = str) -> dict[str, Any]:
+    """``values`` with old setting names put under their new ones (a new name wins)."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+            logger.warning("%s is now %s; the old name still works", spell(old), spell(new))
+    return out
+
+
+def _env_name(name: str) -> str:
+    return f"PUSHFW_{name.upper()}"
+
+
+class _RenamedEnv(PydanticBaseSettingsSource):
+    """``PUSHFW_<OLD NAME>`` variables, read below the ones with the new names."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.upper(): v for k, v in os.environ.items()}
+        found = {old: env[_env_name(old)] for old in RENAMED if _env_name(old) in env}
+        return renamed(found, _env_name)
 
 
 class WorkerSettings(BaseSettings):
@@ -174,13 +217,13 @@ class WorkerSettings(BaseSettings):
         description="memory backend only: networks whose changes always fail (fault "
         "injection for tests)",
     )
-    reconcile_interval: int = Field(
+    reconcile_interval_s: int = Field(
         default=300,
         ge=0,
         description="seconds between reconciliations with the ledger; `0`: only at start and "
         "after each Redis reconnect",
     )
-    host_expiry: int = Field(
+    host_expiry_s: int = Field(
         default=900,
         ge=10,
         description="seconds a host may stay silent before its group stops holding the command "
@@ -192,12 +235,12 @@ class WorkerSettings(BaseSettings):
         description="seconds a host may stay silent before it is retired: its consumer group "
         "and heartbeat are removed and it starts from the ledger if it returns; `0`: never",
     )
-    heartbeat_interval: float = Field(
+    heartbeat_interval_s: float = Field(
         default=5.0,
         gt=0,
         description="seconds between heartbeats in `{pushfw}:hosts` (and metric gauge updates)",
     )
-    trim_interval: float = Field(
+    trim_interval_s: float = Field(
         default=60.0, gt=0, description="seconds between trims of the streams"
     )
     expiry_events: bool = Field(
@@ -205,7 +248,7 @@ class WorkerSettings(BaseSettings):
         description="turn on Redis key-expiry events (`notify-keyspace-events Ex`) to wake the "
         "scheduler early; its timer alone meets the 1 s bound",
     )
-    scheduler_poll: float = Field(
+    scheduler_poll_s: float = Field(
         default=0.25,
         gt=0,
         le=1.0,
@@ -230,7 +273,7 @@ class WorkerSettings(BaseSettings):
         default=False,
         description="reject every command not signed with `hmac_key` (needs `hmac_key`)",
     )
-    signature_window: int = Field(
+    signature_window_s: int = Field(
         default=300,
         ge=1,
         le=86_400,
@@ -261,9 +304,12 @@ class WorkerSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        file_values = dict(_FILE_VALUES.get() or {})
+        file_values = renamed(dict(_FILE_VALUES.get() or {}))
         file_settings = InitSettingsSource(settings_cls, init_kwargs=file_values)
-        return init_settings, env_settings, file_settings
+        if isinstance(init_settings, InitSettingsSource):
+            kwargs = renamed(init_settings.init_kwargs)
+            init_settings = InitSettingsSource(settings_cls, init_kwargs=kwargs)
+        return init_settings, env_settings, _RenamedEnv(settings_cls), file_settings
 
     @classmethod
     def with_file(cls, values: Mapping[str, Any]) -> WorkerSettings:

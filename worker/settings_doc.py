@@ -15,7 +15,7 @@ import annotated_types
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.settings import RENAMED, WorkerSettings
 
 __all__ = ["main", "render"]
 
@@ -118,7 +118,12 @@ def render() -> str:
             _cell(info.description),
         ]
         rows.append(f"| {' | '.join(cells)} |\n")
-    return _HEADER + "".join(rows)
+    renamed = ", ".join(f"`{old}` (now `{new}`)" for old, new in RENAMED.items())
+    footer = (
+        "\nRenamed settings still work under their old names, in the file and as\n"
+        f"`PUSHFW_*` variables, with a warning at start: {renamed}.\n"
+    )
+    return _HEADER + "".join(rows) + footer
 
 
 def main() -> None:

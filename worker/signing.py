@@ -50,7 +50,7 @@ class Signing:
     def from_settings(cls, settings: WorkerSettings) -> Signing:
         secret = settings.hmac_key.get_secret_value() if settings.hmac_key else ""
         return cls(
-            secret.encode("utf-8") or None, settings.require_signature, settings.signature_window
+            secret.encode("utf-8") or None, settings.require_signature, settings.signature_window_s
         )
 
     def check(self, fields: Mapping[bytes, bytes], seen_ms: int) -> None:
