@@ -346,7 +346,7 @@ def _limits(lim: dict[str, Any]) -> str:
 
 def _targets(rows: list[dict[str, Any]]) -> str:
     met = {True: "yes", False: "NO", None: "-"}
-    return "Targets (issue 5; a report, nothing asserted):\n" + table(
+    return "Targets (one host: speed and timely expiry; a report, nothing asserted):\n" + table(
         ["target", "measured", "met"],
         [[r["target"], r["measured"], met[r["met"]]] for r in rows],
     )

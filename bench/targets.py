@@ -1,4 +1,4 @@
-"""Issue 5's targets against a run's results: target, measured, met (a report, no asserts)."""
+"""One-host targets (speed, expiry lag) against a run's results: target, measured, met."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ and bytes it matched (:meth:`IpsetBackend.hits`), and a timed element carries it
 expiry as a comment (``exp=<ms>``), so the index, and timed rules' expiry, can be rebuilt from
 the kernel. A set made before counters is moved to one with them at open, as a ``maxelem``
 change is (a new set, one restore, an atomic ``swap``). A timed element's kernel timeout is
-the time remaining, rounded up, so a ban ends on time even if Redis is unreachable; the
-worker still deletes it at the exact millisecond.
+the time remaining, rounded up, plus a second, so a ban ends even if the worker is down; the
+worker still deletes it at the exact millisecond, first.
 
 The managed chain (the iptables backend's chain, jumped to once from each hook chain) holds
 two rules per family: match the accept set and ACCEPT, then match the drop set and DROP, so an
@@ -43,6 +43,7 @@ from pushfw.worker.backends.base import IndexedBackend, Rule, RuleKey
 from pushfw.worker.backends.iptables import (
     blank_rule,
     chain_entries,
+    chain_removed,
     commit_table,
     count_entries,
     ensure_chain,
@@ -86,12 +87,16 @@ class Element(NamedTuple):
 
 
 def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:
-    """The element timeout for an expiry: seconds remaining rounded up, at least 1.
+    """The element timeout for an expiry: seconds remaining rounded up, plus one.
 
+    The worker deletes the element at the exact millisecond; the kernel's timeout is the
+    backstop for a worker that is down. The extra second keeps the kernel from removing an
+    element first whenever the worker is late by a fraction of a second: the heartbeat's
+    count check (:meth:`IpsetBackend.intact`) would take that for a hand flush and reconcile.
     Past ipset's limit the element is permanent in the kernel (0) and only the worker's own
-    delete at the exact millisecond ends it: a ban must never end early.
+    delete ends it: a ban must never end early.
     """
-    remaining_s = max(1, -(-(expires_ms - now_ms) // 1000))
+    remaining_s = max(1, -(-(expires_ms - now_ms) // 1000)) + 1
     return remaining_s if remaining_s <= MAX_TIMEOUT_S else 0
 
 
@@ -430,11 +435,13 @@ class IpsetBackend(IndexedBackend):
         """Remove the jumps, the managed chain and pushfw's sets; other rules and sets stay."""
         if self._exe is None:
             raise ConfigError("the ipset command is not installed")
+        found = []
         for version in (4, 6):
             with xtables_lock(self.lock_timeout_s, self.lock_waited):
                 table = filter_table(self._iptc, version)
                 table.refresh()
-                remove_chain(self._iptc, table, self.chain, self.hooks)
+                if remove_chain(self._iptc, table, self.chain, self.hooks):
+                    found.append(f"IPv{version}")
                 commit_table(self._iptc, table)
         present = set(self._run("list", "-n").split())
         ours = [s.name for s in self._sets.values()]
@@ -444,7 +451,7 @@ class IpsetBackend(IndexedBackend):
             self._run("destroy", name)
         self._index = {}
         sets = ", ".join(removed) if removed else "none present"
-        return f"removed chain {self.chain} and its jumps (IPv4 and IPv6); sets: {sets}"
+        return f"{chain_removed(self.chain, found)}; sets: {sets}"
 
 
 def _add_line(set_name: str, element: Element, now_ms: int) -> str:

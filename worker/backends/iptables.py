@@ -167,17 +167,33 @@ def count_entries(iptc: Any, chain: str, hooks: Sequence[str]) -> dict[int, int 
     return counts
 
 
-def remove_chain(iptc: Any, table: Any, chain: str, hooks: Sequence[str]) -> None:
-    """Delete the jumps to ``chain`` from the hook chains, then the chain with its rules."""
+def remove_chain(iptc: Any, table: Any, chain: str, hooks: Sequence[str]) -> bool:
+    """Delete the jumps to ``chain`` from the hook chains, then the chain with its rules.
+
+    Returns whether there was anything of pushfw's to remove.
+    """
+    found = False
     for hook in hooks:
+        if not table.is_chain(hook):
+            continue
         hook_chain = iptc.Chain(table, hook)
         for ipt_rule in list(hook_chain.rules):
             if ipt_rule.target.name == chain:
                 hook_chain.delete_rule(ipt_rule)
+                found = True
     if table.is_chain(chain):
         managed = iptc.Chain(table, chain)
         managed.flush()
         managed.delete()
+        found = True
+    return found
+
+
+def chain_removed(chain: str, families: Sequence[str]) -> str:
+    """What an uninstall says it did with the managed chain, for the families that had it."""
+    if not families:
+        return f"no chain {chain} or jump to it was present"
+    return f"removed chain {chain} and its jumps ({' and '.join(families)})"
 
 
 def _comment(rule: Rule) -> str:
@@ -442,11 +458,13 @@ class IptablesBackend(Backend):
 
     def uninstall(self) -> str:
         """Remove the jumps and the managed chains; other rules are left untouched."""
+        found = []
         for fam in self._families.values():
             with self._locked():
                 table = fam.table()
                 table.refresh()
-                remove_chain(self._iptc, table, self.chain, self.hooks)
+                if remove_chain(self._iptc, table, self.chain, self.hooks):
+                    found.append(f"IPv{fam.version}")
                 self._commit_table(table)
             fam.index = {}
-        return f"removed chain {self.chain} and its jumps (IPv4 and IPv6)"
+        return chain_removed(self.chain, found)
