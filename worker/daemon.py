@@ -23,6 +23,7 @@ from pushfw.producer.connection import connect as redis_connect
 from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus
+from pushfw.producer.render import plural
 from pushfw.worker.alarm import ExpiryAlarm, ExpiryDue
 from pushfw.worker.applier import Applier, StopRequested
 from pushfw.worker.backends import Backend, make_backend
@@ -403,7 +404,7 @@ class Worker:
     def _following(self) -> str:
         return (
             f"following {self.keys.cmd} as {self.applier.stream.group}: "
-            f"{self.backend.size()} rules ({self.backend.name})"
+            f"{plural(self.backend.size(), 'rule')} ({self.backend.name})"
         )
 
     def run(self, burst: bool = False) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pushfw.producer.records import RuleRecord
+from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.decide import Add, Delete, Policy, decide, request_from_record
 from pushfw.worker.errors import BackendError, TransientBackendError
@@ -118,7 +119,9 @@ def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) ->
         )
     else:
         logger.info(
-            "reconcile: kernel matches the ledger (%d rules) in %.2f s", drift.kept, drift.seconds
+            "reconcile: kernel matches the ledger (%s) in %.2f s",
+            plural(drift.kept, "rule"),
+            drift.seconds,
         )
     return drift
 

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from pushfw.producer.keys import Keys
+from pushfw.producer.render import plural
 from pushfw.worker.ledger import claim_script
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.supervisor import RoleHealth
@@ -101,7 +102,7 @@ class Scheduler:
             self.emitted += len(emitted)
             self.metrics.scheduler_expiries.inc(len(emitted))
             if emitted:
-                logger.info("scheduler expired %d rules", len(emitted))
+                logger.info("scheduler expired %s", plural(len(emitted), "rule"))
 
     def run(self) -> None:
         """Loop until :attr:`stop` is set; Redis outages and unexpected errors are waited out.
