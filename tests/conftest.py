@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import redis
@@ -389,14 +389,54 @@ def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Wo
     return Worker(config, backend=MemoryBackend(config.fail_networks))
 
 
-def pushfw_cli(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``pushfw`` CLI against ``server`` as an operator would, to completion."""
+class Run(Protocol):
+    """The ``pushfw`` fixture: the CLI with these arguments, run to completion."""
+
+    def __call__(
+        self,
+        *args: str,
+        url: str | None = ...,
+        env: dict[str, str] | None = ...,
+        timeout: float = ...,
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+def run_pushfw(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pushfw.producer ARGS`` with no PUSHFW_* settings from the outer world."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
     return subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
+        [sys.executable, "-m", "pushfw.producer", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
     )
+
+
+def pushfw_cli(
+    server: RedisServer, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``pushfw`` CLI against ``server`` as an operator would, to completion."""
+    return run_pushfw("--redis-url", server.url, *args, cwd=cwd)
+
+
+@pytest.fixture
+def pushfw(r: redis.Redis, redis_server: RedisServer, tmp_path: Path) -> Run:
+    """Run the CLI against the session's (flushed) redis-server unless told otherwise."""
+
+    def run(
+        *args: str,
+        url: str | None = redis_server.url,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        prefix = ["--redis-url", url] if url is not None else []
+        return run_pushfw(*prefix, *args, cwd=tmp_path, env=env, timeout=timeout)
+
+    return run
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:

@@ -7,15 +7,12 @@ traceback, and must not put anything on the stream.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Protocol, cast
+from typing import cast
 
 import pytest
 import redis
@@ -23,7 +20,7 @@ from redis.typing import EncodableT, FieldT
 
 from pushfw.producer import Op, parse_command
 from pushfw.producer.records import HostStatus
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, Run
 
 CMD = "{pushfw}:cmd"
 RESULTS = "{pushfw}:results"
@@ -32,47 +29,6 @@ HOSTS = "{pushfw}:hosts"
 UNREACHABLE = "redis://127.0.0.1:1/0"
 ENTRY_ID = re.compile(r"\d+-\d+")
 WHEN = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
-
-
-class Run(Protocol):
-    def __call__(
-        self,
-        *args: str,
-        url: str | None = ...,
-        env: dict[str, str] | None = ...,
-        timeout: float = ...,
-    ) -> subprocess.CompletedProcess[str]: ...
-
-
-def run_pushfw(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """``python -m pushfw.producer ARGS`` with no PUSHFW_* settings from the outer world."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", *args],
-        capture_output=True,
-        text=True,
-        env={**clean, **(env or {})},
-        cwd=cwd,
-        timeout=timeout,
-    )
-
-
-@pytest.fixture
-def pushfw(r: redis.Redis, redis_server: RedisServer, tmp_path: Path) -> Run:
-    """Run the CLI against the session's (flushed) redis-server unless told otherwise."""
-
-    def run(
-        *args: str,
-        url: str | None = redis_server.url,
-        env: dict[str, str] | None = None,
-        timeout: float = 60,
-    ) -> subprocess.CompletedProcess[str]:
-        prefix = ["--redis-url", url] if url is not None else []
-        return run_pushfw(*prefix, *args, cwd=tmp_path, env=env, timeout=timeout)
-
-    return run
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

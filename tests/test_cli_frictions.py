@@ -19,26 +19,12 @@ from pushfw.producer import Producer, parse_command
 from pushfw.producer.client import is_live, reaches
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
-from tests.conftest import RedisServer, memory_worker, wait_for
-from tests.test_cli import CMD, HOSTS, Run, beat, entries, one_line_error, run_pushfw
+from tests.conftest import RedisServer, Run, memory_worker, wait_for
+from tests.test_cli import CMD, HOSTS, beat, entries, one_line_error
 
 NO_HOST = (
     "no host has reported to {pushfw}:hosts yet: is a pushfw-worker running against this Redis?"
 )
-
-
-@pytest.fixture
-def pushfw(r: redis.Redis, redis_server: RedisServer, tmp_path: Path) -> Run:
-    def run(
-        *args: str,
-        url: str | None = redis_server.url,
-        env: dict[str, str] | None = None,
-        timeout: float = 60,
-    ) -> subprocess.CompletedProcess[str]:
-        prefix = ["--redis-url", url] if url is not None else []
-        return run_pushfw(*prefix, *args, cwd=tmp_path, env=env, timeout=timeout)
-
-    return run
 
 
 def redis_ms(client: redis.Redis) -> int:

@@ -20,7 +20,7 @@ from pushfw.producer import Keys, Producer
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim
 from pushfw.worker.scheduler import Scheduler
-from tests.conftest import Netns, RedisServer, WorkerProcess, wait_for
+from tests.conftest import Netns, RedisServer, WorkerProcess, pushfw_cli, wait_for
 from tests.kernel import Firewall, veth
 
 CMD = "{pushfw}:cmd"
@@ -38,12 +38,6 @@ def status_of(producer: Producer, cmd_id: str, host: str | None = None) -> tuple
 def redis_ms(client: Any) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-def pushfw(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
-    """The operator's ``pushfw ARGS`` against ``server``; it must succeed."""
-    cli = [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args]
-    return subprocess.run(cli, capture_output=True, text=True, check=True, timeout=60)
 
 
 def reboot(fw: Firewall, worker: WorkerProcess) -> None:
@@ -137,7 +131,8 @@ def test_i3_ordered_time_is_redis_s_clock_not_the_producers(
     assert expiry == f"{ahead}-2"
     ahead_count = producer.ids_ahead()
     assert ahead_count is not None and (ahead_count.count, ahead_count.max_id) == (3, expiry)
-    status = pushfw(redis_server, "status")
+    status = pushfw_cli(redis_server, "status")
+    assert status.returncode == 0, status.stderr
     assert f"warning: 3 command(s) had ids ahead of Redis's clock, the newest {expiry}" in (
         status.stderr
     )
@@ -228,7 +223,9 @@ def test_i4_convergent_a_returning_host_drops_bans_lifted_and_forgotten_while_aw
     r.flushall()  # Redis lost its data: a new, empty ledger begins
     worker.start()
     assert fw.rules() == {("drop", "192.0.2.43/32"): None}, "a lost ledger is not the truth"
-    [host] = json.loads(pushfw(redis_server, "status", "--json").stdout)
+    shown = pushfw_cli(redis_server, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    [host] = json.loads(shown.stdout)
     assert (host["state"], host["ledger_lost"]) == ("LEDGER LOST", True)
     assert worker.stop() == 0
     assert "did Redis lose its data?" in worker.log

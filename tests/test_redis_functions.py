@@ -24,24 +24,11 @@ from pushfw.producer import parse_command
 from pushfw.producer.connection import connect
 from pushfw.producer.functions import FUNCTIONS, LIBRARY_NAME
 from pushfw.worker.stream import stream_id_order
-from tests.conftest import RedisServer, need
+from tests.conftest import RedisServer, need, pushfw_cli
 from tests.test_applier import key, make_worker, results_by_cmd
 from tests.test_topologies import cluster, redis_binary  # noqa: F401 (fixtures used below)
 
 CMD = "{pushfw}:cmd"
-
-
-def pushfw_cli(server: RedisServer, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m pushfw.producer --redis-url URL ARGS``, no PUSHFW_* settings from outside."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=60,
-    )
 
 
 @pytest.fixture
