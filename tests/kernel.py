@@ -51,10 +51,24 @@ class Firewall:
                 out[(action, _net(words[words.index("-s") + 1]))] = int(exp[1]) if exp else None
         return out
 
+    def _nft_table(self) -> str:
+        """``nft -j list table inet pushfw``; "" if there is no such table.
+
+        A listing that overlaps a commit can fail (an interrupted netlink dump): that is
+        read again, never taken for an empty table, which would look like every rule gone.
+        """
+        for _ in range(50):
+            proc = self.ns.run("nft", "-j", "list", "table", "inet", "pushfw", check=False)
+            if proc.returncode == 0:
+                return proc.stdout
+            if "No such file or directory" in proc.stderr:
+                return ""
+        raise AssertionError(f"nft list table inet pushfw keeps failing: {proc.stderr}")
+
     def _nft(self) -> dict[tuple[str, str], int | None]:
-        proc = self.ns.run("nft", "-j", "list", "table", "inet", "pushfw", check=False)
+        listing = self._nft_table()
         out: dict[tuple[str, str], int | None] = {}
-        for item in json.loads(proc.stdout or "{}").get("nftables", []):
+        for item in json.loads(listing or "{}").get("nftables", []):
             nft_set = item.get("set")
             name = _NFT_SET.fullmatch(nft_set["name"]) if nft_set else None
             if nft_set is None or name is None:

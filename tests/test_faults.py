@@ -182,10 +182,11 @@ def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
     """Once crashed the worker: the expiry queue compared an IPv4 with an IPv6 network."""
     worker = memory_worker(redis_server)
     worker.setup()
-    pipe = r.pipeline(transaction=True)  # one MULTI: both ids share Redis's millisecond
-    pipe.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.90", "ttl": "1"})
-    pipe.xadd(CMD, {"op": "drop.insert", "ip": "2001:db8::90", "ttl": "1"})
-    first, second = (eid.decode() for eid in pipe.execute())
+    seconds, micros = r.time()
+    ms = int(seconds) * 1000 + int(micros) // 1000 + 1  # both ids in one millisecond of Redis's
+    first = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.90", "ttl": "1"}, id=f"{ms}-1")
+    second = r.xadd(CMD, {"op": "drop.insert", "ip": "2001:db8::90", "ttl": "1"}, id=f"{ms}-2")
+    first, second = first.decode(), second.decode()
     assert first.split("-")[0] == second.split("-")[0]
     worker.run(burst=True)
     assert len(worker.backend.snapshot()) == 2

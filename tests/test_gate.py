@@ -129,6 +129,12 @@ def test_i3_ordered_time_is_redis_s_clock_not_the_producers(
     # the scheduler's delete of the 3 s ban is the third entry stamped
     [expiry] = [eid.decode() for eid, f in r.xrange(CMD) if f.get(b"origin") == b"ttl"]
     assert expiry == f"{ahead}-2"
+
+    def stamped_three() -> bool:  # the delete is stamped when a worker first reads it
+        found = producer.ids_ahead()
+        return found is not None and found.count == 3
+
+    wait_for(stamped_three, 15, "the scheduler's delete to be stamped")
     ahead_count = producer.ids_ahead()
     assert ahead_count is not None and (ahead_count.count, ahead_count.max_id) == (3, expiry)
     status = pushfw_cli(redis_server, "status")
