@@ -376,8 +376,24 @@ def private_xtables_lock(tmp_path: Path) -> Path:
     return lock
 
 
+_MEMORY_WORKERS: list[Worker] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_memory_workers() -> Iterator[None]:
+    """Stop every in-process worker's scheduler thread when its test ends, passed or failed:
+    a thread left running would claim the next test's expiries on the shared Redis."""
+    yield
+    while _MEMORY_WORKERS:
+        worker = _MEMORY_WORKERS.pop()
+        worker.request_stop()
+        worker.scheduler.close()
+
+
 def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
-    """An in-process worker on the memory backend, quick to retry and to notice new entries."""
+    """An in-process worker on the memory backend, quick to retry and to notice new entries.
+
+    Its scheduler thread is stopped when the test ends (:func:`_stop_memory_workers`)."""
     settings: dict[str, Any] = {
         "block_ms": 50,
         "retry_base_ms": 5,
@@ -386,7 +402,9 @@ def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Wo
     }
     settings.update(overrides)
     config = WorkerSettings(redis_url=server.url, host_name=host, backend="memory", **settings)
-    return Worker(config, backend=MemoryBackend(config.fail_networks))
+    worker = Worker(config, backend=MemoryBackend(config.fail_networks))
+    _MEMORY_WORKERS.append(worker)
+    return worker
 
 
 class Run(Protocol):

@@ -115,12 +115,12 @@ class Scheduler:
                 if pubsub is None:
                     pubsub = self._subscribe()
                 next_s = self.claim_due()
+                self.health.succeeded()
                 timeout = self.poll_s if next_s is None else max(0.0, min(next_s, self.poll_s))
                 if pubsub is not None and timeout > 0:
                     pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
                 else:
                     self.stop.wait(timeout)
-                self.health.succeeded()
             except redis.exceptions.NoPermissionError as exc:
                 logger.warning("key-expiry events refused (%s); the timer alone wakes us", exc)
                 self.events, pubsub = False, None
