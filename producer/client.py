@@ -13,7 +13,8 @@ from redis.typing import EncodableT, FieldT
 from pushfw.producer.connection import connect
 from pushfw.producer.contract import Command, Result, parse_command, signature
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
-from pushfw.producer.records import HostStatus, IdsAhead, RuleHits, RuleRecord
+from pushfw.producer.lists import ListContent, parse_list_command
+from pushfw.producer.records import HostStatus, IdsAhead, ListRecord, RuleHits, RuleRecord
 
 __all__ = [
     "STALE_AFTER_BEATS",
@@ -123,12 +124,64 @@ class Producer:
 
         https://redis.io/commands/xadd/
         """
-        wire = command.to_fields()
+        return cast(str, self.client.xadd(self.keys.cmd, self._wire(command.to_fields())))
+
+    def _wire(self, wire: dict[str, str]) -> dict[FieldT, EncodableT]:
+        """The stream fields, with ``ts`` and ``sig`` when a key is set."""
         if self._hmac_key is not None:
             wire["ts"] = str(time.time_ns() // 1_000_000)
             wire["sig"] = signature(wire, self._hmac_key)
-        fields: dict[FieldT, EncodableT] = {k: v for k, v in wire.items()}
-        return cast(str, self.client.xadd(self.keys.cmd, fields))
+        return {k: v for k, v in wire.items()}
+
+    def load_list(
+        self,
+        name: str,
+        content: ListContent,
+        *,
+        action: str = "drop",
+        ttl_s: int | None = None,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+        reply: bool = True,
+    ) -> str:
+        """Store ``content`` as a version of list ``name`` and send one ``list.load`` for it.
+
+        The content and the command are written in one transaction, so a host never reads a
+        command whose content was not stored. Returns the command's entry id.
+        """
+        fields = {"op": "list.load", "name": name, "version": content.version, "action": action}
+        fields.update(size=str(content.size), reason=reason, request_id=request_id)
+        if ttl_s is not None:
+            fields["ttl"] = str(ttl_s)
+        if names := ",".join(target):
+            fields["target"] = names
+        if reply:
+            fields["reply"] = "1"
+        cmd = parse_list_command(fields)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.list_content(cmd.name, cmd.version), content.to_bytes())
+        pipe.xadd(self.keys.cmd, self._wire(cmd.to_fields()))
+        return cast(str, pipe.execute()[1])
+
+    def delete_list(
+        self, name: str, *, target: Iterable[str] = (), reason: str = "", reply: bool = True
+    ) -> str:
+        """Remove list ``name`` from every host (or the targeted ones); returns the entry id."""
+        fields = {"op": "list.delete", "name": name, "reason": reason}
+        if names := ",".join(target):
+            fields["target"] = names
+        if reply:
+            fields["reply"] = "1"
+        cmd = parse_list_command(fields)
+        return cast(str, self.client.xadd(self.keys.cmd, self._wire(cmd.to_fields())))
+
+    def lists(self) -> list[ListRecord]:
+        """The lists the ledger holds, by name (removed and expired ones left out)."""
+        now_ms = self.now_ms()
+        raw = cast(dict[str, str], self.client.hgetall(self.keys.lists))
+        records = (ListRecord.model_validate_json(v) for v in raw.values())
+        return sorted((r for r in records if r.active_at(now_ms)), key=lambda r: r.name)
 
     def _command(
         self,

@@ -19,6 +19,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "LIST_SIGNED_FIELDS",
     "MAX_REASON_LEN",
     "MAX_REQUEST_ID_LEN",
     "MAX_TTL_S",
@@ -331,6 +332,23 @@ SIGNED_FIELDS = ("ip", "op", "origin", "reason", "request_id", "target", "ts", "
 entries), plus ``ts``; never ``sig`` itself."""
 
 
+LIST_SIGNED_FIELDS = (
+    "action",
+    "name",
+    "op",
+    "origin",
+    "reason",
+    "request_id",
+    "size",
+    "target",
+    "ts",
+    "ttl",
+    "version",
+)
+"""What a list command's signature covers; ``version`` is the content's hash, so the
+signature covers every entry of the list too."""
+
+
 def _wire_items(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[bytes, bytes]:
     """Field names lower-cased, names and values as bytes (str values as UTF-8)."""
     out: dict[bytes, bytes] = {}
@@ -347,7 +365,8 @@ def _wire_items(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[bytes
 def signing_payload(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> bytes:
     """The bytes an HMAC signature of a command covers (signing rule v1).
 
-    Take every field of :data:`SIGNED_FIELDS` that the entry has (field names compared in
+    Take every field of :data:`SIGNED_FIELDS` (:data:`LIST_SIGNED_FIELDS` for an ``op`` that
+    starts with ``list.``) that the entry has (field names compared in
     lower case; other fields, ``sig`` among them, are left out), write each as
     ``name=value`` with the name in lower case and the value's bytes exactly as sent (UTF-8
     for text), sort these lines by name and join them with ``\n`` (no newline at the end).
@@ -359,7 +378,8 @@ def signing_payload(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> bytes:
     """
     items = _wire_items(fields)
     lines = []
-    for name in SIGNED_FIELDS:
+    names = LIST_SIGNED_FIELDS if items.get(b"op", b"")[:5].lower() == b"list." else SIGNED_FIELDS
+    for name in names:
         value = items.get(name.encode())
         if value is None:
             continue

@@ -78,6 +78,15 @@ class Keys:
         """Which worker trims the streams this interval: one per fleet, not one per host."""
         return f"{self.prefix}:trimming"
 
+    @property
+    def lists(self) -> str:
+        """The ledger of named lists: hash of list name -> JSON record of its newest command."""
+        return f"{self.prefix}:lists"
+
+    def list_content(self, name: str, version: str) -> str:
+        """One version of a list's packed entries (:class:`pushfw.producer.lists.ListContent`)."""
+        return f"{self.prefix}:list:{name}:{version}"
+
     def hits(self, host: str) -> str:
         """Hash of rule id -> JSON hit counts (packets, bytes, ms) of one host's busiest rules."""
         return f"{self.prefix}:hits:{host}"

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["HostStatus", "IdsAhead", "RoleState", "RuleHits", "RuleRecord", "rule_id"]
+__all__ = [
+    "HeldList",
+    "HostStatus",
+    "IdsAhead",
+    "ListRecord",
+    "RoleState",
+    "RuleHits",
+    "RuleRecord",
+    "rule_id",
+]
 
 
 def rule_id(action: str, network: str) -> str:
@@ -69,6 +78,46 @@ class RuleRecord(BaseModel):
         return not self.deleted and (self.expires_ms is None or self.expires_ms > now_ms)
 
 
+class ListRecord(BaseModel):
+    """The newest command for one named list, in ``{pushfw}:lists`` (field: the list's name).
+
+    Folded by the same compare-and-set on the entry id as rules; ``deleted`` marks a list
+    removed by ``list.delete``. Its entries are in ``{pushfw}:list:<name>:<version>``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    version: str = ""
+    action: str = "drop"
+    size: int = 0
+    expires_ms: int | None = None
+    target: list[str] = []
+    reason: str = ""
+    deleted: bool = False
+    seen_ms: int | None = None
+    signed: dict[str, str] = {}
+    """A signed command's signed fields and ``sig``, so a strict host can verify it itself."""
+
+    def targets(self, host: str, labels: frozenset[str]) -> bool:
+        return not self.target or any(t == host or t in labels for t in self.target)
+
+    def active_at(self, now_ms: int) -> bool:
+        return not self.deleted and (self.expires_ms is None or self.expires_ms > now_ms)
+
+
+class HeldList(BaseModel):
+    """A list as one host's kernel holds it, in that host's heartbeat."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    entries: int
+    """Entries in the kernel: the list's size less those this host's policy refused."""
+    refused: int = 0
+
+
 class RoleState(BaseModel):
     """One role of a worker as its heartbeat tells it: ``ok``, or failing since when and why."""
 
@@ -110,6 +159,8 @@ class HostStatus(BaseModel):
     commands that asked for no result entry."""
     roles: dict[str, RoleState] = {}
     """Each role's health: startup, applier, ledger, expiry, reconcile, heartbeat, trimming, ..."""
+    lists: dict[str, HeldList] = {}
+    """The named lists this host's kernel holds, by name."""
 
 
 class IdsAhead(BaseModel):

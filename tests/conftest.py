@@ -390,10 +390,13 @@ def _stop_memory_workers() -> Iterator[None]:
         worker.scheduler.close()
 
 
-def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Worker:
+def memory_worker(
+    server: RedisServer, host: str = "h1", backend: MemoryBackend | None = None, **overrides: Any
+) -> Worker:
     """An in-process worker on the memory backend, quick to retry and to notice new entries.
 
-    Its scheduler thread is stopped when the test ends (:func:`_stop_memory_workers`)."""
+    ``backend``: the "kernel" of an earlier worker, as a restarted process finds it. Its
+    scheduler thread is stopped when the test ends (:func:`_stop_memory_workers`)."""
     settings: dict[str, Any] = {
         "block_ms": 50,
         "retry_base_ms": 5,
@@ -402,7 +405,7 @@ def memory_worker(server: RedisServer, host: str = "h1", **overrides: Any) -> Wo
     }
     settings.update(overrides)
     config = WorkerSettings(redis_url=server.url, host_name=host, backend="memory", **settings)
-    worker = Worker(config, backend=MemoryBackend(config.fail_networks))
+    worker = Worker(config, backend=backend or MemoryBackend(config.fail_networks))
     _MEMORY_WORKERS.append(worker)
     return worker
 

@@ -23,6 +23,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.contract import Command, CommandRejected, Status
+from pushfw.producer.lists import ListCommand, is_list_entry
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
@@ -32,6 +33,7 @@ from pushfw.worker.decide import Decision, Delete, Policy, Report, Request, deci
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.expiry import ExpiryQueue
 from pushfw.worker.ledger import Ledger
+from pushfw.worker.lists import ListKeeper
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.plan import Step, plan
 from pushfw.worker.settings import WorkerSettings
@@ -54,7 +56,7 @@ class Answer:
     status: Status | None
     detail: str = ""
     request_id: str = ""
-    command: Command | None = None
+    command: Command | ListCommand | None = None
     report: bool = True
     permanent: bool = False
     busy: bool = False
@@ -169,6 +171,7 @@ class Applier:
         """Commands this host answered since it started, by status (for the heartbeat)."""
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
+        self.lists = ListKeeper(client, keys, backend, policy, lambda: self.kernel())
 
     def setup(self, start_id: str = "0") -> None:
         """Create the host's group at ``start_id`` if it is new (the worker opens the backend)."""
@@ -198,7 +201,7 @@ class Applier:
     def expire_due(self) -> int:
         """Remove the timed rules whose expiry has passed (see :mod:`pushfw.worker.expiry`)."""
         with self.kernel():  # the queue and the kernel change together, never half
-            return self._expire_due()
+            return self._expire_due() + self.lists.expire_due(self.now_ms())
 
     def _expire_due(self) -> int:
         now = self.now_ms()
@@ -258,9 +261,12 @@ class Applier:
         block_ms = self.settings.block_ms
         if self._retry_at:
             block_ms = min(block_ms, int((self._retry_at - time.monotonic()) * 1000))
-        next_expiry_ms = self.expiry.ms_until_next(self.now_ms())
-        if next_expiry_ms is not None:
-            block_ms = min(block_ms, next_expiry_ms)
+        for next_expiry_ms in (
+            self.expiry.ms_until_next(self.now_ms()),
+            self.lists.ms_until_next(self.now_ms()),
+        ):
+            if next_expiry_ms is not None:
+                block_ms = min(block_ms, next_expiry_ms)
         block_ms = max(1, block_ms)
         self.blocking = True
         try:
@@ -279,10 +285,12 @@ class Applier:
         started = time.perf_counter()
         now_ms, seen = self.clock.read(entries)
         self._sync_clock(now_ms)
-        requests = [self._request(entry, seen) for entry in entries]
+        lists = [e for e in entries if is_list_entry(e.fields)]
+        of_rules = [e for e in entries if not is_list_entry(e.fields)] if lists else entries
+        requests = [self._request(entry, seen) for entry in of_rules]
         records = self._records(requests, boundary)
         decided: list[Answer | Decided] = []
-        for entry, request in zip(entries, requests, strict=True):
+        for entry, request in zip(of_rules, requests, strict=True):
             if isinstance(request, Answer):
                 decided.append(request)
                 continue
@@ -291,7 +299,8 @@ class Applier:
                 request, self.policy, now_ms, record
             )
             decided.append(Decided(entry, request, decision))
-        final = self._apply(decided)
+        final = self._apply(decided) if decided else []
+        final += [self._list_answer(entry, seen[entry.id], now_ms) for entry in lists]
         final = self._finish(final)
         self.metrics.batch(final, time.perf_counter() - started, self.now_ms())
         reported = [a for a in final if a.report]
@@ -318,6 +327,20 @@ class Applier:
             request_id = entry.fields.get(b"request_id", b"")[:128].decode("utf-8", "replace")
             return Answer(entry, Status.REJECTED, str(exc), request_id=request_id)
         return Request.from_entry(entry, cmd, seen[entry.id])
+
+    def _list_answer(self, entry: Entry, seen_ms: int, now_ms: int) -> Answer:
+        """One ``list.*`` entry, carried out alone: a list is one kernel transaction itself."""
+        outcome, cmd = self.lists.handle(entry, seen_ms, now_ms)
+        return Answer(
+            entry,
+            outcome.status,
+            outcome.detail,
+            cmd.request_id if cmd is not None else "",
+            cmd,
+            outcome.report,
+            outcome.permanent,
+            outcome.busy,
+        )
 
     def _records(
         self, requests: list[Request | Answer], boundary: tuple[int, int]

@@ -22,7 +22,7 @@ import redis
 from pushfw.producer.connection import connect as redis_connect
 from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
-from pushfw.producer.records import HostStatus
+from pushfw.producer.records import HeldList, HostStatus
 from pushfw.producer.render import plural
 from pushfw.worker.alarm import ExpiryAlarm, ExpiryDue
 from pushfw.worker.applier import Applier, StopRequested
@@ -120,6 +120,8 @@ class Worker:
         self.backend.lock_waited = self._lock_waited
         self._lock_warned_at = float("-inf")
         self._beat_at, self._beat_rules = float("-inf"), 0
+        self._beat_lists: dict[str, HeldList] = {}
+        self.list_problems: list[str] = []
         self.scheduler = Scheduler(
             connect(settings),
             self.keys,
@@ -234,6 +236,7 @@ class Worker:
             if refused
             else None
         )
+        self.list_problems = self.applier.lists.reconcile(now_ms, remove_extras=trusted)
         return self.last_drift
 
     def _protect(self, client: redis.Redis | None) -> None:
@@ -347,7 +350,10 @@ class Worker:
         ``pushfw status`` then agrees with ``pushfw list`` a moment after a batch, at most
         a few heartbeats a second however busy the stream is.
         """
-        if self.backend.size() == self._beat_rules:
+        if (
+            self.backend.size() == self._beat_rules
+            and self.applier.lists.status() == self._beat_lists
+        ):
             return
         soon = max(time.monotonic(), self._beat_at + _CHANGED_BEAT_GAP_S)
         self._due["heartbeat"] = min(self._due.get("heartbeat", soon), soon)
@@ -364,6 +370,7 @@ class Worker:
 
     def heartbeat(self, state: str = "running") -> None:
         self._beat_at, self._beat_rules = time.monotonic(), self.backend.size()
+        self._beat_lists = self.applier.lists.status()
         lag, pending = group_info(self.client, self.keys, self.applier.stream.group)
         beat(
             self.client,
@@ -386,6 +393,7 @@ class Worker:
                 roles=self.supervisor.states(),
                 done_id=self.applier.done_id,
                 counts=dict(self.applier.counts),
+                lists=self._beat_lists,
             ),
         )
         for role, health in self.supervisor.roles.items():
@@ -399,6 +407,7 @@ class Worker:
         found = self.supervisor.problems()
         if self.reconcile_error is not None:
             found.append(f"reconcile: {self.reconcile_error}")
+        found += (f"reconcile: {problem}" for problem in self.list_problems)
         return found
 
     def _following(self) -> str:

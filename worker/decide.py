@@ -22,8 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
-from pushfw.producer.records import RuleRecord
-from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.producer.lists import (
+    ListCommand,
+    ListContent,
+    ListOp,
+    parse_list_command,
+    record_text,
+)
+from pushfw.producer.records import ListRecord, RuleRecord
+from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.protect import LOOPBACK, Protection
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import Entry, stream_id_order
@@ -33,12 +40,18 @@ __all__ = [
     "Add",
     "Decision",
     "Delete",
+    "ListDecision",
+    "ListRequest",
+    "Load",
     "Policy",
     "Report",
     "Request",
+    "Unload",
     "decide",
+    "decide_list",
     "is_signed",
     "refused_by_every_host",
+    "refused_entries",
     "request_from_record",
 ]
 
@@ -195,16 +208,7 @@ def decide(
 
 
 def _authentic(request: Request, policy: Policy) -> Report | None:
-    signing = policy.signing
-    if request.fields is None:
-        if signing.required:
-            return Report(Status.REJECTED, "sig: missing")
-        return None
-    try:
-        signing.check(request.fields, request.seen_ms)
-    except CommandRejected as exc:
-        return Report(Status.REJECTED, str(exc))
-    return None
+    return _authentic_fields(request.fields, request.seen_ms, policy)
 
 
 def _unsafe_drop(key: RuleKey, policy: Policy) -> str | None:
@@ -280,3 +284,148 @@ def request_from_record(record: RuleRecord) -> Request | None:
         fields=None,
         confirmed=record.is_expiry,
     )
+
+
+# --- named lists ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """A list command as the gate sees it, from a stream entry or from a ledger record."""
+
+    id: str
+    list: BlockList
+    load: bool
+    target: tuple[str, ...]
+    seen_ms: int
+    fields: Mapping[bytes, bytes] | None
+
+    @classmethod
+    def from_entry(cls, entry: Entry, cmd: ListCommand, seen_ms: int) -> ListRequest:
+        return cls(
+            id=entry.id,
+            list=BlockList(
+                cmd.name,
+                cmd.action,
+                cmd.version,
+                seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            ),
+            load=cmd.op is ListOp.LOAD,
+            target=cmd.target,
+            seen_ms=seen_ms,
+            fields=entry.fields,
+        )
+
+    @classmethod
+    def from_record(cls, record: ListRecord) -> ListRequest | None:
+        """The command a list's ledger record holds (None: not a valid list command).
+
+        A signed record is rebuilt from its signed fields, as :func:`request_from_record`
+        does for rules."""
+        seen_ms = record.seen_ms if record.seen_ms is not None else stream_id_order(record.id)[0]
+        if record.signed:
+            fields = {k.encode(): v.encode() for k, v in record.signed.items()}
+            try:
+                cmd = parse_list_command(fields)
+            except CommandRejected:
+                return None
+            if cmd.name != record.name:
+                return None
+            return cls.from_entry(Entry(record.id, fields), cmd, seen_ms)
+        try:
+            action = Action(record.action)
+        except ValueError:
+            return None
+        return cls(
+            id=record.id,
+            list=BlockList(record.name, action, record.version, record.expires_ms),
+            load=not record.deleted,
+            target=tuple(record.target),
+            seen_ms=seen_ms,
+            fields=None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Hold this list in the kernel (its entries then pass :func:`refused_entries`)."""
+
+    list: BlockList
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    """This list must not be in the kernel; ``report`` False for a list meant for others."""
+
+    name: str
+    status: Status = Status.APPLIED
+    detail: str = ""
+    report: bool = True
+
+
+ListDecision = Load | Unload | Report
+
+
+def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecision:
+    """The one decision for one list command on one host, in the order :func:`decide`
+    checks a rule: authenticity, target, expiry. Entries are checked one by one by
+    :func:`refused_entries` once the content is read."""
+    refused = _authentic_fields(request.fields, request.seen_ms, policy)
+    if refused is not None:
+        return refused
+    name = request.list.name
+    if request.target and not any(t == policy.host or t in policy.labels for t in request.target):
+        return Unload(name, Status.UNCHANGED, report=False)
+    if not request.load:
+        return Unload(name)
+    expires_ms = request.list.expires_ms
+    if expires_ms is not None and expires_ms <= now_ms:
+        return Unload(name, Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago")
+    return Load(request.list)
+
+
+def refused_entries(
+    content: ListContent, action: Action, policy: Policy
+) -> tuple[ListContent, list[str]]:
+    """The entries of a list this host may hold, and why it leaves out the others.
+
+    The checks a single command's ``ip`` meets: a drop never covers a protected network,
+    and no entry is wider than the host's blast-radius bounds.
+    """
+    refused: dict[int, dict[bytes, str]] = {4: {}, 6: {}}
+    bounds = (
+        {4: policy.min_drop_prefix_v4, 6: policy.min_drop_prefix_v6}
+        if action is Action.DROP
+        else {4: policy.min_accept_prefix_v4, 6: policy.min_accept_prefix_v6}
+    )
+    for version, widest in bounds.items():
+        for rec in content.narrower_than(version, widest):
+            refused[version][rec] = (
+                f"{record_text(rec)} is wider than /{widest}, the widest network "
+                f"a{'n accept' if action is Action.ACCEPT else ' drop'} may cover here"
+            )
+    if action is Action.DROP:
+        for protected in policy.protection.networks:
+            start = int(protected.network_address)
+            end = int(protected.broadcast_address)
+            for rec in content.overlapping(protected.version, start, end):
+                refused[protected.version].setdefault(
+                    rec, f"{record_text(rec)} overlaps protected network {protected}"
+                )
+    if not refused[4] and not refused[6]:
+        return content, []
+    kept = content.without(set(refused[4]), set(refused[6]))
+    return kept, [*refused[4].values(), *refused[6].values()]
+
+
+def _authentic_fields(
+    fields: Mapping[bytes, bytes] | None, seen_ms: int, policy: Policy
+) -> Report | None:
+    signing = policy.signing
+    if fields is None:
+        return Report(Status.REJECTED, "sig: missing") if signing.required else None
+    try:
+        signing.check(fields, seen_ms)
+    except CommandRejected as exc:
+        return Report(Status.REJECTED, str(exc))
+    return None

@@ -30,9 +30,10 @@ from typing import Any
 import redis
 from redis.typing import StreamIdT
 
-from pushfw.producer.contract import SIGNED_FIELDS, Command, CommandRejected
+from pushfw.producer.contract import LIST_SIGNED_FIELDS, SIGNED_FIELDS, Command, CommandRejected
 from pushfw.producer.keys import Keys
-from pushfw.producer.records import RuleRecord
+from pushfw.producer.lists import ListCommand, is_list_entry, parse_list_command
+from pushfw.producer.records import ListRecord, RuleRecord
 from pushfw.worker.clock import Clock
 from pushfw.worker.decide import refused_by_every_host
 from pushfw.worker.stream import (
@@ -130,6 +131,47 @@ end
 return emitted
 """
 
+LIST_FOLD = (
+    LUA_ID_ORDER
+    + """
+-- KEYS: lists, the content key of the version this command loads (or the lists key again)
+-- ARGV: name, entry id, record json, version or '', content key prefix, grace ms,
+--       expires ms or ''
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local old = nil
+if raw then
+  local cur = cjson.decode(raw)
+  if not newer(ARGV[2], cur['id']) then
+    return 0
+  end
+  if not cur['deleted'] then
+    old = cur['version']
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if ARGV[4] ~= '' then
+  if ARGV[7] ~= '' then
+    redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[6]))
+  else
+    redis.call('PERSIST', KEYS[2])
+  end
+end
+if old and old ~= ARGV[4] then
+  -- the same hash tag as KEYS[2], so the same slot on a cluster
+  redis.call('PEXPIRE', ARGV[5] .. old, ARGV[6])
+end
+return 1
+"""
+)
+"""Fold one list command: compare-and-set on the entry id, like :data:`FOLD` for rules.
+
+The content of the version it replaces is not deleted but left to expire after a grace
+period, and the content it installs is kept (``PERSIST``): a re-import of an older version
+that is written before the fold of the version between them then still finds its content.
+A host that reads a command whose content is gone finds a newer record in the ledger and
+skips it (:mod:`pushfw.worker.lists`)."""
+LIST_CONTENT_GRACE_MS = 3_600_000
+
 FORGET = """
 -- KEYS: rules, tombs; ARGV: field, value, ...: delete each field that still holds that
 -- value, with its tombstone index entry
@@ -174,6 +216,36 @@ def record_for(entry: Entry, cmd: Command, seen_ms: int, now_ms: int) -> RuleRec
     )
 
 
+_LIST_SIGNED = frozenset(name.encode() for name in (*LIST_SIGNED_FIELDS, "sig"))
+
+
+def list_record_for(entry: Entry, cmd: ListCommand, seen_ms: int) -> ListRecord:
+    """The ledger state a list command sets."""
+    fields = entry.fields or {}
+    signed = (
+        {
+            k.lower().decode("utf-8", "replace"): v.decode("utf-8", "replace")
+            for k, v in fields.items()
+            if k.lower() in _LIST_SIGNED
+        }
+        if any(k.lower() == b"sig" for k in fields)
+        else {}
+    )
+    return ListRecord(
+        id=entry.id,
+        name=cmd.name,
+        version=cmd.version,
+        action=cmd.action.value,
+        size=cmd.size,
+        expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+        target=list(cmd.target),
+        reason=cmd.reason,
+        deleted=cmd.op.value == "list.delete",
+        seen_ms=seen_ms if seen_ms != entry.ms else None,
+        signed=signed,
+    )
+
+
 class Ledger:
     """Folds the command stream into ``{pushfw}:rules`` and ``{pushfw}:expiry``."""
 
@@ -192,6 +264,7 @@ class Ledger:
         self.clock = clock or Clock(client, keys)
         self.parsed = ParsedEntries()
         self._fold = client.register_script(FOLD)
+        self._fold_list = client.register_script(LIST_FOLD)
         self._forget = client.register_script(FORGET)
 
     def ensure_group(self) -> None:
@@ -269,8 +342,17 @@ class Ledger:
         if not entries:
             return 0
         now_ms, seen = self.clock.read(entries)
+        lists = [e for e in entries if is_list_entry(e.fields)]
+        if lists:
+            for entry in lists:
+                self._fold_list_entry(entry, seen[entry.id])
+            entries_of_rules = [e for e in entries if not is_list_entry(e.fields)]
+        else:
+            entries_of_rules = entries
         records = [
-            r for r in (self._record(e, seen[e.id], now_ms) for e in entries) if r is not None
+            r
+            for r in (self._record(e, seen[e.id], now_ms) for e in entries_of_rules)
+            if r is not None
         ]
         changed = 0
         for start in range(0, len(records), _FOLD_CHUNK):
@@ -294,6 +376,30 @@ class Ledger:
             "ledger folded %d of %d entries, %d changed state", len(records), len(entries), changed
         )
         return changed
+
+    def _fold_list_entry(self, entry: Entry, seen_ms: int) -> bool:
+        """Fold one ``list.*`` command (an invalid one is only acknowledged)."""
+        assert entry.fields is not None
+        try:
+            cmd = parse_list_command(entry.fields)
+        except CommandRejected:
+            return False
+        record = list_record_for(entry, cmd, seen_ms)
+        content = self.keys.list_content(cmd.name, cmd.version) if cmd.version else None
+        return bool(
+            self._fold_list(
+                keys=[self.keys.lists, content or self.keys.lists],
+                args=[
+                    cmd.name,
+                    entry.id,
+                    record.model_dump_json(exclude_defaults=True),
+                    cmd.version,
+                    self.keys.list_content(cmd.name, ""),
+                    LIST_CONTENT_GRACE_MS,
+                    "" if record.expires_ms is None else str(record.expires_ms),
+                ],
+            )
+        )
 
     def _record(self, entry: Entry, seen_ms: int, now_ms: int) -> RuleRecord | None:
         """The state an entry sets; None for what every host refuses."""

@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from pushfw.producer.contract import Action, Command, Op, Status
+from pushfw.producer.lists import ListCommand
 from pushfw.worker.backends.base import RuleKey
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.stream import Entry
@@ -40,7 +41,7 @@ class Finished(Protocol):
     def status(self) -> Status | None: ...
 
     @property
-    def command(self) -> Command | None: ...
+    def command(self) -> Command | ListCommand | None: ...
 
     @property
     def skip(self) -> bool: ...
@@ -51,6 +52,8 @@ def _op_label(out: Finished) -> str:
     if out.command is not None:
         return out.command.op.value
     raw = (out.entry.fields or {}).get(b"op", b"")
+    if raw.lower() in (b"list.load", b"list.delete"):
+        return raw.lower().decode()
     try:
         return Op.parse(raw.decode()).value
     except (ValueError, UnicodeDecodeError):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pushfw.producer.contract import Action, Network
 from pushfw.producer.records import rule_id
+from pushfw.worker.errors import PermanentBackendError
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -27,6 +28,20 @@ class Rule:
     """A managed rule as the kernel holds it; ``expires_ms`` is absolute (Redis clock)."""
 
     key: RuleKey
+    expires_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockList:
+    """A named list as one host's kernel holds it: every entry shares action and expiry.
+
+    ``version`` is the content id the importer gave it (a hash of the entries), so two
+    hosts holding one version hold the same entries.
+    """
+
+    name: str
+    action: Action
+    version: str
     expires_ms: int | None = None
 
 
@@ -126,6 +141,50 @@ class Backend(abc.ABC):
     def uninstall(self) -> str:
         """Remove everything this backend created in the kernel; say what, in a few words."""
         return "nothing to remove"
+
+    # --- named lists (``pushfw import``): kernel objects of their own, apart from rules ---
+
+    supports_lists: bool = False
+    """Whether :meth:`load_list` and the others work here (set backends); else they raise."""
+
+    def list_names(self) -> set[str]:
+        """The names of the lists whose kernel objects exist now (read from the kernel)."""
+        return set()
+
+    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
+        """Make the kernel hold exactly ``networks`` as list ``spec.name``, in one transaction.
+
+        ``networks`` are canonical CIDR strings of both families (``192.0.2.0/24``,
+        ``2001:db8::1/128``), without duplicates or overlaps. Creates the list's kernel
+        objects (and the rule matching them: accept lists before every drop) if missing;
+        a list already there is replaced whole, so packets meet the old content or the new,
+        never a gap. Every entry expires in the kernel at ``spec.expires_ms`` (rounded up,
+        plus a second), so a timed list ends even while the worker is away.
+
+        Raises:
+            TransientBackendError, PermanentBackendError, BackendError: as :meth:`commit`;
+            on any failure the kernel keeps what it held before.
+        """
+        raise PermanentBackendError(
+            f"the {self.name} backend keeps no sets: lists need ipset or nftables"
+        )
+
+    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
+        """Apply a difference to a list the kernel holds, in one transaction.
+
+        ``spec`` has the same action and expiry as the list already loaded (else the worker
+        calls :meth:`load_list`). Adding an entry present or removing one absent is harmless.
+
+        Raises:
+            as :meth:`load_list`; on any failure the kernel keeps what it held before.
+        """
+        raise PermanentBackendError(
+            f"the {self.name} backend keeps no sets: lists need ipset or nftables"
+        )
+
+    def remove_list(self, name: str) -> None:
+        """Remove the list's kernel objects and the rule matching them; absent is harmless."""
+        return None  # a backend without lists holds none
 
     def size(self) -> int:
         """How many managed rules are committed."""

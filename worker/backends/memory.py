@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pushfw.producer.contract import Network
-from pushfw.worker.backends.base import IndexedBackend
+from pushfw.worker.backends.base import BlockList, IndexedBackend
 from pushfw.worker.errors import BackendError
 
 
@@ -18,6 +18,8 @@ class MemoryBackend(IndexedBackend):
         super().__init__()
         self._fail = frozenset(fail_networks)
         self.commits = 0
+        self.lists: dict[str, tuple[BlockList, set[str]]] = {}
+        """Each loaded list with its entries (what a kernel's sets would hold)."""
 
     def open(self) -> None:
         """Nothing to create."""
@@ -33,3 +35,26 @@ class MemoryBackend(IndexedBackend):
             else:
                 self._index[key] = rule
         self.commits += 1
+
+    supports_lists = True
+
+    def list_names(self) -> set[str]:
+        return set(self.lists)
+
+    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
+        self._check_list(networks)
+        self.lists[spec.name] = (spec, set(networks))
+
+    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
+        self._check_list(add)
+        _, entries = self.lists.get(spec.name, (spec, set()))
+        self.lists[spec.name] = (spec, (entries - set(remove)) | set(add))
+
+    def remove_list(self, name: str) -> None:
+        self.lists.pop(name, None)
+
+    def _check_list(self, networks: Sequence[str]) -> None:
+        failing = {str(net) for net in self._fail}
+        for net in networks:
+            if net in failing:
+                raise BackendError(f"injected failure for {net}")

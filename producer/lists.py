@@ -1,0 +1,437 @@
+"""Named lists: a blocklist stored once in Redis and referenced by one stream command.
+
+``pushfw import FILE`` reads a list (plain addresses, CIDR networks, comments; FireHOL
+netsets and Spamhaus DROP files are such lists), validates every entry as strictly as a
+single command's ``ip``, removes duplicates and entries a wider entry covers, and packs what
+is left into :class:`ListContent`: sorted fixed-width records, 5 bytes per IPv4 entry and 17
+per IPv6 one. The content is stored under a key named after its hash (the list's version),
+and a ``list.load`` command names the list and that version; every host fetches the content,
+checks the hash and makes its kernel follow. Hosts keep the packed content of the version
+they hold, so a new version costs the kernel only the difference (:func:`difference`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import re
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pushfw.producer.contract import (
+    MAX_REASON_LEN,
+    MAX_REQUEST_ID_LEN,
+    MAX_TTL_S,
+    Action,
+    Command,
+    CommandRejected,
+    parse_network,
+)
+
+__all__ = [
+    "LIST_NAME",
+    "MAX_LIST_ENTRIES",
+    "ListCommand",
+    "ListContent",
+    "ListFile",
+    "ListOp",
+    "difference",
+    "is_list_entry",
+    "list_name_for",
+    "parse_list_command",
+    "read_list",
+    "record_text",
+]
+
+LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
+"""A list's name: short enough for an ipset set name with pushfw's prefix and a family."""
+MAX_LIST_ENTRIES = 4_000_000
+_MAGIC = b"PFL1"
+_HEADER = struct.Struct(">4sII")
+_WIDTH = {4: 5, 6: 17}
+_VERSION = re.compile(r"[0-9a-f]{32}")
+
+
+class ListOp(StrEnum):
+    LOAD = "list.load"
+    DELETE = "list.delete"
+
+
+def is_list_entry(fields: Mapping[bytes, bytes] | None) -> bool:
+    """Whether a stream entry's ``op`` is a list operation (``list.load``, ``list.delete``)."""
+    if not fields:
+        return False
+    for key, value in fields.items():
+        if key.lower() == b"op":
+            return value[:5].lower() == b"list."
+    return False
+
+
+def list_name_for(path_stem: str) -> str:
+    """A valid list name from a file name: ``firehol_level1.netset`` -> ``firehol_level1``."""
+    name = re.sub(r"[^a-z0-9_]+", "_", path_stem.lower().split(".")[0]).strip("_")
+    if not name or not name[0].isalpha():
+        name = f"list_{name}"
+    return name[:16].rstrip("_")
+
+
+def _record(token: str) -> tuple[int, bytes]:
+    """One entry as (family, packed record); raises ValueError with the reason."""
+    addr, slash, plen = token.partition("/")
+    if ":" not in addr and (not slash or (plen.isascii() and plen.isdigit() and len(plen) <= 2)):
+        try:
+            packed = socket.inet_pton(socket.AF_INET, addr)
+        except OSError:
+            packed = b""
+        prefix = int(plen) if slash else 32
+        if packed and prefix <= 32:
+            if int.from_bytes(packed) & ((1 << (32 - prefix)) - 1):
+                raise ValueError(f"{token!r} has host bits set; write the network address")
+            return 4, packed + bytes((prefix,))
+    net = parse_network(token)  # the strict parser single commands use: it says what is wrong
+    return net.version, net.network_address.packed + bytes((net.prefixlen,))
+
+
+def _uncovered(records: list[bytes], width: int) -> list[bytes]:
+    """Sorted records without duplicates and without entries a wider one covers."""
+    records.sort()  # by address, then by prefix: a wider network before what it covers
+    bits = (width - 1) * 8
+    kept: list[bytes] = []
+    covered_to = -1
+    for rec in records:
+        start = int.from_bytes(rec[:-1])
+        if start <= covered_to:
+            continue
+        kept.append(rec)
+        covered_to = start | ((1 << (bits - rec[-1])) - 1)
+    return kept
+
+
+@dataclass(frozen=True, slots=True)
+class ListContent:
+    """A list's entries, packed: ``v4`` and ``v6`` hold sorted fixed-width records."""
+
+    v4: bytes = b""
+    v6: bytes = b""
+
+    @classmethod
+    def pack(cls, records4: list[bytes], records6: list[bytes]) -> ListContent:
+        return cls(b"".join(_uncovered(records4, 5)), b"".join(_uncovered(records6, 17)))
+
+    @classmethod
+    def of(cls, networks: Iterable[str]) -> ListContent:
+        """Content from entries already known to be valid (tests, the Python producer)."""
+        by_family: dict[int, list[bytes]] = {4: [], 6: []}
+        for net in networks:
+            family, rec = _record(net)
+            by_family[family].append(rec)
+        return cls.pack(by_family[4], by_family[6])
+
+    @property
+    def size(self) -> int:
+        return len(self.v4) // 5 + len(self.v6) // 17
+
+    def to_bytes(self) -> bytes:
+        """What is stored in Redis: a header with both counts, then both record runs."""
+        return _HEADER.pack(_MAGIC, len(self.v4) // 5, len(self.v6) // 17) + self.v4 + self.v6
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ListContent:
+        """Raises ValueError if ``blob`` is not a list's content."""
+        if len(blob) < _HEADER.size:
+            raise ValueError("list content is truncated")
+        magic, n4, n6 = _HEADER.unpack_from(blob)
+        if magic != _MAGIC or len(blob) != _HEADER.size + n4 * 5 + n6 * 17:
+            raise ValueError("list content is not in the format this worker reads")
+        split = _HEADER.size + n4 * 5
+        return cls(blob[_HEADER.size : split], blob[split:])
+
+    @property
+    def version(self) -> str:
+        """The content's id: the first 128 bits of its SHA-256, in hex."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()[:32]
+
+    def networks(self) -> Iterator[str]:
+        """Every entry as a canonical CIDR string, IPv4 first."""
+        yield from _texts(self.v4, 4)
+        yield from _texts(self.v6, 6)
+
+    def without(self, refused4: set[bytes], refused6: set[bytes]) -> ListContent:
+        """This content less some of its records."""
+        return ListContent(
+            b"".join(r for r in _records(self.v4, 5) if r not in refused4) if refused4 else self.v4,
+            b"".join(r for r in _records(self.v6, 17) if r not in refused6)
+            if refused6
+            else self.v6,
+        )
+
+    def overlapping(self, version: int, start: int, end: int) -> list[bytes]:
+        """The records of one family that overlap the address range ``start..end``."""
+        blob, width = (self.v4, 5) if version == 4 else (self.v6, 17)
+        count = len(blob) // width
+        bits = (width - 1) * 8
+
+        def first_address(i: int) -> int:
+            return int.from_bytes(blob[i * width : i * width + width - 1])
+
+        found = []
+        i = bisect.bisect_right(range(count), start, key=first_address) - 1
+        i = max(i, 0)
+        while i < count:
+            rec = blob[i * width : (i + 1) * width]
+            first = int.from_bytes(rec[:-1])
+            if first > end:
+                break
+            if first | ((1 << (bits - rec[-1])) - 1) >= start:
+                found.append(rec)
+            i += 1
+        return found
+
+    def narrower_than(self, version: int, widest: int) -> list[bytes]:
+        """The records of one family wider than ``/widest`` (a prefix shorter than it)."""
+        blob, width = (self.v4, 5) if version == 4 else (self.v6, 17)
+        if not blob or min(blob[width - 1 :: width]) >= widest:
+            return []
+        return [r for r in _records(blob, width) if r[-1] < widest]
+
+
+def _records(blob: bytes, width: int) -> Iterator[bytes]:
+    for i in range(0, len(blob), width):
+        yield blob[i : i + width]
+
+
+def record_text(rec: bytes) -> str:
+    """A packed record as a canonical CIDR string."""
+    family = socket.AF_INET if len(rec) == 5 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, rec[:-1])}/{rec[-1]}"
+
+
+def _texts(blob: bytes, version: int) -> Iterator[str]:
+    family, width = (socket.AF_INET, 5) if version == 4 else (socket.AF_INET6, 17)
+    ntop = socket.inet_ntop
+    for i in range(0, len(blob), width):
+        yield f"{ntop(family, blob[i : i + width - 1])}/{blob[i + width - 1]}"
+
+
+def difference(old: ListContent, new: ListContent) -> tuple[list[str], list[str]]:
+    """What turns ``old`` into ``new``: (entries to add, entries to remove), as CIDR strings."""
+    added: list[str] = []
+    removed: list[str] = []
+    for before, after, width in ((old.v4, new.v4, 5), (old.v6, new.v6, 17)):
+        if before == after:
+            continue
+        i = j = 0
+        while i < len(before) and j < len(after):
+            a, b = before[i : i + width], after[j : j + width]
+            if a == b:
+                i += width
+                j += width
+            elif a < b:
+                removed.append(record_text(a))
+                i += width
+            else:
+                added.append(record_text(b))
+                j += width
+        removed.extend(record_text(r) for r in _records(before[i:], width))
+        added.extend(record_text(r) for r in _records(after[j:], width))
+    return added, removed
+
+
+@dataclass(frozen=True, slots=True)
+class ListFile:
+    """A list file as read: its content and what was left out, line by line."""
+
+    content: ListContent
+    lines: int
+    entries: int
+    """Entries read (before duplicates and covered entries were removed)."""
+    errors: tuple[tuple[int, str], ...]
+    """(line number, why) for every line that is not an address, a network or a comment."""
+
+
+def _token(line: str) -> str:
+    """The entry on one line: comments (``#``, ``;``) cut, Spamhaus JSON lines read."""
+    text = line.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        if isinstance(value, dict):
+            return str(value.get("cidr", "")) if "cidr" in value else ""
+        return text
+    for mark in ("#", ";"):
+        text = text.partition(mark)[0]
+    return text.split(maxsplit=1)[0] if text.strip() else ""
+
+
+def read_list(lines: Iterable[str]) -> ListFile:
+    """Read a list file's lines (plain addresses, CIDR networks, ``#``/``;`` comments, blank
+    lines; FireHOL netset, Spamhaus DROP text and JSON layouts).
+
+    Raises:
+        ValueError: the list has more than :data:`MAX_LIST_ENTRIES` entries.
+    """
+    by_family: dict[int, list[bytes]] = {4: [], 6: []}
+    errors: list[tuple[int, str]] = []
+    number = entries = 0
+    for number, line in enumerate(lines, 1):
+        token = _token(line)
+        if not token:
+            continue
+        try:
+            family, rec = _record(token)
+        except ValueError as exc:
+            errors.append((number, str(exc)))
+            continue
+        by_family[family].append(rec)
+        entries += 1
+        if entries > MAX_LIST_ENTRIES:
+            raise ValueError(f"more than {MAX_LIST_ENTRIES:,} entries; split the list")
+    content = ListContent.pack(by_family[4], by_family[6])
+    return ListFile(content, number, entries, tuple(errors))
+
+
+class ListCommand(BaseModel):
+    """A validated list command: ``list.load`` (a version of a list) or ``list.delete``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    op: ListOp
+    name: str
+    version: str = ""
+    action: Action = Action.DROP
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] | None = None
+    target: tuple[str, ...] = ()
+    reason: Annotated[str, Field(max_length=MAX_REASON_LEN)] = ""
+    request_id: Annotated[str, Field(max_length=MAX_REQUEST_ID_LEN)] = ""
+    size: Annotated[int, Field(ge=0, le=MAX_LIST_ENTRIES)] = 0
+    reply: bool = False
+    origin: str = ""
+
+    @field_validator("op", mode="before")
+    @classmethod
+    def _op(cls, value: object) -> object:
+        return value.strip().lower().replace("_", ".") if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not LIST_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value[:40]!r} is not a list name (a lower-case letter, then up to 15 "
+                "letters, digits or _)"
+            )
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if value and not _VERSION.fullmatch(value):
+            raise ValueError("is not a list version (32 hex digits)")
+        return value
+
+    # The fields a single command has too are checked by the same validators.
+    _ttl = field_validator("ttl_s", mode="before")(lambda v: Command._ttl(v))
+    _target = field_validator("target", mode="before")(lambda v: Command._target(v))
+    _reason = field_validator("reason")(lambda v: Command._reason(v))
+    _request_id = field_validator("request_id")(lambda v: Command._request_id(v))
+    _reply = field_validator("reply", mode="before")(lambda v: Command._reply(v))
+    _origin = field_validator("origin")(lambda v: Command._origin(v))
+
+    @property
+    def wants_result(self) -> bool:
+        return self.reply or bool(self.request_id)
+
+    @property
+    def is_insert(self) -> bool:
+        return self.op is ListOp.LOAD
+
+    def targets(self, host: str, labels: frozenset[str]) -> bool:
+        return not self.target or any(t == host or t in labels for t in self.target)
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {"op": self.op.value, "name": self.name}
+        if self.op is ListOp.LOAD:
+            fields.update(version=self.version, action=self.action.value, size=str(self.size))
+        if self.ttl_s is not None:
+            fields["ttl"] = str(self.ttl_s)
+        if self.target:
+            fields["target"] = ",".join(self.target)
+        for name in ("reason", "request_id", "origin"):
+            if value := getattr(self, name):
+                fields[name] = value
+        if self.reply:
+            fields["reply"] = "1"
+        return fields
+
+
+_LIST_WIRE = {
+    "op": "op",
+    "name": "name",
+    "version": "version",
+    "action": "action",
+    "ttl": "ttl_s",
+    "target": "target",
+    "reason": "reason",
+    "request_id": "request_id",
+    "size": "size",
+    "reply": "reply",
+    "origin": "origin",
+}
+
+
+def _decode(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
+    """The known fields of a list command, decoded strictly; others are ignored."""
+    values: dict[str, str] = {}
+    for raw_key, raw_value in fields.items():
+        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
+        key = key.lower()
+        if key not in _LIST_WIRE:
+            continue
+        if _LIST_WIRE[key] in values:
+            raise CommandRejected(f"{key}: appears more than once")
+        try:
+            value = raw_value.decode("utf-8") if isinstance(raw_value, bytes) else raw_value
+        except UnicodeDecodeError:
+            raise CommandRejected(f"{key}: is not valid UTF-8") from None
+        values[_LIST_WIRE[key]] = value
+    return values
+
+
+def _explain(exc: ValidationError) -> str:
+    wire = {v: k for k, v in _LIST_WIRE.items()}
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = wire.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_list_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> ListCommand:
+    """Parse a ``list.*`` stream entry.
+
+    Raises:
+        CommandRejected: not a valid list command; the message names the field and why.
+    """
+    values = _decode(fields)
+    for required in ("op", "name"):
+        if required not in values:
+            raise CommandRejected(f"{required}: is missing")
+    try:
+        cmd = ListCommand.model_validate(values)
+    except ValidationError as exc:
+        raise CommandRejected(_explain(exc)) from None
+    if cmd.op is ListOp.LOAD and not cmd.version:
+        raise CommandRejected("version: is missing (list.load names the content it loads)")
+    if cmd.op is ListOp.DELETE and cmd.ttl_s is not None:
+        raise CommandRejected("ttl: list.delete takes no ttl")
+    return cmd

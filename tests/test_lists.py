@@ -1,0 +1,273 @@
+"""Named lists through the whole pipeline: import, stream command, ledger, gate, kernel.
+
+Real redis-server, in-process workers on the memory backend (whose lists are a dict the
+test reads); the kernel backends' list contract is in ``test_backend_lists.py``, and
+``test_lists_kernel.py`` follows lists into real nftables and ipset sets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from pushfw.producer import Producer
+from pushfw.producer.contract import Result
+from pushfw.producer.lists import ListContent, difference, read_list
+from pushfw.worker.backends.memory import MemoryBackend
+from pushfw.worker.daemon import Worker
+from tests.conftest import RedisServer, memory_worker, wait_for
+
+CMD = "{pushfw}:cmd"
+
+
+def held(worker: Worker, name: str) -> set[str] | None:
+    backend = worker.backend
+    assert isinstance(backend, MemoryBackend)
+    found = backend.lists.get(name)
+    return None if found is None else found[1]
+
+
+def result(producer: Producer, cmd_id: str, host: str = "h1") -> Result:
+    [found] = [res for res in producer.results(cmd_id=cmd_id) if res.host == host]
+    return found
+
+
+def content(*networks: str) -> ListContent:
+    return ListContent.of(networks)
+
+
+# --- the list file and its packed content ---------------------------------------------------
+
+
+def test_a_list_file_is_read_as_firehol_and_spamhaus_write_them():
+    text = """\
+# FireHOL-style header
+#   comment lines and blank lines are skipped
+
+1.2.3.4
+10.0.0.0/8
+10.1.0.0/16
+192.0.2.0/24 ; SBL123456
+{"cidr":"198.51.100.0/24","sblid":"SBL2","rir":"arin"}
+{"type":"metadata","timestamp":1700000000}
+::ffff:203.0.113.9
+2001:db8::/32
+2001:db8:1::/48
+1.2.3.4
+10.0.0.1/8
+not-an-address
+"""
+    parsed = read_list(text.splitlines())
+    assert parsed.errors == (
+        (14, "'10.0.0.1/8' has host bits set; write the network address"),
+        (15, "'not-an-address' is not an IPv4/IPv6 address or network"),
+    )
+    assert parsed.entries == 9
+    assert list(parsed.content.networks()) == [
+        "1.2.3.4/32",
+        "10.0.0.0/8",
+        "192.0.2.0/24",
+        "198.51.100.0/24",
+        "203.0.113.9/32",
+        "2001:db8::/32",
+    ], "duplicates and covered entries are gone; the mapped address is IPv4"
+    again = ListContent.from_bytes(parsed.content.to_bytes())
+    assert again == parsed.content and again.version == parsed.content.version
+    with pytest.raises(ValueError, match="format"):
+        ListContent.from_bytes(parsed.content.to_bytes()[:-1])
+
+
+def test_the_difference_of_two_versions_is_what_changed():
+    old = content("192.0.2.1", "192.0.2.2", "2001:db8::1")
+    new = content("192.0.2.2", "192.0.2.3", "2001:db8::2")
+    assert difference(old, new) == (
+        ["192.0.2.3/32", "2001:db8::2/128"],
+        ["192.0.2.1/32", "2001:db8::1/128"],
+    )
+    assert difference(new, new) == ([], [])
+
+
+# --- through a worker -----------------------------------------------------------------------
+
+
+def test_a_list_is_loaded_then_only_its_change_is_applied(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server)
+    worker.setup()
+    first = producer.load_list("feed", content("192.0.2.1", "192.0.2.2", "198.51.100.0/24"))
+    worker.run(burst=True)
+    assert held(worker, "feed") == {"192.0.2.1/32", "192.0.2.2/32", "198.51.100.0/24"}
+    assert result(producer, first).status.value == "applied"
+    assert result(producer, first).detail == "loaded 3 entries"
+
+    second = producer.load_list("feed", content("192.0.2.2", "198.51.100.0/24", "2001:db8::/48"))
+    worker.run(burst=True)
+    assert held(worker, "feed") == {"192.0.2.2/32", "198.51.100.0/24", "2001:db8::/48"}
+    assert result(producer, second).detail == "1 added, 1 removed: 3 entries"
+
+    same = producer.load_list("feed", content("192.0.2.2", "198.51.100.0/24", "2001:db8::/48"))
+    worker.run(burst=True)
+    assert (result(producer, same).status.value, result(producer, same).detail) == (
+        "unchanged",
+        "3 entries held already",
+    )
+    [record] = producer.lists()
+    assert (record.name, record.size, record.id) == ("feed", 3, same)
+    beat = {h.host: h for h in producer.hosts()}["h1"]
+    assert beat.lists["feed"].version == record.version and beat.lists["feed"].entries == 3
+    assert len(worker.backend.snapshot()) == 0, "a list is not single rules"
+
+
+def test_a_drop_list_never_covers_a_protected_network_or_goes_wider_than_the_bounds(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server, protect="203.0.113.0/28")
+    worker.setup()
+    cmd = producer.load_list(
+        "wide", content("127.0.0.0/8", "203.0.113.0/24", "128.0.0.0/2", "192.0.2.7", "2001:db8::/32")
+    )
+    worker.run(burst=True)
+    assert held(worker, "wide") == {"192.0.2.7/32", "2001:db8::/32"}
+    res = result(producer, cmd)
+    assert res.status.value == "applied"
+    assert res.detail.startswith("loaded 2 entries; 3 entries refused: 128.0.0.0/2 is wider than /8")
+    beat = {h.host: h for h in producer.hosts()}["h1"]
+    assert (beat.lists["wide"].entries, beat.lists["wide"].refused) == (2, 3)
+
+
+def test_a_list_for_other_hosts_is_not_loaded_and_a_delete_removes_it(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    web, db = memory_worker(redis_server, "web1", host_labels="web"), memory_worker(
+        redis_server, "db1"
+    )
+    for worker in (web, db):
+        worker.setup()
+    producer.load_list("webonly", content("192.0.2.9"), target=["web"])
+    for worker in (web, db):
+        worker.run(burst=True)
+    assert held(web, "webonly") == {"192.0.2.9/32"} and held(db, "webonly") is None
+
+    gone = producer.delete_list("webonly")
+    for worker in (web, db):
+        worker.run(burst=True)
+    assert held(web, "webonly") is None
+    assert result(producer, gone, "web1").detail == "removed"
+    assert result(producer, gone, "db1").status.value == "unchanged"
+    assert producer.lists() == []
+
+
+def test_a_restarted_worker_holds_the_ledgers_lists_and_drops_those_it_no_longer_should(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server)
+    worker.setup()
+    producer.load_list("keep", content("192.0.2.1"))
+    producer.load_list("drop", content("192.0.2.2"))
+    worker.run(burst=True)
+    kernel = worker.backend
+    assert isinstance(kernel, MemoryBackend) and kernel.list_names() == {"keep", "drop"}
+
+    # while the host is away: one list changes, one is removed, one is new
+    producer.load_list("keep", content("192.0.2.1", "192.0.2.3"))
+    producer.delete_list("drop")
+    producer.load_list("new", content("198.51.100.0/24"))
+    assert worker.ledger.fold_new() == 3  # another host's worker folds them
+    r.xtrim(CMD, maxlen=0)  # and the stream is trimmed: only the ledger tells
+
+    back = memory_worker(redis_server, backend=kernel)  # a new process, the same kernel
+    back.setup()
+    assert kernel.list_names() == {"keep", "new"}
+    assert held(back, "keep") == {"192.0.2.1/32", "192.0.2.3/32"}
+
+
+def test_a_timed_list_ends_at_its_expiry(r: Any, redis_server: RedisServer, producer: Producer):
+    worker = memory_worker(redis_server)
+    worker.setup()
+    cmd = producer.load_list("brief", content("192.0.2.5"), ttl_s=1)
+    worker.run(burst=True)
+    assert held(worker, "brief") == {"192.0.2.5/32"}
+    expires_ms = int(cmd.split("-")[0]) + 1000
+    wait_for(lambda: worker.applier.now_ms() > expires_ms, 5, "the list's expiry")
+    worker.run(burst=True)
+    assert held(worker, "brief") is None
+    assert producer.lists() == []
+    late = memory_worker(redis_server, "h2")
+    late.setup()
+    assert held(late, "brief") is None, "reconcile does not bring an expired list back"
+
+
+def test_an_older_command_whose_content_expired_is_superseded(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server)
+    worker.setup()
+    old = producer.load_list("feed", content("192.0.2.1"))
+    new = producer.load_list("feed", content("192.0.2.2"))
+    worker.ledger.fold_new()
+    old_version = content("192.0.2.1").version
+    assert 0 < r.pttl(f"{{pushfw}}:list:feed:{old_version}") <= 3_600_000
+    r.delete(f"{{pushfw}}:list:feed:{old_version}")  # the grace period has passed
+    worker.run(burst=True)
+    assert result(producer, old).detail == f"superseded by newer command {new}"
+    assert held(worker, "feed") == {"192.0.2.2/32"}
+    assert r.pttl(f"{{pushfw}}:list:feed:{content('192.0.2.2').version}") == -1
+
+
+def test_bad_list_commands_are_rejected_and_the_worker_goes_on(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server)
+    worker.setup()
+    version = content("192.0.2.1").version
+    bad = {
+        r.xadd(CMD, {"op": "list.load", "name": "Feed!", "version": version}).decode(): "name: ",
+        r.xadd(CMD, {"op": "list.load", "name": "feed"}).decode(): "version: is missing",
+        r.xadd(CMD, {"op": "list.load", "name": "feed", "version": "0" * 32}).decode(): (
+            "version 00000000000000000000000000000000 of list feed is not in Redis"
+        ),
+        r.xadd(CMD, {"op": "list.burn", "name": "feed"}).decode(): "op: ",
+    }
+    r.set(f"{{pushfw}}:list:forged:{version}", content("192.0.2.66").to_bytes())
+    forged = r.xadd(CMD, {"op": "list.load", "name": "forged", "version": version}).decode()
+    fine = producer.drop("192.0.2.50")
+    worker.run(burst=True)
+    for cmd_id, reason in bad.items():
+        res = result(producer, cmd_id)
+        assert res.status.value in ("rejected", "failed") and reason in res.detail, res
+    forged_result = result(producer, forged)
+    assert forged_result.status.value == "rejected"
+    assert "hashes to" in forged_result.detail, "a content that is not its version is refused"
+    assert held(worker, "forged") is None
+    assert result(producer, fine).status.value == "applied"
+
+
+def test_a_host_that_requires_signatures_takes_only_signed_lists(
+    r: Any, redis_server: RedisServer
+):
+    worker = memory_worker(redis_server, hmac_key="k" * 32, require_signature=True)
+    worker.setup()
+    unsigned = Producer.from_url(redis_server.url)
+    signed = Producer.from_url(redis_server.url, hmac_key="k" * 32)
+    refused = unsigned.load_list("feed", content("192.0.2.1"))
+    taken = signed.load_list("signed", content("192.0.2.2"))
+    worker.run(burst=True)
+    assert result(signed, refused).detail == "sig: missing"
+    assert held(worker, "signed") == {"192.0.2.2/32"} and held(worker, "feed") is None
+    later = memory_worker(redis_server, "h2", hmac_key="k" * 32, require_signature=True)
+    later.setup()
+    assert held(later, "signed") == {"192.0.2.2/32"} and held(later, "feed") is None
+    del taken
+
+
+def test_reading_a_million_entry_list_is_quick_enough_to_print(capsys: Any):
+    """Not a timed assertion: the figure is printed for the reader (see bench/ for targets)."""
+    lines = [f"{10 + i // 65536 % 200}.{i // 256 % 256}.{i % 256}.0/24" for i in range(200_000)]
+    started = time.perf_counter()
+    parsed = read_list(lines)
+    elapsed = time.perf_counter() - started
+    assert parsed.content.size == 200_000 and not parsed.errors
+    print(f"\nread 200,000 entries in {elapsed:.2f} s")
