@@ -127,13 +127,16 @@ def test_a_drop_list_never_covers_a_protected_network_or_goes_wider_than_the_bou
     worker = memory_worker(redis_server, protect="203.0.113.0/28")
     worker.setup()
     cmd = producer.load_list(
-        "wide", content("127.0.0.0/8", "203.0.113.0/24", "128.0.0.0/2", "192.0.2.7", "2001:db8::/32")
+        "wide",
+        content("127.0.0.0/8", "203.0.113.0/24", "128.0.0.0/2", "192.0.2.7", "2001:db8::/32"),
     )
     worker.run(burst=True)
     assert held(worker, "wide") == {"192.0.2.7/32", "2001:db8::/32"}
     res = result(producer, cmd)
     assert res.status.value == "applied"
-    assert res.detail.startswith("loaded 2 entries; 3 entries refused: 128.0.0.0/2 is wider than /8")
+    assert res.detail.startswith(
+        "loaded 2 entries; 3 entries refused: 128.0.0.0/2 is wider than /8"
+    )
     beat = {h.host: h for h in producer.hosts()}["h1"]
     assert (beat.lists["wide"].entries, beat.lists["wide"].refused) == (2, 3)
 
@@ -141,8 +144,9 @@ def test_a_drop_list_never_covers_a_protected_network_or_goes_wider_than_the_bou
 def test_a_list_for_other_hosts_is_not_loaded_and_a_delete_removes_it(
     r: Any, redis_server: RedisServer, producer: Producer
 ):
-    web, db = memory_worker(redis_server, "web1", host_labels="web"), memory_worker(
-        redis_server, "db1"
+    web, db = (
+        memory_worker(redis_server, "web1", host_labels="web"),
+        memory_worker(redis_server, "db1"),
     )
     for worker in (web, db):
         worker.setup()
@@ -245,9 +249,7 @@ def test_bad_list_commands_are_rejected_and_the_worker_goes_on(
     assert result(producer, fine).status.value == "applied"
 
 
-def test_a_host_that_requires_signatures_takes_only_signed_lists(
-    r: Any, redis_server: RedisServer
-):
+def test_a_host_that_requires_signatures_takes_only_signed_lists(r: Any, redis_server: RedisServer):
     worker = memory_worker(redis_server, hmac_key="k" * 32, require_signature=True)
     worker.setup()
     unsigned = Producer.from_url(redis_server.url)
