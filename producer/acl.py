@@ -6,9 +6,10 @@ Every rule here was worked out from the code that runs under it (``client.py`` a
 ``tests/test_acl.py`` against a real redis-server. Rules need Redis >= 7.0 (read/write key
 permissions ``%R~``/``%W~``).
 
-- **producer**: ``XADD`` to the command stream and nothing else may be written; it may
-  read results, dead letters, the ledger and the heartbeats (``pushfw wait/results/dead/
-  list/status``). ``minimal=True`` leaves only ``XADD``. ACLs cannot look at arguments:
+- **producer**: ``XADD`` to the command stream and ``SET`` of list contents (``pushfw
+  import``) and nothing else may be written; it may read results, dead letters, the ledger
+  and the heartbeats (``pushfw wait/results/dead/list/lists/status``). ``minimal=True``
+  leaves only ``XADD`` (no lists). ACLs cannot look at arguments:
   ``XADD ... MAXLEN 0`` can still trim the command stream.
 - **worker**: stream consumption (its group and the ledger's), results, dead letters,
   the ledger hash, the expiry queue, the TTL marker keys, heartbeats, and the key-expiry
@@ -52,6 +53,11 @@ _PRODUCER_READ = (
     "+hgetall",  # pushfw status, pushfw list --host: the heartbeats
     "+time",  # Redis's clock, which every expiry is measured by
 )
+_PRODUCER_LISTS = (
+    "+set",  # pushfw import: a list's content, under a key named after its hash
+    "+multi",  # the content and its list.load command in one transaction
+    "+exec",
+)
 
 _WORKER = (
     # its host group and the shared ledger group (stream.py, ledger.py, retention.py)
@@ -90,6 +96,9 @@ _WORKER = (
     "+get",
     "+exists",
     "+del",
+    "+pexpire",  # the list fold script: a replaced version's content expires after a grace
+    "+pexpireat",  # ... and a timed list's content with the list
+    "+persist",  # ... and the version it installs stays
     "+time",
     "+psubscribe",  # key-expiry events wake the scheduler
 )
@@ -152,11 +161,13 @@ def producer_rules(
             f"%R~{_glob(k)}" for k in (keys.results, keys.dead, keys.rules, keys.hosts, keys.ahead)
         ]
         rules.append(f"%R~{_glob(keys.hits(''))}*")  # pushfw list --hits: every host's hash
+        rules.append(f"%R~{_glob(keys.lists)}")  # pushfw lists
+        rules.append(f"%W~{_glob(keys.list_content('', ''))[:-1]}*")  # pushfw import
     rules += ["-@all", "+xadd", *_connection(db, redis_version)]
     if fcall:
         rules.append("+fcall")
     if not minimal:
-        rules += _PRODUCER_READ
+        rules += [*_PRODUCER_READ, *_PRODUCER_LISTS]
     return rules
 
 

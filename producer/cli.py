@@ -6,6 +6,7 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +18,7 @@ from pushfw.producer.contract import CommandRejected, Result
 from pushfw.producer.crowdsec import crowdsec_command
 from pushfw.producer.duration import parse_duration
 from pushfw.producer.keys import DEFAULT_PREFIX
+from pushfw.producer.lists import LIST_NAME, list_name_for, read_list
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
 
@@ -321,6 +323,162 @@ def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -
             " (hosts read them every 12 heartbeats: once a minute by default)",
             err=True,
         )
+
+
+_IMPORT_ERRORS_SHOWN = 5
+
+
+@cli.command(name="import")
+@click.argument("file", type=click.File("r", encoding="utf-8", errors="replace"))
+@click.option("--name", default=None, help="The list's name [from FILE's name].")
+@click.option("--action", type=click.Choice(["drop", "accept"]), default="drop", show_default=True)
+@click.option("--ttl", type=Duration(), default=None, help="Lifetime of the whole list (2d).")
+@click.option("--reason", default="", help="Free text kept with the list.")
+@click.option("--target", default="*", help="Host names or labels, comma-separated.")
+@click.option("--skip-invalid", is_flag=True, help="Import the valid lines, report the others.")
+@click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
+@click.option("--expect", default=1, show_default=True, help="Results to wait for.")
+@click.option("--timeout", "timeout_s", type=Duration(), default="60", show_default=True)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
+    """Import a blocklist FILE (- for stdin) as one named list on every targeted host.
+
+    One address or network per line; '#' and ';' start comments (FireHOL netsets, Spamhaus
+    DROP text and JSON files read as they are). The list is stored once in Redis and sent
+    as one command; importing a changed file again sends each host only the difference.
+    """
+    name = opts["name"] or list_name_for(Path(file.name).name if file.name != "<stdin>" else "")
+    if not LIST_NAME.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r}: a lower-case letter, then up to 15 letters, digits or _",
+            param_hint="--name",
+        )
+    try:
+        parsed = read_list(file)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if parsed.errors and not opts["skip_invalid"]:
+        for number, why in parsed.errors[:_IMPORT_ERRORS_SHOWN]:
+            click.echo(f"{file.name}:{number}: {why}", err=True)
+        raise click.UsageError(
+            f"{plural(len(parsed.errors), 'line')} of {file.name} not understood; nothing sent "
+            "(fix them, or pass --skip-invalid to import the rest)"
+        )
+    if parsed.content.size == 0:
+        raise click.ClickException(
+            f"{file.name} holds no entries; nothing sent (to remove list {name}: "
+            f"pushfw lists remove {name})"
+        )
+    target = [t for t in opts["target"].split(",") if t.strip() not in ("", "*")]
+    try:
+        cmd_id = producer.load_list(
+            name,
+            parsed.content,
+            action=opts["action"],
+            ttl_s=opts["ttl"],
+            target=target,
+            reason=opts["reason"],
+            reply=opts["wait"],
+        )
+    except CommandRejected as exc:
+        raise click.UsageError(str(exc)) from None
+    left_out = parsed.entries - parsed.content.size
+    summary = {
+        "cmd": cmd_id,
+        "name": name,
+        "version": parsed.content.version,
+        "entries": parsed.content.size,
+        "duplicates_or_covered": left_out,
+        "invalid_lines": len(parsed.errors),
+    }
+    if not opts["json_out"] or not opts["wait"]:
+        click.echo(as_json([summary]) if opts["json_out"] else cmd_id)
+    if not opts["json_out"]:
+        click.echo(
+            f"list {name}: {plural(parsed.content.size, 'entry', 'entries')} "
+            f"(version {parsed.content.version[:12]}; {left_out} duplicate or covered, "
+            f"{plural(len(parsed.errors), 'invalid line')} skipped)",
+            err=True,
+        )
+    if opts["wait"]:
+        _wait(producer, cmd_id, target, opts)
+
+
+@cli.group(name="lists", invoke_without_command=True)
+@click.option("--json", "json_out", is_flag=True)
+@click.pass_context
+def lists_group(ctx: click.Context, json_out: bool) -> None:
+    """Named lists: each with its version, size and the hosts that hold that version."""
+    if ctx.invoked_subcommand is not None:
+        return
+    producer: Producer = ctx.obj
+    now_ms = producer.now_ms()
+    hosts = [h for h in producer.hosts() if is_live(h, now_ms)]
+    rows: list[dict[str, object]] = []
+    for rec in producer.lists():
+        reached = [h for h in hosts if reaches(rec.target, h)]
+        holding = sorted(
+            h.host
+            for h in reached
+            if (held := h.lists.get(rec.name)) and held.version == rec.version
+        )
+        left = None if rec.expires_ms is None else max(0, rec.expires_ms - now_ms)
+        rows.append(
+            {
+                "name": rec.name,
+                "action": rec.action,
+                "entries": rec.size,
+                "version": rec.version if json_out else rec.version[:12],
+                "hosts": holding if json_out else f"{len(holding)}/{len(reached)}",
+                "expires_in": (None if left is None else left / 1000)
+                if json_out
+                else ("never" if left is None else _span(left)),
+                "target": ",".join(rec.target) or "*",
+                "set_at": _when(rec.id),
+                "reason": rec.reason,
+            }
+        )
+    columns = [
+        "name",
+        "action",
+        "entries",
+        "version",
+        "hosts",
+        "expires_in",
+        "target",
+        "set_at",
+        "reason",
+    ]
+    _show(rows, columns, json_out)
+    if not json_out:
+        click.echo(
+            f"{plural(len(rows), 'list')}; HOSTS: live hosts holding that version"
+            " / live hosts it targets",
+            err=True,
+        )
+
+
+@lists_group.command(name="remove")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
+@click.option("--expect", default=1, show_default=True, help="Results to wait for.")
+@click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
+@click.option("--json", "json_out", is_flag=True)
+@click.pass_obj
+def lists_remove(producer: Producer, /, name: str, **opts: Any) -> None:
+    """Remove list NAME from every host that holds it."""
+    known = {rec.name: rec for rec in producer.lists()}
+    if name not in known:
+        raise click.ClickException(
+            f"no list {name!r} is active"
+            + (f" (lists: {', '.join(sorted(known))})" if known else "")
+        )
+    cmd_id = producer.delete_list(name, reply=opts["wait"])
+    if not opts["wait"]:
+        click.echo(as_json([{"cmd": cmd_id}]) if opts["json_out"] else cmd_id)
+        return
+    _wait(producer, cmd_id, list(known[name].target), opts)
 
 
 @cli.group()

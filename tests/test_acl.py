@@ -31,6 +31,7 @@ from pushfw.producer.acl import (
     producer_rules,
     worker_rules,
 )
+from pushfw.producer.lists import ListContent
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.scheduler import Scheduler
 from tests.conftest import REDIS_SERVER, RedisServer, need, wait_for
@@ -208,11 +209,14 @@ def test_producer_pushes_and_reads_back(acl_server, admin):
     assert producer.wait(cmd_id, timeout_s=0.2) == []
     assert producer.results() == [] and producer.dead() == []
     assert producer.rules() == [] and producer.hosts() == []
+    assert producer.lists() == []
+    producer.load_list("feed", ListContent.of(["192.0.2.0/24"]))
+    assert admin.xlen(CMD) == 2
     producer.client.close()
-    for args in (["list"], ["status"], ["results"], ["dead"], ["drop", "192.0.2.2"]):
+    for args in (["list"], ["lists"], ["status"], ["results"], ["dead"], ["drop", "192.0.2.2"]):
         proc = pushfw("--redis-url", url(acl_server, PRODUCER_USER, PRODUCER_PW), *args)
         assert proc.returncode == 0, (args, proc.stderr)
-    assert admin.xlen(CMD) == 2
+    assert admin.xlen(CMD) == 3
     assert _refused(admin, PRODUCER_USER) == []
 
 
@@ -328,6 +332,16 @@ def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_wo
         assert (result.status.value, result.detail) == ("applied", "inserted"), result
     undo = producer.undrop("2001:db8::/32")
     assert producer.wait(undo, timeout_s=15)[0].detail == "deleted"
+    # a named list: stored and sent by the producer user, folded and loaded by the worker user
+    old = ListContent.of(["198.51.100.0/24"])
+    for cmd_id, detail in (
+        (producer.load_list("feed", old), "loaded 1 entry"),
+        (producer.load_list("feed", ListContent.of(["198.51.100.0/24", "203.0.113.7"])), "1 added"),
+        (producer.delete_list("feed"), "removed"),
+    ):
+        [result] = producer.wait(cmd_id, timeout_s=15)
+        assert result.status.value == "applied" and result.detail.startswith(detail), result
+    wait_for(lambda: admin.pttl(f"{{pushfw}}:list:feed:{old.version}") > 0, 10, "the fold's grace")
 
     def expired_by_the_scheduler() -> bool:
         """Its claim (Lua, as the worker user) took the rule off the queue and left a ttl
@@ -339,7 +353,7 @@ def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_wo
         return not queued and (record is None or (record.deleted and record.origin == "ttl"))
 
     wait_for(expired_by_the_scheduler, 15, "the scheduler to expire the timed ban")
-    wait_for(lambda: host_counts(producer) >= 5, 15, "the host to answer the scheduler's delete")
+    wait_for(lambda: host_counts(producer) >= 8, 15, "the host to answer the scheduler's delete")
     assert [rec.network for rec in producer.rules()] == ["192.0.2.1/32"]
 
     [host] = producer.hosts()

@@ -7,6 +7,7 @@ test reads); the kernel backends' list contract is in ``test_backend_lists.py``,
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -273,3 +274,65 @@ def test_reading_a_million_entry_list_is_quick_enough_to_print(capsys: Any):
     elapsed = time.perf_counter() - started
     assert parsed.content.size == 200_000 and not parsed.errors
     print(f"\nread 200,000 entries in {elapsed:.2f} s")
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def test_pushfw_import_and_lists_as_an_operator_uses_them(
+    r: Any, redis_server: RedisServer, producer: Producer, pushfw: Any, tmp_path: Any
+):
+    worker = memory_worker(redis_server, "web1")
+    worker.setup()
+    netset = tmp_path / "firehol_level1.netset"
+    netset.write_text("# FireHOL level 1\n192.0.2.0/24\n198.51.100.7\n198.51.100.7\n")
+    sent = pushfw("import", str(netset), "--ttl", "2d", "--reason", "firehol")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stderr.startswith("list firehol_level1: 2 entries (version ")
+    assert "1 duplicate or covered, 0 invalid lines skipped" in sent.stderr
+    worker.run(burst=True)
+    assert held(worker, "firehol_level1") == {"192.0.2.0/24", "198.51.100.7/32"}
+    worker.heartbeat()
+
+    shown = pushfw("lists")
+    assert shown.returncode == 0, shown.stderr
+    header, row = shown.stdout.splitlines()
+    assert header.split() == [
+        "NAME",
+        "ACTION",
+        "ENTRIES",
+        "VERSION",
+        "HOSTS",
+        "EXPIRES_IN",
+        "TARGET",
+        "SET_AT",
+        "REASON",
+    ]
+    assert row.split()[:5] == ["firehol_level1", "drop", "2", row.split()[3], "1/1"]
+    assert "1d 23h" in row
+    as_json = json.loads(pushfw("lists", "--json").stdout)
+    assert as_json[0]["hosts"] == ["web1"] and len(as_json[0]["version"]) == 32
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("192.0.2.1\n192.0.2.300\n10.0.0.1/8\n")
+    refused = pushfw("import", str(bad), "--name", "bad")
+    assert refused.returncode == 2
+    assert f"{bad}:2: '192.0.2.300' is not an IPv4/IPv6 address or network" in refused.stderr
+    assert "2 lines of" in refused.stderr and "nothing sent" in refused.stderr
+    skipped = pushfw("import", str(bad), "--name", "bad", "--skip-invalid", "--json")
+    assert skipped.returncode == 0, skipped.stderr
+    assert json.loads(skipped.stdout)[0]["invalid_lines"] == 2
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing today\n")
+    assert pushfw("import", str(empty)).returncode == 1, "an empty feed lifts no bans"
+    assert "holds no entries" in pushfw("import", str(empty)).stderr
+    assert pushfw("import", str(netset), "--name", "Bad-Name").returncode == 2
+
+    removal = pushfw("lists", "remove", "firehol_level1")
+    assert removal.returncode == 0, removal.stderr
+    worker.run(burst=True)
+    assert held(worker, "firehol_level1") is None
+    assert "firehol_level1" not in pushfw("lists").stdout
+    unknown = pushfw("lists", "remove", "firehol_level1")
+    assert unknown.returncode == 1 and "no list 'firehol_level1' is active" in unknown.stderr
