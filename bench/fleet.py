@@ -8,7 +8,9 @@ beat every 5 s. Two bursts are timed, each in a Redis of its own:
 
 - ``on request``: commands without ``reply`` (results on request: hosts only count them);
 - ``every command``: each command asks (``reply 1``), i.e. one result entry per host per
-  command, as every command cost before results were on request.
+  command, as every command cost before results were on request;
+- a list: one ``list.load`` of a million entries (``--list-entries``), for which every host
+  fetches the list's packed content once.
 
 Per burst: seconds until every group is done, Redis CPU seconds per command (``INFO cpu``),
 Redis memory, and PING latency (p50/p99) during the burst against idle.
@@ -34,8 +36,10 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from bench.env import RedisServer
+from pushfw.producer.client import Producer
 from pushfw.producer.contract import CommandRejected, parse_command
 from pushfw.producer.keys import Keys
+from pushfw.producer.lists import ListContent, is_list_entry, parse_list_command
 from pushfw.producer.records import HostStatus
 
 KEYS = Keys()
@@ -54,6 +58,8 @@ def _answers(host: str, entries: list[Any], parsed: dict[bytes, Any]) -> list[tu
     """The result entries one host writes for a batch: asked for, or rejected."""
     out = []
     for entry_id, fields in entries:
+        if is_list_entry(fields):
+            continue  # the worker writes a list's result only when asked, like a rule's
         cmd = parsed.get(entry_id)
         if cmd is None:
             try:
@@ -68,6 +74,17 @@ def _answers(host: str, entries: list[Any], parsed: dict[bytes, Any]) -> list[tu
     return out
 
 
+def _fetch_lists(client: redis.Redis, entries: list[Any]) -> None:
+    """A host's read of every list version its batch loads: one GET of the packed content."""
+    for _, fields in entries:
+        if not is_list_entry(fields):
+            continue
+        cmd = parse_list_command(fields)
+        blob: Any = client.get(KEYS.list_content(cmd.name, cmd.version))
+        if blob is None or len(blob) < 5 * cmd.size:
+            raise RuntimeError(f"list {cmd.name} version {cmd.version}: content missing")
+
+
 def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool:
     """One batch of one host: read, decide, write results and XACK in one MULTI."""
     group = Keys.host_group(host)
@@ -75,6 +92,7 @@ def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool
     if not reply:
         return False
     entries = reply[0][1]
+    _fetch_lists(client, entries)
     pipe = client.pipeline(transaction=True)
     for entry_id, status, detail in _answers(host, entries, parsed):
         fields: dict[FieldT, EncodableT] = {
@@ -140,8 +158,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50_ms": statistics.median(values), "p99_ms": cuts[98]}
 
 
-def burst(hosts: int, commands: int, reply: bool, processes: int) -> dict[str, Any]:
-    """One burst in a Redis of its own; returns its figures."""
+def burst(
+    hosts: int, commands: int, reply: bool, processes: int, list_entries: int = 0
+) -> dict[str, Any]:
+    """One burst in a Redis of its own; returns its figures.
+
+    With ``list_entries``, the burst is one ``list.load`` of that many entries instead of
+    ``commands`` single commands: every host fetches the list's content once."""
     with tempfile.TemporaryDirectory(prefix="pushfw-fleet-") as tmp:
         server = RedisServer(Path(tmp))
         server.start()
@@ -170,9 +193,15 @@ def burst(hosts: int, commands: int, reply: bool, processes: int) -> dict[str, A
             time.sleep(1.0)  # the hosts' first beats
             used_before = int(client.info("memory")["used_memory"])
             cpu_before = _cpu_s(client)
+            content = ListContent.of(_address(i) for i in range(list_entries))
             started = time.perf_counter()
+            if list_entries:
+                producer = Producer(redis.Redis.from_url(url, decode_responses=True))
+                producer.load_list("fleet", content, reply=False)
+                producer.client.close()
+                commands = 1
             pipe = client.pipeline(transaction=False)
-            for i in range(commands):
+            for i in range(0 if list_entries else commands):
                 fields = {"op": "drop.insert", "ip": _address(i)}
                 if reply:
                     fields["reply"] = "1"
@@ -194,7 +223,14 @@ def burst(hosts: int, commands: int, reply: bool, processes: int) -> dict[str, A
             return {
                 "hosts": hosts,
                 "commands": commands,
-                "results": "every command" if reply else "on request",
+                "list_entries": list_entries,
+                "results": (
+                    f"{list_entries:,}-entry list"
+                    if list_entries
+                    else "every command"
+                    if reply
+                    else "on request"
+                ),
                 "seconds": seconds,
                 "commands_per_s": commands / seconds,
                 "redis_cpu_s": cpu,
@@ -225,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--commands-with-results", type=int, default=1000, help="the every-command burst"
     )
+    parser.add_argument(
+        "--list-entries", type=int, default=1_000_000, help="a list burst (0: none)"
+    )
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -235,17 +274,22 @@ def main(argv: list[str] | None = None) -> int:
             f"fleet: {args.hosts} hosts, {commands} commands, results {label} ...", file=sys.stderr
         )
         rows.append(burst(args.hosts, commands, reply, args.processes))
+    if args.list_entries:
+        print(
+            f"fleet: {args.hosts} hosts, one {args.list_entries:,}-entry list ...", file=sys.stderr
+        )
+        rows.append(burst(args.hosts, 0, False, args.processes, args.list_entries))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(
-        f"{'RESULTS':14} {'HOSTS':>5} {'CMDS':>6} {'SECONDS':>8} {'CMD/S':>8} "
+        f"{'BURST':18} {'HOSTS':>5} {'CMDS':>6} {'SECONDS':>8} {'CMD/S':>8} "
         f"{'REDIS_CPU_MS/CMD':>16} {'RESULT_ENTRIES':>14} {'MEM_MB':>7} "
         f"{'PING_P99_IDLE':>13} {'PING_P99_BURST':>14}"
     )
     for row in rows:
         print(
-            f"{row['results']:14} {row['hosts']:>5} {row['commands']:>6} {row['seconds']:>8.1f} "
+            f"{row['results']:18} {row['hosts']:>5} {row['commands']:>6} {row['seconds']:>8.1f} "
             f"{row['commands_per_s']:>8.0f} {row['redis_cpu_ms_per_command']:>16.3f} "
             f"{row['results_entries']:>14} {row['redis_memory_delta_mb']:>7.1f} "
             f"{row['ping_idle']['p99_ms']:>13.2f} {row['ping_during']['p99_ms']:>14.2f}"

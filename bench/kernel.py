@@ -170,8 +170,10 @@ class IpsetKernel(Kernel):
         """Destroy the sets (after the chain flush drops the rules that reference them), so
         a large run leaves no grown hash table behind for the next one."""
         self.ns.flush_legacy_chain()
-        for name in IPSET_SETS:
-            self.ns.run("ipset", "destroy", name, check=False)
+        names = self.ns.run("ipset", "list", "-n", check=False).stdout.split()
+        for name in names:
+            if name.startswith(f"{IPSET_PREFIX}-"):  # the rules' sets and the lists' sets
+                self.ns.run("ipset", "destroy", name, check=False)
 
 
 KERNELS: dict[str, type[Kernel]] = {
@@ -190,3 +192,27 @@ def clear_all(ns: Netns) -> None:
     """Every backend's objects gone: the namespace's firewall as a fresh worker would find it."""
     for kind in KERNELS.values():
         kind(ns).clear()
+
+
+def list_entries(ns: Netns, backend: str, name: str, action: str = "drop") -> int:
+    """How many entries the kernel holds for list ``name``, counted by the kernel's tools."""
+    if backend == "nftables":
+        listing = json.loads(ns.run("nft", "-j", "list", "sets", "inet").stdout)
+        prefix = re.compile(rf"list_{action}_{re.escape(name)}[46]_\d+")
+        return sum(
+            len(item["set"].get("elem", []))
+            for item in listing["nftables"]
+            if "set" in item
+            and item["set"]["table"] == NFT_TABLE
+            and prefix.fullmatch(item["set"]["name"])
+        )
+    if backend == "ipset":
+        total = 0
+        for version in (4, 6):
+            set_name = f"{IPSET_PREFIX}-{action[0]}{version}-{name}"
+            found = _NUMBER_OF_ENTRIES.search(
+                ns.run("ipset", "list", "-t", set_name, check=False).stdout
+            )
+            total += int(found[1]) if found else 0
+        return total
+    raise BenchError(f"the {backend} backend holds no lists")

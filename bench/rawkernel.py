@@ -21,11 +21,20 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from bench.env import address
+from bench.env import MAX_ADDRESSES, address, wide_address
 
 SCRATCH = "pfwbench-raw"
+
+
+def _address(n: int) -> Callable[[int], str]:
+    """The jobs' addresses; past the benchmarking range's size, the shared address space's
+    (where ``python -m bench.lists`` takes a million-entry list from)."""
+    return address if n <= MAX_ADDRESSES else wide_address
+
+
 TIMEOUT_S = 600
 SET_SIZE = 1_000_000
 """The sets' most elements: pushfw's default (PUSHFW_SET_SIZE), or N if larger."""
@@ -45,7 +54,8 @@ def ipset_batch(n: int) -> dict[str, Any]:
     options = ["family", "inet", "timeout", str(TIMEOUT_S), "maxelem", str(size)]
     _ipset("create", SCRATCH, "hash:net", *options)
     try:
-        text = "".join(f"add {SCRATCH} {address(i)} timeout {TIMEOUT_S}\n" for i in range(n))
+        at = _address(n)
+        text = "".join(f"add {SCRATCH} {at(i)} timeout {TIMEOUT_S}\n" for i in range(n))
         started = time.perf_counter()
         _ipset("-exist", "restore", stdin=text)
         seconds = time.perf_counter() - started
@@ -83,7 +93,8 @@ def nft_batch(n: int) -> dict[str, Any]:
     spec = {**where, "type": "ipv4_addr", "flags": ["timeout"], "size": size}
     run({"add": {"table": table}}, {"add": {"set": spec}})
     try:
-        elems = [{"elem": {"val": address(i), "timeout": TIMEOUT_S}} for i in range(n)]
+        at = _address(n)
+        elems = [{"elem": {"val": at(i), "timeout": TIMEOUT_S}} for i in range(n)]
         batch = {"add": {"element": {**where, "elem": elems}}}
         started = time.perf_counter()
         run(batch)

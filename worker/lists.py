@@ -249,11 +249,14 @@ class ListKeeper:
         """
         problems = []
         wanted: set[str] = set()
+        present = self._kernel_names() | set(self.held)
         for name, record in read_records(self.client, self.keys).items():
             request = ListRequest.from_record(record)
-            if request is None:
+            decision = None if request is None else decide_list(request, self.policy, now_ms)
+            if decision is None or isinstance(decision, Report):
+                if name in present:
+                    wanted.add(name)  # held: a record this host refuses changes nothing here
                 continue
-            decision = decide_list(request, self.policy, now_ms)
             if isinstance(decision, Load):
                 wanted.add(name)
                 held = self.held.get(name)
@@ -262,10 +265,9 @@ class ListKeeper:
                 self.held.pop(name, None)  # the kernel may hold anything: load it whole
                 outcome = self._load(decision, record.id)
                 if outcome.status not in (Status.APPLIED, Status.UNCHANGED):
-                    problems.append(f"list {name}: {outcome.detail}")
-                    wanted.discard(name)
+                    problems.append(f"list {name}: {outcome.detail}")  # what it held stays
         if remove_extras:
-            for name in (self._kernel_names() | set(self.held)) - wanted:
+            for name in present - wanted:
                 self._unload(Unload(name), self._removed.get(name, "0-0"))
         return problems
 

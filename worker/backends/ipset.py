@@ -19,6 +19,13 @@ built only from ``ipaddress`` network strings and integers. ``restore`` stops at
 line the kernel refuses but keeps the lines before it, so a failed batch is undone by a second
 restore that puts back the previous state of every element the batch touched.
 
+A named list (``pushfw import``) gets one ``hash:net`` set per family, named after its
+action (``pushfw-d4-<name>``, ``pushfw-a6-<name>``), with ``maxelem`` grown to fit, and one
+rule each in the managed chain: accept lists after the accept set's rule, drop lists after the
+drop set's. A load fills a temporary set (``pushfw-d4+<name>``) in one restore and swaps it
+with the live one, so packets meet the old content or the new; a change is one restore of
+``del`` then ``add`` lines, through a bigger set (swapped in) if it would overflow.
+
 Needs the ``ip_set`` and ``xt_set`` kernel modules; sets, like chains, are per network
 namespace.
 """
@@ -26,7 +33,6 @@ namespace.
 from __future__ import annotations
 
 import contextlib
-import gc
 import ipaddress
 import logging
 import re
@@ -39,7 +45,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import IndexedBackend, Rule, RuleKey
+from pushfw.worker.backends.base import BlockList, IndexedBackend, Rule, RuleKey
+from pushfw.worker.backends.entries import gc_paused, list_entries
 from pushfw.worker.backends.iptables import (
     blank_rule,
     chain_entries,
@@ -74,6 +81,9 @@ _FAMILIES: dict[int, tuple[socket.AddressFamily, type[Network], int]] = {
     6: (socket.AF_INET6, ipaddress.IPv6Network, 128),
 }
 _TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
+_LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
+_LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
+_LIST_MAXELEM_MIN = 65536
 
 
 class Element(NamedTuple):
@@ -123,18 +133,6 @@ def parse_save(text: str, set_name: str, version: int) -> Iterator[Element]:
         exp, packets = found["exp"], found["packets"]
         counters = (int(packets), int(found["bytes"])) if packets is not None else None
         yield Element(network, int(found["timeout"] or 0), int(exp) if exp else None, counters)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC, which a million new (acyclic) objects set off over and over."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -192,6 +190,12 @@ class IpsetBackend(IndexedBackend):
         }
         self._counts = dict.fromkeys((s.name for s in self._sets.values()), 0)
         self._chain_entries: dict[int, int | None] = {}
+        self._list_set = re.compile(  # a list's live set (-) or the one a load fills (+)
+            rf"{re.escape(set_prefix)}-(?P<action>[ad])(?P<version>[46])(?P<temp>[-+])"
+            rf"(?P<name>{_LIST_NAME})"
+        )
+        self._lists: dict[str, Action] = {}
+        """The lists whose sets (and rules) are in the kernel, by name."""
 
     def open(self) -> None:
         if iptables_variant() == "nf_tables":
@@ -202,14 +206,8 @@ class IpsetBackend(IndexedBackend):
             )
         for ipset in self._sets.values():
             self._ensure_set(ipset)
-        for version in (4, 6):
-            with xtables_lock(self.lock_timeout_s, self.lock_waited):
-                table = filter_table(self._iptc, version)
-                table.refresh()
-                ensure_chain(self._iptc, table, version, self.chain, self.hooks)
-                self._ensure_match_rules(table, version)
-                commit_table(self._iptc, table)
-                self._chain_entries[version] = chain_entries(table, self.chain, self.hooks)
+        self._lists = self._kernel_lists()  # kept, rules and all: the worker decides which stay
+        self._write_rules(warn=True)
         self._index = self._read_index()
         logger.info(
             "ipset sets %s-{accept,drop}{4,6} ready in chain %s: %d rules",
@@ -265,27 +263,60 @@ class IpsetBackend(IndexedBackend):
         finally:
             self._run("destroy", temp)
 
-    def _match_rule(self, version: int, action: Action) -> Any:
+    def _write_rules(self, warn: bool = False) -> None:
+        """Make each family's chain hold the match rules of the sets and lists, in order."""
+        present = set(self._run("list", "-n").split())  # a rule needs its set in the kernel
+        for version in (4, 6):
+            with xtables_lock(self.lock_timeout_s, self.lock_waited):
+                table = filter_table(self._iptc, version)
+                table.refresh()
+                ensure_chain(self._iptc, table, version, self.chain, self.hooks)
+                self._ensure_match_rules(table, version, present, warn)
+                commit_table(self._iptc, table)
+                self._chain_entries[version] = chain_entries(table, self.chain, self.hooks)
+
+    def _match_rule(self, version: int, set_name: str, action: Action) -> Any:
         ipt_rule = blank_rule(self._iptc, version)
         match = ipt_rule.create_match("set")
-        match.match_set = [self._sets[(action, version)].name, "src"]
+        match.match_set = [set_name, "src"]  # the kernel must know the set already
         ipt_rule.create_target(_TARGETS[action])
         return ipt_rule
 
-    def _which_match_rule(self, ipt_rule: Any, version: int) -> Action | None:
-        """The action whose set this rule matches, if it is exactly a rule pushfw writes."""
-        for action in (Action.ACCEPT, Action.DROP):
-            if ipt_rule == self._match_rule(version, action):  # matches, addresses, target
+    def _set_action(self, set_name: str, version: int) -> Action | None:
+        """The action of one of our sets (a rule set or a list's live set) in this family."""
+        for (action, set_version), ipset in self._sets.items():
+            if ipset.name == set_name and set_version == version:
                 return action
+        parsed = self._list_set.fullmatch(set_name)
+        if parsed and parsed["temp"] == "-" and int(parsed["version"]) == version:
+            return Action.ACCEPT if parsed["action"] == "a" else Action.DROP
         return None
 
-    def _ensure_match_rules(self, table: Any, version: int) -> None:
-        """Make the chain hold our accept rule then our drop rule; leave other rules alone."""
+    def _which_match_rule(self, ipt_rule: Any, version: int) -> str | None:
+        """The set this rule matches, if it is exactly a rule pushfw writes for that set."""
+        for match in ipt_rule.matches:
+            words = match.get_all_parameters().get("match-set", []) if match.name == "set" else []
+            action = self._set_action(words[0], version) if words else None
+            if action is not None and ipt_rule == self._match_rule(version, words[0], action):
+                return str(words[0])
+        return None
+
+    def _wanted_rules(self, version: int, present: set[str]) -> list[str]:
+        """The sets the chain matches, in order: accepts (set, then lists), then drops."""
+        wanted: list[str] = []
+        for action in (Action.ACCEPT, Action.DROP):
+            wanted.append(self._sets[(action, version)].name)
+            lists = (n for n, a in sorted(self._lists.items()) if a is action)
+            wanted += [self._list_name(action, name, version) for name in lists]
+        return [name for name in wanted if name in present or not self._list_set.fullmatch(name)]
+
+    def _ensure_match_rules(self, table: Any, version: int, present: set[str], warn: bool) -> None:
+        """Make the chain hold our match rules in order; leave other rules alone."""
         chain = self._iptc.Chain(table, self.chain)
         rules = chain.rules
         ours = [(self._which_match_rule(r, version), r) for r in rules]
-        ours = [(action, r) for action, r in ours if action is not None]
-        if len(ours) < len(rules):
+        ours = [(name, r) for name, r in ours if name is not None]
+        if warn and len(ours) < len(rules):
             logger.warning(
                 "chain %s (IPv%d) holds %d rules the ipset backend did not write; left alone "
                 "(rules of the iptables backend? 'pushfw-worker uninstall' clears the chain)",
@@ -293,12 +324,15 @@ class IpsetBackend(IndexedBackend):
                 version,
                 len(rules) - len(ours),
             )
-        if [action for action, _ in ours] == [Action.ACCEPT, Action.DROP]:
+        wanted = self._wanted_rules(version, present)
+        if [name for name, _ in ours] == wanted:
             return
         for _, ipt_rule in ours:
             chain.delete_rule(ipt_rule)
-        chain.insert_rule(self._match_rule(version, Action.DROP))
-        chain.insert_rule(self._match_rule(version, Action.ACCEPT))
+        for name in reversed(wanted):
+            action = self._set_action(name, version)
+            assert action is not None  # wanted holds only our sets
+            chain.insert_rule(self._match_rule(version, name, action))
 
     def _read_index(self) -> dict[RuleKey, Rule]:
         """The sets' elements; also counts them per set, as :meth:`intact` compares."""
@@ -307,7 +341,7 @@ class IpsetBackend(IndexedBackend):
         for ipset in self._sets.values():
             saved = self._run("save", ipset.name)
             before = len(index)
-            with _gc_paused():
+            with gc_paused():
                 for element in parse_save(saved, ipset.name, ipset.version):
                     key = RuleKey(ipset.action, element.network)
                     index[key] = Rule(key, element.expires_ms)
@@ -335,7 +369,8 @@ class IpsetBackend(IndexedBackend):
                 name = value
             elif label == "Number of entries" and names:
                 held[name] = int(value)
-        return all(
+        lists = (self._list_name(a, n, v) for n, a in self._lists.items() for v in (4, 6))
+        return all(name in names for name in lists) and all(
             name in names and held.get(name, count) >= count for name, count in self._counts.items()
         )
 
@@ -344,7 +379,7 @@ class IpsetBackend(IndexedBackend):
         found: dict[RuleKey, tuple[int, int]] = {}
         for ipset in self._sets.values():
             saved = self._run("save", ipset.name)
-            with _gc_paused():
+            with gc_paused():
                 for element in parse_save(saved, ipset.name, ipset.version):
                     if element.counters is not None:
                         found[RuleKey(ipset.action, element.network)] = element.counters
@@ -431,6 +466,166 @@ class IpsetBackend(IndexedBackend):
             raise PermanentBackendError(f"ipset {command}: {message}")
         raise BackendError(f"ipset {command}: {message}")
 
+    # --- named lists ---
+
+    supports_lists = True
+
+    def _list_name(self, action: Action, name: str, version: int, temp: bool = False) -> str:
+        """A list's set in one family: the live one, or the one a load fills (``temp``)."""
+        set_name = f"{self.set_prefix}-{_LIST_ACTIONS[action]}{version}{'+' if temp else '-'}{name}"
+        if not re.fullmatch(_LIST_NAME, name):
+            raise PermanentBackendError(f"list name {name[:40]!r}: use {_LIST_NAME}")
+        if len(set_name) > _SET_NAME_MAX:
+            raise PermanentBackendError(
+                f"ipset name {set_name} is longer than {_SET_NAME_MAX} characters: "
+                f"shorten the set prefix {self.set_prefix!r} or the list's name"
+            )
+        return set_name
+
+    def _kernel_lists(self) -> dict[str, Action]:
+        """The lists with a live set in the kernel, read from the names of the sets only."""
+        found: dict[str, Action] = {}
+        for set_name in self._run("list", "-n").split():
+            parsed = self._list_set.fullmatch(set_name)
+            if parsed and parsed["temp"] == "-":
+                found[parsed["name"]] = Action.ACCEPT if parsed["action"] == "a" else Action.DROP
+        return found
+
+    def list_names(self) -> set[str]:
+        """The lists with both families' sets: one missing by hand is a list to load again."""
+        present = set(self._run("list", "-n").split())
+        return {
+            name
+            for name, action in self._kernel_lists().items()
+            if all(self._list_name(action, name, version) in present for version in (4, 6))
+        }
+
+    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
+        """Fill temporary sets in one restore, swap them in, then write the rules if new."""
+        by_version: dict[int, list[str]] = {4: [], 6: []}
+        for (version, prefixlen), addresses in list_entries(networks).items():
+            by_version[version] += [f"{address}/{prefixlen}" for address in addresses]
+        started = time.monotonic()
+        self._fill_and_swap(spec, by_version)
+        logger.info(
+            "ipset list %s (%s): %d entries loaded in %.2f s",
+            spec.name,
+            spec.action.value,
+            sum(map(len, by_version.values())),
+            time.monotonic() - started,
+        )
+
+    def _fill_and_swap(
+        self, spec: BlockList, by_version: dict[int, list[str]], room: int = 0
+    ) -> None:
+        """Make the list's live sets of these families hold exactly these entries (with
+        ``room`` for more: ``maxelem`` is the next power of two past twice what they need).
+
+        The swaps come after every entry is in: a refused entry leaves every live set as it was.
+        """
+        now_ms = self.clock()
+        timeout_s = 0 if spec.expires_ms is None else kernel_timeout_s(spec.expires_ms, now_ms)
+        present = set(self._run("list", "-n").split())
+        fill: list[str] = []
+        swap: list[str] = []
+        for version, entries in sorted(by_version.items()):
+            live = self._list_name(spec.action, spec.name, version)
+            temp = self._list_name(spec.action, spec.name, version, temp=True)
+            family = "inet" if version == 4 else "inet6"
+            maxelem = max(_LIST_MAXELEM_MIN, 1 << (2 * (len(entries) + room) - 1).bit_length())
+            fill.append(f"destroy {temp}\n" if temp in present else "")
+            fill.append(
+                f"create {temp} hash:net family {family} timeout 0 counters maxelem {maxelem}\n"
+            )
+            fill += [f"add {temp} {entry} timeout {timeout_s}\n" for entry in entries]
+            swap.append(f"swap {temp} {live}\ndestroy {temp}\n" if live in present else "")
+            swap.append("" if live in present else f"rename {temp} {live}\n")
+        try:
+            self._restore(fill + swap)
+        except BackendError:
+            for version in by_version:
+                temp = self._list_name(spec.action, spec.name, version, temp=True)
+                with contextlib.suppress(BackendError):
+                    self._run("-exist", "destroy", temp)
+            raise
+        if self._lists.get(spec.name) is not spec.action:
+            self._set_list_rules(spec.name, spec.action)
+
+    def _set_list_rules(self, name: str, action: Action | None) -> None:
+        """Give the list the rules of ``action`` (None: no rules), then destroy its other sets."""
+        before = dict(self._lists)
+        if action is None:
+            self._lists.pop(name, None)
+        else:
+            self._lists[name] = action
+        try:
+            self._write_rules()
+        except BackendError:
+            self._lists = before
+            raise
+        keep = {self._list_name(action, name, v) for v in (4, 6)} if action else set()
+        for set_name in sorted(set(self._run("list", "-n").split()) - keep):
+            parsed = self._list_set.fullmatch(set_name)
+            if parsed and parsed["name"] == name:
+                self._run("-exist", "destroy", set_name)
+
+    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
+        """One restore, deletes first; a family that would overflow is moved to a bigger set."""
+        if self._kernel_lists().get(spec.name) is not spec.action:
+            raise PermanentBackendError(
+                f"list {spec.name} is not loaded as {spec.action.value}: load it first"
+            )
+        adds: dict[int, list[str]] = {4: [], 6: []}
+        removes: dict[int, list[str]] = {4: [], 6: []}
+        for grouped, into in ((list_entries(add), adds), (list_entries(remove), removes)):
+            for (version, prefixlen), addresses in grouped.items():
+                into[version] += [f"{address}/{prefixlen}" for address in addresses]
+        for version in (4, 6):
+            if adds[version]:
+                self._grow_if_needed(spec, version, len(adds[version]))
+        timeout_s = (
+            0 if spec.expires_ms is None else kernel_timeout_s(spec.expires_ms, self.clock())
+        )
+        lines, undo = [], []
+        for version in (4, 6):
+            live = self._list_name(spec.action, spec.name, version)
+            lines += [f"del {live} {entry}\n" for entry in removes[version]]
+            undo += [f"add {live} {entry} timeout {timeout_s}\n" for entry in removes[version]]
+        for version in (4, 6):
+            live = self._list_name(spec.action, spec.name, version)
+            lines += [f"add {live} {entry} timeout {timeout_s}\n" for entry in adds[version]]
+            undo += [f"del {live} {entry}\n" for entry in adds[version]]
+        try:
+            self._restore(lines)
+        except BackendError as exc:
+            # restore keeps the lines before the one refused: the inverse of every line puts
+            # back what the list held (the removed entries were in it, the added were not)
+            logger.error("ipset list %s: change refused (%s); undoing it", spec.name, exc)
+            with contextlib.suppress(BackendError):
+                self._restore(undo)
+            raise
+
+    def _grow_if_needed(self, spec: BlockList, version: int, adding: int) -> None:
+        """Move the live set to one with room for ``adding`` more entries, if it has none."""
+        live = self._list_name(spec.action, spec.name, version)
+        header = self._run("list", "-t", live)
+        words = dict(re.findall(r"^(Header|Number of entries): (.*)$", header, re.MULTILINE))
+        options = words.get("Header", "").split()
+        maxelem = int(options[options.index("maxelem") + 1]) if "maxelem" in options else 0
+        held = int(words.get("Number of entries", "0"))
+        if held + adding <= maxelem:
+            return
+        logger.info(
+            "ipset list %s: set %s full (%d of %d), growing it", spec.name, live, held, maxelem
+        )
+        saved = parse_save(self._run("save", live), live, version)
+        entries = [str(element.network) for element in saved]
+        self._fill_and_swap(spec, {version: entries}, room=adding)
+
+    def remove_list(self, name: str) -> None:
+        """The list's rules out of the chain first: the kernel keeps a set a rule matches."""
+        self._set_list_rules(name, None)
+
     def uninstall(self) -> str:
         """Remove the jumps, the managed chain and pushfw's sets; other rules and sets stay."""
         if self._exe is None:
@@ -446,6 +641,8 @@ class IpsetBackend(IndexedBackend):
         present = set(self._run("list", "-n").split())
         ours = [s.name for s in self._sets.values()]
         ours += [f"{name}{_RESIZE_SUFFIX}" for name in ours]
+        ours += sorted(name for name in present if self._list_set.fullmatch(name))
+        self._lists = {}
         removed = [name for name in ours if name in present]
         for name in removed:
             self._run("destroy", name)

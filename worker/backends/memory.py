@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 from pushfw.producer.contract import Network
 from pushfw.worker.backends.base import BlockList, IndexedBackend
+from pushfw.worker.backends.entries import list_entries
 from pushfw.worker.errors import BackendError
 
 
@@ -53,7 +54,15 @@ class MemoryBackend(IndexedBackend):
     def remove_list(self, name: str) -> None:
         self.lists.pop(name, None)
 
+    def uninstall(self) -> str:
+        removed = f"{len(self._index)} rules and {len(self.lists)} lists"
+        self._index.clear()
+        self.lists.clear()
+        return f"forgot {removed} (memory backend)"
+
     def _check_list(self, networks: Sequence[str]) -> None:
+        """Refuse what the kernel backends refuse, and the injected failures."""
+        list_entries(networks)
         failing = {str(net) for net in self._fail}
         for net in networks:
             if net in failing:

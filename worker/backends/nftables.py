@@ -19,6 +19,16 @@ Packets meet either the old ruleset or the new one, never a gap.
 
 The heartbeat's check (:meth:`NftablesBackend.intact`) reads the kernel over netlink itself:
 libnftables fetches every set element before it lists even one chain.
+
+A named list (``pushfw import``) gets sets of its own, one per family and prefix length in
+use (``list_drop_<name>4_32``, ``list_drop_<name>4_24``; the /32 and /128 ones always), each
+a plain hash set of network addresses matched by ``ip saddr & <mask>``, like ipset's
+hash:net: libnftables 1.0.6 fetches every element of every ``interval`` set before any
+element change, so a million-entry interval list would slow every later batch by seconds.
+The chains' rules match them too (accept lists after the accept rules, drop lists after the
+drop rules). A load deletes and re-creates the list's sets, filled, in the one transaction
+that rewrites the rules; a timed list's sets carry its timeout as their default. Listings
+read only the rules' sets: a list's elements are never fetched back.
 """
 
 from __future__ import annotations
@@ -33,12 +43,15 @@ import os
 import re
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import IndexedBackend, Rule, RuleKey
+from pushfw.worker.backends.base import BlockList, IndexedBackend, Rule, RuleKey
+from pushfw.worker.backends.entries import list_entries
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +59,11 @@ logger = logging.getLogger(__name__)
 _HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
 _PRIORITY = -10
 _SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
+_LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
+_LIST_SET = re.compile(  # the prefix length always ends the name, so the parse is unique
+    rf"list_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])_(?P<prefix>\d{{1,3}})"
+)
+_MAX_PREFIXLEN = {4: 32, 6: 128}
 Json = dict[str, Any]
 
 _NETLINK_NETFILTER = 12
@@ -146,8 +164,49 @@ def _dump(message: int, attributes: bytes, first_only: bool = False) -> list[byt
 
 
 def _version(name: str) -> int:
-    parsed = _SET_NAME.fullmatch(name)
+    parsed = _SET_NAME.fullmatch(name) or _LIST_SET.fullmatch(name)
     return int(parsed["version"]) if parsed else 4
+
+
+def list_set_name(action: Action, name: str, version: int, prefixlen: int) -> str:
+    """The set of list ``name`` holding its /``prefixlen`` networks of one family."""
+    return f"list_{action.value}_{name}{version}_{prefixlen}"
+
+
+def _source(name: str) -> Json:
+    """What a rule looks up in set ``name``: the source address, masked for a list's prefix."""
+    version = _version(name)
+    saddr: Json = {"payload": {"protocol": "ip6" if version == 6 else "ip", "field": "saddr"}}
+    parsed = _LIST_SET.fullmatch(name)
+    if parsed is None or int(parsed["prefix"]) == _MAX_PREFIXLEN[version]:
+        return saddr
+    mask = ipaddress.ip_network(f"{'::' if version == 6 else '0.0.0.0'}/{parsed['prefix']}")
+    return {"&": [saddr, str(mask.netmask)]}
+
+
+@dataclass(frozen=True)
+class _List:
+    """A list's kernel objects: its action and the names of its sets."""
+
+    action: Action
+    sets: frozenset[str]
+
+
+def _lists_in(set_names: set[str]) -> dict[str, _List]:
+    """The lists whose sets are among ``set_names`` (a list's action is in its sets' names)."""
+    found: dict[str, tuple[Action, set[str]]] = {}
+    for set_name_ in sorted(set_names):
+        parsed = _LIST_SET.fullmatch(set_name_)
+        if parsed:
+            entry = found.setdefault(parsed["name"], (Action(parsed["action"]), set()))
+            entry[1].add(set_name_)
+    return {name: _List(action, frozenset(sets)) for name, (action, sets) in found.items()}
+
+
+def _checked_list_name(name: str) -> str:
+    if not _LIST_NAME.fullmatch(name):
+        raise PermanentBackendError(f"list name {name[:40]!r}: use {_LIST_NAME.pattern}")
+    return name
 
 
 class NftablesBackend(IndexedBackend):
@@ -174,6 +233,7 @@ class NftablesBackend(IndexedBackend):
         self._counts: Counter[str] = Counter()  # elements per set, as the index has them
         self._uncounted: set[str] = set()  # sets made before counters, moved at open
         self._chains: set[str] = set()
+        self._lists: dict[str, _List] = {}
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -187,8 +247,9 @@ class NftablesBackend(IndexedBackend):
 
     def open(self) -> None:
         self._run([{"add": {"table": {"family": "inet", "name": self.table}}}])
-        listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
+        listing, names = self._listing()
         self._read(listing)
+        self._lists = _lists_in(names)  # kept, rules and all: the worker decides which stay
         self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
         if self._uncounted:
             self._add_counters()
@@ -202,6 +263,31 @@ class NftablesBackend(IndexedBackend):
             len(self._index),
             "renews" if self.readd_renews else "does not renew",
         )
+
+    def _listing(self) -> tuple[Json, set[str]]:
+        """The table's chains and rule sets with their elements, and every set's name.
+
+        One listing per rule set: a ``list table`` would fetch the lists' elements too.
+        """
+        names = self._set_names()
+        chains = self._run([{"list": {"chains": {"family": "inet"}}}]) or {}
+        items = [
+            item
+            for item in chains.get("nftables", [])
+            if "chain" in item and item["chain"].get("table") == self.table
+        ]
+        for name in sorted(n for n in names if _SET_NAME.fullmatch(n)):
+            items += (self._run([{"list": {"set": self._t(name=name)}}]) or {}).get("nftables", [])
+        return {"nftables": items}, names
+
+    def _set_names(self) -> set[str]:
+        """The names of the table's sets, from one netlink dump that fetches no element."""
+        try:
+            return {_text(dict(_nlas(r)).get(2, b"")) for r in self._dump(_NFT_GETSET)}
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return set()
+            raise BackendError(f"nftables table inet {self.table} not readable: {exc}") from exc
 
     def _read(self, listing: Any) -> None:
         """Take the index, the sets and their element counts from a listing of the table."""
@@ -247,8 +333,8 @@ class NftablesBackend(IndexedBackend):
         self._uncounted = set()
 
     def hits(self) -> dict[RuleKey, tuple[int, int]]:
-        """Each element's counter, from one listing of the table."""
-        listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
+        """Each rule's element counter, from a listing of the rules' sets (lists left out)."""
+        listing, _ = self._listing()
         found: dict[RuleKey, tuple[int, int]] = {}
         for item in (listing or {}).get("nftables", []):
             nft_set = item.get("set")
@@ -289,9 +375,10 @@ class NftablesBackend(IndexedBackend):
         except (struct.error, ValueError) as exc:  # a reply this reader does not understand
             logger.debug("nftables table inet %s not checked: %s", self.table, exc)
             return True
-        want = sorted(self._sets)
+        matched = self._sets.union(*(lst.sets for lst in self._lists.values()))
+        want = sorted(matched)
         hooked = all(sorted(lookups[hook]) == want for hook in self.hooks)
-        return self._sets <= sets and hooked and not emptied
+        return matched <= sets and hooked and not emptied
 
     def _dump(self, message: int, of_set: str | None = None) -> list[bytes]:
         """A dump of this table's sets or rules, or the first reply of one set's elements."""
@@ -303,8 +390,9 @@ class NftablesBackend(IndexedBackend):
         replies = self._dump(_NFT_GETSETELEM, name)
         return not any(kind == 3 and value for r in replies for kind, value in _nlas(r))
 
-    def _schema_commands(self, sets: set[str]) -> list[Json]:
-        """Sets, base chains and their rules (accepts first), rewritten as one transaction."""
+    def _schema_commands(self, sets: set[str], lists: dict[str, _List] | None = None) -> list[Json]:
+        """Rule sets, base chains and their rules, rewritten as one transaction: accept rules,
+        accept lists, drop rules, drop lists. Lists' sets must exist (their loads add them)."""
         cmds: list[Json] = []
         for name in sorted(sets):
             version = _version(name)
@@ -315,21 +403,31 @@ class NftablesBackend(IndexedBackend):
             if "_" in name:
                 spec["flags"] = ["interval", "timeout"]
             cmds.append({"add": {"set": spec}})
-        ordered = sorted(sets, key=lambda n: (not n.startswith("accept"), n))
+        lists = self._lists if lists is None else lists
+        ordered: list[tuple[str, Action]] = []
+        for action in (Action.ACCEPT, Action.DROP):
+            ordered += [(n, action) for n in sorted(sets) if n.startswith(action.value)]
+            ordered += [
+                (n, action)
+                for _, lst in sorted(lists.items())
+                if lst.action is action
+                for n in sorted(lst.sets)
+            ]
+        cmds += self._hook_commands()
+        for hook in self.hooks:
+            for name, action in ordered:
+                match = {"op": "==", "left": _source(name), "right": f"@{name}"}
+                rule = self._t(chain=hook, expr=[{"match": match}, {action.value: None}])
+                cmds.append({"add": {"rule": rule}})
+        return cmds
+
+    def _hook_commands(self) -> list[Json]:
+        """Each hook's base chain, created if missing, and emptied (of rules only)."""
+        cmds: list[Json] = []
         for hook in self.hooks:
             chain = self._t(name=hook, type="filter", hook=hook, prio=_PRIORITY, policy="accept")
             cmds.append({"add": {"chain": chain}})
             cmds.append({"flush": {"chain": self._t(name=hook)}})
-            for name in ordered:
-                proto = "ip6" if _version(name) == 6 else "ip"
-                verdict = "accept" if name.startswith("accept") else "drop"
-                match = {
-                    "op": "==",
-                    "left": {"payload": {"protocol": proto, "field": "saddr"}},
-                    "right": f"@{name}",
-                }
-                rule = self._t(chain=hook, expr=[{"match": match}, {verdict: None}])
-                cmds.append({"add": {"rule": rule}})
         return cmds
 
     def _probe_renewal(self) -> bool:
@@ -361,9 +459,13 @@ class NftablesBackend(IndexedBackend):
         if rule.expires_ms is not None:
             # One second beyond the expiry: the worker deletes the element at the exact ms,
             # and nft fails a whole batch on deleting an element the kernel already timed out.
-            elem["timeout"] = max(1, math.ceil((rule.expires_ms - self.clock()) / 1000)) + 1
+            elem["timeout"] = self._timeout_s(rule.expires_ms)
             elem["comment"] = f"exp={rule.expires_ms}"
         return self._t(name=set_name(key), elem=[{"elem": elem}])
+
+    def _timeout_s(self, expires_ms: int) -> int:
+        """The kernel timeout for an expiry: seconds remaining, rounded up, plus one."""
+        return max(1, math.ceil((expires_ms - self.clock()) / 1000)) + 1
 
     def _batch(self, undo: list[tuple[RuleKey, Rule | None]]) -> tuple[list[Json], set[str]]:
         """The transaction for the staged changes; updates the index, noting how to undo it."""
@@ -396,8 +498,7 @@ class NftablesBackend(IndexedBackend):
                 # The kernel may have timed an element out before the worker deleted it, and
                 # one absent element fails the whole batch: re-read the kernel, try once more.
                 # A batch of new elements only (a full set) has no such cause: no re-read.
-                listing = self._run([{"list": {"table": {"family": "inet", "name": self.table}}}])
-                self._read(listing)
+                self._read(self._listing()[0])
                 try:
                     self._commit_once()
                 except BackendError as exc:
@@ -426,6 +527,100 @@ class NftablesBackend(IndexedBackend):
             raise
         self._sets |= new_sets
 
+    # --- named lists ---
+
+    supports_lists = True
+
+    def list_names(self) -> set[str]:
+        return set(_lists_in(self._set_names()))
+
+    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
+        """Old sets out, new sets in (filled), rules rewritten: one transaction."""
+        name = _checked_list_name(spec.name)
+        grouped = list_entries(networks)
+        started = time.monotonic()
+        timeout = None if spec.expires_ms is None else self._timeout_s(spec.expires_ms)
+        wanted = {(4, 32), (6, 128), *grouped}
+        new = _List(spec.action, frozenset(list_set_name(spec.action, name, *k) for k in wanted))
+        old = _lists_in(self._set_names()).get(name)
+        lists = {**self._lists, name: new}
+        cmds = [{"add": {"table": {"family": "inet", "name": self.table}}}]
+        cmds += self._hook_commands()  # no rule may hold an old set while it is deleted
+        cmds += [
+            {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
+        ]
+        cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets if old else ())]
+        cmds += [{"add": {"set": self._list_set(n, timeout)}} for n in sorted(new.sets)]
+        cmds += [
+            {"add": {"element": self._t(name=list_set_name(spec.action, name, *key), elem=elems)}}
+            for key, elems in sorted(grouped.items())
+        ]
+        self._run(cmds + self._schema_commands(self._sets, lists))
+        self._lists = lists
+        logger.info(
+            "nftables list %s (%s): %d entries loaded in %.2f s",
+            name,
+            spec.action.value,
+            sum(map(len, grouped.values())),
+            time.monotonic() - started,
+        )
+
+    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
+        """Absent entries to remove are added first, so that their delete cannot fail."""
+        name = _checked_list_name(spec.name)
+        adding, removing = list_entries(add), list_entries(remove)
+        loaded = _lists_in(self._set_names()).get(name)
+        if loaded is not None and loaded.action is not spec.action:
+            raise PermanentBackendError(
+                f"list {name} is loaded as {loaded.action.value}, not {spec.action.value}: "
+                "load it again to change its action"
+            )
+        present = loaded.sets if loaded else frozenset()
+        wanted = {list_set_name(spec.action, name, *key) for key in (*adding, (4, 32), (6, 128))}
+        cmds: list[Json] = [
+            {"add": {"set": self._list_set(n, None)}} for n in sorted(wanted - present)
+        ]
+        if cmds:
+            lists = {**self._lists, name: _List(spec.action, present | wanted)}
+            cmds += self._schema_commands(self._sets, lists)
+        for key, elems in sorted(removing.items()):
+            target = self._t(name=list_set_name(spec.action, name, *key))
+            if target["name"] in present:  # a set that is not there holds none of them
+                cmds.append({"add": {"element": {**target, "elem": elems}}})
+                cmds.append({"delete": {"element": {**target, "elem": elems}}})
+        for key, elems in sorted(adding.items()):
+            values: list[Any] = elems
+            if spec.expires_ms is not None:
+                timeout = self._timeout_s(spec.expires_ms)
+                values = [{"elem": {"val": value, "timeout": timeout}} for value in elems]
+            target = self._t(name=list_set_name(spec.action, name, *key), elem=values)
+            cmds.append({"add": {"element": target}})
+        if cmds:
+            self._run(cmds)
+            self._lists = {**self._lists, name: _List(spec.action, present | wanted)}
+
+    def remove_list(self, name: str) -> None:
+        """The rules rewritten without the list's, and its sets deleted: one transaction."""
+        old = _lists_in(self._set_names()).get(name)
+        lists = {n: lst for n, lst in self._lists.items() if n != name}
+        if old is not None:
+            cmds = self._hook_commands()
+            cmds += [
+                {"flush": {"chain": self._t(name=c)}}
+                for c in sorted(self._chains - set(self.hooks))
+            ]
+            cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets)]
+            self._run(cmds + self._schema_commands(self._sets, lists))
+        self._lists = lists
+
+    def _list_set(self, name: str, timeout_s: int | None) -> Json:
+        """A list's set: addresses with a counter each, and the list's timeout by default."""
+        spec = self._t(name=name, type=f"ipv{_version(name)}_addr", flags=["timeout"])
+        spec["stmt"] = [{"counter": None}]
+        if timeout_s is not None:
+            spec["timeout"] = timeout_s
+        return spec
+
     def uninstall(self) -> str:
         """Delete pushfw's table (its sets and chains); nothing else is touched."""
         try:
@@ -435,4 +630,5 @@ class NftablesBackend(IndexedBackend):
                 raise
             return f"no table inet {self.table}"
         self._read(None)
+        self._lists = {}
         return f"removed table inet {self.table}"

@@ -1,0 +1,203 @@
+"""A million-entry blocklist on one host: import, enforce, change, against the raw kernel.
+
+Per set backend, in one run and one namespace:
+
+- **baseline**: the raw kernel batch (:mod:`bench.rawkernel`): the same N addresses added in
+  one kernel transaction with nothing of pushfw around it;
+- **import**: ``pushfw import``'s work (read and validate N lines, pack, store, one
+  ``list.load``) and then the worker's (fetch, check the hash, gate every entry, load the
+  sets), timed until the host's result says the list is loaded, and checked in the kernel;
+- **change**: the same list with ``--change`` of its entries replaced, imported again: the
+  host applies only the difference;
+- the worker's RSS (now and peak), Redis's bytes per entry, and Redis PING latency (p50/p99)
+  during the run against idle.
+
+    python -m bench.lists                         # 1,000,000 entries, nftables and ipset
+    python -m bench.lists --entries 200000 --backends ipset --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import redis
+
+from bench.env import BenchEnv, BenchError, Progress, backend_missing, bench_env, wide_address
+from bench.kernel import list_entries
+from pushfw.producer import Producer
+from pushfw.producer.lists import read_list
+
+NAME = "bench"
+TARGET_S = 10.0
+TARGET_RSS_MB = 100.0
+
+
+class _Pinger(threading.Thread):
+    """PING every 10 ms from a connection of its own; latencies in ms."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.01):
+            started = time.perf_counter()
+            self.client.ping()
+            self.latencies.append((time.perf_counter() - started) * 1000)
+
+    def figures(self) -> dict[str, float]:
+        values = self.latencies or [0.0]
+        p99 = statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
+        return {"p50_ms": statistics.median(values), "p99_ms": p99, "samples": len(values)}
+
+
+def _idle_ping(client: redis.Redis, seconds: float = 1.0) -> dict[str, float]:
+    pinger = _Pinger(client)
+    pinger.start()
+    time.sleep(seconds)
+    pinger.stop.set()
+    pinger.join()
+    return pinger.figures()
+
+
+def _baseline(env: BenchEnv, backend: str, n: int) -> dict[str, Any]:
+    proc = env.ns.run(
+        env.python, "-m", "bench.rawkernel", str(n), backend, env=env.helper_env(), timeout=600
+    )
+    out: dict[str, Any] = json.loads(proc.stdout)[backend]
+    if "error" in out:
+        raise BenchError(f"raw {backend} batch: {out['error']}")
+    return out
+
+
+def _imported(
+    env: BenchEnv, producer: Producer, lines: list[str], expect: str
+) -> tuple[dict[str, float], str]:
+    """``pushfw import``'s work and then the host's, timed; returns figures and the detail."""
+    started = time.perf_counter()
+    parsed = read_list(lines)
+    read_s = time.perf_counter() - started
+    cmd = producer.load_list(NAME, parsed.content, reply=True)
+    stored_s = time.perf_counter() - started
+    results = producer.wait(cmd, timeout_s=600)
+    done_s = time.perf_counter() - started
+    if not results or results[0].status.value != "applied" or expect not in results[0].detail:
+        raise BenchError(f"the host answered {results!r}, not {expect!r}")
+    return {
+        "read_s": read_s,
+        "stored_s": stored_s,
+        "enforced_s": done_s,
+        "entries": parsed.content.size,
+    }, results[0].detail
+
+
+def run_backend(env: BenchEnv, backend: str, n: int, change: float) -> dict[str, Any]:
+    env.progress(f"{backend}: raw kernel batch of {n:,} ...")
+    baseline = _baseline(env, backend, n)
+    lines = [wide_address(i) for i in range(n)]
+    replaced = int(n * change)
+    changed = lines[replaced:] + [wide_address(n + i) for i in range(replaced)]
+    with env.worker(backend) as worker:
+        client = redis.Redis(unix_socket_path=str(env.server.socket_path), decode_responses=True)
+        producer = Producer(client)
+        idle = _idle_ping(redis.Redis(unix_socket_path=str(env.server.socket_path)))
+        pinger = _Pinger(redis.Redis(unix_socket_path=str(env.server.socket_path)))
+        pinger.start()
+        rss_before = worker.rss_kb()
+        env.progress(f"{backend}: importing {n:,} entries ...")
+        first, _ = _imported(env, producer, lines, f"loaded {n} entries")
+        in_kernel = list_entries(env.ns, backend, NAME)
+        if in_kernel != n:
+            raise BenchError(f"{backend}: the kernel holds {in_kernel} of {n} entries")
+        rss_loaded = worker.rss_kb()
+        content_key = producer.keys.list_content(NAME, read_list(lines).content.version)
+        redis_bytes = int(client.memory_usage(content_key) or 0)
+        env.progress(f"{backend}: re-importing with {replaced:,} entries replaced ...")
+        second, detail = _imported(env, producer, changed, f"{replaced} added, {replaced} removed")
+        if list_entries(env.ns, backend, NAME) != n:
+            raise BenchError(f"{backend}: the kernel does not hold {n} entries after the change")
+        pinger.stop.set()
+        pinger.join()
+        worker.alive()
+        peak = worker.rss_kb("VmHWM")
+        rss_after = worker.rss_kb()
+        client.close()
+    return {
+        "backend": backend,
+        "entries": n,
+        "baseline": baseline,
+        "import": first,
+        "change": {**second, "replaced": replaced, "detail": detail},
+        "baseline_share": baseline["seconds"] / first["enforced_s"],
+        "rss_mb": {
+            "before": rss_before / 1024,
+            "loaded": rss_loaded / 1024,
+            "after_change": rss_after / 1024,
+            "peak": peak / 1024,
+        },
+        "redis_bytes_per_entry": redis_bytes / n,
+        "ping_idle": idle,
+        "ping_during": pinger.figures(),
+    }
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    out = [
+        f"{'BACKEND':9} {'ENTRIES':>9} {'RAW_S':>6} {'IMPORT_S':>8} {'(READ/STORE)':>12} "
+        f"{'RAW/IMPORT':>10} {'CHANGE_S':>8} {'RSS_MB':>6} {'PEAK_MB':>7} {'REDIS_B/ENTRY':>13} "
+        f"{'PING_P99_IDLE':>13} {'PING_P99_RUN':>12}"
+    ]
+    for row in rows:
+        imp, chg, rss = row["import"], row["change"], row["rss_mb"]
+        out.append(
+            f"{row['backend']:9} {row['entries']:>9,} {row['baseline']['seconds']:>6.2f} "
+            f"{imp['enforced_s']:>8.2f} {imp['read_s']:>5.2f}/{imp['stored_s']:<6.2f} "
+            f"{row['baseline_share']:>10.0%} {chg['enforced_s']:>8.2f} {rss['loaded']:>6.0f} "
+            f"{rss['peak']:>7.0f} {row['redis_bytes_per_entry']:>13.1f} "
+            f"{row['ping_idle']['p99_ms']:>13.2f} {row['ping_during']['p99_ms']:>12.2f}"
+        )
+    for row in rows:
+        met_time = row["import"]["enforced_s"] <= TARGET_S
+        met_rss = row["rss_mb"]["peak"] < TARGET_RSS_MB
+        out.append(
+            f"target {row['backend']}: {row['entries']:,}-entry list enforced in "
+            f"<= {TARGET_S:.0f} s: {'met' if met_time else 'MISSED'} "
+            f"({row['import']['enforced_s']:.1f} s); worker peak RSS < {TARGET_RSS_MB:.0f} MB: "
+            f"{'met' if met_rss else 'MISSED'} ({row['rss_mb']['peak']:.0f} MB)"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.lists", description=__doc__)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--change", type=float, default=0.01, help="share replaced [0.01]")
+    parser.add_argument("--backends", default="nftables,ipset")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    progress = Progress()
+    rows = []
+    try:
+        with bench_env(progress) as env:
+            for backend in args.backends.split(","):
+                missing = backend_missing(backend)
+                if missing is not None:
+                    raise BenchError(f"{backend}: {missing}")
+                rows.append(run_backend(env, backend, args.entries, args.change))
+    except BenchError as exc:
+        print(f"bench.lists: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(rows, indent=2) if args.json else render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,432 @@
+"""Named lists (:meth:`Backend.load_list` and friends) checked against every set backend.
+
+Like :mod:`tests.test_backend_contract`, a kernel backend runs inside the namespace it
+manages: each test writes a script of steps, run here for memory and as
+``python -m tests.test_backend_lists SPEC`` under ``ip netns exec`` for nftables and ipset.
+The ``content`` step reads what the kernel holds for a list with the operator's tools
+(``nft -j list table``, ``ipset save``), never through the backend under test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import Netns, wait_for
+from tests.kernel import veth
+from tests.test_backend_contract import ROOT, Script, Subject, _backend_step, _build, _subject_for
+from tests.test_packets import CLIENT_IP, LISTEN, SERVER_IP, can_connect
+
+LIST_BACKENDS = ("memory", "nftables", "ipset")
+_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)")
+_IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
+
+
+# --- the driver: list steps, then the contract's rule steps ---
+
+
+def _spec(args: list[Any]) -> Any:
+    from pushfw.producer.contract import Action
+    from pushfw.worker.backends.base import BlockList
+
+    name, action, *rest = args
+    return BlockList(name, Action(action), "v", rest[0] if rest else None)
+
+
+def _list_step(backend: Any, verb: str, args: list[Any]) -> Any:
+    from pushfw.worker.errors import BackendError
+
+    try:
+        match verb:
+            case "load":  # name, action, entries[, expires_ms]
+                backend.load_list(_spec([args[0], args[1], *args[3:]]), args[2])
+            case "change":  # name, action, add, remove[, expires_ms]
+                backend.change_list(_spec([args[0], args[1], *args[4:]]), args[2], args[3])
+            case "remove":
+                backend.remove_list(args[0])
+            case "names":
+                return sorted(backend.list_names())
+    except BackendError as exc:
+        return {"error": type(exc).__name__, "detail": str(exc)}
+    return {"error": None}
+
+
+def content(
+    backend_name: str, name: str, backend: Any = None, ns: Netns | None = None
+) -> list[str]:
+    """The entries the kernel (or the memory backend) holds for list ``name``, sorted."""
+    if backend_name == "memory":
+        return ordered(list(backend.lists.get(name, (None, set()))[1]))
+    prefix = ["ip", "netns", "exec", ns.name] if ns else []
+    found: list[str] = []
+    if backend_name == "nftables":
+        listing = subprocess.run(
+            [*prefix, "nft", "-j", "list", "table", "inet", "pushfw"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for item in json.loads(listing or "{}").get("nftables", []):
+            parsed = _NFT_LIST_SET.fullmatch(item.get("set", {}).get("name", ""))
+            if parsed and parsed["name"] == name:
+                for raw in item["set"].get("elem", []):
+                    value = raw["elem"]["val"] if isinstance(raw, dict) else raw
+                    found.append(str(ipaddress.ip_network(f"{value}/{parsed['prefix']}")))
+    else:
+        saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
+        for line in saved.splitlines():
+            parsed = _IPSET_LIST_LINE.match(line)
+            if parsed and parsed["name"] == name:
+                found.append(str(ipaddress.ip_network(parsed["net"])))
+    return ordered(found)
+
+
+def run_script(spec: dict[str, Any]) -> list[Any]:
+    """Run ``spec['steps']`` against one backend (instance ``a``, or ``verb@b`` for b)."""
+    instances: dict[str, Any] = {}
+    results: list[Any] = []
+    for step in spec["steps"]:
+        verb, _, label = str(step[0]).partition("@")
+        if (label or "a") not in instances:
+            instances[label or "a"] = _build(spec["backend"], spec.get("options", {}))
+        backend = instances[label or "a"]
+        if verb == "content":
+            results.append(content(spec["backend"], step[1], backend))
+        elif verb == "shell":  # a hand change to the kernel, as an operator would make it
+            results.append(subprocess.run(step[1:], capture_output=True, text=True).returncode)
+        elif verb in ("load", "change", "remove", "names"):
+            results.append(_list_step(backend, verb, step[1:]))
+        else:
+            results.append(_backend_step(backend, verb, step[1:]))
+    return results
+
+
+def run(subject: Subject, script: Script) -> list[Any]:
+    spec: dict[str, Any] = {"backend": subject.name, "steps": script.steps}
+    if subject.ns is None:
+        return run_script(spec)
+    argv = [sys.executable, "-m", "tests.test_backend_lists"]  # the spec on stdin: it can be big
+    proc = subprocess.run(
+        ["ip", "netns", "exec", subject.ns.name, *argv],
+        input=json.dumps(spec),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results: list[Any] = json.loads(proc.stdout)
+    return results
+
+
+@pytest.fixture(params=LIST_BACKENDS)
+def subject(request: pytest.FixtureRequest) -> Subject:
+    return _subject_for(str(request.param), request)
+
+
+@pytest.fixture(params=LIST_BACKENDS[1:])
+def kernel_subject(request: pytest.FixtureRequest) -> Subject:
+    return _subject_for(str(request.param), request)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def ok(result: Any) -> None:
+    assert result == {"error": None}, result
+
+
+FIRST = ["192.0.2.0/24", "198.51.100.7/32", "10.0.0.0/8", "2001:db8::/32", "2001:db8:1::1/128"]
+SECOND = ["192.0.2.0/25", "203.0.113.0/24", "2001:db8:2::/48"]
+
+
+def _order(entry: str) -> tuple[int, Any]:
+    network = ipaddress.ip_network(entry)
+    return network.version, network
+
+
+def ordered(entries: list[str]) -> list[str]:
+    return sorted(entries, key=_order)
+
+
+# --- the contract ---
+
+
+def test_load_then_names_and_content(subject: Subject):
+    s = Script()
+    s("open")
+    before = s("names")
+    loaded = s("load", "bad", "drop", FIRST)
+    names = s("names")
+    held = s("content", "bad")
+    s("load", "good", "accept", [])  # an empty list exists too
+    both = s("names")
+
+    r = run(subject, s)
+    ok(r[loaded])
+    assert r[before] == []
+    assert r[names] == ["bad"]
+    assert r[held] == ordered(FIRST)
+    assert r[both] == ["bad", "good"]
+
+
+def test_load_replaces_the_content_exactly(subject: Subject):
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    again = s("load", "bad", "drop", SECOND)
+    held = s("content", "bad")
+    s("add", "drop", "192.0.2.99")
+    committed = s("commit")  # rules and lists live side by side
+    rules = s("snapshot")
+    held_after_commit = s("content", "bad")
+
+    r = run(subject, s)
+    ok(r[again])
+    assert r[held] == ordered(SECOND)
+    assert r[committed]["error"] is None
+    assert r[rules] == [["drop", "192.0.2.99/32", None]], "a list's entries are not rules"
+    assert r[held_after_commit] == ordered(SECOND)
+
+
+def test_change_adds_and_removes_and_repeats_harmlessly(subject: Subject):
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    changed = s("change", "bad", "drop", ["203.0.113.0/24", "2001:db8:9::/48"], FIRST[:2])
+    held = s("content", "bad")
+    # a duplicate add, an absent remove (of a prefix length the list never held), twice
+    again = s("change", "bad", "drop", ["203.0.113.0/24"], [FIRST[0], "172.16.0.0/12"])
+    twice = s("change", "bad", "drop", ["203.0.113.0/24"], [FIRST[0], "172.16.0.0/12"])
+    held_again = s("content", "bad")
+
+    r = run(subject, s)
+    ok(r[changed])
+    want = ordered([*FIRST[2:], "203.0.113.0/24", "2001:db8:9::/48"])
+    assert r[held] == want
+    ok(r[again])
+    ok(r[twice])
+    assert r[held_again] == want
+
+
+def test_a_refused_load_keeps_the_previous_content(kernel_subject: Subject):
+    """Entries a kernel tool would refuse (or resolve in the DNS) are refused before any I/O;
+    the memory backend takes entries as given (see the injected failure below)."""
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    host_bits = s("load", "bad", "drop", [*SECOND, "10.0.0.1/8"])  # refused before any I/O
+    not_an_address = s("load", "bad", "drop", [*SECOND, "example.com/32"])
+    held = s("content", "bad")
+    bad_change = s("change", "bad", "drop", ["203.0.113.0/24"], ["0.0.0.0/0"])
+    held_after_change = s("content", "bad")
+
+    r = run(kernel_subject, s)
+    for refused in (host_bits, not_an_address, bad_change):
+        assert r[refused]["error"] == "PermanentBackendError", r[refused]
+    assert r[held] == ordered(FIRST)
+    assert r[held_after_change] == ordered(FIRST)
+
+
+def test_memory_failure_injected_keeps_the_previous_content():
+    s = Script()
+    s("load", "bad", "drop", FIRST)
+    failed = s("load", "bad", "drop", ["203.0.113.9/32", *SECOND])
+    held = s("content", "bad")
+    spec = {"backend": "memory", "options": {"memory_fail": ["203.0.113.9/32"]}, "steps": s.steps}
+
+    r = run_script(spec)
+    assert r[failed]["error"] == "BackendError"
+    assert r[held] == ordered(FIRST)
+
+
+def test_nftables_refused_transaction_keeps_the_previous_content(
+    request: pytest.FixtureRequest,
+):
+    """A timeout past the kernel's range: nf_tables refuses the whole transaction."""
+    subject = _subject_for("nftables", request)
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    refused = s("load", "bad", "drop", SECOND, now_ms() + 5 * 10**18)
+    held = s("content", "bad")
+    intact = s("intact")
+
+    r = run(subject, s)
+    assert r[refused]["error"] == "BackendError", r[refused]
+    assert r[held] == ordered(FIRST)
+    assert r[intact] is True
+
+
+def test_a_timed_list_leaves_the_kernel_on_its_own(kernel_subject: Subject):
+    s = Script()
+    s("open")
+    loaded = s("load", "soon", "drop", FIRST, now_ms() + 2000)
+    s("load", "later", "drop", SECOND, now_ms() + 600_000)
+    added = s("change", "soon", "drop", ["203.0.113.0/24"], [], now_ms() + 2000)
+    held = s("content", "soon")
+
+    r = run(kernel_subject, s)
+    ok(r[loaded])
+    ok(r[added])
+    assert r[held] == ordered([*FIRST, "203.0.113.0/24"])
+    started = time.monotonic()
+    wait_for(
+        lambda: content(kernel_subject.name, "soon", ns=kernel_subject.ns) == [],
+        timeout=15,
+        what="the kernel to time out the list's entries",
+    )
+    assert time.monotonic() - started > 0.5, "entries left long before their expiry"
+    assert content(kernel_subject.name, "later", ns=kernel_subject.ns) == ordered(SECOND)
+
+
+def test_remove_list_removes_sets_and_rules_and_is_harmless_twice(subject: Subject):
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    s("load", "good", "accept", SECOND)
+    removed = s("remove", "bad")
+    twice = s("remove", "bad")
+    never = s("remove", "never_loaded")
+    names = s("names")
+    held = s("content", "bad")
+    intact = s("intact")
+
+    r = run(subject, s)
+    for result in (removed, twice, never):
+        ok(r[result])
+    assert r[names] == ["good"]
+    assert r[held] == []
+    assert r[intact] is True
+    if subject.ns is not None:  # nothing of the list is left in the kernel, rules included
+        dump = _kernel_dump(subject.ns)
+        assert "bad" not in dump and "good" in dump
+
+
+def _kernel_dump(ns: Netns) -> str:
+    nft = ns.run("nft", "list", "ruleset", check=False).stdout
+    legacy = ns.run("iptables-legacy-save", check=False).stdout
+    six = ns.run("ip6tables-legacy-save", check=False).stdout
+    return nft + legacy + six + ns.run("ipset", "list", "-n", check=False).stdout
+
+
+def _hand_removal(backend: str) -> list[list[str]]:
+    """Commands an operator might run that take a loaded list's kernel objects away."""
+    if backend == "nftables":
+        return [["nft", "flush", "ruleset"]]
+    return [
+        ["iptables-legacy", "-D", "PUSHFW", "-m", "set", "--match-set", "pushfw-d4-bad", "src",
+         "-j", "DROP"],
+        ["ipset", "destroy", "pushfw-d4-bad"],
+    ]  # fmt: skip
+
+
+def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    before = s("intact")
+    for command in _hand_removal(kernel_subject.name):
+        s("shell", *command)
+    after = s("intact")
+    s("open@b")  # a restart sees the list gone (or half gone), and writes no rule for it
+    names = s("names@b")
+    intact_b = s("intact@b")
+    reloaded = s("load@b", "bad", "drop", FIRST)  # what the worker does for a list not there
+    repaired = s("intact@b")
+
+    r = run(kernel_subject, s)
+    assert r[before] is True
+    assert r[after] is False
+    assert r[names] == []
+    assert r[intact_b] is (kernel_subject.name == "nftables")  # ipset: its IPv6 set is left
+    ok(r[reloaded])
+    assert r[repaired] is True
+
+
+def test_open_keeps_lists_and_uninstall_removes_them(subject: Subject):
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    s("open")  # as a restart does: open() reads the kernel again
+    kept = s("content", "bad")
+    intact = s("intact")
+    s("uninstall")
+    names = s("names")
+
+    r = run(subject, s)
+    assert r[kept] == ordered(FIRST), "open() must not touch a list it finds"
+    assert r[intact] is True
+    if subject.ns is not None:  # the memory backend's uninstall() keeps its lists
+        assert r[names] == []
+        assert "bad" not in _kernel_dump(subject.ns)
+
+
+# --- real packets ---
+
+
+def test_a_drop_list_blocks_real_packets_and_an_accept_list_beats_a_drop(
+    make_netns: Callable[[], Netns], request: pytest.FixtureRequest, kernel_subject: Subject
+):
+    server = kernel_subject.ns
+    assert server is not None
+    client = make_netns()
+    veth(server, SERVER_IP, client, CLIENT_IP, tag="l")
+    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
+    request.addfinalizer(listener.wait)
+    request.addfinalizer(listener.kill)
+    wait_for(lambda: can_connect(client), what="the listener to accept connections")
+
+    def steps(*step: Any) -> list[Any]:
+        s = Script()
+        s("open")
+        s(*step)
+        return run(kernel_subject, s)
+
+    ok(steps("load", "bad", "drop", ["192.0.2.0/24", "10.213.0.0/24"])[1])
+    assert not can_connect(client), "a drop list holding the client's network lets it in"
+    ok(steps("remove", "bad")[1])
+    assert can_connect(client), "pings are still blocked after remove_list"
+
+    s = Script()
+    s("open")
+    s("add", "drop", CLIENT_IP)
+    s("commit")
+    s("load", "good", "accept", ["10.213.0.0/24"])
+    run(kernel_subject, s)
+    assert can_connect(client), "an accept list must win over a drop rule"
+    ok(steps("remove", "good")[1])
+    assert not can_connect(client), "the drop rule is back in force once the accept list is gone"
+
+
+# --- scale: a figure to read, not a timed assertion ---
+
+
+def test_load_200k_entries(kernel_subject: Subject):
+    count = 200_000
+    base = int(ipaddress.IPv4Address("11.0.0.0"))
+    entries = [  # hosts and /28 networks, none overlapping
+        f"{ipaddress.IPv4Address(base + 16 * i)}/{32 if i % 2 else 28}" for i in range(count)
+    ]
+    s = Script()
+    s("open")
+    s("load", "big", "drop", entries)
+    started = time.monotonic()
+    r = run(kernel_subject, s)
+    seconds = time.monotonic() - started
+    ok(r[1])
+    held = content(kernel_subject.name, "big", ns=kernel_subject.ns)
+    print(f"\n{kernel_subject.name}: {count} entries loaded in {seconds:.2f} s (open included)")
+    assert len(held) == count
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_script(json.loads(sys.stdin.read()))))
