@@ -52,6 +52,19 @@ def _stream_id_before(entry_id: str) -> str:
     return f"{ms}-{int(seq) - 1}" if seq and int(seq) > 0 else f"{max(int(ms) - 1, 0)}"
 
 
+def _with_options(
+    fields: dict[str, str], ttl_s: int | None, target: Iterable[str], reply: bool
+) -> dict[str, str]:
+    """A command's fields with its optional ones, as the wire spells them."""
+    if reply:
+        fields["reply"] = "1"
+    if ttl_s is not None:
+        fields["ttl"] = str(ttl_s)
+    if names := ",".join(target):
+        fields["target"] = names
+    return fields
+
+
 def forget_host(client: redis.Redis, keys: Keys, host: str) -> bool:
     """Destroy ``host``'s consumer group, heartbeat and hit counts; True if any existed.
 
@@ -152,13 +165,7 @@ class Producer:
         """
         fields = {"op": "list.load", "name": name, "version": content.version, "action": action}
         fields.update(size=str(content.size), reason=reason, request_id=request_id)
-        if ttl_s is not None:
-            fields["ttl"] = str(ttl_s)
-        if names := ",".join(target):
-            fields["target"] = names
-        if reply:
-            fields["reply"] = "1"
-        cmd = parse_list_command(fields)
+        cmd = parse_list_command(_with_options(fields, ttl_s, target, reply))
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.list_content(cmd.name, cmd.version), content.to_bytes())
         pipe.xadd(self.keys.cmd, self._wire(cmd.to_fields()))
@@ -169,11 +176,7 @@ class Producer:
     ) -> str:
         """Remove list ``name`` from every host (or the targeted ones); returns the entry id."""
         fields = {"op": "list.delete", "name": name, "reason": reason}
-        if names := ",".join(target):
-            fields["target"] = names
-        if reply:
-            fields["reply"] = "1"
-        cmd = parse_list_command(fields)
+        cmd = parse_list_command(_with_options(fields, None, target, reply))
         return cast(str, self.client.xadd(self.keys.cmd, self._wire(cmd.to_fields())))
 
     def lists(self) -> list[ListRecord]:
@@ -194,13 +197,7 @@ class Producer:
         reply: bool,
     ) -> str:
         fields = {"op": op, "ip": ip, "reason": reason, "request_id": request_id}
-        if reply:
-            fields["reply"] = "1"
-        if ttl_s is not None:
-            fields["ttl"] = str(ttl_s)
-        if names := ",".join(target):
-            fields["target"] = names
-        return self.send(parse_command(fields))
+        return self.send(parse_command(_with_options(fields, ttl_s, target, reply)))
 
     def drop(
         self,

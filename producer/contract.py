@@ -31,6 +31,8 @@ __all__ = [
     "Op",
     "Result",
     "Status",
+    "decode_fields",
+    "explain",
     "parse_command",
     "parse_network",
     "signature",
@@ -275,15 +277,17 @@ _YES = frozenset({"1", "yes", "true", "on"})
 _NO = frozenset({"", "0", "no", "false", "off"})
 
 
-def _decode_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
+def decode_fields(
+    fields: Mapping[bytes, bytes] | Mapping[str, str], wire: Mapping[str, str] = _WIRE_TO_MODEL
+) -> dict[str, str]:
     """Decode the known fields strictly; unknown fields are ignored (forward compatibility)."""
     decoded: dict[str, str] = {}
     for raw_key, raw_value in fields.items():
         key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
         key = key.lower()
-        if key not in _WIRE_TO_MODEL:
+        if key not in wire:
             continue
-        if _WIRE_TO_MODEL[key] in decoded:
+        if wire[key] in decoded:
             raise CommandRejected(f"{key}: appears more than once")
         if isinstance(raw_value, bytes):
             try:
@@ -296,12 +300,13 @@ def _decode_fields(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[st
             raise CommandRejected(
                 f"{key}: is {len(value)} characters long, at most {MAX_FIELD_LEN}"
             )
-        decoded[_WIRE_TO_MODEL[key]] = value
+        decoded[wire[key]] = value
     return decoded
 
 
-def _explain(exc: ValidationError) -> str:
-    model_to_wire = {v: k for k, v in _WIRE_TO_MODEL.items()}
+def explain(exc: ValidationError, wire: Mapping[str, str] = _WIRE_TO_MODEL) -> str:
+    """A validation error as one line that names the wire fields."""
+    model_to_wire = {v: k for k, v in wire.items()}
     parts = []
     for err in exc.errors(include_url=False):
         loc = model_to_wire.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
@@ -317,14 +322,14 @@ def parse_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Command:
         CommandRejected: the entry is not a valid v1 command; the message says which field
             is wrong and why, and is safe to show (it quotes at most a short prefix).
     """
-    values = _decode_fields(fields)
+    values = decode_fields(fields)
     for required, wire in (("op", "op"), ("network", "ip")):
         if required not in values:
             raise CommandRejected(f"{wire}: is missing")
     try:
         return Command.model_validate(values)
     except ValidationError as exc:
-        raise CommandRejected(_explain(exc)) from None
+        raise CommandRejected(explain(exc)) from None
 
 
 SIGNED_FIELDS = ("ip", "op", "origin", "reason", "request_id", "target", "ts", "ttl")

@@ -32,6 +32,8 @@ from pushfw.producer.contract import (
     Action,
     Command,
     CommandRejected,
+    decode_fields,
+    explain,
     parse_network,
 )
 
@@ -388,48 +390,20 @@ _LIST_WIRE = {
 }
 
 
-def _decode(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:
-    """The known fields of a list command, decoded strictly; others are ignored."""
-    values: dict[str, str] = {}
-    for raw_key, raw_value in fields.items():
-        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
-        key = key.lower()
-        if key not in _LIST_WIRE:
-            continue
-        if _LIST_WIRE[key] in values:
-            raise CommandRejected(f"{key}: appears more than once")
-        try:
-            value = raw_value.decode("utf-8") if isinstance(raw_value, bytes) else raw_value
-        except UnicodeDecodeError:
-            raise CommandRejected(f"{key}: is not valid UTF-8") from None
-        values[_LIST_WIRE[key]] = value
-    return values
-
-
-def _explain(exc: ValidationError) -> str:
-    wire = {v: k for k, v in _LIST_WIRE.items()}
-    parts = []
-    for err in exc.errors(include_url=False):
-        loc = wire.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else ""
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def parse_list_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> ListCommand:
     """Parse a ``list.*`` stream entry.
 
     Raises:
         CommandRejected: not a valid list command; the message names the field and why.
     """
-    values = _decode(fields)
+    values = decode_fields(fields, _LIST_WIRE)
     for required in ("op", "name"):
         if required not in values:
             raise CommandRejected(f"{required}: is missing")
     try:
         cmd = ListCommand.model_validate(values)
     except ValidationError as exc:
-        raise CommandRejected(_explain(exc)) from None
+        raise CommandRejected(explain(exc, _LIST_WIRE)) from None
     if cmd.op is ListOp.LOAD and not cmd.version:
         raise CommandRejected("version: is missing (list.load names the content it loads)")
     if cmd.op is ListOp.DELETE and cmd.ttl_s is not None:

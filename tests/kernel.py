@@ -12,6 +12,8 @@ from tests.conftest import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
+_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)")
+_IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
 _IPSET_LINE = re.compile(
     r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
     r'(?: comment "([^"]*)")?'
@@ -38,6 +40,16 @@ class Firewall:
                 return self._ipset()
             case _:
                 return self._iptables()
+
+    def list_entries(self, name: str) -> list[str]:
+        """The entries the kernel holds for list ``name`` (``nft -j list table``, ``ipset
+        save``), as CIDR strings in the order the tools print them."""
+        if self.backend == "nftables":
+            listing = self.ns.run("nft", "-j", "list", "table", "inet", "pushfw", check=False)
+            return nft_list_entries(listing.stdout, name)
+        if self.backend == "ipset":
+            return ipset_list_entries(self.ns.run("ipset", "save", check=False).stdout, name)
+        return []
 
     def _iptables(self) -> dict[tuple[str, str], int | None]:
         out: dict[tuple[str, str], int | None] = {}
@@ -145,6 +157,28 @@ class Firewall:
             self.ns.run(tool, "-X")
         self.ns.run("nft", "flush", "ruleset", check=False)
         self.ns.run("ipset", "destroy", check=False)
+
+
+def nft_list_entries(listing: str, name: str) -> list[str]:
+    """List ``name``'s entries in the output of ``nft -j list table inet pushfw``."""
+    found = []
+    for item in json.loads(listing or "{}").get("nftables", []):
+        parsed = _NFT_LIST_SET.fullmatch(item.get("set", {}).get("name", ""))
+        if parsed and parsed["name"] == name:
+            for raw in item["set"].get("elem", []):
+                value = raw["elem"]["val"] if isinstance(raw, dict) else raw
+                found.append(_net(f"{value}/{parsed['prefix']}"))
+    return found
+
+
+def ipset_list_entries(saved: str, name: str) -> list[str]:
+    """List ``name``'s entries in the output of ``ipset save``."""
+    found = []
+    for line in saved.splitlines():
+        parsed = _IPSET_LIST_LINE.match(line)
+        if parsed and parsed["name"] == name:
+            found.append(_net(parsed["net"]))
+    return found
 
 
 def veth(a: Netns, a_ip: str, b: Netns, b_ip: str, tag: str = "") -> None:

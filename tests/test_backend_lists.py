@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import subprocess
 import sys
 import time
@@ -21,13 +20,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import Netns, wait_for
-from tests.kernel import veth
+from tests.kernel import ipset_list_entries, nft_list_entries, veth
 from tests.test_backend_contract import ROOT, Script, Subject, _backend_step, _build, _subject_for
 from tests.test_packets import CLIENT_IP, LISTEN, SERVER_IP, can_connect
 
 LIST_BACKENDS = ("memory", "nftables", "ipset")
-_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)")
-_IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
 
 
 # --- the driver: list steps, then the contract's rule steps ---
@@ -65,27 +62,16 @@ def content(
     """The entries the kernel (or the memory backend) holds for list ``name``, sorted."""
     if backend_name == "memory":
         return ordered(list(backend.lists.get(name, (None, set()))[1]))
-    prefix = ["ip", "netns", "exec", ns.name] if ns else []
-    found: list[str] = []
+    prefix = ["ip", "netns", "exec", ns.name] if ns else []  # None: inside it already
     if backend_name == "nftables":
         listing = subprocess.run(
             [*prefix, "nft", "-j", "list", "table", "inet", "pushfw"],
             capture_output=True,
             text=True,
         ).stdout
-        for item in json.loads(listing or "{}").get("nftables", []):
-            parsed = _NFT_LIST_SET.fullmatch(item.get("set", {}).get("name", ""))
-            if parsed and parsed["name"] == name:
-                for raw in item["set"].get("elem", []):
-                    value = raw["elem"]["val"] if isinstance(raw, dict) else raw
-                    found.append(str(ipaddress.ip_network(f"{value}/{parsed['prefix']}")))
-    else:
-        saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
-        for line in saved.splitlines():
-            parsed = _IPSET_LIST_LINE.match(line)
-            if parsed and parsed["name"] == name:
-                found.append(str(ipaddress.ip_network(parsed["net"])))
-    return ordered(found)
+        return ordered(nft_list_entries(listing, name))
+    saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
+    return ordered(ipset_list_entries(saved, name))
 
 
 def run_script(spec: dict[str, Any]) -> list[Any]:

@@ -188,20 +188,23 @@ _FOLD_CHUNK = 500
 _SIGNED = frozenset(name.encode() for name in (*SIGNED_FIELDS, "sig"))
 
 
+def signed_fields(entry: Entry, names: frozenset[bytes]) -> dict[str, str]:
+    """A signed entry's signed fields and ``sig``, kept so every host can verify the record."""
+    fields = entry.fields or {}
+    if not any(k.lower() == b"sig" for k in fields):
+        return {}
+    return {
+        k.lower().decode("utf-8", "replace"): v.decode("utf-8", "replace")
+        for k, v in fields.items()
+        if k.lower() in names
+    }
+
+
 def record_for(entry: Entry, cmd: Command, seen_ms: int, now_ms: int) -> RuleRecord:
     """The ledger state a command sets; an insert already past its expiry is a tombstone."""
     expires_ms = seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
     expired = expires_ms is not None and expires_ms <= now_ms
-    fields = entry.fields or {}
-    signed = (
-        {
-            k.lower().decode("utf-8", "replace"): v.decode("utf-8", "replace")
-            for k, v in fields.items()
-            if k.lower() in _SIGNED
-        }
-        if any(k.lower() == b"sig" for k in fields)
-        else {}
-    )
+    signed = signed_fields(entry, _SIGNED)
     return RuleRecord(
         id=entry.id,
         action=cmd.action.value,
@@ -221,16 +224,7 @@ _LIST_SIGNED = frozenset(name.encode() for name in (*LIST_SIGNED_FIELDS, "sig"))
 
 def list_record_for(entry: Entry, cmd: ListCommand, seen_ms: int) -> ListRecord:
     """The ledger state a list command sets."""
-    fields = entry.fields or {}
-    signed = (
-        {
-            k.lower().decode("utf-8", "replace"): v.decode("utf-8", "replace")
-            for k, v in fields.items()
-            if k.lower() in _LIST_SIGNED
-        }
-        if any(k.lower() == b"sig" for k in fields)
-        else {}
-    )
+    signed = signed_fields(entry, _LIST_SIGNED)
     return ListRecord(
         id=entry.id,
         name=cmd.name,
