@@ -192,27 +192,3 @@ def clear_all(ns: Netns) -> None:
     """Every backend's objects gone: the namespace's firewall as a fresh worker would find it."""
     for kind in KERNELS.values():
         kind(ns).clear()
-
-
-def list_entries(ns: Netns, backend: str, name: str, action: str = "drop") -> int:
-    """How many entries the kernel holds for list ``name``, counted by the kernel's tools."""
-    if backend == "nftables":
-        listing = json.loads(ns.run("nft", "-j", "list", "sets", "inet").stdout)
-        prefix = re.compile(rf"list_{action}_{re.escape(name)}[46]_\d+")
-        return sum(
-            len(item["set"].get("elem", []))
-            for item in listing["nftables"]
-            if "set" in item
-            and item["set"]["table"] == NFT_TABLE
-            and prefix.fullmatch(item["set"]["name"])
-        )
-    if backend == "ipset":
-        total = 0
-        for version in (4, 6):
-            set_name = f"{IPSET_PREFIX}-{action[0]}{version}-{name}"
-            found = _NUMBER_OF_ENTRIES.search(
-                ns.run("ipset", "list", "-t", set_name, check=False).stdout
-            )
-            total += int(found[1]) if found else 0
-        return total
-    raise BenchError(f"the {backend} backend holds no lists")

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import re
 import statistics
 import sys
-import threading
 import time
 from typing import Any
 
 import redis
 
 from bench.env import BenchEnv, BenchError, Progress, backend_missing, bench_env, wide_address
-from bench.kernel import list_entries
+from bench.kernel import IPSET_PREFIX, NFT_TABLE
 from pushfw.producer import Producer
 from pushfw.producer.lists import read_list
 
@@ -38,34 +39,60 @@ TARGET_S = 10.0
 TARGET_RSS_MB = 100.0
 
 
-class _Pinger(threading.Thread):
-    """PING every 10 ms from a connection of its own; latencies in ms."""
+def _ping(socket_path: str, stop: Any, out: Any) -> None:
+    """PING every 10 ms until ``stop`` is set; send the latencies (ms) back through ``out``."""
+    client = redis.Redis(unix_socket_path=socket_path)
+    latencies = []
+    while not stop.wait(0.01):
+        started = time.perf_counter()
+        client.ping()
+        latencies.append((time.perf_counter() - started) * 1000)
+    out.send(latencies)
 
-    def __init__(self, client: redis.Redis) -> None:
-        super().__init__(daemon=True)
-        self.client = client
+
+class _Pinger:
+    """PINGs from a process of its own: the import's Python work must not delay them."""
+
+    def __init__(self, socket_path: str) -> None:
+        self._stop = multiprocessing.Event()
+        self._ours, theirs = multiprocessing.Pipe()
+        self._proc = multiprocessing.Process(
+            target=_ping, args=(socket_path, self._stop, theirs), daemon=True
+        )
         self.latencies: list[float] = []
-        self.stop = threading.Event()
 
-    def run(self) -> None:
-        while not self.stop.wait(0.01):
-            started = time.perf_counter()
-            self.client.ping()
-            self.latencies.append((time.perf_counter() - started) * 1000)
+    def start(self) -> None:
+        self._proc.start()
 
-    def figures(self) -> dict[str, float]:
+    def finish(self) -> dict[str, float]:
+        self._stop.set()
+        self.latencies = self._ours.recv()
+        self._proc.join(timeout=10)
         values = self.latencies or [0.0]
         p99 = statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
         return {"p50_ms": statistics.median(values), "p99_ms": p99, "samples": len(values)}
 
 
-def _idle_ping(client: redis.Redis, seconds: float = 1.0) -> dict[str, float]:
-    pinger = _Pinger(client)
+def _idle_ping(socket_path: str, seconds: float = 1.0) -> dict[str, float]:
+    pinger = _Pinger(socket_path)
     pinger.start()
     time.sleep(seconds)
-    pinger.stop.set()
-    pinger.join()
-    return pinger.figures()
+    return pinger.finish()
+
+
+def list_entries(env: BenchEnv, backend: str, name: str) -> int:
+    """How many entries the kernel holds for drop list ``name``, read from the kernel."""
+    if backend == "nftables":  # over netlink: nft -j list takes minutes at a million
+        counts = env.ns.run(
+            env.python, "-m", "bench.nftcount", NFT_TABLE, name, env=env.helper_env()
+        )
+        return sum(json.loads(counts.stdout).values())
+    total = 0
+    for version in (4, 6):
+        header = env.ns.run("ipset", "list", "-t", f"{IPSET_PREFIX}-d{version}-{name}", check=False)
+        found = re.search(r"^Number of entries: (\d+)$", header.stdout, re.MULTILINE)
+        total += int(found[1]) if found else 0
+    return total
 
 
 def _baseline(env: BenchEnv, backend: str, n: int) -> dict[str, Any]:
@@ -108,13 +135,13 @@ def run_backend(env: BenchEnv, backend: str, n: int, change: float) -> dict[str,
     with env.worker(backend) as worker:
         client = redis.Redis(unix_socket_path=str(env.server.socket_path), decode_responses=True)
         producer = Producer(client)
-        idle = _idle_ping(redis.Redis(unix_socket_path=str(env.server.socket_path)))
-        pinger = _Pinger(redis.Redis(unix_socket_path=str(env.server.socket_path)))
+        idle = _idle_ping(str(env.server.socket_path))
+        pinger = _Pinger(str(env.server.socket_path))
         pinger.start()
         rss_before = worker.rss_kb()
         env.progress(f"{backend}: importing {n:,} entries ...")
         first, _ = _imported(env, producer, lines, f"loaded {n} entries")
-        in_kernel = list_entries(env.ns, backend, NAME)
+        in_kernel = list_entries(env, backend, NAME)
         if in_kernel != n:
             raise BenchError(f"{backend}: the kernel holds {in_kernel} of {n} entries")
         rss_loaded = worker.rss_kb()
@@ -122,10 +149,9 @@ def run_backend(env: BenchEnv, backend: str, n: int, change: float) -> dict[str,
         redis_bytes = int(client.memory_usage(content_key) or 0)
         env.progress(f"{backend}: re-importing with {replaced:,} entries replaced ...")
         second, detail = _imported(env, producer, changed, f"{replaced} added, {replaced} removed")
-        if list_entries(env.ns, backend, NAME) != n:
+        if list_entries(env, backend, NAME) != n:
             raise BenchError(f"{backend}: the kernel does not hold {n} entries after the change")
-        pinger.stop.set()
-        pinger.join()
+        during = pinger.finish()
         worker.alive()
         peak = worker.rss_kb("VmHWM")
         rss_after = worker.rss_kb()
@@ -145,7 +171,7 @@ def run_backend(env: BenchEnv, backend: str, n: int, change: float) -> dict[str,
         },
         "redis_bytes_per_entry": redis_bytes / n,
         "ping_idle": idle,
-        "ping_during": pinger.figures(),
+        "ping_during": during,
     }
 
 

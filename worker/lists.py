@@ -18,9 +18,10 @@ even while the worker is away, and is removed by the keeper at its expiry.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,21 @@ class Held:
     content: ListContent
     refused: int
     id: str
+
+
+_LARGE = 10_000
+"""A list at least this long is followed by :func:`give_back_memory`."""
+
+
+def give_back_memory() -> None:
+    """Hand the heap a large kernel change freed back to the system (glibc ``malloc_trim``).
+
+    libnftables parses a million-element transaction into structures it frees afterwards,
+    but glibc keeps the pages: a worker's RSS stayed at 493 MB after loading a 1M-entry list,
+    and is 55 MB once trimmed. Elsewhere than glibc this does nothing.
+    """
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_records(client: redis.Redis, keys: Keys) -> dict[str, ListRecord]:
@@ -190,6 +206,8 @@ class ListKeeper:
             changed, detail = self._change_kernel(spec, kept)
         except BackendError as exc:
             return _failed(exc)
+        if kept.size >= _LARGE:
+            give_back_memory()
         self.held[spec.name] = Held(spec, kept, len(refused), entry_id)
         self._removed.pop(spec.name, None)
         if refused:
@@ -220,7 +238,7 @@ class ListKeeper:
             )
             return True, f"{len(added)} added, {len(removed)} removed: {kept.size} entries"
         with self.kernel():
-            self.backend.load_list(spec, list(kept.networks()))
+            self.backend.load_list(spec, kept.networks())
         logger.info(
             "list %s: version %s loaded, %s",
             spec.name,
@@ -249,7 +267,8 @@ class ListKeeper:
         """
         problems = []
         wanted: set[str] = set()
-        present = self._kernel_names() | set(self.held)
+        in_kernel = self._kernel_names()
+        present = in_kernel | set(self.held)
         for name, record in read_records(self.client, self.keys).items():
             request = ListRequest.from_record(record)
             decision = None if request is None else decide_list(request, self.policy, now_ms)
@@ -260,7 +279,11 @@ class ListKeeper:
             if isinstance(decision, Load):
                 wanted.add(name)
                 held = self.held.get(name)
-                if held is not None and held.spec == decision.list and held.id == record.id:
+                if (
+                    held is not None
+                    and (held.spec, held.id) == (decision.list, record.id)
+                    and name in in_kernel  # not gone in a hand flush
+                ):
                     continue
                 self.held.pop(name, None)  # the kernel may hold anything: load it whole
                 outcome = self._load(decision, record.id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pushfw.producer.contract import Action, Network
@@ -151,10 +151,10 @@ class Backend(abc.ABC):
         """The names of the lists whose kernel objects exist now (read from the kernel)."""
         return set()
 
-    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
+    def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
         """Make the kernel hold exactly ``networks`` as list ``spec.name``, in one transaction.
 
-        ``networks`` are canonical CIDR strings of both families (``192.0.2.0/24``,
+        ``networks`` (read once) are canonical CIDR strings of both families (``192.0.2.0/24``,
         ``2001:db8::1/128``), without duplicates or overlaps. Creates the list's kernel
         objects (and the rule matching them: accept lists before every drop) if missing;
         a list already there is replaced whole, so packets meet the old content or the new,

@@ -500,7 +500,7 @@ class IpsetBackend(IndexedBackend):
             if all(self._list_name(action, name, version) in present for version in (4, 6))
         }
 
-    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
+    def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
         """Fill temporary sets in one restore, swap them in, then write the rules if new."""
         by_version: dict[int, list[str]] = {4: [], 6: []}
         for (version, prefixlen), addresses in list_entries(networks).items():

@@ -42,9 +42,10 @@ class MemoryBackend(IndexedBackend):
     def list_names(self) -> set[str]:
         return set(self.lists)
 
-    def load_list(self, spec: BlockList, networks: Sequence[str]) -> None:
-        self._check_list(networks)
-        self.lists[spec.name] = (spec, set(networks))
+    def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
+        entries = list(networks)
+        self._check_list(entries)
+        self.lists[spec.name] = (spec, set(entries))
 
     def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
         self._check_list(add)

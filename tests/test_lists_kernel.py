@@ -1,0 +1,138 @@
+"""Named lists through real workers into real kernel sets, across kill -9 and a hand flush.
+
+Real redis-server, ``pushfw-worker run`` processes inside network namespaces, real
+nftables and ipset sets read back with the operator's tools, and real packets over a veth.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pushfw.producer import Producer
+from pushfw.producer.lists import ListContent
+from tests.conftest import Netns, WorkerProcess, pushfw_cli, wait_for
+from tests.kernel import Firewall, veth
+from tests.test_packets import CLIENT_IP, LISTEN, SERVER_IP, can_connect
+
+
+def feed(count: int, *extra: str) -> ListContent:
+    """``count`` /32 entries of 198.18.0.0/15 (none of them the test's peers), and ``extra``."""
+    return ListContent.of([*(f"198.18.{i // 256}.{i % 256}" for i in range(count)), *extra])
+
+
+def answer(producer: Producer, cmd_id: str) -> tuple[str, str]:
+    [result] = producer.wait(cmd_id, timeout_s=30)
+    return result.status.value, result.detail
+
+
+def test_an_imported_list_blocks_real_traffic_and_its_change_lets_it_through(
+    make_netns: Callable[[], Netns],
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+):
+    server, client = make_netns(), make_netns()
+    veth(server, SERVER_IP, client, CLIENT_IP)
+    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
+    try:
+        wait_for(lambda: can_connect(client), what="the listener to accept connections")
+        spawn_worker(server, backend=set_backend).start()
+        fw = Firewall(server, set_backend)
+
+        first = producer.load_list("abusers", feed(3000, "10.213.0.0/24"))
+        assert answer(producer, first) == ("applied", "loaded 3001 entries")
+        assert len(fw.list_entries("abusers")) == 3001
+        assert not can_connect(client), "a list entry covering the peer must block it"
+
+        second = producer.load_list("abusers", feed(3000, "203.0.113.0/24"))
+        assert answer(producer, second) == ("applied", "1 added, 1 removed: 3001 entries")
+        assert "10.213.0.0/24" not in fw.list_entries("abusers")
+        assert can_connect(client), "the entry left the list: traffic passes again"
+
+        third = producer.load_list("abusers", feed(3000, CLIENT_IP))
+        assert answer(producer, third)[0] == "applied"
+        assert not can_connect(client)
+        allow = producer.accept(CLIENT_IP)
+        assert answer(producer, allow) == ("applied", "inserted")
+        assert can_connect(client), "a single accept wins over a drop list"
+        assert answer(producer, producer.undrop(CLIENT_IP))[1] == "not present", (
+            "an undrop of one address does not punch a hole in a list"
+        )
+        assert CLIENT_IP + "/32" in fw.list_entries("abusers")
+
+        gone = producer.delete_list("abusers")
+        assert answer(producer, gone) == ("applied", "removed")
+        assert fw.list_entries("abusers") == []
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_a_list_survives_kill_9_and_a_restart_brings_what_changed_meanwhile(
+    netns: Netns,
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+):
+    fw = Firewall(netns, set_backend)
+    worker = spawn_worker(netns, backend=set_backend).start()
+    assert answer(producer, producer.load_list("keep", feed(500)))[0] == "applied"
+    assert answer(producer, producer.load_list("goes", feed(10, "192.0.2.0/24")))[0] == "applied"
+    worker.kill9()
+    assert len(fw.list_entries("keep")) == 500, "bans stay in force while the worker is down"
+
+    producer.load_list("keep", feed(400, "203.0.113.7"), reply=False)
+    producer.delete_list("goes", reply=False)
+    producer.load_list("new", feed(0, "198.51.100.0/24"), reply=False)
+    worker.start()
+    wait_for(lambda: producer.progress(_newest(producer)) == {netns.name: "done"}, 30, "done")
+    assert len(fw.list_entries("keep")) == 401 and "203.0.113.7/32" in fw.list_entries("keep")
+    assert fw.list_entries("goes") == []
+    assert fw.list_entries("new") == ["198.51.100.0/24"]
+
+    def heartbeat_lists() -> dict[str, int]:
+        [beat] = producer.hosts()
+        return {name: held.entries for name, held in beat.lists.items()}
+
+    wait_for(lambda: heartbeat_lists() == {"keep": 401, "new": 1}, 10, "the heartbeat to say so")
+
+
+def _newest(producer: Producer) -> str:
+    rows: Any = producer.client.xrevrange(producer.keys.cmd, count=1)
+    return str(rows[0][0])
+
+
+def test_a_hand_flush_of_the_lists_sets_is_repaired_within_heartbeats(
+    netns: Netns,
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+):
+    fw = Firewall(netns, set_backend)
+    spawn_worker(netns, backend=set_backend, heartbeat_interval_s="0.5").start()
+    assert answer(producer, producer.load_list("feed", feed(200)))[0] == "applied"
+    fw.wipe()  # nft flush ruleset; iptables -F and -X, then ipset destroy
+    assert fw.list_entries("feed") == []
+    wait_for(lambda: len(fw.list_entries("feed")) == 200, 30, "the list to be loaded again")
+
+
+def test_an_iptables_host_refuses_a_list_and_says_so_in_its_status(
+    netns: Netns,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    redis_server: Any,
+):
+    spawn_worker(netns, backend="iptables").start()
+    refused = producer.load_list("feed", feed(5))
+    status, detail = answer(producer, refused)
+    assert (status, detail) == (
+        "rejected",
+        "the iptables backend keeps no sets: lists need ipset or nftables",
+    )
+    assert producer.results(cmd_id=refused)[0].status.value == "rejected"
+    shown = pushfw_cli(redis_server, "lists")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[1].split()[4] == "0/1", "no host holds it"
