@@ -33,6 +33,7 @@ __all__ = [
     "Status",
     "decode_fields",
     "explain",
+    "option_fields",
     "parse_command",
     "parse_network",
     "signature",
@@ -247,16 +248,29 @@ class Command(BaseModel):
     def to_fields(self) -> dict[str, str]:
         """The stream fields of this command, in canonical spelling."""
         fields = {"op": self.op.value, "ip": _network_text(self.network)}
-        if self.ttl_s is not None:
-            fields["ttl"] = str(self.ttl_s)
-        if self.target:
-            fields["target"] = ",".join(self.target)
-        for name in ("reason", "request_id", "origin"):
-            if value := getattr(self, name):
-                fields[name] = value
-        if self.reply:
-            fields["reply"] = "1"
-        return fields
+        return fields | option_fields(
+            self.ttl_s, self.target, self.reason, self.request_id, self.origin, self.reply
+        )
+
+
+def option_fields(
+    ttl_s: int | None,
+    target: tuple[str, ...],
+    reason: str,
+    request_id: str,
+    origin: str,
+    reply: bool,
+) -> dict[str, str]:
+    """The optional fields every command shares, as the wire spells them (unset ones left out)."""
+    fields = {"ttl": str(ttl_s)} if ttl_s is not None else {}
+    if target:
+        fields["target"] = ",".join(target)
+    for name, value in (("reason", reason), ("request_id", request_id), ("origin", origin)):
+        if value:
+            fields[name] = value
+    if reply:
+        fields["reply"] = "1"
+    return fields
 
 
 def _network_text(net: Network) -> str:

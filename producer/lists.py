@@ -34,6 +34,7 @@ from pushfw.producer.contract import (
     CommandRejected,
     decode_fields,
     explain,
+    option_fields,
     parse_network,
 )
 
@@ -363,16 +364,9 @@ class ListCommand(BaseModel):
         fields = {"op": self.op.value, "name": self.name}
         if self.op is ListOp.LOAD:
             fields.update(version=self.version, action=self.action.value, size=str(self.size))
-        if self.ttl_s is not None:
-            fields["ttl"] = str(self.ttl_s)
-        if self.target:
-            fields["target"] = ",".join(self.target)
-        for name in ("reason", "request_id", "origin"):
-            if value := getattr(self, name):
-                fields[name] = value
-        if self.reply:
-            fields["reply"] = "1"
-        return fields
+        return fields | option_fields(
+            self.ttl_s, self.target, self.reason, self.request_id, self.origin, self.reply
+        )
 
 
 _LIST_WIRE = {
