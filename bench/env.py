@@ -1,5 +1,7 @@
 """The throwaway world a benchmark run lives in: a network namespace, a redis-server, workers.
 
+The namespace and the server are the tests' own (:mod:`testbed`).
+
 Everything here is created by the run and removed by it, also on errors and on SIGTERM:
 the namespace is deleted (after killing what the run started in it), the redis-server is
 stopped and its directory removed.
@@ -14,21 +16,20 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
+import testbed.netns
 from pushfw.producer.keys import Keys
+from testbed.redis_server import REDIS_SERVER, RedisServer
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 CHAIN = "PUSHFW"
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
 """RFC 2544's benchmarking range: every address the run pushes comes from here."""
@@ -83,12 +84,6 @@ class Progress:
         return time.monotonic() - self.started
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def redis_ms(client: redis.Redis) -> int:
     """Redis's clock (TIME) in milliseconds."""
     seconds, micros = client.time()
@@ -103,91 +98,8 @@ def clock_offset_ms(client: redis.Redis) -> float:
     return server - (before + after) / 2 * 1000
 
 
-@dataclass
-class RedisServer:
-    """A redis-server of the run's own: a free TCP port on 127.0.0.1 and a unix socket."""
-
-    workdir: Path
-    port: int = field(default_factory=_free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def socket_path(self) -> Path:
-        return self.workdir / "redis.sock"
-
-    @property
-    def unix_url(self) -> str:
-        return f"unix://{self.socket_path}?db=0"
-
-    def start(self) -> None:
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--unixsocket",
-            str(self.socket_path),
-            "--unixsocketperm",
-            "777",
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(unix_socket_path=str(self.socket_path))
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise BenchError(
-                            f"redis-server on port {self.port} did not start"
-                        ) from None
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@dataclass
-class Netns:
-    """A network namespace the run made (loopback up)."""
-
-    name: str
-
-    def create(self) -> None:
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        self.run("ip", "link", "set", "lo", "up")
-
-    def delete(self) -> None:
-        """Kill whatever still runs inside (only the run's own processes), then delete it."""
-        pids = subprocess.run(
-            ["ip", "netns", "pids", self.name], capture_output=True, text=True, check=False
-        )
-        for pid in pids.stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
-
-    def argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *args]
+class Netns(testbed.netns.Netns):
+    """The run's namespace; a command that fails is a :class:`BenchError` saying what failed."""
 
     def run(
         self,
@@ -197,43 +109,12 @@ class Netns:
         stdin: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            self.argv(*args),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env=env,
-        )
+        proc = super().run(*args, check=False, timeout=timeout, stdin=stdin, env=env)
         if check and proc.returncode != 0:
             raise BenchError(
                 f"{' '.join(args[:3])} ... exited {proc.returncode}: {proc.stderr.strip()[:500]}"
             )
         return proc
-
-    def legacy_rule_count(self) -> int:
-        """``-A PUSHFW`` lines of ``iptables-legacy -S PUSHFW`` (waits for the xtables lock)."""
-        proc = self.run("iptables-legacy", "-w", "-S", CHAIN, check=False)
-        return sum(1 for line in proc.stdout.splitlines() if line.startswith(f"-A {CHAIN} "))
-
-    def legacy_sources(self) -> set[str]:
-        """Source networks of the rules in PUSHFW, from ``iptables-legacy-save``.
-
-        The save tool reads one snapshot of the table without taking the xtables lock, so
-        polling it does not hold the worker back the way ``iptables-legacy -S`` would.
-        """
-        proc = self.run("iptables-legacy-save", "-t", "filter")
-        prefix = f"-A {CHAIN} -s "
-        return {
-            line[len(prefix) :].split(" ", 1)[0]
-            for line in proc.stdout.splitlines()
-            if line.startswith(prefix)
-        }
-
-    def flush_legacy_chain(self) -> None:
-        for tool in ("iptables-legacy", "ip6tables-legacy"):
-            self.run(tool, "-w", "-F", CHAIN, check=False)
 
 
 class WorkerProc:
@@ -425,7 +306,10 @@ def bench_env(progress: Progress) -> Iterator[BenchEnv]:
         env: BenchEnv | None = None
         try:
             ns.create()
-            server.start()
+            try:
+                server.start()
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from None
             progress(f"namespace {ns.name}, redis-server on 127.0.0.1:{server.port} + unix socket")
             env = BenchEnv(Path(tmp), ns, server, progress)
             yield env

@@ -35,12 +35,12 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
-from bench.env import RedisServer
 from pushfw.producer.client import Producer
 from pushfw.producer.contract import CommandRejected, parse_command
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListContent, is_list_entry, parse_list_command
 from pushfw.producer.records import HostStatus
+from testbed.redis_server import RedisServer
 
 KEYS = Keys()
 _BATCH = 1000

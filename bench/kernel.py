@@ -67,19 +67,41 @@ class IptablesKernel(Kernel):
     real = True
 
     def drop_count(self) -> int:
-        return self.ns.legacy_rule_count()
+        """``-A PUSHFW`` lines of ``iptables-legacy -S PUSHFW`` (waits for the xtables lock)."""
+        proc = self.ns.run("iptables-legacy", "-w", "-S", CHAIN, check=False)
+        return sum(1 for line in proc.stdout.splitlines() if line.startswith(f"-A {CHAIN} "))
 
     def drop_sources(self) -> set[str]:
-        return {_bare(s) for s in self.ns.legacy_sources()}
+        return {_bare(s) for s in self._sources()}
 
     def busy_count(self) -> int | None:
-        return len(self.ns.legacy_sources())
+        return len(self._sources())
+
+    def _sources(self) -> set[str]:
+        """Source networks of the rules in PUSHFW, from ``iptables-legacy-save``.
+
+        The save tool reads one snapshot of the table without taking the xtables lock, so
+        polling it does not hold the worker back the way ``iptables-legacy -S`` would.
+        """
+        proc = self.ns.run("iptables-legacy-save", "-t", "filter")
+        prefix = f"-A {CHAIN} -s "
+        return {
+            line[len(prefix) :].split(" ", 1)[0]
+            for line in proc.stdout.splitlines()
+            if line.startswith(prefix)
+        }
 
     def flush(self) -> None:
-        self.ns.flush_legacy_chain()
+        flush_legacy_chain(self.ns)
 
     def clear(self) -> None:
-        self.ns.flush_legacy_chain()
+        flush_legacy_chain(self.ns)
+
+
+def flush_legacy_chain(ns: Netns) -> None:
+    """``iptables-legacy -F PUSHFW`` and its IPv6 twin (nothing if the chain is not there)."""
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        ns.run(tool, "-w", "-F", CHAIN, check=False)
 
 
 class NftKernel(Kernel):
@@ -169,7 +191,7 @@ class IpsetKernel(Kernel):
     def clear(self) -> None:
         """Destroy the sets (after the chain flush drops the rules that reference them), so
         a large run leaves no grown hash table behind for the next one."""
-        self.ns.flush_legacy_chain()
+        flush_legacy_chain(self.ns)
         names = self.ns.run("ipset", "list", "-n", check=False).stdout.split()
         for name in names:
             if name.startswith(f"{IPSET_PREFIX}-"):  # the rules' sets and the lists' sets

@@ -8,13 +8,11 @@ where a missing capability fails the run.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +29,10 @@ from pushfw.producer import Producer
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.iptables import XTABLES_LOCK
 from pushfw.worker.backends.memory import MemoryBackend
+from testbed.netns import Netns
+from testbed.redis_server import REDIS_SERVER, RedisServer
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["REDIS_SERVER", "Netns", "RedisServer"]  # the testbed's, for the tests' imports
 
 
 def need(condition: bool, reason: str) -> None:
@@ -48,80 +42,6 @@ def need(condition: bool, reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must provide this: {reason}")
     pytest.skip(reason)
-
-
-@dataclass
-class RedisServer:
-    """A redis-server process of the test session's own."""
-
-    workdir: Path
-    appendonly: bool = False
-    port: int = field(default_factory=_free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    netns: str | None = None
-    bind: str = "127.0.0.1"
-
-    @property
-    def socket_path(self) -> Path:
-        return self.workdir / "redis.sock"
-
-    @property
-    def url(self) -> str:
-        """For the test process: TCP on loopback, or the unix socket if Redis runs in a netns."""
-        return self.unix_url if self.netns else f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def unix_url(self) -> str:
-        return f"unix://{self.socket_path}?db=0"
-
-    def start(self) -> None:
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            *self.bind.split(),
-            "--unixsocket",
-            str(self.socket_path),
-            "--unixsocketperm",
-            "777",
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "always",
-        ]
-        if self.netns:
-            # reached over veth pairs inside namespaces that only the test made
-            args = ["ip", "netns", "exec", self.netns, *args, "--protected-mode", "no"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(unix_socket_path=str(self.socket_path))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-            time.sleep(0.02)
-        client.close()
-
-    def stop(self, hard: bool = False) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -174,34 +94,6 @@ def producer(r: redis.Redis, redis_server: RedisServer) -> Iterator[Producer]:
 _ns_counter = itertools.count()
 
 
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-@dataclass
-class Netns:
-    name: str
-
-    def run(
-        self, *args: str, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["ip", "netns", "exec", self.name, *args],
-            check=check,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def popen(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            ["ip", "netns", "exec", self.name, *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _can_netns() -> bool:
     if os.geteuid() != 0 or not shutil.which("ip"):
         return False
@@ -226,18 +118,13 @@ def make_netns(netns_capable: bool) -> Iterator[Callable[[], Netns]]:
 
     def make() -> Netns:
         ns = Netns(f"pfw-{os.getpid()}-{next(_ns_counter)}")
-        _run("ip", "netns", "add", ns.name)
         made.append(ns)
-        ns.run("ip", "link", "set", "lo", "up")
+        ns.create()
         return ns
 
     yield make
     for ns in made:
-        pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+        ns.delete()
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pushfw.worker.notify import Notifier, notify
-from tests.conftest import RedisServer, _free_port, need
+from testbed.redis_server import free_port
+from tests.conftest import RedisServer, need
 from tests.daemon import Daemon, cli, worker_env
 
 UNIT = Path(__file__).parent.parent / "systemd" / "pushfw-worker.service"
@@ -128,7 +129,7 @@ def test_watchdog_goes_on_while_redis_is_away(
 def test_start_timeout_is_extended_while_redis_is_unreachable(
     listener: Listener, config: Path
 ) -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     env = worker_env(config, redis_url=url, host_name="sd3", backend="memory")
     env.update(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="1000000")
     with Daemon(env) as worker:
