@@ -6,8 +6,10 @@ nftables and ipset sets read back with the operator's tools, and real packets ov
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -136,3 +138,41 @@ def test_an_iptables_host_refuses_a_list_and_says_so_in_its_status(
     shown = pushfw_cli(redis_server, "lists")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[1].split()[4] == "0/1", "no host holds it"
+
+
+def test_lists_under_kill_9_end_as_the_newest_commands_say(
+    netns: Netns,
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    r: Any,
+):
+    """I1 and I3 for lists: loads, changes and removals of three lists while the worker is
+    SIGKILLed at random points (in a load, in a start); once quiet, each list in the kernel
+    is exactly its newest command's content, nothing pending, no dead letter."""
+    rng = random.Random(20261201)
+    pool = [f"198.18.{i // 250}.{i % 250}" for i in range(5000)] + [
+        f"198.19.{i}.0/24" for i in range(50)
+    ]
+    fw = Firewall(netns, set_backend)
+    worker = spawn_worker(netns, backend=set_backend).start()
+    newest: dict[str, list[str]] = {}
+    for _ in range(15):
+        name = rng.choice(["alpha", "beta", "gamma"])
+        if newest.get(name) and rng.random() < 0.25:
+            producer.delete_list(name, reply=False)
+            newest[name] = []
+        else:
+            content = ListContent.of(rng.sample(pool, rng.randint(1, 3000)))
+            producer.load_list(name, content, reply=False)
+            newest[name] = sorted(content.networks())
+        time.sleep(rng.uniform(0, 0.5))
+        worker.kill9()
+        worker.start(wait=False)
+    worker.kill9()
+    worker.start()
+    wait_for(lambda: producer.progress(_newest(producer)) == {netns.name: "done"}, 60, "done")
+    for name, entries in newest.items():
+        assert sorted(fw.list_entries(name)) == entries, f"list {name}"
+    assert r.xlen("{pushfw}:dead") == 0
+    wait_for(lambda: producer.hosts()[0].pending == 0, 15, "nothing pending in the heartbeat")
