@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.lists import ListContent
 from pushfw.producer.records import HostStatus, RuleRecord, rule_id
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
@@ -352,3 +353,19 @@ def test_hosts_forget_retires_a_stopped_host_and_refuses_a_live_one(
     back = memory_worker(redis_server, "web9")
     back.run(burst=True)  # a new group at the stream's head: the rule comes from the ledger
     assert [str(k.network) for k in back.backend.snapshot()] == ["192.0.2.5/32"]
+
+
+def test_removed_and_expired_lists_are_forgotten_once_trimmed_past(
+    r, producer: Producer, make_worker
+):
+    worker = make_worker("h1")
+    past = f"{redis_ms(r) - 5000}-0"  # a timed list that was over before it arrived
+    r.xadd(KEYS.cmd, {"op": "list.load", "name": "brief", "version": "0" * 32, "ttl": "1"}, id=past)
+    producer.load_list("kept", ListContent.of(["192.0.2.1"]), reply=False)
+    producer.load_list("removed", ListContent.of(["192.0.2.2"]), reply=False)
+    producer.delete_list("removed", reply=False)
+    consume(worker)
+    assert set(r.hkeys(KEYS.lists)) == {b"kept", b"removed", b"brief"}
+    do_trim(r)
+    assert set(r.hkeys(KEYS.lists)) == {b"kept"}
+    assert [rec.name for rec in producer.lists()] == ["kept"]

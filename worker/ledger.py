@@ -454,12 +454,14 @@ class Ledger:
             if raw is not None
         }
 
-    def forget(self, stale: Sequence[tuple[Any, Any]]) -> int:
-        """Delete tombstones (field, raw value) that no fold replaced since they were read."""
+    def forget(self, stale: Sequence[tuple[Any, Any]], of_lists: bool = False) -> int:
+        """Delete tombstones (field, raw value) that no fold replaced since they were read;
+        ``of_lists``: in ``{pushfw}:lists`` (which the tombstone index does not cover)."""
         forgotten = 0
+        where = [self.keys.lists if of_lists else self.keys.rules, self.keys.tombs]
         for start in range(0, len(stale), 1000):
             args = [part for pair in stale[start : start + 1000] for part in pair]
-            forgotten += int(self._forget(keys=[self.keys.rules, self.keys.tombs], args=args))
+            forgotten += int(self._forget(keys=where, args=args))
         return forgotten
 
 

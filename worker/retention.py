@@ -8,7 +8,8 @@ stream back; when it returns it reconciles from the ledger. One silent for longe
 ``retire_after_s`` is retired: its group and heartbeat are removed (``pushfw hosts forget``
 does it by hand). Tombstones older than the trim point can go: no entry that could
 resurrect them is left. They are found in ``{pushfw}:tombs``, which the ledger's scripts
-keep, so a trim reads only what it removes, never the whole ledger.
+keep, so a trim reads only what it removes, never the whole ledger; removed and expired
+named lists are forgotten the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import redis
 
 from pushfw.producer.client import forget_host
 from pushfw.producer.keys import Keys
-from pushfw.producer.records import HostStatus, RuleRecord
+from pushfw.producer.records import HostStatus, ListRecord, RuleRecord
 from pushfw.worker.heartbeat import read_hosts
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.stream import stream_id_order
@@ -142,6 +143,19 @@ def _forget_tombstones(ledger: Ledger, limit: tuple[int, int]) -> int:
             return forgotten
 
 
+def _forget_list_tombstones(ledger: Ledger, limit: tuple[int, int]) -> int:
+    """Forget removed and expired lists whose command is older than ``limit``: no entry
+    that could bring them back is left. Lists are few: their hash is read whole."""
+    raw: Any = ledger.client.hgetall(ledger.keys.lists)
+    stale = []
+    for field, value in raw.items():
+        record = ListRecord.model_validate_json(value)
+        over = record.deleted or (record.expires_ms is not None and record.expires_ms < limit[0])
+        if over and stream_id_order(record.id) < limit:
+            stale.append((field, value))
+    return ledger.forget(stale, of_lists=True) if stale else 0
+
+
 def trim(
     ledger: Ledger,
     now_ms: int,
@@ -159,7 +173,7 @@ def trim(
     trimmed = int(client.xtrim(keys.cmd, minid=minid, approximate=True, limit=0))
     limit = stream_id_order(minid)
     _index_tombstones(ledger)
-    forgotten = _forget_tombstones(ledger, limit)
+    forgotten = _forget_tombstones(ledger, limit) + _forget_list_tombstones(ledger, limit)
     if client.hlen(keys.seen):  # only entries with ids ahead of Redis's clock: rare
         stamps = client.hscan_iter(keys.seen, count=_PAGE)
         old_stamps = [f for f, _ in stamps if _before(f, limit)]
