@@ -29,6 +29,7 @@ import redis
 import testbed.netns
 from pushfw.producer.keys import Keys
 from testbed.redis_server import REDIS_SERVER, RedisServer
+from testbed.worker import WorkerExited, WorkerProcess
 
 CHAIN = "PUSHFW"
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
@@ -117,85 +118,48 @@ class Netns(testbed.netns.Netns):
         return proc
 
 
-class WorkerProc:
-    """``python -m pushfw.worker run`` inside the namespace, its output in a log file."""
+class WorkerProc(WorkerProcess):
+    """A worker of the run (:class:`testbed.worker.WorkerProcess`) for one backend; a worker
+    that dies or does not start is a :class:`BenchError` with the end of its log."""
 
     def __init__(
         self, env: BenchEnv, backend: str, settings: Mapping[str, str] | None = None
     ) -> None:
-        self.env = env
+        super().__init__(
+            env.ns,
+            env.worker_env(backend, settings),
+            env.tmp / f"worker-{backend}-{time.monotonic_ns()}.log",
+            watch_url=env.server.unix_url,
+        )
+        self.bench = env
         self.backend = backend
-        self.settings = dict(settings or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = env.tmp / f"worker-{backend}-{time.monotonic_ns()}.log"
 
-    def start(self, timeout: float = 60) -> WorkerProc:
-        started_ms = int(time.time() * 1000)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.env.ns.argv(sys.executable, "-m", "pushfw.worker", "run"),
-                env=self.env.worker_env(self.backend, self.settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.env.workers.append(self)
-        deadline = time.monotonic() + timeout
-        while not self._heartbeat_since(started_ms - 1000):
-            if self.proc.poll() is not None:
-                raise BenchError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
-            time.sleep(0.02)
+    def start(self, *extra: str, wait: bool = True, timeout: float = 60) -> WorkerProc:
+        self.bench.workers.append(self)
+        try:
+            super().start(*extra, wait=wait, timeout=timeout)
+        except WorkerExited as exc:
+            raise BenchError(str(exc)) from None
         return self
-
-    def _heartbeat_since(self, since_ms: int) -> bool:
-        """Its heartbeat (written once it follows the stream) is this process's, running."""
-        raw = self.env.client.hget(self.env.keys.hosts, self.env.host)
-        if raw is None:
-            return False
-        beat = json.loads(raw)
-        return int(beat["started_ms"]) >= since_ms and beat.get("state", "running") == "running"
 
     def alive(self) -> bool:
         """True while it runs; a worker that died is an error, with its log."""
-        if self.proc is not None and self.proc.poll() is None:
+        if super().alive():
             return True
         code = self.proc.returncode if self.proc else None
         raise BenchError(f"the {self.backend} worker exited ({code}):\n{self.log_tail()}")
 
-    def rss_kb(self, field: str = "VmRSS") -> int:
-        """VmRSS (or another ``/proc/<pid>/status`` field in kB, e.g. VmHWM, the peak) of the
-        worker (``ip netns exec`` execs it, so the pid is the worker's)."""
-        assert self.proc is not None
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-        raise BenchError(f"no {field} in /proc/<pid>/status")
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        code = super().stop(sig, timeout) if self.proc is not None else 0
         with contextlib.suppress(ValueError):
-            self.env.workers.remove(self)
+            self.bench.workers.remove(self)
+        return code
 
     def warnings(self) -> dict[str, int]:
         """WARNING and ERROR lines of its (JSON) log so far, counted by message: the text
         before its first " (", digits as N (e.g. "could not remove N expired rules")."""
         counts: dict[str, int] = {}
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return counts
-        for line in text.splitlines():
+        for line in self.log.splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -206,12 +170,6 @@ class WorkerProc:
             key = re.sub(r"\d+", "N", message.split(" (", 1)[0])[:80]
             counts[key] = counts.get(key, 0) + 1
         return counts
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 class BenchEnv:

@@ -55,7 +55,9 @@ __all__ = [
 
 LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
 """A list's name: short enough for an ipset set name with pushfw's prefix and a family."""
-MAX_LIST_ENTRIES = 4_000_000
+MAX_LIST_ENTRIES = 2_000_000
+"""The most entries a list may have: a 2M-entry load is about 17 s of kernel work on a
+small machine, within the 30 s of the worker's systemd watchdog (one call cannot ping it)."""
 _MAGIC = b"PFL1"
 _HEADER = struct.Struct(">4sII")
 _WIDTH = {4: 5, 6: 17}

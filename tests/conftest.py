@@ -9,16 +9,13 @@ where a missing capability fails the run.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,8 +28,9 @@ from pushfw.worker.backends.iptables import XTABLES_LOCK
 from pushfw.worker.backends.memory import MemoryBackend
 from testbed.netns import Netns
 from testbed.redis_server import REDIS_SERVER, RedisServer
+from testbed.worker import WorkerProcess
 
-__all__ = ["REDIS_SERVER", "Netns", "RedisServer"]  # the testbed's, for the tests' imports
+__all__ = ["REDIS_SERVER", "Netns", "RedisServer", "WorkerProcess"]  # the testbed's, re-exported
 
 
 def need(condition: bool, reason: str) -> None:
@@ -150,77 +148,6 @@ def set_backend(request: pytest.FixtureRequest) -> str:
     return _kernel_backend(str(request.param))
 
 
-@dataclass
-class WorkerProcess:
-    """``pushfw-worker run`` as a subprocess inside a namespace."""
-
-    ns: Netns
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-    logs: list[str] = field(default_factory=list)
-    started_ms: int = 0
-    watch_url: str = ""
-    xtables_lock: Path | None = None
-    """A file bind-mounted over /run/xtables.lock in the worker's own mount namespace, so a
-    test holds the worker's lock without holding the one of the machine it runs on."""
-
-    def start(self, *extra: str, wait: bool = True) -> WorkerProcess:
-        """Start ``pushfw-worker run``; by default wait until it follows the stream."""
-        self.started_ms = int(time.time() * 1000)
-        argv = [sys.executable, "-m", "pushfw.worker", "run", *extra]
-        if self.xtables_lock is not None:
-            argv = [
-                *("unshare", "--mount", "--propagation", "private", "--"),
-                *("sh", "-c", f'mount --bind "$0" {XTABLES_LOCK} && exec "$@"'),
-                str(self.xtables_lock),
-                *argv,
-            ]
-        self.proc = self.ns.popen(argv, self.env)
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 20) -> WorkerProcess:
-        """Wait for this process's first heartbeat: it has reconciled and follows the stream."""
-        host = self.env["PUSHFW_HOST_NAME"]
-        hosts_key = f"{self.env.get('PUSHFW_KEY_PREFIX', '{pushfw}')}:hosts"
-        client = redis.Redis.from_url(self.watch_url or self.env["PUSHFW_REDIS_URL"])
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-                pytest.fail(f"worker {host} exited with {self.proc.returncode}:\n{out}")
-            raw = client.hget(hosts_key, host)
-            # The worker takes started_ms after this process took its own (same clock), so a
-            # heartbeat left by the previous run of this host never passes for this one.
-            beat: dict[str, Any] = json.loads(raw) if raw is not None else {}
-            return bool(beat.get("started_ms", 0) >= self.started_ms and beat["state"] == "running")
-
-        try:
-            wait_for(ready, timeout=timeout, what=f"worker {host} to be ready")
-        finally:
-            client.close()
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.logs.append(out.decode(errors="replace"))
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-    def kill9(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.logs)
-
-
 @pytest.fixture
 def spawn_worker(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
@@ -244,7 +171,8 @@ def spawn_worker(
             }
         )
         env.update({f"PUSHFW_{k.upper()}": v for k, v in settings.items()})
-        worker = WorkerProcess(ns, env, watch_url=(server or redis_server).unix_url)
+        log_path = state_dir / f"{ns.name}-{len(started)}.log"
+        worker = WorkerProcess(ns, env, log_path, watch_url=(server or redis_server).unix_url)
         started.append(worker)
         return worker
 

@@ -249,7 +249,7 @@ def test_nftables_starts_with_a_full_ipv6_set_and_leaves_its_bans_alone(
     worker.start()
     assert fw.dropped(v6=True) == ["100::1/128", "2001:db8::1/128"]
     assert worker.stop() == 0
-    assert "reconcile: kernel matches the ledger (2 rules)" in worker.logs[-1], "no flap"
+    assert "reconcile: kernel matches the ledger (2 rules)" in worker.last_run_log, "no flap"
 
 
 def test_i4_convergent_a_wiped_firewall_is_put_back_by_the_next_command(

@@ -94,6 +94,8 @@ def test_watchdog_pings_at_most_every_half_interval(listener: Listener) -> None:
     notifier.alive()
     assert listener.receive() == "WATCHDOG=1"
     assert listener.receive(0.1) is None
+    notifier.alive(before_long_call=True)  # a million-entry list: the whole interval for it
+    assert listener.receive() == "WATCHDOG=1"
     other = Notifier({**env, "WATCHDOG_PID": str(os.getpid() + 1)})
     assert other.watchdog_s is None, "the watchdog is meant for another process"
 

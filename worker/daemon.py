@@ -111,6 +111,7 @@ class Worker:
         self._cut_warned = False
         self._refold = False
         self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
+        self.applier.lists.alive = lambda: self.notifier.alive(before_long_call=True)
         self.applier.kernel = self.alarm.kernel
         self.backend.clock = self.applier.now_ms
         self.metrics = self.applier.metrics

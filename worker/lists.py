@@ -133,6 +133,8 @@ class ListKeeper:
         self.backend = backend
         self.policy = policy
         self.kernel = kernel
+        self.alive: Callable[[], None] = lambda: None
+        """Called before each large kernel call: the worker pings systemd's watchdog."""
         self.held: dict[str, Held] = {}
         self._removed: dict[str, str] = {}
         """Per list removed here, the id of the command that removed it (newest wins)."""
@@ -200,6 +202,7 @@ class ListKeeper:
         if content is None:
             return self._content_gone(spec, entry_id)
         kept, refused = refused_entries(content, spec.action, self.policy)
+        self.alive()
         for reason in refused[:3]:
             logger.warning("list %s: left out %s", spec.name, reason)
         try:

@@ -86,16 +86,18 @@ class Notifier:
         """The longest the loop may block between two :meth:`alive` calls."""
         return self.watchdog_s / 4 if self.watchdog_s else float("inf")
 
-    def alive(self) -> None:
+    def alive(self, before_long_call: bool = False) -> None:
         """The loop is running: ping the watchdog, at most once per half interval.
 
         Before readiness the same ping also extends the start timeout by one interval, so
         a worker that waits for Redis at boot is not killed as a failed start.
+        ``before_long_call``: ping now, whenever the last ping was, so a kernel call that
+        takes up to a whole interval (a million-entry list) starts with all of it.
         """
         if self.watchdog_s is None:
             return
         now = time.monotonic()
-        if now < self._next_ping:
+        if now < self._next_ping and not before_long_call:
             return
         self._next_ping = now + self.watchdog_s / 2
         message = "WATCHDOG=1"
