@@ -25,29 +25,21 @@ import contextlib
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.env import ROOT, BenchEnv, BenchError, Progress, address, bench_env
 from bench.kernel import kernel
+from testbed.fail2ban import Fail2banExited, Fail2banServer, write_fail2ban_conf
 
 STOCK_ACTIONS = Path("/etc/fail2ban/action.d")
 PUSHFW_ACTION = ROOT / "integrations/fail2ban/action.d/pushfw_redis.py"
 JAIL = "bench"
 VARIANTS = ("nftables", "ipset", "pushfw")
 
-FAIL2BAN_CONF = """\
-[Definition]
-loglevel = NOTICE
-logtarget = {tmp}/fail2ban.log
-socket = {tmp}/f2b.sock
-pidfile = {tmp}/f2b.pid
-dbfile = :memory:
-"""
 
 FILTER = """\
 [Definition]
@@ -115,71 +107,31 @@ def _ipset_count(env: BenchEnv) -> int:
     return int(found.group(1)) if found else 0
 
 
-class Fail2banRun:
-    """A fail2ban-server of the run's own, inside the namespace, with one jail."""
+class Fail2banRun(Fail2banServer):
+    """A fail2ban-server of the run's own (:class:`testbed.fail2ban.Fail2banServer`), inside
+    the namespace, with one jail."""
 
     def __init__(self, env: BenchEnv, variant: str) -> None:
-        self.env = env
-        self.tmp = env.tmp / f"f2b-{variant}"
-        conf = self.tmp / "conf"
-        shutil.copytree(STOCK_ACTIONS, conf / "action.d")
-        shutil.copy(PUSHFW_ACTION, conf / "action.d" / PUSHFW_ACTION.name)
-        (conf / "filter.d").mkdir()
-        (conf / "filter.d/bench.conf").write_text(FILTER)
+        super().__init__(env.tmp / f"f2b-{variant}", netns=env.ns)
+        write_fail2ban_conf(self.tmp, loglevel="NOTICE")
+        shutil.copytree(STOCK_ACTIONS, self.conf / "action.d")
+        shutil.copy(PUSHFW_ACTION, self.conf / "action.d" / PUSHFW_ACTION.name)
+        (self.conf / "filter.d").mkdir()
+        (self.conf / "filter.d/bench.conf").write_text(FILTER)
         action = ACTIONS[variant].format(redis_url=env.server.unix_url, venv=sys.prefix)
         values = {"tmp": str(self.tmp), "action": action}
-        (conf / "fail2ban.conf").write_text(FAIL2BAN_CONF.format(**values))
-        (conf / "jail.local").write_text(JAIL_LOCAL.format(**values))
+        (self.conf / "jail.local").write_text(JAIL_LOCAL.format(**values))
         (self.tmp / "bench.log").touch()
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def _client(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        sock, conf = self.tmp / "f2b.sock", self.tmp / "conf"
-        return subprocess.run(
-            ["fail2ban-client", "-c", str(conf), "-s", str(sock), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def start(self) -> None:
-        with (self.tmp / "server.out").open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.env.ns.argv(
-                    *("fail2ban-server", "-f", "-x", "-c", str(self.tmp / "conf")),
-                    *("-s", str(self.tmp / "f2b.sock"), "-p", str(self.tmp / "f2b.pid")),
-                ),
-                cwd=self.tmp,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        _wait(
-            lambda: self._running() and self._client("status", JAIL).returncode == 0,
-            "fail2ban to start its jail",
-            timeout=60,
-        )
-
-    def _running(self) -> bool:
-        if self.proc is not None and self.proc.poll() is None:
-            return True
-        log = (self.tmp / "fail2ban.log").read_text(errors="replace")[-3000:]
-        raise BenchError(f"fail2ban-server exited:\n{log}")
+    def start(self, jails: Sequence[str] = (JAIL,), timeout: float = 60) -> None:
+        try:
+            super().start(jails, timeout)
+        except Fail2banExited as exc:
+            raise BenchError(str(exc)) from None
 
     def write(self, count: int) -> None:
         lines = "".join(f"Failed login from {address(i)}\n" for i in range(count))
         (self.tmp / "bench.log").write_text(lines)
-
-    def stop(self, timeout: float = 3600) -> None:
-        if self.proc is None:
-            return
-        self._client("stop", timeout=timeout)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
 
 
 @contextlib.contextmanager

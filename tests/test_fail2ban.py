@@ -18,14 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import redis
 
+from testbed.fail2ban import Fail2banServer, write_fail2ban_conf
 from tests.conftest import RedisServer, need
 from tests.test_applier import key, make_worker, results_by_cmd
 
@@ -46,17 +46,6 @@ JAIL_NAMES = (
     "py-broken",
 )
 
-FAIL2BAN_CONF = """\
-[Definition]
-loglevel = INFO
-logtarget = {tmp}/fail2ban.log
-syslogsocket = auto
-socket = {tmp}/f2b.sock
-pidfile = {tmp}/f2b.pid
-dbfile = :memory:
-dbpurgeage = 1d
-allowipv6 = auto
-"""
 
 FILTER = """\
 [Definition]
@@ -202,61 +191,23 @@ HOSTILE_IDS = [
 ]
 
 
-@dataclass
-class Fail2ban:
-    """A fail2ban-server of the test's own; ``client`` runs fail2ban-client against it."""
-
-    tmp: Path
-    proc: subprocess.Popen[bytes]
-
-    def client(
-        self, *args: str, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        sock, conf = self.tmp / "f2b.sock", self.tmp / "conf"
-        return subprocess.run(
-            ["fail2ban-client", "-c", str(conf), "-s", str(sock), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=check,
-        )
-
-    @property
-    def log(self) -> str:
-        path = self.tmp / "fail2ban.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+class Fail2ban(Fail2banServer):
+    """A fail2ban-server of the test's own (:class:`testbed.fail2ban.Fail2banServer`)."""
 
     def append(self, log: str, line: str) -> None:
         with (self.tmp / log).open("a") as out:
             out.write(line + "\n")
 
-    def wait(self, predicate: Callable[[], object], what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"fail2ban: waiting for {what}; its log:\n{self.log[-6000:]}")
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = 60) -> None:
-        """``fail2ban-client stop``, then wait for the server to exit (kill it after that)."""
-        with contextlib.suppress(subprocess.SubprocessError):
-            self.client("stop", check=False, timeout=timeout)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
 
 def write_config(tmp: Path, jails: str, **values: str) -> None:
+    write_fail2ban_conf(tmp)
     conf = tmp / "conf"
-    (conf / "action.d").mkdir(parents=True)
+    (conf / "action.d").mkdir()
     (conf / "filter.d").mkdir()
     for action in ("pushfw.conf", "pushfw_redis.py"):
         shutil.copy(ACTIONS / action, conf / "action.d" / action)
     values = {"tmp": str(tmp), **values}
     (conf / "action.d/pushfw.local").write_text(ACTION_LOCAL.format(**values))
-    (conf / "fail2ban.conf").write_text(FAIL2BAN_CONF.format(**values))
     (conf / "filter.d/pushfw-test.conf").write_text(FILTER)
     (conf / "filter.d/pushfw-hostile.conf").write_text(HOSTILE_FILTER)
     (conf / "jail.local").write_text(jails.format(**values))
@@ -307,30 +258,9 @@ def running_fail2ban(
         tmp = Path(name)
         write_config(tmp, jails, pushfw=str(pushfw), redis_url=redis_url, venv=sys.prefix, **values)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")} | env
-        with (tmp / "server.out").open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    "fail2ban-server",
-                    "-f",  # foreground: this process is the server, the test owns it
-                    "-x",
-                    "-c",
-                    str(tmp / "conf"),
-                    "-s",
-                    str(tmp / "f2b.sock"),
-                    "-p",
-                    str(tmp / "f2b.pid"),
-                ],
-                cwd=tmp,  # where a command injected through the shell would create its file
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        server = Fail2ban(tmp, proc)
+        server = Fail2ban(tmp, env=env)
         try:
-            server.wait(
-                lambda: all(server.client("status", j, check=False).returncode == 0 for j in names),
-                "the jails to start",
-            )
+            server.start(names)
             yield server
         finally:
             server.stop()
@@ -371,7 +301,7 @@ def test_ban_and_unban_become_pushfw_commands(fail2ban: Fail2ban, r: redis.Redis
         "reason": "fail2ban pushfw-test",
     }
 
-    fail2ban.client("set", "pushfw-test", "unbanip", BANNED)
+    fail2ban.client("set", "pushfw-test", "unbanip", BANNED, check=True)
     fail2ban.wait(lambda: find(r, op="drop.delete", ip=BANNED), f"a drop.delete of {BANNED}")
     assert find(r, op="drop.delete", ip=BANNED) == {
         "op": "drop.delete",
@@ -441,7 +371,7 @@ def test_python_action_ban_and_unban(fail2ban: Fail2ban, r: redis.Redis) -> None
     assert drop == {"op": "drop.insert", "ip": BANNED, "reason": "fail2ban py-test"}
     assert "Redis answers (client pushfw.producer)" in fail2ban.log
 
-    fail2ban.client("set", "py-test", "unbanip", BANNED)
+    fail2ban.client("set", "py-test", "unbanip", BANNED, check=True)
     fail2ban.wait(lambda: find(r, op="drop.delete", ip=BANNED), f"a drop.delete of {BANNED}")
     assert find(r, op="drop.delete", ip=BANNED) == {
         "op": "drop.delete",
@@ -455,7 +385,7 @@ def test_python_action_unban_all_sends_deletes(fail2ban: Fail2ban, r: redis.Redi
     for ip in ("192.0.2.11", "192.0.2.12"):
         fail2ban.append("py-auth.log", f"Failed login from {ip}")
     fail2ban.wait(lambda: find(r, op="drop.insert", ip="192.0.2.12"), "both drops")
-    fail2ban.client("unban", "--all")
+    fail2ban.client("unban", "--all", check=True)
     fail2ban.wait(lambda: find(r, op="drop.delete", ip="192.0.2.12"), "the deletes")
     deletes = [c["ip"] for c in commands(r) if c["op"] == "drop.delete"]
     assert sorted(deletes) == ["192.0.2.11", "192.0.2.12"]
@@ -578,7 +508,7 @@ def test_5000_bans_at_once_then_stop(
         assert all(rule.expires_ms is not None for rule in rules.values())
 
         server.stop(timeout=600)
-        assert server.proc.returncode == 0, server.log[-3000:]
+        assert server.returncode == 0, server.log[-3000:]
 
     deletes = [c["ip"] for c in commands(r) if c["op"] == "drop.delete"]
     if unban_on_stop:
@@ -606,7 +536,7 @@ def test_stop_leaves_the_fleets_bans_unless_asked(fail2ban: Fail2ban, r: redis.R
 
     fail2ban.wait(lambda: dropped() >= set(bans.values()), "the drops")
     fail2ban.stop()
-    assert fail2ban.proc.returncode == 0, fail2ban.log[-3000:]
+    assert fail2ban.returncode == 0, fail2ban.log[-3000:]
     deletes = sorted(c["ip"] for c in commands(r) if c["op"] == "drop.delete")
     assert deletes == ["192.0.2.22", "192.0.2.24"]
 
