@@ -46,6 +46,8 @@ def test_an_imported_list_blocks_real_traffic_and_its_change_lets_it_through(
 
         first = producer.load_list("abusers", feed(3000, "10.213.0.0/24"))
         assert answer(producer, first) == ("applied", "loaded 3001 entries")
+        [beat] = producer.hosts()  # written before the result: no stale "0 hosts hold it"
+        assert beat.lists["abusers"].entries == 3001
         assert len(fw.list_entries("abusers")) == 3001
         assert not can_connect(client), "a list entry covering the peer must block it"
 

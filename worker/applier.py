@@ -172,6 +172,9 @@ class Applier:
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
         self.lists = ListKeeper(client, keys, backend, policy, lambda: self.kernel())
+        self.lists_changed: Callable[[], None] = lambda: None
+        """Called once a batch changed the kernel's lists, before its results are written:
+        the worker beats, so ``pushfw lists`` after ``pushfw import --wait`` agrees."""
 
     def setup(self, start_id: str = "0") -> None:
         """Create the host's group at ``start_id`` if it is new (the worker opens the backend)."""
@@ -300,7 +303,11 @@ class Applier:
             )
             decided.append(Decided(entry, request, decision))
         final = self._apply(decided) if decided else []
-        final += [self._list_answer(entry, seen[entry.id], now_ms) for entry in lists]
+        if lists:
+            answers = [self._list_answer(entry, seen[entry.id], now_ms) for entry in lists]
+            if any(a.status is Status.APPLIED for a in answers):
+                self.lists_changed()  # the heartbeat says so before any result does
+            final += answers
         final = self._finish(final)
         self.metrics.batch(final, time.perf_counter() - started, self.now_ms())
         reported = [a for a in final if a.report]

@@ -112,6 +112,7 @@ class Worker:
         self._refold = False
         self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
         self.applier.lists.alive = lambda: self.notifier.alive(before_long_call=True)
+        self.applier.lists_changed = lambda: self.supervisor.run("heartbeat", self.heartbeat)
         self.applier.kernel = self.alarm.kernel
         self.backend.clock = self.applier.now_ms
         self.metrics = self.applier.metrics
