@@ -541,7 +541,12 @@ def status(producer: Producer, json_out: bool) -> None:
                 "version": h.version,
                 "up": _span(now_ms - h.started_ms) if not json_out else h.started_ms,
                 **(
-                    {"ledger_lost": h.ledger_lost, "problems": h.problems, "ids_ahead": h.ids_ahead}
+                    {
+                        "ledger_lost": h.ledger_lost,
+                        "problems": h.problems,
+                        "ids_ahead": h.ids_ahead,
+                        "lists": {n: held.model_dump() for n, held in h.lists.items()},
+                    }
                     if json_out
                     else {}
                 ),

@@ -312,6 +312,10 @@ def test_pushfw_import_and_lists_as_an_operator_uses_them(
     assert "1d 23h" in row
     as_json = json.loads(pushfw("lists", "--json").stdout)
     assert as_json[0]["hosts"] == ["web1"] and len(as_json[0]["version"]) == 32
+    [host] = json.loads(pushfw("status", "--json").stdout)
+    assert host["lists"] == {
+        "firehol_level1": {"version": as_json[0]["version"], "entries": 2, "refused": 0}
+    }
 
     bad = tmp_path / "bad.txt"
     bad.write_text("192.0.2.1\n192.0.2.300\n10.0.0.1/8\n")

@@ -29,7 +29,7 @@ import redis
 
 from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.keys import Keys
-from pushfw.producer.lists import ListContent, difference, parse_list_command
+from pushfw.producer.lists import ListCommand, ListContent, difference, parse_list_command
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, BlockList
@@ -139,7 +139,7 @@ class ListKeeper:
         self._removed: dict[str, str] = {}
         """Per list removed here, the id of the command that removed it (newest wins)."""
 
-    def handle(self, entry: Entry, seen_ms: int, now_ms: int) -> tuple[Outcome, Any]:
+    def handle(self, entry: Entry, seen_ms: int, now_ms: int) -> tuple[Outcome, ListCommand | None]:
         """Apply one ``list.*`` entry; returns the outcome and the parsed command (or None)."""
         assert entry.fields is not None
         try:
