@@ -288,7 +288,9 @@ class _Family:
     iptc: Any
     codec: _RuleCodec
     index: dict[RuleKey, Rule] = field(default_factory=dict)
-    staged: list[tuple[str, Rule]] = field(default_factory=list)
+    staged: list[tuple[RuleKey, Rule | None]] = field(default_factory=list)
+    """``(key, rule)`` to add or replace, ``(key, None)`` to delete: the shape of
+    :class:`~pushfw.worker.backends.base.IndexedBackend`'s staged changes."""
     extra: int = 0
     """Entries of the chain beyond the index (rules pushfw did not write, duplicates)."""
 
@@ -405,10 +407,10 @@ class IptablesBackend(Backend):
         return found
 
     def add(self, rule: Rule) -> None:
-        self._families[rule.key.network.version].staged.append(("add", rule))
+        self._families[rule.key.network.version].staged.append((rule.key, rule))
 
     def delete(self, key: RuleKey) -> None:
-        self._families[key.network.version].staged.append(("delete", Rule(key)))
+        self._families[key.network.version].staged.append((key, None))
 
     def discard(self) -> None:
         for fam in self._families.values():
@@ -438,12 +440,12 @@ class IptablesBackend(Backend):
 
     def _stage_entries(self, table: Any, fam: _Family, index: dict[RuleKey, Rule]) -> None:
         codec = fam.codec
-        for kind, rule in fam.staged:
-            old = index.pop(rule.key, None)
+        for key, rule in fam.staged:
+            old = index.pop(key, None)
             if old is not None:
                 with contextlib.suppress(self._iptc.IPTCError):
                     table.delete_entry(self.chain, codec.encode(old), codec.mask(old.key.action))
-            if kind == "add":
+            if rule is not None:
                 if rule.key.action is Action.ACCEPT:
                     table.insert_entry(self.chain, codec.encode(rule), 0)
                 else:
