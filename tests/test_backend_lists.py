@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import Netns, wait_for
-from tests.kernel import ipset_list_entries, nft_list_entries, veth
+from tests.kernel import ipset_list_entries, nft_list_entries
 from tests.test_backend_contract import ROOT, Script, Subject, _backend_step, _build, _subject_for
-from tests.test_packets import CLIENT_IP, LISTEN, SERVER_IP, can_connect
+from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 LIST_BACKENDS = ("memory", "nftables", "ipset")
 
@@ -360,16 +360,10 @@ def test_open_keeps_lists_and_uninstall_removes_them(subject: Subject):
 
 
 def test_a_drop_list_blocks_real_packets_and_an_accept_list_beats_a_drop(
-    make_netns: Callable[[], Netns], request: pytest.FixtureRequest, kernel_subject: Subject
+    make_netns: Callable[[], Netns], kernel_subject: Subject
 ):
     server = kernel_subject.ns
     assert server is not None
-    client = make_netns()
-    veth(server, SERVER_IP, client, CLIENT_IP, tag="l")
-    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
-    request.addfinalizer(listener.wait)
-    request.addfinalizer(listener.kill)
-    wait_for(lambda: can_connect(client), what="the listener to accept connections")
 
     def steps(*step: Any) -> list[Any]:
         s = Script()
@@ -377,20 +371,23 @@ def test_a_drop_list_blocks_real_packets_and_an_accept_list_beats_a_drop(
         s(*step)
         return run(kernel_subject, s)
 
-    ok(steps("load", "bad", "drop", ["192.0.2.0/24", "10.213.0.0/24"])[1])
-    assert not can_connect(client), "a drop list holding the client's network lets it in"
-    ok(steps("remove", "bad")[1])
-    assert can_connect(client), "pings are still blocked after remove_list"
+    with listening_peer(server, client := make_netns(), tag="l"):
+        ok(steps("load", "bad", "drop", ["192.0.2.0/24", "10.213.0.0/24"])[1])
+        assert not can_connect(client), "a drop list holding the client's network lets it in"
+        ok(steps("remove", "bad")[1])
+        assert can_connect(client), "pings are still blocked after remove_list"
 
-    s = Script()
-    s("open")
-    s("add", "drop", CLIENT_IP)
-    s("commit")
-    s("load", "good", "accept", ["10.213.0.0/24"])
-    run(kernel_subject, s)
-    assert can_connect(client), "an accept list must win over a drop rule"
-    ok(steps("remove", "good")[1])
-    assert not can_connect(client), "the drop rule is back in force once the accept list is gone"
+        s = Script()
+        s("open")
+        s("add", "drop", CLIENT_IP)
+        s("commit")
+        s("load", "good", "accept", ["10.213.0.0/24"])
+        run(kernel_subject, s)
+        assert can_connect(client), "an accept list must win over a drop rule"
+        ok(steps("remove", "good")[1])
+        assert not can_connect(client), (
+            "the drop rule is back in force once the accept list is gone"
+        )
 
 
 # --- scale: a figure to read, not a timed assertion ---

@@ -7,8 +7,6 @@ nftables and ipset sets read back with the operator's tools, and real packets ov
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +14,8 @@ from typing import Any
 from pushfw.producer import Producer
 from pushfw.producer.lists import ListContent
 from tests.conftest import Netns, WorkerProcess, pushfw_cli, wait_for
-from tests.kernel import Firewall, veth
-from tests.test_packets import CLIENT_IP, LISTEN, SERVER_IP, can_connect
+from tests.kernel import Firewall
+from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 
 def feed(count: int, *extra: str) -> ListContent:
@@ -37,10 +35,7 @@ def test_an_imported_list_blocks_real_traffic_and_its_change_lets_it_through(
     producer: Producer,
 ):
     server, client = make_netns(), make_netns()
-    veth(server, SERVER_IP, client, CLIENT_IP)
-    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
-    try:
-        wait_for(lambda: can_connect(client), what="the listener to accept connections")
+    with listening_peer(server, client):
         spawn_worker(server, backend=set_backend).start()
         fw = Firewall(server, set_backend)
 
@@ -70,9 +65,6 @@ def test_an_imported_list_blocks_real_traffic_and_its_change_lets_it_through(
         gone = producer.delete_list("abusers")
         assert answer(producer, gone) == ("applied", "removed")
         assert fw.list_entries("abusers") == []
-    finally:
-        listener.kill()
-        listener.wait()
 
 
 def test_a_list_survives_kill_9_and_a_restart_brings_what_changed_meanwhile(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pushfw.producer import Producer
 from tests.conftest import Netns, wait_for
@@ -36,14 +37,25 @@ def can_connect(client: Netns) -> bool:
     return client.run(sys.executable, "-c", CONNECT, check=False).returncode == 0
 
 
+@contextlib.contextmanager
+def listening_peer(server: Netns, client: Netns, tag: str = "") -> Iterator[None]:
+    """``client`` joined to ``server`` by a veth pair, and a TCP listener on SERVER_IP:PORT
+    in ``server`` that accepts every connection until the block ends."""
+    veth(server, SERVER_IP, client, CLIENT_IP, tag=tag)
+    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
+    try:
+        wait_for(lambda: can_connect(client), what="the listener to accept connections")
+        yield
+    finally:
+        listener.kill()
+        listener.wait()
+
+
 def test_drop_blocks_real_traffic_and_undrop_restores_it(
     make_netns: Callable[[], Netns], backend: str, spawn_worker, producer: Producer
 ):
     server, client = make_netns(), make_netns()
-    veth(server, SERVER_IP, client, CLIENT_IP)
-    listener = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", LISTEN])
-    try:
-        wait_for(lambda: can_connect(client), what="the listener to accept connections")
+    with listening_peer(server, client):
         spawn_worker(server, backend=backend).start()
 
         results = producer.wait(producer.drop(CLIENT_IP, reason="test ban"), timeout_s=15)
@@ -68,6 +80,3 @@ def test_drop_blocks_real_traffic_and_undrop_restores_it(
         mapped = producer.drop(f"::ffff:{CLIENT_IP}")
         assert [r.status.value for r in producer.wait(mapped, timeout_s=15)] == ["applied"]
         assert not can_connect(client), "an IPv4-mapped IPv6 ban must block the IPv4 address"
-    finally:
-        listener.kill()
-        listener.wait()
