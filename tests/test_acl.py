@@ -34,7 +34,7 @@ from pushfw.producer.acl import (
 from pushfw.producer.lists import ListContent
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.scheduler import Scheduler
-from tests.conftest import REDIS_SERVER, RedisServer, need, wait_for
+from tests.conftest import REDIS_SERVER, RedisServer, need, run_pushfw, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ACL_CONF = ROOT / "integrations" / "redis" / "pushfw-acl.conf"
@@ -44,15 +44,7 @@ WORKER_PW = "worker-secret-91bc"
 HMAC_KEY = "hmac-key-for-the-acl-test"
 
 
-def pushfw(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pushfw.producer", *args],
-        capture_output=True,
-        text=True,
-        env={**clean, **(env or {})},
-        timeout=60,
-    )
+pushfw = run_pushfw  # the CLI, without PUSHFW_* settings from the outer world
 
 
 def execute(client: redis.Redis, *args: Any) -> Any:
