@@ -11,8 +11,9 @@ import ipaddress
 
 import pytest
 
-from pushfw.producer.contract import Action, Status, parse_command, signature
+from pushfw.producer.contract import Action, Status, signature
 from pushfw.producer.records import RuleRecord
+from pushfw.producer.wire import read_command
 from pushfw.worker.backends.base import Rule, RuleKey
 from pushfw.worker.decide import (
     FORGED_EXPIRY,
@@ -51,7 +52,7 @@ def from_stream(
 ) -> Request:
     e = entry(fields, ms)
     assert e.fields is not None
-    return Request.from_entry(e, parse_command(e.fields), ms if seen_ms is None else seen_ms)
+    return Request.from_entry(e, read_command(e.fields), ms if seen_ms is None else seen_ms)
 
 
 def signed(fields: dict[str, str], ts_ms: int = NOW - 1000) -> dict[str, str]:
@@ -183,7 +184,7 @@ def test_decide_stream_and_ledger_alike(policy: Policy, fields: dict[str, str], 
     assert decide(request, policy, NOW) == expected
     e = entry(fields)
     assert e.fields is not None
-    record = record_for(e, parse_command(e.fields), NOW - 1000, NOW - 1000)
+    record = record_for(e, read_command(e.fields), NOW - 1000, NOW - 1000)
     from_ledger = request_from_record(record)
     assert from_ledger is not None
     assert decide(from_ledger, policy, NOW) == expected, "the ledger's record decides the same"
@@ -193,7 +194,7 @@ def test_a_strict_host_verifies_a_record_without_trusting_the_folder():
     fields = signed({"op": "drop.insert", "ip": "192.0.2.1", "ttl": "600"})
     e = entry(fields)
     assert e.fields is not None
-    record = record_for(e, parse_command(e.fields), NOW - 1000, NOW - 1000)
+    record = record_for(e, read_command(e.fields), NOW - 1000, NOW - 1000)
     assert record.signed["sig"] == fields["sig"]
     tampered = record.model_copy(update={"network": "192.0.2.2/32"})
     assert request_from_record(tampered) is None, "the record's rule must be the signed one"

@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 import redis
 from redis.typing import EncodableT, FieldT
 
-from pushfw.producer.contract import Command, CommandRejected, Status
+from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.lists import ListCommand, is_list_entry
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
+from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.clock import Clock
@@ -56,7 +57,7 @@ class Answer:
     status: Status | None
     detail: str = ""
     request_id: str = ""
-    command: Command | ListCommand | None = None
+    command: ParsedCommand | ListCommand | None = None
     report: bool = True
     permanent: bool = False
     busy: bool = False

@@ -276,13 +276,14 @@ class Worker:
         Each role runs supervised (:mod:`pushfw.worker.supervisor`): one that fails is
         retried with backoff while the others go on. The ledger folds again after a batch
         arrived while the applier was waiting, so it is not a batch behind this host when
-        the worker stops.
+        the worker stops; only then, for a fold per batch keeps it level with the applier, so
+        both read the same entries and each entry is parsed once.
         """
         run = self.supervisor.run
-        run("ledger", self._fold, self._fold_again)
+        caught_up = run("ledger", self._fold, self._fold_again) == 0
         run("expiry", self.applier.expire_due)
         processed = run("applier", self.applier.iteration, self.applier.reset_reads) or 0
-        if processed:
+        if processed and caught_up:
             run("ledger", self.ledger.fold_new, self._fold_again)
         if self._every("heartbeat", self.settings.heartbeat_interval_s):
             run("ledger", lambda: self.ledger.recover(self.settings.claim_idle_ms))
@@ -318,11 +319,13 @@ class Worker:
         else:
             self._due["hits"] = time.monotonic()  # a timed rule is due: at the next heartbeat
 
-    def _fold(self) -> None:
+    def _fold(self) -> int:
+        """Entries folded: none means the ledger had caught up with the stream."""
+        folded = 0
         if self._refold:
-            self.ledger.fold_own_pending()
+            folded = self.ledger.fold_own_pending()
             self._refold = False
-        self.ledger.fold_new()
+        return folded + self.ledger.fold_new()
 
     def _fold_again(self) -> None:
         """A failed fold may have read entries it did not fold: fold our pending ones next."""

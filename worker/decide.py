@@ -21,7 +21,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pushfw.producer.contract import Action, Command, CommandRejected, Status, parse_command
+from pushfw.producer.contract import Action, CommandRejected, Status
 from pushfw.producer.lists import (
     ListCommand,
     ListContent,
@@ -30,6 +30,7 @@ from pushfw.producer.lists import (
     record_text,
 )
 from pushfw.producer.records import ListRecord, RuleRecord
+from pushfw.producer.wire import ParsedCommand, read_command
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.protect import LOOPBACK, Protection
 from pushfw.worker.signing import Signing
@@ -102,7 +103,7 @@ class Request:
     origin: str
     seen_ms: int
     fields: Mapping[bytes, bytes] | None
-    command: Command | None = None
+    command: ParsedCommand | None = None
     confirmed: bool = False
     """A ttl tombstone of the ledger's: the scheduler's claim wrote it, nothing to verify."""
 
@@ -112,7 +113,7 @@ class Request:
         return not self.insert and self.origin == "ttl" and not is_signed(self.fields)
 
     @classmethod
-    def from_entry(cls, entry: Entry, cmd: Command, seen_ms: int) -> Request:
+    def from_entry(cls, entry: Entry, cmd: ParsedCommand, seen_ms: int) -> Request:
         return cls(
             id=entry.id,
             key=RuleKey(cmd.action, cmd.network),
@@ -165,7 +166,7 @@ def is_signed(fields: Mapping[bytes, bytes] | None) -> bool:
     return fields is not None and any(name.lower() == b"sig" for name in fields)
 
 
-def refused_by_every_host(cmd: Command, fields: Mapping[bytes, bytes] | None) -> bool:
+def refused_by_every_host(cmd: ParsedCommand, fields: Mapping[bytes, bytes] | None) -> bool:
     """What the ledger never records: a drop of loopback (every host protects it) and an
     unsigned ttl delete (the scheduler's claim folded its own; any other is forged).
 
@@ -257,7 +258,7 @@ def request_from_record(record: RuleRecord) -> Request | None:
     if record.signed:
         fields = {k.encode(): v.encode() for k, v in record.signed.items()}
         try:
-            cmd = parse_command(fields)
+            cmd = read_command(fields)
         except CommandRejected:
             return None
         if RuleKey(cmd.action, cmd.network) != key:

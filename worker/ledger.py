@@ -25,15 +25,17 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
+from pydantic_core import to_json
 from redis.typing import StreamIdT
 
-from pushfw.producer.contract import LIST_SIGNED_FIELDS, SIGNED_FIELDS, Command, CommandRejected
+from pushfw.producer.contract import LIST_SIGNED_FIELDS, SIGNED_FIELDS, CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListCommand, is_list_entry, parse_list_command
-from pushfw.producer.records import ListRecord, RuleRecord
+from pushfw.producer.records import ListRecord, RuleRecord, rule_id
+from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.clock import Clock
 from pushfw.worker.decide import refused_by_every_host
 from pushfw.worker.stream import (
@@ -200,23 +202,50 @@ def signed_fields(entry: Entry, names: frozenset[bytes]) -> dict[str, str]:
     }
 
 
-def record_for(entry: Entry, cmd: Command, seen_ms: int, now_ms: int) -> RuleRecord:
-    """The ledger state a command sets; an insert already past its expiry is a tombstone."""
+class Folded(NamedTuple):
+    """What one command writes to the ledger: its rule, entry id, record JSON and expiry."""
+
+    rule_id: str
+    id: str
+    json: bytes
+    expires_ms: int | None
+
+
+def folded(entry: Entry, cmd: ParsedCommand, seen_ms: int, now_ms: int) -> Folded:
+    """The ledger state a command sets; an insert already past its expiry is a tombstone.
+
+    The JSON is :class:`RuleRecord`'s (``model_dump_json(exclude_defaults=True)``), written
+    from a dict: a model per command cost the fold as much as the rest of it.
+    """
     expires_ms = seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
     expired = expires_ms is not None and expires_ms <= now_ms
+    deleted = expired or not cmd.is_insert
+    action = cmd.action.value
+    network = str(cmd.network)
+    record: dict[str, object] = {"id": entry.id, "action": action, "network": network}
+    if not deleted and expires_ms is not None:
+        record["expires_ms"] = expires_ms
+    if cmd.target:
+        record["target"] = list(cmd.target)
+    if cmd.reason:
+        record["reason"] = cmd.reason
+    if cmd.origin:
+        record["origin"] = cmd.origin
+    if deleted:
+        record["deleted"] = True
+    if seen_ms != entry.ms:
+        record["seen_ms"] = seen_ms
     signed = signed_fields(entry, _SIGNED)
-    return RuleRecord(
-        id=entry.id,
-        action=cmd.action.value,
-        network=str(cmd.network),
-        expires_ms=None if expired or not cmd.is_insert else expires_ms,
-        target=list(cmd.target),
-        reason=cmd.reason,
-        origin=cmd.origin,
-        deleted=expired or not cmd.is_insert,
-        seen_ms=seen_ms if seen_ms != entry.ms else None,
-        signed=signed,
+    if signed:
+        record["signed"] = signed
+    return Folded(
+        rule_id(action, network), entry.id, to_json(record), None if deleted else expires_ms
     )
+
+
+def record_for(entry: Entry, cmd: ParsedCommand, seen_ms: int, now_ms: int) -> RuleRecord:
+    """The ledger record a command sets, as a model (what the fold writes, read back)."""
+    return RuleRecord.model_validate_json(folded(entry, cmd, seen_ms, now_ms).json)
 
 
 _LIST_SIGNED = frozenset(name.encode() for name in (*LIST_SIGNED_FIELDS, "sig"))
@@ -351,13 +380,14 @@ class Ledger:
         changed = 0
         for start in range(0, len(records), _FOLD_CHUNK):
             chunk = records[start : start + _FOLD_CHUNK]
-            args: list[str] = []
+            args: list[str | bytes] = []
             for record in chunk:
+                expires = record.expires_ms
                 args += [
                     record.rule_id,
                     record.id,
-                    record.model_dump_json(exclude_defaults=True),
-                    "" if record.expires_ms is None else str(record.expires_ms),
+                    record.json,
+                    "" if expires is None else str(expires),
                 ]
             markers = [self.keys.ttl_marker(r.rule_id) for r in chunk]
             changed += int(
@@ -395,7 +425,7 @@ class Ledger:
             )
         )
 
-    def _record(self, entry: Entry, seen_ms: int, now_ms: int) -> RuleRecord | None:
+    def _record(self, entry: Entry, seen_ms: int, now_ms: int) -> Folded | None:
         """The state an entry sets; None for what every host refuses."""
         if entry.fields is None:
             return None
@@ -405,7 +435,7 @@ class Ledger:
             return None
         if refused_by_every_host(cmd, entry.fields):
             return None
-        return record_for(entry, cmd, seen_ms, now_ms)
+        return folded(entry, cmd, seen_ms, now_ms)
 
     def catch_up(self, position: str) -> None:
         """Make the ledger hold every entry up to ``position`` before a host reconciles.

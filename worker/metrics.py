@@ -15,8 +15,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from pushfw.producer.contract import Action, Command, Op, Status
+from pushfw.producer.contract import Action, Op, Status
 from pushfw.producer.lists import ListCommand
+from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.backends.base import RuleKey
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.stream import Entry
@@ -41,7 +42,7 @@ class Finished(Protocol):
     def status(self) -> Status | None: ...
 
     @property
-    def command(self) -> Command | ListCommand | None: ...
+    def command(self) -> ParsedCommand | ListCommand | None: ...
 
     @property
     def skip(self) -> bool: ...

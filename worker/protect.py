@@ -88,6 +88,12 @@ def _peers(client: redis.Redis) -> Iterator[tuple[str, int]]:
             yield str(peer[0]), int(peer[1])
 
 
+def _span(network: Network) -> tuple[int, int]:
+    """The first and the last address of ``network``, as integers."""
+    first = int(network.network_address)
+    return first, first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
+
+
 class Protection:
     """Answers whether a network overlaps any protected one.
 
@@ -101,6 +107,7 @@ class Protection:
         self._target = parse_target(redis_url) if redis_url else None
         self._redis: dict[Network, None] = {}
         self._failing: set[str] = set()
+        self._spans: tuple[tuple[int, int, int, Network], ...] = ()
         self.networks = self._static
 
     @classmethod
@@ -146,10 +153,25 @@ class Protection:
         found = [net for host, port in dict.fromkeys(nodes) for net in self._lookup(host, port)]
         return self._grow(found)
 
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        """Every protected network: the static ones first, then Redis's addresses."""
+        return tuple(span[3] for span in self._spans)
+
+    @networks.setter
+    def networks(self, networks: tuple[Network, ...]) -> None:
+        self._spans = tuple((net.version, *_span(net), net) for net in networks)
+
     def covering(self, network: Network) -> Network | None:
-        """The first protected network that ``network`` overlaps, if any."""
-        for protected in self.networks:
-            if protected.version == network.version and protected.overlaps(network):
+        """The first protected network that ``network`` overlaps, if any.
+
+        Compared as integer ranges: it runs for every drop a host reads, and
+        ``ipaddress``'s ``overlaps`` took a fifth of the time a command cost.
+        """
+        version = network.version
+        first, last = _span(network)
+        for protected_version, start, end, protected in self._spans:
+            if protected_version == version and first <= end and start <= last:
                 return protected
         return None
 

@@ -7,6 +7,7 @@ Entry ids are decoded to ``str`` here, once.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
-from pushfw.producer.contract import Command, CommandRejected, parse_command
+from pushfw.producer.contract import CommandRejected
 from pushfw.producer.keys import Keys
+from pushfw.producer.wire import ParsedCommand, read_command
 
 
 @dataclass(frozen=True)
@@ -189,19 +191,19 @@ class ParsedEntries:
 
     def __init__(self, size: int = 8192) -> None:
         self.size = size
-        self._parsed: dict[str, Command | CommandRejected] = {}
+        self._parsed: OrderedDict[str, ParsedCommand | CommandRejected] = OrderedDict()
 
-    def parse(self, entry: Entry) -> Command:
-        """The entry's command. Raises CommandRejected as :func:`parse_command` does."""
+    def parse(self, entry: Entry) -> ParsedCommand:
+        """The entry's command. Raises CommandRejected as :func:`read_command` does."""
         assert entry.fields is not None
         found = self._parsed.get(entry.id)
         if found is None:
             try:
-                found = parse_command(entry.fields)
+                found = read_command(entry.fields)
             except CommandRejected as exc:
                 found = exc
             if len(self._parsed) >= self.size:
-                del self._parsed[next(iter(self._parsed))]
+                self._parsed.popitem(last=False)
             self._parsed[entry.id] = found
         if isinstance(found, CommandRejected):
             raise found
