@@ -87,16 +87,22 @@ def _answer(item: Answer | Decided, step: Step | BackendError | None) -> Answer:
         return item
     decision = item.decision
     report = not isinstance(decision, Delete) or decision.report
-    base = Answer(item.entry, None, "", _request_id(item.request), item.request.command, report)
+    request = item.request
     if isinstance(step, BackendError):
-        return replace(
-            base,
-            detail=str(step),
+        return Answer(
+            item.entry,
+            None,
+            str(step),
+            _request_id(request),
+            request.command,
+            report,
             permanent=isinstance(step, PermanentBackendError),
             busy=isinstance(step, TransientBackendError),
         )
     assert step is not None
-    return replace(base, status=step.status, detail=step.detail)
+    return Answer(
+        item.entry, step.status, step.detail, _request_id(request), request.command, report
+    )
 
 
 def _superseding(
@@ -298,7 +304,7 @@ class Applier:
             if isinstance(request, Answer):
                 decided.append(request)
                 continue
-            record = records.get(str(request.key))
+            record = records.get(str(request.key)) if records else None
             decision = _superseding(request, record, boundary) or decide(
                 request, self.policy, now_ms, record
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pushfw.producer.contract import Action, Network
 from pushfw.producer.records import rule_id
@@ -18,6 +18,15 @@ class RuleKey:
 
     action: Action
     network: Network
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Keys are hashed several times per command (index, plan view, expiry queue), and
+        # an ipaddress network computes its hash anew each time.
+        object.__setattr__(self, "_hash", hash((self.action, self.network)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return rule_id(self.action.value, str(self.network))
