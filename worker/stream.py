@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -20,9 +19,11 @@ from pushfw.producer.keys import Keys
 from pushfw.producer.wire import ParsedCommand, read_command
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One stream entry; ``fields`` is ``None`` when the entry was trimmed while pending."""
+class Entry(NamedTuple):
+    """One stream entry; ``fields`` is ``None`` when the entry was trimmed while pending.
+
+    A named tuple: a worker makes one per entry it reads, twice (ledger and applier).
+    """
 
     id: str
     fields: dict[bytes, bytes] | None
@@ -58,11 +59,13 @@ def stream_id_order(entry_id: str) -> tuple[int, int]:
 
 
 def entries_from_reply(raw: Sequence[Any]) -> list[Entry]:
-    out = []
-    for entry_id, fields in raw:
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        out.append(Entry(eid, dict(fields) if fields is not None else None))
-    return out
+    return [
+        Entry(
+            entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+            fields if fields is None or isinstance(fields, dict) else dict(fields),
+        )
+        for entry_id, fields in raw
+    ]
 
 
 class CommandStream:

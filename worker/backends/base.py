@@ -198,37 +198,3 @@ class Backend(abc.ABC):
     def size(self) -> int:
         """How many managed rules are committed."""
         return len(self.snapshot())
-
-
-class IndexedBackend(Backend):
-    """A backend whose index is one dict and whose staged changes are one ordered list.
-
-    Subclasses fill ``_index`` in :meth:`open`, and in :meth:`commit` apply ``_staged``
-    (``(key, rule)`` to add or replace, ``(key, None)`` to delete) and update ``_index``.
-    """
-
-    def __init__(self) -> None:
-        self._index: dict[RuleKey, Rule] = {}
-        self._staged: list[tuple[RuleKey, Rule | None]] = []
-
-    def close(self) -> None:
-        """Forget staged changes; never touch the kernel."""
-        self.discard()
-
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return dict(self._index)
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._index.get(key)
-
-    def size(self) -> int:
-        return len(self._index)
-
-    def add(self, rule: Rule) -> None:
-        self._staged.append((rule.key, rule))
-
-    def delete(self, key: RuleKey) -> None:
-        self._staged.append((key, None))
-
-    def discard(self) -> None:
-        self._staged.clear()

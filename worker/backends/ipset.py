@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import BlockList, IndexedBackend, Rule, RuleKey
+from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.backends.entries import gc_paused, list_entries
+from pushfw.worker.backends.index import IndexedBackend, RuleIndex
 from pushfw.worker.backends.iptables import (
     blank_rule,
     chain_entries,
@@ -334,9 +335,9 @@ class IpsetBackend(IndexedBackend):
             assert action is not None  # wanted holds only our sets
             chain.insert_rule(self._match_rule(version, name, action))
 
-    def _read_index(self) -> dict[RuleKey, Rule]:
+    def _read_index(self) -> RuleIndex:
         """The sets' elements; also counts them per set, as :meth:`intact` compares."""
-        index: dict[RuleKey, Rule] = {}
+        index = RuleIndex()
         counts = {}
         for ipset in self._sets.values():
             saved = self._run("save", ipset.name)
@@ -646,7 +647,7 @@ class IpsetBackend(IndexedBackend):
         removed = [name for name in ours if name in present]
         for name in removed:
             self._run("destroy", name)
-        self._index = {}
+        self._index.clear()
         sets = ", ".join(removed) if removed else "none present"
         return f"{chain_removed(self.chain, found)}; sets: {sets}"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pushfw.producer.contract import Network
-from pushfw.worker.backends.base import BlockList, IndexedBackend
+from pushfw.worker.backends.base import BlockList
 from pushfw.worker.backends.entries import list_entries
+from pushfw.worker.backends.index import IndexedBackend
 from pushfw.worker.errors import BackendError
 
 

@@ -50,8 +50,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import BlockList, IndexedBackend, Rule, RuleKey
+from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.backends.entries import list_entries
+from pushfw.worker.backends.index import IndexedBackend, RuleIndex
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 
 logger = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ class NftablesBackend(IndexedBackend):
 
     def _read(self, listing: Any) -> None:
         """Take the index, the sets and their element counts from a listing of the table."""
-        index: dict[RuleKey, Rule] = {}
+        index = RuleIndex()
         sets: set[str] = set()
         self._uncounted, self._chains = set(), set()
         for item in (listing or {}).get("nftables", []):
@@ -352,7 +353,7 @@ class NftablesBackend(IndexedBackend):
         cmds += [{"delete": {"set": self._t(name=name)}} for name in old]
         cmds += self._schema_commands(self._sets)
         moved: dict[str, list[Any]] = {}  # one add per set: a million elements stay one command
-        for key, rule in self._index.items():
+        for key, rule in self._index.pairs():
             if set_name(key) in self._uncounted:
                 moved.setdefault(set_name(key), []).extend(self._element(key, rule)["elem"])
         cmds += [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(moved.items())]
