@@ -403,7 +403,7 @@ class Worker:
         )
         for role, health in self.supervisor.roles.items():
             self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
-        rules = self.backend.snapshot() if self.metrics.serving else {}
+        rules = self.backend.action_counts() if self.metrics.serving else {}
         self.metrics.heartbeat(lag, pending, self.backend.name, rules)
         if self.notifier.is_ready:
             self.notifier.status(f"{self._following()}; lag {lag}, pending {pending}")

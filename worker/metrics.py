@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from pushfw.producer.contract import Action, Op, Status
 from pushfw.producer.lists import ListCommand
 from pushfw.producer.wire import ParsedCommand
-from pushfw.worker.backends.base import RuleKey
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.stream import Entry
 
@@ -194,14 +193,13 @@ class Metrics:
         self.drift.labels("updated").inc(drift.updated)
 
     def heartbeat(
-        self, lag: int | None, pending: int, backend: str, rules: Iterable[RuleKey]
+        self, lag: int | None, pending: int, backend: str, rules: Mapping[Action, int]
     ) -> None:
-        """Gauges that are sampled, not counted: the host's group and its rules."""
+        """Gauges that are sampled, not counted: the host's group and its rules per action."""
         self.group_pending.set(pending)
         self.group_lag.set(float("nan") if lag is None else lag)
-        tally = Tally(key.action for key in rules)
         for action in Action:
-            self.rules.labels(backend, action.value).set(tally[action])
+            self.rules.labels(backend, action.value).set(rules.get(action, 0))
 
     def hits(self, totals: Mapping[Action, tuple[int, int]], seconds: float) -> None:
         """One reading of the hit counters: (packets, bytes) per action, and its duration."""

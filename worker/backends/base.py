@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -198,3 +199,7 @@ class Backend(abc.ABC):
     def size(self) -> int:
         """How many managed rules are committed."""
         return len(self.snapshot())
+
+    def action_counts(self) -> dict[Action, int]:
+        """How many managed rules of each action are committed."""
+        return dict(Counter(key.action for key in self.snapshot()))
