@@ -24,7 +24,7 @@ import redis
 
 from pushfw.producer import Action, Keys, Producer
 from pushfw.producer.records import RuleHits
-from pushfw.worker.backends.base import RuleKey
+from pushfw.worker.backends.base import Rule, RuleKey
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.hits import EVERY_BEATS, HitsReader, busiest, publish_hits, totals
 from pushfw.worker.metrics import Metrics
@@ -250,6 +250,35 @@ def test_a_reading_waits_for_a_gap_between_expiries(r: redis.Redis):
     assert reader.publish(1_000) == 0
     assert reader.read_s < 1.0
     assert not reader.clear(0), "a new wait starts after each reading"
+
+
+def test_past_hits_max_rules_the_counters_are_not_read_and_the_hash_goes(r: redis.Redis):
+    """A reading lists every element: past the bound the host stops, and says so once."""
+    keys = Keys()
+    counts = {key("drop", f"192.0.2.{i}"): (i, 60 * i) for i in range(1, 4)}
+    backend = CountingBackend(counts)
+    backend.add(Rule(key("drop", "192.0.2.1")))
+    backend.commit()
+    reader = HitsReader(r, keys, "big", backend, interval_s=0.2, max_rules=1)
+    assert reader.publish(1_000) == 3
+    assert r.hlen(keys.hits("big")) == 3
+    for ip in ("192.0.2.2", "192.0.2.3"):
+        backend.add(Rule(key("drop", ip)))
+    backend.commit()
+    read: list[int] = []
+
+    def hits() -> dict[RuleKey, tuple[int, int]]:
+        read.append(1)
+        return dict(counts)
+
+    backend.hits = hits  # type: ignore[method-assign]
+    assert reader.publish(2_000) is None and reader.publish(3_000) is None
+    assert read == [], "the counters were read past the bound"
+    assert not r.exists(keys.hits("big")), "an old reading was left to age"
+    backend.delete(key("drop", "192.0.2.3"))
+    backend.delete(key("drop", "192.0.2.2"))
+    backend.commit()
+    assert reader.publish(4_000) == 3 and read == [1], "back under the bound: read again"
 
 
 def test_top_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: Path):

@@ -32,6 +32,7 @@ from pushfw.worker.config import mask_url
 from pushfw.worker.decide import Policy
 from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
 from pushfw.worker.generation import GenerationFile, trusts_ledger
+from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.heartbeat import beat, group_info, pushfw_version
 from pushfw.worker.hits import HitsReader
 from pushfw.worker.hits import interval_s as hits_interval_s
@@ -139,6 +140,7 @@ class Worker:
             hits_interval_s(settings.heartbeat_interval_s),
             self.metrics,
             self.alarm.kernel,
+            settings.hits_max_rules,
         )
         self.started_ms = int(time.time() * 1000)
         self.last_drift: Drift | None = None
@@ -231,6 +233,8 @@ class Worker:
             return None
         finally:
             self.applier.rebuild_expiry()
+            if len(desired.present) + len(desired.absent) >= LARGE or self.backend.size() >= LARGE:
+                give_back_memory()  # the ledger's records and the kernel's rules, built whole
         refused = self.last_drift.refused
         self.reconcile_error = (
             f"the kernel refused {len(refused)} of the ledger's rules (first: {refused[0][0]}: "

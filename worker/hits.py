@@ -18,6 +18,8 @@ The read holds the worker's loop (the kernel backends are driven from one thread
 took, for at most one more interval; then it reads anyway, and a rule falling due during
 that read leaves the kernel up to one read late. And past :data:`MAX_SHARE` of the loop's
 time (a reading of more than 0.6 s, some 40,000 nftables rules) the readings space out.
+Past ``hits_max_rules`` (100,000 by default) they stop: a reading of a million nftables
+elements held the loop for seconds and took the worker past a gigabyte.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleHits
 from pushfw.worker.backends.base import Backend, RuleKey
 from pushfw.worker.errors import TransientBackendError
+from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ class HitsReader:
         interval_s: seconds between readings (:func:`interval_s`), at least.
         metrics: the worker's metrics.
         kernel: a section the worker's expiry alarm must not interrupt.
+        max_rules: past this many rules the counters are not read (``hits_max_rules``).
     """
 
     def __init__(
@@ -146,9 +150,12 @@ class HitsReader:
         interval_s: float,
         metrics: Metrics | None = None,
         kernel: Callable[[], AbstractContextManager[None]] = nullcontext,
+        max_rules: int = 100_000,
     ) -> None:
         self.client, self.keys, self.host, self.backend = client, keys, host, backend
         self.every_s = interval_s
+        self.max_rules = max_rules
+        self._skipping = False
         self.metrics = metrics
         self.kernel = kernel
         self.read_s = 0.0
@@ -171,7 +178,20 @@ class HitsReader:
         return now - self._waiting_since >= self.every_s
 
     def publish(self, now_ms: int) -> int | None:
-        """Read and publish now; see :func:`publish_hits`."""
+        """Read and publish now (see :func:`publish_hits`), unless the backend holds more
+        than ``max_rules``: then None, and the host's hash is removed, not left to age."""
+        rules = self.backend.size()
+        if rules > self.max_rules:
+            if not self._skipping:
+                logger.info(
+                    "hit counters are not read at %d rules (hits_max_rules %d)",
+                    rules,
+                    self.max_rules,
+                )
+                self.client.delete(self.keys.hits(self.host))
+                self._skipping = True
+            return None
+        self._skipping = False
         started = time.monotonic()
         try:
             return publish_hits(
@@ -180,3 +200,5 @@ class HitsReader:
         finally:
             self.read_s = time.monotonic() - started
             self._waiting_since = None
+            if rules >= LARGE:
+                give_back_memory()

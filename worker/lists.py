@@ -18,10 +18,9 @@ even while the worker is away, and is removed by the keeper at its expiry.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +43,7 @@ from pushfw.worker.decide import (
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
+from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.stream import Entry, stream_id_order
 
 logger = logging.getLogger(__name__)
@@ -68,21 +68,6 @@ class Held:
     content: ListContent
     refused: int
     id: str
-
-
-_LARGE = 10_000
-"""A list at least this long is followed by :func:`give_back_memory`."""
-
-
-def give_back_memory() -> None:
-    """Hand the heap a large kernel change freed back to the system (glibc ``malloc_trim``).
-
-    libnftables parses a million-element transaction into structures it frees afterwards,
-    but glibc keeps the pages: a worker's RSS stayed at 493 MB after loading a 1M-entry list,
-    and is 55 MB once trimmed. Elsewhere than glibc this does nothing.
-    """
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_records(client: redis.Redis, keys: Keys) -> dict[str, ListRecord]:
@@ -209,7 +194,7 @@ class ListKeeper:
             changed, detail = self._change_kernel(spec, kept)
         except BackendError as exc:
             return _failed(exc)
-        if kept.size >= _LARGE:
+        if kept.size >= LARGE:
             give_back_memory()
         self.held[spec.name] = Held(spec, kept, len(refused), entry_id)
         self._removed.pop(spec.name, None)

@@ -243,6 +243,13 @@ class WorkerSettings(BaseSettings):
     trim_interval_s: float = Field(
         default=60.0, gt=0, description="seconds between trims of the streams"
     )
+    hits_max_rules: int = Field(
+        default=100_000,
+        ge=0,
+        description="most managed rules at which per-rule hit counters are still read (once a "
+        "minute, for `pushfw list --hits`); past it they are not, since one reading lists "
+        "every element and a million took seconds and a gigabyte; 0: never read them",
+    )
     expiry_events: bool = Field(
         default=True,
         description="turn on Redis key-expiry events (`notify-keyspace-events Ex`) to wake the "
