@@ -19,12 +19,17 @@ class RuleKey:
 
     action: Action
     network: Network
+    packed: int = field(init=False, repr=False, compare=False)
+    """The network's address and prefix in one integer, as the packed index stores it."""
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Keys are hashed several times per command (index, plan view, expiry queue), and
-        # an ipaddress network computes its hash anew each time.
-        object.__setattr__(self, "_hash", hash((self.action, self.network)))
+        # A key is looked up and hashed several times per command (index, plan view,
+        # expiry queue), and an ipaddress network computes its hash anew each time.
+        network = self.network
+        packed = int(network.network_address) << 8 | network.prefixlen
+        object.__setattr__(self, "packed", packed)
+        object.__setattr__(self, "_hash", hash((self.action, network.version, packed)))
 
     def __hash__(self) -> int:
         return self._hash

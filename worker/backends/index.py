@@ -29,10 +29,6 @@ _REMOVED = -1
 """The expiry a pending change records for a removed rule (0 means none)."""
 
 
-def _pack(network: Network) -> int:
-    return int(network.network_address) << 8 | network.prefixlen
-
-
 def _network(packed: int, version: int) -> Network:
     if version == 4:
         return ipaddress.IPv4Network((packed >> 8, packed & 0xFF))
@@ -96,34 +92,30 @@ class RuleIndex(MutableMapping[RuleKey, Rule]):
         self._v4 = {action: _Run() for action in Action}
         self._v6: dict[Action, dict[int, int]] = {action: {} for action in Action}
 
-    def __getitem__(self, key: RuleKey) -> Rule:
-        network = key.network
-        if network.version == 4:
-            expiry = self._v4[key.action].find(_pack(network))
-        else:
-            expiry = self._v6[key.action].get(_pack(network))
-        if expiry is None:
-            raise KeyError(key)
-        return Rule(key, expiry or None)
-
     def get(self, key: RuleKey, default: Rule | None = None) -> Rule | None:  # type: ignore[override]
-        try:
-            return self[key]
-        except KeyError:
-            return default
+        if key.network.version == 4:
+            expiry = self._v4[key.action].find(key.packed)
+        else:
+            expiry = self._v6[key.action].get(key.packed)
+        return default if expiry is None else Rule(key, expiry or None)
+
+    def __getitem__(self, key: RuleKey) -> Rule:
+        rule = self.get(key)
+        if rule is None:
+            raise KeyError(key)
+        return rule
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, RuleKey) and self.get(key) is not None
 
     def __setitem__(self, key: RuleKey, rule: Rule) -> None:
-        if rule.key != key:
+        if rule.key is not key and rule.key != key:
             raise ValueError(f"rule {rule.key} filed under {key}")
-        network = key.network
         expiry = rule.expires_ms or 0
-        if network.version == 4:
-            self._v4[key.action].put(_pack(network), expiry)
+        if key.network.version == 4:
+            self._v4[key.action].put(key.packed, expiry)
         else:
-            self._v6[key.action][_pack(network)] = expiry
+            self._v6[key.action][key.packed] = expiry
 
     def __delitem__(self, key: RuleKey) -> None:
         if self.pop(key) is None:
@@ -166,11 +158,10 @@ class RuleIndex(MutableMapping[RuleKey, Rule]):
         rule = self.get(key)
         if rule is None:
             return default
-        network = key.network
-        if network.version == 4:
-            self._v4[key.action].put(_pack(network), _REMOVED, present=True)
+        if key.network.version == 4:
+            self._v4[key.action].put(key.packed, _REMOVED, present=True)
         else:
-            del self._v6[key.action][_pack(network)]
+            del self._v6[key.action][key.packed]
         return rule
 
     def clear(self) -> None:
