@@ -39,10 +39,12 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from itertools import chain
+from typing import IO, Any, NamedTuple, NoReturn
 
 from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
@@ -85,6 +87,43 @@ _TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
 _LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
 _LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
 _LIST_MAXELEM_MIN = 65536
+
+
+_CHUNK = 1 << 16
+"""Bytes of restore input written at a time."""
+
+
+def _feed(stdin: IO[bytes], lines: Iterable[str]) -> None:
+    """Write ``lines`` to a restore in chunks, then close its input; a restore that stopped
+    at a refused line closes the pipe, and its exit status and message tell why."""
+    chunk: list[str] = []
+    size = 0
+    try:
+        for line in lines:
+            chunk.append(line)
+            size += len(line)
+            if size >= _CHUNK:
+                stdin.write("".join(chunk).encode())
+                chunk, size = [], 0
+        stdin.write("".join(chunk).encode())
+    except BrokenPipeError:
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stdin.close()
+
+
+def _cidrs(by_prefix: dict[int, list[str]]) -> Iterator[str]:
+    """``address/prefix`` strings, made as they are read (a million is 70 MB held at once)."""
+    for prefixlen, addresses in by_prefix.items():
+        for address in addresses:
+            yield f"{address}/{prefixlen}"
+
+
+def _adds(name: str, entries: Iterable[str], timeout_s: int) -> Iterator[str]:
+    """The restore lines adding ``entries`` to set ``name``, made as they are read."""
+    for entry in entries:
+        yield f"add {name} {entry} timeout {timeout_s}\n"
 
 
 class Element(NamedTuple):
@@ -437,9 +476,42 @@ class IpsetBackend(IndexedBackend):
         return f'add {name} {net} timeout {timeout_s} comment "exp={expires_ms}"\n'
 
     def _restore(self, lines: Iterable[str]) -> None:
-        # -exist: an add of a present element renews its timeout and comment, a del of an
-        # absent one is a no-op, so a replayed batch has the effect of one.
-        self._run("-exist", "restore", stdin="".join(lines))
+        """``ipset -exist restore``, fed ``lines`` as they come (no shell).
+
+        -exist: an add of a present element renews its timeout and comment, a del of an
+        absent one is a no-op, so a replayed batch has the effect of one. The input is
+        streamed in chunks: a million-entry list was a 50 MB string, plus its lines, in the
+        worker's memory at once.
+        """
+        if self._exe is None:
+            raise ConfigError("the ipset command is not installed")
+        deadline = time.monotonic() + _RUN_TIMEOUT_S
+        with tempfile.TemporaryFile() as errors:
+            try:
+                proc = subprocess.Popen(
+                    [self._exe, "-exist", "restore"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                )
+            except OSError as exc:
+                raise BackendError(f"ipset restore: {exc}") from exc
+            assert proc.stdin is not None
+            try:
+                _feed(proc.stdin, lines)
+                returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as exc:
+                proc.kill()
+                proc.wait()
+                raise BackendError(f"ipset restore: {exc}") from exc
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            errors.seek(0)
+            stderr = errors.read().decode("utf-8", "replace")
+        if returncode != 0:
+            self._refused("restore", stderr, returncode)
 
     def _run(self, *args: str, stdin: str | None = None) -> str:
         """Run ``ipset`` with these arguments (no shell); its refusal becomes a BackendError."""
@@ -459,7 +531,11 @@ class IpsetBackend(IndexedBackend):
             raise BackendError(f"ipset {command}: {exc}") from exc
         if proc.returncode == 0:
             return proc.stdout
-        message = " ".join(proc.stderr.split())[:300] or f"exit status {proc.returncode}"
+        self._refused(command, proc.stderr, proc.returncode)
+
+    @staticmethod
+    def _refused(command: str, stderr: str, returncode: int) -> NoReturn:
+        message = " ".join(stderr.split())[:300] or f"exit status {returncode}"
         # ipset reports errors only as text, so a full set can only be told by its words
         # ("Hash is full, cannot add more elements"); the lines we send carry no free text
         # that could fake them. Adding to a full set never succeeds by retrying.
@@ -503,46 +579,52 @@ class IpsetBackend(IndexedBackend):
 
     def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
         """Fill temporary sets in one restore, swap them in, then write the rules if new."""
-        by_version: dict[int, list[str]] = {4: [], 6: []}
-        for (version, prefixlen), addresses in list_entries(networks).items():
-            by_version[version] += [f"{address}/{prefixlen}" for address in addresses]
+        grouped = list_entries(networks)
+        by_version = {
+            version: (
+                sum(len(a) for (v, _), a in grouped.items() if v == version),
+                _cidrs({p: a for (v, p), a in grouped.items() if v == version}),
+            )
+            for version in (4, 6)
+        }
         started = time.monotonic()
         self._fill_and_swap(spec, by_version)
         logger.info(
             "ipset list %s (%s): %d entries loaded in %.2f s",
             spec.name,
             spec.action.value,
-            sum(map(len, by_version.values())),
+            sum(count for count, _ in by_version.values()),
             time.monotonic() - started,
         )
 
     def _fill_and_swap(
-        self, spec: BlockList, by_version: dict[int, list[str]], room: int = 0
+        self, spec: BlockList, by_version: Mapping[int, tuple[int, Iterable[str]]], room: int = 0
     ) -> None:
-        """Make the list's live sets of these families hold exactly these entries (with
-        ``room`` for more: ``maxelem`` is the next power of two past twice what they need).
+        """Make the list's live sets of these families hold exactly these entries, given as
+        (how many, the CIDR strings) per family, with ``room`` for more (``maxelem`` is the
+        next power of two past twice what they need).
 
         The swaps come after every entry is in: a refused entry leaves every live set as it was.
         """
         now_ms = self.clock()
         timeout_s = 0 if spec.expires_ms is None else kernel_timeout_s(spec.expires_ms, now_ms)
         present = set(self._run("list", "-n").split())
-        fill: list[str] = []
+        fill: list[Iterable[str]] = []
         swap: list[str] = []
-        for version, entries in sorted(by_version.items()):
+        for version, (count, entries) in sorted(by_version.items()):
             live = self._list_name(spec.action, spec.name, version)
             temp = self._list_name(spec.action, spec.name, version, temp=True)
             family = "inet" if version == 4 else "inet6"
-            maxelem = max(_LIST_MAXELEM_MIN, 1 << (2 * (len(entries) + room) - 1).bit_length())
-            fill.append(f"destroy {temp}\n" if temp in present else "")
-            fill.append(
+            maxelem = max(_LIST_MAXELEM_MIN, 1 << (2 * (count + room) - 1).bit_length())
+            create = (
                 f"create {temp} hash:net family {family} timeout 0 counters maxelem {maxelem}\n"
             )
-            fill += [f"add {temp} {entry} timeout {timeout_s}\n" for entry in entries]
+            fill.append((f"destroy {temp}\n" if temp in present else "", create))
+            fill.append(_adds(temp, entries, timeout_s))
             swap.append(f"swap {temp} {live}\ndestroy {temp}\n" if live in present else "")
             swap.append("" if live in present else f"rename {temp} {live}\n")
         try:
-            self._restore(fill + swap)
+            self._restore(chain(*fill, swap))
         except BackendError:
             for version in by_version:
                 temp = self._list_name(spec.action, spec.name, version, temp=True)
@@ -621,7 +703,7 @@ class IpsetBackend(IndexedBackend):
         )
         saved = parse_save(self._run("save", live), live, version)
         entries = [str(element.network) for element in saved]
-        self._fill_and_swap(spec, {version: entries}, room=adding)
+        self._fill_and_swap(spec, {version: (len(entries), entries)}, room=adding)
 
     def remove_list(self, name: str) -> None:
         """The list's rules out of the chain first: the kernel keeps a set a rule matches."""
