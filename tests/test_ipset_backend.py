@@ -403,3 +403,25 @@ def test_bad_set_prefix_is_a_config_error():
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+def test_a_restore_that_stops_reading_is_ended_at_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input is streamed from a thread, so a restore that never reads it (here a stand-in
+    that only sleeps) is killed at the bound instead of blocking the worker's write."""
+    from pushfw.worker.backends import ipset
+    from pushfw.worker.errors import BackendError
+
+    stand_in = tmp_path / "ipset"
+    stand_in.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    stand_in.chmod(0o755)
+    backend = ipset.IpsetBackend()
+    backend._exe = str(stand_in)
+    monkeypatch.setattr(ipset, "_RUN_TIMEOUT_S", 0.5)
+    lines = (f"add pushfw-drop4 10.0.{i >> 8 & 255}.{i & 255}\n" for i in range(10**6))
+    with pytest.raises(BackendError, match="no end within"):
+        backend._restore(lines)
+    assert subprocess.run(["pgrep", "-f", str(stand_in)], capture_output=True).returncode == 1, (
+        "the stand-in restore was left running"
+    )

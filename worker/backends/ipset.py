@@ -40,6 +40,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,9 +94,10 @@ _CHUNK = 1 << 16
 """Bytes of restore input written at a time."""
 
 
-def _feed(stdin: IO[bytes], lines: Iterable[str]) -> None:
+def _feed(stdin: IO[bytes], lines: Iterable[str], failed: list[BaseException]) -> None:
     """Write ``lines`` to a restore in chunks, then close its input; a restore that stopped
-    at a refused line closes the pipe, and its exit status and message tell why."""
+    at a refused line closes the pipe, and its exit status and message tell why. Anything
+    else that goes wrong is put in ``failed`` for the caller (this runs in a thread)."""
     chunk: list[str] = []
     size = 0
     try:
@@ -108,8 +110,10 @@ def _feed(stdin: IO[bytes], lines: Iterable[str]) -> None:
         stdin.write("".join(chunk).encode())
     except BrokenPipeError:
         pass
+    except BaseException as exc:  # handed to the caller, which raises it
+        failed.append(exc)
     finally:
-        with contextlib.suppress(BrokenPipeError):
+        with contextlib.suppress(BrokenPipeError, OSError):
             stdin.close()
 
 
@@ -497,17 +501,23 @@ class IpsetBackend(IndexedBackend):
             except OSError as exc:
                 raise BackendError(f"ipset restore: {exc}") from exc
             assert proc.stdin is not None
+            failed: list[BaseException] = []
+            feeder = threading.Thread(
+                target=_feed, args=(proc.stdin, lines, failed), name="pushfw-ipset-restore"
+            )
             try:
-                _feed(proc.stdin, lines)
+                feeder.start()  # a thread: a restore that stops reading cannot outlast the bound
+                feeder.join(timeout=max(0.1, deadline - time.monotonic()))
+                if feeder.is_alive() or failed:
+                    raise failed[0] if failed else subprocess.TimeoutExpired(proc.args, 0)
                 returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired as exc:
-                proc.kill()
+            except subprocess.TimeoutExpired:
+                raise BackendError(f"ipset restore: no end within {_RUN_TIMEOUT_S:.0f} s") from None
+            finally:
+                if proc.poll() is None:  # only a failure leaves it running: end it, and the feed
+                    proc.kill()
                 proc.wait()
-                raise BackendError(f"ipset restore: {exc}") from exc
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+                feeder.join()
             errors.seek(0)
             stderr = errors.read().decode("utf-8", "replace")
         if returncode != 0:
