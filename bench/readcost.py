@@ -25,12 +25,14 @@ STREAM = "{pushfw}:cmd"
 BATCH = 1000
 
 
-def _cpu_s(client: redis.Redis) -> float:
+def redis_cpu_s(client: redis.Redis) -> float:
+    """Redis's CPU seconds so far (user plus system, ``INFO cpu``)."""
     info: Any = client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-def _fill(client: redis.Redis, entries: int) -> None:
+def fill_drops(client: redis.Redis, entries: int) -> None:
+    """Add ``entries`` drops of distinct IPv4 addresses to the command stream, pipelined."""
     pipe = client.pipeline(transaction=False)
     for i in range(entries):
         pipe.xadd(
@@ -68,12 +70,12 @@ def measure(entries: int, hosts: int) -> dict[str, float]:
         server.start()
         client = redis.Redis(unix_socket_path=str(server.socket_path))
         try:
-            _fill(client, entries)
+            fill_drops(client, entries)
             out = {}
             for name, read in (("xreadgroup_xack_us", _groups), ("xread_us", _plain_reads)):
-                before = _cpu_s(client)
+                before = redis_cpu_s(client)
                 read(client, hosts)
-                out[name] = (_cpu_s(client) - before) / (entries * hosts) * 1e6
+                out[name] = (redis_cpu_s(client) - before) / (entries * hosts) * 1e6
             return out
         finally:
             client.close()

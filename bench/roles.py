@@ -22,13 +22,11 @@ from typing import Any
 
 import redis
 
+from bench.readcost import fill_drops, redis_cpu_s
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
 from pushfw.worker.settings import WorkerSettings
 from testbed.redis_server import RedisServer
-
-STREAM = "{pushfw}:cmd"
-BATCH = 5000
 
 STEPS = (
     ("ledger", "fold", "ledger: fold a batch"),
@@ -38,22 +36,6 @@ STEPS = (
     ("applier", "_finish", "  of which results and XACK"),
     ("stream", "read", "applier: read a batch (XREADGROUP)"),
 )
-
-
-def _cpu_s(client: redis.Redis) -> float:
-    info: Any = client.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
-def _fill(client: redis.Redis, commands: int) -> None:
-    pipe = client.pipeline(transaction=False)
-    for i in range(commands):
-        pipe.xadd(
-            STREAM, {"op": "drop.insert", "ip": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"}
-        )
-        if len(pipe) >= BATCH:
-            pipe.execute()
-    pipe.execute()
 
 
 def _timed(owner: object, name: str, totals: dict[str, float], label: str) -> None:
@@ -81,14 +63,14 @@ def measure(commands: int) -> dict[str, float]:
                 redis_url=server.url, host_name="h1", backend="memory", state_dir=tmp, block_ms=20
             )
             Worker(settings, backend=MemoryBackend()).run(burst=True)  # the groups, at 0
-            _fill(client, commands)
+            fill_drops(client, commands)
             worker = Worker(settings, backend=MemoryBackend())
             owners = {"ledger": worker.ledger, "applier": worker.applier}
             owners["stream"] = worker.applier.stream
             totals = {label: 0.0 for _, _, label in STEPS}
             for owner, name, label in STEPS:
                 _timed(owners[owner], name, totals, label)
-            redis_before, cpu_before = _cpu_s(client), time.process_time()
+            redis_before, cpu_before = redis_cpu_s(client), time.process_time()
             started = time.perf_counter()
             worker.run(burst=True)
             wall_s = time.perf_counter() - started
@@ -98,7 +80,7 @@ def measure(commands: int) -> dict[str, float]:
                 "wall_s": wall_s,
                 "commands_per_s": commands / wall_s,
                 "worker cpu": (time.process_time() - cpu_before) * per,
-                "redis cpu": (_cpu_s(client) - redis_before) * per,
+                "redis cpu": (redis_cpu_s(client) - redis_before) * per,
                 **{label: seconds * per for label, seconds in totals.items()},
             }
         finally:
