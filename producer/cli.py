@@ -181,7 +181,7 @@ def results(producer: Producer, count: int, cmd_id: str | None, json_out: bool) 
     """The newest results, newest first; with --cmd, every host's answer to that command.
 
     Hosts that wrote no result for it (it asked for none) show where their group stands:
-    done, pending (read, being retried) or not read yet.
+    done, pending (read, being retried) or not read yet; a follower, done or not done.
     """
     if cmd_id is None:
         _show(_result_rows(producer.results(count)), _RESULT_COLUMNS, json_out)

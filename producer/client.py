@@ -300,7 +300,8 @@ class Producer:
         """Where each host's group stands with ``cmd_id``: ``done``, ``pending`` or ``not read``.
 
         Read from the groups themselves, so it answers also for commands that asked for no
-        result entry (a producer ACL user may not read them: NoPermissionError).
+        result entry (a producer ACL user may not read them: NoPermissionError). A follower
+        (no group) is ``done`` or ``not done`` by the position its last heartbeat carried.
         """
         try:
             groups = cast(list[Any], self.client.xinfo_groups(self.keys.cmd))
@@ -321,6 +322,9 @@ class Producer:
                 list[Any], self.client.xpending_range(self.keys.cmd, name, cmd_id, cmd_id, 1)
             )
             out[name.removeprefix("host:")] = "pending" if held else "done"
+        for host in self.hosts():  # followers have no group: their heartbeat says
+            if host.position:
+                out[host.host] = "done" if _order(host.position) >= order else "not done"
         return out
 
     def dead(self, count: int = 20) -> list[DeadLetter]:

@@ -154,6 +154,9 @@ class HostStatus(BaseModel):
     """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
     done_id: str = ""
     """The newest command this host has answered and acknowledged."""
+    position: str = ""
+    """A follower's position: it has carried out every entry up to this id (its state file
+    holds it too). Empty for a host with a consumer group, whose group says where it is."""
     counts: dict[str, int] = {}
     """Commands this host answered since it started, by status: its progress, also for
     commands that asked for no result entry."""

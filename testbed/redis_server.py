@@ -24,7 +24,8 @@ def free_port() -> int:
 
 @dataclass
 class RedisServer:
-    """A redis-server in ``workdir``, without snapshots; AOF (fsync always) if asked.
+    """A redis-server in ``workdir``, without snapshots; AOF (fsync always) if asked; a
+    replica of another one if told (``replica_of``).
 
     With ``netns`` it runs inside that namespace, reached over the unix socket by the caller
     and over ``bind``'s addresses by the namespaces joined to it.
@@ -36,6 +37,8 @@ class RedisServer:
     proc: subprocess.Popen[bytes] | None = None
     netns: str | None = None
     bind: str = "127.0.0.1"
+    replica_of: int | None = None
+    """A port on 127.0.0.1 whose Redis this one replicates (``--replicaof``)."""
 
     @property
     def socket_path(self) -> Path:
@@ -63,6 +66,8 @@ class RedisServer:
             *("--dir", str(self.workdir), "--save", ""),
             *("--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"),
         ]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         if self.netns:
             # reached over veth pairs inside namespaces that only the caller made
             args = ["ip", "netns", "exec", self.netns, *args, "--protected-mode", "no"]

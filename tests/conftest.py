@@ -62,6 +62,26 @@ def redis_server() -> Iterator[RedisServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def replica_server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A replica of the session's Redis, for followers (``read_url``)."""
+    with tempfile.TemporaryDirectory(prefix="pushfw-replica-") as tmp:
+        server = RedisServer(Path(tmp), replica_of=redis_server.port)
+        server.start()
+        primary = redis.Redis.from_url(redis_server.url)
+        try:
+            wait_for(lambda: primary.wait(1, 100) >= 1, 20, "the replica to connect")
+        finally:
+            primary.close()
+        yield server
+        server.stop()
+
+
+def synced(primary: redis.Redis) -> None:
+    """Wait until the replica holds everything written to ``primary`` so far."""
+    assert primary.wait(1, 10_000) >= 1, "the replica did not acknowledge the writes"
+
+
 @pytest.fixture
 def aof_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, with AOF, that the test may restart."""

@@ -1,11 +1,13 @@
 """I1 and I3 together: kill -9 under a mixed load, compared with a model of the stream.
 
-Three hosts on one Redis, one per kernel backend (iptables, nftables, ipset), each in its own
-namespace. A producer sends inserts, deletes and re-inserts with and without a ttl, IPv4 and
-IPv6, single addresses and networks, some targeted to one host, while a random worker is
-SIGKILLed and restarted every few hundred ms. Then every kernel must hold exactly what the
-stream, applied in order, says it should: nothing lost, nothing extra, nothing pending, no
-dead letter, and no worker death that the kill loop did not cause.
+Four hosts on one Redis, each in its own namespace: one per kernel backend (iptables,
+nftables, ipset) with a consumer group, and a follower (nftables) that reads a replica after
+the position it keeps in its state file. A producer sends inserts, deletes and re-inserts
+with and without a ttl, IPv4 and IPv6, single addresses and networks, some targeted to one
+host, while a random worker is SIGKILLed and restarted every few hundred ms. Then every
+kernel must hold exactly what the stream, applied in order, says it should: nothing lost,
+nothing extra, nothing pending, no dead letter, and no worker death that the kill loop did
+not cause.
 
 ``CHAOS_COMMANDS`` (default 3,000, small enough for CI), ``CHAOS_SEED`` and
 ``CHAOS_KILL_GAP_S`` (default 0.6) set a larger or another run; ``scripts/chaos`` runs
@@ -15,12 +17,14 @@ dead letter, and no worker death that the kill loop did not cause.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,10 +124,20 @@ def model(sent: list[Sent], host: str, now_ms: int) -> dict[tuple[str, str], int
     return state
 
 
-def settled(client: Any, groups: list[str]) -> bool:
+def settled(client: Any, groups: list[str], followers: Sequence[str] = ()) -> bool:
+    """Every group and follower has carried out the whole stream (followers by the position
+    their heartbeat carries)."""
     info = {g["name"].decode(): g for g in client.xinfo_groups(CMD)}
-    return all(
+    if not all(
         name in info and info[name]["pending"] == 0 and info[name]["lag"] == 0 for name in groups
+    ):
+        return False
+    newest = client.xrevrange(CMD, count=1)[0][0].decode()
+    raws = client.hmget("{pushfw}:hosts", list(followers)) if followers else []
+    beats = {name: json.loads(raw) for name, raw in zip(followers, raws, strict=True) if raw}
+    return all(
+        name in beats and beats[name]["position"] == newest and beats[name]["pending"] == 0
+        for name in followers
     )
 
 
@@ -131,24 +145,32 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
     make_netns: Callable[[], Netns],
     spawn_worker: Callable[..., WorkerProcess],
     redis_server: RedisServer,
+    replica_server: RedisServer,
     r: Any,
 ):
     for tool in ("nft", "ipset"):
         need(shutil.which(tool) is not None, f"{tool} is not installed")
     rng = random.Random(SEED)
-    backends = ("iptables", "nftables", "ipset")
+    backends = ("iptables", "nftables", "ipset", "nftables")
     namespaces = [make_netns() for _ in backends]
     workers = [
         spawn_worker(ns, backend=b, batch_size="50").start()
-        for ns, b in zip(namespaces, backends, strict=True)
+        for ns, b in zip(namespaces[:3], backends, strict=False)
     ]
+    workers.append(
+        spawn_worker(
+            namespaces[3], backend="nftables", batch_size="50", read_url=replica_server.unix_url
+        ).start()
+    )
     hosts = [ns.name for ns in namespaces]
+    kinds = ["iptables", "nftables", "ipset", "follower"]
+    groups_of = ["ledger", *(f"host:{h}" for h in hosts[:3])]
     sent: list[Sent] = []
     sender = threading.Thread(
         target=push, args=(redis_server, make_commands(rng, hosts), sent), daemon=True
     )
     sender.start()
-    kills, crashes = 0, []
+    kills, crashes, killed = 0, [], Counter[str]()
     while sender.is_alive() or kills < 10:
         time.sleep(rng.uniform(0.05, KILL_GAP_S))
         worker = rng.choice(workers)
@@ -157,17 +179,19 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
             crashes.append(worker.proc.returncode)
         worker.kill9()
         kills += 1
+        killed[kinds[workers.index(worker)]] += 1
         worker.start(wait=False)
     sender.join()
     for worker in workers:
         worker.wait_ready(timeout=60)
-    wait_for(lambda: settled(r, ["ledger", *(f"host:{h}" for h in hosts)]), 60, "every group")
+    wait_for(lambda: settled(r, groups_of, hosts[3:]), 60, "every group and the follower")
     last_short = max(
         (c.expires_ms for c in sent if c.ttl_s in SHORT_TTL_S and c.expires_ms), default=0
     )
     wait_for(lambda: time.time() * 1000 > last_short + 1500, 10, "the short bans to end")
 
     firewalls = [Firewall(ns, b) for ns, b in zip(namespaces, backends, strict=True)]
+    kind_of = {id(fw): kind for fw, kind in zip(firewalls, kinds, strict=True)}
     diffs: dict[str, tuple[set[Any], set[Any]]] = {}
 
     def matches() -> bool:
@@ -175,7 +199,7 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
         for fw, host in zip(firewalls, hosts, strict=True):
             want = set(model(sent, host, now_ms).items())
             have = set(fw.rules().items())
-            diffs[fw.backend] = (want - have, have - want)
+            diffs[kind_of[id(fw)]] = (want - have, have - want)
         return all(not lost and not extra for lost, extra in diffs.values())
 
     try:
@@ -183,12 +207,14 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
     finally:
         groups = {g["name"].decode(): int(g["pending"]) for g in r.xinfo_groups(CMD)}
         print(f"\nchaos: seed {SEED}, sent {len(sent)}, kills {kills} (gap <= {KILL_GAP_S} s)")
-        host_of = dict(zip(backends, hosts, strict=True))
-        for backend, (lost, extra) in diffs.items():
-            host = host_of[backend]
+        host_of = dict(zip(kinds, hosts, strict=True))
+        for kind, (lost, extra) in diffs.items():
+            host = host_of[kind]
+            beat = json.loads(r.hget("{pushfw}:hosts", host) or "{}")
+            pending = groups.get(f"host:{host}", beat.get("pending", 0))
             print(
-                f"chaos: {backend:8} lost {len(lost)} extra {len(extra)} "
-                f"pending {groups.get(f'host:{host}', 0)}"
+                f"chaos: {kind:8} lost {len(lost)} extra {len(extra)} pending {pending} "
+                f"(killed {killed[kind]} times)"
             )
         print(
             f"chaos: ledger pending {groups.get('ledger', 0)}, dead letters "
@@ -198,4 +224,4 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
         assert worker.proc is not None and worker.proc.poll() is None
     assert crashes == [], f"workers died by themselves with {crashes}"
     assert r.xlen("{pushfw}:dead") == 0
-    assert settled(r, ["ledger", *(f"host:{h}" for h in hosts)]), "entries left pending"
+    assert settled(r, groups_of, hosts[3:]), "entries left pending"

@@ -38,7 +38,13 @@ from pushfw.worker.lists import ListKeeper
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.plan import Step, plan
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import CommandStream, Entry, ParsedEntries, stream_id_order
+from pushfw.worker.stream import (
+    CommandStream,
+    Entry,
+    HostStream,
+    ParsedEntries,
+    stream_id_order,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +140,8 @@ def _request_id(request: Request) -> str:
 
 
 class Applier:
-    """One host's applier: consumer group ``host:<name>`` on the command stream."""
+    """One host's applier: consumer group ``host:<name>`` on the command stream, or a
+    follower's position (:mod:`pushfw.worker.follower`)."""
 
     def __init__(
         self,
@@ -143,6 +150,7 @@ class Applier:
         settings: WorkerSettings,
         policy: Policy,
         ledger: Ledger | None = None,
+        stream: HostStream | None = None,
     ) -> None:
         from pushfw.producer.keys import Keys
 
@@ -154,7 +162,7 @@ class Applier:
         self.clock = ledger.clock if ledger is not None else Clock(client, keys)
         self.parsed = ledger.parsed if ledger is not None else ParsedEntries()
         self.host = settings.host_name
-        self.stream = CommandStream(
+        self.stream: HostStream = stream or CommandStream(
             client, keys, Keys.host_group(self.host), settings.consumer_name
         )
         self.stopping = False

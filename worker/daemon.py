@@ -31,14 +31,15 @@ from pushfw.worker.backoff import Backoff
 from pushfw.worker.config import mask_url
 from pushfw.worker.decide import Policy
 from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
+from pushfw.worker.follower import FollowerStream, StreamGone
 from pushfw.worker.generation import GenerationFile, trusts_ledger
 from pushfw.worker.heap import LARGE, give_back_memory
-from pushfw.worker.heartbeat import beat, group_info, pushfw_version
+from pushfw.worker.heartbeat import beat, pushfw_version
 from pushfw.worker.hits import HitsReader
 from pushfw.worker.hits import interval_s as hits_interval_s
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.notify import Notifier
-from pushfw.worker.protect import Protection
+from pushfw.worker.protect import Protection, redis_networks
 from pushfw.worker.reconcile import Drift, desired_rules, reconcile
 from pushfw.worker.retention import take_turn, trim
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
@@ -56,6 +57,8 @@ _RECONNECT_MAX_S = 1.0
 """Reconnect attempts are at most this far apart: a backlog waits at most this long."""
 _CHANGED_BEAT_GAP_S = 0.25
 """The least time between two heartbeats brought forward by changed rules."""
+_FOLLOWER_FOLD_GAP_S = 0.5
+"""A follower whose last fold found the ledger caught up asks again after this long."""
 _LOCK_WAIT_WARN_S = 1.0
 """A wait for the xtables lock at least this long is logged (at most once a minute)."""
 
@@ -64,11 +67,12 @@ class ForceStop(Exception):
     """A second stop signal: abandon the batch in hand."""
 
 
-def connect(settings: WorkerSettings) -> redis.Redis:
-    """A client whose socket timeouts outlast the blocking read."""
-    tcp = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
+def connect(settings: WorkerSettings, url: str | None = None) -> redis.Redis:
+    """A client (of ``redis_url`` unless told) whose socket timeouts outlast the blocking read."""
+    url = url or settings.redis_url
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
     return redis_connect(
-        settings.redis_url,
+        url,
         decode_responses=False,
         socket_timeout=settings.block_ms / 1000 + _REPLY_MARGIN_S,
         socket_connect_timeout=_REPLY_MARGIN_S,
@@ -93,7 +97,11 @@ class Worker:
             memory_fail=settings.fail_networks,
             set_size=settings.set_size,
         )
-        self.protection = Protection.build(settings.protected, settings.redis_url)
+        self.replica = connect(settings, settings.read_url) if settings.read_url else None
+        replica_networks = redis_networks(settings.read_url) if settings.read_url else []
+        self.protection = Protection.build(
+            [*settings.protected, *(str(n) for n in replica_networks)], settings.redis_url
+        )
         self.policy = Policy(
             host=settings.host_name,
             labels=settings.labels,
@@ -111,7 +119,17 @@ class Worker:
         self.alarm = ExpiryAlarm()
         self._cut_warned = False
         self._refold = False
-        self.applier = Applier(self.client, self.backend, settings, self.policy, self.ledger)
+        follower = (
+            FollowerStream(
+                self.client, self.replica, self.keys, settings.host_name, settings.state_dir
+            )
+            if self.replica is not None
+            else None
+        )
+        self.applier = Applier(
+            self.client, self.backend, settings, self.policy, self.ledger, follower
+        )
+        self._fold_at = 0.0
         self.applier.lists.alive = lambda: self.notifier.alive(before_long_call=True)
         self.applier.lists_changed = lambda: self.supervisor.run("heartbeat", self.heartbeat)
         self.applier.kernel = self.alarm.kernel
@@ -178,14 +196,17 @@ class Worker:
         everything up to there: it gets the current state from the ledger (reconcile), not
         by replaying history.
         """
+        known = self.applier.stream.group_exists()  # a follower drops a lost position here
         self.heartbeat("starting")  # announce first: no trim runs past a group being created
         self.ledger.ensure_group()
         self.ledger.recover(self.settings.claim_idle_ms)
         start_id = "0"
-        if not self.applier.stream.group_exists():
+        if not known:
             start_id = self.applier.stream.head()
             self.ledger.catch_up(start_id)
         self.applier.setup(start_id)
+        if self.replica is not None:
+            self.heartbeat("starting")  # the position it starts at: no trim runs past it
         if self.settings.expiry_events:
             enable_expiry_events(self.client)
         self.reconcile()
@@ -287,7 +308,7 @@ class Worker:
         caught_up = run("ledger", self._fold, self._fold_again) == 0
         run("expiry", self.applier.expire_due)
         processed = run("applier", self.applier.iteration, self.applier.reset_reads) or 0
-        if processed and caught_up:
+        if processed and caught_up and self.replica is None:
             run("ledger", self.ledger.fold_new, self._fold_again)
         if self._every("heartbeat", self.settings.heartbeat_interval_s):
             run("ledger", lambda: self.ledger.recover(self.settings.claim_idle_ms))
@@ -324,12 +345,22 @@ class Worker:
             self._due["hits"] = time.monotonic()  # a timed rule is due: at the next heartbeat
 
     def _fold(self) -> int:
-        """Entries folded: none means the ledger had caught up with the stream."""
+        """Entries folded: none means the ledger had caught up with the stream.
+
+        A follower shares the fold with the fleet but asks for work at most every
+        :data:`_FOLLOWER_FOLD_GAP_S` once the ledger had caught up: a thousand followers
+        asking at every pass would cost the primary what reading off it saved.
+        """
         folded = 0
         if self._refold:
             folded = self.ledger.fold_own_pending()
             self._refold = False
-        return folded + self.ledger.fold_new()
+        if self.replica is not None and time.monotonic() < self._fold_at:
+            return folded
+        new = self.ledger.fold_new()
+        if self.replica is not None and new < self.ledger.batch_size:
+            self._fold_at = time.monotonic() + _FOLLOWER_FOLD_GAP_S
+        return folded + new
 
     def _fold_again(self) -> None:
         """A failed fold may have read entries it did not fold: fold our pending ones next."""
@@ -380,7 +411,7 @@ class Worker:
     def heartbeat(self, state: str = "running") -> None:
         self._beat_at, self._beat_rules = time.monotonic(), self.backend.size()
         self._beat_lists = self.applier.lists.status()
-        lag, pending = group_info(self.client, self.keys, self.applier.stream.group)
+        lag, pending = self.applier.stream.progress()
         beat(
             self.client,
             self.keys,
@@ -401,6 +432,7 @@ class Worker:
                 ids_ahead=self.ledger.clock.stamped,
                 roles=self.supervisor.states(),
                 done_id=self.applier.done_id,
+                position=self.applier.stream.position,
                 counts=dict(self.applier.counts),
                 lists=self._beat_lists,
             ),
@@ -420,8 +452,9 @@ class Worker:
         return found
 
     def _following(self) -> str:
+        via = f" via {mask_url(self.settings.read_url)}" if self.replica is not None else ""
         return (
-            f"following {self.keys.cmd} as {self.applier.stream.group}: "
+            f"following {self.keys.cmd} as {self.applier.stream.group}{via}: "
             f"{plural(self.backend.size(), 'rule')} ({self.backend.name})"
         )
 
@@ -472,6 +505,8 @@ class Worker:
             self.scheduler.close()
             self.backend.close()
             self.client.close()
+            if self.replica is not None:
+                self.replica.close()
         logger.info("pushfw worker stopped", extra={"state": "stopped"})
 
     def _cut_short(self) -> None:
@@ -481,6 +516,8 @@ class Worker:
             logger.warning("Redis has not answered past an expiry: removing timed rules meanwhile")
             self._cut_warned = True
         self.client.connection_pool.disconnect()
+        if self.replica is not None:
+            self.replica.connection_pool.disconnect()
         self.applier.reset_reads()
         self._refold = True  # a fold may have been cut between its read and its script
         self.applier.expire_due()
@@ -489,6 +526,8 @@ class Worker:
         """NOGROUP: Redis lost its data, set up again (returns False: not ready); else raise."""
         if "NOGROUP" not in str(exc):
             raise exc
+        if isinstance(exc, StreamGone):
+            return False  # the follower said why
         logger.warning(
             "consumer group vanished (Redis lost its data?): recreating",
             extra={"state": "starting"},

@@ -21,20 +21,6 @@ def pushfw_version() -> str:
         return "unknown"
 
 
-def group_info(client: redis.Redis, keys: Keys, group: str) -> tuple[int | None, int]:
-    """The group's lag (entries not yet delivered; None if Redis cannot tell) and pending."""
-    try:
-        rows: Any = client.xinfo_groups(keys.cmd)
-    except redis.ResponseError:  # no stream yet
-        return None, 0
-    for row in rows:
-        name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
-        if name == group:
-            lag = row.get("lag")
-            return (int(lag) if lag is not None else None), int(row["pending"])
-    return None, 0
-
-
 def beat(client: redis.Redis, keys: Keys, status: HostStatus) -> None:
     """HSET this host's heartbeat. https://redis.io/commands/hset/"""
     client.hset(keys.hosts, status.host, status.model_dump_json())

@@ -3,13 +3,13 @@
 One worker of the fleet trims per interval (a lock key, ``SET NX PX``), not every host.
 The stream is trimmed (``XTRIM MINID``, with no per-call limit, so input of any rate is
 kept up with) to the oldest entry still pending or undelivered in the ledger group or in
-the group of a live host. A host silent for longer than the host expiry no longer holds the
-stream back; when it returns it reconciles from the ledger. One silent for longer than
-``retire_after_s`` is retired: its group and heartbeat are removed (``pushfw hosts forget``
-does it by hand). Tombstones older than the trim point can go: no entry that could
-resurrect them is left. They are found in ``{pushfw}:tombs``, which the ledger's scripts
-keep, so a trim reads only what it removes, never the whole ledger; removed and expired
-named lists are forgotten the same way.
+the group of a live host, or after the position of a live follower. A host silent for
+longer than the host expiry no longer holds the stream back; when it returns it
+reconciles from the ledger. One silent for longer than ``retire_after_s`` is retired: its
+group and heartbeat are removed (``pushfw hosts forget`` does it by hand). Tombstones
+older than the trim point can go: no entry that could resurrect them is left. They are
+found in ``{pushfw}:tombs``, which the ledger's scripts keep, so a trim reads only what it
+removes, never the whole ledger; removed and expired named lists are forgotten the same way.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def trim_point(
     host_expiry_s: float,
     hosts: list[HostStatus] | None = None,
 ) -> str | None:
-    """The oldest id any live consumer group still needs (None: nothing to trim by)."""
+    """The oldest id any live consumer group or follower still needs (None: nothing to trim
+    by); a follower needs what is after the position its heartbeat carries."""
     if hosts is None:
         hosts = read_hosts(client, keys)
     live = {h.host for h in hosts if now_ms - h.last_seen_ms <= host_expiry_s * 1000}
@@ -72,6 +73,9 @@ def trim_point(
         summary: Any = client.xpending(keys.cmd, name) if int(group["pending"]) > 0 else {}
         oldest = summary.get("min")  # None if the pending entries were acked meanwhile
         needed.append(stream_id_order(_text(oldest)) if oldest is not None else after_last)
+    needed += (
+        stream_id_order(_next_id(h.position)) for h in hosts if h.position and h.host in live
+    )
     if not needed:
         return None
     ms, seq = min(needed)

@@ -95,6 +95,13 @@ class WorkerSettings(BaseSettings):
         description="the Redis holding the streams: `redis://`, `rediss://` (TLS), `unix://`, "
         "`redis+sentinel://` or `redis+cluster://`",
     )
+    read_url: str = Field(
+        default="",
+        description="follower mode for large fleets: read the command stream with `XREAD` "
+        "from this Redis (a replica of `redis_url`) after a position kept in `state_dir`, "
+        "instead of a consumer group on the primary; heartbeats, results, dead letters and "
+        "the ledger stay on `redis_url`. Empty: a consumer group on `redis_url`",
+    )
     host_name: str = Field(
         default_factory=socket.gethostname,
         description="this host's name: its consumer group is `host:<name>` and a command's "
@@ -168,8 +175,8 @@ class WorkerSettings(BaseSettings):
     )
     state_dir: str = Field(
         default="/var/lib/pushfw",
-        description="where the worker remembers the ledger generation it converged with "
-        "(the unit's `StateDirectory=`)",
+        description="where the worker remembers the ledger generation it converged with, "
+        "and a follower its position in the stream (the unit's `StateDirectory=`)",
     )
     batch_size: int = Field(
         default=500,
@@ -348,6 +355,13 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _url(cls, value: str) -> str:
         parse_target(value)
+        return value
+
+    @field_validator("read_url")
+    @classmethod
+    def _read_url(cls, value: str) -> str:
+        if value and parse_target(value).topology not in ("single", "unix"):
+            raise ValueError("names one replica: redis://, rediss:// or unix://")
         return value
 
     @field_validator("host_name", "consumer", "chain")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -68,8 +68,38 @@ def entries_from_reply(raw: Sequence[Any]) -> list[Entry]:
     ]
 
 
+class HostStream(Protocol):
+    """How a host reads its commands and says it is done with them: a consumer group on the
+    primary (:class:`CommandStream`) or a follower's position (:mod:`pushfw.worker.follower`)."""
+
+    keys: Keys
+    group: str
+    position: str
+
+    def ensure_group(self, start_id: str = "0") -> bool: ...
+    def group_exists(self) -> bool: ...
+    def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]: ...
+    def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[Entry]]: ...
+    def deliveries(self, ids: Sequence[str]) -> dict[str, int]: ...
+    def finish(
+        self,
+        ack_ids: Sequence[str],
+        results: Sequence[Mapping[FieldT, EncodableT]],
+        dead: Sequence[Mapping[FieldT, EncodableT]],
+        results_maxlen: int,
+        dead_maxlen: int,
+    ) -> None: ...
+    def head(self) -> str: ...
+    def last_delivered(self) -> str: ...
+    def progress(self) -> tuple[int | None, int]: ...
+    def now_ms(self) -> int: ...
+
+
 class CommandStream:
     """The command stream as one host's consumer group sees it."""
+
+    position = ""
+    """A group host has no position of its own: its group on the primary says where it is."""
 
     def __init__(self, client: redis.Redis, keys: Keys, group: str, consumer: str) -> None:
         self.client = client
@@ -179,10 +209,30 @@ class CommandStream:
                 return last.decode() if isinstance(last, bytes) else str(last)
         return "0-0"
 
+    def progress(self) -> tuple[int | None, int]:
+        """The group's lag (None if Redis cannot tell) and pending entries, for the heartbeat.
+
+        https://redis.io/commands/xinfo-groups/
+        """
+        try:
+            rows: Any = self.client.xinfo_groups(self.keys.cmd)
+        except redis.ResponseError:  # no stream yet
+            return None, 0
+        for row in rows:
+            name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
+            if name == self.group:
+                lag = row.get("lag")
+                return (int(lag) if lag is not None else None), int(row["pending"])
+        return None, 0
+
     def now_ms(self) -> int:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
-        seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return redis_now_ms(self.client)
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 class ParsedEntries:

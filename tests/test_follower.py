@@ -1,0 +1,265 @@
+"""Followers (``read_url``): a host reads the command stream on a replica after a position
+it keeps, and writes to the primary only its heartbeat, results, dead letters and its share
+of the ledger's fold. Real primary and replica redis-servers, in-process workers on the
+memory backend; ``tests/test_chaos.py`` kills a follower process with SIGKILL too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pushfw.producer import Producer
+from pushfw.worker.backends.memory import MemoryBackend
+from pushfw.worker.daemon import Worker
+from pushfw.worker.ledger import Ledger
+from pushfw.worker.retention import trim, trim_point
+from pushfw.worker.settings import WorkerSettings
+from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced
+from tests.test_applier import key
+
+CMD = "{pushfw}:cmd"
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing of the worker runs after it (no ``finally`` cleanup
+    either: the test drops the worker object where it stands)."""
+
+
+def follower(
+    redis_server: RedisServer,
+    replica: RedisServer,
+    state_dir: Path,
+    backend: MemoryBackend | None = None,
+    host: str = "f1",
+    **overrides: Any,
+) -> Worker:
+    return memory_worker(
+        redis_server,
+        host=host,
+        backend=backend,
+        read_url=replica.url,
+        state_dir=str(state_dir),
+        **overrides,
+    )
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    raw: Any = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in raw.items()}
+
+
+def groups(client: redis.Redis) -> set[str]:
+    return {g["name"].decode() for g in client.xinfo_groups(CMD)}
+
+
+def beat(producer: Producer, host: str) -> Any:
+    return {h.host: h for h in producer.hosts()}[host]
+
+
+def test_a_follower_reads_on_the_replica_and_answers_on_the_primary(
+    r: Any, redis_server: RedisServer, replica_server: RedisServer, producer: Producer, tmp_path
+):
+    worker = follower(redis_server, replica_server, tmp_path)
+    worker.setup()
+    r.config_resetstat()
+    replica = redis.Redis.from_url(replica_server.url)
+    replica.config_resetstat()
+    quiet = [producer.drop(f"192.0.2.{i}", reply=False) for i in range(1, 6)]
+    asked = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.7", "reply": "yes"}).decode()
+    bad = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.300"}).decode()
+    lifted = producer.undrop("192.0.2.1", reply=False)
+    synced(r)
+    worker.run(burst=True)
+
+    assert set(worker.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (2, 3, 4, 5, 7)}
+    results = {f[b"cmd"].decode(): f[b"status"].decode() for _, f in r.xrange("{pushfw}:results")}
+    assert results == {asked: "applied", bad: "rejected"}
+    assert groups(r) == {"ledger"}, "a follower has no consumer group on the primary"
+    on_primary, on_replica = commandstats(r), commandstats(replica)
+    assert "xread" not in on_primary and on_replica.get("xread", 0) >= 1
+    status = beat(producer, "f1")
+    assert status.position == lifted and status.pending == 0 and status.lag == 0
+    assert status.counts == {"applied": 7, "rejected": 1}
+    saved = json.loads((tmp_path / "f1.position").read_text())
+    assert saved["position"] == lifted
+    assert producer.progress(quiet[0])["f1"] == "done"
+    shown = pushfw_cli(redis_server, "results", "--cmd", quiet[0], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert {"host": "f1", "status": "done"}.items() <= json.loads(shown.stdout)[0].items()
+    replica.close()
+
+
+def _inject_kills(worker: Worker, rng: random.Random, calls_left: list[int]) -> None:
+    """Make a random one of the follower's steps (before or after the real call) a kill.
+
+    The wrappers are attributes of the instances; the kernel outlives the worker, so
+    the caller takes its wrapper off (``del kernel.commit``) before the next worker."""
+    stream: Any = worker.applier.stream
+    targets: list[tuple[Any, str]] = [
+        (stream, "read"),
+        (stream, "finish"),
+        (stream.file, "write"),
+        (worker.backend, "commit"),
+        (worker.ledger, "fold"),
+    ]
+
+    def wrap(owner: Any, name: str) -> None:
+        real: Callable[..., Any] = getattr(owner, name)
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            calls_left[0] -= 1
+            if calls_left[0] == 0 and rng.random() < 0.5:
+                raise Killed(f"before {name}")
+            out = real(*args, **kwargs)
+            if calls_left[0] <= 0:
+                raise Killed(f"after {name}")
+            return out
+
+        setattr(owner, name, step)
+
+    for owner, name in targets:
+        wrap(owner, name)
+
+
+def test_a_follower_killed_at_random_steps_ends_where_the_stream_says(
+    r: Any, redis_server: RedisServer, replica_server: RedisServer
+):
+    """Up to 25 kills at random steps (read, commit, results, position file, fold) while
+    600 inserts and deletes arrive; the kernel must then hold what the stream says, and
+    every command must have its result (each asks for one): a start reconciles the kernel
+    from the ledger, so only the results show that no entry was skipped."""
+    rng = random.Random(20261201)
+    pool = [f"198.51.100.{i}" for i in range(1, 41)]
+    state = Path(tempfile.mkdtemp(prefix="follower-", dir=redis_server.workdir))
+    kernel = MemoryBackend()
+    expected: dict[str, bool] = {}
+    kills = 0
+    sent: list[str] = []
+    for _ in range(25):
+        pipe = r.pipeline(transaction=False)
+        for _ in range(24):
+            address, insert = rng.choice(pool), rng.random() < 0.6
+            op = f"drop.{'insert' if insert else 'delete'}"
+            pipe.xadd(CMD, {"op": op, "ip": address, "reply": "1"})
+            expected[address] = insert
+        sent += (eid.decode() for eid in pipe.execute())
+        synced(r)
+        worker = follower(redis_server, replica_server, state, kernel, batch_size=7)
+        _inject_kills(worker, rng, [rng.randint(1, 30)])
+        try:
+            worker.setup()
+            for _ in range(200):
+                worker.iteration()
+        except Killed:
+            kills += 1
+        worker.request_stop()
+        del kernel.commit
+    survivor = follower(redis_server, replica_server, state, kernel)
+    survivor.run(burst=True)
+    want = {key("drop", a) for a, present in expected.items() if present}
+    assert kills >= 15, f"only {kills} kills: the test did not try hard"
+    assert set(kernel.snapshot()) == want
+    assert r.xlen("{pushfw}:dead") == 0
+    answered = {f[b"cmd"].decode() for _, f in r.xrange("{pushfw}:results")}
+    assert not set(sent[24:]) - answered, "commands read by a follower and never answered"
+
+
+def test_a_refused_command_is_retried_and_dead_lettered_while_the_rest_goes_on(
+    r: Any, redis_server: RedisServer, replica_server: RedisServer, producer: Producer, tmp_path
+):
+    worker = follower(
+        redis_server, replica_server, tmp_path, memory_fail="203.0.113.9", max_deliveries=3
+    )
+    worker.setup()
+    refused = producer.drop("203.0.113.9", reply=False)
+    after = producer.drop("192.0.2.10", reply=False)
+    synced(r)
+    worker.run(burst=True)
+    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.10")}
+    [(_, dead)] = r.xrange("{pushfw}:dead")
+    assert (dead[b"cmd"].decode(), dead[b"deliveries"]) == (refused, b"3")
+    assert beat(producer, "f1").position == after
+    assert producer.progress(refused)["f1"] == "done"
+
+
+def test_trimming_keeps_what_a_live_follower_needs(
+    r: Any, redis_server: RedisServer, replica_server: RedisServer, producer: Producer, tmp_path
+):
+    worker = follower(redis_server, replica_server, tmp_path)
+    worker.setup()
+    first = producer.drop("192.0.2.1", reply=False)
+    synced(r)
+    worker.iteration()  # applied and folded: the ledger group needs nothing before it now
+    for i in range(2, 6):
+        producer.drop(f"192.0.2.{i}", reply=False)
+    worker.heartbeat()
+    ledger = Ledger(r, worker.keys, "trimmer")
+    ledger.fold_new()
+    now_ms = worker.applier.now_ms()
+    ms, seq = first.split("-")
+    assert trim_point(r, worker.keys, now_ms, 60) == f"{ms}-{int(seq) + 1}"
+
+
+def test_a_follower_whose_position_was_trimmed_past_starts_from_the_ledger(
+    r: Any,
+    redis_server: RedisServer,
+    replica_server: RedisServer,
+    producer: Producer,
+    tmp_path,
+    caplog,
+):
+    kernel = MemoryBackend()
+    worker = follower(redis_server, replica_server, tmp_path, kernel)
+    producer.drop("192.0.2.1", reply=False)
+    producer.drop("192.0.2.2", reply=False)
+    synced(r)
+    worker.run(burst=True)
+    producer.undrop("192.0.2.1", reply=False)  # while it is away
+    for i in range(3, 300):
+        producer.drop(f"10.0.{i // 250}.{i % 250 + 1}", ttl_s=3600, reply=False)
+    ledger = Ledger(r, worker.keys, "trimmer")
+    while ledger.fold_new():
+        pass
+    far_future = worker.applier.now_ms() + 3_600_000  # the follower looks silent by then
+    assert trim(ledger, far_future, host_expiry_s=60) > 0
+    synced(r)
+    with caplog.at_level(logging.WARNING):
+        back = follower(redis_server, replica_server, tmp_path, kernel)
+        back.run(burst=True)
+    assert "follower position" in caplog.text and "trimmed" in caplog.text
+    want = {key("drop", f"10.0.{i // 250}.{i % 250 + 1}") for i in range(3, 300)}
+    want.add(key("drop", "192.0.2.2"))
+    assert set(kernel.snapshot()) == want
+
+
+def test_a_follower_starts_again_when_the_stream_no_longer_reaches_its_position(
+    r: Any, redis_server: RedisServer, replica_server: RedisServer, producer: Producer, tmp_path
+):
+    """Redis lost its data: the new stream's ids are behind what the follower read (here a
+    producer-chosen id ahead of the clock), so reading after its position would skip every
+    new command."""
+    worker = follower(redis_server, replica_server, tmp_path)
+    worker.setup()
+    r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.1"}, id="1999999999999-0")
+    synced(r)
+    worker.iteration()
+    assert worker.applier.stream.last_delivered() == "1999999999999-0"
+    r.flushall()
+    producer.drop("192.0.2.2", reply=False)
+    synced(r)
+    worker.run(burst=True)
+    assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
+
+
+def test_read_url_names_one_server():
+    with pytest.raises(ValueError, match="one replica"):
+        WorkerSettings(read_url="redis+sentinel://s1:26379/mymaster")

@@ -1,0 +1,320 @@
+"""Follower mode: a host of a large fleet reads the command stream off the primary.
+
+With ``read_url`` set, a host has no consumer group. It reads the stream with ``XREAD``
+from a replica, after the position it last carried out, and writes to the primary only
+what must be written there: its heartbeat, results, dead letters and its share of the
+ledger's fold. The primary's work per command then no longer grows with the fleet
+(``XREADGROUP`` and ``XACK`` are writes: a group cannot be read on a replica).
+
+The position plays the part of the group's pending list:
+
+- It advances only over entries the applier finished (answered after their kernel commit).
+  It is saved in ``<state_dir>/<host>.position`` before the heartbeat reports it, so a
+  worker killed at any point reads again from the saved position; applying an entry twice
+  has the effect of once (I2).
+- Entries read but not finished (a refused command waiting for its retry) stay in memory
+  with their delivery counts, which the file keeps too, and hold the position back.
+- The newest entry read is saved as well: after a restart the entries up to it count as
+  delivered again, and the applier's boundary for late retries is where it was.
+- The heartbeat carries the position, and trimming keeps every entry after it. A position
+  the stream was trimmed past (the host was silent longer than ``host_expiry_s``), or that
+  the stream no longer reaches (Redis lost its data), is dropped: the host starts at the
+  stream's head from the ledger, as a new host does.
+
+The file is not fsynced: it matters only while the kernel's rules do, and they do not
+survive the power loss that could lose an unsynced write; after a reboot the host
+reconciles from the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
+
+from pushfw.producer.keys import Keys
+from pushfw.worker.stream import Entry, entries_from_reply, redis_now_ms, stream_id_order
+
+__all__ = ["FollowerStream", "PositionFile", "StreamGone"]
+
+logger = logging.getLogger(__name__)
+
+
+class StreamGone(redis.ResponseError):
+    """The stream no longer reaches this follower's position: set up again from the ledger.
+
+    A ``NOGROUP`` error, as a group host gets when its group vanished, so the worker's loop
+    treats both the same way.
+    """
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _before(entry_id: str) -> str:
+    """The id just before ``entry_id``: reading after it starts at ``entry_id``."""
+    ms, seq = stream_id_order(entry_id)
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-18446744073709551615" if ms else "0-0"
+
+
+class PositionFile:
+    """``<state_dir>/<host>.position``: JSON with the position, the newest entry read, the
+    stream's ``entries-added`` count at that entry, and the tries of unfinished entries.
+
+    Held in memory, with one warning, when the directory is not writable.
+    """
+
+    def __init__(self, state_dir: str, host: str) -> None:
+        self.path = Path(state_dir) / f"{host}.position"
+        self._memory: dict[str, Any] | None = None
+        self._warned = False
+
+    def read(self) -> dict[str, Any] | None:
+        if self._memory is not None:
+            return self._memory
+        try:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the follower position in %s: %s", self.path, exc)
+            return None
+        if not isinstance(state, dict) or not isinstance(state.get("position"), str):
+            logger.warning("ignoring the follower position in %s: not a position", self.path)
+            return None
+        return state
+
+    def write(self, state: dict[str, Any]) -> None:
+        self._memory = state
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".position-tmp")
+            partial.write_text(json.dumps(state, separators=(",", ":")), encoding="utf-8")
+            os.replace(partial, self.path)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "cannot keep the follower position in %s (%s): remembered until the "
+                    "worker stops; a restart then starts from the ledger",
+                    self.path,
+                    exc,
+                )
+            return
+        self._memory = None
+
+    def remove(self) -> None:
+        self._memory = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove the follower position %s: %s", self.path, exc)
+
+
+class FollowerStream:
+    """One follower's view of the command stream: read on a replica, finished on the primary.
+
+    Args:
+        client: the primary (results, dead letters, the stream's head, Redis's clock).
+        replica: where the entries are read (``read_url``).
+        keys: key names.
+        host: this host's name (the position file's name).
+        state_dir: where the position file lives.
+    """
+
+    def __init__(
+        self, client: redis.Redis, replica: redis.Redis, keys: Keys, host: str, state_dir: str
+    ) -> None:
+        self.client = client
+        self.replica = replica
+        self.keys = keys
+        self.group = f"follower:{host}"
+        self.file = PositionFile(state_dir, host)
+        self._unfinished: dict[str, tuple[Entry, int]] = {}
+        """Entries read and not finished, in stream order, each with its ordinal: the
+        stream's ``entries-added`` count when it was added."""
+        self._tries: Counter[str] = Counter()
+        self._head = ("0-0", 0)
+        self._load()
+
+    def _load(self) -> None:
+        state = self.file.read()
+        self._unfinished.clear()
+        self._tries.clear()
+        if state is None:
+            self.position = ""
+            self._read_mark = self._last_read = "0-0"
+            self._position_added = self._read_added = 0
+            return
+        self.position = self._last_read = str(state["position"])
+        self._read_mark = str(state.get("read", self.position))
+        self._position_added = self._read_added = int(state.get("added", 0))
+        self._tries.update({str(k): int(v) for k, v in dict(state.get("tries", {})).items()})
+
+    def _save(self) -> None:
+        self.file.write(
+            {
+                "position": self.position,
+                "read": self._read_mark,
+                "added": self._position_added,
+                "tries": {i: self._tries[i] for i in self._unfinished if self._tries[i]},
+            }
+        )
+
+    def ensure_group(self, start_id: str = "0") -> bool:
+        """Start at ``start_id`` when this host holds no position; False if it held one."""
+        if self.position:
+            return False
+        head_id, added = self._head
+        self.position = self._read_mark = self._last_read = start_id
+        self._position_added = self._read_added = added if start_id == head_id else 0
+        self._save()
+        return True
+
+    def group_exists(self) -> bool:
+        """Whether the saved position still reaches the stream; drops it if not.
+
+        The stream was trimmed past it when it lost more entries than were added up to the
+        position (``entries-added`` less ``length``), and Redis lost its data when the
+        stream's newest id is older than the newest entry this host read.
+        """
+        if not self.position:
+            return False
+        info = self._info(self.client)
+        reason = self._lost(info)
+        if reason is None:
+            return True
+        logger.warning(
+            "follower position %s is lost (%s): starting at the stream's head from the ledger",
+            self.position,
+            reason,
+        )
+        self.forget()
+        return False
+
+    def forget(self) -> None:
+        self.file.remove()
+        self._load()
+
+    def _lost(self, info: Mapping[str, Any] | None) -> str | None:
+        if info is None:
+            return "the stream is gone"
+        added = int(info.get("entries-added", self._position_added))
+        if added < self._position_added:
+            return f"the stream holds {added} entries ever added, fewer than read: a new stream"
+        removed = added - int(info.get("length", 0))
+        if removed > self._position_added:
+            return f"{removed - self._position_added} entries after it were trimmed"
+        newest = stream_id_order(_text(info.get("last-generated-id", "0-0")))
+        if newest < stream_id_order(self._read_mark):
+            return f"the stream ends at {_text(info.get('last-generated-id'))}: a new stream"
+        return None
+
+    def _info(self, client: redis.Redis) -> dict[str, Any] | None:
+        """XINFO STREAM, or None when there is no stream. https://redis.io/commands/xinfo-stream/"""
+        try:
+            raw: Any = client.xinfo_stream(self.keys.cmd)
+        except redis.ResponseError:
+            return None
+        return {_text(k): v for k, v in dict(raw).items()}
+
+    def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
+        """``>``: the replica's next entries; an id: this host's unfinished entries after it,
+        as ``XREADGROUP`` with an id returns a consumer's pending ones."""
+        if start != ">":
+            after = stream_id_order(start)
+            again = [e for e, _ in self._unfinished.values() if e.order > after][:count]
+            self._tries.update(e.id for e in again)
+            return again
+        streams: dict[KeyT, StreamIdT] = {self.keys.cmd: self._last_read}
+        reply: Any = self.replica.xread(streams, count=count, block=block_ms)
+        entries = entries_from_reply(reply[0][1]) if reply else []
+        if not entries:
+            return []
+        mark = stream_id_order(self._read_mark)
+        for entry in entries:
+            self._read_added += 1
+            self._unfinished[entry.id] = (entry, self._read_added)
+            if entry.order <= mark and entry.id not in self._tries:
+                self._tries[entry.id] = 1  # read once before a restart
+            self._tries[entry.id] += 1
+        self._last_read = entries[-1].id
+        if entries[-1].order > mark:
+            self._read_mark = self._last_read
+        self._save()
+        return entries
+
+    def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[Entry]]:
+        """No other consumer shares a follower's position: nothing to claim."""
+        return "0-0", []
+
+    def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
+        return {i: self._tries[i] for i in ids}
+
+    def finish(
+        self,
+        ack_ids: Sequence[str],
+        results: Sequence[Mapping[FieldT, EncodableT]],
+        dead: Sequence[Mapping[FieldT, EncodableT]],
+        results_maxlen: int,
+        dead_maxlen: int,
+    ) -> None:
+        """Write results and dead letters on the primary, then advance and save the position."""
+        if results or dead:
+            pipe = self.client.pipeline(transaction=True)
+            for fields in results:
+                pipe.xadd(self.keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
+            for fields in dead:
+                pipe.xadd(self.keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
+            pipe.execute()
+        for entry_id in ack_ids:
+            self._unfinished.pop(entry_id, None)
+            self._tries.pop(entry_id, None)
+        position, added = self._last_read, self._read_added
+        if self._unfinished:  # kept in the order they were read: the stream's
+            oldest, ordinal = next(iter(self._unfinished.values()))
+            position, added = _before(oldest.id), ordinal - 1
+        if ack_ids or position != self.position:
+            self.position, self._position_added = position, added
+            self._save()
+
+    def head(self) -> str:
+        """The primary's newest entry id: a new follower starts there, from the ledger."""
+        info = self._info(self.client) or {}
+        newest = _text(info.get("last-generated-id", "0-0"))
+        self._head = (newest, int(info.get("entries-added", 0)))
+        return self._head[0]
+
+    def last_delivered(self) -> str:
+        """The newest entry this host has read, before a restart included."""
+        return max(self._read_mark, self._last_read, key=stream_id_order)
+
+    def progress(self) -> tuple[int | None, int]:
+        """Entries on the primary not yet read (replication lag included), and those read
+        but unfinished.
+
+        Raises StreamGone when the stream no longer reaches the position.
+        """
+        info = self._info(self.client)
+        reason = self._lost(info) if self.position else None
+        if reason is not None:
+            logger.warning("follower position %s is lost (%s): setting up", self.position, reason)
+            self.forget()
+            raise StreamGone(f"NOGROUP follower position lost: {reason}")
+        if info is None:
+            return None, len(self._unfinished)
+        lag = int(info.get("entries-added", 0)) - self._read_added
+        return max(0, lag), len(self._unfinished)
+
+    def now_ms(self) -> int:
+        return redis_now_ms(self.client)
