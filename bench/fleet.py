@@ -4,16 +4,23 @@ Simulated hosts read their group, decide and acknowledge like a worker, without 
 each entry is parsed once per process (a worker parses once too), then every host checks
 its target, writes a result entry if the command asks for one (or was rejected), and XACKs
 in one MULTI per batch, as :meth:`pushfw.worker.stream.CommandStream.finish` does. Hosts
-beat every 5 s. Two bursts are timed, each in a Redis of its own:
+beat every 5 s. These bursts are timed, each in a Redis of its own:
 
 - ``on request``: commands without ``reply`` (results on request: hosts only count them);
+- ``on request, followers``: the same, read by followers off a replica;
 - ``every command``: each command asks (``reply 1``), i.e. one result entry per host per
   command, as every command cost before results were on request;
 - a list: one ``list.load`` of a million entries (``--list-entries``), for which every host
   fetches the list's packed content once.
 
-Per burst: seconds until every group is done, Redis CPU seconds per command (``INFO cpu``),
-Redis memory, and PING latency (p50/p99) during the burst against idle.
+A third burst is the first one read by followers (``read_url``): the simulated hosts read
+a replica with ``XREAD`` after a position of their own, take Redis's clock from the primary
+per batch, beat with their position and share the ledger's fold (at most every 0.5 s per
+host once it is caught up), as a follower worker does.
+
+Per burst: seconds until every host is done, Redis CPU seconds per command (``INFO cpu``)
+on the primary and on the replica, Redis memory, and PING latency (p50/p99) on the primary
+during the burst against idle.
 
     python -m bench.fleet                          # 1,000 hosts, 10,000 and 1,000 commands
     python -m bench.fleet --hosts 200 --commands 5000 --json
@@ -35,11 +42,13 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
+from bench.readcost import redis_cpu_s
 from pushfw.producer.client import Producer
 from pushfw.producer.contract import CommandRejected, parse_command
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListContent, is_list_entry, parse_list_command
 from pushfw.producer.records import HostStatus
+from pushfw.worker.ledger import Ledger
 from testbed.redis_server import RedisServer
 
 KEYS = Keys()
@@ -107,11 +116,13 @@ def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool
     return True
 
 
-def _beat(client: redis.Redis, hosts: list[str]) -> None:
+def _beat(client: redis.Redis, hosts: list[str], positions: dict[str, str] | None = None) -> None:
     now_ms = int(time.time() * 1000)
     pipe = client.pipeline(transaction=False)
     for host in hosts:
-        pipe.hset(KEYS.hosts, host, HostStatus(host=host, last_seen_ms=now_ms).model_dump_json())
+        position = (positions or {}).get(host, "")
+        status = HostStatus(host=host, last_seen_ms=now_ms, position=position)
+        pipe.hset(KEYS.hosts, host, status.model_dump_json())
     pipe.execute()
 
 
@@ -130,9 +141,68 @@ def _simulate(url: str, hosts: list[str], stop_at: float) -> None:
     client.close()
 
 
-def _cpu_s(client: redis.Redis) -> float:
-    info: Any = client.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+def _follow_one(
+    replica: redis.Redis,
+    primary: redis.Redis,
+    ledger: Ledger,
+    host: str,
+    position: list[str],
+    parsed: dict[bytes, Any],
+) -> int:
+    """One batch of one follower (``read_url``): XREAD on the replica after its position,
+    Redis's clock from the primary (as the applier's clock read does), results on the
+    primary only when due; the position is the follower's own. Returns entries read."""
+    reply: Any = replica.xread({KEYS.cmd: position[0]}, count=_BATCH)
+    if not reply:
+        return 0
+    entries = reply[0][1]
+    primary.time()
+    _fetch_lists(replica, entries)
+    answers = _answers(host, entries, parsed)
+    if answers:
+        pipe = primary.pipeline(transaction=True)
+        for entry_id, status, detail in answers:
+            fields: dict[FieldT, EncodableT] = {
+                "cmd": entry_id,
+                "host": host,
+                "status": status,
+                "detail": detail,
+            }
+            pipe.xadd(KEYS.results, fields, maxlen=100_000, approximate=True)
+        pipe.execute()
+    position[0] = entries[-1][0].decode()
+    return len(entries)
+
+
+def _simulate_followers(
+    url: str, replica_url: str, hosts: list[str], stop_at: float, read: Any, first: int
+) -> None:
+    """One process's share of a fleet of followers; ``read[first + i]`` counts the entries
+    host ``i`` of the share has read. Each host asks for its share of the ledger's fold at
+    most every 0.5 s, as a follower does, with the worker's own :class:`Ledger`."""
+    primary = redis.Redis.from_url(url)
+    replica = redis.Redis.from_url(replica_url)
+    parsed: dict[bytes, Any] = {}
+    newest: Any = replica.xrevrange(KEYS.cmd, count=1)
+    positions = {host: [newest[0][0].decode() if newest else "0-0"] for host in hosts}
+    ledgers = {host: Ledger(primary, KEYS, host, _BATCH) for host in hosts}
+    fold_at = dict.fromkeys(hosts, 0.0)
+    next_beat = 0.0
+    while time.time() < stop_at:
+        busy = False
+        for i, host in enumerate(hosts):
+            got = _follow_one(replica, primary, ledgers[host], host, positions[host], parsed)
+            read[first + i] += got
+            busy = busy or bool(got)
+            if time.monotonic() >= fold_at[host] and ledgers[host].fold_new() < _BATCH:
+                fold_at[host] = time.monotonic() + 0.5
+        if time.time() >= next_beat:
+            _beat(primary, hosts, {h: p[0] for h, p in positions.items()})
+            next_beat = time.time() + 5
+        if not busy:
+            time.sleep(0.01)
+    primary.close()
+    replica.close()
 
 
 class _Pinger(threading.Thread):
@@ -158,41 +228,94 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50_ms": statistics.median(values), "p99_ms": cuts[98]}
 
 
+def _command_costs(client: redis.Redis, commands: int) -> list[dict[str, Any]]:
+    """The primary's busiest commands in the burst (``INFO commandstats``), per command sent."""
+    raw: Any = client.info("commandstats")
+    rows = [
+        {
+            "command": name.removeprefix("cmdstat_"),
+            "calls_per_command": int(row["calls"]) / commands,
+            "us_per_command": float(row["usec"]) / commands,
+        }
+        for name, row in raw.items()
+    ]
+    return sorted(rows, key=lambda row: -row["us_per_command"])[:8]
+
+
+def _start_replica(primary: redis.Redis, server: RedisServer) -> redis.Redis:
+    server.workdir.mkdir()
+    server.start()
+    while primary.wait(1, 100) < 1:
+        time.sleep(0.05)
+    return redis.Redis.from_url(server.unix_url)
+
+
+def _group_hosts(
+    client: redis.Redis, url: str, shares: list[list[str]], stop_at: float
+) -> list[multiprocessing.Process]:
+    """Hosts with a consumer group each, created at the stream's end."""
+    pipe = client.pipeline(transaction=False)
+    for name in (n for share in shares for n in share):
+        pipe.xgroup_create(KEYS.cmd, Keys.host_group(name), id="$")
+    pipe.execute()
+    return [
+        multiprocessing.Process(target=_simulate, args=(url, share, stop_at)) for share in shares
+    ]
+
+
 def burst(
-    hosts: int, commands: int, reply: bool, processes: int, list_entries: int = 0
+    hosts: int,
+    commands: int,
+    reply: bool,
+    processes: int,
+    list_entries: int = 0,
+    followers: bool = False,
 ) -> dict[str, Any]:
     """One burst in a Redis of its own; returns its figures.
 
     With ``list_entries``, the burst is one ``list.load`` of that many entries instead of
-    ``commands`` single commands: every host fetches the list's content once."""
+    ``commands`` single commands: every host fetches the list's content once. With
+    ``followers``, the hosts read a replica of their own Redis after a position, as
+    ``read_url`` workers do, and share the ledger's fold (the group bursts leave the
+    ledger unfolded: their figures are the hosts' reads alone)."""
     with tempfile.TemporaryDirectory(prefix="pushfw-fleet-") as tmp:
-        server = RedisServer(Path(tmp))
+        server = RedisServer(Path(tmp) / "primary")
+        server.workdir.mkdir()
         server.start()
         url = server.unix_url
         client = redis.Redis.from_url(url)
+        replica_server = RedisServer(Path(tmp) / "replica", replica_of=server.port)
+        replica: redis.Redis | None = None
         try:
             client.xgroup_create(KEYS.cmd, Keys.LEDGER_GROUP, id="$", mkstream=True)
             names = _host_names(hosts)
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                pipe.xgroup_create(KEYS.cmd, Keys.host_group(name), id="$")
-            pipe.execute()
+            size = -(-hosts // processes)
+            shares = [names[first : first + size] for first in range(0, hosts, size)]
+            stop_at = time.time() + 3600
+            read = multiprocessing.Array("q", hosts, lock=False)
+            if followers:
+                replica = _start_replica(client, replica_server)
+                procs = [
+                    multiprocessing.Process(
+                        target=_simulate_followers,
+                        args=(url, replica_server.unix_url, share, stop_at, read, i * size),
+                    )
+                    for i, share in enumerate(shares)
+                ]
+            else:
+                procs = _group_hosts(client, url, shares, stop_at)
             pinger = _Pinger(url)
             pinger.start()
             time.sleep(1.0)
             idle = _percentiles(pinger.latencies)
             pinger.latencies.clear()
-            stop_at = time.time() + 3600
-            shares = [names[i::processes] for i in range(processes)]
-            procs = [
-                multiprocessing.Process(target=_simulate, args=(url, share, stop_at))
-                for share in shares
-            ]
             for proc in procs:
                 proc.start()
             time.sleep(1.0)  # the hosts' first beats
             used_before = int(client.info("memory")["used_memory"])
-            cpu_before = _cpu_s(client)
+            client.config_resetstat()
+            cpu_before = redis_cpu_s(client)
+            replica_before = redis_cpu_s(replica) if replica is not None else 0.0
             content = ListContent.of(_address(i) for i in range(list_entries))
             started = time.perf_counter()
             if list_entries:
@@ -209,10 +332,13 @@ def burst(
                 if len(pipe) >= 1000:
                     pipe.execute()
             pipe.execute()
-            while not _fleet_done(client, names):
-                time.sleep(0.5)
+            while not (
+                all(n >= commands for n in read) if followers else _fleet_done(client, names)
+            ):
+                time.sleep(0.05 if followers else 0.5)
             seconds = time.perf_counter() - started
-            cpu = _cpu_s(client) - cpu_before
+            cpu = redis_cpu_s(client) - cpu_before
+            replica_cpu = redis_cpu_s(replica) - replica_before if replica is not None else 0.0
             used_after = int(client.info("memory")["used_memory"])
             pinger.stop.set()
             pinger.join(timeout=5)
@@ -230,18 +356,24 @@ def burst(
                     else "every command"
                     if reply
                     else "on request"
-                ),
+                )
+                + (", followers" if followers else ""),
                 "seconds": seconds,
                 "commands_per_s": commands / seconds,
                 "redis_cpu_s": cpu,
                 "redis_cpu_ms_per_command": cpu / commands * 1000,
+                "replica_cpu_ms_per_command": replica_cpu / commands * 1000,
                 "redis_memory_delta_mb": (used_after - used_before) / 2**20,
                 "results_entries": int(client.xlen(KEYS.results)),
                 "ping_idle": idle,
                 "ping_during": during,
+                "primary_commands": _command_costs(client, commands),
             }
         finally:
             client.close()
+            if replica is not None:
+                replica.close()
+            replica_server.stop()
             server.stop()
 
 
@@ -265,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         "--list-entries", type=int, default=1_000_000, help="a list burst (0: none)"
     )
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument(
+        "--no-followers", action="store_true", help="skip the burst read by followers"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rows = []
@@ -274,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
             f"fleet: {args.hosts} hosts, {commands} commands, results {label} ...", file=sys.stderr
         )
         rows.append(burst(args.hosts, commands, reply, args.processes))
+        if not reply and not args.no_followers:
+            print(
+                f"fleet: {args.hosts} followers on a replica, {commands} commands ...",
+                file=sys.stderr,
+            )
+            rows.append(burst(args.hosts, commands, False, args.processes, followers=True))
     if args.list_entries:
         print(
             f"fleet: {args.hosts} hosts, one {args.list_entries:,}-entry list ...", file=sys.stderr
@@ -283,17 +424,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(
-        f"{'BURST':18} {'HOSTS':>5} {'CMDS':>6} {'SECONDS':>8} {'CMD/S':>8} "
-        f"{'REDIS_CPU_MS/CMD':>16} {'RESULT_ENTRIES':>14} {'MEM_MB':>7} "
+        f"{'BURST':29} {'HOSTS':>5} {'CMDS':>6} {'SECONDS':>8} {'CMD/S':>8} "
+        f"{'REDIS_CPU_MS/CMD':>16} {'REPLICA_MS/CMD':>14} {'RESULT_ENTRIES':>14} {'MEM_MB':>7} "
         f"{'PING_P99_IDLE':>13} {'PING_P99_BURST':>14}"
     )
     for row in rows:
         print(
-            f"{row['results']:18} {row['hosts']:>5} {row['commands']:>6} {row['seconds']:>8.1f} "
+            f"{row['results']:29} {row['hosts']:>5} {row['commands']:>6} {row['seconds']:>8.1f} "
             f"{row['commands_per_s']:>8.0f} {row['redis_cpu_ms_per_command']:>16.3f} "
+            f"{row['replica_cpu_ms_per_command']:>14.3f} "
             f"{row['results_entries']:>14} {row['redis_memory_delta_mb']:>7.1f} "
             f"{row['ping_idle']['p99_ms']:>13.2f} {row['ping_during']['p99_ms']:>14.2f}"
         )
+    for row in rows:
+        costs = ", ".join(
+            f"{c['command']} {c['us_per_command']:.1f} us ({c['calls_per_command']:.2f} calls)"
+            for c in row["primary_commands"][:5]
+        )
+        print(f"primary per command, {row['results']}: {costs}")
     return 0
 
 

@@ -69,6 +69,8 @@ _WORKER = (
     "+xpending",
     "+xack",
     "+xinfo|groups",
+    "+xinfo|stream",  # a follower's position against the stream (follower.py)
+    "+xread",  # a follower reads the stream on a replica (read_url)
     "+xrevrange",
     "+xadd",  # results, dead letters; the scheduler's *.delete (from Lua)
     "+xtrim",  # retention

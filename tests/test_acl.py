@@ -243,10 +243,13 @@ def _refused(admin: redis.Redis, user: str) -> list[str]:
 class Worker:
     """``python -m pushfw.worker run`` as the worker user, memory backend, log captured."""
 
-    def __init__(self, server: RedisServer, log: Path) -> None:
+    def __init__(self, server: RedisServer, log: Path, follower: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+        if follower:  # its "replica" is the primary itself: the same user reads it
+            env["PUSHFW_READ_URL"] = url(server, WORKER_USER, WORKER_PW)
         env.update(
             PUSHFW_REDIS_URL=url(server, WORKER_USER, WORKER_PW),
+            PUSHFW_STATE_DIR=str(log.parent),
             PUSHFW_BACKEND="memory",
             PUSHFW_HOST_NAME="acl-host",
             PUSHFW_HEARTBEAT_INTERVAL_S="0.3",
@@ -285,11 +288,11 @@ class Worker:
 
 
 @pytest.fixture
-def acl_worker(acl_server, admin, tmp_path) -> Iterator[Callable[[], Worker]]:
+def acl_worker(acl_server, admin, tmp_path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start() -> Worker:
-        worker = Worker(acl_server, tmp_path / f"worker{len(started)}.log")
+    def start(follower: bool = False) -> Worker:
+        worker = Worker(acl_server, tmp_path / f"worker{len(started)}.log", follower)
         started.append(worker)
         return worker
 
@@ -301,8 +304,9 @@ def acl_worker(acl_server, admin, tmp_path) -> Iterator[Callable[[], Worker]]:
         worker.close()
 
 
-def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_worker):
-    worker = acl_worker()
+@pytest.mark.parametrize("mode", ["group", "follower"])
+def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_worker, mode):
+    worker = acl_worker(follower=mode == "follower")
     producer = Producer.from_url(url(acl_server, PRODUCER_USER, PRODUCER_PW), hmac_key=HMAC_KEY)
     wait_for(
         lambda: any(h.state == "running" for h in producer.hosts()) or not worker.alive(),
@@ -350,6 +354,7 @@ def test_worker_runs_its_whole_loop_as_the_worker_user(acl_server, admin, acl_wo
 
     [host] = producer.hosts()
     assert host.host == "acl-host" and host.backend == "memory"
+    assert bool(host.position) is (mode == "follower")
     wait_for(lambda: host_pending(producer) == 0, 10, "every entry acknowledged")
     # retention forgets tombstones once every group is past them (the FORGET script)
     wait_for(lambda: admin.hlen("{pushfw}:rules") == 1, 15, "tombstones forgotten by the trim")

@@ -187,6 +187,8 @@ class Applier:
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
         self.lists = ListKeeper(client, keys, backend, policy, lambda: self.kernel())
+        self.wake_in_ms: Callable[[], int | None] = lambda: None
+        """Another bound on the blocking read, in ms: a follower's next ledger fold."""
         self.lists_changed: Callable[[], None] = lambda: None
         """Called once a batch changed the kernel's lists, before its results are written:
         the worker beats, so ``pushfw lists`` after ``pushfw import --wait`` agrees."""
@@ -279,12 +281,13 @@ class Applier:
         block_ms = self.settings.block_ms
         if self._retry_at:
             block_ms = min(block_ms, int((self._retry_at - time.monotonic()) * 1000))
-        for next_expiry_ms in (
+        for bound_ms in (
             self.expiry.ms_until_next(self.now_ms()),
             self.lists.ms_until_next(self.now_ms()),
+            self.wake_in_ms(),
         ):
-            if next_expiry_ms is not None:
-                block_ms = min(block_ms, next_expiry_ms)
+            if bound_ms is not None:
+                block_ms = min(block_ms, bound_ms)
         block_ms = max(1, block_ms)
         self.blocking = True
         try:
