@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument(
-        "--no-followers", action="store_true", help="skip the burst read by followers"
+        "--no-followers", action="store_true", help="skip the bursts read by followers"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -420,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
             f"fleet: {args.hosts} hosts, one {args.list_entries:,}-entry list ...", file=sys.stderr
         )
         rows.append(burst(args.hosts, 0, False, args.processes, args.list_entries))
+        if not args.no_followers:
+            print(
+                f"fleet: {args.hosts} followers, one {args.list_entries:,}-entry list ...",
+                file=sys.stderr,
+            )
+            rows.append(
+                burst(args.hosts, 0, False, args.processes, args.list_entries, followers=True)
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

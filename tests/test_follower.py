@@ -20,6 +20,7 @@ import redis
 from pushfw.producer import Producer
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
+from pushfw.worker.follower import NotAReplica
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
@@ -258,6 +259,16 @@ def test_a_follower_starts_again_when_the_stream_no_longer_reaches_its_position(
     synced(r)
     worker.run(burst=True)
     assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
+
+
+def test_a_read_url_that_is_no_replica_of_the_primary_fails_the_start_and_says_why(
+    r: Any, redis_server: RedisServer, aof_redis: RedisServer, tmp_path, monkeypatch
+):
+    """Following an unrelated Redis would apply nothing, silently."""
+    monkeypatch.setattr("pushfw.worker.follower._REPLICA_WAIT_S", 0.2)
+    worker = follower(redis_server, aof_redis, tmp_path)
+    with pytest.raises(NotAReplica, match="read_url does not replicate redis_url"):
+        worker.setup()
 
 
 def test_read_url_names_one_server():

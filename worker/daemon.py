@@ -201,6 +201,8 @@ class Worker:
         known = self.applier.stream.group_exists()  # a follower drops a lost position here
         self.heartbeat("starting")  # announce first: no trim runs past a group being created
         self.ledger.ensure_group()
+        if isinstance(self.applier.stream, FollowerStream):
+            self.applier.stream.check_replica()
         self.ledger.recover(self.settings.claim_idle_ms)
         start_id = "0"
         if not known:

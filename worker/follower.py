@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,9 +43,16 @@ from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 from pushfw.producer.keys import Keys
 from pushfw.worker.stream import Entry, entries_from_reply, redis_now_ms, stream_id_order
 
-__all__ = ["FollowerStream", "PositionFile", "StreamGone"]
+__all__ = ["FollowerStream", "NotAReplica", "PositionFile", "StreamGone"]
 
 logger = logging.getLogger(__name__)
+
+_REPLICA_WAIT_S = 5.0
+"""How long a replica may take to show the primary's ledger marker at start."""
+
+
+class NotAReplica(Exception):
+    """``read_url`` does not hold what ``redis_url`` holds: following it would apply nothing."""
 
 
 class StreamGone(redis.ResponseError):
@@ -57,6 +65,10 @@ class StreamGone(redis.ResponseError):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _marker(raw: Any) -> str:
+    return "none" if raw is None else _text(raw)
 
 
 def _before(entry_id: str) -> str:
@@ -180,6 +192,24 @@ class FollowerStream:
         self._position_added = self._read_added = added if start_id == head_id else 0
         self._save()
         return True
+
+    def check_replica(self) -> None:
+        """Make sure the replica replicates the primary: its ledger generation marker is
+        the primary's. An unrelated Redis would leave this host following a stream that no
+        command reaches. Raises NotAReplica (the start fails, is retried, and says why)."""
+        want = self.client.get(self.keys.generation)
+        wait_s = _REPLICA_WAIT_S
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = self.replica.get(self.keys.generation)
+            if found == want:
+                return
+            if time.monotonic() >= deadline:
+                raise NotAReplica(
+                    f"read_url does not replicate redis_url: its ledger generation is "
+                    f"{_marker(found)}, the primary's {_marker(want)} (after {wait_s:.0f} s)"
+                )
+            time.sleep(0.05)
 
     def group_exists(self) -> bool:
         """Whether the saved position still reaches the stream; drops it if not.
