@@ -12,7 +12,7 @@ from tests.conftest import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
-_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)")
+_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)b?")
 _IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
 _IPSET_LINE = re.compile(
     r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"

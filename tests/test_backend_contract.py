@@ -55,6 +55,8 @@ def _build(name: str, options: dict[str, Any]) -> Any:
     backend = make_backend(name, memory_fail=fail, set_size=options.get("set_size", 1_000_000))
     if "lock_timeout_s" in options:
         backend.lock_timeout_s = options["lock_timeout_s"]  # type: ignore[attr-defined]
+    if "list_chunk" in options:
+        backend.list_chunk = options["list_chunk"]  # type: ignore[attr-defined]
     return backend
 
 

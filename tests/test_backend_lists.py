@@ -94,8 +94,8 @@ def run_script(spec: dict[str, Any]) -> list[Any]:
     return results
 
 
-def run(subject: Subject, script: Script) -> list[Any]:
-    spec: dict[str, Any] = {"backend": subject.name, "steps": script.steps}
+def run(subject: Subject, script: Script, **options: Any) -> list[Any]:
+    spec: dict[str, Any] = {"backend": subject.name, "steps": script.steps, "options": options}
     if subject.ns is None:
         return run_script(spec)
     argv = [sys.executable, "-m", "tests.test_backend_lists"]  # the spec on stdin: it can be big
@@ -250,6 +250,63 @@ def test_nftables_refused_transaction_keeps_the_previous_content(
     assert r[refused]["error"] == "BackendError", r[refused]
     assert r[held] == ordered(FIRST)
     assert r[intact] is True
+
+
+def test_nftables_fills_a_large_list_in_chunks_and_swaps_it_in(
+    request: pytest.FixtureRequest,
+):
+    """Past ``list_chunk`` entries (2 here) a load fills the other slot's sets, a chunk per
+    transaction, and swaps them in; changes go to the live slot. Sets of a fill cut short
+    (made here by hand, unmatched by any rule) are removed by the next start, or cleared
+    by the next load; a chunk the kernel refuses leaves the list as it was."""
+    subject = _subject_for("nftables", request)
+
+    def has(set_name: str) -> int:
+        """0 if the kernel holds that set (``shell`` steps give the exit code)."""
+        return s("shell", "sh", "-c", f"nft list sets inet | grep -q 'set {set_name} '")
+
+    def leave_a_fill() -> int:
+        """The plain slot's /32 set with an element, as a killed fill would leave it."""
+        made = s(
+            "shell", "nft", "add", "set", "inet", "pushfw", "list_drop_big4_32",
+            "{ type ipv4_addr; flags timeout; }",
+        )  # fmt: skip
+        s("shell", "nft", "add", "element", "inet", "pushfw", "list_drop_big4_32", "{ 192.0.2.77 }")
+        return made
+
+    s = Script()
+    s("open")
+    s("load", "big", "drop", FIRST)
+    first = s("content", "big")
+    plain_first, b_first = has("list_drop_big4_32"), has("list_drop_big4_32b")
+    s("change", "big", "drop", ["203.0.113.0/24"], ["198.51.100.7/32"])
+    changed = s("content", "big")
+    s("load", "big", "drop", SECOND)
+    second = s("content", "big")
+    plain_second, b_second = has("list_drop_big4_32"), has("list_drop_big4_24b")
+    left = leave_a_fill()
+    s("open@b")  # a restart
+    after_start = s("content", "big")
+    left_again = leave_a_fill()
+    s("load", "big", "drop", FIRST)  # by the first instance, which knows the b slot is live
+    third = s("content", "big")
+    refused = s("load", "big", "drop", SECOND, now_ms() + 5 * 10**18)
+    kept = s("content", "big")
+    names = s("names")
+    intact = s("intact")
+
+    r = run(subject, s, list_chunk=2)
+    assert r[first] == ordered(FIRST)
+    assert (r[plain_first], r[b_first]) == (0, 1), "a first load fills the plain slot"
+    assert r[changed] == ordered([*(e for e in FIRST if e != "198.51.100.7/32"), "203.0.113.0/24"])
+    assert r[second] == ordered(SECOND)
+    assert (r[plain_second], r[b_second]) == (1, 0), "the reload swapped the b slot in"
+    assert r[left] == 0 and r[left_again] == 0
+    assert r[after_start] == ordered(SECOND), "the start removed the unfinished fill"
+    assert r[third] == ordered(FIRST), "the load cleared the unfinished fill first"
+    assert r[refused]["error"] == "BackendError", r[refused]
+    assert r[kept] == ordered(FIRST)
+    assert r[names] == ["big"] and r[intact] is True
 
 
 def test_a_timed_list_leaves_the_kernel_on_its_own(kernel_subject: Subject):

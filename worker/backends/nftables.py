@@ -27,8 +27,13 @@ hash:net: libnftables 1.0.6 fetches every element of every ``interval`` set befo
 element change, so a million-entry interval list would slow every later batch by seconds.
 The chains' rules match them too (accept lists after the accept rules, drop lists after the
 drop rules). A load deletes and re-creates the list's sets, filled, in the one transaction
-that rewrites the rules; a timed list's sets carry its timeout as their default. Listings
-read only the rules' sets: a list's elements are never fetched back.
+that rewrites the rules; a timed list's sets carry its timeout as their default. A list of
+more than ``list_chunk`` entries is filled first, a chunk per transaction, into sets no rule
+matches yet, named in the other slot (``list_drop_<name>4_32b``; nftables cannot rename a
+set), and the transaction that rewrites the rules swaps them in and deletes the old ones:
+packets still meet the old list or the new one, and libnftables never holds a million
+elements at once. A start removes a slot no rule matches (a fill cut short). Listings read
+only the rules' sets: a list's elements are never fetched back.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ _HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
 _PRIORITY = -10
 _SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
 _LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
-_LIST_SET = re.compile(  # the prefix length always ends the name, so the parse is unique
-    rf"list_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])_(?P<prefix>\d{{1,3}})"
+_LIST_SET = re.compile(  # the prefix length (and a slot) end the name: the parse is unique
+    rf"list_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])"
+    rf"_(?P<prefix>\d{{1,3}})(?P<slot>b?)"
 )
 _MAX_PREFIXLEN = {4: 32, 6: 128}
 Json = dict[str, Any]
@@ -196,9 +202,13 @@ def _version(name: str) -> int:
     return int(parsed["version"]) if parsed else 4
 
 
-def list_set_name(action: Action, name: str, version: int, prefixlen: int) -> str:
-    """The set of list ``name`` holding its /``prefixlen`` networks of one family."""
-    return f"list_{action.value}_{name}{version}_{prefixlen}"
+def list_set_name(action: Action, name: str, version: int, prefixlen: int, slot: str = "") -> str:
+    """The set of list ``name`` holding its /``prefixlen`` networks of one family.
+
+    ``slot`` ("" or "b") alternates between loads made in chunks: nftables cannot rename a
+    set, so the new sets are filled under the other slot's names and then swapped in.
+    """
+    return f"list_{action.value}_{name}{version}_{prefixlen}{slot}"
 
 
 def _source(name: str) -> Json:
@@ -219,6 +229,14 @@ class _List:
     action: Action
     sets: frozenset[str]
 
+    @property
+    def slot(self) -> str:
+        """The slot its sets are in ("" when mixed: a chunked load was cut short)."""
+        return "b" if self.sets and all(n.endswith("b") for n in self.sets) else ""
+
+    def in_slot(self, slot: str) -> frozenset[str]:
+        return frozenset(n for n in self.sets if n.endswith("b") == (slot == "b"))
+
 
 def _lists_in(set_names: set[str]) -> dict[str, _List]:
     """The lists whose sets are among ``set_names`` (a list's action is in its sets' names)."""
@@ -229,6 +247,11 @@ def _lists_in(set_names: set[str]) -> dict[str, _List]:
             entry = found.setdefault(parsed["name"], (Action(parsed["action"]), set()))
             entry[1].add(set_name_)
     return {name: _List(action, frozenset(sets)) for name, (action, sets) in found.items()}
+
+
+def _rule_lookups(reply: bytes) -> Iterator[str]:
+    """The sets one rule of a netlink rule dump looks up (NFTA_RULE_EXPRESSIONS is 4)."""
+    return _lookups(dict(_nlas(reply)).get(4, b""))
 
 
 def _checked_list_name(name: str) -> str:
@@ -277,11 +300,14 @@ class NftablesBackend(IndexedBackend):
         self._run([{"add": {"table": {"family": "inet", "name": self.table}}}])
         listing, names = self._listing()
         self._read(listing)
-        self._lists = _lists_in(names)  # kept, rules and all: the worker decides which stay
+        self._lists, unmatched = self._matched_lists(names)  # the worker decides which stay
         self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
         if self._uncounted:
             self._add_counters()
         self._run(self._schema_commands(self._sets))
+        if unmatched:  # a chunked load's fill cut short: its sets never reached a rule
+            logger.warning("nftables: removing the unfinished list sets %s", ", ".join(unmatched))
+            self._run([{"delete": {"set": self._t(name=n)}} for n in unmatched])
         if self.readd_renews is None:
             self.readd_renews = self._probe_renewal()
         logger.info(
@@ -291,6 +317,26 @@ class NftablesBackend(IndexedBackend):
             len(self._index),
             "renews" if self.readd_renews else "does not renew",
         )
+
+    def _matched_lists(self, names: set[str]) -> tuple[dict[str, _List], list[str]]:
+        """The lists in the kernel, and the sets of a list that no rule matches while
+        another slot of the same list is matched (what a chunked load cut short leaves)."""
+        lists = _lists_in(names)
+        if not any(lst.in_slot("") and lst.in_slot("b") for lst in lists.values()):
+            return lists, []
+        try:
+            matched = {n for reply in self._dump(_NFT_GETRULE) for n in _rule_lookups(reply)}
+        except (OSError, struct.error, ValueError) as exc:
+            logger.debug("nftables: rules not read, every list set kept: %s", exc)
+            return lists, []
+        unmatched: list[str] = []
+        for name, lst in list(lists.items()):
+            for slot in ("", "b"):
+                stale = lst.in_slot(slot)
+                if stale and not stale & matched and lst.sets - stale:
+                    lists[name] = _List(lst.action, lst.sets - stale)
+                    unmatched += sorted(stale)
+        return lists, unmatched
 
     def _listing(self) -> tuple[Json, set[str]]:
         """The table's chains and rule sets with their elements, and every set's name.
@@ -562,15 +608,41 @@ class NftablesBackend(IndexedBackend):
     def list_names(self) -> set[str]:
         return set(_lists_in(self._set_names()))
 
+    list_chunk = 50_000
+    """A list of more entries is filled in transactions of this many, into sets no rule
+    matches yet, then swapped in with one more: libnftables holds a whole transaction in
+    the worker's memory (a million elements in one took the worker to 581 MB)."""
+
     def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
-        """Old sets out, new sets in (filled), rules rewritten: one transaction."""
+        """Old sets out, new sets in (filled), rules rewritten: one transaction as packets
+        see it. A list of more than :attr:`list_chunk` entries is filled first, a chunk per
+        transaction, into sets under the other slot's names that no rule matches yet; the
+        last transaction swaps them in and deletes the old ones."""
         name = _checked_list_name(spec.name)
         grouped = list_entries(networks)
         started = time.monotonic()
         timeout = None if spec.expires_ms is None else self._timeout_s(spec.expires_ms)
-        wanted = {(4, 32), (6, 128), *grouped}
-        new = _List(spec.action, frozenset(list_set_name(spec.action, name, *k) for k in wanted))
+        entries = sum(map(len, grouped.values()))
+        chunked = entries > self.list_chunk
         old = _lists_in(self._set_names()).get(name)
+        slot = ""
+        if chunked and old is not None:
+            live = self._lists.get(name, old)
+            slot = "" if live.slot else "b"
+            old = self._drop_slot(name, old, slot)  # what a refused fill may have left there
+        keys = sorted({(4, 32), (6, 128), *grouped})
+        sets = {key: list_set_name(spec.action, name, *key, slot) for key in keys}
+        new = _List(spec.action, frozenset(sets.values()))
+        fill = [{"add": {"set": self._list_set(n, timeout)}} for n in sorted(new.sets)]
+        fill += [
+            {"add": {"element": self._t(name=sets[key], elem=elems[first : first + step])}}
+            for key, elems in sorted(grouped.items())
+            for step in (self.list_chunk,)
+            for first in range(0, len(elems), step)
+        ]
+        if chunked:
+            self._fill(new, fill)
+            fill = []
         lists = {**self._lists, name: new}
         cmds = [{"add": {"table": {"family": "inet", "name": self.table}}}]
         cmds += self._hook_commands()  # no rule may hold an old set while it is deleted
@@ -578,20 +650,47 @@ class NftablesBackend(IndexedBackend):
             {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
         ]
         cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets if old else ())]
-        cmds += [{"add": {"set": self._list_set(n, timeout)}} for n in sorted(new.sets)]
-        cmds += [
-            {"add": {"element": self._t(name=list_set_name(spec.action, name, *key), elem=elems)}}
-            for key, elems in sorted(grouped.items())
-        ]
-        self._run(cmds + self._schema_commands(self._sets, lists))
+        self._run(cmds + fill + self._schema_commands(self._sets, lists))
         self._lists = lists
         logger.info(
-            "nftables list %s (%s): %d entries loaded in %.2f s",
+            "nftables list %s (%s): %d entries loaded in %.2f s%s",
             name,
             spec.action.value,
-            sum(map(len, grouped.values())),
+            entries,
             time.monotonic() - started,
+            f", in chunks of {self.list_chunk}" if chunked else "",
         )
+
+    def _fill(self, new: _List, commands: list[Json]) -> None:
+        """Create and fill sets no rule matches yet, a transaction per chunk; on a refusal
+        they are deleted again, and the list stays as it was."""
+        try:
+            for command in commands:
+                self._run([command])
+        except BackendError:
+            with contextlib.suppress(BackendError):
+                self._run([{"delete": {"set": self._t(name=n)}} for n in sorted(new.sets)])
+            raise
+
+    def _drop_slot(self, name: str, old: _List, slot: str) -> _List:
+        """Delete the list's sets in ``slot`` (rules rewritten without them first, in the
+        same transaction), so that a chunked load can fill that slot from empty."""
+        stale = old.in_slot(slot)
+        if not stale:
+            return old
+        kept = _List(old.action, old.sets - stale)
+        lists = {**self._lists, name: kept}
+        cmds = self._hook_commands()
+        cmds += [
+            {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
+        ]
+        cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(stale)]
+        self._run(cmds + self._schema_commands(self._sets, lists))
+        self._lists = lists
+        logger.warning(
+            "nftables list %s: removed %d sets a load cut short had left", name, len(stale)
+        )
+        return kept
 
     def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
         """Absent entries to remove are added first, so that their delete cannot fail."""
@@ -604,7 +703,10 @@ class NftablesBackend(IndexedBackend):
                 "load it again to change its action"
             )
         present = loaded.sets if loaded else frozenset()
-        wanted = {list_set_name(spec.action, name, *key) for key in (*adding, (4, 32), (6, 128))}
+        slot = loaded.slot if loaded else ""
+        wanted = {
+            list_set_name(spec.action, name, *key, slot) for key in (*adding, (4, 32), (6, 128))
+        }
         cmds: list[Json] = [
             {"add": {"set": self._list_set(n, None)}} for n in sorted(wanted - present)
         ]
@@ -612,7 +714,7 @@ class NftablesBackend(IndexedBackend):
             lists = {**self._lists, name: _List(spec.action, present | wanted)}
             cmds += self._schema_commands(self._sets, lists)
         for key, elems in sorted(removing.items()):
-            target = self._t(name=list_set_name(spec.action, name, *key))
+            target = self._t(name=list_set_name(spec.action, name, *key, slot))
             if target["name"] in present:  # a set that is not there holds none of them
                 cmds.append({"add": {"element": {**target, "elem": elems}}})
                 cmds.append({"delete": {"element": {**target, "elem": elems}}})
@@ -621,7 +723,7 @@ class NftablesBackend(IndexedBackend):
             if spec.expires_ms is not None:
                 timeout = self._timeout_s(spec.expires_ms)
                 values = [{"elem": {"val": value, "timeout": timeout}} for value in elems]
-            target = self._t(name=list_set_name(spec.action, name, *key), elem=values)
+            target = self._t(name=list_set_name(spec.action, name, *key, slot), elem=values)
             cmds.append({"add": {"element": target}})
         if cmds:
             self._run(cmds)
