@@ -117,7 +117,7 @@ def _feed(stdin: IO[bytes], lines: Iterable[str], failed: list[BaseException]) -
             stdin.close()
 
 
-def _cidrs(by_prefix: dict[int, list[str]]) -> Iterator[str]:
+def _cidrs(by_prefix: Mapping[int, Sequence[str]]) -> Iterator[str]:
     """``address/prefix`` strings, made as they are read (a million is 70 MB held at once)."""
     for prefixlen, addresses in by_prefix.items():
         for address in addresses:

@@ -716,10 +716,10 @@ class NftablesBackend(IndexedBackend):
         for key, elems in sorted(removing.items()):
             target = self._t(name=list_set_name(spec.action, name, *key, slot))
             if target["name"] in present:  # a set that is not there holds none of them
-                cmds.append({"add": {"element": {**target, "elem": elems}}})
-                cmds.append({"delete": {"element": {**target, "elem": elems}}})
+                cmds.append({"add": {"element": {**target, "elem": list(elems)}}})
+                cmds.append({"delete": {"element": {**target, "elem": list(elems)}}})
         for key, elems in sorted(adding.items()):
-            values: list[Any] = elems
+            values: list[Any] = list(elems)
             if spec.expires_ms is not None:
                 timeout = self._timeout_s(spec.expires_ms)
                 values = [{"elem": {"val": value, "timeout": timeout}} for value in elems]
