@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -633,16 +634,18 @@ class NftablesBackend(IndexedBackend):
         keys = sorted({(4, 32), (6, 128), *grouped})
         sets = {key: list_set_name(spec.action, name, *key, slot) for key in keys}
         new = _List(spec.action, frozenset(sets.values()))
-        fill = [{"add": {"set": self._list_set(n, timeout)}} for n in sorted(new.sets)]
-        fill += [
-            {"add": {"element": self._t(name=sets[key], elem=elems[first : first + step])}}
-            for key, elems in sorted(grouped.items())
-            for step in (self.list_chunk,)
-            for first in range(0, len(elems), step)
-        ]
+        fill: Iterable[Json] = itertools.chain(  # each chunk's strings made as it is sent
+            [{"add": {"set": self._list_set(n, timeout)}} for n in sorted(new.sets)],
+            (
+                {"add": {"element": self._t(name=sets[key], elem=elems[first : first + step])}}
+                for key, elems in sorted(grouped.items())
+                for step in (self.list_chunk,)
+                for first in range(0, len(elems), step)
+            ),
+        )
         if chunked:
             self._fill(new, fill)
-            fill = []
+            fill = ()
         lists = {**self._lists, name: new}
         cmds = [{"add": {"table": {"family": "inet", "name": self.table}}}]
         cmds += self._hook_commands()  # no rule may hold an old set while it is deleted
@@ -650,7 +653,7 @@ class NftablesBackend(IndexedBackend):
             {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
         ]
         cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets if old else ())]
-        self._run(cmds + fill + self._schema_commands(self._sets, lists))
+        self._run([*cmds, *fill, *self._schema_commands(self._sets, lists)])
         self._lists = lists
         logger.info(
             "nftables list %s (%s): %d entries loaded in %.2f s%s",
@@ -661,7 +664,7 @@ class NftablesBackend(IndexedBackend):
             f", in chunks of {self.list_chunk}" if chunked else "",
         )
 
-    def _fill(self, new: _List, commands: list[Json]) -> None:
+    def _fill(self, new: _List, commands: Iterable[Json]) -> None:
         """Create and fill sets no rule matches yet, a transaction per chunk; on a refusal
         they are deleted again, and the list stays as it was."""
         try:
