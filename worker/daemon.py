@@ -279,7 +279,7 @@ class Worker:
             return
         covering = [
             key
-            for key in self.backend.snapshot()
+            for key, _ in self.backend.committed()
             if key.action is Action.DROP and self.protection.covering(key.network) is not None
         ]
         logger.warning(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pushfw.producer.contract import Action, Network
@@ -122,6 +122,10 @@ class Backend(abc.ABC):
     def get(self, key: RuleKey) -> Rule | None:
         """The committed rule with this key, answered from the index without a kernel call."""
         return self.snapshot().get(key)
+
+    def committed(self) -> Iterator[tuple[RuleKey, Rule]]:
+        """The committed rules one by one: a pass over all of them without a dict of them."""
+        return iter(self.snapshot().items())
 
     def intact(self) -> bool:
         """Does the kernel still hold what the index says, as far as a cheap look can tell?

@@ -191,6 +191,10 @@ class IndexedBackend(Backend):
     def snapshot(self) -> dict[RuleKey, Rule]:
         return dict(self._index.pairs())
 
+    def committed(self) -> Iterator[tuple[RuleKey, Rule]]:
+        """Built from the packed index as they are read."""
+        return self._index.pairs()
+
     def get(self, key: RuleKey) -> Rule | None:
         return self._index.get(key)
 
