@@ -94,6 +94,18 @@ def _fetch_lists(client: redis.Redis, entries: list[Any]) -> None:
             raise RuntimeError(f"list {cmd.name} version {cmd.version}: content missing")
 
 
+def _queue_results(pipe: Any, host: str, answers: list[tuple[Any, ...]]) -> None:
+    """One result entry per answer, as the worker writes them."""
+    for entry_id, status, detail in answers:
+        fields: dict[FieldT, EncodableT] = {
+            "cmd": entry_id,
+            "host": host,
+            "status": status,
+            "detail": detail,
+        }
+        pipe.xadd(KEYS.results, fields, maxlen=100_000, approximate=True)
+
+
 def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool:
     """One batch of one host: read, decide, write results and XACK in one MULTI."""
     group = Keys.host_group(host)
@@ -103,14 +115,7 @@ def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool
     entries = reply[0][1]
     _fetch_lists(client, entries)
     pipe = client.pipeline(transaction=True)
-    for entry_id, status, detail in _answers(host, entries, parsed):
-        fields: dict[FieldT, EncodableT] = {
-            "cmd": entry_id,
-            "host": host,
-            "status": status,
-            "detail": detail,
-        }
-        pipe.xadd(KEYS.results, fields, maxlen=100_000, approximate=True)
+    _queue_results(pipe, host, _answers(host, entries, parsed))
     pipe.xack(KEYS.cmd, group, *(e for e, _ in entries))
     pipe.execute()
     return True
@@ -161,14 +166,7 @@ def _follow_one(
     answers = _answers(host, entries, parsed)
     if answers:
         pipe = primary.pipeline(transaction=True)
-        for entry_id, status, detail in answers:
-            fields: dict[FieldT, EncodableT] = {
-                "cmd": entry_id,
-                "host": host,
-                "status": status,
-                "detail": detail,
-            }
-            pipe.xadd(KEYS.results, fields, maxlen=100_000, approximate=True)
+        _queue_results(pipe, host, answers)
         pipe.execute()
     position[0] = entries[-1][0].decode()
     return len(entries)

@@ -41,7 +41,13 @@ import redis
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from pushfw.producer.keys import Keys
-from pushfw.worker.stream import Entry, entries_from_reply, redis_now_ms, stream_id_order
+from pushfw.worker.stream import (
+    Entry,
+    entries_from_reply,
+    queue_answers,
+    redis_now_ms,
+    stream_id_order,
+)
 
 __all__ = ["FollowerStream", "NotAReplica", "PositionFile", "StreamGone"]
 
@@ -302,10 +308,7 @@ class FollowerStream:
         """Write results and dead letters on the primary, then advance and save the position."""
         if results or dead:
             pipe = self.client.pipeline(transaction=True)
-            for fields in results:
-                pipe.xadd(self.keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
-            for fields in dead:
-                pipe.xadd(self.keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
+            queue_answers(pipe, self.keys, results, dead, results_maxlen, dead_maxlen)
             pipe.execute()
         for entry_id in ack_ids:
             self._unfinished.pop(entry_id, None)

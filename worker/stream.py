@@ -170,10 +170,7 @@ class CommandStream:
         https://redis.io/commands/xack/
         """
         pipe = self.client.pipeline(transaction=True)
-        for fields in results:
-            pipe.xadd(self.keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
-        for fields in dead:
-            pipe.xadd(self.keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
+        queue_answers(pipe, self.keys, results, dead, results_maxlen, dead_maxlen)
         if ack_ids:
             pipe.xack(self.keys.cmd, self.group, *ack_ids)
         pipe.execute()
@@ -228,6 +225,21 @@ class CommandStream:
     def now_ms(self) -> int:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
         return redis_now_ms(self.client)
+
+
+def queue_answers(
+    pipe: Any,
+    keys: Keys,
+    results: Sequence[Mapping[FieldT, EncodableT]],
+    dead: Sequence[Mapping[FieldT, EncodableT]],
+    results_maxlen: int,
+    dead_maxlen: int,
+) -> None:
+    """Queue a batch's result entries and dead letters on a pipeline (XADD, trimmed)."""
+    for fields in results:
+        pipe.xadd(keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
+    for fields in dead:
+        pipe.xadd(keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
 
 
 def redis_now_ms(client: redis.Redis) -> int:
