@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +25,9 @@ from pushfw.worker.follower import NotAReplica
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
-from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced
+from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
 from tests.test_applier import key
+from tests.test_supervision import running
 
 CMD = "{pushfw}:cmd"
 
@@ -274,3 +276,64 @@ def test_a_read_url_that_is_no_replica_of_the_primary_fails_the_start_and_says_w
 def test_read_url_names_one_server():
     with pytest.raises(ValueError, match="one replica"):
         WorkerSettings(read_url="redis+sentinel://s1:26379/mymaster")
+
+
+def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_or_frozen(
+    r: Any, redis_server: RedisServer, producer: Producer, tmp_path, monkeypatch
+):
+    """The replica is killed (SIGKILL), then frozen (SIGSTOP). Meanwhile the host goes on
+    carrying out commands, read on the primary, and its heartbeat says why; once the
+    replica answers again it reads there again."""
+    monkeypatch.setattr("pushfw.worker.follower._PROBE_EVERY_S", 0.3)
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
+    replica.workdir.mkdir()
+    replica.start()
+    wait_for(lambda: r.wait(1, 100) >= 1, 20, "the replica to connect")
+    worker = follower(redis_server, replica, tmp_path, heartbeat_interval_s=0.05)
+
+    def state() -> tuple[str, list[str]]:
+        status = {h.host: h for h in producer.hosts()}.get("f1")
+        return (status.state, status.problems) if status else ("", [])
+
+    def done(address: str) -> bool:
+        drop = producer.drop(address, reply=False)
+        wait_for(lambda: producer.progress(drop)["f1"] == "done", 30, f"{address} done")
+        return key("drop", address) in set(worker.backend.snapshot())
+
+    def reads(server: RedisServer) -> int:
+        client = redis.Redis.from_url(server.url)
+        try:
+            return commandstats(client).get("xread", 0)
+        finally:
+            client.close()
+
+    def reads_on_the_replica_again() -> None:
+        wait_for(lambda: state() == ("running", []), 30, "the heartbeat to say all is well")
+        before = reads(replica)
+        assert done("192.0.2.9") and reads(replica) > before
+        producer.undrop("192.0.2.9", reply=False)
+
+    try:
+        with running(worker):
+            wait_for(lambda: state() == ("running", []), 20, "the follower to run")
+            assert done("192.0.2.1")
+            replica.stop(hard=True)
+            assert done("192.0.2.2"), "a dead replica stopped the host"
+            status, problems = state()
+            assert status == "running"
+            assert [p for p in problems if f"replica redis://127.0.0.1:{replica.port}" in p]
+            assert "reading on the primary" in problems[0]
+            replica.start()
+            reads_on_the_replica_again()
+
+            assert replica.proc is not None
+            replica.proc.send_signal(signal.SIGSTOP)
+            try:
+                assert done("192.0.2.3"), "a frozen replica stopped the host"
+                assert [p for p in state()[1] if "reading on the primary" in p]
+            finally:
+                replica.proc.send_signal(signal.SIGCONT)
+            reads_on_the_replica_again()
+    finally:
+        replica.stop()
+    assert {key("drop", f"192.0.2.{i}") for i in (1, 2, 3)} == set(worker.backend.snapshot())

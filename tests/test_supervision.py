@@ -32,7 +32,7 @@ def test_a_role_refused_by_redis_is_reported_retried_and_the_others_go_on(
     r.execute_command("ACL", "SETUSER", USER, "reset", "on", ">pw", "~*", "&*", "+@all", "-xtrim")
     url = redis_server.unix_url.replace("unix://", f"unix://{USER}:pw@", 1)
     worker = spawn_worker(
-        netns, backend="nftables", redis_url=url, trim_interval_s="0.2", heartbeat_interval_s="0.2"
+        netns, backend="nftables", redis_url=url, trim_interval_s="0.2", heartbeat_interval_s="1"
     ).start()
 
     def trimming() -> str:

@@ -197,10 +197,7 @@ class Applier:
         """Create the host's group at ``start_id`` if it is new (the worker opens the backend)."""
         if self.stream.ensure_group(start_id):
             logger.info(
-                "created consumer group %s on %s at %s",
-                self.stream.group,
-                self.stream.keys.cmd,
-                start_id,
+                "%s starts reading %s at %s", self.stream.group, self.stream.keys.cmd, start_id
             )
         self._high_water = stream_id_order(self.stream.last_delivered())
         self._sync_clock(self.stream.now_ms())

@@ -16,8 +16,11 @@ import logging
 import signal
 import time
 from types import FrameType
+from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pushfw.producer.connection import connect as redis_connect
 from pushfw.producer.contract import Action
@@ -45,7 +48,7 @@ from pushfw.worker.retention import take_turn, trim
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
-from pushfw.worker.supervisor import Supervisor
+from pushfw.worker.supervisor import Supervisor, clock_text
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ _CHANGED_BEAT_GAP_S = 0.25
 """The least time between two heartbeats brought forward by changed rules."""
 _FOLLOWER_FOLD_GAP_S = 0.5
 """A follower whose last fold found the ledger caught up asks again after this long."""
+_PROBE_TIMEOUT_S = 1.0
+"""How long a follower waits for its replica to answer whether it is back."""
 _LOCK_WAIT_WARN_S = 1.0
 """A wait for the xtables lock at least this long is logged (at most once a minute)."""
 
@@ -67,17 +72,24 @@ class ForceStop(Exception):
     """A second stop signal: abandon the batch in hand."""
 
 
-def connect(settings: WorkerSettings, url: str | None = None) -> redis.Redis:
-    """A client (of ``redis_url`` unless told) whose socket timeouts outlast the blocking read."""
+def connect(
+    settings: WorkerSettings, url: str | None = None, timeout_s: float | None = None
+) -> redis.Redis:
+    """A client of ``redis_url`` whose socket timeouts outlast the blocking read.
+
+    With another ``url`` (the replica), redis-py does not retry: the follower reads on the
+    primary instead at once. ``timeout_s`` replaces the timeouts (the replica's probe)."""
+    options: dict[str, Any] = {} if url is None else {"retry": Retry(NoBackoff(), 0)}
     url = url or settings.redis_url
-    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
+    if not url.startswith("unix:"):
+        options["socket_keepalive"] = True
     return redis_connect(
         url,
         decode_responses=False,
-        socket_timeout=settings.block_ms / 1000 + _REPLY_MARGIN_S,
-        socket_connect_timeout=_REPLY_MARGIN_S,
+        socket_timeout=timeout_s or settings.block_ms / 1000 + _REPLY_MARGIN_S,
+        socket_connect_timeout=timeout_s or _REPLY_MARGIN_S,
         health_check_interval=30,
-        **tcp,
+        **options,
     )
 
 
@@ -121,7 +133,13 @@ class Worker:
         self._refold = False
         follower = (
             FollowerStream(
-                self.client, self.replica, self.keys, settings.host_name, settings.state_dir
+                self.client,
+                self.replica,
+                self.keys,
+                settings.host_name,
+                settings.state_dir,
+                probe=connect(settings, settings.read_url, _PROBE_TIMEOUT_S),
+                name=mask_url(settings.read_url),
             )
             if self.replica is not None
             else None
@@ -463,6 +481,12 @@ class Worker:
         if self.reconcile_error is not None:
             found.append(f"reconcile: {self.reconcile_error}")
         found += (f"reconcile: {problem}" for problem in self.list_problems)
+        stream = self.applier.stream
+        if isinstance(stream, FollowerStream) and stream.replica_down is not None:
+            found.append(
+                f"replica {mask_url(self.settings.read_url)}: {stream.replica_down}; reading "
+                f"on the primary since {clock_text(stream.replica_down_ms)}"
+            )
         return found
 
     def _following(self) -> str:

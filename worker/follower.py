@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 _REPLICA_WAIT_S = 5.0
 """How long a replica may take to show the primary's ledger marker at start."""
+_PROBE_EVERY_S = 5.0
+"""While reads go to the primary, how often the replica is asked whether it is back."""
+_REPLICA_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+"""A replica that does not answer (a loading one raises BusyLoadingError, one of these)."""
 
 
 class NotAReplica(Exception):
@@ -148,13 +152,29 @@ class FollowerStream:
         keys: key names.
         host: this host's name (the position file's name).
         state_dir: where the position file lives.
+        probe: the replica on a client with a short timeout, to ask whether it is back
+            while reads go to the primary (the ``replica`` client if not given).
+        name: the replica as logs name it (its URL, password masked).
     """
 
     def __init__(
-        self, client: redis.Redis, replica: redis.Redis, keys: Keys, host: str, state_dir: str
+        self,
+        client: redis.Redis,
+        replica: redis.Redis,
+        keys: Keys,
+        host: str,
+        state_dir: str,
+        probe: redis.Redis | None = None,
+        name: str = "the replica",
     ) -> None:
         self.client = client
         self.replica = replica
+        self.probe = probe or replica
+        self.name = name
+        self.replica_down: str | None = None
+        """Why reads go to the primary now; None while they go to the replica."""
+        self.replica_down_ms = 0
+        self._probe_at = 0.0
         self.keys = keys
         self.group = f"follower:{host}"
         self.file = PositionFile(state_dir, host)
@@ -207,8 +227,13 @@ class FollowerStream:
         wait_s = _REPLICA_WAIT_S
         deadline = time.monotonic() + wait_s
         while True:
-            found = self.replica.get(self.keys.generation)
+            try:
+                found = self.replica.get(self.keys.generation)
+            except _REPLICA_ERRORS as exc:
+                self._lost_replica(exc)  # asked again later, by the probe
+                return
             if found == want:
+                self._replica_back()
                 return
             if time.monotonic() >= deadline:
                 raise NotAReplica(
@@ -273,7 +298,7 @@ class FollowerStream:
             self._tries.update(e.id for e in again)
             return again
         streams: dict[KeyT, StreamIdT] = {self.keys.cmd: self._last_read}
-        reply: Any = self.replica.xread(streams, count=count, block=block_ms)
+        reply = self._xread(streams, count, block_ms)
         entries = entries_from_reply(reply[0][1]) if reply else []
         if not entries:
             return []
@@ -289,6 +314,55 @@ class FollowerStream:
             self._read_mark = self._last_read
         self._save()
         return entries
+
+    def _xread(self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None) -> Any:
+        """On the replica; on the primary while the replica cannot be reached."""
+        if self.replica_down is None or self._probe():
+            try:
+                return self.replica.xread(streams, count=count, block=block_ms)
+            except _REPLICA_ERRORS as exc:
+                self._lost_replica(exc)
+        return self.client.xread(streams, count=count, block=block_ms)
+
+    def _lost_replica(self, exc: Exception) -> None:
+        if self.replica_down is None:
+            logger.warning(
+                "replica %s is unreachable (%s): reading the command stream on the primary "
+                "until it answers again",
+                self.name,
+                exc,
+            )
+            self.replica_down_ms = redis_now_ms(self.client)
+        self.replica_down = str(exc) or type(exc).__name__
+        self._probe_at = time.monotonic() + _PROBE_EVERY_S
+        self.replica.connection_pool.disconnect()
+
+    def _probe(self) -> bool:
+        """Whether the replica is back (answers, with the primary's ledger marker); asked
+        at most every ``_PROBE_EVERY_S``."""
+        if time.monotonic() < self._probe_at:
+            return False
+        self._probe_at = time.monotonic() + _PROBE_EVERY_S
+        want = self.client.get(self.keys.generation)
+        try:
+            found = self.probe.get(self.keys.generation)
+        except _REPLICA_ERRORS as exc:
+            self.replica_down = str(exc) or type(exc).__name__
+            self.probe.connection_pool.disconnect()
+            return False
+        if found != want:
+            self.replica_down = (
+                f"it answers with ledger generation {_marker(found)}, "
+                f"the primary's is {_marker(want)}"
+            )
+            return False
+        self._replica_back()
+        return True
+
+    def _replica_back(self) -> None:
+        if self.replica_down is not None:
+            logger.info("replica %s answers again: reading the command stream there", self.name)
+        self.replica_down = None
 
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[Entry]]:
         """No other consumer shares a follower's position: nothing to claim."""

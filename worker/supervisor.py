@@ -21,7 +21,7 @@ from typing import TypeVar
 from pushfw.producer.records import RoleState
 from pushfw.worker.backoff import Backoff
 
-__all__ = ["ROLES", "RoleHealth", "Supervisor"]
+__all__ = ["ROLES", "RoleHealth", "Supervisor", "clock_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0
 
 
-def _clock_text(ms: int) -> str:
+def clock_text(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
@@ -109,7 +109,7 @@ class RoleHealth:
         if since_ms is None:
             return None
         return (
-            f"{self.role}: failing since {_clock_text(since_ms)} "
+            f"{self.role}: failing since {clock_text(since_ms)} "
             f"({self.failures} failures): {self.error}"
         )
 
