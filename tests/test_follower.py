@@ -25,6 +25,7 @@ from pushfw.worker.follower import NotAReplica
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
+from testbed.redis_server import free_port
 from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
 from tests.test_applier import key
 from tests.test_supervision import running
@@ -278,13 +279,14 @@ def test_read_url_names_one_server():
         WorkerSettings(read_url="redis+sentinel://s1:26379/mymaster")
 
 
-def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_or_frozen(
+def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_stale(
     r: Any, redis_server: RedisServer, producer: Producer, tmp_path, monkeypatch
 ):
-    """The replica is killed (SIGKILL), then frozen (SIGSTOP). Meanwhile the host goes on
-    carrying out commands, read on the primary, and its heartbeat says why; once the
-    replica answers again it reads there again."""
+    """The replica is killed (SIGKILL), then frozen (SIGSTOP), then cut from the primary
+    (it serves stale data). Meanwhile the host goes on carrying out commands, read on the
+    primary, and its heartbeat says why; once the replica is back it reads there again."""
     monkeypatch.setattr("pushfw.worker.follower._PROBE_EVERY_S", 0.3)
+    monkeypatch.setattr("pushfw.worker.follower._STALE_AFTER_S", 0.5)
     replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
     replica.workdir.mkdir()
     replica.start()
@@ -334,6 +336,16 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_or_frozen(
             finally:
                 replica.proc.send_signal(signal.SIGCONT)
             reads_on_the_replica_again()
+
+            cut = redis.Redis.from_url(replica.url)
+            try:
+                cut.replicaof("127.0.0.1", str(free_port()))  # nothing listens there
+                assert done("192.0.2.4"), "a stale replica stopped the host"
+                assert [p for p in state()[1] if "behind the primary" in p]
+                cut.replicaof("127.0.0.1", str(redis_server.port))
+            finally:
+                cut.close()
+            reads_on_the_replica_again()
     finally:
         replica.stop()
-    assert {key("drop", f"192.0.2.{i}") for i in (1, 2, 3)} == set(worker.backend.snapshot())
+    assert {key("drop", f"192.0.2.{i}") for i in (1, 2, 3, 4)} == set(worker.backend.snapshot())

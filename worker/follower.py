@@ -41,6 +41,7 @@ import redis
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from pushfw.producer.keys import Keys
+from pushfw.producer.render import plural
 from pushfw.worker.stream import (
     Entry,
     entries_from_reply,
@@ -57,6 +58,8 @@ _REPLICA_WAIT_S = 5.0
 """How long a replica may take to show the primary's ledger marker at start."""
 _PROBE_EVERY_S = 5.0
 """While reads go to the primary, how often the replica is asked whether it is back."""
+_STALE_AFTER_S = 10.0
+"""A replica behind the primary that has not moved for this long is read no more."""
 _REPLICA_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 """A replica that does not answer (a loading one raises BusyLoadingError, one of these)."""
 
@@ -79,6 +82,15 @@ def _text(value: Any) -> str:
 
 def _marker(raw: Any) -> str:
     return "none" if raw is None else _text(raw)
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _entries_added(info: Mapping[str, Any] | None) -> int:
+    """XINFO STREAM's count of entries ever added (0 for no stream)."""
+    return int((info or {}).get("entries-added", 0))
 
 
 def _before(entry_id: str) -> str:
@@ -175,6 +187,8 @@ class FollowerStream:
         """Why reads go to the primary now; None while they go to the replica."""
         self.replica_down_ms = 0
         self._probe_at = 0.0
+        self._stuck: tuple[int, float] | None = None
+        """The replica's ``entries-added`` when it was first seen behind the primary, and when."""
         self.keys = keys
         self.group = f"follower:{host}"
         self.file = PositionFile(state_dir, host)
@@ -230,7 +244,7 @@ class FollowerStream:
             try:
                 found = self.replica.get(self.keys.generation)
             except _REPLICA_ERRORS as exc:
-                self._lost_replica(exc)  # asked again later, by the probe
+                self._read_on_primary(_why(exc))  # asked again later, by the probe
                 return
             if found == want:
                 self._replica_back()
@@ -316,53 +330,81 @@ class FollowerStream:
         return entries
 
     def _xread(self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None) -> Any:
-        """On the replica; on the primary while the replica cannot be reached."""
-        if self.replica_down is None or self._probe():
+        """On the replica; on the primary while the replica cannot be read."""
+        if self.replica_down is None or self._replica_is_back():
             try:
                 return self.replica.xread(streams, count=count, block=block_ms)
             except _REPLICA_ERRORS as exc:
-                self._lost_replica(exc)
+                self._read_on_primary(_why(exc))
         return self.client.xread(streams, count=count, block=block_ms)
 
-    def _lost_replica(self, exc: Exception) -> None:
+    def _read_on_primary(self, why: str) -> None:
         if self.replica_down is None:
             logger.warning(
-                "replica %s is unreachable (%s): reading the command stream on the primary "
-                "until it answers again",
+                "replica %s cannot be read (%s): reading the command stream on the primary "
+                "until it can",
                 self.name,
-                exc,
+                why,
             )
             self.replica_down_ms = redis_now_ms(self.client)
-        self.replica_down = str(exc) or type(exc).__name__
+        self.replica_down = why
         self._probe_at = time.monotonic() + _PROBE_EVERY_S
+        self._stuck = None
         self.replica.connection_pool.disconnect()
 
-    def _probe(self) -> bool:
-        """Whether the replica is back (answers, with the primary's ledger marker); asked
-        at most every ``_PROBE_EVERY_S``."""
+    def _replica_is_back(self) -> bool:
+        """Whether the replica answers with the primary's ledger marker and holds every
+        entry this host read; asked at most every ``_PROBE_EVERY_S``."""
         if time.monotonic() < self._probe_at:
             return False
         self._probe_at = time.monotonic() + _PROBE_EVERY_S
         want = self.client.get(self.keys.generation)
         try:
             found = self.probe.get(self.keys.generation)
+            added = _entries_added(self._info(self.probe))
         except _REPLICA_ERRORS as exc:
-            self.replica_down = str(exc) or type(exc).__name__
+            self.replica_down = _why(exc)
             self.probe.connection_pool.disconnect()
             return False
         if found != want:
             self.replica_down = (
-                f"it answers with ledger generation {_marker(found)}, "
-                f"the primary's is {_marker(want)}"
+                f"it holds ledger generation {_marker(found)}, the primary {_marker(want)}"
             )
+            return False
+        if added < self._read_added:
+            lacks = plural(self._read_added - added, "entry", "entries")
+            self.replica_down = f"it lacks {lacks} read on the primary"
             return False
         self._replica_back()
         return True
 
     def _replica_back(self) -> None:
         if self.replica_down is not None:
-            logger.info("replica %s answers again: reading the command stream there", self.name)
+            logger.info("replica %s is back: reading the command stream there", self.name)
         self.replica_down = None
+
+    def _watch_replica(self, primary_added: int) -> None:
+        """At each heartbeat: a replica that answers but no longer follows the primary (its
+        link is down and it serves stale data) is read no more once it has stayed behind,
+        without moving, for ``_STALE_AFTER_S``."""
+        if self.replica_down is not None:
+            return
+        try:
+            added = _entries_added(self._info(self.probe))
+        except _REPLICA_ERRORS as exc:
+            self.probe.connection_pool.disconnect()
+            self._read_on_primary(_why(exc))
+            return
+        now = time.monotonic()
+        if added >= primary_added:
+            self._stuck = None
+        elif self._stuck is None or self._stuck[0] != added:
+            self._stuck = (added, now)
+        elif now - self._stuck[1] >= _STALE_AFTER_S:
+            self._read_on_primary(
+                f"it is {plural(primary_added - added, 'entry', 'entries')} behind the "
+                f"primary and has not moved for {now - self._stuck[1]:.0f} s"
+            )
 
     def autoclaim(self, min_idle_ms: int, start: str, count: int) -> tuple[str, list[Entry]]:
         """No other consumer shares a follower's position: nothing to claim."""
@@ -420,7 +462,8 @@ class FollowerStream:
             raise StreamGone(f"NOGROUP follower position lost: {reason}")
         if info is None:
             return None, len(self._unfinished)
-        lag = int(info.get("entries-added", 0)) - self._read_added
+        self._watch_replica(_entries_added(info))
+        lag = _entries_added(info) - self._read_added
         return max(0, lag), len(self._unfinished)
 
     def now_ms(self) -> int:
