@@ -154,6 +154,10 @@ class HostStatus(BaseModel):
     """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
     done_id: str = ""
     """The newest command this host has answered and acknowledged."""
+    reads: str = "group"
+    """Where this host reads the command stream: ``group`` (its consumer group on the
+    primary), ``replica`` (a follower, ``read_url``), or ``primary`` (a follower whose
+    replica cannot be read now)."""
     position: str = ""
     """A follower's position: it has carried out every entry up to this id (its state file
     holds it too). Empty for a host with a consumer group, whose group says where it is."""

@@ -311,9 +311,11 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
 
     def reads_on_the_replica_again() -> None:
         wait_for(lambda: state() == ("running", []), 30, "the heartbeat to say all is well")
+        assert beat(producer, "f1").reads == "replica"
         before = reads(replica)
         assert done("192.0.2.9") and reads(replica) > before
-        producer.undrop("192.0.2.9", reply=False)
+        lifted = producer.undrop("192.0.2.9", reply=False)
+        wait_for(lambda: producer.progress(lifted)["f1"] == "done", 30, "the undrop done")
 
     try:
         with running(worker):
@@ -325,6 +327,11 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
             assert status == "running"
             assert [p for p in problems if f"replica redis://127.0.0.1:{replica.port}" in p]
             assert "reading on the primary" in problems[0]
+            shown = pushfw_cli(redis_server, "status")
+            assert shown.returncode == 0 and "DEGRADED" in shown.stdout, shown.stderr
+            assert beat(producer, "f1").reads == "primary"
+            header, row = shown.stdout.splitlines()[:2]
+            assert row[header.index("READS") :].split()[0] == "primary"
             replica.start()
             reads_on_the_replica_again()
 

@@ -31,6 +31,7 @@ STATUS_COLUMNS = [
     "RULES",
     "LAG",
     "PENDING",
+    "READS",
     "BACKEND",
     "LABELS",
     "VERSION",
@@ -116,9 +117,9 @@ def test_status_table_shows_every_host(fleet: Fleet):
         assert row[1] == "stopped"
         assert re.fullmatch(r"\d+s", row[2]) and row[3] == "ago"
         assert row[4] == str(fleet.rules[host])
-        assert row[5:8] == ["0", "0", "memory"]
-    assert rows["web1"][8] == "eu,web"
-    assert rows["db1"][8] == "-"
+        assert row[5:9] == ["0", "0", "group", "memory"]
+    assert rows["web1"][9] == "eu,web"
+    assert rows["db1"][9] == "-"
 
 
 def test_status_marks_a_silent_host_stale(r: redis.Redis, fleet: Fleet):

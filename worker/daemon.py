@@ -465,6 +465,7 @@ class Worker:
                 roles=self.supervisor.states(),
                 done_id=self.applier.done_id,
                 position=self.applier.stream.position,
+                reads=self._reads(),
                 counts=dict(self.applier.counts),
                 lists=self._beat_lists,
             ),
@@ -488,6 +489,12 @@ class Worker:
                 f"on the primary since {clock_text(stream.replica_down_ms)}"
             )
         return found
+
+    def _reads(self) -> str:
+        stream = self.applier.stream
+        if not isinstance(stream, FollowerStream):
+            return "group"
+        return "replica" if stream.replica_down is None else "primary"
 
     def _following(self) -> str:
         via = f" via {mask_url(self.settings.read_url)}" if self.replica is not None else ""
