@@ -330,6 +330,9 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
             shown = pushfw_cli(redis_server, "status")
             assert shown.returncode == 0 and "DEGRADED" in shown.stdout, shown.stderr
             assert beat(producer, "f1").reads == "primary"
+            gauge = worker.metrics.registry.get_sample_value
+            assert gauge("pushfw_reads_from", {"source": "primary"}) == 1
+            assert gauge("pushfw_reads_from", {"source": "replica"}) == 0
             header, row = shown.stdout.splitlines()[:2]
             assert row[header.index("READS") :].split()[0] == "primary"
             replica.start()

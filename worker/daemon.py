@@ -444,6 +444,7 @@ class Worker:
         self._beat_at, self._beat_rules = time.monotonic(), self.backend.size()
         self._beat_lists = self.applier.lists.status()
         lag, pending = self.applier.stream.progress()
+        reads = self._reads()
         beat(
             self.client,
             self.keys,
@@ -465,7 +466,7 @@ class Worker:
                 roles=self.supervisor.states(),
                 done_id=self.applier.done_id,
                 position=self.applier.stream.position,
-                reads=self._reads(),
+                reads=reads,
                 counts=dict(self.applier.counts),
                 lists=self._beat_lists,
             ),
@@ -473,7 +474,7 @@ class Worker:
         for role, health in self.supervisor.roles.items():
             self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
         rules = self.backend.action_counts() if self.metrics.serving else {}
-        self.metrics.heartbeat(lag, pending, self.backend.name, rules)
+        self.metrics.heartbeat(lag, pending, self.backend.name, rules, reads)
         if self.notifier.is_ready:
             self.notifier.status(f"{self._following()}; lag {lag}, pending {pending}")
 

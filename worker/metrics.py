@@ -142,6 +142,13 @@ class Metrics:
             ["role"],
             registry=reg,
         )
+        self.reads_from = Gauge(
+            "pushfw_reads_from",
+            "1 for where this host reads the command stream now: group, replica, or primary "
+            "(a follower whose replica cannot be read), 0 for the others (at heartbeat).",
+            ["source"],
+            registry=reg,
+        )
         self.lock_wait = Histogram(
             "pushfw_xtables_lock_wait_seconds",
             "Time a kernel change waited for the xtables lock held by another process.",
@@ -193,9 +200,16 @@ class Metrics:
         self.drift.labels("updated").inc(drift.updated)
 
     def heartbeat(
-        self, lag: int | None, pending: int, backend: str, rules: Mapping[Action, int]
+        self,
+        lag: int | None,
+        pending: int,
+        backend: str,
+        rules: Mapping[Action, int],
+        reads: str = "group",
     ) -> None:
         """Gauges that are sampled, not counted: the host's group and its rules per action."""
+        for source in ("group", "replica", "primary"):
+            self.reads_from.labels(source).set(source == reads)
         self.group_pending.set(pending)
         self.group_lag.set(float("nan") if lag is None else lag)
         for action in Action:
