@@ -395,6 +395,32 @@ def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
     assert r[repaired] is True
 
 
+def test_a_list_emptied_by_hand_is_no_longer_held_but_one_a_change_emptied_is(
+    kernel_subject: Subject,
+):
+    """An operator's flush leaves the sets (and rules) but no element: a list to load again.
+    A change that removes a family's last entries leaves an empty set too, rightly."""
+    if kernel_subject.name == "nftables":
+        flush = ["nft", "flush", "set", "inet", "pushfw", "list_drop_bad4_24"]
+    else:
+        flush = ["ipset", "flush", "pushfw-d4-bad"]
+    s = Script()
+    s("open")
+    s("load", "bad", "drop", FIRST)
+    s("change", "bad", "drop", [], [e for e in FIRST if ":" in e])
+    quiet, held = s("intact"), s("names")
+    s("shell", *flush)
+    alarmed, missing = s("intact"), s("names")
+    ok_ = s("load", "bad", "drop", FIRST)
+    repaired, content_ = s("intact"), s("content", "bad")
+
+    r = run(kernel_subject, s)
+    assert (r[quiet], r[held]) == (True, ["bad"]), "an empty family after a change is no alarm"
+    assert (r[alarmed], r[missing]) == (False, [])
+    ok(r[ok_])
+    assert (r[repaired], r[content_]) == (True, ordered(FIRST))
+
+
 def test_open_keeps_lists_and_uninstall_removes_them(subject: Subject):
     s = Script()
     s("open")

@@ -101,7 +101,7 @@ def _newest(producer: Producer) -> str:
     return str(rows[0][0])
 
 
-def test_a_hand_flush_of_the_lists_sets_is_repaired_within_heartbeats(
+def test_a_hand_flush_of_the_lists_sets_or_of_their_elements_is_repaired_within_heartbeats(
     netns: Netns,
     set_backend: str,
     spawn_worker: Callable[..., WorkerProcess],
@@ -113,6 +113,16 @@ def test_a_hand_flush_of_the_lists_sets_is_repaired_within_heartbeats(
     fw.wipe()  # nft flush ruleset; iptables -F and -X, then ipset destroy
     assert fw.list_entries("feed") == []
     wait_for(lambda: len(fw.list_entries("feed")) == 200, 30, "the list to be loaded again")
+
+    if set_backend == "nftables":  # the elements go, the sets and rules stay
+        netns.run("nft", "flush", "set", "inet", "pushfw", "list_drop_feed4_32")
+    else:
+        netns.run("ipset", "flush")
+    assert fw.list_entries("feed") == []
+    wait_for(lambda: len(fw.list_entries("feed")) == 200, 30, "the emptied list loaded again")
+    [beat] = producer.hosts()
+    assert beat.lists["feed"].entries == 200
+    wait_for(lambda: not producer.hosts()[0].problems, 30, "the heartbeat to say all is well")
 
 
 def test_an_iptables_host_refuses_a_list_and_says_so_in_its_status(

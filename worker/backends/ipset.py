@@ -240,6 +240,8 @@ class IpsetBackend(IndexedBackend):
         )
         self._lists: dict[str, Action] = {}
         """The lists whose sets (and rules) are in the kernel, by name."""
+        self._filled: set[str] = set()
+        """Lists' live sets this worker filled: a flush by hand leaves such a set empty."""
 
     def open(self) -> None:
         if iptables_variant() == "nf_tables":
@@ -401,22 +403,40 @@ class IpsetBackend(IndexedBackend):
         if chain is not None and chain != self._chain_entries:
             return False
         try:
-            headers = self._run("list", "-t")  # every set's header, none of their elements
+            held = self._headers()
         except BackendError as exc:
             logger.debug("ipset sets not checked: %s", exc)
             return True
-        names: set[str] = set()
-        held: dict[str, int] = {}
-        for label, _, value in (line.partition(": ") for line in headers.splitlines()):
-            if label == "Name":
-                names.add(value)
-                name = value
-            elif label == "Number of entries" and names:
-                held[name] = int(value)
         lists = (self._list_name(a, n, v) for n, a in self._lists.items() for v in (4, 6))
-        return all(name in names for name in lists) and all(
-            name in names and held.get(name, count) >= count for name, count in self._counts.items()
+        return (
+            all(name in held for name in lists)
+            and all(held.get(name, -1) >= count for name, count in self._counts.items())
+            and not self._emptied(held)
         )
+
+    def _headers(self) -> dict[str, int]:
+        """Every set's entry count, from their headers alone (``ipset list -t``)."""
+        held: dict[str, int] = {}
+        name = ""
+        for label, _, value in (
+            line.partition(": ") for line in self._run("list", "-t").splitlines()
+        ):
+            if label == "Name":
+                name = value
+                held[name] = 0
+            elif label == "Number of entries" and name:
+                held[name] = int(value)
+        return held
+
+    def _emptied(self, held: Mapping[str, int]) -> set[str]:
+        """The lists with a live set this worker filled that holds no entry now."""
+        return {
+            name
+            for name, action in self._lists.items()
+            for version in (4, 6)
+            if (live := self._list_name(action, name, version)) in self._filled
+            and held.get(live) == 0
+        }
 
     def hits(self) -> dict[RuleKey, tuple[int, int]]:
         """Each element's counters, from one ``ipset save`` per set."""
@@ -579,12 +599,15 @@ class IpsetBackend(IndexedBackend):
         return found
 
     def list_names(self) -> set[str]:
-        """The lists with both families' sets: one missing by hand is a list to load again."""
-        present = set(self._run("list", "-n").split())
+        """The lists with both families' sets, less those with a set this worker filled that
+        holds nothing now: one missing or flushed by hand is a list to load again."""
+        held = self._headers()
+        emptied = self._emptied(held)
         return {
             name
             for name, action in self._kernel_lists().items()
-            if all(self._list_name(action, name, version) in present for version in (4, 6))
+            if name not in emptied
+            and all(self._list_name(action, name, version) in held for version in (4, 6))
         }
 
     def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
@@ -641,6 +664,9 @@ class IpsetBackend(IndexedBackend):
                 with contextlib.suppress(BackendError):
                     self._run("-exist", "destroy", temp)
             raise
+        for version, (count, _) in by_version.items():
+            live = self._list_name(spec.action, spec.name, version)
+            (self._filled.add if count else self._filled.discard)(live)
         if self._lists.get(spec.name) is not spec.action:
             self._set_list_rules(spec.name, spec.action)
 
@@ -661,6 +687,7 @@ class IpsetBackend(IndexedBackend):
             parsed = self._list_set.fullmatch(set_name)
             if parsed and parsed["name"] == name:
                 self._run("-exist", "destroy", set_name)
+                self._filled.discard(set_name)
 
     def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
         """One restore, deletes first; a family that would overflow is moved to a bigger set."""
@@ -697,6 +724,17 @@ class IpsetBackend(IndexedBackend):
             with contextlib.suppress(BackendError):
                 self._restore(undo)
             raise
+        self._note_filled(spec, adds, removes)
+
+    def _note_filled(
+        self, spec: BlockList, adds: Mapping[int, list[str]], removes: Mapping[int, list[str]]
+    ) -> None:
+        for version in (4, 6):
+            live = self._list_name(spec.action, spec.name, version)
+            if adds[version]:
+                self._filled.add(live)
+            elif removes[version]:
+                self._filled.discard(live)  # it may hold none now: unknown without counting
 
     def _grow_if_needed(self, spec: BlockList, version: int, adding: int) -> None:
         """Move the live set to one with room for ``adding`` more entries, if it has none."""

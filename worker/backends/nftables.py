@@ -286,6 +286,8 @@ class NftablesBackend(IndexedBackend):
         self._uncounted: set[str] = set()  # sets made before counters, moved at open
         self._chains: set[str] = set()
         self._lists: dict[str, _List] = {}
+        self._filled: set[str] = set()
+        """Lists' sets this worker filled: a flush by hand leaves such a set empty."""
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -444,6 +446,7 @@ class NftablesBackend(IndexedBackend):
                 rule = dict(_nlas(reply))  # NFTA_RULE_CHAIN 2, NFTA_RULE_EXPRESSIONS 4
                 lookups.setdefault(_text(rule.get(2, b"")), []).extend(_lookups(rule.get(4, b"")))
             emptied = [n for n in sorted(self._sets) if self._counts[n] > 0 and self._empty(n)]
+            emptied += self._emptied_lists()
         except OSError as exc:
             logger.debug("nftables table inet %s not checked: %s", self.table, exc)
             return exc.errno != errno.ENOENT
@@ -607,7 +610,21 @@ class NftablesBackend(IndexedBackend):
     supports_lists = True
 
     def list_names(self) -> set[str]:
-        return set(_lists_in(self._set_names()))
+        """The lists whose sets exist, less those with a set this worker filled that holds
+        nothing now (flushed by hand): each is a list to load again."""
+        try:
+            emptied = set(self._emptied_lists())
+        except OSError as exc:
+            logger.debug("nftables list sets not checked for elements: %s", exc)
+            emptied = set()
+        return {
+            name for name, lst in _lists_in(self._set_names()).items() if not lst.sets & emptied
+        }
+
+    def _emptied_lists(self) -> list[str]:
+        """The sets of loaded lists that were filled and hold no element now."""
+        live = self._filled.intersection(set().union(*(lst.sets for lst in self._lists.values())))
+        return [n for n in sorted(live) if self._empty(n)]
 
     list_chunk = 50_000
     """A list of more entries is filled in transactions of this many, into sets no rule
@@ -655,6 +672,8 @@ class NftablesBackend(IndexedBackend):
         cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets if old else ())]
         self._run([*cmds, *fill, *self._schema_commands(self._sets, lists)])
         self._lists = lists
+        self._filled -= old.sets if old else set()
+        self._filled |= {sets[key] for key, elems in grouped.items() if elems}
         logger.info(
             "nftables list %s (%s): %d entries loaded in %.2f s%s",
             name,
@@ -690,6 +709,7 @@ class NftablesBackend(IndexedBackend):
         cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(stale)]
         self._run(cmds + self._schema_commands(self._sets, lists))
         self._lists = lists
+        self._filled -= stale
         logger.warning(
             "nftables list %s: removed %d sets a load cut short had left", name, len(stale)
         )
@@ -731,6 +751,10 @@ class NftablesBackend(IndexedBackend):
         if cmds:
             self._run(cmds)
             self._lists = {**self._lists, name: _List(spec.action, present | wanted)}
+            self._filled -= {  # it may hold none now: unknown without counting
+                list_set_name(spec.action, name, *key, slot) for key in removing
+            }
+            self._filled |= {list_set_name(spec.action, name, *key, slot) for key in adding}
 
     def remove_list(self, name: str) -> None:
         """The rules rewritten without the list's, and its sets deleted: one transaction."""
@@ -744,6 +768,7 @@ class NftablesBackend(IndexedBackend):
             ]
             cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets)]
             self._run(cmds + self._schema_commands(self._sets, lists))
+            self._filled -= old.sets
         self._lists = lists
 
     def _list_set(self, name: str, timeout_s: int | None) -> Json:
