@@ -6,7 +6,7 @@ worker; the models here are the one definition of their shape.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "HeldList",
@@ -38,13 +38,13 @@ class RuleRecord(BaseModel):
     action: str
     network: str
     expires_ms: int | None = None
-    target: list[str] = []
+    target: list[str] = Field(default_factory=list)
     reason: str = ""
     origin: str = ""
     deleted: bool = False
     seen_ms: int | None = None
     """Redis's time when the command was first seen, where the entry id is ahead of it."""
-    signed: dict[str, str] = {}
+    signed: dict[str, str] = Field(default_factory=dict)
     """A signed command's signed fields and ``sig``, so a strict host can verify it itself."""
     expired_id: str | None = None
     """On the scheduler's ttl tombstones: the entry whose timed state this one ended."""
@@ -93,11 +93,11 @@ class ListRecord(BaseModel):
     action: str = "drop"
     size: int = 0
     expires_ms: int | None = None
-    target: list[str] = []
+    target: list[str] = Field(default_factory=list)
     reason: str = ""
     deleted: bool = False
     seen_ms: int | None = None
-    signed: dict[str, str] = {}
+    signed: dict[str, str] = Field(default_factory=dict)
     """A signed command's signed fields and ``sig``, so a strict host can verify it itself."""
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
@@ -135,7 +135,7 @@ class HostStatus(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     host: str
-    labels: list[str] = []
+    labels: list[str] = Field(default_factory=list)
     version: str = ""
     backend: str = ""
     last_seen_ms: int
@@ -148,7 +148,7 @@ class HostStatus(BaseModel):
     """``starting`` until the first reconcile is done, then ``running``."""
     ledger_lost: bool = False
     """The ledger is not the one this host converged with: it keeps rules the ledger lacks."""
-    problems: list[str] = []
+    problems: list[str] = Field(default_factory=list)
     """What keeps a role of this worker from doing its job (a failing scheduler, reconcile)."""
     ids_ahead: int = 0
     """Entries this worker found with ids ahead of Redis's clock (a producer chose them)."""
@@ -161,12 +161,12 @@ class HostStatus(BaseModel):
     position: str = ""
     """A follower's position: it has carried out every entry up to this id (its state file
     holds it too). Empty for a host with a consumer group, whose group says where it is."""
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = Field(default_factory=dict)
     """Commands this host answered since it started, by status: its progress, also for
     commands that asked for no result entry."""
-    roles: dict[str, RoleState] = {}
+    roles: dict[str, RoleState] = Field(default_factory=dict)
     """Each role's health: startup, applier, ledger, expiry, reconcile, heartbeat, trimming, ..."""
-    lists: dict[str, HeldList] = {}
+    lists: dict[str, HeldList] = Field(default_factory=dict)
     """The named lists this host's kernel holds, by name."""
 
 

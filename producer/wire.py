@@ -30,7 +30,7 @@ from pushfw.producer.contract import (
     parse_network,
 )
 
-__all__ = ["ParsedCommand", "read_command"]
+__all__ = ["ParsedCommand", "read_command", "read_network"]
 
 _ACTION = {op: op.action for op in Op}
 _INSERT = {op: op.is_insert for op in Op}
@@ -99,7 +99,7 @@ def read_command(fields: Mapping[bytes, bytes]) -> ParsedCommand:
 def _quick(values: dict[str, str]) -> ParsedCommand:
     """The common shapes, checked by hand; any doubt raises for the full parse to answer."""
     op = _op(values["op"])
-    network = _network(values["network"])
+    network = read_network(values["network"])
     ttl = values.get("ttl_s")
     ttl_s = cast(int, Command._ttl(ttl)) if ttl is not None else None
     if (ttl_s is None and _NEEDS_TTL[op]) or (ttl_s is not None and not _INSERT[op]):
@@ -133,8 +133,9 @@ def _op(raw: str) -> Op:
     return op
 
 
-def _network(raw: str) -> Network:
-    """A dotted quad built from its integer (a third of :func:`.parse_network`'s time)."""
+def read_network(raw: str) -> Network:
+    """:func:`.parse_network`, with dotted quads built from their integer (a third of its
+    time): the stream's and the ledger's networks are read with it."""
     match = _V4_NET.fullmatch(raw)
     if match is None:
         return parse_network(raw)

@@ -1,10 +1,15 @@
 """``reconcile`` against a model: random kernels and random desired states, on the memory
 backend, with a change the kernel refuses among them. The final rules and the drift's
-counts must be what the rules of reconciliation say, rule by rule."""
+counts must be what the rules of reconciliation say, rule by rule, whether the kernel is
+compared packed or rule by rule, in one commit or in small chunks; and the commits must come
+in the order that never drops what the end state accepts."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
+
+import pytest
 
 from pushfw.producer.contract import Action, parse_network
 from pushfw.worker.backends.base import Rule, RuleKey
@@ -65,11 +70,44 @@ def _kernel(rng: random.Random, failing: bool) -> tuple[dict[RuleKey, Rule], Mem
     return kernel, backend
 
 
-def test_reconcile_makes_the_kernel_what_the_model_says_and_counts_it():
+def _phase(key: RuleKey, rule: Rule | None) -> int:
+    """Accepts set, drops removed, drops set, accepts removed: the order of the commits."""
+    if key.action is Action.ACCEPT:
+        return 0 if rule is not None else 3
+    return 1 if rule is None else 2
+
+
+def _logged(backend: MemoryBackend) -> list[list[tuple[RuleKey, Rule | None]]]:
+    """The changes of each commit the backend made (refused ones are not logged)."""
+    made: list[list[tuple[RuleKey, Rule | None]]] = []
+    commit = backend.commit
+
+    def logging_commit() -> None:
+        staged = list(backend._staged)
+        commit()
+        made.append(staged)
+
+    backend.commit = logging_commit  # type: ignore[method-assign]
+    return made
+
+
+class _NotIndexed:
+    """Stands in for IndexedBackend in ``isinstance``: reconcile then reads rule by rule."""
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rule-by-rule"])
+@pytest.mark.parametrize("chunk", [50_000, 7])
+def test_reconcile_makes_the_kernel_what_the_model_says_and_counts_it(
+    packed: bool, chunk: int, monkeypatch: Any
+):
+    monkeypatch.setattr("pushfw.worker.reconcile._COMMIT_CHUNK", chunk)
+    if not packed:
+        monkeypatch.setattr("pushfw.worker.reconcile.IndexedBackend", _NotIndexed)
     rng = random.Random(11)
     for trial in range(150):
         failing = trial % 3 == 0
         kernel, backend = _kernel(rng, failing)
+        commits = _logged(backend)
         present, absent = RuleIndex(), RuleIndex()
         wanted: dict[RuleKey, Rule] = {}
         for key in rng.sample(POOL, rng.randrange(len(POOL))):
@@ -91,3 +129,7 @@ def test_reconcile_makes_the_kernel_what_the_model_says_and_counts_it():
         assert backend.snapshot() == final, trial
         assert (drift.added, drift.updated, drift.removed) == counts, trial
         assert drift.kept == len(kernel) - counts[1] - counts[2], trial
+        phases = [_phase(key, rule) for made in commits for key, rule in made]
+        assert phases == sorted(phases), trial
+        if chunk == 7 and not failing:
+            assert all(len(made) <= chunk for made in commits), trial

@@ -206,7 +206,7 @@ class Applier:
     def rebuild_expiry(self) -> None:
         """Queue every timed rule the backend holds (after open or a reconcile)."""
         with self.kernel():
-            self.expiry.rebuild(rule for _, rule in self.backend.committed())
+            self.expiry.rebuild(self.backend.timed())
 
     def _sync_clock(self, redis_ms: int) -> None:
         self._clock_offset_ms = redis_ms - int(time.time() * 1000)

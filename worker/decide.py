@@ -17,7 +17,6 @@ protected networks and blast radius (for accepts too), expiry. The answer is a f
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from pushfw.producer.lists import (
     record_text,
 )
 from pushfw.producer.records import ListRecord, RuleRecord
-from pushfw.producer.wire import ParsedCommand, read_command
+from pushfw.producer.wire import ParsedCommand, read_command, read_network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.protect import LOOPBACK, Protection
 from pushfw.worker.signing import Signing
@@ -249,7 +248,7 @@ def request_from_record(record: RuleRecord) -> Request | None:
     folding worker wrote beside them.
     """
     try:
-        network = ipaddress.ip_network(record.network)
+        network = read_network(record.network)
         action = Action(record.action)
     except ValueError:
         return None

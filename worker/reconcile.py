@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
+from pushfw.producer.contract import Action
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
-from pushfw.worker.backends.index import RuleIndex
+from pushfw.worker.backends.index import IndexedBackend, RuleIndex, unpacked
 from pushfw.worker.decide import Add, Delete, Policy, decide, request_from_record
 from pushfw.worker.errors import BackendError, TransientBackendError
 
 logger = logging.getLogger(__name__)
+
+ACCEPT, DROP = Action.ACCEPT, Action.DROP
+_COMMIT_CHUNK = 50_000
+"""Changes per kernel commit. A reboot's million adds in one nftables transaction would
+hold the whole transaction in the worker's memory (libnftables), as a list load did."""
 
 
 @dataclass(frozen=True)
@@ -82,37 +90,32 @@ def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) ->
     refuses (a network a set type cannot hold, a full set) is isolated by halving the batch,
     so it costs only itself: every other change is made and the refused ones are reported.
 
+    The changes are committed :data:`_COMMIT_CHUNK` at a time, in an order that never
+    drops what the end state accepts (:func:`_changes`); a kernel that agrees costs a pass
+    over integers and no commit.
+
     Raises:
-        TransientBackendError: the kernel was busy (xtables lock); nothing was changed.
+        TransientBackendError: the kernel was busy (xtables lock); the chunks before it
+            were made, nothing of it.
     """
     started = time.perf_counter()
     held_before = backend.size()
-    changes: list[tuple[RuleKey, Rule | None]] = []
-    replacing: set[RuleKey] = set()  # changes of a rule the kernel holds with another expiry
-    for key, rule in desired.present.pairs():
-        have = backend.get(key)
-        if have != rule:
-            changes.append((key, rule))
-            if have is not None:
-                replacing.add(key)
-    for key, _ in backend.committed():  # one rule at a time: no dict of the whole kernel
-        if key in desired.present or key in desired.held:
-            continue
-        if remove_extras or key in desired.absent:
-            changes.append((key, None))
-    refused = dict(_commit(backend, changes)) if changes else {}
-    made = [(key, rule) for key, rule in changes if key not in refused]
-    updated = sum(1 for key, rule in made if rule is not None and key in replacing)
-    added = sum(1 for _, rule in made if rule is not None) - updated
-    removed = sum(1 for _, rule in made if rule is None)
-    kept = held_before - updated - removed
+    made: Counter[str] = Counter()
+    refused: list[tuple[RuleKey, BackendError]] = []
+    for chunk in _batched(_changes(backend, desired, remove_extras), _COMMIT_CHUNK):
+        refused_now = dict(_commit(backend, [(key, rule) for key, rule, _ in chunk]))
+        refused += refused_now.items()
+        for key, rule, replacing in chunk:
+            if key not in refused_now:
+                made["removed" if rule is None else "updated" if replacing else "added"] += 1
+    added, removed, updated = made["added"], made["removed"], made["updated"]
     drift = Drift(
         added,
         removed,
         updated,
-        kept,
+        held_before - updated - removed,
         time.perf_counter() - started,
-        tuple((key, str(exc)) for key, exc in refused.items()),
+        tuple((key, str(exc)) for key, exc in refused),
     )
     for key, error in drift.refused[:10]:
         logger.error("reconcile: the kernel refused %s: %s", key, error)
@@ -132,6 +135,69 @@ def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) ->
             drift.seconds,
         )
     return drift
+
+
+_Change = tuple[RuleKey, Rule | None, bool]
+"""A rule to set (None: to remove), and whether the kernel holds it with another expiry."""
+
+
+def _changes(backend: Backend, desired: Desired, remove_extras: bool) -> Iterator[_Change]:
+    """What the kernel lacks or must lose, made as it is read: accepts added or renewed
+    first, then drops removed, drops added, and accepts removed last, so that no packet
+    the end state accepts meets a drop between two chunks."""
+    index = backend.committed_index() if isinstance(backend, IndexedBackend) else None
+    for action, adding in ((ACCEPT, True), (DROP, False), (DROP, True), (ACCEPT, False)):
+        if adding:
+            yield from _missing(backend, index, desired, action)
+        else:
+            yield from _extras(backend, index, desired, action, remove_extras)
+
+
+def _missing(
+    backend: Backend, index: RuleIndex | None, desired: Desired, action: Action
+) -> Iterator[_Change]:
+    for version, packed, expiry in desired.present.packed_of(action):
+        if index is not None:
+            have = index.expiry_of(action, version, packed)
+            if have != expiry:
+                rule = unpacked(action, version, packed, expiry)
+                yield rule.key, rule, have is not None
+            continue
+        rule = unpacked(action, version, packed, expiry)
+        held = backend.get(rule.key)
+        if held != rule:
+            yield rule.key, rule, held is not None
+
+
+def _extras(
+    backend: Backend,
+    index: RuleIndex | None,
+    desired: Desired,
+    action: Action,
+    remove_extras: bool,
+) -> Iterator[_Change]:
+    """The kernel's rules of ``action`` the ledger does not hold, one at a time."""
+    keys: Iterable[RuleKey]
+    if index is not None:
+        keys = (
+            unpacked(action, version, packed, expiry).key
+            for version, packed, expiry in index.packed_of(action)
+            if desired.present.expiry_of(action, version, packed) is None
+        )
+    else:
+        keys = (
+            k for k, _ in backend.committed() if k.action is action and k not in desired.present
+        )
+    for key in keys:
+        if key in desired.held:
+            continue
+        if remove_extras or key in desired.absent:
+            yield key, None, False
+
+
+def _batched(changes: Iterator[_Change], size: int) -> Iterator[list[_Change]]:
+    while chunk := list(islice(changes, size)):
+        yield chunk
 
 
 def _commit(

@@ -127,6 +127,10 @@ class Backend(abc.ABC):
         """The committed rules one by one: a pass over all of them without a dict of them."""
         return iter(self.snapshot().items())
 
+    def timed(self) -> Iterator[Rule]:
+        """The committed rules that expire, one by one (the expiry queue is rebuilt from them)."""
+        return (rule for _, rule in self.committed() if rule.expires_ms is not None)
+
     def intact(self) -> bool:
         """Does the kernel still hold what the index says, as far as a cheap look can tell?
 

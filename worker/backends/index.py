@@ -21,7 +21,7 @@ from collections.abc import Iterator, MutableMapping
 from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 
-__all__ = ["IndexedBackend", "RuleIndex"]
+__all__ = ["IndexedBackend", "RuleIndex", "unpacked"]
 
 _MERGE_AT = 4096
 """Changes held apart before a merge, at least; a merge also waits for 1/16 of the arrays."""
@@ -172,6 +172,25 @@ class RuleIndex(MutableMapping[RuleKey, Rule]):
         """How many rules of ``action`` it holds, without building them."""
         return self._v4[action].size + len(self._v6[action])
 
+    def packed_of(self, action: Action) -> Iterator[tuple[int, int, int]]:
+        """``(version, packed key, expiry or 0)`` of every rule of ``action``, none built:
+        a pass over a million rules compares integers, not networks."""
+        for packed, expiry in self._v4[action].items():
+            yield 4, packed, expiry
+        for packed, expiry in list(self._v6[action].items()):
+            yield 6, packed, expiry
+
+    def expiry_of(self, action: Action, version: int, packed: int) -> int | None:
+        """The expiry (0: none) held for a packed key, or None when absent."""
+        if version == 4:
+            return self._v4[action].find(packed)
+        return self._v6[action].get(packed)
+
+
+def unpacked(action: Action, version: int, packed: int, expiry: int) -> Rule:
+    """The rule a packed entry of :meth:`RuleIndex.packed_of` stands for."""
+    return Rule(RuleKey(action, _network(packed, version)), expiry or None)
+
 
 class IndexedBackend(Backend):
     """A backend whose index is a :class:`RuleIndex` and whose staged changes are one list.
@@ -194,6 +213,17 @@ class IndexedBackend(Backend):
     def committed(self) -> Iterator[tuple[RuleKey, Rule]]:
         """Built from the packed index as they are read."""
         return self._index.pairs()
+
+    def timed(self) -> Iterator[Rule]:
+        """Only the timed rules are built: permanent ones are skipped as integers."""
+        for action in Action:
+            for version, packed, expiry in self._index.packed_of(action):
+                if expiry:
+                    yield unpacked(action, version, packed, expiry)
+
+    def committed_index(self) -> RuleIndex:
+        """The committed rules packed, for a reconcile that compares integers."""
+        return self._index
 
     def get(self, key: RuleKey) -> Rule | None:
         return self._index.get(key)
