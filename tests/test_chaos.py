@@ -4,7 +4,9 @@ Four hosts on one Redis, each in its own namespace: one per kernel backend (ipta
 nftables, ipset) with a consumer group, and a follower (nftables) that reads a replica after
 the position it keeps in its state file. A producer sends inserts, deletes and re-inserts
 with and without a ttl, IPv4 and IPv6, single addresses and networks, some targeted to one
-host, while a random worker is SIGKILLed and restarted every few hundred ms. Then every
+host, while a random worker is SIGKILLed and restarted every few hundred ms, and now and
+then the replica is frozen (SIGSTOP) for a moment or killed and restarted (the follower
+reads on the primary meanwhile). Then every
 kernel must hold exactly what the stream, applied in order, says it should: nothing lost,
 nothing extra, nothing pending, no dead letter, and no worker death that the kill loop did
 not cause.
@@ -21,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 from collections import Counter
@@ -141,6 +144,20 @@ def settled(client: Any, groups: list[str], followers: Sequence[str] = ()) -> bo
     )
 
 
+def fault_the_replica(replica: RedisServer, rng: random.Random) -> str:
+    """Freeze the replica for a moment, or kill it and start it again (it syncs anew)."""
+    assert replica.proc is not None
+    if rng.random() < 0.7:
+        replica.proc.send_signal(signal.SIGSTOP)
+        time.sleep(rng.uniform(0.2, 1.5))
+        replica.proc.send_signal(signal.SIGCONT)
+        return "frozen"
+    replica.stop(hard=True)
+    time.sleep(rng.uniform(0.1, 1.0))
+    replica.start()
+    return "killed"
+
+
 def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
     make_netns: Callable[[], Netns],
     spawn_worker: Callable[..., WorkerProcess],
@@ -171,8 +188,12 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
     )
     sender.start()
     kills, crashes, killed = 0, [], Counter[str]()
+    replica_faults = Counter[str]()
     while sender.is_alive() or kills < 10:
         time.sleep(rng.uniform(0.05, KILL_GAP_S))
+        if rng.random() < 0.06:
+            replica_faults[fault_the_replica(replica_server, rng)] += 1
+            continue
         worker = rng.choice(workers)
         assert worker.proc is not None
         if worker.proc.poll() is not None:  # died by itself: not the kill loop
@@ -182,6 +203,7 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
         killed[kinds[workers.index(worker)]] += 1
         worker.start(wait=False)
     sender.join()
+    wait_for(lambda: r.wait(1, 100) >= 1, 30, "the replica to be in sync again")
     for worker in workers:
         worker.wait_ready(timeout=60)
     wait_for(lambda: settled(r, groups_of, hosts[3:]), 60, "every group and the follower")
@@ -207,6 +229,8 @@ def test_i1_i3_kill9_under_a_mixed_load_matches_the_model_on_every_backend(
     finally:
         groups = {g["name"].decode(): int(g["pending"]) for g in r.xinfo_groups(CMD)}
         print(f"\nchaos: seed {SEED}, sent {len(sent)}, kills {kills} (gap <= {KILL_GAP_S} s)")
+        faults = ", ".join(f"{kind} {n}" for kind, n in sorted(replica_faults.items()))
+        print(f"chaos: replica {faults or 'never faulted'}")
         host_of = dict(zip(kinds, hosts, strict=True))
         for kind, (lost, extra) in diffs.items():
             host = host_of[kind]

@@ -301,6 +301,7 @@ def test_ban_and_unban_become_pushfw_commands(fail2ban: Fail2ban, r: redis.Redis
         "reason": "fail2ban pushfw-test",
     }
 
+    fail2ban.wait(lambda: not fail2ban.running_commands(), "the ban's command to return")
     fail2ban.client("set", "pushfw-test", "unbanip", BANNED, check=True)
     fail2ban.wait(lambda: find(r, op="drop.delete", ip=BANNED), f"a drop.delete of {BANNED}")
     assert find(r, op="drop.delete", ip=BANNED) == {

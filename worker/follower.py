@@ -60,8 +60,9 @@ _PROBE_EVERY_S = 5.0
 """While reads go to the primary, how often the replica is asked whether it is back."""
 _STALE_AFTER_S = 10.0
 """A replica behind the primary that has not moved for this long is read no more."""
-_REPLICA_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-"""A replica that does not answer (a loading one raises BusyLoadingError, one of these)."""
+_REPLICA_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
+"""A replica that does not answer (a loading one raises BusyLoadingError, one of these), or
+refuses this user (its ACL is not the primary's)."""
 
 
 class NotAReplica(Exception):
@@ -299,6 +300,8 @@ class FollowerStream:
         """XINFO STREAM, or None when there is no stream. https://redis.io/commands/xinfo-stream/"""
         try:
             raw: Any = client.xinfo_stream(self.keys.cmd)
+        except redis.exceptions.NoPermissionError:
+            raise
         except redis.ResponseError:
             return None
         return {_text(k): v for k, v in dict(raw).items()}
