@@ -359,3 +359,49 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
     finally:
         replica.stop()
     assert {key("drop", f"192.0.2.{i}") for i in (1, 2, 3, 4)} == set(worker.backend.snapshot())
+
+
+def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
+    r: Any, redis_server: RedisServer, producer: Producer, tmp_path, monkeypatch
+):
+    """ACLs are not replicated: a replica set up without the worker's user, or with fewer
+    commands for it, must not leave the host applying nothing."""
+    monkeypatch.setattr("pushfw.worker.follower._PROBE_EVERY_S", 0.3)
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
+    replica.workdir.mkdir()
+    replica.start()
+    user = "pushfw-follower-acl"
+    rules = ["reset", "on", ">pw", "~*", "&*", "+@all"]
+    r.execute_command("ACL", "SETUSER", user, *rules)
+    admin: Any = redis.Redis.from_url(replica.url)
+    try:
+        wait_for(lambda: r.wait(1, 100) >= 1, 20, "the replica to connect")
+        url = f"redis://{user}:pw@127.0.0.1:{{}}/0"
+        settings = WorkerSettings(
+            redis_url=url.format(redis_server.port),
+            read_url=url.format(replica.port),
+            host_name="f1",
+            backend="memory",
+            block_ms=50,
+            state_dir=str(tmp_path),
+        )
+        worker = Worker(settings, backend=MemoryBackend())
+        worker.setup()  # the replica knows no such user
+        producer.drop("192.0.2.1", reply=False)
+        worker.run(burst=True)
+        assert key("drop", "192.0.2.1") in set(worker.backend.snapshot())
+        [problem] = [p for p in worker._problems() if p.startswith("replica ")]
+        assert "reading on the primary" in problem and "***" in problem, problem
+
+        admin.execute_command("ACL", "SETUSER", user, *rules, "-xread")  # a narrower ACL
+        stream: Any = worker.applier.stream
+        stream._probe_at = 0.0  # ask the replica again now
+        producer.drop("192.0.2.2", reply=False)
+        worker.run(burst=True)
+        assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
+        [problem] = [p for p in worker._problems() if p.startswith("replica ")]
+        assert "xread" in problem.lower(), problem
+    finally:
+        r.execute_command("ACL", "DELUSER", user)
+        admin.close()
+        replica.stop()
