@@ -21,7 +21,6 @@ import redis
 from pushfw.producer import Producer
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
-from pushfw.worker.follower import NotAReplica
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
@@ -63,6 +62,15 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 
 def groups(client: redis.Redis) -> set[str]:
     return {g["name"].decode() for g in client.xinfo_groups(CMD)}
+
+
+def in_sync(replica: RedisServer) -> bool:
+    """Whether this replica's link to its primary is up (``WAIT`` counts any replica)."""
+    client = redis.Redis.from_url(replica.url)
+    try:
+        return bool(client.info("replication").get("master_link_status") == "up")
+    finally:
+        client.close()
 
 
 def beat(producer: Producer, host: str) -> Any:
@@ -264,14 +272,25 @@ def test_a_follower_starts_again_when_the_stream_no_longer_reaches_its_position(
     assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
 
 
-def test_a_read_url_that_is_no_replica_of_the_primary_fails_the_start_and_says_why(
-    r: Any, redis_server: RedisServer, aof_redis: RedisServer, tmp_path, monkeypatch
+def test_a_read_url_that_is_no_replica_of_the_primary_is_read_around_and_named(
+    r: Any,
+    redis_server: RedisServer,
+    aof_redis: RedisServer,
+    producer: Producer,
+    tmp_path,
+    monkeypatch,
 ):
-    """Following an unrelated Redis would apply nothing, silently."""
+    """Following an unrelated Redis would apply nothing, silently: the host reads on the
+    primary, and its heartbeat says the replica holds another ledger."""
     monkeypatch.setattr("pushfw.worker.follower._REPLICA_WAIT_S", 0.2)
     worker = follower(redis_server, aof_redis, tmp_path)
-    with pytest.raises(NotAReplica, match="read_url does not replicate redis_url"):
-        worker.setup()
+    worker.setup()
+    producer.drop("192.0.2.1", reply=False)
+    worker.run(burst=True)
+    assert key("drop", "192.0.2.1") in set(worker.backend.snapshot())
+    status = beat(producer, "f1")
+    assert status.reads == "primary"
+    assert [p for p in status.problems if "holds ledger generation none, the primary " in p]
 
 
 def test_read_url_names_one_server():
@@ -290,7 +309,7 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
     replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
     replica.workdir.mkdir()
     replica.start()
-    wait_for(lambda: r.wait(1, 100) >= 1, 20, "the replica to connect")
+    wait_for(lambda: in_sync(replica), 20, "the replica to sync")
     worker = follower(redis_server, replica, tmp_path, heartbeat_interval_s=0.05)
 
     def state() -> tuple[str, list[str]]:
@@ -375,7 +394,7 @@ def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
     r.execute_command("ACL", "SETUSER", user, *rules)
     admin: Any = redis.Redis.from_url(replica.url)
     try:
-        wait_for(lambda: r.wait(1, 100) >= 1, 20, "the replica to connect")
+        wait_for(lambda: in_sync(replica), 20, "the replica to sync")
         url = f"redis://{user}:pw@127.0.0.1:{{}}/0"
         settings = WorkerSettings(
             redis_url=url.format(redis_server.port),

@@ -50,12 +50,13 @@ from pushfw.worker.stream import (
     stream_id_order,
 )
 
-__all__ = ["FollowerStream", "NotAReplica", "PositionFile", "StreamGone"]
+__all__ = ["FollowerStream", "PositionFile", "StreamGone"]
 
 logger = logging.getLogger(__name__)
 
-_REPLICA_WAIT_S = 5.0
-"""How long a replica may take to show the primary's ledger marker at start."""
+_REPLICA_WAIT_S = 2.0
+"""How long a replica may take to show the primary's ledger marker at start (a new ledger's
+marker reaches it with the replication lag) before the host reads on the primary."""
 _PROBE_EVERY_S = 5.0
 """While reads go to the primary, how often the replica is asked whether it is back."""
 _STALE_AFTER_S = 10.0
@@ -63,10 +64,6 @@ _STALE_AFTER_S = 10.0
 _REPLICA_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
 """A replica that does not answer (a loading one raises BusyLoadingError, one of these), or
 refuses this user (its ACL is not the primary's)."""
-
-
-class NotAReplica(Exception):
-    """``read_url`` does not hold what ``redis_url`` holds: following it would apply nothing."""
 
 
 class StreamGone(redis.ResponseError):
@@ -81,8 +78,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _marker(raw: Any) -> str:
-    return "none" if raw is None else _text(raw)
+def _other_marker(found: Any, want: Any) -> str:
+    """Why a replica is not read: it does not replicate the primary, or not yet."""
+    shown = "none" if found is None else _text(found)
+    return f"it holds ledger generation {shown}, the primary {_text(want or b'none')}"
 
 
 def _why(exc: Exception) -> str:
@@ -235,12 +234,12 @@ class FollowerStream:
         return True
 
     def check_replica(self) -> None:
-        """Make sure the replica replicates the primary: its ledger generation marker is
-        the primary's. An unrelated Redis would leave this host following a stream that no
-        command reaches. Raises NotAReplica (the start fails, is retried, and says why)."""
+        """Read on the replica only once it replicates the primary: its ledger generation
+        marker is the primary's. An unrelated Redis, or one not yet synced, would leave this
+        host following a stream that no command reaches; until the probe finds the marker
+        there, the host reads on the primary and its heartbeat says why."""
         want = self.client.get(self.keys.generation)
-        wait_s = _REPLICA_WAIT_S
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + _REPLICA_WAIT_S
         while True:
             try:
                 found = self.replica.get(self.keys.generation)
@@ -251,10 +250,8 @@ class FollowerStream:
                 self._replica_back()
                 return
             if time.monotonic() >= deadline:
-                raise NotAReplica(
-                    f"read_url does not replicate redis_url: its ledger generation is "
-                    f"{_marker(found)}, the primary's {_marker(want)} (after {wait_s:.0f} s)"
-                )
+                self._read_on_primary(_other_marker(found, want))
+                return
             time.sleep(0.05)
 
     def group_exists(self) -> bool:
@@ -370,9 +367,7 @@ class FollowerStream:
             self.probe.connection_pool.disconnect()
             return False
         if found != want:
-            self.replica_down = (
-                f"it holds ledger generation {_marker(found)}, the primary {_marker(want)}"
-            )
+            self.replica_down = _other_marker(found, want)
             return False
         if added < self._read_added:
             lacks = plural(self._read_added - added, "entry", "entries")
