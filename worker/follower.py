@@ -186,7 +186,7 @@ class FollowerStream:
         self.replica_down: str | None = None
         """Why reads go to the primary now; None while they go to the replica."""
         self.replica_down_ms = 0
-        self._probe_at = 0.0
+        self._probe_at = self._watch_at = 0.0
         self._stuck: tuple[int, float] | None = None
         """The replica's ``entries-added`` when it was first seen behind the primary, and when."""
         self.keys = keys
@@ -382,11 +382,12 @@ class FollowerStream:
         self.replica_down = None
 
     def _watch_replica(self, primary_added: int) -> None:
-        """At each heartbeat: a replica that answers but no longer follows the primary (its
-        link is down and it serves stale data) is read no more once it has stayed behind,
-        without moving, for ``_STALE_AFTER_S``."""
-        if self.replica_down is not None:
+        """At heartbeats, at most every ``_PROBE_EVERY_S``: a replica that answers but no
+        longer follows the primary (its link is down and it serves stale data) is read no
+        more once it has stayed behind, without moving, for ``_STALE_AFTER_S``."""
+        if self.replica_down is not None or time.monotonic() < self._watch_at:
             return
+        self._watch_at = time.monotonic() + _PROBE_EVERY_S  # heartbeats come faster when busy
         try:
             added = _entries_added(self._info(self.probe))
         except _REPLICA_ERRORS as exc:

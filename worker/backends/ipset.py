@@ -589,10 +589,11 @@ class IpsetBackend(IndexedBackend):
             )
         return set_name
 
-    def _kernel_lists(self) -> dict[str, Action]:
-        """The lists with a live set in the kernel, read from the names of the sets only."""
+    def _kernel_lists(self, set_names: Iterable[str] | None = None) -> dict[str, Action]:
+        """The lists with a live set in the kernel, read from the names of the sets only
+        (``set_names``: those already read)."""
         found: dict[str, Action] = {}
-        for set_name in self._run("list", "-n").split():
+        for set_name in self._run("list", "-n").split() if set_names is None else set_names:
             parsed = self._list_set.fullmatch(set_name)
             if parsed and parsed["temp"] == "-":
                 found[parsed["name"]] = Action.ACCEPT if parsed["action"] == "a" else Action.DROP
@@ -605,7 +606,7 @@ class IpsetBackend(IndexedBackend):
         emptied = self._emptied(held)
         return {
             name
-            for name, action in self._kernel_lists().items()
+            for name, action in self._kernel_lists(held).items()
             if name not in emptied
             and all(self._list_name(action, name, version) in held for version in (4, 6))
         }
