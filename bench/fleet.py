@@ -44,6 +44,7 @@ from redis.typing import EncodableT, FieldT
 
 from bench.readcost import redis_cpu_s
 from pushfw.producer.client import Producer
+from pushfw.producer.connection import untyped
 from pushfw.producer.contract import CommandRejected, parse_command
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListContent, is_list_entry, parse_list_command
@@ -326,7 +327,7 @@ def burst(
                 fields = {"op": "drop.insert", "ip": _address(i)}
                 if reply:
                     fields["reply"] = "1"
-                pipe.xadd(KEYS.cmd, fields)  # type: ignore[arg-type]
+                untyped(pipe).xadd(KEYS.cmd, fields)
                 if len(pipe) >= 1000:
                     pipe.execute()
             pipe.execute()

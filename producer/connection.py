@@ -93,6 +93,16 @@ def parse_target(url: str) -> RedisTarget:
     )
 
 
+def untyped(obj: object) -> Any:
+    """``obj`` typed as ``Any``, for redis-py API whose annotations come and go between releases.
+
+    redis-py 8.2 annotated ``Sentinel``, ``ClusterNode`` and ``pubsub`` that 8.1 left untyped:
+    a ``type: ignore`` that one release needs, the other reports as unused, so calls through
+    those go through this instead and type-check the same on every release.
+    """
+    return obj
+
+
 def connect(url: str, *, decode_responses: bool, **options: Any) -> redis.Redis:
     """A client for ``url``; Sentinel resolves the master, Cluster routes by slot.
 
@@ -103,14 +113,13 @@ def connect(url: str, *, decode_responses: bool, **options: Any) -> redis.Redis:
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     tls: dict[str, Any] = {"ssl": True, **dict(target.options)} if target.tls else {}
     if target.topology == "sentinel":
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.hosts), sentinel_kwargs=dict(tls), **options
-        )
-        return sentinel.master_for(  # type: ignore[no-untyped-call,no-any-return]
+        sentinel = untyped(Sentinel)(list(target.hosts), sentinel_kwargs=dict(tls), **options)
+        master: redis.Redis = sentinel.master_for(
             target.service, db=target.db, decode_responses=decode_responses, **auth, **tls
         )
+        return master
     if target.topology == "cluster":
-        nodes = [ClusterNode(host, port) for host, port in target.hosts]  # type: ignore[no-untyped-call]
+        nodes = [untyped(ClusterNode)(host, port) for host, port in target.hosts]
         options.pop("health_check_interval", None)
         cluster = RedisCluster(
             startup_nodes=nodes, decode_responses=decode_responses, **auth, **tls, **options

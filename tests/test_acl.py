@@ -31,6 +31,7 @@ from pushfw.producer.acl import (
     producer_rules,
     worker_rules,
 )
+from pushfw.producer.connection import untyped
 from pushfw.producer.lists import ListContent
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.scheduler import Scheduler
@@ -49,7 +50,7 @@ pushfw = run_pushfw  # the CLI, without PUSHFW_* settings from the outer world
 
 def execute(client: redis.Redis, *args: Any) -> Any:
     """``execute_command``, typed (redis-py leaves it untyped)."""
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    return untyped(client).execute_command(*args)
 
 
 def url(server: RedisServer, user: str, password: str) -> str:
@@ -140,7 +141,7 @@ def test_shipped_acl_file_loads_and_means_the_same_as_the_commands(acl_server, t
 
 def _rules(client: redis.Redis, user: str) -> dict[str, Any]:
     """ACL GETUSER with every list sorted (Redis lists commands in no fixed order)."""
-    info: dict[str, Any] = client.acl_getuser(user)  # type: ignore[assignment]
+    info: dict[str, Any] = untyped(client).acl_getuser(user)
     return {k: sorted(map(str, v)) if isinstance(v, list) else v for k, v in info.items()}
 
 

@@ -32,6 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import redis
 
+from pushfw.producer.connection import untyped
 from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import RuleHits
@@ -117,7 +118,7 @@ def publish_hits(
     pipe = client.pipeline(transaction=True)  # one key: also fine on a cluster slot
     pipe.delete(keys.hits(host))
     if fields:
-        pipe.hset(keys.hits(host), mapping=fields)  # type: ignore[arg-type]
+        untyped(pipe).hset(keys.hits(host), mapping=fields)
     pipe.execute()
     if metrics is not None:
         metrics.hits(totals(hits), seconds)

@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from pushfw.producer.connection import RedisTarget, parse_target
+from pushfw.producer.connection import RedisTarget, parse_target, untyped
 from pushfw.producer.contract import Network, parse_network
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,11 @@ def _sentinel_nodes(target: RedisTarget) -> list[tuple[str, int]]:
     tls: dict[str, Any] = {"ssl": True, **dict(target.options)} if target.tls else {}
     timeouts = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
     kwargs = {**tls, **timeouts, "retry": Retry(NoBackoff(), 0)}
-    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=kwargs)  # type: ignore[no-untyped-call]
+    sentinel = untyped(Sentinel)(list(target.hosts), sentinel_kwargs=kwargs)
     try:
-        nodes = list(sentinel.discover_slaves(target.service))  # type: ignore[no-untyped-call]
+        nodes = list(sentinel.discover_slaves(target.service))
         try:
-            nodes.append(sentinel.discover_master(target.service))  # type: ignore[no-untyped-call]
+            nodes.append(sentinel.discover_master(target.service))
         except MasterNotFoundError:
             if not nodes:  # mid-failover the replicas still name the next master
                 raise
@@ -146,7 +146,7 @@ class Protection:
         if target and target.topology == "sentinel":
             nodes += self._attempt("the sentinels", lambda: _sentinel_nodes(target))
         if isinstance(client, RedisCluster):
-            cluster_nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+            cluster_nodes = untyped(client).get_nodes()
             nodes += [(str(node.host), int(node.port)) for node in cluster_nodes]
         elif isinstance(client, redis.Redis):
             nodes += self._attempt("the client's sockets", lambda: list(_peers(client)))

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from pushfw.producer.connection import untyped
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
 from pushfw.worker.ledger import claim_script
@@ -146,7 +147,7 @@ class Scheduler:
             return None
         pool = getattr(self.client, "connection_pool", None)  # a cluster client has none: db 0
         db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
-        pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = untyped(self.client).pubsub()
         pubsub.psubscribe(f"__keyevent@{db}__:expired")
         return pubsub
 
