@@ -6,10 +6,14 @@ Every rule here was worked out from the code that runs under it (``client.py`` a
 ``tests/test_acl.py`` against a real redis-server. Rules need Redis >= 7.0 (read/write key
 permissions ``%R~``/``%W~``).
 
-- **producer**: ``XADD`` to the command stream and ``SET`` of list contents (``pushfw
-  import``) and nothing else may be written; it may read results, dead letters, the ledger
-  and the heartbeats (``pushfw wait/results/dead/list/lists/status``). ``minimal=True``
-  leaves only ``XADD`` (no lists). ACLs cannot look at arguments:
+- **producer**: ``XADD`` to the command stream and nothing else may be written but list
+  contents, and those only through the ``list_store`` Redis Function (``pushfw import``):
+  a string, once, with no expiry. Redis checks what a Function calls against the caller's
+  ACL, so a selector grants on content keys ``FCALL`` and the commands ``list_store``
+  calls: ``SETNX`` and ``PERSIST`` (which cannot overwrite, set an expiry or change a type),
+  ``TYPE`` and ``GET``; never ``SET``, ``XADD``, ``PEXPIRE`` or ``DEL``. It may read results,
+  dead letters, the ledger and the heartbeats (``pushfw wait/results/dead/list/lists/status``).
+  ``minimal=True`` leaves only ``XADD`` (no lists). ACLs cannot look at arguments:
   ``XADD ... MAXLEN 0`` can still trim the command stream.
 - **worker**: stream consumption (its group and the ledger's), results, dead letters,
   the ledger hash, the expiry queue, the TTL marker keys, heartbeats, and the key-expiry
@@ -54,9 +58,13 @@ _PRODUCER_READ = (
     "+time",  # Redis's clock, which every expiry is measured by
 )
 _PRODUCER_LISTS = (
-    "+set",  # pushfw import: a list's content, under a key named after its hash
-    "+multi",  # the content and its list.load command in one transaction
-    "+exec",
+    # pushfw import: FCALL list_store, and what it calls (functions.lua), on content keys
+    # only: the one selector that names them grants no other command
+    "+fcall",
+    "+setnx",  # a new string, never over a key, never with an expiry
+    "+persist",  # the same content again: the version is kept, not left to expire
+    "+type",
+    "+get",  # list_store compares what is there; content is not secret
 )
 
 _WORKER = (
@@ -164,12 +172,15 @@ def producer_rules(
         ]
         rules.append(f"%R~{_glob(keys.hits(''))}*")  # pushfw list --hits: every host's hash
         rules.append(f"%R~{_glob(keys.lists)}")  # pushfw lists
-        rules.append(f"%W~{_glob(keys.list_content('', ''))[:-1]}*")  # pushfw import
     rules += ["-@all", "+xadd", *_connection(db, redis_version)]
     if fcall:
         rules.append("+fcall")
     if not minimal:
-        rules += [*_PRODUCER_READ, *_PRODUCER_LISTS]
+        rules += list(_PRODUCER_READ)
+        # a selector: its commands apply to content keys only, and the commands above
+        # (XADD) never reach them
+        content = f"~{_glob(keys.list_content('', ''))[:-1]}*"
+        rules += [f"({content}", *_PRODUCER_LISTS[:-1], f"{_PRODUCER_LISTS[-1]})"]
     return rules
 
 

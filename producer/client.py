@@ -10,6 +10,7 @@ from typing import Any, cast
 import redis
 from redis.typing import EncodableT, FieldT
 
+from pushfw.producer import functions
 from pushfw.producer.connection import connect
 from pushfw.producer.contract import Command, Result, parse_command, signature
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
@@ -160,16 +161,21 @@ class Producer:
     ) -> str:
         """Store ``content`` as a version of list ``name`` and send one ``list.load`` for it.
 
-        The content and the command are written in one transaction, so a host never reads a
-        command whose content was not stored. Returns the command's entry id.
+        The content is stored first, through the ``list_store`` Redis Function (once, no
+        expiry: see :func:`pushfw.producer.functions.store_list`), then the command is sent,
+        so a host never reads a command whose content was not stored. Returns the command's
+        entry id.
+
+        Raises:
+            redis.ResponseError: the content key holds something else, or the Functions
+                are not loaded and this user may not load them.
         """
         fields = {"op": "list.load", "name": name, "version": content.version, "action": action}
         fields.update(size=str(content.size), reason=reason, request_id=request_id)
         cmd = parse_list_command(_with_options(fields, ttl_s, target, reply))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.list_content(cmd.name, cmd.version), content.to_bytes())
-        pipe.xadd(self.keys.cmd, self._wire(cmd.to_fields()))
-        return cast(str, pipe.execute()[1])
+        key = self.keys.list_content(cmd.name, cmd.version)
+        functions.store_list(self.client, key, content.to_bytes(), self.keys.prefix)
+        return cast(str, self.client.xadd(self.keys.cmd, self._wire(cmd.to_fields())))
 
     def delete_list(
         self, name: str, *, target: Iterable[str] = (), reason: str = "", reply: bool = True

@@ -76,6 +76,49 @@ local function handler(spec)
     end
 end
 
+--[[
+list_store: how a producer stores a list's content (`pushfw import`, Producer.load_list).
+
+  FCALL list_store 1 {pushfw}:list:<name>:<version> <packed content>
+
+A content key is written once: as a new string with no expiry, or left as it is when it
+already holds the same bytes (an import of the same version again; an expiry the ledger gave
+that version is lifted, so the command sent next finds its content). Anything else there, a
+stream, a hash, other bytes, is an error, and nothing is changed. The producer's ACL (`pushfw
+acl`) grants no other write on these keys; Redis checks each call below against the
+caller's ACL, so the producer holds SETNX and PERSIST there, which cannot overwrite, set an
+expiry or change a type either. The workers check the bytes (format, hash, order).
+]]
+local function list_store(keys, args)
+    if #keys ~= 1 or #args ~= 1 then
+        return redis.error_reply(
+            'ERR pushfw list_store: usage: FCALL list_store 1 <prefix>:list:<name>:<version> <content>')
+    end
+    local key = keys[1]
+    if not string.match(key, ':list:[a-z][a-z0-9_]*:' .. string.rep('%x', 32) .. '$') then
+        return redis.error_reply('ERR pushfw list_store: ' .. key
+            .. ' is not a list content key (<prefix>:list:<name>:<32 hex digits>)')
+    end
+    local kind = redis.call('TYPE', key)['ok']
+    if kind == 'none' then
+        redis.call('SETNX', key, args[1])
+        return 1
+    end
+    if kind ~= 'string' or redis.call('GET', key) ~= args[1] then
+        return redis.error_reply('ERR pushfw list_store: ' .. key .. ' already holds '
+            .. (kind == 'string' and 'other content' or ('a ' .. kind))
+            .. '; nothing written (an administrator may DEL it)')
+    end
+    redis.call('PERSIST', key)
+    return 0
+end
+
+redis.register_function{
+    function_name = 'list_store',
+    callback = list_store,
+    description = 'pushfw: store a list version once (FCALL list_store 1 <content key> <content>)',
+}
+
 -- (a numeric loop: the loading sandbox of Redis 7.0 has no ipairs)
 for i = 1, #COMMANDS do
     local spec = COMMANDS[i]

@@ -1,9 +1,12 @@
-"""The seed's commands as a Redis Function library: ``FCALL drop_insert 0 192.168.1.6``.
+"""pushfw's Redis Function library: the seed's commands, and how a producer stores a list.
 
 RedisPushIptables users call ``drop_insert 1.2.3.4`` and ``ttl_drop_insert 1.2.3.4 600``
 inside Redis. The library in ``functions.lua`` (Redis >= 7, ``FUNCTION LOAD``) keeps those
 names working: each function appends the equivalent command to the command stream and
 returns its entry id. It builds stream fields and nothing else; the workers validate.
+
+``list_store`` is the producer's only write on list content (:func:`store_list`): a string,
+once, with no expiry, so a producer's ACL needs no ``SET`` there (see :mod:`.acl`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import redis
 
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 
-__all__ = ["FUNCTIONS", "LIBRARY_NAME", "install", "library_code"]
+__all__ = ["FUNCTIONS", "LIBRARY_NAME", "LIST_STORE", "install", "library_code", "store_list"]
 
 LIBRARY_NAME = "pushfw"
 FUNCTIONS = (
@@ -25,6 +28,7 @@ FUNCTIONS = (
     "ttl_drop_insert",
     "ttl_accept_insert",
 )
+LIST_STORE = "list_store"
 
 _DEFAULT_STREAM_LINE = "local DEFAULT_STREAM = '{pushfw}:cmd'"
 
@@ -59,3 +63,34 @@ def install(client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> str:
     # a cluster client answers {node: name} from every primary
     names = set(reply.values()) if isinstance(reply, dict) else {reply}
     return ", ".join(sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names))
+
+
+def _missing(exc: redis.ResponseError) -> bool:
+    # redis-py has no exception class for it (as it has NoScriptError for EVALSHA)
+    return str(exc).startswith("Function not found")
+
+
+def store_list(client: redis.Redis, key: str, content: bytes, prefix: str = DEFAULT_PREFIX) -> bool:
+    """``FCALL list_store``: write a list's content once; True if it was new.
+
+    A Redis without the library (or with one from before ``list_store``) gets it loaded
+    first when this user may (``FUNCTION LOAD``), as redis-py loads a script on NOSCRIPT.
+
+    Raises:
+        redis.ResponseError: the key holds something else, or the library is missing and
+            this user may not load it (an administrator runs ``pushfw redis-functions
+            install``).
+    """
+    try:
+        return bool(client.fcall(LIST_STORE, 1, key, content))
+    except redis.ResponseError as exc:
+        if not _missing(exc):
+            raise
+        try:
+            install(client, prefix)
+        except redis.ResponseError as refused:
+            raise redis.ResponseError(
+                f"the pushfw Redis Functions are not loaded ({exc}) and this user may not load "
+                "them: run `pushfw redis-functions install` as an administrator"
+            ) from refused
+    return bool(client.fcall(LIST_STORE, 1, key, content))

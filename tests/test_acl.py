@@ -80,6 +80,8 @@ def acl_server() -> Iterator[RedisServer]:
 def admin(acl_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis(port=acl_server.port)
     client.flushall()
+    # FUNCTION LOAD is not the producer's: list contents are stored through list_store
+    functions.install(client)
     client.acl_log_reset()
     yield client
     client.close()
@@ -142,7 +144,15 @@ def test_shipped_acl_file_loads_and_means_the_same_as_the_commands(acl_server, t
 def _rules(client: redis.Redis, user: str) -> dict[str, Any]:
     """ACL GETUSER with every list sorted (Redis lists commands in no fixed order)."""
     info: dict[str, Any] = untyped(client).acl_getuser(user)
+    info["selectors"] = [_selector(s) for s in info.get("selectors", [])]
     return {k: sorted(map(str, v)) if isinstance(v, list) else v for k, v in info.items()}
+
+
+def _selector(flat: list[str]) -> dict[str, str]:
+    """One selector as a dict, its commands sorted."""
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    fields["commands"] = " ".join(sorted(fields["commands"].split()))
+    return fields
 
 
 def _spare_port() -> int:
@@ -491,3 +501,102 @@ def test_worker_user_of_another_database(acl_server, admin):
         db1 = redis.Redis(port=acl_server.port, db=1)
         db1.flushdb()
         db1.close()
+
+
+# --- item 8: the producer user writes content only through pushfw -------------------------
+
+CONTENT = ListContent.of(["192.0.2.0/24", "198.51.100.7"])
+CONTENT_KEY = f"{{pushfw}}:list:feed:{CONTENT.version}"
+OTHER_KEY = "{pushfw}:list:feed:" + "0" * 32
+
+WRITES_ON_CONTENT = [
+    ("SET", CONTENT_KEY, "x"),
+    ("SET", CONTENT_KEY, CONTENT.to_bytes(), "PX", "1"),
+    ("SET", OTHER_KEY, "x"),
+    ("XADD", OTHER_KEY, "*", "op", "drop.insert"),
+    ("HSET", OTHER_KEY, "a", "b"),
+    ("PEXPIRE", CONTENT_KEY, "1"),
+    ("EXPIRE", CONTENT_KEY, "1"),
+    ("PEXPIREAT", CONTENT_KEY, "1"),
+    ("DEL", CONTENT_KEY),
+    ("UNLINK", CONTENT_KEY),
+    ("APPEND", CONTENT_KEY, "x"),
+    ("SETRANGE", CONTENT_KEY, "0", "x"),
+    ("GETDEL", CONTENT_KEY),
+    ("GETEX", CONTENT_KEY, "PX", "1"),
+    ("RENAME", CONTENT_KEY, OTHER_KEY),
+    ("RESTORE", OTHER_KEY, "0", "x"),
+]
+
+
+@pytest.mark.parametrize("command", WRITES_ON_CONTENT, ids=lambda c: " ".join(map(str, c[:1])))
+def test_item8_the_producer_has_no_direct_write_on_list_content(
+    admin: redis.Redis, as_producer: redis.Redis, command: tuple[Any, ...]
+):
+    admin.set(CONTENT_KEY, CONTENT.to_bytes())
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        execute(as_producer, *command)
+    assert admin.get(CONTENT_KEY) == CONTENT.to_bytes() and admin.pttl(CONTENT_KEY) == -1
+    assert admin.exists(OTHER_KEY) == 0
+
+
+def test_item8_list_store_writes_a_string_once_with_no_expiry_and_no_type_change(
+    admin: redis.Redis, as_producer: redis.Redis
+):
+    blob = CONTENT.to_bytes()
+    assert execute(as_producer, "FCALL", "list_store", "1", CONTENT_KEY, blob) == 1
+    assert execute(as_producer, "FCALL", "list_store", "1", CONTENT_KEY, blob) == 0, "again"
+    with pytest.raises(redis.ResponseError, match="already holds other content"):
+        execute(as_producer, "FCALL", "list_store", "1", CONTENT_KEY, b"other bytes")
+    assert admin.get(CONTENT_KEY) == blob and admin.pttl(CONTENT_KEY) == -1
+
+    admin.pexpire(CONTENT_KEY, 60_000)  # the ledger's grace on a replaced version
+    assert execute(as_producer, "FCALL", "list_store", "1", CONTENT_KEY, blob) == 0
+    assert admin.pttl(CONTENT_KEY) == -1, "imported again: kept for its command"
+
+    admin.xadd(OTHER_KEY, {"planted": "by an admin"})
+    with pytest.raises(redis.ResponseError, match="already holds a stream"):
+        execute(as_producer, "FCALL", "list_store", "1", OTHER_KEY, blob)
+    assert admin.type(OTHER_KEY) == b"stream"
+    for key in ("{pushfw}:cmd", "{pushfw}:list:feed:nothex", "{pushfw}:rules"):
+        with pytest.raises(redis.ResponseError):
+            execute(as_producer, "FCALL", "list_store", "1", key, blob)
+    assert admin.exists("{pushfw}:cmd", "{pushfw}:rules") == 0
+    assert set(_refused(admin, PRODUCER_USER)) <= {"key:{pushfw}:cmd", "key:{pushfw}:rules"}
+
+
+def test_item8_pushfw_import_as_the_producer_user_reaches_a_worker(
+    acl_server, admin, acl_worker, tmp_path
+):
+    worker = acl_worker()
+    as_producer = url(acl_server, PRODUCER_USER, PRODUCER_PW)
+    producer = Producer.from_url(as_producer)
+    wait_for(
+        lambda: any(h.state == "running" for h in producer.hosts()) or not worker.alive(),
+        20,
+        "the worker to follow the stream",
+    )
+    assert worker.alive(), worker.log
+    feed = tmp_path / "feed.netset"
+    feed.write_text("192.0.2.0/24\n198.51.100.7\n")
+    env = {"PUSHFW_HMAC_KEY": HMAC_KEY}
+    sent = pushfw("--redis-url", as_producer, "import", str(feed), "--wait", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert "applied" in sent.stdout and "loaded 2 entries" in sent.stdout
+    [record] = producer.lists()
+    key = f"{{pushfw}}:list:feed:{record.version}"
+    assert admin.type(key) == b"string" and admin.pttl(key) == -1
+    again = pushfw("--redis-url", as_producer, "import", str(feed), "--wait", env=env)
+    assert again.returncode == 0 and "held already" in again.stdout, again.stderr
+
+    admin.function_delete("pushfw")  # a Redis whose administrator has not loaded it
+    try:
+        missing = pushfw("--redis-url", as_producer, "import", str(feed), env=env)
+        assert missing.returncode == 1
+        assert "run `pushfw redis-functions install` as an administrator" in missing.stderr
+    finally:
+        functions.install(admin)
+    assert _refused(admin, PRODUCER_USER) == ["command:function|load"]
+    assert worker.stop() == 0, worker.log
+    assert "NOPERM" not in worker.log
+    producer.client.close()

@@ -22,7 +22,7 @@ import redis
 
 from pushfw.producer import parse_command
 from pushfw.producer.connection import connect
-from pushfw.producer.functions import FUNCTIONS, LIBRARY_NAME
+from pushfw.producer.functions import FUNCTIONS, LIBRARY_NAME, LIST_STORE
 from pushfw.worker.stream import stream_id_order
 from tests.conftest import RedisServer, need, pushfw_cli
 from tests.test_applier import key, make_worker, results_by_cmd
@@ -77,7 +77,7 @@ def test_library_has_the_seed_commands(installed: redis.Redis) -> None:
     names = {
         dict(zip(f[::2], f[1::2], strict=True))[b"name"].decode() for f in library[b"functions"]
     }
-    assert names == set(FUNCTIONS)
+    assert names == {*FUNCTIONS, LIST_STORE}
 
 
 def test_each_seed_command_appends_the_equivalent_entry(
