@@ -14,11 +14,18 @@ import redis
 
 from pushfw.producer import acl, functions
 from pushfw.producer.client import Producer, forget_host, is_live, is_stale, reaches
-from pushfw.producer.contract import CommandRejected, Result
+from pushfw.producer.contract import Action, CommandRejected, Network, Result, parse_network
 from pushfw.producer.crowdsec import crowdsec_command
 from pushfw.producer.duration import parse_duration
 from pushfw.producer.keys import DEFAULT_PREFIX
-from pushfw.producer.lists import LIST_NAME, list_name_for, read_list
+from pushfw.producer.lists import (
+    LIST_NAME,
+    ListContent,
+    ListFile,
+    list_name_for,
+    local_space,
+    read_list,
+)
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
 
@@ -336,6 +343,14 @@ _IMPORT_ERRORS_SHOWN = 5
 @click.option("--reason", default="", help="Free text kept with the list.")
 @click.option("--target", default="*", help="Host names or labels, comma-separated.")
 @click.option("--skip-invalid", is_flag=True, help="Import the valid lines, report the others.")
+@click.option(
+    "--protect",
+    envvar="PUSHFW_PROTECT",
+    show_envvar=True,
+    default="",
+    help="The hosts' protect setting (networks, comma-separated): private, CGNAT and "
+    "link-local space a drop list covers outside it is warned about.",
+)
 @click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
 @click.option("--expect", default=1, show_default=True, help="Results to wait for.")
 @click.option("--timeout", "timeout_s", type=Duration(), default="60", show_default=True)
@@ -354,22 +369,9 @@ def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
             f"{name!r}: a lower-case letter, then up to 15 letters, digits or _",
             param_hint="--name",
         )
-    try:
-        parsed = read_list(file)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    if parsed.errors and not opts["skip_invalid"]:
-        for number, why in parsed.errors[:_IMPORT_ERRORS_SHOWN]:
-            click.echo(f"{file.name}:{number}: {why}", err=True)
-        raise click.UsageError(
-            f"{plural(len(parsed.errors), 'line')} of {file.name} not understood; nothing sent "
-            "(fix them, or pass --skip-invalid to import the rest)"
-        )
-    if parsed.content.size == 0:
-        raise click.ClickException(
-            f"{file.name} holds no entries; nothing sent (to remove list {name}: "
-            f"pushfw lists remove {name})"
-        )
+    action = Action(opts["action"])
+    protect = _networks(opts["protect"], "--protect")
+    parsed = _read_import(file, name, action, opts["skip_invalid"])
     target = [t for t in opts["target"].split(",") if t.strip() not in ("", "*")]
     try:
         cmd_id = producer.load_list(
@@ -401,8 +403,51 @@ def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
             f"{plural(len(parsed.errors), 'invalid line')} skipped)",
             err=True,
         )
+    if action is Action.DROP:
+        _warn_local_space(name, parsed.content, protect)
     if opts["wait"]:
         _wait(producer, cmd_id, target, opts)
+
+
+def _read_import(file: Any, name: str, action: Action, skip_invalid: bool) -> ListFile:
+    """The list in ``file``, its bad lines named; a usage error if it must not be sent."""
+    try:
+        parsed = read_list(file, action)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    for number, why in parsed.errors[:_IMPORT_ERRORS_SHOWN]:
+        click.echo(f"{file.name}:{number}: {why}", err=True)
+    if parsed.errors and not skip_invalid:
+        raise click.UsageError(
+            f"{plural(len(parsed.errors), 'line')} of {file.name} not understood or refused "
+            "by every host; nothing sent (fix them, or pass --skip-invalid to import the rest)"
+        )
+    if parsed.content.size == 0:
+        raise click.ClickException(
+            f"{file.name} holds no entries; nothing sent (to remove list {name}: "
+            f"pushfw lists remove {name})"
+        )
+    return parsed
+
+
+def _networks(text: str, option: str) -> list[Network]:
+    try:
+        return [parse_network(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _warn_local_space(name: str, content: ListContent, protect: list[Network]) -> None:
+    """A drop list over a VPC's or a cluster's own space cuts the hosts off their peers."""
+    ranges, count = local_space(content, protect)
+    if ranges:
+        click.echo(
+            f"warning: list {name}: {plural(count, 'entry', 'entries')} drop private, CGNAT "
+            f"or link-local space: {', '.join(ranges)}. Hosts whose peers live there lose "
+            "them unless their protect setting covers those peers (set protect on every "
+            "host first, and pass it here as --protect or PUSHFW_PROTECT)",
+            err=True,
+        )
 
 
 @cli.group(name="lists", invoke_without_command=True)

@@ -19,7 +19,12 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_MIN_ACCEPT_PREFIX_V4",
+    "DEFAULT_MIN_ACCEPT_PREFIX_V6",
+    "DEFAULT_MIN_DROP_PREFIX_V4",
+    "DEFAULT_MIN_DROP_PREFIX_V6",
     "LIST_SIGNED_FIELDS",
+    "LOOPBACK",
     "MAX_REASON_LEN",
     "MAX_REQUEST_ID_LEN",
     "MAX_TTL_S",
@@ -32,6 +37,7 @@ __all__ = [
     "Result",
     "Status",
     "decode_fields",
+    "default_min_prefix",
     "explain",
     "option_fields",
     "parse_command",
@@ -48,6 +54,20 @@ MAX_FIELD_LEN = 4096
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv6Network("::1/128"),
+)
+"""Networks every host protects: a drop of them is refused everywhere (the importer too)."""
+
+# The blast-radius bounds a host applies unless configured otherwise (the worker settings
+# min_*_prefix_v*), as prefix lengths: the widest network one drop or accept may cover. The
+# importer holds a list to them, since every host with the defaults refuses a wider entry.
+DEFAULT_MIN_DROP_PREFIX_V4 = 8
+DEFAULT_MIN_DROP_PREFIX_V6 = 16
+DEFAULT_MIN_ACCEPT_PREFIX_V4 = 8  # an accept beats every ban: 0.0.0.0/0 would lift them all
+DEFAULT_MIN_ACCEPT_PREFIX_V6 = 16
+
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]+")
@@ -63,6 +83,13 @@ class CommandRejected(ValueError):
 class Action(StrEnum):
     DROP = "drop"
     ACCEPT = "accept"
+
+
+def default_min_prefix(action: Action, version: int) -> int:
+    """The default bound: the shortest prefix an ``action`` of this IP version may have."""
+    if action is Action.DROP:
+        return DEFAULT_MIN_DROP_PREFIX_V4 if version == 4 else DEFAULT_MIN_DROP_PREFIX_V6
+    return DEFAULT_MIN_ACCEPT_PREFIX_V4 if version == 4 else DEFAULT_MIN_ACCEPT_PREFIX_V6
 
 
 class Op(StrEnum):

@@ -4,10 +4,13 @@
 netsets and Spamhaus DROP files are such lists), validates every entry as strictly as a
 single command's ``ip``, removes duplicates and entries a wider entry covers, and packs what
 is left into :class:`ListContent`: sorted fixed-width records, 5 bytes per IPv4 entry and 17
-per IPv6 one. The content is stored under a key named after its hash (the list's version),
-and a ``list.load`` command names the list and that version; every host fetches the content,
-checks the hash and makes its kernel follow. Hosts keep the packed content of the version
-they hold, so a new version costs the kernel only the difference (:func:`difference`).
+per IPv6 one. An entry every host with the default bounds would refuse (wider than them, or
+a drop of loopback) is an invalid line, never a wider entry that covers others: removing
+what it covers would leave those out of every kernel. The content is stored under a key
+named after its hash (the list's version), and a ``list.load`` command names the list and
+that version; every host fetches the content, checks the hash and makes its kernel follow.
+Hosts keep the packed content of the version they hold, so a new version costs the kernel
+only the difference (:func:`difference`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pushfw.producer.contract import (
+    LOOPBACK,
     MAX_REASON_LEN,
     MAX_REQUEST_ID_LEN,
     MAX_TTL_S,
     Action,
     Command,
     CommandRejected,
+    Network,
     decode_fields,
+    default_min_prefix,
     explain,
     option_fields,
     parse_network,
@@ -40,6 +46,7 @@ from pushfw.producer.contract import (
 
 __all__ = [
     "LIST_NAME",
+    "LOCAL_SPACE",
     "MAX_LIST_ENTRIES",
     "ListCommand",
     "ListContent",
@@ -48,6 +55,7 @@ __all__ = [
     "difference",
     "is_list_entry",
     "list_name_for",
+    "local_space",
     "parse_list_command",
     "read_list",
     "record_text",
@@ -102,6 +110,35 @@ def _record(token: str) -> tuple[int, bytes]:
             return 4, packed + bytes((prefix,))
     net = parse_network(token)  # the strict parser single commands use: it says what is wrong
     return net.version, net.network_address.packed + bytes((net.prefixlen,))
+
+
+def _span(rec: bytes) -> tuple[int, int]:
+    """The first and last address a packed record covers."""
+    start = int.from_bytes(rec[:-1])
+    return start, start | ((1 << ((len(rec) - 1) * 8 - rec[-1])) - 1)
+
+
+_LOOPBACK_SPANS: dict[int, tuple[int, int]] = {
+    net.version: (int(net.network_address), int(net.broadcast_address)) for net in LOOPBACK
+}
+
+
+def _refused_everywhere(family: int, rec: bytes, action: Action) -> str | None:
+    """Why every host with the default bounds refuses this entry (None: it may not)."""
+    widest = default_min_prefix(action, family)
+    if rec[-1] < widest:
+        return (
+            f"{record_text(rec)} is wider than /{widest}, the widest network a"
+            f"{'n accept' if action is Action.ACCEPT else ' drop'} may cover by default "
+            f"(min_{action.value}_prefix_v{family}); hosts refuse it, and what it covers "
+            "would be lost with it"
+        )
+    if action is Action.DROP:
+        low, high = _LOOPBACK_SPANS[family]
+        start, end = _span(rec)
+        if start <= high and end >= low:
+            return f"{record_text(rec)} covers loopback, which no host drops"
+    return None
 
 
 def _uncovered(records: list[bytes], width: int) -> list[bytes]:
@@ -277,9 +314,12 @@ def _token(line: str) -> str:
     return text.split(maxsplit=1)[0] if text.strip() else ""
 
 
-def read_list(lines: Iterable[str]) -> ListFile:
+def read_list(lines: Iterable[str], action: Action = Action.DROP) -> ListFile:
     """Read a list file's lines (plain addresses, CIDR networks, ``#``/``;`` comments, blank
     lines; FireHOL netset, Spamhaus DROP text and JSON layouts).
+
+    An entry wider than the default bounds for ``action``, or a drop covering loopback, is
+    an error of its line: left out, it covers (and so removes) nothing.
 
     Raises:
         ValueError: the list has more than :data:`MAX_LIST_ENTRIES` entries.
@@ -296,12 +336,57 @@ def read_list(lines: Iterable[str]) -> ListFile:
         except ValueError as exc:
             errors.append((number, str(exc)))
             continue
+        refused = _refused_everywhere(family, rec, action)
+        if refused is not None:
+            errors.append((number, refused))
+            continue
         by_family[family].append(rec)
         entries += 1
         if entries > MAX_LIST_ENTRIES:
             raise ValueError(f"more than {MAX_LIST_ENTRIES:,} entries; split the list")
     content = ListContent.pack(by_family[4], by_family[6])
     return ListFile(content, number, entries, tuple(errors))
+
+
+LOCAL_SPACE: tuple[tuple[Network, str], ...] = tuple(
+    (parse_network(net), what)
+    for net, what in (
+        ("10.0.0.0/8", "RFC 1918"),
+        ("172.16.0.0/12", "RFC 1918"),
+        ("192.168.0.0/16", "RFC 1918"),
+        ("100.64.0.0/10", "CGNAT"),
+        ("169.254.0.0/16", "link-local"),
+        ("fc00::/7", "unique local"),
+        ("fe80::/10", "link-local"),
+    )
+)
+"""Address space a host's own peers often use (a VPC, a cluster, a carrier's NAT): a drop
+list that covers it cuts those off unless the hosts' ``protect`` setting covers them."""
+
+
+def local_space(content: ListContent, protect: Iterable[Network] = ()) -> tuple[list[str], int]:
+    """The :data:`LOCAL_SPACE` ranges the content's entries reach outside ``protect``, and
+    how many entries do (each counted once)."""
+    protected = list(protect)
+    reached: list[str] = []
+    entries: set[bytes] = set()
+    for space, what in LOCAL_SPACE:
+        low, high = int(space.network_address), int(space.broadcast_address)
+        found = []
+        for rec in content.overlapping(space.version, low, high):
+            start, end = _span(rec)
+            part = (max(start, low), min(end, high))  # the part of the entry in this range
+            if not any(
+                net.version == space.version
+                and int(net.network_address) <= part[0]
+                and part[1] <= int(net.broadcast_address)
+                for net in protected
+            ):
+                found.append(rec)
+        if found:
+            reached.append(f"{space} ({what})")
+            entries.update(found)
+    return reached, len(entries)
 
 
 class ListCommand(BaseModel):

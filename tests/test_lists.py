@@ -340,3 +340,90 @@ def test_pushfw_import_and_lists_as_an_operator_uses_them(
     assert "firehol_level1" not in pushfw("lists").stdout
     unknown = pushfw("lists", "remove", "firehol_level1")
     assert unknown.returncode == 1 and "no list 'firehol_level1' is active" in unknown.stderr
+
+
+# --- item 6: an import never silently loses protection -------------------------------------
+
+
+def test_item6_a_wide_entry_is_an_invalid_line_and_prunes_nothing_under_it(
+    r: Any, redis_server: RedisServer, producer: Producer, pushfw: Any, tmp_path: Any
+):
+    """``0.0.0.0/0`` in a feed used to be kept and to cover (so remove) every other IPv4
+    entry, then be refused by every host: the whole IPv4 part went unenforced."""
+    worker = memory_worker(redis_server)
+    worker.setup()
+    feed = tmp_path / "feed.netset"
+    under = [f"198.18.{i}.0/24" for i in range(40)]
+    feed.write_text(
+        "# a feed with entries no host takes\n0.0.0.0/0\n"
+        + "\n".join(under)
+        + "\n127.0.0.1\n::/0\n2001:db8::/32\n"
+    )
+    refused = pushfw("import", str(feed))
+    assert refused.returncode == 2
+    assert f"{feed}:2: 0.0.0.0/0 is wider than /8, the widest network a drop may cover" in (
+        refused.stderr
+    )
+    assert f"{feed}:43: 127.0.0.1/32 covers loopback, which no host drops" in refused.stderr
+    assert f"{feed}:44: ::/0 is wider than /16" in refused.stderr
+    assert "3 lines of" in refused.stderr and "nothing sent" in refused.stderr
+    assert r.xlen(CMD) == 0
+
+    sent = pushfw("import", str(feed), "--skip-invalid", "--json")
+    assert sent.returncode == 0, sent.stderr
+    assert f"{feed}:2: 0.0.0.0/0 is wider than /8" in sent.stderr, "skipped, but named"
+    [summary] = json.loads(sent.stdout)
+    assert (summary["entries"], summary["duplicates_or_covered"], summary["invalid_lines"]) == (
+        41,
+        0,
+        3,
+    )
+    worker.run(burst=True)
+    assert held(worker, "feed") == {*under, "2001:db8::/32"}, "nothing under 0.0.0.0/0 is lost"
+    [record] = producer.lists()
+    beat = {h.host: h for h in producer.hosts()}["h1"]
+    assert (beat.lists["feed"].entries, beat.lists["feed"].refused) == (41, 0)
+    assert record.size == 41
+
+    allow = tmp_path / "allow.txt"
+    allow.write_text("0.0.0.0/0\n127.0.0.1\n")
+    wide_accept = pushfw("import", str(allow), "--action", "accept")
+    assert wide_accept.returncode == 2
+    assert f"{allow}:1: 0.0.0.0/0 is wider than /8, the widest network an accept" in (
+        wide_accept.stderr
+    )
+    assert ":2:" not in wide_accept.stderr, "an accept of loopback is no drop of it"
+
+
+def test_item6_a_drop_list_over_private_space_is_warned_about_unless_protected(
+    r: Any, pushfw: Any, tmp_path: Any
+):
+    """FireHOL level1 carries RFC 1918: a VPC's own peers would be dropped."""
+    level1 = tmp_path / "firehol_level1.netset"
+    level1.write_text(
+        "0.0.0.0/8\n10.0.0.0/8\n100.64.0.0/10\n169.254.0.0/16\n192.168.0.0/16\n"
+        "198.51.100.0/24\nfe80::/64\n"
+    )
+    warned = pushfw("import", str(level1))
+    assert warned.returncode == 0, warned.stderr
+    assert (
+        "warning: list firehol_level1: 5 entries drop private, CGNAT or link-local space: "
+        "10.0.0.0/8 (RFC 1918), 192.168.0.0/16 (RFC 1918), 100.64.0.0/10 (CGNAT), "
+        "169.254.0.0/16 (link-local), fe80::/10 (link-local)."
+    ) in warned.stderr
+    assert "set protect on every host first" in warned.stderr
+
+    partly = pushfw("import", str(level1), "--protect", "10.1.0.0/16,100.64.0.0/10")
+    assert "4 entries drop" in partly.stderr, "a /16 of 10/8 protected: the rest is dropped"
+    assert "100.64.0.0/10" not in partly.stderr
+
+    protect = "10.0.0.0/8, 192.168.0.0/16,100.64.0.0/10,169.254.0.0/16,fe80::/10"
+    quiet = pushfw("import", str(level1), env={"PUSHFW_PROTECT": protect})
+    assert quiet.returncode == 0, quiet.stderr
+    assert "warning" not in quiet.stderr, "the hosts' protect setting covers it all"
+
+    allow = tmp_path / "partners.txt"
+    allow.write_text("10.0.0.0/8\n")
+    assert "warning" not in pushfw("import", str(allow), "--action", "accept").stderr
+    bad = pushfw("import", str(level1), "--protect", "10.0.0.1/8")
+    assert bad.returncode == 2 and "--protect" in bad.stderr

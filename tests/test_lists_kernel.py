@@ -180,3 +180,39 @@ def test_lists_under_kill_9_end_as_the_newest_commands_say(
         assert sorted(fw.list_entries(name)) == entries, f"list {name}"
     assert r.xlen("{pushfw}:dead") == 0
     wait_for(lambda: producer.hosts()[0].pending == 0, 15, "nothing pending in the heartbeat")
+
+
+def test_item6_entries_under_a_refused_wide_entry_stay_in_the_kernel_and_block(
+    make_netns: Callable[[], Netns],
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    redis_server: Any,
+    tmp_path: Any,
+):
+    """A feed with ``0.0.0.0/0`` in it: every host refuses that entry, and the importer used
+    to drop every entry it covered, so nothing of the feed's IPv4 part reached a kernel."""
+    server, client = make_netns(), make_netns()
+    path = tmp_path / "feed.netset"
+    under = [f"198.18.{i // 256}.{i % 256}" for i in range(300)]
+    path.write_text("\n".join(["0.0.0.0/0", *under, CLIENT_IP, "2001:db8::/32"]) + "\n")
+    with listening_peer(server, client):
+        spawn_worker(server, backend=set_backend).start()
+        fw = Firewall(server, set_backend)
+        assert can_connect(client)
+
+        refused = pushfw_cli(redis_server, "import", str(path))
+        assert refused.returncode == 2 and f"{path}:1: 0.0.0.0/0 is wider than /8" in (
+            refused.stderr
+        )
+        assert fw.list_entries("feed") == [], "nothing sent"
+
+        sent = pushfw_cli(redis_server, "import", str(path), "--skip-invalid", "--wait")
+        assert sent.returncode == 0, sent.stderr
+        assert f"{path}:1: 0.0.0.0/0 is wider than /8" in sent.stderr
+        assert "1 entry drop private, CGNAT or link-local space: 10.0.0.0/8" in sent.stderr
+        assert "applied" in sent.stdout and "loaded 302 entries" in sent.stdout
+        assert "refused" not in sent.stdout
+        held = set(fw.list_entries("feed"))
+        assert held == {*(f"{a}/32" for a in under), f"{CLIENT_IP}/32", "2001:db8::/32"}
+        assert not can_connect(client), "an entry under the wide one blocks real traffic"

@@ -20,7 +20,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pushfw.producer.contract import Action, CommandRejected, Status
+from pushfw.producer.contract import (
+    DEFAULT_MIN_ACCEPT_PREFIX_V4,
+    DEFAULT_MIN_ACCEPT_PREFIX_V6,
+    DEFAULT_MIN_DROP_PREFIX_V4,
+    DEFAULT_MIN_DROP_PREFIX_V6,
+    LOOPBACK,
+    Action,
+    CommandRejected,
+    Status,
+)
 from pushfw.producer.lists import (
     ListCommand,
     ListContent,
@@ -31,7 +40,7 @@ from pushfw.producer.lists import (
 from pushfw.producer.records import ListRecord, RuleRecord
 from pushfw.producer.wire import ParsedCommand, read_command, read_network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
-from pushfw.worker.protect import LOOPBACK, Protection
+from pushfw.worker.protect import Protection
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import Entry, stream_id_order
 
@@ -79,10 +88,10 @@ class Policy:
     labels: frozenset[str]
     protection: Protection
     signing: Signing
-    min_drop_prefix_v4: int = 8
-    min_drop_prefix_v6: int = 16
-    min_accept_prefix_v4: int = 8
-    min_accept_prefix_v6: int = 16
+    min_drop_prefix_v4: int = DEFAULT_MIN_DROP_PREFIX_V4
+    min_drop_prefix_v6: int = DEFAULT_MIN_DROP_PREFIX_V6
+    min_accept_prefix_v4: int = DEFAULT_MIN_ACCEPT_PREFIX_V4
+    min_accept_prefix_v6: int = DEFAULT_MIN_ACCEPT_PREFIX_V6
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,6 @@ nodes joining), so that part is recomputed by ``Protection.refresh`` and only ev
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -20,14 +19,11 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from pushfw.producer.connection import RedisTarget, parse_target, untyped
+from pushfw.producer.contract import LOOPBACK as LOOPBACK  # re-exported: its old home
 from pushfw.producer.contract import Network, parse_network
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK: tuple[Network, ...] = (
-    ipaddress.IPv4Network("127.0.0.0/8"),
-    ipaddress.IPv6Network("::1/128"),
-)
 SENTINEL_TIMEOUT_S = 1.0
 
 

@@ -23,7 +23,14 @@ from pydantic_settings import (
 )
 
 from pushfw.producer.connection import parse_target
-from pushfw.producer.contract import Network, parse_network
+from pushfw.producer.contract import (
+    DEFAULT_MIN_ACCEPT_PREFIX_V4,
+    DEFAULT_MIN_ACCEPT_PREFIX_V6,
+    DEFAULT_MIN_DROP_PREFIX_V4,
+    DEFAULT_MIN_DROP_PREFIX_V6,
+    Network,
+    parse_network,
+)
 from pushfw.producer.keys import DEFAULT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -148,27 +155,27 @@ class WorkerSettings(BaseSettings):
         "worker's Redis",
     )
     min_drop_prefix_v4: int = Field(
-        default=8,
+        default=DEFAULT_MIN_DROP_PREFIX_V4,
         ge=0,
         le=32,
         description="the widest IPv4 network a drop may cover, as a prefix length (a wider "
         "drop is rejected)",
     )
     min_drop_prefix_v6: int = Field(
-        default=16,
+        default=DEFAULT_MIN_DROP_PREFIX_V6,
         ge=0,
         le=128,
         description="the widest IPv6 network a drop may cover, as a prefix length",
     )
     min_accept_prefix_v4: int = Field(
-        default=8,
+        default=DEFAULT_MIN_ACCEPT_PREFIX_V4,
         ge=0,
         le=32,
         description="the widest IPv4 network an accept may cover (an accept beats every ban: "
         "`0.0.0.0/0` would lift them all)",
     )
     min_accept_prefix_v6: int = Field(
-        default=16,
+        default=DEFAULT_MIN_ACCEPT_PREFIX_V6,
         ge=0,
         le=128,
         description="the widest IPv6 network an accept may cover, as a prefix length",
