@@ -25,6 +25,7 @@ from pushfw.producer.lists import (
     list_name_for,
     local_space,
     read_list,
+    refused_with,
 )
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
@@ -405,6 +406,7 @@ def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
         )
     if action is Action.DROP:
         _warn_local_space(name, parsed.content, protect)
+        _warn_protected(name, parsed, protect)
     if opts["wait"]:
         _wait(producer, cmd_id, target, opts)
 
@@ -448,6 +450,28 @@ def _warn_local_space(name: str, content: ListContent, protect: list[Network]) -
             "host first, and pass it here as --protect or PUSHFW_PROTECT)",
             err=True,
         )
+
+
+def _warn_protected(name: str, parsed: ListFile, protect: list[Network]) -> None:
+    """Entries the hosts refuse that cover others: those are lost with them, never silently.
+    (Refused entries that cover nothing are named in the hosts' results.)"""
+    refused = [(entry, net, n) for entry, net, n in refused_with(parsed, protect) if n]
+    if not refused:
+        return
+    shown = [
+        f"{entry} overlaps {net} and covers {plural(n, 'entry', 'entries')}"
+        for entry, net, n in refused[:_IMPORT_ERRORS_SHOWN]
+    ]
+    if len(refused) > _IMPORT_ERRORS_SHOWN:
+        shown.append(f"{len(refused) - _IMPORT_ERRORS_SHOWN} more")
+    under = sum(n for _, _, n in refused)
+    click.echo(
+        f"warning: list {name}: hosts with the protect setting --protect refuse "
+        f"{plural(len(refused), 'entry', 'entries')}, and so hold none of the "
+        f"{plural(under, 'entry', 'entries')} of the file under them: {', '.join(shown)}; "
+        "remove them from the file to send what they cover",
+        err=True,
+    )
 
 
 @cli.group(name="lists", invoke_without_command=True)

@@ -22,7 +22,7 @@ import re
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated
 
@@ -59,6 +59,7 @@ __all__ = [
     "parse_list_command",
     "read_list",
     "record_text",
+    "refused_with",
 ]
 
 LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
@@ -147,17 +148,25 @@ def _refused_everywhere(family: int, rec: bytes, action: Action) -> str | None:
     return None
 
 
-def _uncovered(records: list[bytes], width: int) -> list[bytes]:
-    """Sorted records without duplicates and without entries a wider one covers."""
+def _uncovered(
+    records: list[bytes], width: int, covers: dict[bytes, int] | None = None
+) -> list[bytes]:
+    """Sorted records without duplicates and without entries a wider one covers; with
+    ``covers``, counts there how many narrower entries each kept one covers."""
     records.sort()  # by address, then by prefix: a wider network before what it covers
     bits = (width - 1) * 8
     kept: list[bytes] = []
     covered_to = -1
+    previous = b""
     for rec in records:
         start = int.from_bytes(rec[:-1])
         if start <= covered_to:
+            if covers is not None and rec != previous:  # duplicates are adjacent
+                covers[kept[-1]] = covers.get(kept[-1], 0) + 1
+            previous = rec
             continue
         kept.append(rec)
+        previous = rec
         covered_to = start | ((1 << (bits - rec[-1])) - 1)
     return kept
 
@@ -170,8 +179,12 @@ class ListContent:
     v6: bytes = b""
 
     @classmethod
-    def pack(cls, records4: list[bytes], records6: list[bytes]) -> ListContent:
-        return cls(b"".join(_uncovered(records4, 5)), b"".join(_uncovered(records6, 17)))
+    def pack(
+        cls, records4: list[bytes], records6: list[bytes], covers: dict[bytes, int] | None = None
+    ) -> ListContent:
+        return cls(
+            b"".join(_uncovered(records4, 5, covers)), b"".join(_uncovered(records6, 17, covers))
+        )
 
     @classmethod
     def of(cls, networks: Iterable[str]) -> ListContent:
@@ -302,6 +315,9 @@ class ListFile:
     """Entries read (before duplicates and covered entries were removed)."""
     errors: tuple[tuple[int, str], ...]
     """(line number, why) for every line that is not an address, a network or a comment."""
+    covers: Mapping[bytes, int] = field(default_factory=dict)
+    """Per entry of the content that covers narrower entries of the file, how many: a host
+    that refuses that entry holds none of them (see :func:`refused_with`)."""
 
 
 def _token(line: str) -> str:
@@ -354,8 +370,9 @@ def read_list(lines: Iterable[str], action: Action = Action.DROP) -> ListFile:
         entries += 1
         if entries > MAX_LIST_ENTRIES:
             raise ValueError(f"more than {MAX_LIST_ENTRIES:,} entries; split the list")
-    content = ListContent.pack(by_family[4], by_family[6])
-    return ListFile(content, number, entries, tuple(errors))
+    covers: dict[bytes, int] = {}
+    content = ListContent.pack(by_family[4], by_family[6], covers)
+    return ListFile(content, number, entries, tuple(errors), covers)
 
 
 LOCAL_SPACE: tuple[tuple[Network, str], ...] = tuple(
@@ -397,6 +414,18 @@ def local_space(content: ListContent, protect: Iterable[Network] = ()) -> tuple[
             reached.append(f"{space} ({what})")
             entries.update(found)
     return reached, len(entries)
+
+
+def refused_with(parsed: ListFile, protect: Iterable[Network]) -> list[tuple[str, Network, int]]:
+    """The entries of a drop list that hosts protecting ``protect`` refuse: (entry, the
+    protected network it overlaps, how many other entries of the file it covers, which
+    those hosts then do not hold either)."""
+    found: dict[bytes, tuple[Network, int]] = {}
+    for net in protect:
+        low, high = int(net.network_address), int(net.broadcast_address)
+        for rec in parsed.content.overlapping(net.version, low, high):
+            found.setdefault(rec, (net, parsed.covers.get(rec, 0)))
+    return [(record_text(rec), net, n) for rec, (net, n) in sorted(found.items())]
 
 
 class ListCommand(BaseModel):

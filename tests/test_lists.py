@@ -414,8 +414,10 @@ def test_item6_a_drop_list_over_private_space_is_warned_about_unless_protected(
     assert "set protect on every host first" in warned.stderr
 
     partly = pushfw("import", str(level1), "--protect", "10.1.0.0/16,100.64.0.0/10")
-    assert "4 entries drop" in partly.stderr, "a /16 of 10/8 protected: the rest is dropped"
-    assert "100.64.0.0/10" not in partly.stderr
+    [local] = [line for line in partly.stderr.splitlines() if "private, CGNAT" in line]
+    assert "4 entries drop" in local, "a /16 of 10/8 protected: the rest is dropped"
+    assert "100.64.0.0/10" not in local
+    assert "refuse" not in partly.stderr, "what hosts refuse covers nothing else of the file"
 
     protect = "10.0.0.0/8, 192.168.0.0/16,100.64.0.0/10,169.254.0.0/16,fe80::/10"
     quiet = pushfw("import", str(level1), env={"PUSHFW_PROTECT": protect})
@@ -427,3 +429,29 @@ def test_item6_a_drop_list_over_private_space_is_warned_about_unless_protected(
     assert "warning" not in pushfw("import", str(allow), "--action", "accept").stderr
     bad = pushfw("import", str(level1), "--protect", "10.0.0.1/8")
     assert bad.returncode == 2 and "--protect" in bad.stderr
+
+
+def test_item6_entries_the_protect_setting_refuses_are_named_with_what_they_cover(
+    r: Any, redis_server: RedisServer, pushfw: Any, tmp_path: Any
+):
+    """A host that protects part of a wide entry refuses it, and holds none of the entries
+    of the file that entry covered (the importer removed them): the import says so."""
+    worker = memory_worker(redis_server, protect="10.1.0.0/16")
+    worker.setup()
+    feed = tmp_path / "feed.txt"
+    feed.write_text("10.0.0.0/8\n10.2.0.0/16\n10.3.3.3\n10.3.3.3\n198.51.100.0/24\n")
+    sent = pushfw("import", str(feed), "--protect", "10.1.0.0/16")
+    assert sent.returncode == 0, sent.stderr
+    assert (
+        "warning: list feed: hosts with the protect setting --protect refuse 1 entry, and so "
+        "hold none of the 2 entries of the file under them: 10.0.0.0/8 overlaps 10.1.0.0/16 "
+        "and covers 2 entries; remove them from the file to send what they cover"
+    ) in sent.stderr
+    worker.run(burst=True)
+    assert held(worker, "feed") == {"198.51.100.0/24"}, "what the warning said"
+
+    feed.write_text("10.2.0.0/16\n10.3.3.3\n198.51.100.0/24\n")
+    fixed = pushfw("import", str(feed), "--protect", "10.1.0.0/16")
+    assert "refuse" not in fixed.stderr
+    worker.run(burst=True)
+    assert held(worker, "feed") == {"10.2.0.0/16", "10.3.3.3/32", "198.51.100.0/24"}
