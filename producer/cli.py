@@ -664,7 +664,8 @@ def _warn_ahead(producer: Producer) -> None:
 
 @cli.group(name="redis-functions")
 def redis_functions() -> None:
-    """The seed's commands as Redis Functions: FCALL drop_insert 1 {pushfw}:cmd IP."""
+    """The seed's commands as Redis Functions (FCALL drop_insert 1 {pushfw}:cmd IP), and
+    list_store, through which pushfw import stores a list."""
 
 
 @redis_functions.command(name="install")
@@ -679,7 +680,7 @@ def redis_functions_install(producer: Producer) -> None:
                 f"this Redis has no FUNCTION command (Redis Functions need Redis >= 7): {exc}"
             ) from None
         raise
-    click.echo(f"loaded library {name}: {', '.join(functions.FUNCTIONS)}")
+    click.echo(f"loaded library {name}: {', '.join((*functions.FUNCTIONS, functions.LIST_STORE))}")
     click.echo(f"try: FCALL drop_insert 1 {producer.keys.cmd} 192.0.2.1", err=True)
 
 
