@@ -562,7 +562,15 @@ def test_item8_list_store_writes_a_string_once_with_no_expiry_and_no_type_change
         with pytest.raises(redis.ResponseError):
             execute(as_producer, "FCALL", "list_store", "1", key, blob)
     assert admin.exists("{pushfw}:cmd", "{pushfw}:rules") == 0
-    assert set(_refused(admin, PRODUCER_USER)) <= {"key:{pushfw}:cmd", "key:{pushfw}:rules"}
+    planted = "{pushfw}:list:feed:cmd"  # a seed function's XADD, aimed at a content key
+    with pytest.raises(redis.ResponseError, match="can't access"):
+        execute(as_producer, "FCALL", "drop_insert", "1", planted, "192.0.2.1")
+    assert admin.exists(planted) == 0
+    assert set(_refused(admin, PRODUCER_USER)) <= {
+        "key:{pushfw}:cmd",
+        "key:{pushfw}:rules",
+        f"key:{planted}",
+    }
 
 
 def test_item8_pushfw_import_as_the_producer_user_reaches_a_worker(
@@ -579,15 +587,23 @@ def test_item8_pushfw_import_as_the_producer_user_reaches_a_worker(
     assert worker.alive(), worker.log
     feed = tmp_path / "feed.netset"
     feed.write_text("192.0.2.0/24\n198.51.100.7\n")
-    env = {"PUSHFW_HMAC_KEY": HMAC_KEY}
-    sent = pushfw("--redis-url", as_producer, "import", str(feed), "--wait", env=env)
-    assert sent.returncode == 0, sent.stderr
-    assert "applied" in sent.stdout and "loaded 2 entries" in sent.stdout
-    [record] = producer.lists()
-    key = f"{{pushfw}}:list:feed:{record.version}"
-    assert admin.type(key) == b"string" and admin.pttl(key) == -1
-    again = pushfw("--redis-url", as_producer, "import", str(feed), "--wait", env=env)
-    assert again.returncode == 0 and "held already" in again.stdout, again.stderr
+    env = {"PUSHFW_HMAC_KEY": HMAC_KEY}  # the worker requires signatures
+
+    def held() -> tuple[str, int] | None:
+        [host] = producer.hosts()
+        found = host.lists.get("feed")
+        return None if found is None else (found.version, found.entries)
+
+    def imported() -> None:
+        sent = pushfw("--redis-url", as_producer, "import", str(feed), env=env)
+        assert sent.returncode == 0, sent.stderr
+        [record] = producer.lists()
+        wait_for(lambda: held() == (record.version, 2), 15, "the host to hold the list")
+        key = f"{{pushfw}}:list:feed:{record.version}"
+        assert admin.type(key) == b"string" and admin.pttl(key) == -1
+
+    imported()
+    imported()  # the same version again: list_store finds the same bytes there
 
     admin.function_delete("pushfw")  # a Redis whose administrator has not loaded it
     try:
