@@ -104,6 +104,8 @@ _WORKER = (
     "+zrangebyscore",
     "+set",  # TTL marker keys, from the fold script; the ledger's generation marker
     "+get",
+    "+type",  # a list's content is read only if it is a string ...
+    "+strlen",  # ... of the length its command's size allows
     "+exists",
     "+del",
     "+pexpire",  # the list fold script: a replaced version's content expires after a grace

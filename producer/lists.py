@@ -18,12 +18,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import operator
 import re
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import islice
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -214,6 +216,30 @@ class ListContent:
         split = _HEADER.size + n4 * 5
         return cls(blob[_HEADER.size : split], blob[split:])
 
+    @staticmethod
+    def stored_length(v4: int, v6: int) -> int:
+        """The bytes :meth:`to_bytes` writes for ``v4`` IPv4 and ``v6`` IPv6 entries."""
+        return _HEADER.size + v4 * 5 + v6 * 17
+
+    def check(self) -> None:
+        """Raise ValueError unless this is what :meth:`pack` writes: per family, prefix
+        lengths within the family's width, no host bits set, and records strictly
+        increasing with no entry inside another (the gate's binary search relies on it).
+
+        Content read from Redis is input: a producer can store any bytes that hash to the
+        version it names, so a worker checks them before the gate sees a single entry.
+        """
+        for blob, width in ((self.v4, 5), (self.v6, 17)):
+            if blob:
+                _check_records(blob, width)
+
+    def cover(self, version: int) -> int:
+        """How many addresses of one family the entries cover (they never overlap)."""
+        blob, width = (self.v4, 5) if version == 4 else (self.v6, 17)
+        bits = (width - 1) * 8
+        prefixes = blob[width - 1 :: width]
+        return sum(prefixes.count(plen) << (bits - plen) for plen in set(prefixes))
+
     @property
     def version(self) -> str:
         """The content's id: the first 128 bits of its SHA-256, in hex."""
@@ -261,6 +287,41 @@ class ListContent:
         if not blob or min(blob[width - 1 :: width]) >= widest:
             return []
         return [r for r in _records(blob, width) if r[-1] < widest]
+
+
+def _starts(blob: bytes, width: int) -> list[int]:
+    """The first address of every record, as integers (IPv4 unpacked in one C call)."""
+    if width == 5:
+        aligned = bytearray(len(blob) // 5 * 4)
+        for byte in range(4):
+            aligned[byte::4] = blob[byte::5]
+        return list(struct.unpack(f">{len(aligned) // 4}I", aligned))
+    return [int.from_bytes(blob[i : i + width - 1]) for i in range(0, len(blob), width)]
+
+
+def _check_records(blob: bytes, width: int) -> None:
+    """:meth:`ListContent.check` for one family's records, in C-speed passes (a 1M list is
+    checked in a fraction of its kernel load)."""
+    bits = (width - 1) * 8
+    family = "IPv4" if width == 5 else "IPv6"
+    prefixes = blob[width - 1 :: width]
+    if max(prefixes) > bits:
+        i = next(i for i, plen in enumerate(prefixes) if plen > bits)
+        raise ValueError(f"{family} record {i + 1} has prefix length {prefixes[i]}, beyond {bits}")
+    host_masks = [(1 << (bits - plen)) - 1 for plen in range(bits + 1)]
+    masks = list(map(host_masks.__getitem__, prefixes))
+    starts = _starts(blob, width)
+    if any(map(operator.and_, starts, masks)):
+        i = next(i for i, (s, m) in enumerate(zip(starts, masks, strict=True)) if s & m)
+        raise ValueError(f"{family} record {i + 1} has host bits set")
+    ends = list(map(operator.or_, starts, masks))
+    if not all(map(operator.gt, islice(starts, 1, None), ends)):
+        i = next(i for i in range(1, len(starts)) if starts[i] <= ends[i - 1])
+        raise ValueError(
+            f"{family} record {i + 1} ({record_text(blob[i * width : (i + 1) * width])}) is "
+            f"not after record {i} ({record_text(blob[(i - 1) * width : i * width])}): "
+            "records must be sorted, without duplicates or entries inside another"
+        )
 
 
 def _records(blob: bytes, width: int) -> Iterator[bytes]:

@@ -302,3 +302,14 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+_KERNEL_FIXTURES = frozenset({"netns_capable", "make_netns", "netns", "spawn_worker"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``root`` every test that needs network namespaces (a kernel firewall of its own),
+    by the fixtures it uses, so ``scripts/test --quick`` can leave them out."""
+    for item in items:
+        if _KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.root)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.lists import ListContent
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim
 from pushfw.worker.scheduler import Scheduler
@@ -271,14 +273,12 @@ def test_i4_convergent_reconcile_after_every_redis_reconnect(
     producer.client.close()
 
 
-def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
-    make_netns: Callable[[], Netns],
-    backend: str,
-    spawn_worker: Callable[..., WorkerProcess],
-    tmp_path: Path,
-):
-    """A Redis host name that comes to resolve elsewhere: a drop of the new address is lifted
-    (it would cut the worker off) and refused from then on."""
+@contextmanager
+def redis_that_moves(
+    make_netns: Callable[[], Netns], tmp_path: Path
+) -> Iterator[tuple[Netns, RedisServer, Callable[[], None]]]:
+    """A namespace whose Redis host name resolves to 10.215.0.1, and a call that moves the
+    name to 10.215.0.3 (a DNS change, a failover) and drops the server's clients."""
     hub, db = make_netns(), make_netns()
     veth(hub, "10.215.0.1", db, "10.215.0.2", "m")
     hub.run("ip", "addr", "add", "10.215.0.3/24", "dev", f"pfma{hub.name[-7:]}")
@@ -288,7 +288,31 @@ def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
     etc.mkdir(parents=True)
     hosts = etc / "hosts"
     hosts.write_text("10.215.0.1 redis-home\n")
+
+    def move() -> None:
+        with hosts.open("w") as rewrite:  # in place: the bind mount keeps the inode
+            rewrite.write("10.215.0.3 redis-home\n")
+        admin = redis.Redis.from_url(server.url)
+        admin.client_kill_filter(_type="normal", skipme=True)
+        admin.close()
+
     try:
+        yield db, server, move
+    finally:
+        server.stop()
+        hosts.unlink()
+        etc.rmdir()
+
+
+def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+):
+    """A Redis host name that comes to resolve elsewhere: a drop of the new address is lifted
+    (it would cut the worker off) and refused from then on."""
+    with redis_that_moves(make_netns, tmp_path) as (db, server, move):
         producer = Producer.from_url(server.url)
         fw = Firewall(db, backend)
         url = f"redis://redis-home:{server.port}/0"
@@ -296,9 +320,7 @@ def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
         moved_to = producer.drop("10.215.0.3")
         assert status_of(producer, moved_to) == ("applied", "inserted"), "not Redis's, yet"
 
-        with hosts.open("w") as rewrite:  # in place: the bind mount keeps the inode
-            rewrite.write("10.215.0.3 redis-home\n")
-        producer.client.client_kill_filter(_type="normal", skipme=True)
+        move()
         wait_for(lambda: ("drop", "10.215.0.3/32") not in fw.rules(), 30, "the drop to be lifted")
         again = producer.drop("10.215.0.3")
         assert status_of(producer, again) == (
@@ -308,7 +330,36 @@ def test_i6_safe_redis_is_protected_at_the_address_it_moves_to(
         reboot(fw, worker)  # the ledger holds that drop: reconcile refuses it too
         assert fw.rules() == {}
         producer.client.close()
-    finally:
-        server.stop()
-        hosts.unlink()
-        etc.rmdir()
+
+
+def test_item3_a_held_list_stops_dropping_the_address_redis_moves_to(
+    make_netns: Callable[[], Netns],
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+):
+    """Issue 20 item 3: protection that grows puts every held list through the gate again,
+    and the entries it refuses now leave the kernel at once (single rules did already)."""
+    with redis_that_moves(make_netns, tmp_path) as (db, server, move):
+        producer = Producer.from_url(server.url)
+        fw = Firewall(db, set_backend)
+        url = f"redis://redis-home:{server.port}/0"
+        spawn_worker(
+            db, server=server, backend=set_backend, redis_url=url, reconcile_interval_s="0"
+        ).start()
+        feed = ListContent.of(["10.215.0.3", "192.0.2.0/24"])
+        assert status_of(producer, producer.load_list("feed", feed))[0] == "applied"
+        assert set(fw.list_entries("feed")) == {"10.215.0.3/32", "192.0.2.0/24"}
+
+        move()
+        wait_for(
+            lambda: set(fw.list_entries("feed")) == {"192.0.2.0/24"},
+            30,
+            "the list's entry covering Redis's new address to leave the kernel",
+        )
+        wait_for(
+            lambda: producer.hosts()[0].lists["feed"].refused == 1,
+            30,
+            "the heartbeat to count the entry refused",
+        )
+        producer.client.close()

@@ -237,7 +237,9 @@ def test_bad_list_commands_are_rejected_and_the_worker_goes_on(
         r.xadd(CMD, {"op": "list.burn", "name": "feed"}).decode(): "op: ",
     }
     r.set(f"{{pushfw}}:list:forged:{version}", content("192.0.2.66").to_bytes())
-    forged = r.xadd(CMD, {"op": "list.load", "name": "forged", "version": version}).decode()
+    forged = r.xadd(
+        CMD, {"op": "list.load", "name": "forged", "version": version, "size": "1"}
+    ).decode()
     fine = producer.drop("192.0.2.50")
     worker.run(burst=True)
     for cmd_id, reason in bad.items():

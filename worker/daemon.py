@@ -32,7 +32,7 @@ from pushfw.worker.applier import Applier, StopRequested
 from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.config import mask_url
-from pushfw.worker.decide import Policy
+from pushfw.worker.decide import ListBounds, Policy
 from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
 from pushfw.worker.follower import FollowerStream, StreamGone
 from pushfw.worker.generation import GenerationFile, trusts_ledger
@@ -123,6 +123,7 @@ class Worker:
             min_drop_prefix_v6=settings.min_drop_prefix_v6,
             min_accept_prefix_v4=settings.min_accept_prefix_v4,
             min_accept_prefix_v6=settings.min_accept_prefix_v6,
+            list_bounds=ListBounds.from_settings(settings),
         )
         self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
         self.generation = GenerationFile(settings.state_dir, settings.host_name)
@@ -162,7 +163,6 @@ class Worker:
         self._lock_warned_at = float("-inf")
         self._beat_at, self._beat_rules = float("-inf"), 0
         self._beat_lists: dict[str, HeldList] = {}
-        self.list_problems: list[str] = []
         self.scheduler = Scheduler(
             connect(settings),
             self.keys,
@@ -285,7 +285,7 @@ class Worker:
             if refused
             else None
         )
-        self.list_problems = self.applier.lists.reconcile(now_ms, remove_extras=trusted)
+        self.applier.lists.reconcile(now_ms, remove_extras=trusted)
         return self.last_drift
 
     def _protect(self, client: redis.Redis | None) -> None:
@@ -309,6 +309,7 @@ class Worker:
             error = self.applier.remove(covering)
             if error is not None:
                 logger.error("could not lift the drops covering Redis: %s", error)
+        self.applier.lists.recheck()
 
     def _every(self, name: str, interval_s: float) -> bool:
         now = time.monotonic()
@@ -482,7 +483,7 @@ class Worker:
         found = self.supervisor.problems()
         if self.reconcile_error is not None:
             found.append(f"reconcile: {self.reconcile_error}")
-        found += (f"reconcile: {problem}" for problem in self.list_problems)
+        found += self.applier.lists.problems.values()
         stream = self.applier.stream
         if isinstance(stream, FollowerStream) and stream.replica_down is not None:
             found.append(

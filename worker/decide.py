@@ -17,8 +17,8 @@ protected networks and blast radius (for accepts too), expiry. The answer is a f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from pushfw.producer.contract import (
     DEFAULT_MIN_ACCEPT_PREFIX_V4,
@@ -41,6 +41,7 @@ from pushfw.producer.records import ListRecord, RuleRecord
 from pushfw.producer.wire import ParsedCommand, read_command, read_network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.protect import Protection
+from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import Entry, stream_id_order
 
@@ -49,6 +50,7 @@ __all__ = [
     "Add",
     "Decision",
     "Delete",
+    "ListBounds",
     "ListDecision",
     "ListRequest",
     "Load",
@@ -59,6 +61,7 @@ __all__ = [
     "decide",
     "decide_list",
     "is_signed",
+    "list_cover_refusal",
     "refused_by_every_host",
     "refused_entries",
     "request_from_record",
@@ -66,6 +69,59 @@ __all__ = [
 
 _LOOPBACK = Protection(LOOPBACK)
 FORGED_EXPIRY = "sig: missing (an unsigned expiry the ledger does not confirm)"
+
+
+@dataclass(frozen=True, slots=True)
+class ListBounds:
+    """How much address space lists may cover on one host, each bound a prefix length: a
+    list (or all lists of one action together) covers at most as many addresses as one
+    network of that length. Per-entry bounds alone let 256 accept entries of /8 be an
+    ``accept 0.0.0.0/0``, which no single command may send.
+    """
+
+    drop_v4: int
+    drop_v6: int
+    every_drop_v4: int
+    every_drop_v6: int
+    accept_v4: int
+    accept_v6: int
+    every_accept_v4: int
+    every_accept_v6: int
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings | None = None) -> ListBounds:
+        """The bounds ``settings`` set (None: the defaults)."""
+        s = settings if settings is not None else WorkerSettings.model_construct()
+        return cls(
+            s.list_drop_cover_v4,
+            s.list_drop_cover_v6,
+            s.all_drop_lists_cover_v4,
+            s.all_drop_lists_cover_v6,
+            s.list_accept_cover_v4,
+            s.list_accept_cover_v6,
+            s.all_accept_lists_cover_v4,
+            s.all_accept_lists_cover_v6,
+        )
+
+    def prefixes(self, action: Action, version: int) -> tuple[int, int]:
+        """(one list's bound, the bound of all lists of ``action``) for one family."""
+        if action is Action.DROP:
+            return (
+                (self.drop_v4, self.every_drop_v4)
+                if version == 4
+                else (
+                    self.drop_v6,
+                    self.every_drop_v6,
+                )
+            )
+        return (
+            (self.accept_v4, self.every_accept_v4)
+            if version == 4
+            else (
+                self.accept_v6,
+                self.every_accept_v6,
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +138,7 @@ class Policy:
         min_accept_prefix_v4: the widest IPv4 network an accept may cover (an accept beats
             every ban, so ``0.0.0.0/0`` would lift them all).
         min_accept_prefix_v6: the widest IPv6 network an accept may cover.
+        list_bounds: the address space lists may cover, one list and all of one action.
     """
 
     host: str
@@ -92,6 +149,7 @@ class Policy:
     min_drop_prefix_v6: int = DEFAULT_MIN_DROP_PREFIX_V6
     min_accept_prefix_v4: int = DEFAULT_MIN_ACCEPT_PREFIX_V4
     min_accept_prefix_v6: int = DEFAULT_MIN_ACCEPT_PREFIX_V6
+    list_bounds: ListBounds = field(default_factory=ListBounds.from_settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +366,8 @@ class ListRequest:
     target: tuple[str, ...]
     seen_ms: int
     fields: Mapping[bytes, bytes] | None
+    size: int = 0
+    """The entry count the command states; the stored content must hold exactly that."""
 
     @classmethod
     def from_entry(cls, entry: Entry, cmd: ListCommand, seen_ms: int) -> ListRequest:
@@ -323,6 +383,7 @@ class ListRequest:
             target=cmd.target,
             seen_ms=seen_ms,
             fields=entry.fields,
+            size=cmd.size,
         )
 
     @classmethod
@@ -331,7 +392,11 @@ class ListRequest:
 
         A signed record is rebuilt from its signed fields, as :func:`request_from_record`
         does for rules."""
-        seen_ms = record.seen_ms if record.seen_ms is not None else stream_id_order(record.id)[0]
+        try:
+            first_seen_ms = stream_id_order(record.id)[0]
+        except ValueError:
+            return None
+        seen_ms = record.seen_ms if record.seen_ms is not None else first_seen_ms
         if record.signed:
             fields = {k.encode(): v.encode() for k, v in record.signed.items()}
             try:
@@ -352,14 +417,17 @@ class ListRequest:
             target=tuple(record.target),
             seen_ms=seen_ms,
             fields=None,
+            size=record.size,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Hold this list in the kernel (its entries then pass :func:`refused_entries`)."""
+    """Hold this list in the kernel (its entries then pass :func:`refused_entries`, and
+    together :func:`list_cover_refusal`); ``size`` is the entry count its command states."""
 
     list: BlockList
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +458,7 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
     expires_ms = request.list.expires_ms
     if expires_ms is not None and expires_ms <= now_ms:
         return Unload(name, Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago")
-    return Load(request.list)
+    return Load(request.list, request.size)
 
 
 def refused_entries(
@@ -438,3 +506,36 @@ def _authentic_fields(
     except CommandRejected as exc:
         return Report(Status.REJECTED, str(exc))
     return None
+
+
+def list_cover_refusal(
+    content: ListContent, action: Action, policy: Policy, others: Iterable[ListContent]
+) -> str | None:
+    """Why this host refuses a list as a whole for what its entries cover together (None:
+    within the bounds): more than one list of ``action`` may cover, or, with ``others`` (the
+    other lists of ``action`` this host holds), more than all of them may.
+
+    ``content`` is what the host would hold (after :func:`refused_entries`); entries of one
+    list never overlap, so its cover is exact; lists are summed, overlaps counted twice.
+    """
+    others = list(others)
+    for version, bits in ((4, 32), (6, 128)):
+        one, every = policy.list_bounds.prefixes(action, version)
+        covered = content.cover(version)
+        if covered > 1 << (bits - one):
+            return (
+                f"the list covers {_share(covered, bits)} of the IPv{version} space, more than "
+                f"one {action.value} list may here (a /{one})"
+            )
+        total = covered + sum(other.cover(version) for other in others)
+        if total > 1 << (bits - every):
+            return (
+                f"with the {len(others)} other {action.value} lists held here it would cover "
+                f"{_share(total, bits)} of the IPv{version} space, more than all "
+                f"{action.value} lists may together (a /{every})"
+            )
+    return None
+
+
+def _share(addresses: int, bits: int) -> str:
+    return f"{addresses / (1 << bits):.3%}"

@@ -21,14 +21,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import redis
 
 from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.keys import Keys
-from pushfw.producer.lists import ListCommand, ListContent, difference, parse_list_command
+from pushfw.producer.lists import (
+    MAX_LIST_ENTRIES,
+    ListCommand,
+    ListContent,
+    difference,
+    parse_list_command,
+)
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, BlockList
@@ -40,6 +47,7 @@ from pushfw.worker.decide import (
     Report,
     Unload,
     decide_list,
+    list_cover_refusal,
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
@@ -71,27 +79,59 @@ class Held:
 
 
 def read_records(client: redis.Redis, keys: Keys) -> dict[str, ListRecord]:
-    """Every list's ledger record (deleted ones too), by name."""
+    """Every list's ledger record (deleted ones too), by name; a record that does not
+    parse is left out with a warning (it is input, and one must not stop the others)."""
     raw: Any = client.hgetall(keys.lists)
-    return {
-        (k.decode() if isinstance(k, bytes) else str(k)): ListRecord.model_validate_json(v)
-        for k, v in raw.items()
-    }
+    records = {}
+    for key, value in raw.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        try:
+            records[name] = ListRecord.model_validate_json(value)
+        except ValueError as exc:
+            logger.warning("list %r: ledger record left out, it does not parse: %s", name, exc)
+    return records
 
 
-def read_content(client: redis.Redis, keys: Keys, name: str, version: str) -> ListContent | None:
-    """One version of a list's entries (None: gone), checked against its hash.
+def read_content(
+    client: redis.Redis, keys: Keys, name: str, version: str, size: int
+) -> ListContent | None:
+    """One version of a list's entries (None: gone), checked as strictly as a command: a
+    string of the length ``size`` entries take (asked before the value is read), in the
+    importer's format, holding ``size`` entries, hashing to ``version``.
 
     Raises:
-        ValueError: the content is damaged, or is not the version its key names.
+        ValueError: the content is not what the importer would have written; the message
+            says why.
     """
-    raw: Any = client.get(keys.list_content(name, version))
+    key = keys.list_content(name, version)
+    kind = _text(client.type(key))
+    if kind == "none":
+        return None
+    if kind != "string":
+        raise ValueError(f"{key} is a {kind}, not a list's content")
+    if not 0 <= size <= MAX_LIST_ENTRIES:
+        raise ValueError(f"size {size} is beyond the {MAX_LIST_ENTRIES:,} entries a list may have")
+    length: Any = client.strlen(key)
+    shortest, longest = ListContent.stored_length(size, 0), ListContent.stored_length(0, size)
+    if not shortest <= length <= longest:
+        raise ValueError(
+            f"the content is {length:,} bytes, and {size:,} entries take {shortest:,} to "
+            f"{longest:,}: the command's size (the entry count) is not the content's"
+        )
+    raw: Any = client.get(key)
     if raw is None:
         return None
     content = ListContent.from_bytes(raw)
+    if content.size != size:
+        raise ValueError(f"the content holds {content.size:,} entries, the command says {size:,}")
     if content.version != version:
         raise ValueError(f"the content stored as version {version} hashes to {content.version}")
+    content.check()
     return content
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class ListKeeper:
@@ -123,9 +163,16 @@ class ListKeeper:
         self.held: dict[str, Held] = {}
         self._removed: dict[str, str] = {}
         """Per list removed here, the id of the command that removed it (newest wins)."""
+        self.problems: dict[str, str] = {}
+        """Per list, why its newest command could not be carried out here (the heartbeat's
+        problems, so ``pushfw status`` shows it); cleared once one is."""
 
     def handle(self, entry: Entry, seen_ms: int, now_ms: int) -> tuple[Outcome, ListCommand | None]:
-        """Apply one ``list.*`` entry; returns the outcome and the parsed command (or None)."""
+        """Apply one ``list.*`` entry; returns the outcome and the parsed command (or None).
+
+        Never raises but for Redis being unreachable: whatever one list command runs into is
+        that command's result, and the applier goes on with the next entry.
+        """
         assert entry.fields is not None
         try:
             cmd = parse_list_command(entry.fields)
@@ -135,7 +182,26 @@ class ListKeeper:
         if newest is not None and stream_id_order(newest) > stream_id_order(entry.id):
             return Outcome(Status.UNCHANGED, f"superseded by newer command {newest}"), cmd
         request = ListRequest.from_entry(entry, cmd, seen_ms)
-        return self._carry_out(decide_list(request, self.policy, now_ms), entry.id), cmd
+        outcome = self._guarded(
+            cmd.name, lambda: self._carry_out(decide_list(request, self.policy, now_ms), entry.id)
+        )
+        return outcome, cmd
+
+    def _guarded(self, name: str, carry_out: Callable[[], Outcome]) -> Outcome:
+        """``carry_out()``, with an unexpected error made a retried failure of this list's
+        command (dead-lettered after ``max_deliveries``) and every failure a problem."""
+        try:
+            outcome = carry_out()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # Redis is down: the loop waits for it, the command stays pending
+        except Exception as exc:
+            logger.exception("list %s: unexpected error", name)
+            outcome = Outcome(None, f"unexpected error: {exc!r}")
+        if outcome.status in (Status.REJECTED, Status.FAILED, None):
+            self.problems[name] = f"list {name}: {outcome.detail}"
+        else:
+            self.problems.pop(name, None)
+        return outcome
 
     def _newest_id(self, name: str) -> str | None:
         held = self.held.get(name)
@@ -181,13 +247,21 @@ class ListKeeper:
                 f"the {self.backend.name} backend keeps no sets: lists need ipset or nftables",
             )
         try:
-            content = read_content(self.client, self.keys, spec.name, spec.version)
+            content = read_content(self.client, self.keys, spec.name, spec.version, decision.size)
         except ValueError as exc:
-            return Outcome(Status.REJECTED, f"version: {exc}")
+            return Outcome(Status.REJECTED, f"content: {exc}")
         if content is None:
             return self._content_gone(spec, entry_id)
         kept, refused = refused_entries(content, spec.action, self.policy)
         self.alive()
+        others = (
+            h.content
+            for n, h in self.held.items()
+            if n != spec.name and h.spec.action is spec.action
+        )
+        too_wide = list_cover_refusal(kept, spec.action, self.policy, others)
+        if too_wide is not None:
+            return Outcome(Status.REJECTED, too_wide)
         for reason in refused[:3]:
             logger.warning("list %s: left out %s", spec.name, reason)
         try:
@@ -245,20 +319,22 @@ class ListKeeper:
             f"version {spec.version} of list {spec.name} is not in Redis; import the list again",
         )
 
-    def reconcile(self, now_ms: int, remove_extras: bool = True) -> list[str]:
-        """Make the kernel's lists exactly the ledger's lists for this host; returns problems.
+    def reconcile(self, now_ms: int, remove_extras: bool = True) -> None:
+        """Make the kernel's lists exactly the ledger's lists for this host.
 
-        A list held at the ledger's version, action and expiry is left alone; every other
-        one is loaded whole; lists the kernel holds that the ledger does not give this host
-        are removed, unless ``remove_extras`` is False (a ledger this host does not trust:
-        Redis may have lost its data, see :mod:`pushfw.worker.generation`).
+        A list held at the ledger's version, action and expiry is only put through the gate
+        again (:meth:`recheck`); every other one is loaded whole; lists the kernel holds that
+        the ledger does not give this host are removed, unless ``remove_extras`` is False (a
+        ledger this host does not trust: Redis may have lost its data, see
+        :mod:`pushfw.worker.generation`). What fails is in :attr:`problems`, what the kernel
+        held of that list stays.
         """
-        problems = []
+        self.recheck()
         wanted: set[str] = set()
         in_kernel = self._kernel_names()
         present = in_kernel | set(self.held)
         for name, record in read_records(self.client, self.keys).items():
-            request = ListRequest.from_record(record)
+            request = ListRequest.from_record(record) if record.name == name else None
             decision = None if request is None else decide_list(request, self.policy, now_ms)
             if decision is None or isinstance(decision, Report):
                 if name in present:
@@ -274,13 +350,36 @@ class ListKeeper:
                 ):
                     continue
                 self.held.pop(name, None)  # the kernel may hold anything: load it whole
-                outcome = self._load(decision, record.id)
-                if outcome.status not in (Status.APPLIED, Status.UNCHANGED):
-                    problems.append(f"list {name}: {outcome.detail}")  # what it held stays
+                self._guarded(name, partial(self._load, decision, record.id))
         if remove_extras:
             for name in present - wanted:
                 self._unload(Unload(name), self._removed.get(name, "0-0"))
-        return problems
+
+    def recheck(self) -> int:
+        """Put every held list through the gate again with this host's policy as it is now,
+        and take the entries it refuses now out of the kernel at once; returns how many.
+
+        Protection grows while a worker runs (Redis reached at a new address after a DNS
+        change or a failover): a held list must not keep dropping it. Needs no Redis.
+        """
+        lifted = 0
+        for name, held in list(self.held.items()):
+            kept, refused = refused_entries(held.content, held.spec.action, self.policy)
+            if not refused:
+                continue
+            _, removed = difference(held.content, kept)
+            try:
+                with self.kernel():
+                    self.backend.change_list(held.spec, [], removed)
+            except BackendError as exc:
+                self.problems[name] = f"list {name}: could not lift {refused[0]}: {exc}"
+                continue
+            self.held[name] = replace(held, content=kept, refused=held.refused + len(removed))
+            logger.warning(
+                "list %s: lifted %d entries refused now: %s", name, len(removed), refused[0]
+            )
+            lifted += len(removed)
+        return lifted
 
     def expire_due(self, now_ms: int) -> int:
         """Remove the lists whose expiry has passed; returns how many."""

@@ -180,6 +180,57 @@ class WorkerSettings(BaseSettings):
         le=128,
         description="the widest IPv6 network an accept may cover, as a prefix length",
     )
+    list_drop_cover_v4: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="the most IPv4 addresses one drop list may cover together, as the prefix "
+        "length of one network that size (1: half the IPv4 space)",
+    )
+    list_drop_cover_v6: int = Field(
+        default=1,
+        ge=0,
+        le=128,
+        description="the most IPv6 addresses one drop list may cover, as a prefix length",
+    )
+    all_drop_lists_cover_v4: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="the most IPv4 addresses all drop lists of this host may cover together, "
+        "as a prefix length",
+    )
+    all_drop_lists_cover_v6: int = Field(
+        default=1,
+        ge=0,
+        le=128,
+        description="the most IPv6 addresses all drop lists of this host may cover together",
+    )
+    list_accept_cover_v4: int = Field(
+        default=4,
+        ge=0,
+        le=32,
+        description="the most IPv4 addresses one accept list may cover, as a prefix length "
+        "(4: 16 times the widest accept; 256 accepts of /8 would be `accept 0.0.0.0/0`)",
+    )
+    list_accept_cover_v6: int = Field(
+        default=12,
+        ge=0,
+        le=128,
+        description="the most IPv6 addresses one accept list may cover, as a prefix length",
+    )
+    all_accept_lists_cover_v4: int = Field(
+        default=3,
+        ge=0,
+        le=32,
+        description="the most IPv4 addresses all accept lists of this host may cover together",
+    )
+    all_accept_lists_cover_v6: int = Field(
+        default=11,
+        ge=0,
+        le=128,
+        description="the most IPv6 addresses all accept lists of this host may cover together",
+    )
     state_dir: str = Field(
         default="/var/lib/pushfw",
         description="where the worker remembers the ledger generation it converged with, "
