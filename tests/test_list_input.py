@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from pushfw.producer import Keys, Producer
+from pushfw.producer import Keys, Producer, functions
 from pushfw.producer.acl import PRODUCER_USER
 from pushfw.producer.connection import untyped
 from pushfw.producer.contract import Result
@@ -37,6 +37,7 @@ def as_producer(r: redis.Redis, redis_server: RedisServer) -> Iterator[Producer]
     assert printed.returncode == 0, printed.stderr
     for line in printed.stdout.splitlines():
         untyped(r).execute_command(*line.split())
+    functions.install(r)  # an administrator's job: the producer stores content through it
     url = f"redis://{PRODUCER_USER}:{PRODUCER_PW}@127.0.0.1:{redis_server.port}/0"
     producer = Producer.from_url(url)
     yield producer
@@ -57,8 +58,11 @@ def forged(v4: bytes) -> ListContent:
 
 
 def store(producer: Producer, name: str, content: ListContent) -> None:
-    """Store ``content`` as version of list ``name`` as the producer user can, no command."""
-    producer.client.set(KEYS.list_content(name, content.version), content.to_bytes())
+    """Store ``content`` as version of list ``name`` as the producer user can (its one write
+    there, ``FCALL list_store``, takes any bytes), no command."""
+    functions.store_list(
+        producer.client, KEYS.list_content(name, content.version), content.to_bytes()
+    )
 
 
 def load(producer: Producer, name: str, content: ListContent, **fields: str) -> str:
