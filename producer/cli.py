@@ -467,7 +467,7 @@ def _warn_protected(name: str, parsed: ListFile, protect: list[Network]) -> None
     under = sum(n for _, _, n in refused)
     click.echo(
         f"warning: list {name}: hosts with the protect setting --protect refuse "
-        f"{plural(len(refused), 'entry', 'entries')}, and so hold none of the "
+        f"{plural(len(refused), 'entry', 'entries')}, and so lack the "
         f"{plural(under, 'entry', 'entries')} of the file under them: {', '.join(shown)}; "
         "remove them from the file to send what they cover",
         err=True,

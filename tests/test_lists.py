@@ -446,7 +446,7 @@ def test_item6_entries_the_protect_setting_refuses_are_named_with_what_they_cove
     assert sent.returncode == 0, sent.stderr
     assert (
         "warning: list feed: hosts with the protect setting --protect refuse 1 entry, and so "
-        "hold none of the 2 entries of the file under them: 10.0.0.0/8 overlaps 10.1.0.0/16 "
+        "lack the 2 entries of the file under them: 10.0.0.0/8 overlaps 10.1.0.0/16 "
         "and covers 2 entries; remove them from the file to send what they cover"
     ) in sent.stderr
     worker.run(burst=True)
