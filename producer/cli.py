@@ -705,7 +705,12 @@ def redis_functions_show(producer: Producer) -> None:
 @click.option("--file", "as_file", is_flag=True, help="ACL file lines instead of commands.")
 @click.pass_context
 def acl_users(ctx: click.Context, /, **opts: Any) -> None:
-    """Print the Redis ACL users pushfw-producer and pushfw-worker (no Redis needed)."""
+    """Print the Redis ACL users pushfw-producer and pushfw-worker (no Redis needed).
+
+    The producer may XADD commands and read results; it writes list contents only through
+    FCALL list_store (a string, once, no expiry): no SET, XADD, PEXPIRE or DEL on them. An
+    administrator loads that function: pushfw redis-functions install.
+    """
     prefix = str(ctx.parent.params["prefix"]) if ctx.parent else DEFAULT_PREFIX
     producer_pw, worker_pw = opts["producer_password"], opts["worker_password"]
     scope = {k: opts[k] for k in ("minimal", "fcall", "db", "redis_version")}
