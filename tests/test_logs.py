@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from pushfw.producer import Producer
-from pushfw.worker.log import JsonFormatter, TextFormatter
+from pushfw.worker.log import JsonFormatter, TextFormatter, syslog_priority
 from tests.conftest import RedisServer
 from tests.daemon import Daemon, cli, worker_env
 
@@ -121,3 +121,40 @@ def test_the_redis_password_never_appears(aof_redis: RedisServer, tmp_path: Path
         "stopping",
         "stopped",
     ]
+
+
+def test_journald_reads_each_lines_priority(aof_redis: RedisServer, tmp_path: Path) -> None:
+    """Under systemd (stderr is the stream JOURNAL_STREAM names) every line starts with its
+    syslog priority, so ``journalctl -p warning`` finds the warnings; elsewhere none does."""
+    config = tmp_path / "worker.toml"
+    config.write_text(f'redis_url = "{aof_redis.url}"\n')
+    env = worker_env(config, host_name="journal1", backend="memory")
+    elsewhere = {**env, "JOURNAL_STREAM": "1:2"}  # inherited, but stderr is another pipe
+    with Daemon(elsewhere, verbose=True) as plain:
+        plain.wait_line("ready: following")
+        assert plain.stop() == 0
+    assert plain.lines and all(json.loads(line)["level"] for line in plain.lines)
+
+    producer = Producer.from_url(aof_redis.url)
+    with Daemon(env, verbose=True, journal=True) as worker:
+        worker.wait_line("ready: following")
+        assert producer.wait(producer.drop("192.0.2.1"))  # DEBUG lines, one per rule
+        producer.client.close()
+        aof_redis.stop()  # a warning
+        worker.wait_line("redis unavailable")
+        assert worker.stop() == 0
+    seen = set()
+    for line in worker.lines:
+        assert line.startswith("<") and line[2] == ">", line
+        level = json.loads(line[3:])["level"]
+        assert int(line[1]) == syslog_priority(getattr(logging, level)), line
+        seen.add(line[:3])
+    assert {"<7>", "<6>", "<4>"} <= seen
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_key = 1\n")
+    refused = Daemon(worker_env(bad), journal=True).start()
+    assert refused.proc is not None
+    refused.proc.wait(timeout=60)
+    assert refused.stop() == 2
+    assert refused.lines and all(line.startswith("<3>pushfw-worker: ") for line in refused.lines)
