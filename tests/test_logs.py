@@ -13,7 +13,9 @@ from pathlib import Path
 import redis
 
 from pushfw.producer import Producer
+from pushfw.worker.config import secrets_of
 from pushfw.worker.log import JsonFormatter, TextFormatter, syslog_priority
+from pushfw.worker.settings import WorkerSettings
 from tests.conftest import RedisServer
 from tests.daemon import Daemon, cli, worker_env
 
@@ -121,6 +123,36 @@ def test_the_redis_password_never_appears(aof_redis: RedisServer, tmp_path: Path
         "stopping",
         "stopped",
     ]
+
+
+def test_the_read_url_password_never_appears(
+    r: redis.Redis, redis_server: RedisServer, aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A follower whose replica needs a password: check-config (which the unit runs at every
+    start) and the worker's whole output show the read_url masked, never its password."""
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "r3pl1ca-pw")
+    admin.close()
+    read_url = f"redis://:r3pl1ca-pw@127.0.0.1:{aof_redis.port}/0"
+    masked_url = f"redis://:***@127.0.0.1:{aof_redis.port}/0"
+    assert "r3pl1ca-pw" in secrets_of(WorkerSettings(read_url=read_url))
+    config = tmp_path / "worker.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\nread_url = "{read_url}"\n')
+    env = worker_env(config, host_name="log2", backend="memory")
+
+    table = cli("check-config", env=env)
+    as_json = cli("check-config", "--json", env=env)
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr
+    assert masked_url in table.stdout
+    assert json.loads(as_json.stdout)["settings"]["read_url"] == masked_url
+
+    with Daemon(env, verbose=True) as worker:
+        worker.wait_line("ready: following")  # after naming the replica it cannot use
+        assert worker.stop() == 0
+    output = table.stdout + table.stderr + as_json.stdout + as_json.stderr + worker.output
+    assert "r3pl1ca-pw" not in output
+    assert f"replica {masked_url} cannot be read" in worker.output
+    assert f"via {masked_url}" in worker.output
 
 
 def test_journald_reads_each_lines_priority(aof_redis: RedisServer, tmp_path: Path) -> None:
