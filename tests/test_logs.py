@@ -62,6 +62,18 @@ def test_formatters_scrub_secrets() -> None:
         assert line.count("***") == 2
 
 
+def test_journal_prefix_on_every_line_of_a_text_traceback() -> None:
+    """journald reads the priority line by line: a traceback's lines keep the record's."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = TextFormatter(journal=True).format(rec).split("\n")
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines)
+    assert JsonFormatter(journal=True).format(record("w")).startswith('<4>{"time": ')
+    assert [syslog_priority(n) for n in (5, 10, 20, 30, 40, 50)] == [7, 7, 6, 4, 3, 2]
+
+
 def run_snippet(fmt: str, tty: bool) -> str:
     """Run the snippet with stderr on a pipe, or on a real pseudo-terminal."""
     code = SNIPPET.format(fmt=fmt)
