@@ -56,9 +56,10 @@ _U64 = 1 << 64
 
 
 def is_entry_id(text: str) -> bool:
-    """Whether ``text`` is a complete stream entry id, ``<ms>-<seq>``, as Redis accepts it."""
+    """Whether ``text`` is a stream entry id as ``XREAD`` takes it: ``<ms>-<seq>`` or ``<ms>``."""
     ms, dash, seq = text.partition("-")
-    if not (dash and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+    seq = seq if dash else "0"
+    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
         return False
     return len(ms) <= 20 and len(seq) <= 20 and int(ms) < _U64 and int(seq) < _U64
 
