@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,7 @@ datepattern = {NONE}
 ACTION_LOCAL = """\
 [Init]
 pushfw = {pushfw}
-redis_url = {redis_url}
+redis_url_file = {redis_url_file}
 """
 
 JAIL_DEFAULTS = """\
@@ -86,7 +87,7 @@ enabled = true
 filter = pushfw-test
 logpath = {tmp}/auth.log
 bantime = 600
-action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}"]
+action = pushfw[pushfw="{pushfw}", redis_url_file="{redis_url_file}"]
 
 [pushfw-forever]
 enabled = true
@@ -102,7 +103,7 @@ enabled = true
 filter = pushfw-hostile
 logpath = {tmp}/hostile.log
 bantime = 600
-action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}"]
+action = pushfw[pushfw="{pushfw}", redis_url_file="{redis_url_file}"]
 
 [py-test]
 enabled = true
@@ -147,7 +148,7 @@ enabled = true
 filter = pushfw-test
 logpath = {tmp}/unban.log
 bantime = 600
-action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}", unban_on_stop="true"]
+action = pushfw[pushfw="{pushfw}", redis_url_file="{redis_url_file}", unban_on_stop="true"]
 
 [py-unban]
 enabled = true
@@ -199,8 +200,8 @@ class Fail2ban(Fail2banServer):
             out.write(line + "\n")
 
 
-def write_config(tmp: Path, jails: str, **values: str) -> None:
-    write_fail2ban_conf(tmp)
+def write_config(tmp: Path, jails: str, loglevel: str = "INFO", **values: str) -> None:
+    write_fail2ban_conf(tmp, loglevel)
     conf = tmp / "conf"
     (conf / "action.d").mkdir()
     (conf / "filter.d").mkdir()
@@ -248,7 +249,12 @@ def need_fail2ban() -> None:
 
 @contextlib.contextmanager
 def running_fail2ban(
-    jails: str, names: tuple[str, ...], redis_url: str, env: dict[str, str], **values: str
+    jails: str,
+    names: tuple[str, ...],
+    redis_url: str,
+    env: dict[str, str],
+    loglevel: str = "INFO",
+    **values: str,
 ) -> Iterator[Fail2ban]:
     """A fail2ban-server with ``jails`` (a template), its jails ``names`` started."""
     pushfw = Path(sys.executable).with_name("pushfw")
@@ -256,7 +262,18 @@ def running_fail2ban(
     # a short path: the control socket's name must fit in sun_path (108 bytes)
     with tempfile.TemporaryDirectory(prefix="pushfw-f2b-") as name:
         tmp = Path(name)
-        write_config(tmp, jails, pushfw=str(pushfw), redis_url=redis_url, venv=sys.prefix, **values)
+        url_file = tmp / "redis.url"  # the shell action's: a URL never on a command line
+        url_file.write_text(redis_url + "\n")
+        write_config(
+            tmp,
+            jails,
+            loglevel,
+            pushfw=str(pushfw),
+            redis_url=redis_url,
+            redis_url_file=str(url_file),
+            venv=sys.prefix,
+            **values,
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")} | env
         server = Fail2ban(tmp, env=env)
         try:
@@ -340,6 +357,49 @@ def test_hostile_ticket_ids_reach_no_shell(fail2ban: Fail2ban, r: redis.Redis) -
         assert f"Ban {ticket}" in log, f"fail2ban did not try {ticket!r}"
     failed = log.count("Failed to execute ban jail 'pushfw-hostile' action 'pushfw'")
     assert failed == len(HOSTILE_IDS), "pushfw refused each of them"
+
+
+# The shell action as docs/integrations.md installs it: banaction, pushfw.local's file.
+SECRET_JAILS = """\
+[DEFAULT]
+backend = polling
+maxretry = 1
+ignoreip = 127.0.0.1/8 ::1
+
+[pushfw-secret]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/secret.log
+bantime = 600
+banaction = pushfw
+action = %(banaction)s
+"""
+
+
+def test_the_shell_actions_commands_carry_no_password(aof_redis: RedisServer) -> None:
+    """The Redis URL, password included, comes from a file: the commands fail2ban runs
+    (which every user sees in ``ps``, and fail2ban logs at HEAVYDEBUG) never hold it."""
+    need_fail2ban()
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "f2b-s3cret")
+    url = f"redis://:f2b-s3cret@127.0.0.1:{aof_redis.port}/0"
+    try:
+        with running_fail2ban(
+            SECRET_JAILS, ("pushfw-secret",), url, {}, loglevel="HEAVYDEBUG"
+        ) as server:
+            server.append("secret.log", f"Failed login from {BANNED}")
+            server.wait(lambda: find(admin, op="drop.insert", ip=BANNED), "the ban in Redis")
+            server.wait(lambda: not server.running_commands(), "the ban's command to return")
+            server.client("set", "pushfw-secret", "unbanip", BANNED, check=True)
+            server.wait(lambda: find(admin, op="drop.delete", ip=BANNED), "the unban in Redis")
+            log = server.log
+    finally:
+        admin.close()
+    # each command fail2ban ran (its /bin/sh -c argument), up to the next log record
+    executed = re.findall(r" -- exec: (.*?)(?=\n\d{4}-\d\d-\d\d |\Z)", log, re.DOTALL)
+    assert len(executed) == 2, log[-3000:]
+    assert all("--redis-url-file" in command for command in executed), executed
+    assert "f2b-s3cret" not in log
 
 
 SIGNING_KEY = "fail2ban-test-signing-key"

@@ -52,6 +52,18 @@ end
 """Lua helpers for scripts that compare entry ids: ``parse(id)`` and ``newer(a, b)``."""
 
 
+_U64 = 1 << 64
+
+
+def is_entry_id(text: str) -> bool:
+    """Whether ``text`` is a stream entry id as ``XREAD`` takes it: ``<ms>-<seq>`` or ``<ms>``."""
+    ms, dash, seq = text.partition("-")
+    seq = seq if dash else "0"
+    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return False
+    return len(ms) <= 20 and len(seq) <= 20 and int(ms) < _U64 and int(seq) < _U64
+
+
 def stream_id_order(entry_id: str) -> tuple[int, int]:
     """An entry id as a tuple that sorts the way Redis orders ids."""
     ms, _, seq = entry_id.partition("-")
