@@ -32,6 +32,7 @@ from pushfw.producer.lists import ListCommand, ListContent, difference, parse_li
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, BlockList
+from pushfw.worker.copies import ContentCopies
 from pushfw.worker.decide import (
     ListDecision,
     ListRequest,
@@ -40,6 +41,7 @@ from pushfw.worker.decide import (
     Report,
     Unload,
     decide_list,
+    decide_list_record,
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
@@ -70,9 +72,9 @@ class Held:
     id: str
 
 
-def read_records(client: redis.Redis, keys: Keys) -> dict[str, ListRecord]:
-    """Every list's ledger record (deleted ones too), by name."""
-    raw: Any = client.hgetall(keys.lists)
+def read_records(client: redis.Redis, keys: Keys, held: bool = False) -> dict[str, ListRecord]:
+    """Every list's ledger record (deleted ones too), by name; ``held``: the held records."""
+    raw: Any = client.hgetall(keys.held_lists if held else keys.lists)
     return {
         (k.decode() if isinstance(k, bytes) else str(k)): ListRecord.model_validate_json(v)
         for k, v in raw.items()
@@ -103,6 +105,8 @@ class ListKeeper:
         backend: the host's firewall.
         policy: the host's policy, the same the rules pass.
         kernel: wraps kernel work, as the applier's does (the expiry alarm waits for it).
+        copies: where a host with ``require_signature`` keeps the content it loads
+            (:mod:`pushfw.worker.copies`); None: nowhere.
     """
 
     def __init__(
@@ -112,7 +116,9 @@ class ListKeeper:
         backend: Backend,
         policy: Policy,
         kernel: Callable[[], AbstractContextManager[None]],
+        copies: ContentCopies | None = None,
     ) -> None:
+        self.copies = copies
         self.client = client
         self.keys = keys
         self.backend = backend
@@ -158,6 +164,8 @@ class ListKeeper:
             except BackendError as exc:
                 return _failed(exc)
             self.held.pop(name, None)
+            if self.copies is not None:
+                self.copies.drop(name)
             logger.info("list %s removed", name)
         self._removed[name] = entry_id
         status = decision.status
@@ -180,10 +188,9 @@ class ListKeeper:
                 Status.REJECTED,
                 f"the {self.backend.name} backend keeps no sets: lists need ipset or nftables",
             )
-        try:
-            content = read_content(self.client, self.keys, spec.name, spec.version)
-        except ValueError as exc:
-            return Outcome(Status.REJECTED, f"version: {exc}")
+        content = self._read(spec)
+        if isinstance(content, str):
+            return Outcome(Status.REJECTED, content)
         if content is None:
             return self._content_gone(spec, entry_id)
         kept, refused = refused_entries(content, spec.action, self.policy)
@@ -197,12 +204,38 @@ class ListKeeper:
         if kept.size >= LARGE:
             give_back_memory()
         self.held[spec.name] = Held(spec, kept, len(refused), entry_id)
+        if self.copies is not None:
+            self.copies.save(spec.name, content)
         self._removed.pop(spec.name, None)
         if refused:
             detail += f"; {plural(len(refused), 'entry', 'entries')} refused: {refused[0]}"
             if len(refused) > 1:
                 detail += ", ..."
         return Outcome(Status.APPLIED if changed else Status.UNCHANGED, detail)
+
+    def _read(self, spec: BlockList) -> ListContent | str | None:
+        """The version's content, from Redis or else this host's copy (None: gone; a str:
+        why what Redis holds is refused)."""
+        try:
+            content = read_content(self.client, self.keys, spec.name, spec.version)
+        except ValueError as exc:
+            return self._copy(spec, str(exc)) or f"version: {exc}"
+        return content if content is not None else self._copy(spec, "gone from Redis")
+
+    def _copy(self, spec: BlockList, why: str) -> ListContent | None:
+        """This host's copy of the version, written back to Redis (None: no copy)."""
+        if self.copies is None:
+            return None
+        content = self.copies.load(spec.name, spec.version)
+        if content is not None:
+            logger.warning(
+                "list %s: version %s in Redis is %s: loaded this host's copy, stored it again",
+                spec.name,
+                spec.version,
+                why,
+            )
+            self.client.set(self.keys.list_content(spec.name, spec.version), content.to_bytes())
+        return content
 
     def _change_kernel(self, spec: BlockList, kept: ListContent) -> tuple[bool, str]:
         """Make the kernel hold ``kept`` as ``spec``; whether that changed it, and how."""
@@ -257,10 +290,14 @@ class ListKeeper:
         wanted: set[str] = set()
         in_kernel = self._kernel_names()
         present = in_kernel | set(self.held)
-        for name, record in read_records(self.client, self.keys).items():
-            request = ListRequest.from_record(record)
-            decision = None if request is None else decide_list(request, self.policy, now_ms)
-            if decision is None or isinstance(decision, Report):
+        records = read_records(self.client, self.keys)
+        verified = (
+            read_records(self.client, self.keys, held=True) if self.policy.signing.required else {}
+        )
+        for name in sorted(records.keys() | verified.keys()):
+            found = decide_list_record(records.get(name), verified.get(name), self.policy, now_ms)
+            request, decision = found if found is not None else (None, None)
+            if request is None or decision is None or isinstance(decision, Report):
                 if name in present:
                     wanted.add(name)  # held: a record this host refuses changes nothing here
                 continue
@@ -269,12 +306,12 @@ class ListKeeper:
                 held = self.held.get(name)
                 if (
                     held is not None
-                    and (held.spec, held.id) == (decision.list, record.id)
+                    and (held.spec, held.id) == (decision.list, request.id)
                     and name in in_kernel  # not gone in a hand flush
                 ):
                     continue
                 self.held.pop(name, None)  # the kernel may hold anything: load it whole
-                outcome = self._load(decision, record.id)
+                outcome = self._load(decision, request.id)
                 if outcome.status not in (Status.APPLIED, Status.UNCHANGED):
                     problems.append(f"list {name}: {outcome.detail}")  # what it held stays
         if remove_extras:
