@@ -258,13 +258,15 @@ skips it (:mod:`pushfw.worker.lists`)."""
 LIST_CONTENT_GRACE_MS = 3_600_000
 
 FORGET = """
--- KEYS: rules, tombs; ARGV: field, value, ...: delete each field that still holds that
--- value, with its tombstone index entry
+-- KEYS: rules (or lists, or a held hash), tombs where it indexes them; ARGV: field,
+-- value, ...: delete each field that still holds that value, with its tombstone index entry
 local n = 0
 for i = 1, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('ZREM', KEYS[2], ARGV[i])
+    if KEYS[2] then
+      redis.call('ZREM', KEYS[2], ARGV[i])
+    end
   end
 end
 return n
@@ -606,11 +608,16 @@ class Ledger:
             for k, v in self.client.hscan_iter(self.keys.held, count=1000)
         }
 
-    def forget(self, stale: Sequence[tuple[Any, Any]], of_lists: bool = False) -> int:
+    def forget(
+        self, stale: Sequence[tuple[Any, Any]], of_lists: bool = False, held: bool = False
+    ) -> int:
         """Delete tombstones (field, raw value) that no fold replaced since they were read;
-        ``of_lists``: in ``{pushfw}:lists`` (which the tombstone index does not cover)."""
+        ``of_lists``: in ``{pushfw}:lists`` (which the tombstone index does not cover);
+        ``held``: held records (in ``{pushfw}:held``, or ``:held-lists`` with ``of_lists``)."""
         forgotten = 0
         where = [self.keys.lists if of_lists else self.keys.rules, self.keys.tombs]
+        if held:
+            where = [self.keys.held_lists if of_lists else self.keys.held]
         for start in range(0, len(stale), 1000):
             args = [part for pair in stale[start : start + 1000] for part in pair]
             forgotten += int(self._forget(keys=where, args=args))
