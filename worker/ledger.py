@@ -106,10 +106,12 @@ for i = 0, #ARGV / 5 - 1 do
       redis.call('ZREM', KEYS[2], rule)
       redis.call('DEL', marker)
     end
-    -- the newest verified state: the newest record itself, or the one it replaced
-    if checked or (cur and cur['checked'] == true and cur['deleted']) then
+    -- the newest verified state: the newest record itself, or the one it replaced (held
+    -- only while the newest record is not checked; a checked tombstone holds nothing)
+    local was_checked = cur ~= nil and cur['checked'] == true
+    if checked and not was_checked then
       redis.call('HDEL', KEYS[4], rule)
-    elseif cur and cur['checked'] == true then
+    elseif was_checked and not checked and not cur['deleted'] then
       redis.call('HSET', KEYS[4], rule, raw)
     end
   elseif checked and cur['checked'] ~= true then
@@ -208,10 +210,10 @@ else
       redis.call('PERSIST', KEYS[2])
     end
   end
-  if checked or (cur and cur['checked'] == true and cur['deleted']) then
+  if checked and held then
     redis.call('HDEL', KEYS[3], ARGV[1])
     held = nil
-  elseif cur and cur['checked'] == true then
+  elseif not checked and cur and cur['checked'] == true and not cur['deleted'] then
     redis.call('HSET', KEYS[3], ARGV[1], raw)
     held = cur
   end
