@@ -219,8 +219,8 @@ class ListKeeper:
         try:
             content = read_content(self.client, self.keys, spec.name, spec.version)
         except ValueError as exc:
-            return self._copy(spec, str(exc)) or f"version: {exc}"
-        return content if content is not None else self._copy(spec, "gone from Redis")
+            return self._copy(spec, f"is refused ({exc})") or f"version: {exc}"
+        return content if content is not None else self._copy(spec, "is gone from Redis")
 
     def _copy(self, spec: BlockList, why: str) -> ListContent | None:
         """This host's copy of the version, written back to Redis (None: no copy)."""
@@ -229,13 +229,19 @@ class ListKeeper:
         content = self.copies.load(spec.name, spec.version)
         if content is not None:
             logger.warning(
-                "list %s: version %s in Redis is %s: loaded this host's copy, stored it again",
+                "list %s: version %s %s: loaded this host's copy, stored it again",
                 spec.name,
                 spec.version,
                 why,
             )
             self.client.set(self.keys.list_content(spec.name, spec.version), content.to_bytes())
         return content
+
+    def _keep_in_redis(self, spec: BlockList) -> None:
+        """Write this host's copy back if the content left Redis: for hosts joining later."""
+        key = self.keys.list_content(spec.name, spec.version)
+        if self.copies is not None and not self.client.exists(key):
+            self._copy(spec, "is gone from Redis")
 
     def _change_kernel(self, spec: BlockList, kept: ListContent) -> tuple[bool, str]:
         """Make the kernel hold ``kept`` as ``spec``; whether that changed it, and how."""
@@ -309,6 +315,7 @@ class ListKeeper:
                     and (held.spec, held.id) == (decision.list, request.id)
                     and name in in_kernel  # not gone in a hand flush
                 ):
+                    self._keep_in_redis(decision.list)
                     continue
                 self.held.pop(name, None)  # the kernel may hold anything: load it whole
                 outcome = self._load(decision, request.id)
