@@ -364,3 +364,32 @@ def test_signed_state_that_expired_is_forgotten_by_trimming(r, redis_server):
     trim(worker.ledger, producer.now_ms(), 60)
     assert set(held_ids(r)) == {"drop 192.0.2.2/32"}, "the lasting ban is still held"
     producer.client.close()
+
+
+def test_signed_state_of_a_list_keeps_its_content_until_a_newer_verified_version(r, redis_server):
+    worker = memory_worker(redis_server, "h1", hmac_key=KEY, require_signature=True)
+    worker.setup()
+    signer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    unsigned = Producer.from_url(redis_server.url)
+    first, other, last = (
+        ListContent.of([net]) for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+    )
+
+    def ttl(content: ListContent) -> int:
+        return int(r.pttl(f"{{pushfw}}:list:feed:{content.version}"))
+
+    signer.load_list("feed", first)
+    unsigned.load_list("feed", other)  # a version nobody signed replaces the signed one
+    worker.run(burst=True)
+    assert json.loads(r.hget("{pushfw}:held-lists", "feed"))["version"] == first.version
+    assert ttl(first) == ttl(other) == -1, "the held version's content does not expire"
+    assert isinstance(worker.backend, MemoryBackend)
+    assert worker.backend.lists["feed"][1] == {"192.0.2.0/24"}
+
+    signer.load_list("feed", last)
+    worker.run(burst=True)
+    assert r.hget("{pushfw}:held-lists", "feed") is None, "the newest is verified itself"
+    assert ttl(last) == -1 and 0 < ttl(first) <= 3_600_000 and 0 < ttl(other) <= 3_600_000
+    assert worker.backend.lists["feed"][1] == {"203.0.113.0/24"}
+    signer.client.close()
+    unsigned.client.close()

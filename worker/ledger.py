@@ -179,10 +179,10 @@ local cur = raw and cjson.decode(raw)
 local held_raw = redis.call('HGET', KEYS[3], ARGV[1])
 local held = held_raw and cjson.decode(held_raw)
 local before = {}
-if cur and not cur['deleted'] then
+if cur and not cur['deleted'] and cur['version'] then
   before[cur['version']] = true
 end
-if held then
+if held and held['version'] then
   before[held['version']] = true
 end
 local changed = 1
