@@ -125,7 +125,13 @@ class Worker:
             min_accept_prefix_v6=settings.min_accept_prefix_v6,
             list_bounds=ListBounds.from_settings(settings),
         )
-        self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
+        self.ledger = Ledger(
+            self.client,
+            self.keys,
+            settings.consumer_name,
+            settings.batch_size,
+            signing=self.policy.signing,
+        )
         self.generation = GenerationFile(settings.state_dir, settings.host_name)
         self.ledger_lost = False
         self.reconcile_error: str | None = None
@@ -250,7 +256,8 @@ class Worker:
         position = self.applier.stream.last_delivered()
         self.ledger.catch_up(position)
         now_ms = self.applier.now_ms()
-        desired = desired_rules(self.ledger.records(), self.policy, now_ms)
+        verified = self.ledger.held() if self.policy.signing.required else None
+        desired = desired_rules(self.ledger.records(), self.policy, now_ms, verified)
         marker = self.ledger.generation()
         trusted = force or trusts_ledger(
             marker, self.generation.read(), self.ledger.size(), self.backend.size()
