@@ -184,6 +184,8 @@ class Worker:
         self.last_drift: Drift | None = None
         self._due: dict[str, float] = {}
         self._signals = 0
+        self._back = False
+        """Redis answered again since the outage began (said once)."""
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -529,7 +531,7 @@ class Worker:
                         processed = self.iteration() if ready else self._wait_to_start()
                     if down_since is not None:
                         self.notifier.status(self._following())
-                        down_since = None
+                        down_since, self._back = None, False
                     backoff.reset()
                     if burst and not processed and self.applier.idle():
                         break
@@ -581,8 +583,15 @@ class Worker:
         return False
 
     def _resume(self, ready: bool, down_since: float | None, burst: bool) -> bool:
-        """Set up at start (and after Redis lost its data); reconcile after every outage."""
-        if down_since is not None:
+        """Set up at start (and after Redis lost its data); reconcile after every outage.
+
+        Redis is said to be back only once it answered a PING, and once per outage: a
+        refused connection or a frozen server raises here, and the loop waits its next
+        backoff step in silence.
+        """
+        if down_since is not None and not self._back:
+            self.client.ping()
+            self._back = True
             logger.info(
                 "redis is back after %.1f s: reconciling",
                 time.monotonic() - down_since,
@@ -633,7 +642,8 @@ class Worker:
         logger.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
     def _redis_down(self, exc: Exception, down_since: float | None, backoff: Backoff) -> float:
-        if down_since is None:
+        if down_since is None or self._back:  # a new outage, or it went away again
+            self._back = False
             logger.warning(
                 "redis unavailable (%s); retrying with backoff", exc, extra={"state": "redis_down"}
             )
