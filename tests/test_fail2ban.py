@@ -615,3 +615,23 @@ def test_a_frozen_redis_never_holds_the_jail_up(volatile_redis: RedisServer, cli
         assert all(0 < int(c["ttl"]) <= 600 for c in commands(r))
         assert server.log.count("pushfw action: Redis does not answer") == 1
     r.close()
+
+
+def test_redis_away_from_the_start_holds_bans_and_says_what_a_stop_leaves(
+    volatile_redis: RedisServer,
+) -> None:
+    """Redis stopped before fail2ban starts: one warning at start, the ban is held (no
+    failed ban, the jail's own action runs), and a stop says what was never sent."""
+    need_fail2ban()
+    volatile_redis.stop()
+    with running_fail2ban(
+        FROZEN_JAILS, ("py-frozen",), volatile_redis.url, {}, client="pushfw"
+    ) as server:
+        server.append("frozen.log", f"Failed login from {BANNED}")
+        marks = server.tmp / "marks"
+        server.wait(lambda: marks.exists() and BANNED in marks.read_text(), "the local ban")
+        server.stop()
+        log = server.log
+    assert log.count("pushfw action: Redis does not answer") == 1, log[-3000:]
+    assert "Failed to execute ban" not in log
+    assert "1 command(s) held for pushfw were not sent" in log, log[-3000:]

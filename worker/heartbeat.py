@@ -192,7 +192,6 @@ class Twins:
                     "host_name and stop it",
                     self.host,
                     twin_text(previous, self.me),
-                    extra={"state": "duplicate"},
                 )
             self.twin, self._seen_at = previous, now
             return

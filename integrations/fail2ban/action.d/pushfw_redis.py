@@ -303,6 +303,7 @@ class Breaker:
 
     Args:
         deliver: sends one command (raises what ``is_outage`` tells apart when Redis is away).
+        probe: asks Redis whether it answers (raises like ``deliver``).
         is_outage: whether an error means Redis cannot be reached now.
         log: fail2ban's logger for this action.
         label: the jail's name, for the log lines.
@@ -312,12 +313,13 @@ class Breaker:
     def __init__(
         self,
         deliver: Callable[[Command], None],
+        probe: Callable[[], object],
         is_outage: Callable[[BaseException], bool],
         log: Any,
         label: str,
         retry_s: float,
     ) -> None:
-        self._deliver, self._is_outage = deliver, is_outage
+        self._deliver, self._probe, self._is_outage = deliver, probe, is_outage
         self._log, self._label = log, label
         self.retry_s = retry_s
         self._held: deque[Command] = deque()
@@ -371,10 +373,11 @@ class Breaker:
         delay = self.retry_s
         while not self._stop.wait(delay):
             try:
+                self._probe()
                 sent = self._send_held()
-            except Exception as exc:
+            except Exception as exc:  # whatever it is, the breaker must not die open
                 if not self._is_outage(exc):
-                    raise
+                    self._log.error("[%s] pushfw action: Redis: %s", self._label, exc)
                 delay = min(delay * 2, MAX_RETRY_S)
                 continue
             with self._lock:
@@ -412,13 +415,14 @@ class Breaker:
                     exc,
                 )
             with self._lock:
-                self._held.popleft()
+                if self._held and self._held[0] is command:  # close() may have emptied it
+                    self._held.popleft()
 
     def close(self) -> None:
         """The action stops: what is still held is not sent (said so)."""
         self._stop.set()
         with self._lock:
-            held, self._held = len(self._held), deque()
+            held, self._held, self._open = len(self._held), deque(), False
         if held:
             self._log.warning(
                 "[%s] pushfw action: stopping while Redis does not answer: %d command(s) "
@@ -443,6 +447,7 @@ class Action(ActionBase):  # type: ignore[misc]
         self._broken = ""
         self._breaker = Breaker(
             self._deliver,
+            lambda: self.sender.ping(),
             self._is_outage,
             self._logSys,
             jail.name,
