@@ -254,8 +254,12 @@ class Worker:
         """
         if self._name_checked:
             return
-        twin = live_twin(
-            self.client, self.keys, self.settings.host_name, self.instance, self.applier.now_ms
+        twin = live_twin(  # Redis's clock: the heartbeats carry it, not this host's
+            self.client,
+            self.keys,
+            self.settings.host_name,
+            self.instance,
+            self.applier.stream.now_ms,
         )
         self._name_checked = True
         if twin is None:
