@@ -28,7 +28,16 @@ from pushfw.producer.client import STALE_AFTER_BEATS, is_stale
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus
 
-__all__ = ["Instance", "Twins", "beat", "live_twin", "pushfw_version", "read_host", "read_hosts"]
+__all__ = [
+    "Instance",
+    "Twins",
+    "beat",
+    "live_twin",
+    "pushfw_version",
+    "read_host",
+    "read_hosts",
+    "twin_text",
+]
 
 logger = logging.getLogger(__name__)
 
