@@ -591,6 +591,8 @@ def status(producer: Producer, json_out: bool) -> None:
                 **(
                     {
                         "ledger_lost": h.ledger_lost,
+                        "instance": h.instance,
+                        "duplicate": h.duplicate,
                         "problems": h.problems,
                         "ids_ahead": h.ids_ahead,
                         "lists": {n: held.model_dump() for n, held in h.lists.items()},
@@ -623,6 +625,8 @@ def status(producer: Producer, json_out: bool) -> None:
 
 def _health(h: HostStatus, state: str) -> str:
     """A running host's state: what is wrong with it first."""
+    if h.duplicate:
+        return "DUPLICATE"  # two workers split its commands: nothing else it says is whole
     if h.ledger_lost:
         return "LEDGER LOST"
     return "DEGRADED" if h.problems else state

@@ -174,6 +174,14 @@ class HostStatus(BaseModel):
     """Each role's health: startup, applier, ledger, expiry, reconcile, heartbeat, trimming, ..."""
     lists: dict[str, HeldList] = Field(default_factory=dict)
     """The named lists this host's kernel holds, by name."""
+    instance: str = ""
+    """The worker process's random id: two live ids under one host name are twins."""
+    boot_id: str = ""
+    """The machine's boot id, with ``pid``: a restarted worker tells its crashed
+    predecessor's heartbeat from a twin's."""
+    pid: int = 0
+    duplicate: str = ""
+    """Another live worker's instance id under this host name (empty: none seen)."""
 
 
 class IdsAhead(BaseModel):

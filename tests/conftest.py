@@ -94,6 +94,17 @@ def aof_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def volatile_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own without persistence: a restart comes back empty."""
+    need(os.path.exists(REDIS_SERVER), "redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="pushfw-volatile-") as tmp:
+        server = RedisServer(Path(tmp))
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
 def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A bytes client on a freshly flushed server."""
     client = redis.Redis.from_url(redis_server.url)

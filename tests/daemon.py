@@ -56,12 +56,21 @@ class Daemon:
     verbose: bool = False
     journal: bool = False
     """Its output is a pipe named in ``JOURNAL_STREAM``, as systemd names the journal's."""
+    args: tuple[str, ...] = ()
+    """More arguments of ``run`` (``--take-over``)."""
     lines: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
     _reader: threading.Thread | None = None
 
     def start(self) -> Daemon:
-        args = [sys.executable, "-m", "pushfw.worker", *(["-v"] if self.verbose else []), "run"]
+        args = [
+            sys.executable,
+            "-m",
+            "pushfw.worker",
+            *(["-v"] if self.verbose else []),
+            "run",
+            *self.args,
+        ]
         if not self.journal:
             self.proc = subprocess.Popen(
                 args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -91,6 +100,12 @@ class Daemon:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
+
+    def kill9(self) -> None:
+        """SIGKILL, as a crash or a power cut ends it: no last heartbeat."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.stop()
 
     @property
     def output(self) -> str:

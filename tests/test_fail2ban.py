@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -180,6 +181,27 @@ action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}",
 """
 )
 
+# A jail whose own local action (standing in for iptables) runs after pushfw's, on a Redis
+# of the test's own that it freezes.
+FROZEN_JAILS = (
+    JAIL_DEFAULTS
+    + """
+[py-frozen]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/frozen.log
+bantime = 600
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}", client="{client}",
+                         redis_retry_s="1"]
+         mark
+"""
+)
+
+MARK_ACTION = """\
+[Definition]
+actionban = echo <ip> >> {tmp}/marks
+"""
+
 # Ticket ids that would run `touch` if the action pasted them into its shell command
 # unquoted or single-quoted (relative paths: fail2ban refuses ids with a "/").
 HOSTILE_IDS = [
@@ -209,6 +231,7 @@ def write_config(tmp: Path, jails: str, loglevel: str = "INFO", **values: str) -
         shutil.copy(ACTIONS / action, conf / "action.d" / action)
     values = {"tmp": str(tmp), **values}
     (conf / "action.d/pushfw.local").write_text(ACTION_LOCAL.format(**values))
+    (conf / "action.d/mark.conf").write_text(MARK_ACTION.format(**values))
     (conf / "filter.d/pushfw-test.conf").write_text(FILTER)
     (conf / "filter.d/pushfw-hostile.conf").write_text(HOSTILE_FILTER)
     (conf / "jail.local").write_text(jails.format(**values))
@@ -611,3 +634,64 @@ def test_python_action_misconfigured_fails_its_bans_only(
     fail2ban.wait(lambda: failed in fail2ban.log, "the failed ban")
     assert "unban_on_stop = 'maybe': say true or false" in fail2ban.log
     assert commands(r) == []
+
+
+@pytest.mark.parametrize("client", ["pushfw", "redis"])
+def test_a_frozen_redis_never_holds_the_jail_up(volatile_redis: RedisServer, client: str) -> None:
+    """Redis frozen (SIGSTOP): the first ban waits for the action's timeout (1 s), and the
+    breaker opens: the next bans are held, not sent, so the jail's own action after pushfw's
+    runs at once for each; one warning says so, and once Redis answers again the action
+    sends what it held, in one line."""
+    need_fail2ban()
+    banned = [f"192.0.2.{i}" for i in range(71, 77)]
+    r = redis.Redis.from_url(volatile_redis.url)
+    with running_fail2ban(
+        FROZEN_JAILS, ("py-frozen",), volatile_redis.url, {}, client=client
+    ) as server:
+        marks = server.tmp / "marks"
+
+        def marked() -> list[str]:
+            return marks.read_text().split() if marks.exists() else []
+
+        assert volatile_redis.proc is not None
+        volatile_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for ip in banned:
+                server.append("frozen.log", f"Failed login from {ip}")
+            # 6 bans at the old 5 s (21 s with plain redis-py) each would take 30 s or more
+            server.wait(lambda: sorted(marked()) == banned, "the jail's own action", timeout=25)
+            log = server.log
+            assert log.count("pushfw action: Redis does not answer") == 1, log[-3000:]
+            assert "Failed to execute ban" not in log
+        finally:
+            volatile_redis.proc.send_signal(signal.SIGCONT)
+        server.wait(
+            lambda: {c["ip"] for c in commands(r) if c["op"] == "drop.insert"} == set(banned),
+            "the held bans to reach Redis",
+            timeout=60,
+        )
+        server.wait(lambda: "Redis answers again after" in server.log, "the recovery line")
+        assert "sent the 6 command(s) held meanwhile" in server.log, server.log[-3000:]
+        assert all(0 < int(c["ttl"]) <= 600 for c in commands(r))
+        assert server.log.count("pushfw action: Redis does not answer") == 1
+    r.close()
+
+
+def test_redis_away_from_the_start_holds_bans_and_says_what_a_stop_leaves(
+    volatile_redis: RedisServer,
+) -> None:
+    """Redis stopped before fail2ban starts: one warning at start, the ban is held (no
+    failed ban, the jail's own action runs), and a stop says what was never sent."""
+    need_fail2ban()
+    volatile_redis.stop()
+    with running_fail2ban(
+        FROZEN_JAILS, ("py-frozen",), volatile_redis.url, {}, client="pushfw"
+    ) as server:
+        server.append("frozen.log", f"Failed login from {BANNED}")
+        marks = server.tmp / "marks"
+        server.wait(lambda: marks.exists() and BANNED in marks.read_text(), "the local ban")
+        server.stop()
+        log = server.log
+    assert log.count("pushfw action: Redis does not answer") == 1, log[-3000:]
+    assert "Failed to execute ban" not in log
+    assert "1 command(s) held for pushfw were not sent" in log, log[-3000:]

@@ -109,12 +109,17 @@ def _show(value: object) -> str:
 
 @main.command()
 @click.option("--burst", is_flag=True, help="Exit once everything pending is applied.")
-def run(burst: bool) -> None:
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Start even if another live worker has this host name (else refuse).",
+)
+def run(burst: bool, take_over: bool) -> None:
     """Follow the command stream until SIGTERM (settings from PUSHFW_* variables)."""
     settings = _settings()
     with _one_line_errors():
         try:
-            worker = Worker(settings)
+            worker = Worker(settings, take_over=take_over)
             worker.install_signal_handlers()
             worker.run(burst=burst)
         except ForceStop:
