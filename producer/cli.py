@@ -11,9 +11,11 @@ from typing import Any
 
 import click
 import redis
+from click.core import ParameterSource
 
 from pushfw.producer import acl, functions
 from pushfw.producer.client import Producer, forget_host, is_live, is_stale, reaches
+from pushfw.producer.connection import parse_target
 from pushfw.producer.contract import Action, CommandRejected, Network, Result, parse_network
 from pushfw.producer.crowdsec import crowdsec_command
 from pushfw.producer.duration import parse_duration
@@ -56,13 +58,51 @@ def _show(rows: list[dict[str, object]], columns: list[str], json_out: bool) -> 
     click.echo(as_json(rows) if json_out else as_table(rows, columns))
 
 
+def _redis_url(ctx: click.Context, redis_url: str, url_file: Path | None) -> str:
+    """The URL: from ``--redis-url-file`` if given (it beats PUSHFW_REDIS_URL), else
+    ``--redis-url`` or its variable. A password given on the command line is visible to
+    every local user (``ps``): that works, with a warning."""
+    on_command_line = ctx.get_parameter_source("redis_url") is ParameterSource.COMMANDLINE
+    if url_file is None:
+        if on_command_line and parse_target(redis_url).password:
+            click.echo(
+                "pushfw: warning: the password in --redis-url is visible in the process "
+                "list; use --redis-url-file or PUSHFW_REDIS_URL",
+                err=True,
+            )
+        return redis_url
+    if on_command_line:
+        raise click.UsageError("give the Redis URL once: --redis-url or --redis-url-file")
+    try:
+        text = url_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise click.BadParameter(f"{url_file}: {why}", param_hint="--redis-url-file") from None
+    lines = [line.strip() for line in text.splitlines()]
+    urls = [line for line in lines if line and not line.startswith("#")]
+    if len(urls) != 1:
+        raise click.BadParameter(
+            f"{url_file}: holds {len(urls)} URLs, not one", param_hint="--redis-url-file"
+        )
+    return urls[0]
+
+
 @click.group()
 @click.option(
     "--redis-url",
     envvar="PUSHFW_REDIS_URL",
     default="redis://127.0.0.1:6379/0",
     show_default=True,
-    help="Redis holding the command stream (env PUSHFW_REDIS_URL).",
+    help="Redis holding the command stream (env PUSHFW_REDIS_URL). With a password, prefer "
+    "the variable or --redis-url-file: a command line is visible to every user.",
+)
+@click.option(
+    "--redis-url-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="PUSHFW_REDIS_URL_FILE",
+    default=None,
+    help="Read the Redis URL from this file (one line; '#' lines are comments). Env "
+    "PUSHFW_REDIS_URL_FILE.",
 )
 @click.option("--prefix", envvar="PUSHFW_KEY_PREFIX", default=DEFAULT_PREFIX, show_default=True)
 @click.option(
@@ -72,11 +112,18 @@ def _show(rows: list[dict[str, object]], columns: list[str], json_out: bool) -> 
     help="Sign every command with this key shared with the workers (env PUSHFW_HMAC_KEY).",
 )
 @click.pass_context
-def cli(ctx: click.Context, redis_url: str, prefix: str, hmac_key: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    redis_url: str,
+    redis_url_file: Path | None,
+    prefix: str,
+    hmac_key: str | None,
+) -> None:
     """pushfw: firewall commands for every host, through Redis Streams."""
     if ctx.invoked_subcommand == "acl":
         return  # prints rules; needs no Redis
-    ctx.obj = Producer.from_url(redis_url, prefix, hmac_key=hmac_key)
+    url = _redis_url(ctx, redis_url, redis_url_file)
+    ctx.obj = Producer.from_url(url, prefix, hmac_key=hmac_key)
 
 
 def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
@@ -613,6 +660,8 @@ def status(producer: Producer, json_out: bool) -> None:
                 **(
                     {
                         "ledger_lost": h.ledger_lost,
+                        "instance": h.instance,
+                        "duplicate": h.duplicate,
                         "problems": h.problems,
                         "ids_ahead": h.ids_ahead,
                         "lists": {n: held.model_dump() for n, held in h.lists.items()},
@@ -645,6 +694,8 @@ def status(producer: Producer, json_out: bool) -> None:
 
 def _health(h: HostStatus, state: str) -> str:
     """A running host's state: what is wrong with it first."""
+    if h.duplicate:
+        return "DUPLICATE"  # two workers split its commands: nothing else it says is whole
     if h.ledger_lost:
         return "LEDGER LOST"
     return "DEGRADED" if h.problems else state

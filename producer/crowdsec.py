@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import click
 import redis
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pushfw.producer.client import Producer
 from pushfw.producer.contract import MAX_REASON_LEN, MAX_TTL_S, Command, Op, parse_network
@@ -71,6 +71,7 @@ _SCOPES = frozenset({"ip", "range"})
 _GO_PART = re.compile(r"([0-9]*\.?[0-9]+)(h|ms|m|s|us|µs|μs|ns)")
 _GO_UNITS = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_GO_MAX_S = (2**63 - 1) / 1e9  # a Go time.Duration is an int64 of nanoseconds
 
 
 class LapiError(Exception):
@@ -95,6 +96,8 @@ def parse_go_duration(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != body:
         raise ValueError(f"{text[:40]!r} is not a duration")
     seconds = sum(float(n) * _GO_UNITS[u] for n, u in parts)
+    if not seconds <= _GO_MAX_S:  # NaN and inf (310 digits) too
+        raise ValueError(f"{text[:40]!r} is longer than a Go duration can be (292 years)")
     return -seconds if raw.startswith("-") else seconds
 
 
@@ -103,7 +106,7 @@ class Decision(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    id: int
+    id: int = Field(ge=0, lt=2**63)  # CrowdSec's ids are positive int64
     origin: str = ""
     type: str = ""
     scope: str = ""
@@ -113,12 +116,16 @@ class Decision(BaseModel):
 
 
 class DecisionStream(BaseModel):
-    """An answer of ``/v1/decisions/stream``: ``null`` lists mean none."""
+    """An answer of ``/v1/decisions/stream``: ``null`` lists mean none.
+
+    The decisions stay raw JSON here: each is checked on its own (:func:`_decisions`), so a
+    bad one is skipped, never the pull that brought it.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    new: list[Decision] | None = None
-    deleted: list[Decision] | None = None
+    new: list[Any] | None = None
+    deleted: list[Any] | None = None
 
 
 class Sent(BaseModel):
@@ -249,7 +256,7 @@ class Bridge:
             raw = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
         else:
             raw = {}
-        return {k: Sent.model_validate_json(v) for k, v in raw.items()}
+        return {k: _sent(k, v) for k, v in raw.items()}
 
     def pull(self) -> PullStats:
         """One pull and its commands: a startup pull first and after every failure.
@@ -368,12 +375,43 @@ class Bridge:
                 pipe.execute()
 
 
+def _sent(key: str, raw: str) -> Sent:
+    """A record of the state hash; an unreadable one stands for a ban that has ended, so
+    the next pull sends the ban again if CrowdSec still has it, and forgets it if not."""
+    try:
+        return Sent.model_validate_json(raw)
+    except ValidationError as exc:
+        logger.warning("state of %s unreadable, taken as ended: %s", key[:60], _why(exc))
+        return Sent(id=-1, until_ms=0)
+
+
+def _why(exc: ValidationError) -> str:
+    """pydantic's errors in one short line: ``field: message`` each."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+        for err in exc.errors(include_url=False)[:3]
+    )
+
+
+def _decisions(raw: list[Any], skipped: Counter[str]) -> list[Decision]:
+    """The decisions that are decisions: each bad one is logged, counted and skipped."""
+    out = []
+    for item in raw:
+        try:
+            out.append(Decision.model_validate(item))
+        except ValidationError as exc:
+            shown = item.get("id") if isinstance(item, dict) else item
+            logger.warning("decision %.40r skipped: %s", shown, _why(exc))
+            skipped["invalid"] += 1
+    return out
+
+
 def _bans(
-    decisions: list[Decision], now_ms: int, skipped: Counter[str]
+    decisions: list[Any], now_ms: int, skipped: Counter[str]
 ) -> dict[str, tuple[Decision, int]]:
     """Bans by network, the longest per network, with their ends in Redis's clock."""
     out: dict[str, tuple[Decision, int]] = {}
-    for d in decisions:
+    for d in _decisions(decisions, skipped):
         if d.type.lower() != "ban":
             skipped[f"type {d.type[:20] or '?'}"] += 1
             continue
@@ -384,7 +422,7 @@ def _bans(
             net = parse_network(str(ipaddress.ip_network(d.value, strict=False)))
             seconds = parse_go_duration(d.duration)
         except ValueError as exc:
-            logger.warning("decision %d skipped: %s", d.id, exc)
+            logger.warning("decision %d skipped: %s", d.id, str(exc)[:200])
             skipped["invalid"] += 1
             continue
         key = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)

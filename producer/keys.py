@@ -83,6 +83,18 @@ class Keys:
         """The ledger of named lists: hash of list name -> JSON record of its newest command."""
         return f"{self.prefix}:lists"
 
+    @property
+    def held(self) -> str:
+        """Hash of rule id -> JSON record of the newest command for that rule a worker
+        holding the key verified, kept while a newer command it could not verify is the
+        rule's newest: what a host with ``require_signature`` holds instead."""
+        return f"{self.prefix}:held"
+
+    @property
+    def held_lists(self) -> str:
+        """The same as :attr:`held` for named lists (field: the list's name)."""
+        return f"{self.prefix}:held-lists"
+
     def list_content(self, name: str, version: str) -> str:
         """One version of a list's packed entries (:class:`pushfw.producer.lists.ListContent`)."""
         return f"{self.prefix}:list:{name}:{version}"

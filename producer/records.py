@@ -46,6 +46,10 @@ class RuleRecord(BaseModel):
     """Redis's time when the command was first seen, where the entry id is ahead of it."""
     signed: dict[str, str] = Field(default_factory=dict)
     """A signed command's signed fields and ``sig``, so a strict host can verify it itself."""
+    checked: bool = False
+    """The worker that folded it held the key and verified ``signed``: the fold then keeps
+    it in ``{pushfw}:held`` when an unverified command replaces it. Every strict host
+    verifies ``signed`` again itself."""
     expired_id: str | None = None
     """On the scheduler's ttl tombstones: the entry whose timed state this one ended."""
     expired_ms: int | None = None
@@ -99,6 +103,8 @@ class ListRecord(BaseModel):
     seen_ms: int | None = None
     signed: dict[str, str] = Field(default_factory=dict)
     """A signed command's signed fields and ``sig``, so a strict host can verify it itself."""
+    checked: bool = False
+    """As :attr:`RuleRecord.checked`: kept in ``{pushfw}:held-lists`` when replaced unverified."""
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
         return not self.target or any(t == host or t in labels for t in self.target)
@@ -168,6 +174,14 @@ class HostStatus(BaseModel):
     """Each role's health: startup, applier, ledger, expiry, reconcile, heartbeat, trimming, ..."""
     lists: dict[str, HeldList] = Field(default_factory=dict)
     """The named lists this host's kernel holds, by name."""
+    instance: str = ""
+    """The worker process's random id: two live ids under one host name are twins."""
+    boot_id: str = ""
+    """The machine's boot id, with ``pid``: a restarted worker tells its crashed
+    predecessor's heartbeat from a twin's."""
+    pid: int = 0
+    duplicate: str = ""
+    """Another live worker's instance id under this host name (empty: none seen)."""
 
 
 class IdsAhead(BaseModel):

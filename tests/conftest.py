@@ -94,6 +94,17 @@ def aof_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def volatile_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own without persistence: a restart comes back empty."""
+    need(os.path.exists(REDIS_SERVER), "redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="pushfw-volatile-") as tmp:
+        server = RedisServer(Path(tmp))
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
 def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A bytes client on a freshly flushed server."""
     client = redis.Redis.from_url(redis_server.url)
@@ -305,11 +316,27 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "
 
 
 _KERNEL_FIXTURES = frozenset({"netns_capable", "make_netns", "netns", "spawn_worker"})
+_SLOW_MODULES = frozenset(
+    {
+        "test_backend_contract",  # every backend's kernel, each in a mount namespace
+        "test_backend_lists",  # the same for lists, with a 120k-entry load
+        "test_bench",  # the quick benchmark
+        "test_chaos",  # kill -9 under load
+        "test_crowdsec",  # a LAPI and the bridge's processes
+        "test_fail2ban",  # the real fail2ban-server, 5,000 bans
+        "test_follower",  # a replica and follower processes
+        "test_ipset_backend",  # the ipset tool in mount namespaces
+        "test_topologies",  # TLS, Sentinel and Cluster servers
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``root`` every test that needs network namespaces (a kernel firewall of its own),
-    by the fixtures it uses, so ``scripts/test --quick`` can leave them out."""
+    """Tier the suite: ``root`` for tests that need network namespaces (by the fixtures they
+    use), ``slow`` for the modules that start servers, fleets or kernels of their own.
+    ``scripts/test --quick`` leaves both out; ``scripts/test`` (and CI) runs everything."""
     for item in items:
         if _KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.root)
+        if item.path.stem in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -24,7 +24,7 @@ def worker_env(config: Path, **settings: str) -> dict[str, str]:
     the tests is never read.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
         env.pop(name, None)
     env.update(
         {
@@ -54,15 +54,36 @@ class Daemon:
 
     env: dict[str, str]
     verbose: bool = False
+    journal: bool = False
+    """Its output is a pipe named in ``JOURNAL_STREAM``, as systemd names the journal's."""
+    args: tuple[str, ...] = ()
+    """More arguments of ``run`` (``--take-over``)."""
     lines: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
     _reader: threading.Thread | None = None
 
     def start(self) -> Daemon:
-        args = [sys.executable, "-m", "pushfw.worker", *(["-v"] if self.verbose else []), "run"]
-        self.proc = subprocess.Popen(
-            args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        args = [
+            sys.executable,
+            "-m",
+            "pushfw.worker",
+            *(["-v"] if self.verbose else []),
+            "run",
+            *self.args,
+        ]
+        if not self.journal:
+            self.proc = subprocess.Popen(
+                args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        else:
+            reading, writing = os.pipe()
+            named = os.fstat(writing)
+            env = {**self.env, "JOURNAL_STREAM": f"{named.st_dev}:{named.st_ino}"}
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=writing, stderr=subprocess.STDOUT, text=True
+            )
+            os.close(writing)
+            self.proc.stdout = open(reading, encoding="utf-8")  # noqa: SIM115 (closed by stop)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -79,6 +100,12 @@ class Daemon:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
+
+    def kill9(self) -> None:
+        """SIGKILL, as a crash or a power cut ends it: no last heartbeat."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.stop()
 
     @property
     def output(self) -> str:

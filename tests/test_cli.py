@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -445,6 +446,41 @@ def test_redis_url_option_beats_environment(pushfw: Run, r: redis.Redis) -> None
     proc = pushfw("drop", "192.0.2.1", env={"PUSHFW_REDIS_URL": UNREACHABLE})
     assert proc.returncode == 0, proc.stderr
     assert r.xlen(CMD) == 1
+
+
+def test_redis_url_from_a_file_keeps_the_password_off_the_command_line(
+    pushfw: Run, r: redis.Redis, aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    """``--redis-url-file`` (or PUSHFW_REDIS_URL_FILE) reads the URL, password included, from
+    a file; it beats PUSHFW_REDIS_URL. A password typed on the command line still works, with
+    a warning that ``ps`` shows it."""
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "f1le-pw")
+    url = f"redis://:f1le-pw@127.0.0.1:{aof_redis.port}/0"
+    url_file = tmp_path / "redis.url"
+    url_file.write_text(f"# pushfw's Redis\n{url}\n")
+    env = {"PUSHFW_REDIS_URL": UNREACHABLE}
+    by_option = pushfw("--redis-url-file", str(url_file), "drop", "192.0.2.1", url=None, env=env)
+    assert by_option.returncode == 0 and by_option.stderr == "", by_option.stderr
+    by_env = pushfw("drop", "192.0.2.2", url=None, env={"PUSHFW_REDIS_URL_FILE": str(url_file)})
+    assert by_env.returncode == 0 and by_env.stderr == "", by_env.stderr
+    assert admin.xlen(CMD) == 2
+
+    typed = pushfw("drop", "192.0.2.3", url=url)
+    assert typed.returncode == 0
+    assert "the password in --redis-url is visible in the process list" in typed.stderr
+    assert "f1le-pw" not in typed.stderr
+    admin.close()
+
+    both = pushfw("--redis-url-file", str(url_file), "status", url=url)
+    assert both.returncode == 2
+    assert one_line_error(both).endswith("give the Redis URL once: --redis-url or --redis-url-file")
+    missing = pushfw("--redis-url-file", str(tmp_path / "nope"), "status", url=None)
+    assert missing.returncode == 2
+    assert "nope: No such file or directory" in one_line_error(missing)
+    url_file.write_text("")
+    empty = pushfw("--redis-url-file", str(url_file), "status", url=None)
+    assert empty.returncode == 2 and "holds 0 URLs, not one" in one_line_error(empty)
 
 
 def test_prefix_from_environment(pushfw: Run, r: redis.Redis) -> None:

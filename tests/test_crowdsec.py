@@ -10,6 +10,7 @@ session's redis-server through its unix socket.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -175,6 +176,127 @@ def ops(commands: list[Command]) -> set[tuple[str, str]]:
     return {(c.op.value, str(c.network)) for c in commands}
 
 
+# A LAPI gone wrong: the real LAPI's answers, each with these decisions added to "new".
+HOSTILE_PROXY = """
+import json, sys, urllib.request, urllib.error
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+EXTRA = json.loads(sys.argv[2])
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        forward = urllib.request.Request(
+            "http://127.0.0.1:8080" + self.path,
+            headers={k: v for k, v in self.headers.items() if k.lower() == "x-api-key"},
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(forward, timeout=10) as reply:
+                code, body = reply.status, json.loads(reply.read())
+                body["new"] = (body.get("new") or []) + EXTRA
+                out = json.dumps(body).encode()
+        except urllib.error.HTTPError as exc:
+            code, out = exc.code, exc.read()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+HOSTILE = [
+    {
+        "id": 9_000_001,
+        "type": "ban",
+        "scope": "Ip",
+        "value": "192.0.2.51",
+        "duration": "9" * 310 + "s",
+    },
+    {"id": "not-a-number", "type": "ban", "scope": "Ip", "value": "192.0.2.52", "duration": "1h"},
+    {"id": 9_000_003, "type": "ban", "scope": "Ip", "value": "192.0.2.53", "duration": 3600},
+    {"id": 9_000_004, "type": "ban", "scope": "Ip", "value": "192.0.2.999", "duration": "1h"},
+    {"id": -5, "type": "ban", "scope": "Ip", "value": "192.0.2.55", "duration": "1h"},
+    "not a decision",
+]
+
+
+@pytest.fixture
+def hostile_lapi(lapi: Lapi) -> Iterator[str]:
+    """The URL of a proxy, in the LAPI's namespace, that adds :data:`HOSTILE` to every pull."""
+    script = lapi.tmp / "hostile.py"
+    script.write_text(HOSTILE_PROXY)
+    argv = [sys.executable, str(script), "8081", json.dumps(HOSTILE)]
+    proc = subprocess.Popen(["ip", "netns", "exec", lapi.ns.name, *argv])
+    probe = "import socket; socket.create_connection(('127.0.0.1', 8081), 1).close()"
+    try:
+
+        def listening() -> bool:
+            assert proc.poll() is None, "the hostile proxy exited"
+            return lapi.ns.run(sys.executable, "-c", probe, check=False).returncode == 0
+
+        wait_for(listening, what="the hostile proxy to listen")
+        yield "http://127.0.0.1:8081"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_bad_decisions_are_skipped_one_by_one_never_the_pull(
+    lapi: Lapi, hostile_lapi: str, r: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A duration of 310 digits, a non-integer id, a wrong type, a bad address: each is
+    logged and skipped; the good decisions of the same pull, and every later pull, go through
+    (a restarted bridge too)."""
+    assert lapi.key_file is not None
+    lapi.cscli("decisions", "add", "--ip", "192.0.2.7", "--duration", "1h")
+    stream = Stream(r)
+    argv = bridge_argv(redis_server, lapi.key_file, "--once", "--lapi-url", hostile_lapi)
+    for _ in range(2):  # the second start meets the same decisions again
+        done = lapi.ns.run(*argv, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "skipped 6 invalid" in done.stderr, done.stderr
+        assert "decision 9000001 skipped: " in done.stderr
+        assert "decision 'not-a-number' skipped: id: " in done.stderr
+    assert ops(stream.new()) == {("drop.insert", "192.0.2.7/32")}
+
+    log_path = tmp_path / "bridge.log"
+    follow = bridge_argv(redis_server, lapi.key_file, "--interval", "1", "--lapi-url", hostile_lapi)
+    with log_path.open("wb") as out:
+        bridge = subprocess.Popen(
+            ["ip", "netns", "exec", lapi.ns.name, *follow], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        lapi.cscli("decisions", "add", "--ip", "192.0.2.9", "--duration", "1h")
+        seen: list[Command] = []
+
+        def arrived() -> bool:
+            assert bridge.poll() is None, log_path.read_text()
+            seen.extend(stream.new())
+            return ("drop.insert", "192.0.2.9/32") in ops(seen)
+
+        wait_for(arrived, what=f"the delta's ban; bridge log:\n{log_path.read_text()}")
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        code = bridge.wait(timeout=20)
+    log = log_path.read_text()
+    assert code == 0, log
+    assert "pull failed" not in log and "Traceback" not in log
+    assert ops(seen) == {("drop.insert", "192.0.2.9/32")}
+
+    # The bridge's own state in Redis is input too: a record it cannot read is a ban that ended.
+    r.hset("{pushfw}:crowdsec", mapping={"192.0.2.7": "garbage", "198.51.100.1": '{"id": "x"}'})
+    done = lapi.ns.run(*argv, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "state of 198.51.100.1 unreadable, taken as ended" in done.stderr
+    assert ops(stream.new()) == {("drop.insert", "192.0.2.7/32")}  # sent again, not lifted
+    assert not r.hexists("{pushfw}:crowdsec", "198.51.100.1")
+
+
 def test_bridge_sends_startup_pull_then_only_differences(
     lapi: Lapi, r: redis.Redis, redis_server: RedisServer
 ) -> None:
@@ -287,7 +409,10 @@ def test_go_durations(text: str, seconds: float) -> None:
     assert parse_go_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "1d", "h", "3h 5m", "1.2.3s", "10"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "1d", "h", "3h 5m", "1.2.3s", "10", "9" * 310 + "s", "2562048h", "-" + "9" * 20 + "h"],
+)
 def test_bad_go_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_go_duration(text)

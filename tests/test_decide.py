@@ -24,6 +24,7 @@ from pushfw.worker.decide import (
     Report,
     Request,
     decide,
+    decide_record,
     request_from_record,
 )
 from pushfw.worker.generation import trusts_ledger
@@ -297,3 +298,32 @@ def test_which_ledger_a_host_trusts(
     marker: str | None, known: str | None, ledger_size: int, kernel_size: int, trusted: bool
 ):
     assert trusts_ledger(marker, known, ledger_size, kernel_size) is trusted
+
+
+def test_signed_state_outlives_unsigned_commands_in_the_one_decision():
+    """A strict host that refuses a rule's newest record takes the held (newest verified)
+    one, once it verified it itself; a lax host takes the newest record (I3)."""
+
+    def record(fields: dict[str, str], ms: int) -> RuleRecord:
+        e = entry(fields, ms)
+        assert e.fields is not None
+        return record_for(e, read_command(e.fields), ms, ms)
+
+    ban = record(signed({"op": "drop.insert", "ip": "192.0.2.1"}), NOW - 2000)
+    undrop = record({"op": "drop.delete", "ip": "192.0.2.1"}, NOW - 1000)
+    assert decide_record(undrop, ban, STRICT, NOW) == (D1, Add(Rule(D1)))
+    assert decide_record(None, ban, STRICT, NOW) == (D1, Add(Rule(D1))), "undrop forgotten"
+    assert decide_record(undrop, ban, LAX, NOW) == (D1, Delete(D1))
+    assert decide_record(undrop, None, STRICT, NOW) == (D1, Report(Status.REJECTED, "sig: missing"))
+    forged = ban.model_copy(update={"signed": {**ban.signed, "sig": "0" * 64}})
+    assert decide_record(undrop, forged, STRICT, NOW) == (
+        D1,
+        Report(Status.REJECTED, "sig: missing"),
+    ), "a held record is verified like any other"
+    other = record(signed({"op": "drop.insert", "ip": "192.0.2.2"}), NOW - 2000)
+    assert decide_record(undrop, other, STRICT, NOW) == (
+        D1,
+        Report(Status.REJECTED, "sig: missing"),
+    ), "a held record of another rule is no state of this one"
+    lifted = record(signed({"op": "drop.delete", "ip": "192.0.2.1"}), NOW - 500)
+    assert decide_record(lifted, ban, STRICT, NOW) == (D1, Delete(D1)), "newest verified wins"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,7 +68,7 @@ datepattern = {NONE}
 ACTION_LOCAL = """\
 [Init]
 pushfw = {pushfw}
-redis_url = {redis_url}
+redis_url_file = {redis_url_file}
 """
 
 JAIL_DEFAULTS = """\
@@ -86,7 +88,7 @@ enabled = true
 filter = pushfw-test
 logpath = {tmp}/auth.log
 bantime = 600
-action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}"]
+action = pushfw[pushfw="{pushfw}", redis_url_file="{redis_url_file}"]
 
 [pushfw-forever]
 enabled = true
@@ -102,7 +104,7 @@ enabled = true
 filter = pushfw-hostile
 logpath = {tmp}/hostile.log
 bantime = 600
-action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}"]
+action = pushfw[pushfw="{pushfw}", redis_url_file="{redis_url_file}"]
 
 [py-test]
 enabled = true
@@ -147,7 +149,7 @@ enabled = true
 filter = pushfw-test
 logpath = {tmp}/unban.log
 bantime = 600
-action = pushfw[pushfw="{pushfw}", redis_url="{redis_url}", unban_on_stop="true"]
+action = pushfw[pushfw="{pushfw}", redis_url_file="{redis_url_file}", unban_on_stop="true"]
 
 [py-unban]
 enabled = true
@@ -179,6 +181,27 @@ action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}",
 """
 )
 
+# A jail whose own local action (standing in for iptables) runs after pushfw's, on a Redis
+# of the test's own that it freezes.
+FROZEN_JAILS = (
+    JAIL_DEFAULTS
+    + """
+[py-frozen]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/frozen.log
+bantime = 600
+action = pushfw_redis.py[redis_url="{redis_url}", python_path="{venv}", client="{client}",
+                         redis_retry_s="1"]
+         mark
+"""
+)
+
+MARK_ACTION = """\
+[Definition]
+actionban = echo <ip> >> {tmp}/marks
+"""
+
 # Ticket ids that would run `touch` if the action pasted them into its shell command
 # unquoted or single-quoted (relative paths: fail2ban refuses ids with a "/").
 HOSTILE_IDS = [
@@ -199,8 +222,8 @@ class Fail2ban(Fail2banServer):
             out.write(line + "\n")
 
 
-def write_config(tmp: Path, jails: str, **values: str) -> None:
-    write_fail2ban_conf(tmp)
+def write_config(tmp: Path, jails: str, loglevel: str = "INFO", **values: str) -> None:
+    write_fail2ban_conf(tmp, loglevel)
     conf = tmp / "conf"
     (conf / "action.d").mkdir()
     (conf / "filter.d").mkdir()
@@ -208,6 +231,7 @@ def write_config(tmp: Path, jails: str, **values: str) -> None:
         shutil.copy(ACTIONS / action, conf / "action.d" / action)
     values = {"tmp": str(tmp), **values}
     (conf / "action.d/pushfw.local").write_text(ACTION_LOCAL.format(**values))
+    (conf / "action.d/mark.conf").write_text(MARK_ACTION.format(**values))
     (conf / "filter.d/pushfw-test.conf").write_text(FILTER)
     (conf / "filter.d/pushfw-hostile.conf").write_text(HOSTILE_FILTER)
     (conf / "jail.local").write_text(jails.format(**values))
@@ -248,7 +272,12 @@ def need_fail2ban() -> None:
 
 @contextlib.contextmanager
 def running_fail2ban(
-    jails: str, names: tuple[str, ...], redis_url: str, env: dict[str, str], **values: str
+    jails: str,
+    names: tuple[str, ...],
+    redis_url: str,
+    env: dict[str, str],
+    loglevel: str = "INFO",
+    **values: str,
 ) -> Iterator[Fail2ban]:
     """A fail2ban-server with ``jails`` (a template), its jails ``names`` started."""
     pushfw = Path(sys.executable).with_name("pushfw")
@@ -256,7 +285,18 @@ def running_fail2ban(
     # a short path: the control socket's name must fit in sun_path (108 bytes)
     with tempfile.TemporaryDirectory(prefix="pushfw-f2b-") as name:
         tmp = Path(name)
-        write_config(tmp, jails, pushfw=str(pushfw), redis_url=redis_url, venv=sys.prefix, **values)
+        url_file = tmp / "redis.url"  # the shell action's: a URL never on a command line
+        url_file.write_text(redis_url + "\n")
+        write_config(
+            tmp,
+            jails,
+            loglevel,
+            pushfw=str(pushfw),
+            redis_url=redis_url,
+            redis_url_file=str(url_file),
+            venv=sys.prefix,
+            **values,
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")} | env
         server = Fail2ban(tmp, env=env)
         try:
@@ -340,6 +380,49 @@ def test_hostile_ticket_ids_reach_no_shell(fail2ban: Fail2ban, r: redis.Redis) -
         assert f"Ban {ticket}" in log, f"fail2ban did not try {ticket!r}"
     failed = log.count("Failed to execute ban jail 'pushfw-hostile' action 'pushfw'")
     assert failed == len(HOSTILE_IDS), "pushfw refused each of them"
+
+
+# The shell action as docs/integrations.md installs it: banaction, pushfw.local's file.
+SECRET_JAILS = """\
+[DEFAULT]
+backend = polling
+maxretry = 1
+ignoreip = 127.0.0.1/8 ::1
+
+[pushfw-secret]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/secret.log
+bantime = 600
+banaction = pushfw
+action = %(banaction)s
+"""
+
+
+def test_the_shell_actions_commands_carry_no_password(aof_redis: RedisServer) -> None:
+    """The Redis URL, password included, comes from a file: the commands fail2ban runs
+    (which every user sees in ``ps``, and fail2ban logs at HEAVYDEBUG) never hold it."""
+    need_fail2ban()
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "f2b-s3cret")
+    url = f"redis://:f2b-s3cret@127.0.0.1:{aof_redis.port}/0"
+    try:
+        with running_fail2ban(
+            SECRET_JAILS, ("pushfw-secret",), url, {}, loglevel="HEAVYDEBUG"
+        ) as server:
+            server.append("secret.log", f"Failed login from {BANNED}")
+            server.wait(lambda: find(admin, op="drop.insert", ip=BANNED), "the ban in Redis")
+            server.wait(lambda: not server.running_commands(), "the ban's command to return")
+            server.client("set", "pushfw-secret", "unbanip", BANNED, check=True)
+            server.wait(lambda: find(admin, op="drop.delete", ip=BANNED), "the unban in Redis")
+            log = server.log
+    finally:
+        admin.close()
+    # each command fail2ban ran (its /bin/sh -c argument), up to the next log record
+    executed = re.findall(r" -- exec: (.*?)(?=\n\d{4}-\d\d-\d\d |\Z)", log, re.DOTALL)
+    assert len(executed) == 2, log[-3000:]
+    assert all("--redis-url-file" in command for command in executed), executed
+    assert "f2b-s3cret" not in log
 
 
 SIGNING_KEY = "fail2ban-test-signing-key"
@@ -551,3 +634,64 @@ def test_python_action_misconfigured_fails_its_bans_only(
     fail2ban.wait(lambda: failed in fail2ban.log, "the failed ban")
     assert "unban_on_stop = 'maybe': say true or false" in fail2ban.log
     assert commands(r) == []
+
+
+@pytest.mark.parametrize("client", ["pushfw", "redis"])
+def test_a_frozen_redis_never_holds_the_jail_up(volatile_redis: RedisServer, client: str) -> None:
+    """Redis frozen (SIGSTOP): the first ban waits for the action's timeout (1 s), and the
+    breaker opens: the next bans are held, not sent, so the jail's own action after pushfw's
+    runs at once for each; one warning says so, and once Redis answers again the action
+    sends what it held, in one line."""
+    need_fail2ban()
+    banned = [f"192.0.2.{i}" for i in range(71, 77)]
+    r = redis.Redis.from_url(volatile_redis.url)
+    with running_fail2ban(
+        FROZEN_JAILS, ("py-frozen",), volatile_redis.url, {}, client=client
+    ) as server:
+        marks = server.tmp / "marks"
+
+        def marked() -> list[str]:
+            return marks.read_text().split() if marks.exists() else []
+
+        assert volatile_redis.proc is not None
+        volatile_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for ip in banned:
+                server.append("frozen.log", f"Failed login from {ip}")
+            # 6 bans at the old 5 s (21 s with plain redis-py) each would take 30 s or more
+            server.wait(lambda: sorted(marked()) == banned, "the jail's own action", timeout=25)
+            log = server.log
+            assert log.count("pushfw action: Redis does not answer") == 1, log[-3000:]
+            assert "Failed to execute ban" not in log
+        finally:
+            volatile_redis.proc.send_signal(signal.SIGCONT)
+        server.wait(
+            lambda: {c["ip"] for c in commands(r) if c["op"] == "drop.insert"} == set(banned),
+            "the held bans to reach Redis",
+            timeout=60,
+        )
+        server.wait(lambda: "Redis answers again after" in server.log, "the recovery line")
+        assert "sent the 6 command(s) held meanwhile" in server.log, server.log[-3000:]
+        assert all(0 < int(c["ttl"]) <= 600 for c in commands(r))
+        assert server.log.count("pushfw action: Redis does not answer") == 1
+    r.close()
+
+
+def test_redis_away_from_the_start_holds_bans_and_says_what_a_stop_leaves(
+    volatile_redis: RedisServer,
+) -> None:
+    """Redis stopped before fail2ban starts: one warning at start, the ban is held (no
+    failed ban, the jail's own action runs), and a stop says what was never sent."""
+    need_fail2ban()
+    volatile_redis.stop()
+    with running_fail2ban(
+        FROZEN_JAILS, ("py-frozen",), volatile_redis.url, {}, client="pushfw"
+    ) as server:
+        server.append("frozen.log", f"Failed login from {BANNED}")
+        marks = server.tmp / "marks"
+        server.wait(lambda: marks.exists() and BANNED in marks.read_text(), "the local ban")
+        server.stop()
+        log = server.log
+    assert log.count("pushfw action: Redis does not answer") == 1, log[-3000:]
+    assert "Failed to execute ban" not in log
+    assert "1 command(s) held for pushfw were not sent" in log, log[-3000:]

@@ -21,11 +21,13 @@ import redis
 from pushfw.producer import Producer
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
+from pushfw.worker.follower import SavedPosition
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
 from testbed.redis_server import free_port
 from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
+from tests.daemon import cli, worker_env
 from tests.test_applier import key
 from tests.test_supervision import running
 
@@ -291,6 +293,60 @@ def test_a_read_url_that_is_no_replica_of_the_primary_is_read_around_and_named(
     status = beat(producer, "f1")
     assert status.reads == "primary"
     assert [p for p in status.problems if "holds ledger generation none, the primary " in p]
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        '{"position": "1-0", "added": "many"}',  # valid JSON, a field of the wrong type
+        '{"position": 1700000000000}',
+        '{"position": "1-0", "read": "yesterday", "tries": {"1-0": -1}}',
+        '["1-0"]',
+        '{"position": "1-0", "tries"',  # cut short by a full disk
+    ],
+)
+def test_state_files_that_are_not_pushfws_are_warned_about_and_ignored(
+    r: Any,
+    redis_server: RedisServer,
+    replica_server: RedisServer,
+    producer: Producer,
+    tmp_path: Path,
+    position: str,
+):
+    """The real worker, with a position file and a generation file it cannot use: one
+    warning each, a start from the ledger, and the files it writes then are sound."""
+    config = tmp_path / "worker.toml"
+    config.write_text("")
+    env = worker_env(config, host_name="f9", backend="memory", redis_url=redis_server.url) | {
+        "PUSHFW_READ_URL": replica_server.url
+    }
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "f9.position").write_text(position)
+    (state / "f9.generation").write_bytes(b"\xff\xfe not a marker")
+    producer.drop("192.0.2.1", reply=False)  # in the ledger before the host starts
+    synced(r)
+
+    first = cli("run", "--burst", env=env)
+    assert first.returncode == 0, first.stderr
+    warnings = [json.loads(line) for line in first.stderr.splitlines()]
+    ignored = [w["message"] for w in warnings if w["message"].startswith("ignoring the ")]
+    assert len(ignored) == 2, first.stderr
+    assert f"ignoring the follower position in {state / 'f9.position'}: " in ignored[0]
+    assert f"ignoring the ledger generation in {state / 'f9.generation'}: " in ignored[1]
+    assert (
+        "following {pushfw}:cmd as follower:f9 via " in first.stderr
+        and ": 1 rule (" in first.stderr
+    )
+    saved = SavedPosition.model_validate_json((state / "f9.position").read_bytes())
+
+    later = producer.drop("192.0.2.2")  # read after the position the first run saved
+    synced(r)
+    second = cli("run", "--burst", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "ignoring" not in second.stderr
+    assert [res.status for res in producer.wait(later)] == ["applied"]
+    assert beat(producer, "f9").position == later != saved.position
 
 
 def test_read_url_names_one_server():

@@ -13,7 +13,9 @@ from pathlib import Path
 import redis
 
 from pushfw.producer import Producer
-from pushfw.worker.log import JsonFormatter, TextFormatter
+from pushfw.worker.config import secrets_of
+from pushfw.worker.log import JsonFormatter, TextFormatter, syslog_priority
+from pushfw.worker.settings import WorkerSettings
 from tests.conftest import RedisServer
 from tests.daemon import Daemon, cli, worker_env
 
@@ -58,6 +60,18 @@ def test_formatters_scrub_secrets() -> None:
         assert secret not in line
         assert 'pa\\"ss' not in line
         assert line.count("***") == 2
+
+
+def test_journal_prefix_on_every_line_of_a_text_traceback() -> None:
+    """journald reads the priority line by line: a traceback's lines keep the record's."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = TextFormatter(journal=True).format(rec).split("\n")
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines)
+    assert JsonFormatter(journal=True).format(record("w")).startswith('<4>{"time": ')
+    assert [syslog_priority(n) for n in (5, 10, 20, 30, 40, 50)] == [7, 7, 6, 4, 3, 2]
 
 
 def run_snippet(fmt: str, tty: bool) -> str:
@@ -121,3 +135,70 @@ def test_the_redis_password_never_appears(aof_redis: RedisServer, tmp_path: Path
         "stopping",
         "stopped",
     ]
+
+
+def test_the_read_url_password_never_appears(
+    r: redis.Redis, redis_server: RedisServer, aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A follower whose replica needs a password: check-config (which the unit runs at every
+    start) and the worker's whole output show the read_url masked, never its password."""
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "r3pl1ca-pw")
+    admin.close()
+    read_url = f"redis://:r3pl1ca-pw@127.0.0.1:{aof_redis.port}/0"
+    masked_url = f"redis://:***@127.0.0.1:{aof_redis.port}/0"
+    assert "r3pl1ca-pw" in secrets_of(WorkerSettings(read_url=read_url))
+    config = tmp_path / "worker.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\nread_url = "{read_url}"\n')
+    env = worker_env(config, host_name="log2", backend="memory")
+
+    table = cli("check-config", env=env)
+    as_json = cli("check-config", "--json", env=env)
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr
+    assert masked_url in table.stdout
+    assert json.loads(as_json.stdout)["settings"]["read_url"] == masked_url
+
+    with Daemon(env, verbose=True) as worker:
+        worker.wait_line("ready: following")  # after naming the replica it cannot use
+        assert worker.stop() == 0
+    output = table.stdout + table.stderr + as_json.stdout + as_json.stderr + worker.output
+    assert "r3pl1ca-pw" not in output
+    assert f"replica {masked_url} cannot be read" in worker.output
+    assert f"via {masked_url}" in worker.output
+
+
+def test_journald_reads_each_lines_priority(aof_redis: RedisServer, tmp_path: Path) -> None:
+    """Under systemd (stderr is the stream JOURNAL_STREAM names) every line starts with its
+    syslog priority, so ``journalctl -p warning`` finds the warnings; elsewhere none does."""
+    config = tmp_path / "worker.toml"
+    config.write_text(f'redis_url = "{aof_redis.url}"\n')
+    env = worker_env(config, host_name="journal1", backend="memory")
+    elsewhere = {**env, "JOURNAL_STREAM": "1:2"}  # inherited, but stderr is another pipe
+    with Daemon(elsewhere, verbose=True) as plain:
+        plain.wait_line("ready: following")
+        assert plain.stop() == 0
+    assert plain.lines and all(json.loads(line)["level"] for line in plain.lines)
+
+    producer = Producer.from_url(aof_redis.url)
+    with Daemon(env, verbose=True, journal=True) as worker:
+        worker.wait_line("ready: following")
+        assert producer.wait(producer.drop("192.0.2.1"))  # DEBUG lines, one per rule
+        producer.client.close()
+        aof_redis.stop()  # a warning
+        worker.wait_line("redis unavailable")
+        assert worker.stop() == 0
+    seen = set()
+    for line in worker.lines:
+        assert line.startswith("<") and line[2] == ">", line
+        level = json.loads(line[3:])["level"]
+        assert int(line[1]) == syslog_priority(getattr(logging, level)), line
+        seen.add(line[:3])
+    assert {"<7>", "<6>", "<4>"} <= seen
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_key = 1\n")
+    refused = Daemon(worker_env(bad), journal=True).start()
+    assert refused.proc is not None
+    refused.proc.wait(timeout=60)
+    assert refused.stop() == 2
+    assert refused.lines and all(line.startswith("<3>pushfw-worker: ") for line in refused.lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import subprocess
@@ -22,11 +23,16 @@ from pydantic import ValidationError
 
 from pushfw.producer import Producer
 from pushfw.producer.contract import SIGNED_FIELDS, signature
+from pushfw.producer.keys import Keys
+from pushfw.producer.lists import ListContent
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.decide import FORGED_EXPIRY
+from pushfw.worker.ledger import Ledger
+from pushfw.worker.retention import trim
 from pushfw.worker.signing import Signing
-from tests.conftest import RedisServer, need, wait_for
+from pushfw.worker.stream import entries_from_reply
+from tests.conftest import RedisServer, memory_worker, need, wait_for
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"
@@ -266,3 +272,124 @@ def test_the_documented_shell_recipe_signs_for_redis_cli(r, redis_server):
     cmd_id = proc.stdout.split()[-1]
     worker.run(burst=True)
     assert status(r, cmd_id) == ("applied", "inserted")
+
+
+# --- signed state outlives unsigned attempts to remove it (issue 20, item 7) ---------------
+# The kernel tests with real workers are in test_signed_state.py; these pin the ledger's
+# held state and which hosts take it.
+
+
+def held_ids(r: Any) -> dict[str, str]:
+    raw = r.hgetall("{pushfw}:held")
+    return {k.decode(): json.loads(v)["id"] for k, v in raw.items()}
+
+
+def test_signed_state_is_the_newest_verified_command_whatever_the_fold_order(r, redis_server):
+    """The held record is the newest command a worker with the key verified, behind newer
+    ones nobody verified (unsigned, forged), in any fold order; a newer verified one ends it."""
+    rule = "drop 192.0.2.1/32"
+    first = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.1"})).decode()
+    second = r.xadd(CMD, signed({"op": "drop.insert", "ip": "192.0.2.1", "ttl": "600"})).decode()
+    unsigned = r.xadd(CMD, {"op": "drop.delete", "ip": "192.0.2.1"}).decode()
+    forged = r.xadd(
+        CMD, {**signed({"op": "drop.delete", "ip": "192.0.2.1"}), "sig": "0" * 64}
+    ).decode()
+    entries = {e.id: e for e in entries_from_reply(r.xrange(CMD))}
+    folder = Ledger(r, Keys(), "test", signing=Signing(KEY.encode()))
+    folder.ensure_group()
+    for order in ([first, unsigned, forged, second], [second, forged, unsigned, first]):
+        r.delete("{pushfw}:rules", "{pushfw}:held")
+        for entry_id in order:
+            folder.fold([entries[entry_id]])
+        [newest] = folder.records()
+        assert newest.id == forged and not newest.checked
+        assert held_ids(r) == {rule: second}, order
+
+    keyless = Ledger(r, Keys(), "keyless")  # folds what it cannot verify: held stays
+    keyless.fold(entries_from_reply(r.xrange(CMD, unsigned, unsigned)))
+    assert held_ids(r) == {rule: second}
+    lifted = r.xadd(CMD, signed({"op": "drop.delete", "ip": "192.0.2.1"})).decode()
+    folder.fold(entries_from_reply(r.xrange(CMD, lifted, lifted)))
+    assert held_ids(r) == {}, "a newer verified command is the rule's state itself"
+
+
+def test_signed_state_outlives_unsigned_commands_on_strict_hosts_only(r, redis_server):
+    """After an unsigned undrop and list.delete, a strict host that joins holds the signed
+    ban and list; a host without require_signature follows the newest command (I3)."""
+    first = memory_worker(redis_server, "h1", hmac_key=KEY, require_signature=True)
+    first.setup()
+    producer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    producer.drop("192.0.2.1", reason="signed ban")
+    producer.load_list("feed", ListContent.of(["198.51.100.0/24"]))
+    first.run(burst=True)
+    undrop = r.xadd(CMD, {"reply": "1", "op": "drop.delete", "ip": "192.0.2.1"}).decode()
+    delete = r.xadd(CMD, {"reply": "1", "op": "list.delete", "name": "feed"}).decode()
+    first.run(burst=True)
+    assert status(r, undrop) == status(r, delete) == ("rejected", "sig: missing")
+    assert producer.rules() == [] and producer.lists() == [], "the ledger folded both"
+
+    strict = memory_worker(redis_server, "h2", hmac_key=KEY, require_signature=True)
+    strict.setup()
+    assert set(strict.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert isinstance(strict.backend, MemoryBackend)
+    assert strict.backend.lists["feed"][1] == {"198.51.100.0/24"}
+    lax = memory_worker(redis_server, "h3", hmac_key=KEY)
+    lax.setup()
+    assert set(lax.backend.snapshot()) == set()
+    assert isinstance(lax.backend, MemoryBackend) and "feed" not in lax.backend.lists
+    version = ListContent.of(["198.51.100.0/24"]).version
+    assert r.pttl(f"{{pushfw}}:list:feed:{version}") == -1, "held content does not expire"
+
+    # trimming forgets the unsigned commands' tombstones: the held state stays
+    r.hdel("{pushfw}:rules", "drop 192.0.2.1/32")
+    r.hdel("{pushfw}:lists", "feed")
+    late = memory_worker(redis_server, "h4", hmac_key=KEY, require_signature=True)
+    late.setup()
+    assert set(late.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert isinstance(late.backend, MemoryBackend) and "feed" in late.backend.lists
+    producer.client.close()
+
+
+def test_signed_state_that_expired_is_forgotten_by_trimming(r, redis_server):
+    worker = memory_worker(redis_server, "h1", hmac_key=KEY, require_signature=True)
+    worker.setup()
+    producer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    timed = producer.drop("192.0.2.1", ttl_s=1)
+    producer.drop("192.0.2.2")
+    r.xadd(CMD, {"op": "drop.delete", "ip": "192.0.2.1"})
+    r.xadd(CMD, {"op": "drop.delete", "ip": "192.0.2.2"})
+    worker.run(burst=True)
+    assert set(held_ids(r)) == {"drop 192.0.2.1/32", "drop 192.0.2.2/32"}
+    wait_for(lambda: producer.now_ms() > int(timed.split("-")[0]) + 1000, 5, "the ttl to pass")
+    trim(worker.ledger, producer.now_ms(), 60)
+    assert set(held_ids(r)) == {"drop 192.0.2.2/32"}, "the lasting ban is still held"
+    producer.client.close()
+
+
+def test_signed_state_of_a_list_keeps_its_content_until_a_newer_verified_version(r, redis_server):
+    worker = memory_worker(redis_server, "h1", hmac_key=KEY, require_signature=True)
+    worker.setup()
+    signer = Producer.from_url(redis_server.url, hmac_key=KEY)
+    unsigned = Producer.from_url(redis_server.url)
+    first, other, last = (
+        ListContent.of([net]) for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+    )
+
+    def ttl(content: ListContent) -> int:
+        return int(r.pttl(f"{{pushfw}}:list:feed:{content.version}"))
+
+    signer.load_list("feed", first)
+    unsigned.load_list("feed", other)  # a version nobody signed replaces the signed one
+    worker.run(burst=True)
+    assert json.loads(r.hget("{pushfw}:held-lists", "feed"))["version"] == first.version
+    assert ttl(first) == ttl(other) == -1, "the held version's content does not expire"
+    assert isinstance(worker.backend, MemoryBackend)
+    assert worker.backend.lists["feed"][1] == {"192.0.2.0/24"}
+
+    signer.load_list("feed", last)
+    worker.run(burst=True)
+    assert r.hget("{pushfw}:held-lists", "feed") is None, "the newest is verified itself"
+    assert ttl(last) == -1 and 0 < ttl(first) <= 3_600_000 and 0 < ttl(other) <= 3_600_000
+    assert worker.backend.lists["feed"][1] == {"203.0.113.0/24"}
+    signer.client.close()
+    unsigned.client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -170,6 +171,47 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", "verify prints nothing for a clean unit"
+
+
+def test_unit_grants_only_what_it_needs() -> None:
+    """One writable file (the xtables lock, made before the sandbox), a memory ceiling well
+    above the measured peaks (docs/benchmarks.md: 113 MB for 1M rules, 581 MB for a 1M-entry
+    list before it was chunked), and the sandbox's other walls."""
+    options = unit_options(UNIT.read_text())
+    assert options["ProtectSystem"] == ["strict"]
+    assert options["ReadWritePaths"] == ["-/run/xtables.lock"], "nothing else of /run"
+    pre = options["ExecStartPre"]
+    touch = pre.index("-+/usr/bin/touch /run/xtables.lock")
+    assert touch < pre.index("/usr/local/bin/pushfw-worker check-config")
+    [memory_max] = options["MemoryMax"]
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    ceiling = int(memory_max[:-1]) * units[memory_max[-1]]
+    assert ceiling >= max(5 * 113e6, 581e6), "room above every peak measured"
+    assert options["ProtectProc"] == ["invisible"] and options["PrivateMounts"] == ["yes"]
+    assert "SyslogLevelPrefix" not in options, "journald reads each line's <N> priority"
+
+
+def security_exposure(unit: Path) -> float:
+    """``systemd-analyze security``'s overall exposure of a unit file (0 best, 10 worst)."""
+    tool = shutil.which("systemd-analyze")
+    need(tool is not None, "systemd-analyze is not installed (apt-get install systemd)")
+    assert tool is not None
+    result = subprocess.run(
+        [tool, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found is not None, result.stdout[-2000:] + result.stderr
+    return float(found.group(1))
+
+
+def test_unit_security_exposure_is_no_worse(tmp_path: Path) -> None:
+    """2.6 before the lock-only ReadWritePaths=, PrivateMounts= and ProtectProc=; 2.2 since."""
+    unit = tmp_path / "pushfw-worker.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/pushfw-worker", str(VENV_ENTRY)))
+    assert security_exposure(unit) <= 2.2
 
 
 def test_check_config_of_the_unit_runs(config: Path) -> None:

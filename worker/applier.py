@@ -30,6 +30,7 @@ from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.clock import Clock
+from pushfw.worker.copies import ContentCopies
 from pushfw.worker.decide import Decision, Delete, Policy, Report, Request, decide
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.expiry import ExpiryQueue
@@ -186,7 +187,8 @@ class Applier:
         """Commands this host answered since it started, by status (for the heartbeat)."""
         self._clock_offset_ms = 0
         self.metrics = Metrics()  # the worker shares it with its other roles
-        self.lists = ListKeeper(client, keys, backend, policy, lambda: self.kernel())
+        copies = ContentCopies(settings.state_dir, self.host) if policy.signing.required else None
+        self.lists = ListKeeper(client, keys, backend, policy, lambda: self.kernel(), copies)
         self.wake_in_ms: Callable[[], int | None] = lambda: None
         """Another bound on the blocking read, in ms: a follower's next ledger fold."""
         self.lists_changed: Callable[[], None] = lambda: None

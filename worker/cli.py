@@ -37,7 +37,7 @@ def _load() -> Loaded:
         loaded = load(opts.config)
     except ConfigInvalid as exc:
         for line in exc.lines:
-            click.echo(f"pushfw-worker: {line}", err=True)
+            click.echo(log.error_line(f"pushfw-worker: {line}"), err=True)
         sys.exit(2)
     settings = loaded.settings
     log.setup(settings.log_format, opts.verbose, secrets_of(settings))
@@ -54,10 +54,11 @@ def _one_line_errors() -> Iterator[None]:
     try:
         yield
     except PushfwError as exc:
-        click.echo(f"pushfw-worker: {exc}", err=True)
+        click.echo(log.error_line(f"pushfw-worker: {exc}"), err=True)
         sys.exit(1)
     except redis.RedisError as exc:
-        click.echo(f"pushfw-worker: redis refused: {str(exc).splitlines()[0][:300]}", err=True)
+        text = f"pushfw-worker: redis refused: {str(exc).splitlines()[0][:300]}"
+        click.echo(log.error_line(text), err=True)
         sys.exit(1)
 
 
@@ -108,12 +109,17 @@ def _show(value: object) -> str:
 
 @main.command()
 @click.option("--burst", is_flag=True, help="Exit once everything pending is applied.")
-def run(burst: bool) -> None:
+@click.option(
+    "--take-over",
+    is_flag=True,
+    help="Start even if another live worker has this host name (else refuse).",
+)
+def run(burst: bool, take_over: bool) -> None:
     """Follow the command stream until SIGTERM (settings from PUSHFW_* variables)."""
     settings = _settings()
     with _one_line_errors():
         try:
-            worker = Worker(settings)
+            worker = Worker(settings, take_over=take_over)
             worker.install_signal_handlers()
             worker.run(burst=burst)
         except ForceStop:

@@ -6,8 +6,9 @@ missing default file is fine; a missing file that was named (``--config``, ``PUS
 is an error, and so is a key the settings do not have (a typo must not pass silently).
 Every problem becomes one line naming the file or variable and the key.
 
-Secrets are shown masked: :func:`masked` renders the effective settings for people, and
-:func:`secrets_of` lists the strings the log formatters scrub from every line.
+Secrets are shown masked: :func:`masked` renders the effective settings for people (every
+URL through :func:`mask_url`), and :func:`secrets_of` lists the strings the log formatters
+scrub from every line (every URL's password among them).
 """
 
 from __future__ import annotations
@@ -128,6 +129,19 @@ def _error_lines(exc: ValidationError, path: Path | None, values: dict[str, Any]
     return lines
 
 
+def _is_url(name: str) -> bool:
+    """A Redis URL setting (``redis_url``, ``read_url``): its password is a secret."""
+    return name.endswith("_url")
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password in ``url`` and its secret query parameters."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    found = [userinfo.split(":", 1)[1]] if at and ":" in userinfo else []
+    return found + [v for k, v in parse_qsl(parts.query) if is_secret(k.lower())]
+
+
 def is_secret(name: str) -> bool:
     return name not in _NOT_SECRET and any(word in name for word in _SECRET_WORDS)
 
@@ -151,8 +165,8 @@ def masked(settings: WorkerSettings) -> dict[str, Any]:
     """The effective settings, by field name, with every secret masked (JSON-ready values)."""
     out: dict[str, Any] = {}
     for name, value in settings.model_dump(mode="json").items():
-        if name == "redis_url":
-            value = mask_url(value)
+        if _is_url(name):
+            value = mask_url(value) if value else value
         elif is_secret(name) and value:
             value = MASK
         out[name] = value
@@ -162,13 +176,11 @@ def masked(settings: WorkerSettings) -> dict[str, Any]:
 def secrets_of(settings: WorkerSettings) -> list[str]:
     """Strings that must never appear in a log line: the Redis password, secret settings."""
     found: list[str] = []
-    parts = urlsplit(settings.redis_url)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        found.append(userinfo.split(":", 1)[1])
-    found += [v for k, v in parse_qsl(parts.query) if is_secret(k.lower())]
     for name in WorkerSettings.model_fields:
         value = getattr(settings, name)
+        if _is_url(name):
+            found += _url_secrets(str(value))
+            continue
         if isinstance(value, SecretStr | SecretBytes):
             value = value.get_secret_value()
         if is_secret(name) and value:

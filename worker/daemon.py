@@ -33,11 +33,11 @@ from pushfw.worker.backends import Backend, make_backend
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.config import mask_url
 from pushfw.worker.decide import ListBounds, Policy
-from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
+from pushfw.worker.errors import BackendError, ConfigError, HostNameTaken, TransientBackendError
 from pushfw.worker.follower import FollowerStream, StreamGone
 from pushfw.worker.generation import GenerationFile, trusts_ledger
 from pushfw.worker.heap import LARGE, give_back_memory
-from pushfw.worker.heartbeat import beat, pushfw_version
+from pushfw.worker.heartbeat import Instance, Twins, beat, live_twin, pushfw_version, twin_text
 from pushfw.worker.hits import HitsReader
 from pushfw.worker.hits import interval_s as hits_interval_s
 from pushfw.worker.ledger import Ledger
@@ -96,8 +96,15 @@ def connect(
 class Worker:
     """One host's daemon: applier, ledger, scheduler and housekeeping, with graceful stop."""
 
-    def __init__(self, settings: WorkerSettings, backend: Backend | None = None) -> None:
+    def __init__(
+        self, settings: WorkerSettings, backend: Backend | None = None, take_over: bool = False
+    ) -> None:
         self.notifier = Notifier()
+        self.instance = Instance.new()
+        self.twins = Twins(settings.host_name, self.instance)
+        self._take_over = take_over
+        self._name_checked = False
+        self._refused = False
         settings = _fit_watchdog(settings, self.notifier)
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
@@ -125,7 +132,13 @@ class Worker:
             min_accept_prefix_v6=settings.min_accept_prefix_v6,
             list_bounds=ListBounds.from_settings(settings),
         )
-        self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
+        self.ledger = Ledger(
+            self.client,
+            self.keys,
+            settings.consumer_name,
+            settings.batch_size,
+            signing=self.policy.signing,
+        )
         self.generation = GenerationFile(settings.state_dir, settings.host_name)
         self.ledger_lost = False
         self.reconcile_error: str | None = None
@@ -184,6 +197,8 @@ class Worker:
         self.last_drift: Drift | None = None
         self._due: dict[str, float] = {}
         self._signals = 0
+        self._back = False
+        """Redis answered again since the outage began (said once)."""
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -216,6 +231,7 @@ class Worker:
         everything up to there: it gets the current state from the ledger (reconcile), not
         by replaying history.
         """
+        self._check_name()
         known = self.applier.stream.group_exists()  # a follower drops a lost position here
         self.heartbeat("starting")  # announce first: no trim runs past a group being created
         self.ledger.ensure_group()
@@ -237,6 +253,37 @@ class Worker:
         self._due["reconcile"] = now + self.settings.reconcile_interval_s
         self._due["heartbeat"] = now + self.settings.heartbeat_interval_s
 
+    def _check_name(self) -> None:
+        """Refuse to start beside a live worker of the same host name (once, at start).
+
+        With ``take_over`` it starts anyway, and both say so while both run.
+        """
+        if self._name_checked:
+            return
+        twin = live_twin(  # Redis's clock: the heartbeats carry it, not this host's
+            self.client,
+            self.keys,
+            self.settings.host_name,
+            self.instance,
+            self.applier.stream.now_ms,
+        )
+        self._name_checked = True
+        if twin is None:
+            return
+        if self._take_over:
+            logger.warning(
+                "taking over host name %s from a live worker (%s)",
+                self.settings.host_name,
+                twin_text(twin, self.instance),
+            )
+            return
+        self._refused = True
+        raise HostNameTaken(
+            f"host name {self.settings.host_name} is taken: another worker beats under it "
+            f"({twin_text(twin, self.instance)}); give this host another host_name (a cloned "
+            "VM keeps its name), or start with --take-over"
+        )
+
     def reconcile(self, force: bool = False) -> Drift | None:
         """Make the managed rules equal what the ledger holds for this host, through the gate.
 
@@ -250,7 +297,8 @@ class Worker:
         position = self.applier.stream.last_delivered()
         self.ledger.catch_up(position)
         now_ms = self.applier.now_ms()
-        desired = desired_rules(self.ledger.records(), self.policy, now_ms)
+        verified = self.ledger.held() if self.policy.signing.required else None
+        desired = desired_rules(self.ledger.records(), self.policy, now_ms, verified)
         marker = self.ledger.generation()
         trusted = force or trusts_ledger(
             marker, self.generation.read(), self.ledger.size(), self.backend.size()
@@ -446,7 +494,7 @@ class Worker:
         self._beat_lists = self.applier.lists.status()
         lag, pending = self.applier.stream.progress()
         reads = self._reads()
-        beat(
+        previous = beat(
             self.client,
             self.keys,
             HostStatus(
@@ -470,8 +518,13 @@ class Worker:
                 reads=reads,
                 counts=dict(self.applier.counts),
                 lists=self._beat_lists,
+                instance=self.instance.id,
+                boot_id=self.instance.boot_id,
+                pid=self.instance.pid,
+                duplicate=self.twins.twin.instance if self.twins.twin is not None else "",
             ),
         )
+        self.twins.replaced(previous, self.settings.heartbeat_interval_s)
         for role, health in self.supervisor.roles.items():
             self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
         rules = self.backend.action_counts() if self.metrics.serving else {}
@@ -481,6 +534,9 @@ class Worker:
 
     def _problems(self) -> list[str]:
         found = self.supervisor.problems()
+        twin = self.twins.problem()
+        if twin is not None:
+            found.append(twin)
         if self.reconcile_error is not None:
             found.append(f"reconcile: {self.reconcile_error}")
         found += self.applier.lists.problems.values()
@@ -530,7 +586,7 @@ class Worker:
                         processed = self.iteration() if ready else self._wait_to_start()
                     if down_since is not None:
                         self.notifier.status(self._following())
-                        down_since = None
+                        down_since, self._back = None, False
                     backoff.reset()
                     if burst and not processed and self.applier.idle():
                         break
@@ -582,8 +638,15 @@ class Worker:
         return False
 
     def _resume(self, ready: bool, down_since: float | None, burst: bool) -> bool:
-        """Set up at start (and after Redis lost its data); reconcile after every outage."""
-        if down_since is not None:
+        """Set up at start (and after Redis lost its data); reconcile after every outage.
+
+        Redis is said to be back only once it answered a PING, and once per outage: a
+        refused connection or a frozen server raises here, and the loop waits its next
+        backoff step in silence.
+        """
+        if down_since is not None and not self._back:
+            self.client.ping()
+            self._back = True
             logger.info(
                 "redis is back after %.1f s: reconciling",
                 time.monotonic() - down_since,
@@ -597,7 +660,10 @@ class Worker:
         return True
 
     def _last_heartbeat(self) -> None:
-        """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one."""
+        """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one (not when
+        it refused to start: the heartbeat is the live twin's)."""
+        if self._refused:
+            return
         with contextlib.suppress(redis.RedisError):
             self.heartbeat("stopped")
 
@@ -634,7 +700,8 @@ class Worker:
         logger.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
     def _redis_down(self, exc: Exception, down_since: float | None, backoff: Backoff) -> float:
-        if down_since is None:
+        if down_since is None or self._back:  # a new outage, or it went away again
+            self._back = False
             logger.warning(
                 "redis unavailable (%s); retrying with backoff", exc, extra={"state": "redis_down"}
             )

@@ -60,11 +60,14 @@ __all__ = [
     "Unload",
     "decide",
     "decide_list",
+    "decide_list_record",
+    "decide_record",
     "is_signed",
     "list_cover_refusal",
     "refused_by_every_host",
     "refused_entries",
     "request_from_record",
+    "takes_held",
 ]
 
 _LOOPBACK = Protection(LOOPBACK)
@@ -353,6 +356,32 @@ def request_from_record(record: RuleRecord) -> Request | None:
     )
 
 
+def takes_held(policy: Policy, decision: object) -> bool:
+    """Whether a host takes the ledger's held record instead of the newest one: a host with
+    ``require_signature`` that refuses the newest command as a whole. Every command it ever
+    took was verified, so the newest verified state is the state it held; other hosts take
+    the newest command, whatever it is (I3)."""
+    return policy.signing.required and (decision is None or isinstance(decision, Report))
+
+
+def decide_record(
+    record: RuleRecord | None, held: RuleRecord | None, policy: Policy, now_ms: int
+) -> tuple[RuleKey, Decision] | None:
+    """The decision for one rule at reconcile: its newest record (None: forgotten) and its
+    held record (the newest one a worker verified, see :mod:`pushfw.worker.ledger`)."""
+    request = request_from_record(record) if record is not None else None
+    decision = decide(request, policy, now_ms) if request is not None else None
+    if held is not None and takes_held(policy, decision):
+        instead = request_from_record(held)
+        if instead is not None and (request is None or instead.key == request.key):
+            verified = decide(instead, policy, now_ms)
+            if not isinstance(verified, Report):
+                return instead.key, verified
+    if request is None or decision is None:
+        return None
+    return request.key, decision
+
+
 # --- named lists ---------------------------------------------------------------------------
 
 
@@ -459,6 +488,23 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
     if expires_ms is not None and expires_ms <= now_ms:
         return Unload(name, Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago")
     return Load(request.list, request.size)
+
+
+def decide_list_record(
+    record: ListRecord | None, held: ListRecord | None, policy: Policy, now_ms: int
+) -> tuple[ListRequest, ListDecision] | None:
+    """The decision for one list at reconcile, as :func:`decide_record` for a rule."""
+    request = ListRequest.from_record(record) if record is not None else None
+    decision = decide_list(request, policy, now_ms) if request is not None else None
+    if held is not None and takes_held(policy, decision):
+        instead = ListRequest.from_record(held)
+        if instead is not None and (request is None or instead.list.name == request.list.name):
+            verified = decide_list(instead, policy, now_ms)
+            if not isinstance(verified, Report):
+                return instead, verified
+    if request is None or decision is None:
+        return None
+    return request, decision
 
 
 def refused_entries(

@@ -4,6 +4,7 @@ Exception tree::
 
     PushfwError
     ├── ConfigError            bad settings: the worker refuses to start
+    │   └── HostNameTaken      another live worker has this host name
     └── BackendError           the kernel refused a change
         ├── TransientBackendError   retry the same batch soon (table busy, xtables lock)
         └── PermanentBackendError   this change will not succeed by retrying (set full, ...)
@@ -17,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "ConfigError",
+    "HostNameTaken",
     "PermanentBackendError",
     "PushfwError",
     "TransientBackendError",
@@ -29,6 +31,10 @@ class PushfwError(Exception):
 
 class ConfigError(PushfwError):
     """The worker's settings are invalid."""
+
+
+class HostNameTaken(ConfigError):
+    """Another worker with this host name is live (a cloned VM keeps its name)."""
 
 
 class BackendError(PushfwError):

@@ -28,29 +28,31 @@ reconciles from the ledger.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import redis
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
+from pushfw.worker.statefile import read_state
 from pushfw.worker.stream import (
     Entry,
     entries_from_reply,
+    is_entry_id,
     queue_answers,
     redis_now_ms,
     stream_id_order,
 )
 
-__all__ = ["FollowerStream", "PositionFile", "StreamGone"]
+__all__ = ["FollowerStream", "PositionFile", "SavedPosition", "StreamGone"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,30 @@ def _before(entry_id: str) -> str:
     return f"{ms - 1}-18446744073709551615" if ms else "0-0"
 
 
+def _entry_id(value: str) -> str:
+    if not is_entry_id(value):
+        raise ValueError("is not a stream entry id")
+    return value
+
+
+_EntryId = Annotated[str, AfterValidator(_entry_id)]
+
+
+class SavedPosition(BaseModel):
+    """The position file's content, checked field by field: a file that holds anything
+    else counts as no position (read from the ledger), never as a reason to stop."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    position: _EntryId
+    read: _EntryId | None = None
+    """The newest entry read (None: the position)."""
+    added: int = Field(default=0, ge=0)
+    """The stream's ``entries-added`` count at the position."""
+    tries: dict[_EntryId, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    """Deliveries of the entries read and not finished."""
+
+
 class PositionFile:
     """``<state_dir>/<host>.position``: JSON with the position, the newest entry read, the
     stream's ``entries-added`` count at that entry, and the tries of unfinished entries.
@@ -110,30 +136,21 @@ class PositionFile:
 
     def __init__(self, state_dir: str, host: str) -> None:
         self.path = Path(state_dir) / f"{host}.position"
-        self._memory: dict[str, Any] | None = None
+        self._memory: SavedPosition | None = None
         self._warned = False
 
-    def read(self) -> dict[str, Any] | None:
+    def read(self) -> SavedPosition | None:
+        """The saved position; None for none, and for a file that is not one (warned)."""
         if self._memory is not None:
             return self._memory
-        try:
-            state = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            logger.warning("ignoring the follower position in %s: %s", self.path, exc)
-            return None
-        if not isinstance(state, dict) or not isinstance(state.get("position"), str):
-            logger.warning("ignoring the follower position in %s: not a position", self.path)
-            return None
-        return state
+        return read_state(self.path, SavedPosition.model_validate_json, "follower position")
 
-    def write(self, state: dict[str, Any]) -> None:
+    def write(self, state: SavedPosition) -> None:
         self._memory = state
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(".position-tmp")
-            partial.write_text(json.dumps(state, separators=(",", ":")), encoding="utf-8")
+            partial.write_text(state.model_dump_json(), encoding="utf-8")
             os.replace(partial, self.path)
         except OSError as exc:
             if not self._warned:
@@ -208,19 +225,19 @@ class FollowerStream:
             self._read_mark = self._last_read = "0-0"
             self._position_added = self._read_added = 0
             return
-        self.position = self._last_read = str(state["position"])
-        self._read_mark = str(state.get("read", self.position))
-        self._position_added = self._read_added = int(state.get("added", 0))
-        self._tries.update({str(k): int(v) for k, v in dict(state.get("tries", {})).items()})
+        self.position = self._last_read = state.position
+        self._read_mark = state.read or self.position
+        self._position_added = self._read_added = state.added
+        self._tries.update(state.tries)
 
     def _save(self) -> None:
         self.file.write(
-            {
-                "position": self.position,
-                "read": self._read_mark,
-                "added": self._position_added,
-                "tries": {i: self._tries[i] for i in self._unfinished if self._tries[i]},
-            }
+            SavedPosition(
+                position=self.position,
+                read=self._read_mark,
+                added=self._position_added,
+                tries={i: self._tries[i] for i in self._unfinished if self._tries[i]},
+            )
         )
 
     def ensure_group(self, start_id: str = "0") -> bool:

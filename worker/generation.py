@@ -20,9 +20,22 @@ import logging
 import os
 from pathlib import Path
 
+from pushfw.worker.statefile import read_state
+
 __all__ = ["GenerationFile", "trusts_ledger"]
 
 logger = logging.getLogger(__name__)
+
+
+_MAX_TOKEN = 64  # the ledger writes 16 hex digits
+
+
+def _token(raw: bytes) -> str | None:
+    """The marker a generation file holds (None: an empty file)."""
+    text = raw.decode("ascii").strip()
+    if len(text) > _MAX_TOKEN or not all(c.isprintable() and not c.isspace() for c in text):
+        raise ValueError(f"not a ledger generation marker: {text[:_MAX_TOKEN]!r}")
+    return text or None
 
 
 class GenerationFile:
@@ -31,29 +44,23 @@ class GenerationFile:
     def __init__(self, state_dir: str, host: str) -> None:
         self.path = Path(state_dir) / f"{host}.generation"
         self._memory: str | None = None
+        self._on_disk: str | None = None  # as last read or written: unchanged is not rewritten
         self._warned = False
 
     def read(self) -> str | None:
-        return self._read_file() or self._memory
-
-    def _read_file(self) -> str | None:
-        try:
-            return self.path.read_text(encoding="ascii").strip() or None
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            self._warn(exc)
-            return None
+        self._on_disk = read_state(self.path, _token, "ledger generation")
+        return self._on_disk or self._memory
 
     def write(self, token: str) -> None:
         self._memory = token
-        if self._read_file() == token:
+        if self._on_disk == token:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(".tmp")
             partial.write_text(token + "\n", encoding="ascii")
             os.replace(partial, self.path)
+            self._on_disk = token
         except OSError as exc:
             self._warn(exc)
 

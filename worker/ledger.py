@@ -13,6 +13,15 @@ own). A signed command's record keeps its signed fields and signature, so every 
 checks the record against its own policy (:mod:`pushfw.worker.decide`) before reconcile
 installs it.
 
+**Held state.** A command a worker holding the key verified is folded with ``checked``.
+When a command nobody verified (unsigned, forged, or folded by a worker without the key)
+replaces a checked record, the fold moves the checked one to ``{pushfw}:held`` (lists:
+``{pushfw}:held-lists``), in the same step; a newer checked command clears it. So the
+ledger always holds the newest state a host with ``require_signature`` may take, even
+after an unsigned ``undrop`` or ``list.delete``, and such a host reconciles to it
+(:func:`pushfw.worker.decide.decide_record`). Hosts without ``require_signature``
+never read it: for them the newest command wins, as before.
+
 The scheduler's :data:`CLAIM` ends a timed rule: it writes a ttl tombstone that names the
 entry it expired and XADDs the ``*.delete origin ttl``. The tombstone ranks as the entry it
 expired, so a renewal added before the delete still wins when it is folded after it; the
@@ -37,7 +46,8 @@ from pushfw.producer.lists import ListCommand, is_list_entry, parse_list_command
 from pushfw.producer.records import ListRecord, RuleRecord, rule_id
 from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.clock import Clock
-from pushfw.worker.decide import refused_by_every_host
+from pushfw.worker.decide import is_signed, refused_by_every_host
+from pushfw.worker.signing import Signing
 from pushfw.worker.stream import (
     LUA_ID_ORDER,
     Entry,
@@ -51,18 +61,23 @@ logger = logging.getLogger(__name__)
 FOLD = (
     LUA_ID_ORDER
     + """
--- KEYS: rules, expiry, tombs, then one marker key per record
--- ARGV: 4 per record: rule id, entry id, record json, expires ms or ''
+-- KEYS: rules, expiry, tombs, held, then one marker key per record
+-- ARGV: 5 per record: rule id, entry id, record json, expires ms or '', '1' if the folding
+--       worker verified the command's signature else ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local changed = 0
-for i = 0, #ARGV / 4 - 1 do
-  local rule, id, json, expires = ARGV[i*4+1], ARGV[i*4+2], ARGV[i*4+3], ARGV[i*4+4]
-  local marker = KEYS[i + 4]
+for i = 0, #ARGV / 5 - 1 do
+  local rule, id, json, expires = ARGV[i*5+1], ARGV[i*5+2], ARGV[i*5+3], ARGV[i*5+4]
+  local checked = ARGV[i*5+5] == '1'
+  local marker = KEYS[i + 5]
   local raw = redis.call('HGET', KEYS[1], rule)
+  local cur = nil
   local replace = true
+  -- compact JSON: a top-level "deleted":true cannot occur inside a string value
+  local deleted = string.find(json, '"deleted":true', 1, true) ~= nil
   if raw then
-    local cur = cjson.decode(raw)
+    cur = cjson.decode(raw)
     local rank = cur['id']
     if cur['deleted'] and cur['origin'] == 'ttl' and type(cur['expired_id']) == 'string' then
       rank = cur['expired_id']
@@ -76,8 +91,7 @@ for i = 0, #ARGV / 4 - 1 do
   if replace then
     changed = changed + 1
     redis.call('HSET', KEYS[1], rule, json)
-    -- compact JSON: a top-level "deleted":true cannot occur inside a string value
-    if string.find(json, '"deleted":true', 1, true) then
+    if deleted then
       redis.call('ZADD', KEYS[3], tonumber(string.match(id, '^(%d+)')), rule)
     else
       redis.call('ZREM', KEYS[3], rule)
@@ -91,6 +105,24 @@ for i = 0, #ARGV / 4 - 1 do
     else
       redis.call('ZREM', KEYS[2], rule)
       redis.call('DEL', marker)
+    end
+    -- the newest verified state: the newest record itself, or the one it replaced (held
+    -- only while the newest record is not checked; a checked tombstone holds nothing)
+    local was_checked = cur ~= nil and cur['checked'] == true
+    if checked and not was_checked then
+      redis.call('HDEL', KEYS[4], rule)
+    elseif was_checked and not checked and not cur['deleted'] then
+      redis.call('HSET', KEYS[4], rule, raw)
+    end
+  elseif checked and cur['checked'] ~= true then
+    -- a verified command folded behind a newer one nobody verified
+    local held = redis.call('HGET', KEYS[4], rule)
+    if not held or newer(id, cjson.decode(held)['id']) then
+      if deleted then
+        redis.call('HDEL', KEYS[4], rule)
+      else
+        redis.call('HSET', KEYS[4], rule, json)
+      end
     end
   end
 end
@@ -136,33 +168,85 @@ return emitted
 LIST_FOLD = (
     LUA_ID_ORDER
     + """
--- KEYS: lists, the content key of the version this command loads (or the lists key again)
+-- KEYS: lists, the content key of the version this command loads (or the lists key
+--       again), held lists
 -- ARGV: name, entry id, record json, version or '', content key prefix, grace ms,
---       expires ms or ''
+--       expires ms or '', '1' if the folding worker verified the command's signature
+local checked = ARGV[8] == '1'
+local deleted = string.find(ARGV[3], '"deleted":true', 1, true) ~= nil
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local old = nil
-if raw then
-  local cur = cjson.decode(raw)
-  if not newer(ARGV[2], cur['id']) then
+local cur = raw and cjson.decode(raw)
+local held_raw = redis.call('HGET', KEYS[3], ARGV[1])
+local held = held_raw and cjson.decode(held_raw)
+local before = {}
+if cur and not cur['deleted'] and cur['version'] then
+  before[cur['version']] = true
+end
+if held and held['version'] then
+  before[held['version']] = true
+end
+local changed = 1
+local newest = cur
+if cur and not newer(ARGV[2], cur['id']) then
+  -- an older command: it may only be the newest verified state, behind one nobody verified
+  if not checked or cur['checked'] == true or (held and not newer(ARGV[2], held['id'])) then
     return 0
   end
-  if not cur['deleted'] then
-    old = cur['version']
-  end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-if ARGV[4] ~= '' then
-  if ARGV[7] ~= '' then
-    redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[6]))
+  changed = 0
+  if deleted then
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    held = nil
   else
-    redis.call('PERSIST', KEYS[2])
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+    held = cjson.decode(ARGV[3])
+  end
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  newest = nil
+  if ARGV[4] ~= '' then
+    if ARGV[7] ~= '' then
+      redis.call('PEXPIREAT', KEYS[2], tonumber(ARGV[7]) + tonumber(ARGV[6]))
+    else
+      redis.call('PERSIST', KEYS[2])
+    end
+  end
+  if checked and held then
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    held = nil
+  elseif not checked and cur and cur['checked'] == true and not cur['deleted'] then
+    redis.call('HSET', KEYS[3], ARGV[1], raw)
+    held = cur
   end
 end
-if old and old ~= ARGV[4] then
-  -- the same hash tag as KEYS[2], so the same slot on a cluster
-  redis.call('PEXPIRE', ARGV[5] .. old, ARGV[6])
+-- content a record still refers to stays (with a timed list's expiry); the rest expires
+-- after the grace. All content keys share the hash tag: the same slot on a cluster.
+local kept = {}
+if not deleted and ARGV[4] ~= '' and changed == 1 then
+  kept[ARGV[4]] = true
 end
-return 1
+local refers = {}
+if newest then
+  table.insert(refers, newest)
+end
+if held then
+  table.insert(refers, held)
+end
+for _, rec in ipairs(refers) do
+  if not rec['deleted'] and rec['version'] and not kept[rec['version']] then
+    kept[rec['version']] = true
+    if rec['expires_ms'] then
+      redis.call('PEXPIREAT', ARGV[5] .. rec['version'], rec['expires_ms'] + tonumber(ARGV[6]))
+    else
+      redis.call('PERSIST', ARGV[5] .. rec['version'])
+    end
+  end
+end
+for version in pairs(before) do
+  if not kept[version] then
+    redis.call('PEXPIRE', ARGV[5] .. version, ARGV[6])
+  end
+end
+return changed
 """
 )
 """Fold one list command: compare-and-set on the entry id, like :data:`FOLD` for rules.
@@ -170,18 +254,21 @@ return 1
 The content of the version it replaces is not deleted but left to expire after a grace
 period, and the content it installs is kept (``PERSIST``): a re-import of an older version
 that is written before the fold of the version between them then still finds its content.
+The content of the held version (``{pushfw}:held-lists``, see :class:`Ledger`) is kept too.
 A host that reads a command whose content is gone finds a newer record in the ledger and
 skips it (:mod:`pushfw.worker.lists`)."""
 LIST_CONTENT_GRACE_MS = 3_600_000
 
 FORGET = """
--- KEYS: rules, tombs; ARGV: field, value, ...: delete each field that still holds that
--- value, with its tombstone index entry
+-- KEYS: rules (or lists, or a held hash), tombs where it indexes them; ARGV: field,
+-- value, ...: delete each field that still holds that value, with its tombstone index entry
 local n = 0
 for i = 1, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('ZREM', KEYS[2], ARGV[i])
+    if KEYS[2] then
+      redis.call('ZREM', KEYS[2], ARGV[i])
+    end
   end
 end
 return n
@@ -209,10 +296,15 @@ class Folded(NamedTuple):
     id: str
     json: bytes
     expires_ms: int | None
+    checked: bool = False
 
 
-def folded(entry: Entry, cmd: ParsedCommand, seen_ms: int, now_ms: int) -> Folded:
+def folded(
+    entry: Entry, cmd: ParsedCommand, seen_ms: int, now_ms: int, checked: bool = False
+) -> Folded:
     """The ledger state a command sets; an insert already past its expiry is a tombstone.
+
+    ``checked``: the folding worker verified the command's signature with its key.
 
     The JSON is :class:`RuleRecord`'s (``model_dump_json(exclude_defaults=True)``), written
     from a dict: a model per command cost the fold as much as the rest of it.
@@ -238,8 +330,14 @@ def folded(entry: Entry, cmd: ParsedCommand, seen_ms: int, now_ms: int) -> Folde
     signed = signed_fields(entry, _SIGNED)
     if signed:
         record["signed"] = signed
+        if checked:
+            record["checked"] = True
     return Folded(
-        rule_id(action, network), entry.id, to_json(record), None if deleted else expires_ms
+        rule_id(action, network),
+        entry.id,
+        to_json(record),
+        None if deleted else expires_ms,
+        checked and bool(signed),
     )
 
 
@@ -251,8 +349,10 @@ def record_for(entry: Entry, cmd: ParsedCommand, seen_ms: int, now_ms: int) -> R
 _LIST_SIGNED = frozenset(name.encode() for name in (*LIST_SIGNED_FIELDS, "sig"))
 
 
-def list_record_for(entry: Entry, cmd: ListCommand, seen_ms: int) -> ListRecord:
-    """The ledger state a list command sets."""
+def list_record_for(
+    entry: Entry, cmd: ListCommand, seen_ms: int, checked: bool = False
+) -> ListRecord:
+    """The ledger state a list command sets (``checked``: as for :func:`folded`)."""
     signed = signed_fields(entry, _LIST_SIGNED)
     return ListRecord(
         id=entry.id,
@@ -266,11 +366,16 @@ def list_record_for(entry: Entry, cmd: ListCommand, seen_ms: int) -> ListRecord:
         deleted=cmd.op.value == "list.delete",
         seen_ms=seen_ms if seen_ms != entry.ms else None,
         signed=signed,
+        checked=checked and bool(signed),
     )
 
 
 class Ledger:
-    """Folds the command stream into ``{pushfw}:rules`` and ``{pushfw}:expiry``."""
+    """Folds the command stream into ``{pushfw}:rules`` and ``{pushfw}:expiry``.
+
+    ``signing``: the folding worker's signature policy; with a key, the records of commands
+    whose signature it verifies are ``checked`` (their state is then held, see above).
+    """
 
     def __init__(
         self,
@@ -279,8 +384,10 @@ class Ledger:
         consumer: str,
         batch_size: int = 500,
         clock: Clock | None = None,
+        signing: Signing | None = None,
     ):
         self.client = client
+        self.signing = signing
         self.keys = keys
         self.consumer = consumer
         self.batch_size = batch_size
@@ -388,13 +495,11 @@ class Ledger:
                     record.id,
                     record.json,
                     "" if expires is None else str(expires),
+                    "1" if record.checked else "",
                 ]
             markers = [self.keys.ttl_marker(r.rule_id) for r in chunk]
-            changed += int(
-                self._fold(
-                    keys=[self.keys.rules, self.keys.expiry, self.keys.tombs, *markers], args=args
-                )
-            )
+            keys = [self.keys.rules, self.keys.expiry, self.keys.tombs, self.keys.held]
+            changed += int(self._fold(keys=[*keys, *markers], args=args))
         self.client.xack(self.keys.cmd, Keys.LEDGER_GROUP, *(e.id for e in entries))
         logger.debug(
             "ledger folded %d of %d entries, %d changed state", len(records), len(entries), changed
@@ -408,11 +513,11 @@ class Ledger:
             cmd = parse_list_command(entry.fields)
         except CommandRejected:
             return False
-        record = list_record_for(entry, cmd, seen_ms)
+        record = list_record_for(entry, cmd, seen_ms, self._verifies(entry, seen_ms))
         content = self.keys.list_content(cmd.name, cmd.version) if cmd.version else None
         return bool(
             self._fold_list(
-                keys=[self.keys.lists, content or self.keys.lists],
+                keys=[self.keys.lists, content or self.keys.lists, self.keys.held_lists],
                 args=[
                     cmd.name,
                     entry.id,
@@ -421,9 +526,22 @@ class Ledger:
                     self.keys.list_content(cmd.name, ""),
                     LIST_CONTENT_GRACE_MS,
                     "" if record.expires_ms is None else str(record.expires_ms),
+                    "1" if record.checked else "",
                 ],
             )
         )
+
+    def _verifies(self, entry: Entry, seen_ms: int) -> bool:
+        """Whether this worker holds the key and the entry's signature passes it."""
+        signing = self.signing
+        if signing is None or signing.key is None or not is_signed(entry.fields):
+            return False
+        assert entry.fields is not None
+        try:
+            signing.check(entry.fields, seen_ms)
+        except CommandRejected:
+            return False
+        return True
 
     def _record(self, entry: Entry, seen_ms: int, now_ms: int) -> Folded | None:
         """The state an entry sets; None for what every host refuses."""
@@ -435,7 +553,7 @@ class Ledger:
             return None
         if refused_by_every_host(cmd, entry.fields):
             return None
-        return folded(entry, cmd, seen_ms, now_ms)
+        return folded(entry, cmd, seen_ms, now_ms, self._verifies(entry, seen_ms))
 
     def catch_up(self, position: str) -> None:
         """Make the ledger hold every entry up to ``position`` before a host reconciles.
@@ -484,11 +602,24 @@ class Ledger:
             if raw is not None
         }
 
-    def forget(self, stale: Sequence[tuple[Any, Any]], of_lists: bool = False) -> int:
+    def held(self) -> dict[str, RuleRecord]:
+        """The held records (the newest verified state of rules whose newest command nobody
+        verified), by rule id."""
+        return {
+            (k.decode() if isinstance(k, bytes) else str(k)): RuleRecord.model_validate_json(v)
+            for k, v in self.client.hscan_iter(self.keys.held, count=1000)
+        }
+
+    def forget(
+        self, stale: Sequence[tuple[Any, Any]], of_lists: bool = False, held: bool = False
+    ) -> int:
         """Delete tombstones (field, raw value) that no fold replaced since they were read;
-        ``of_lists``: in ``{pushfw}:lists`` (which the tombstone index does not cover)."""
+        ``of_lists``: in ``{pushfw}:lists`` (which the tombstone index does not cover);
+        ``held``: held records (in ``{pushfw}:held``, or ``:held-lists`` with ``of_lists``)."""
         forgotten = 0
         where = [self.keys.lists if of_lists else self.keys.rules, self.keys.tombs]
+        if held:
+            where = [self.keys.held_lists if of_lists else self.keys.held]
         for start in range(0, len(stale), 1000):
             args = [part for pair in stale[start : start + 1000] for part in pair]
             forgotten += int(self._forget(keys=where, args=args))

@@ -39,6 +39,7 @@ from pushfw.producer.lists import (
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, BlockList
+from pushfw.worker.copies import ContentCopies
 from pushfw.worker.decide import (
     ListDecision,
     ListRequest,
@@ -47,6 +48,7 @@ from pushfw.worker.decide import (
     Report,
     Unload,
     decide_list,
+    decide_list_record,
     list_cover_refusal,
     refused_entries,
 )
@@ -78,17 +80,24 @@ class Held:
     id: str
 
 
-def read_records(client: redis.Redis, keys: Keys) -> dict[str, ListRecord]:
-    """Every list's ledger record (deleted ones too), by name; a record that does not
-    parse is left out with a warning (it is input, and one must not stop the others)."""
-    raw: Any = client.hgetall(keys.lists)
+def read_records(client: redis.Redis, keys: Keys, held: bool = False) -> dict[str, ListRecord]:
+    """Every list's ledger record (deleted ones too), by name; ``held``: the held records.
+
+    A record that does not parse, or names another list than its field, is left out with a
+    warning: it is input, and one must not stop the others."""
+    raw: Any = client.hgetall(keys.held_lists if held else keys.lists)
     records = {}
     for key, value in raw.items():
-        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        name = _text(key)
         try:
-            records[name] = ListRecord.model_validate_json(value)
+            record = ListRecord.model_validate_json(value)
         except ValueError as exc:
             logger.warning("list %r: ledger record left out, it does not parse: %s", name, exc)
+            continue
+        if record.name != name:
+            logger.warning("list %r: ledger record left out, it names list %r", name, record.name)
+            continue
+        records[name] = record
     return records
 
 
@@ -143,6 +152,8 @@ class ListKeeper:
         backend: the host's firewall.
         policy: the host's policy, the same the rules pass.
         kernel: wraps kernel work, as the applier's does (the expiry alarm waits for it).
+        copies: where a host with ``require_signature`` keeps the content it loads
+            (:mod:`pushfw.worker.copies`); None: nowhere.
     """
 
     def __init__(
@@ -152,7 +163,9 @@ class ListKeeper:
         backend: Backend,
         policy: Policy,
         kernel: Callable[[], AbstractContextManager[None]],
+        copies: ContentCopies | None = None,
     ) -> None:
+        self.copies = copies
         self.client = client
         self.keys = keys
         self.backend = backend
@@ -224,6 +237,8 @@ class ListKeeper:
             except BackendError as exc:
                 return _failed(exc)
             self.held.pop(name, None)
+            if self.copies is not None:
+                self.copies.drop(name)
             logger.info("list %s removed", name)
         self._removed[name] = entry_id
         status = decision.status
@@ -246,12 +261,34 @@ class ListKeeper:
                 Status.REJECTED,
                 f"the {self.backend.name} backend keeps no sets: lists need ipset or nftables",
             )
-        try:
-            content = read_content(self.client, self.keys, spec.name, spec.version, decision.size)
-        except ValueError as exc:
-            return Outcome(Status.REJECTED, f"content: {exc}")
+        content = self._read(spec, decision.size)
+        if isinstance(content, str):
+            return Outcome(Status.REJECTED, content)
         if content is None:
             return self._content_gone(spec, entry_id)
+        admitted = self._admit(spec, content)
+        if isinstance(admitted, str):
+            return Outcome(Status.REJECTED, admitted)
+        kept, refused = admitted
+        try:
+            changed, detail = self._change_kernel(spec, kept)
+        except BackendError as exc:
+            return _failed(exc)
+        if kept.size >= LARGE:
+            give_back_memory()
+        self.held[spec.name] = Held(spec, kept, len(refused), entry_id)
+        if self.copies is not None:
+            self.copies.save(spec.name, content)
+        self._removed.pop(spec.name, None)
+        if refused:
+            detail += f"; {plural(len(refused), 'entry', 'entries')} refused: {refused[0]}"
+            if len(refused) > 1:
+                detail += ", ..."
+        return Outcome(Status.APPLIED if changed else Status.UNCHANGED, detail)
+
+    def _admit(self, spec: BlockList, content: ListContent) -> tuple[ListContent, list[str]] | str:
+        """The gate for a list's entries: those this host may hold and why it leaves out the
+        others, or why it refuses the list as a whole (what it covers together)."""
         kept, refused = refused_entries(content, spec.action, self.policy)
         self.alive()
         others = (
@@ -261,22 +298,40 @@ class ListKeeper:
         )
         too_wide = list_cover_refusal(kept, spec.action, self.policy, others)
         if too_wide is not None:
-            return Outcome(Status.REJECTED, too_wide)
+            return too_wide
         for reason in refused[:3]:
             logger.warning("list %s: left out %s", spec.name, reason)
+        return kept, refused
+
+    def _read(self, spec: BlockList, size: int) -> ListContent | str | None:
+        """The version's content, from Redis or else this host's copy (None: gone; a str:
+        why what Redis holds is refused)."""
         try:
-            changed, detail = self._change_kernel(spec, kept)
-        except BackendError as exc:
-            return _failed(exc)
-        if kept.size >= LARGE:
-            give_back_memory()
-        self.held[spec.name] = Held(spec, kept, len(refused), entry_id)
-        self._removed.pop(spec.name, None)
-        if refused:
-            detail += f"; {plural(len(refused), 'entry', 'entries')} refused: {refused[0]}"
-            if len(refused) > 1:
-                detail += ", ..."
-        return Outcome(Status.APPLIED if changed else Status.UNCHANGED, detail)
+            content = read_content(self.client, self.keys, spec.name, spec.version, size)
+        except ValueError as exc:
+            return self._copy(spec, f"is refused ({exc})") or f"content: {exc}"
+        return content if content is not None else self._copy(spec, "is gone from Redis")
+
+    def _copy(self, spec: BlockList, why: str) -> ListContent | None:
+        """This host's copy of the version, written back to Redis (None: no copy)."""
+        if self.copies is None:
+            return None
+        content = self.copies.load(spec.name, spec.version)
+        if content is not None:
+            logger.warning(
+                "list %s: version %s %s: loaded this host's copy, stored it again",
+                spec.name,
+                spec.version,
+                why,
+            )
+            self.client.set(self.keys.list_content(spec.name, spec.version), content.to_bytes())
+        return content
+
+    def _keep_in_redis(self, spec: BlockList) -> None:
+        """Write this host's copy back if the content left Redis: for hosts joining later."""
+        key = self.keys.list_content(spec.name, spec.version)
+        if self.copies is not None and not self.client.exists(key):
+            self._copy(spec, "is gone from Redis")
 
     def _change_kernel(self, spec: BlockList, kept: ListContent) -> tuple[bool, str]:
         """Make the kernel hold ``kept`` as ``spec``; whether that changed it, and how."""
@@ -333,10 +388,14 @@ class ListKeeper:
         wanted: set[str] = set()
         in_kernel = self._kernel_names()
         present = in_kernel | set(self.held)
-        for name, record in read_records(self.client, self.keys).items():
-            request = ListRequest.from_record(record) if record.name == name else None
-            decision = None if request is None else decide_list(request, self.policy, now_ms)
-            if decision is None or isinstance(decision, Report):
+        records = read_records(self.client, self.keys)
+        verified = (
+            read_records(self.client, self.keys, held=True) if self.policy.signing.required else {}
+        )
+        for name in sorted(records.keys() | verified.keys()):
+            found = decide_list_record(records.get(name), verified.get(name), self.policy, now_ms)
+            request, decision = found if found is not None else (None, None)
+            if request is None or decision is None or isinstance(decision, Report):
                 if name in present:
                     wanted.add(name)  # held: a record this host refuses changes nothing here
                 continue
@@ -345,12 +404,13 @@ class ListKeeper:
                 held = self.held.get(name)
                 if (
                     held is not None
-                    and (held.spec, held.id) == (decision.list, record.id)
+                    and (held.spec, held.id) == (decision.list, request.id)
                     and name in in_kernel  # not gone in a hand flush
                 ):
+                    self._keep_in_redis(decision.list)
                     continue
                 self.held.pop(name, None)  # the kernel may hold anything: load it whole
-                self._guarded(name, partial(self._load, decision, record.id))
+                self._guarded(name, partial(self._load, decision, request.id))
         if remove_extras:
             for name in present - wanted:
                 self._unload(Unload(name), self._removed.get(name, "0-0"))

@@ -4,18 +4,31 @@
 ``logger``, ``message``, every ``extra=`` field of the call and, for an exception, ``exc``.
 Both formats scrub the secrets they are given (the Redis password, secret settings) from
 the finished line, so no code path can leak one by logging a URL or an error text.
+
+Under systemd, when stderr is the journal's stream (``JOURNAL_STREAM`` names it, see
+systemd.exec(5)), each line starts with its syslog priority, ``<4>`` for a warning
+(sd-daemon(3)): journald takes the record's severity from it, so ``journalctl -p warning``
+finds the worker's warnings. Anywhere else a line has no prefix.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "setup"]
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "error_line",
+    "journal_stream",
+    "setup",
+    "syslog_priority",
+]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(
@@ -28,18 +41,61 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    for floor, priority in _PRIORITIES:
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+def journal_stream(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journald stream systemd connected (``JOURNAL_STREAM`` holds
+    its ``device:inode``): a variable inherited by a process whose stderr went elsewhere
+    (a redirect, a pipe to another program) does not count."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # closed, or no descriptor (io.UnsupportedOperation)
+        return False
+    return (found.st_dev, found.st_ino) == (int(device), int(inode))
+
+
+def error_line(text: str) -> str:
+    """``text`` for stderr as an error: with journald's ``<3>`` when stderr is the journal
+    (the one-line failures a process prints before or instead of logging)."""
+    return f"<{syslog_priority(logging.ERROR)}>{text}" if journal_stream(sys.stderr) else text
+
+
 class _Scrubbing(logging.Formatter):
-    def __init__(self, secrets: Iterable[str] = (), fmt: str | None = None) -> None:
+    def __init__(
+        self, secrets: Iterable[str] = (), fmt: str | None = None, journal: bool = False
+    ) -> None:
         super().__init__(fmt)
         found = [s for s in secrets if s]
         # A secret inside a JSON string may appear escaped; scrub that spelling too.
         found += [json.dumps(s, ensure_ascii=False)[1:-1] for s in found]
         self._secrets = sorted(set(found), key=len, reverse=True)
+        self._journal = journal
 
     def scrub(self, line: str) -> str:
         for secret in self._secrets:
             line = line.replace(secret, _MASK)
         return line
+
+    def finish(self, text: str, record: logging.LogRecord) -> str:
+        """``text`` scrubbed and, for journald, each of its lines with the record's priority
+        (a text traceback's lines too: journald reads the prefix line by line)."""
+        text = self.scrub(text)
+        if not self._journal:
+            return text
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.split("\n"))
 
 
 class JsonFormatter(_Scrubbing):
@@ -56,14 +112,14 @@ class JsonFormatter(_Scrubbing):
             doc.setdefault(key, value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return self.scrub(json.dumps(doc, default=str, ensure_ascii=False))
+        return self.finish(json.dumps(doc, default=str, ensure_ascii=False), record)
 
 
 class TextFormatter(_Scrubbing):
     """``time LEVEL logger: message key=value ...`` for a terminal."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        super().__init__(secrets, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, secrets: Iterable[str] = (), journal: bool = False) -> None:
+        super().__init__(secrets, "%(asctime)s %(levelname)s %(name)s: %(message)s", journal)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         extras = _extras(record)
@@ -71,7 +127,7 @@ class TextFormatter(_Scrubbing):
         return line + "".join(f" {k}={v}" for k, v in extras.items())
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.scrub(super().format(record))
+        return self.finish(super().format(record), record)
 
 
 def setup(
@@ -79,12 +135,16 @@ def setup(
     verbose: bool = False,
     secrets: Iterable[str] = (),
 ) -> None:
-    """Send every record to stderr in ``log_format`` (``auto``: JSON unless a terminal).
+    """Send every record to stderr in ``log_format`` (``auto``: JSON unless a terminal),
+    with its syslog priority first when stderr is the journal's stream.
 
     ``verbose`` turns on DEBUG for pushfw's own loggers only; libraries stay at INFO.
     """
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    journal = journal_stream(sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(secrets) if use_json else TextFormatter(secrets))
+    handler.setFormatter(
+        JsonFormatter(secrets, journal=journal) if use_json else TextFormatter(secrets, journal)
+    )
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("pushfw").setLevel(logging.DEBUG if verbose else logging.INFO)

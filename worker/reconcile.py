@@ -11,16 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 from pushfw.producer.contract import Action
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex, unpacked
-from pushfw.worker.decide import Add, Delete, Policy, decide, request_from_record
+from pushfw.worker.decide import Add, Delete, Policy, decide_record
 from pushfw.worker.errors import BackendError, TransientBackendError
 
 logger = logging.getLogger(__name__)
@@ -64,21 +64,36 @@ class Desired:
     held: frozenset[RuleKey]
 
 
-def desired_rules(records: Iterable[RuleRecord], policy: Policy, now_ms: int) -> Desired:
-    """Ask the gate about every record: reconcile installs only what the stream path would."""
+def desired_rules(
+    records: Iterable[RuleRecord],
+    policy: Policy,
+    now_ms: int,
+    verified: Mapping[str, RuleRecord] | None = None,
+) -> Desired:
+    """Ask the gate about every record: reconcile installs only what the stream path would.
+
+    ``verified``: the ledger's held records by rule id, the state a host with
+    ``require_signature`` takes where it refuses the newest record
+    (:func:`~pushfw.worker.decide.decide_record`).
+    """
     present, absent = RuleIndex(), RuleIndex()
     held: set[RuleKey] = set()
-    for record in records:
-        request = request_from_record(record)
-        if request is None:
-            continue
-        decision = decide(request, policy, now_ms)
-        if isinstance(decision, Add):
-            present[decision.rule.key] = decision.rule
-        elif isinstance(decision, Delete):
-            absent[decision.key] = Rule(decision.key, None)
+    unmet = dict(verified or {})
+    for record in chain(records, [None]):
+        if record is None:  # then the held records of rules the ledger forgot
+            decided = [decide_record(None, r, policy, now_ms) for r in unmet.values()]
         else:
-            held.add(request.key)
+            decided = [decide_record(record, unmet.pop(record.rule_id, None), policy, now_ms)]
+        for found in decided:
+            if found is None:
+                continue
+            key, decision = found
+            if isinstance(decision, Add):
+                present[decision.rule.key] = decision.rule
+            elif isinstance(decision, Delete):
+                absent[decision.key] = Rule(decision.key, None)
+            else:
+                held.add(key)
     return Desired(present, absent, frozenset(held))
 
 

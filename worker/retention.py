@@ -9,7 +9,8 @@ reconciles from the ledger. One silent for longer than ``retire_after_s`` is ret
 group and heartbeat are removed (``pushfw hosts forget`` does it by hand). Tombstones
 older than the trim point can go: no entry that could resurrect them is left. They are
 found in ``{pushfw}:tombs``, which the ledger's scripts keep, so a trim reads only what it
-removes, never the whole ledger; removed and expired named lists are forgotten the same way.
+removes, never the whole ledger; removed and expired named lists are forgotten the same way,
+and held records (:mod:`pushfw.worker.ledger`) once they have expired.
 """
 
 from __future__ import annotations
@@ -160,6 +161,25 @@ def _forget_list_tombstones(ledger: Ledger, limit: tuple[int, int]) -> int:
     return ledger.forget(stale, of_lists=True) if stale else 0
 
 
+def _forget_expired_held(ledger: Ledger, now_ms: int) -> int:
+    """Forget held records whose expiry has passed: no host holds them any longer. Held
+    records are few (a rule or list whose newest command nobody verified)."""
+    forgotten = 0
+    for of_lists, where, model in (
+        (False, ledger.keys.held, RuleRecord),
+        (True, ledger.keys.held_lists, ListRecord),
+    ):
+        stale = []
+        raw: Any = ledger.client.hgetall(where)
+        for field, value in raw.items():
+            expires_ms = model.model_validate_json(value).expires_ms
+            if expires_ms is not None and expires_ms < now_ms:
+                stale.append((field, value))
+        if stale:
+            forgotten += ledger.forget(stale, of_lists=of_lists, held=True)
+    return forgotten
+
+
 def trim(
     ledger: Ledger,
     now_ms: int,
@@ -178,6 +198,7 @@ def trim(
     limit = stream_id_order(minid)
     _index_tombstones(ledger)
     forgotten = _forget_tombstones(ledger, limit) + _forget_list_tombstones(ledger, limit)
+    forgotten += _forget_expired_held(ledger, now_ms)
     if client.hlen(keys.seen):  # only entries with ids ahead of Redis's clock: rare
         stamps = client.hscan_iter(keys.seen, count=_PAGE)
         old_stamps = [f for f, _ in stamps if _before(f, limit)]

@@ -234,7 +234,8 @@ class WorkerSettings(BaseSettings):
     state_dir: str = Field(
         default="/var/lib/pushfw",
         description="where the worker remembers the ledger generation it converged with, "
-        "and a follower its position in the stream (the unit's `StateDirectory=`)",
+        "a follower its position in the stream, and a host with `require_signature` a copy "
+        "of the content of each list it holds (the unit's `StateDirectory=`)",
     )
     batch_size: int = Field(
         default=500,

@@ -19,6 +19,11 @@ from pushfw.producer.keys import Keys
 from pushfw.producer.wire import ParsedCommand, read_command
 
 
+class GroupGone(redis.ResponseError):
+    """``NOGROUP``: the command stream is gone with this host's group (Redis lost its data),
+    so the worker's loop sets up again as it does when its group vanished."""
+
+
 class Entry(NamedTuple):
     """One stream entry; ``fields`` is ``None`` when the entry was trimmed while pending.
 
@@ -50,6 +55,18 @@ local function newer(a, b)
 end
 """
 """Lua helpers for scripts that compare entry ids: ``parse(id)`` and ``newer(a, b)``."""
+
+
+_U64 = 1 << 64
+
+
+def is_entry_id(text: str) -> bool:
+    """Whether ``text`` is a stream entry id as ``XREAD`` takes it: ``<ms>-<seq>`` or ``<ms>``."""
+    ms, dash, seq = text.partition("-")
+    seq = seq if dash else "0"
+    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return False
+    return len(ms) <= 20 and len(seq) <= 20 and int(ms) < _U64 and int(seq) < _U64
 
 
 def stream_id_order(entry_id: str) -> tuple[int, int]:
@@ -125,9 +142,13 @@ class CommandStream:
 
         https://redis.io/commands/xreadgroup/
         """
-        reply: Any = self.client.xreadgroup(
-            self.group, self.consumer, {self.keys.cmd: start}, count=count, block=block_ms
-        )
+        try:
+            reply: Any = self.client.xreadgroup(
+                self.group, self.consumer, {self.keys.cmd: start}, count=count, block=block_ms
+            )
+        except redis.ResponseError as exc:  # a blocked read the stream's deletion ended, too
+            self._raise_if_gone(exc)
+            raise
         if not reply:
             return []
         return entries_from_reply(reply[0][1])
@@ -198,13 +219,23 @@ class CommandStream:
 
         https://redis.io/commands/xinfo-groups/
         """
-        rows: Any = self.client.xinfo_groups(self.keys.cmd)
+        try:
+            rows: Any = self.client.xinfo_groups(self.keys.cmd)
+        except redis.ResponseError as exc:
+            self._raise_if_gone(exc)
+            raise
         for row in rows:
             name = row["name"].decode() if isinstance(row["name"], bytes) else str(row["name"])
             if name == self.group:
                 last = row["last-delivered-id"]
                 return last.decode() if isinstance(last, bytes) else str(last)
         return "0-0"
+
+    def _raise_if_gone(self, exc: redis.ResponseError) -> None:
+        """:class:`GroupGone` if the stream no longer exists (told by asking Redis, not by
+        the error's text)."""
+        if not self.client.exists(self.keys.cmd):
+            raise GroupGone(f"NOGROUP {self.keys.cmd} is gone (Redis lost its data?)") from exc
 
     def progress(self) -> tuple[int | None, int]:
         """The group's lag (None if Redis cannot tell) and pending entries, for the heartbeat.

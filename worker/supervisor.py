@@ -18,10 +18,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import redis
+
 from pushfw.producer.records import RoleState
 from pushfw.worker.backoff import Backoff
 
-__all__ = ["ROLES", "RoleHealth", "Supervisor", "clock_text"]
+__all__ = ["OUTAGES", "ROLES", "RoleHealth", "Supervisor", "clock_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ ROLES = (
     "scheduler",
     "hits",
 )
+OUTAGES = (redis.ConnectionError, redis.TimeoutError)
+"""Redis unreachable or frozen: expected in a fleet's life, a WARNING without a traceback
+(tracebacks are for the unexpected)."""
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -77,7 +82,15 @@ class RoleHealth:
             self.retry_at = time.monotonic() + delay
         if self._counted is not None:
             self._counted(self.role)
-        if first or changed:
+        if isinstance(exc, OUTAGES):
+            if first:  # the outage's own message changes (refused, timed out): said once
+                logger.warning(
+                    "%s: redis unavailable (%s); retrying with backoff",
+                    self.role,
+                    error,
+                    extra={"role": self.role},
+                )
+        elif first or changed:
             logger.error(
                 "%s failed (%s); the other roles go on, retrying with backoff",
                 self.role,

@@ -46,7 +46,15 @@ Options (all strings, as fail2ban passes them):
                    must be built with the Python version fail2ban runs on
     client         auto (default): pushfw's producer client if importable, else redis-py;
                    pushfw, or redis, to insist on one
-    redis_timeout  seconds to wait for Redis per command (default 5)
+    redis_timeout  seconds to wait for Redis per command (default 1)
+    redis_retry_s  after Redis failed, how long to leave it alone before trying again
+                   (default 10, doubling up to 300 while it stays away)
+
+pushfw never holds fail2ban up: after Redis failed once (unreachable, or frozen past
+redis_timeout), the action stops calling it (a circuit breaker). It logs one warning, holds
+the commands of the bans and unbans meanwhile (up to 100,000, in order; a ban whose time is
+over by then is dropped), returns at once so the jail's own actions go on, and a thread of
+its own sends what it holds once Redis answers again, saying so in one line.
 
 Signing: PUSHFW_HMAC_KEY in fail2ban's environment (e.g. a systemd drop-in with
 ``EnvironmentFile=``) signs every command, as the pushfw CLI does.
@@ -61,7 +69,11 @@ import math
 import os
 import site
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,7 +87,8 @@ DEFAULTS = {
     "unban_on_stop": "false",
     "python_path": "",
     "client": "auto",
-    "redis_timeout": "5",
+    "redis_timeout": "1",
+    "redis_retry_s": "10",
 }
 # What fail2ban's banaction interface (jail.conf's action_ and friends) passes to every
 # action; meaningless here, so accepted without a warning.
@@ -84,6 +97,8 @@ BANACTION_OPTIONS = frozenset(
 )
 MAX_TTL_S = 10 * 365 * 24 * 3600  # the wire format's bound on ttl
 SIGNED_FIELDS = ("op", "ip", "ttl", "target", "reason", "request_id", "origin", "ts")
+MAX_HELD = 100_000  # commands held while Redis is away; the oldest go first past it
+MAX_RETRY_S = 300.0
 
 
 def _flag(name: str, value: str) -> bool:
@@ -137,6 +152,11 @@ class Sender(Protocol):
     """One way of putting a command into the stream."""
 
     name: str
+    outages: tuple[type[BaseException], ...]
+    """Errors that mean Redis cannot be reached now (they open the breaker)."""
+
+    def check(self, op: str, ip: str) -> None:
+        """Raise ValueError if the command is invalid: nothing is sent, nor held."""
 
     def send(self, op: str, ip: str, ttl_s: int | None) -> str: ...
 
@@ -153,15 +173,27 @@ class ProducerSender:
     def __init__(
         self, url: str, prefix: str, target: tuple[str, ...], reason: str, timeout_s: float
     ) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         from pushfw.producer import Producer, parse_command
         from pushfw.producer.connection import connect
 
-        client = connect(
-            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        self.outages: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+        client = connect(  # no retries: the breaker is the retry
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         self._producer = Producer(client, prefix, os.environ.get("PUSHFW_HMAC_KEY") or None)
         self._parse = parse_command
         self._target, self._reason = target, reason
+
+    def check(self, op: str, ip: str) -> None:
+        self._parse(wire_fields(op, ip, None, self._target, self._reason))
 
     def send(self, op: str, ip: str, ttl_s: int | None) -> str:
         fields = wire_fields(op, ip, ttl_s, self._target, self._reason)
@@ -189,21 +221,24 @@ class RedisSender:
         self, url: str, prefix: str, target: tuple[str, ...], reason: str, timeout_s: float
     ) -> None:
         import redis
-        from redis.backoff import ExponentialBackoff
+        from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self._client = redis.Redis.from_url(
+        self.outages: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+        self._client = redis.Redis.from_url(  # no retries: the breaker is the retry
             url,
             decode_responses=True,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            retry=Retry(NoBackoff(), 0),
         )
         self._stream = f"{prefix}:cmd"
         self._target, self._reason = target, reason
         key = os.environ.get("PUSHFW_HMAC_KEY")
         self._key = key.encode("utf-8") if key else None
+
+    def check(self, op: str, ip: str) -> None:
+        ipaddress.ip_network(ip, strict=True)
 
     def send(self, op: str, ip: str, ttl_s: int | None) -> str:
         ipaddress.ip_network(ip, strict=True)  # ValueError: nothing is sent
@@ -244,6 +279,159 @@ def make_sender(
         ) from exc
 
 
+@dataclass(frozen=True)
+class Command:
+    """One command for pushfw; a ban's ttl is what is left of it when it is sent."""
+
+    op: str
+    ip: str
+    ban_time_s: int | None = None
+    since: float = 0.0
+
+    def ttl_s(self, now: float) -> int | None:
+        if self.ban_time_s is None:
+            return None
+        return remaining_s(self.ban_time_s, self.since, now)
+
+
+class Breaker:
+    """After Redis failed, leave it alone for a while: fail2ban's own actions never wait.
+
+    While open, commands are held in order and a thread of its own sends them once Redis
+    answers (trying after ``retry_s``, doubling up to :data:`MAX_RETRY_S`); only then does
+    it close, so nothing sent later overtakes what it holds.
+
+    Args:
+        deliver: sends one command (raises what ``is_outage`` tells apart when Redis is away).
+        probe: asks Redis whether it answers (raises like ``deliver``).
+        is_outage: whether an error means Redis cannot be reached now.
+        log: fail2ban's logger for this action.
+        label: the jail's name, for the log lines.
+        retry_s: the first wait before trying Redis again.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[Command], None],
+        probe: Callable[[], object],
+        is_outage: Callable[[BaseException], bool],
+        log: Any,
+        label: str,
+        retry_s: float,
+    ) -> None:
+        self._deliver, self._probe, self._is_outage = deliver, probe, is_outage
+        self._log, self._label = log, label
+        self.retry_s = retry_s
+        self._held: deque[Command] = deque()
+        self._lost = 0
+        self._open = False
+        self._since = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def hold(self, command: Command) -> bool:
+        """Hold ``command`` while open (True); False: closed, the caller sends it."""
+        with self._lock:
+            if not self._open:
+                return False
+            self._keep(command)
+            return True
+
+    def trip(self, exc: BaseException, command: Command | None = None) -> None:
+        """Redis failed on ``command`` (held for later): open, and say so once."""
+        with self._lock:
+            if command is not None:
+                self._keep(command)
+            if self._open:
+                return
+            self._open, self._since = True, time.monotonic()
+            self._stop.clear()
+        self._log.warning(
+            "[%s] pushfw action: Redis does not answer (%s): the jail's bans go on here; "
+            "pushfw's are held and sent once it answers (tried again in %g s)",
+            self._label,
+            str(exc) or type(exc).__name__,
+            self.retry_s,
+        )
+        self._thread = threading.Thread(
+            target=self._recover, name=f"pushfw-{self._label}", daemon=True
+        )
+        self._thread.start()
+
+    def _keep(self, command: Command) -> None:
+        if len(self._held) >= MAX_HELD:
+            self._held.popleft()
+            self._lost += 1
+        self._held.append(command)
+
+    def _recover(self) -> None:
+        delay = self.retry_s
+        while not self._stop.wait(delay):
+            try:
+                self._probe()
+                sent = self._send_held()
+            except Exception as exc:  # whatever it is, the breaker must not die open
+                if not self._is_outage(exc):
+                    self._log.error("[%s] pushfw action: Redis: %s", self._label, exc)
+                delay = min(delay * 2, MAX_RETRY_S)
+                continue
+            with self._lock:
+                lost, self._lost = self._lost, 0
+            self._log.info(
+                "[%s] pushfw action: Redis answers again after %.1f s: sent the %d command(s) "
+                "held meanwhile%s",
+                self._label,
+                time.monotonic() - self._since,
+                sent,
+                f" ({lost} more were dropped: over {MAX_HELD} held)" if lost else "",
+            )
+            return
+
+    def _send_held(self) -> int:
+        """Send every held command in order, then close; raises an outage's error."""
+        sent = 0
+        while True:
+            with self._lock:
+                if not self._held:
+                    self._open = False
+                    return sent
+                command = self._held[0]
+            try:
+                self._deliver(command)
+                sent += 1
+            except Exception as exc:
+                if self._is_outage(exc):
+                    raise
+                self._log.error(
+                    "[%s] pushfw action: %s %s not sent: %s",
+                    self._label,
+                    command.op,
+                    command.ip,
+                    exc,
+                )
+            with self._lock:
+                if self._held and self._held[0] is command:  # close() may have emptied it
+                    self._held.popleft()
+
+    def close(self) -> None:
+        """The action stops: what is still held is not sent (said so)."""
+        self._stop.set()
+        with self._lock:
+            held, self._held, self._open = len(self._held), deque(), False
+        if held:
+            self._log.warning(
+                "[%s] pushfw action: stopping while Redis does not answer: %d command(s) "
+                "held for pushfw were not sent",
+                self._label,
+                held,
+            )
+
+
 def _targets(value: str) -> tuple[str, ...]:
     names = tuple(filter(None, (t.strip() for t in value.split(","))))
     return () if names in ((), ("*",)) else names
@@ -257,6 +445,14 @@ class Action(ActionBase):  # type: ignore[misc]
         self._sender: Sender | None = None
         self._unban_on_stop = False
         self._broken = ""
+        self._breaker = Breaker(
+            self._deliver,
+            lambda: self.sender.ping(),
+            self._is_outage,
+            self._logSys,
+            jail.name,
+            float(DEFAULTS["redis_retry_s"]),
+        )
         self._configure(options)
 
     def _configure(self, options: dict[str, str]) -> None:
@@ -280,6 +476,10 @@ class Action(ActionBase):  # type: ignore[misc]
         opts = {**DEFAULTS, **{k: v for k, v in environ.items() if v}}
         opts.update((k, str(v)) for k, v in options.items())
         self._unban_on_stop = _flag("unban_on_stop", opts["unban_on_stop"])
+        retry_s = float(opts["redis_retry_s"])
+        if not 0 < retry_s <= MAX_RETRY_S:
+            raise ValueError(f"redis_retry_s = {retry_s:g}: say a number of seconds up to 300")
+        self._breaker.retry_s = retry_s
         add_python_path(opts["python_path"])
         sender = make_sender(
             opts["client"].strip().lower(),
@@ -302,22 +502,50 @@ class Action(ActionBase):  # type: ignore[misc]
     def start(self) -> None:
         if self._broken:
             return
+        if self._breaker.is_open:
+            return
         try:
             self.sender.ping()
             self._logSys.info("pushfw action: Redis answers (client %s)", self.sender.name)
-        except Exception as exc:  # fail2ban keeps the jail; every ban will retry Redis
-            self._logSys.warning("pushfw action: Redis does not answer yet: %s", exc)
+        except Exception as exc:  # fail2ban keeps the jail; the breaker tries Redis again
+            if not self._is_outage(exc):
+                self._logSys.warning("pushfw action: Redis does not answer yet: %s", exc)
+                return
+            self._breaker.trip(exc)
 
     def stop(self) -> None:
+        self._breaker.close()
         if self._sender is not None:
             self._sender.close()
 
-    def ban(self, aInfo: Any) -> None:
-        ttl_s = remaining_s(int(aInfo["bantime"]), float(aInfo["time"]), MyTime.time())
+    def _send(self, command: Command) -> None:
+        """Send now, or hold while the breaker is open; an invalid command raises."""
+        sender = self.sender
+        sender.check(command.op, command.ip)
+        if self._breaker.hold(command):
+            return
+        try:
+            self._deliver(command)
+        except Exception as exc:
+            if not self._is_outage(exc):
+                raise
+            self._breaker.trip(exc, command)
+
+    def _deliver(self, command: Command) -> None:
+        ttl_s = command.ttl_s(MyTime.time())
         if ttl_s == 0:
+            return  # the ban is over: its drop would end at once
+        self.sender.send(command.op, command.ip, ttl_s)
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        return self._sender is not None and isinstance(exc, self._sender.outages)
+
+    def ban(self, aInfo: Any) -> None:
+        ban_time_s, since = int(aInfo["bantime"]), float(aInfo["time"])
+        if remaining_s(ban_time_s, since, MyTime.time()) == 0:
             self._logSys.info("pushfw action: the ban of %s is over already", aInfo["ip"])
             return
-        self.sender.send("drop.insert", str(aInfo["ip"]), ttl_s)
+        self._send(Command("drop.insert", str(aInfo["ip"]), ban_time_s, since))
 
     def reban(self, aInfo: Any) -> None:
         self.ban(aInfo)
@@ -335,7 +563,7 @@ class Action(ActionBase):  # type: ignore[misc]
                 return
         elif remaining_s(int(aInfo["bantime"]), float(aInfo["time"]), MyTime.time()) == 0:
             return  # over: the ttl ended it in pushfw; a delete could end a newer ban
-        self.sender.send("drop.delete", str(aInfo["ip"]), None)
+        self._send(Command("drop.delete", str(aInfo["ip"])))
 
     def flush(self) -> bool:
         """fail2ban's flush (on stop, on "unban --all", when a reload drops this action):
