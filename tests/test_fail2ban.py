@@ -27,6 +27,7 @@ from typing import Any, cast
 import pytest
 import redis
 
+from testbed.env import clean_env
 from testbed.fail2ban import Fail2banServer, write_fail2ban_conf
 from tests.conftest import RedisServer, need
 from tests.test_applier import key, make_worker, results_by_cmd
@@ -297,7 +298,7 @@ def running_fail2ban(
             venv=sys.prefix,
             **values,
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")} | env
+        env = clean_env() | env
         server = Fail2ban(tmp, env=env)
         try:
             server.start(names)

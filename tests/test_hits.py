@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pushfw.worker.backends.base import Rule, RuleKey
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.hits import EVERY_BEATS, HitsReader, busiest, publish_hits, totals
 from pushfw.worker.metrics import Metrics
+from testbed.env import clean_env
 from tests.conftest import Netns, RedisServer, wait_for
 from tests.kernel import Firewall, veth
 
@@ -52,12 +52,11 @@ def key(action: str, net: str) -> RuleKey:
 
 def list_hits(server: RedisServer, *args: str) -> subprocess.CompletedProcess[str]:
     """``pushfw list --hits ARGS`` as an operator runs it."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
     return subprocess.run(
         [*PUSHFW, "--redis-url", server.url, "list", "--hits", *args],
         capture_output=True,
         text=True,
-        env=clean,
+        env=clean_env(),
         timeout=30,
         check=True,
     )
