@@ -1,6 +1,8 @@
 """The throwaway world the tests and the benchmarks run in, one definition for both.
 
 A redis-server of the run's own on a free port (:mod:`testbed.redis_server`) and network
-namespaces it creates and always deletes (:mod:`testbed.netns`). ``tests/conftest.py``
+namespaces it creates and always deletes (:mod:`testbed.netns`), workers running in them
+(:mod:`testbed.worker`) with an environment of their own (:mod:`testbed.env`), and the
+firewall read back as an operator reads it (:mod:`testbed.kernel`). ``tests/conftest.py``
 wraps them in fixtures; ``bench/env.py`` in the benchmark's environment.
 """

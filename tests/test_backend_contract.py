@@ -9,7 +9,7 @@ included), :meth:`Backend.open` may be called again and re-reads the kernel, and
 A kernel backend must run inside the network namespace it manages, so each test writes a
 SCRIPT of steps and this module runs it as ``python -m tests.test_backend_contract SPEC``
 under ``ip netns exec``; the ``kernel`` step reads the namespace's firewall with
-:class:`tests.kernel.Firewall` at that point of the script. The memory backend runs the same
+:class:`testbed.kernel.Firewall` at that point of the script. The memory backend runs the same
 scripts in the test process; it has no kernel, so its ``kernel`` steps answer None.
 """
 
@@ -99,7 +99,7 @@ class _Driver:
         if self.netns is None:
             return None  # the memory backend has no kernel
         if verb == "flush":  # every managed rule removed by hand
-            from tests.kernel import Firewall
+            from testbed.kernel import Firewall
 
             Firewall(Netns(self.netns), self.name).flush()
             return None
@@ -148,7 +148,7 @@ def kernel_view(ns: Netns, backend: str, dump: bool = False) -> Any:
     """The managed rules the kernel holds, as a ``snapshot`` step lists them, and how many
     kernel entries hold them (a duplicate entry shows as more entries than rules); with
     ``dump``, the whole firewall as text instead."""
-    from tests.kernel import Firewall, chain_rules
+    from testbed.kernel import Firewall, chain_rules
 
     fw = Firewall(ns, backend)
     if dump:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from testbed.kernel import ipset_list_entries, nft_list_entries
 from tests.conftest import Netns, wait_for
-from tests.kernel import ipset_list_entries, nft_list_entries
 from tests.test_backend_contract import ROOT, Script, Subject, _backend_step, _build, _subject_for
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 

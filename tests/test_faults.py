@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
+from testbed.kernel import Firewall, chain_rules
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
-from tests.kernel import Firewall, chain_rules
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"

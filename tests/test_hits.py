@@ -28,8 +28,8 @@ from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.hits import EVERY_BEATS, HitsReader, busiest, publish_hits, totals
 from pushfw.worker.metrics import Metrics
 from testbed.env import clean_env
+from testbed.kernel import Firewall, veth
 from tests.conftest import Netns, RedisServer, wait_for
-from tests.kernel import Firewall, veth
 
 SERVER_IP = "10.214.0.1"
 CLIENT_IP = "10.214.0.2"

@@ -8,7 +8,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from tests.conftest import Netns
+from testbed.netns import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
