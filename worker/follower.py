@@ -20,6 +20,11 @@ The position plays the part of the group's pending list:
   the stream was trimmed past (the host was silent longer than ``host_expiry_s``), or that
   the stream no longer reaches (Redis lost its data), is dropped: the host starts at the
   stream's head from the ledger, as a new host does.
+- Only entries the primary generated are carried out (ACLs are not replicated: a replica
+  may let others write). A batch read on the replica that reaches past the primary's newest
+  id or its count of entries ever added (its ``XINFO STREAM``, asked only then) is dropped,
+  and the host reads on the primary as it does while the replica is down, until a probe
+  finds the replica holding nothing the primary lacks.
 
 The file is not fsynced: it matters only while the kernel's rules do, and they do not
 survive the power loss that could lose an unsynced write; after a reboot the host
