@@ -25,6 +25,7 @@ from pushfw.worker.follower import SavedPosition
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.stream import redis_now_ms, stream_id_order
 from testbed.redis_server import free_port
 from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
 from tests.daemon import cli, worker_env
@@ -555,5 +556,45 @@ def test_an_entry_only_the_replica_holds_is_never_applied_and_read_around(
         assert sum("cannot be read" in m for m in messages) == 1
     finally:
         r.config_set("repl-diskless-sync-delay", delay)
+        writer.close()
+        replica.stop()
+
+
+def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
+    r: Any, redis_server: RedisServer, producer: Producer, tmp_path, monkeypatch
+):
+    """The primary generated a newer entry after the forged one, so the forged entry's id
+    alone does not give it away; the replica's count of entries ever added does. A follower
+    that starts reads on the primary, even one entry per batch."""
+    monkeypatch.setattr("pushfw.worker.follower._REPLICA_WAIT_S", 0.2)
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
+    replica.workdir.mkdir()
+    replica.start()
+    writer: Any = redis.Redis.from_url(replica.url)
+    try:
+        wait_for(lambda: in_sync(replica), 20, "the replica to sync")
+        kernel = MemoryBackend()  # what the second worker finds, as after a restart
+        first = follower(redis_server, replica, tmp_path, kernel, batch_size=1)
+        first.setup()
+        producer.drop("192.0.2.1", reply=False)
+        synced(r)
+        first.run(burst=True)
+        writer.config_set("replica-read-only", "no")
+        forged = writer.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.66"}).decode()
+        forged_ms = int(forged.partition("-")[0])
+        wait_for(lambda: redis_now_ms(r) > forged_ms, 5, "Redis's clock to pass the forgery")
+        later = producer.drop("192.0.2.2", reply=False)
+        synced(r)
+        assert writer.xlen(CMD) == 3, "the primary's entry reached the replica after it"
+        assert stream_id_order(forged) < stream_id_order(later)
+
+        again = follower(redis_server, replica, tmp_path, kernel, batch_size=1)
+        again.setup()
+        again.run(burst=True)
+        assert set(again.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (1, 2)}
+        [problem] = [p for p in again._problems() if p.startswith("replica ")]
+        assert "it holds entries the primary never generated (3 ever added" in problem, problem
+        assert beat(producer, "f1").reads == "primary"
+    finally:
         writer.close()
         replica.stop()

@@ -284,9 +284,10 @@ class FollowerStream:
 
     def check_replica(self) -> None:
         """Read on the replica only once it replicates the primary: its ledger generation
-        marker is the primary's. An unrelated Redis, or one not yet synced, would leave this
-        host following a stream that no command reaches; until the probe finds the marker
-        there, the host reads on the primary and its heartbeat says why."""
+        marker is the primary's, and it holds nothing the primary lacks. An unrelated Redis,
+        or one not yet synced, would leave this host following a stream that no command
+        reaches, and one written to behind the primary's back would command it; until the
+        probe finds it sound, the host reads on the primary and its heartbeat says why."""
         deadline = time.monotonic() + _REPLICA_WAIT_S
         while True:
             try:
@@ -482,11 +483,12 @@ class FollowerStream:
             self._read_on_primary(_why(exc))
             return
         added, primary_added = _entries_added(theirs), _entries_added(primary)
-        if _ahead(_newest(theirs), added, primary) is not None:
+        why = _ahead(_newest(theirs), added, primary)
+        if why is not None:  # or the replica got newer entries after the primary was asked
             why = _ahead(_newest(theirs), added, self._note_primary(self._info(self.client)))
-            if why is not None:
-                self._read_on_primary(why)
-                return
+        if why is not None:
+            self._read_on_primary(why)
+            return
         now = time.monotonic()
         if added >= primary_added:
             self._stuck = None
