@@ -366,10 +366,9 @@ def _hand_removal(backend: str) -> list[list[str]]:
     if backend == "nftables":
         return [["nft", "flush", "ruleset"]]
     return [
-        ["iptables-legacy", "-D", "PUSHFW", "-m", "set", "--match-set", "pushfw-d4-bad", "src",
-         "-j", "DROP"],
+        ["ipset", "del", "pushfw-lists-d4", "pushfw-d4-bad"],
         ["ipset", "destroy", "pushfw-d4-bad"],
-    ]  # fmt: skip
+    ]
 
 
 def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):

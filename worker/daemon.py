@@ -123,6 +123,7 @@ class Worker:
             min_drop_prefix_v6=settings.min_drop_prefix_v6,
             min_accept_prefix_v4=settings.min_accept_prefix_v4,
             min_accept_prefix_v6=settings.min_accept_prefix_v6,
+            max_lists=settings.max_lists,
         )
         self.ledger = Ledger(self.client, self.keys, settings.consumer_name, settings.batch_size)
         self.generation = GenerationFile(settings.state_dir, settings.host_name)

@@ -17,7 +17,7 @@ protected networks and blast radius (for accepts too), expiry. The answer is a f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from pushfw.producer.contract import Action, CommandRejected, Status
@@ -73,6 +73,7 @@ class Policy:
         min_accept_prefix_v4: the widest IPv4 network an accept may cover (an accept beats
             every ban, so ``0.0.0.0/0`` would lift them all).
         min_accept_prefix_v6: the widest IPv6 network an accept may cover.
+        max_lists: the most named lists the host holds at once.
     """
 
     host: str
@@ -83,6 +84,7 @@ class Policy:
     min_drop_prefix_v6: int = 16
     min_accept_prefix_v4: int = 8
     min_accept_prefix_v6: int = 16
+    max_lists: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +384,19 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
     if expires_ms is not None and expires_ms <= now_ms:
         return Unload(name, Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago")
     return Load(request.list)
+
+
+def over_list_cap(name: str, held: Collection[str], policy: Policy) -> str | None:
+    """Why loading list ``name`` would pass the host's cap on lists (None: it would not).
+
+    A list already held may always be loaded again: only a new one counts.
+    """
+    if name in held or len(held) < policy.max_lists:
+        return None
+    return (
+        f"this host holds {len(held)} lists, its cap (max_lists {policy.max_lists}): "
+        "remove a list first, or raise PUSHFW_MAX_LISTS"
+    )
 
 
 def refused_entries(

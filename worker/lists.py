@@ -40,6 +40,7 @@ from pushfw.worker.decide import (
     Report,
     Unload,
     decide_list,
+    over_list_cap,
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
@@ -180,6 +181,9 @@ class ListKeeper:
                 Status.REJECTED,
                 f"the {self.backend.name} backend keeps no sets: lists need ipset or nftables",
             )
+        over_cap = over_list_cap(spec.name, self.held, self.policy)
+        if over_cap is not None:
+            return Outcome(Status.REJECTED, over_cap)
         try:
             content = read_content(self.client, self.keys, spec.name, spec.version)
         except ValueError as exc:

@@ -173,6 +173,15 @@ class WorkerSettings(BaseSettings):
         le=128,
         description="the widest IPv6 network an accept may cover, as a prefix length",
     )
+    max_lists: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="most named lists a host holds; a `list.load` of one more is rejected. "
+        "Packets walk the same few rules however many lists there are, but each list costs "
+        "the worker its entries in memory and its load at every start, and an ipset `list:set` "
+        "tests its members one by one",
+    )
     state_dir: str = Field(
         default="/var/lib/pushfw",
         description="where the worker remembers the ledger generation it converged with, "

@@ -20,11 +20,15 @@ line the kernel refuses but keeps the lines before it, so a failed batch is undo
 restore that puts back the previous state of every element the batch touched.
 
 A named list (``pushfw import``) gets one ``hash:net`` set per family, named after its
-action (``pushfw-d4-<name>``, ``pushfw-a6-<name>``), with ``maxelem`` grown to fit, and one
-rule each in the managed chain: accept lists after the accept set's rule, drop lists after the
-drop set's. A load fills a temporary set (``pushfw-d4+<name>``) in one restore and swaps it
-with the live one, so packets meet the old content or the new; a change is one restore of
-``del`` then ``add`` lines, through a bigger set (swapped in) if it would overflow.
+action (``pushfw-d4-<name>``, ``pushfw-a6-<name>``), with ``maxelem`` grown to fit. The lists
+of one action and family are the members of one ``list:set`` (``pushfw-lists-d4``), matched by
+one rule in the managed chain (accept lists after the accept set's rule, drop lists after the
+drop set's): a packet walks the same rules however many lists there are, and the kernel tests
+it against each member set (a hash lookup per prefix length the set holds). A load fills a
+temporary set (``pushfw-d4+<name>``) in one restore and swaps it with the live one (a swap
+keeps the set's place in the ``list:set``), so packets meet the old content or the new; a
+change is one restore of ``del`` then ``add`` lines, through a bigger set (swapped in) if it
+would overflow.
 
 Needs the ``ip_set`` and ``xt_set`` kernel modules; sets, like chains, are per network
 namespace.
@@ -88,6 +92,8 @@ _TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
 _LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
 _LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
 _LIST_MAXELEM_MIN = 65536
+_LISTS_SIZE = 1024
+"""Members a ``list:set`` of lists may hold (above the ``max_lists`` setting's bound)."""
 
 
 _CHUNK = 1 << 16
@@ -240,6 +246,12 @@ class IpsetBackend(IndexedBackend):
         )
         self._lists: dict[str, Action] = {}
         """The lists whose sets (and rules) are in the kernel, by name."""
+        self._lists_sets = {
+            (action, version): f"{set_prefix}-lists-{_LIST_ACTIONS[action]}{version}"
+            for version in (4, 6)
+            for action in (Action.ACCEPT, Action.DROP)
+        }
+        """Per action and family, the ``list:set`` whose members are the lists' sets."""
         self._filled: set[str] = set()
         """Lists' live sets this worker filled: a flush by hand leaves such a set empty."""
 
@@ -252,7 +264,18 @@ class IpsetBackend(IndexedBackend):
             )
         for ipset in self._sets.values():
             self._ensure_set(ipset)
-        self._lists = self._kernel_lists()  # kept, rules and all: the worker decides which stay
+        lines = [
+            f"create {name} list:set size {_LISTS_SIZE}\n" for name in self._lists_sets.values()
+        ]
+        present = self._run("list", "-n").split()
+        self._lists = self._kernel_lists(present)  # kept: the worker decides which stay
+        lines += [  # a set a load renamed but never made a member (a restore cut short)
+            f"add {self._lists_sets[(action, version)]} {live}\n"
+            for name, action in sorted(self._lists.items())
+            for version in (4, 6)
+            if (live := self._list_name(action, name, version)) in present
+        ]
+        self._restore(lines)
         self._write_rules(warn=True)
         self._index = self._read_index()
         logger.info(
@@ -333,6 +356,9 @@ class IpsetBackend(IndexedBackend):
         for (action, set_version), ipset in self._sets.items():
             if ipset.name == set_name and set_version == version:
                 return action
+        for (action, set_version), lists_set in self._lists_sets.items():
+            if lists_set == set_name and set_version == version:
+                return action
         parsed = self._list_set.fullmatch(set_name)
         if parsed and parsed["temp"] == "-" and int(parsed["version"]) == version:
             return Action.ACCEPT if parsed["action"] == "a" else Action.DROP
@@ -348,13 +374,15 @@ class IpsetBackend(IndexedBackend):
         return None
 
     def _wanted_rules(self, version: int, present: set[str]) -> list[str]:
-        """The sets the chain matches, in order: accepts (set, then lists), then drops."""
+        """The sets the chain matches, in order: accepts (set, then lists), then drops. The
+        lists of an action are matched by one rule, present while there is such a list."""
         wanted: list[str] = []
         for action in (Action.ACCEPT, Action.DROP):
             wanted.append(self._sets[(action, version)].name)
-            lists = (n for n, a in sorted(self._lists.items()) if a is action)
-            wanted += [self._list_name(action, name, version) for name in lists]
-        return [name for name in wanted if name in present or not self._list_set.fullmatch(name)]
+            lists_set = self._lists_sets[(action, version)]
+            if action in self._lists.values() and lists_set in present:
+                wanted.append(lists_set)
+        return wanted
 
     def _ensure_match_rules(self, table: Any, version: int, present: set[str], warn: bool) -> None:
         """Make the chain hold our match rules in order; leave other rules alone."""
@@ -408,8 +436,13 @@ class IpsetBackend(IndexedBackend):
             logger.debug("ipset sets not checked: %s", exc)
             return True
         lists = (self._list_name(a, n, v) for n, a in self._lists.items() for v in (4, 6))
+        members = {
+            name: sum(1 for a in self._lists.values() if a is action)
+            for (action, _), name in self._lists_sets.items()
+        }
         return (
             all(name in held for name in lists)
+            and all(held.get(name, 0) == count for name, count in members.items())
             and all(held.get(name, -1) >= count for name, count in self._counts.items())
             and not self._emptied(held)
         )
@@ -657,6 +690,7 @@ class IpsetBackend(IndexedBackend):
             fill.append(_adds(temp, entries, timeout_s))
             swap.append(f"swap {temp} {live}\ndestroy {temp}\n" if live in present else "")
             swap.append("" if live in present else f"rename {temp} {live}\n")
+            swap.append(f"add {self._lists_sets[(spec.action, version)]} {live}\n")
         try:
             self._restore(chain(*fill, swap))
         except BackendError:
@@ -672,7 +706,9 @@ class IpsetBackend(IndexedBackend):
             self._set_list_rules(spec.name, spec.action)
 
     def _set_list_rules(self, name: str, action: Action | None) -> None:
-        """Give the list the rules of ``action`` (None: no rules), then destroy its other sets."""
+        """Make the list's sets members of the ``list:set`` of ``action`` only (None: of
+        none), and the chain's rules match the ``list:set`` of each action that has a list;
+        then destroy the list's other sets."""
         before = dict(self._lists)
         if action is None:
             self._lists.pop(name, None)
@@ -684,11 +720,22 @@ class IpsetBackend(IndexedBackend):
             self._lists = before
             raise
         keep = {self._list_name(action, name, v) for v in (4, 6)} if action else set()
-        for set_name in sorted(set(self._run("list", "-n").split()) - keep):
-            parsed = self._list_set.fullmatch(set_name)
-            if parsed and parsed["name"] == name:
-                self._run("-exist", "destroy", set_name)
-                self._filled.discard(set_name)
+        present = set(self._run("list", "-n").split())
+        stale = [
+            set_name
+            for set_name in sorted(present - keep)
+            if (parsed := self._list_set.fullmatch(set_name)) and parsed["name"] == name
+        ]
+        members = [
+            f"del {lists_set} {set_name}\n"
+            for lists_set in self._lists_sets.values()
+            for set_name in stale
+            if lists_set in present
+        ]
+        self._restore(members)  # -exist: a set not a member is no refusal
+        for set_name in stale:
+            self._run("-exist", "destroy", set_name)
+            self._filled.discard(set_name)
 
     def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
         """One restore, deletes first; a family that would overflow is moved to a bigger set."""
@@ -771,8 +818,9 @@ class IpsetBackend(IndexedBackend):
                     found.append(f"IPv{version}")
                 commit_table(self._iptc, table)
         present = set(self._run("list", "-n").split())
-        ours = [s.name for s in self._sets.values()]
-        ours += [f"{name}{_RESIZE_SUFFIX}" for name in ours]
+        ours = sorted(self._lists_sets.values())  # first: their members cannot go before them
+        ours += [s.name for s in self._sets.values()]
+        ours += [f"{s.name}{_RESIZE_SUFFIX}" for s in self._sets.values()]
         ours += sorted(name for name in present if self._list_set.fullmatch(name))
         self._lists = {}
         removed = [name for name in ours if name in present]
