@@ -115,7 +115,7 @@ def test_a_hand_flush_of_the_lists_sets_or_of_their_elements_is_repaired_within_
     wait_for(lambda: len(fw.list_entries("feed")) == 200, 30, "the list to be loaded again")
 
     if set_backend == "nftables":  # the elements go, the sets and rules stay
-        netns.run("nft", "flush", "set", "inet", "pushfw", "list_drop_feed4_32")
+        netns.run("nft", "flush", "set", "inet", "pushfw", "lists_drop4_32")
     else:
         netns.run("ipset", "flush")
     assert fw.list_entries("feed") == []
