@@ -473,6 +473,74 @@ def test_a_drop_list_blocks_real_packets_and_an_accept_list_beats_a_drop(
         )
 
 
+def _hook_rules(backend: str, ns: Netns) -> int:
+    """The rules a packet walks, counted in the kernel's own listing."""
+    if backend == "nftables":
+        listing = json.loads(ns.run("nft", "-j", "list", "chain", "inet", "pushfw", "input").stdout)
+        return sum(1 for item in listing["nftables"] if "rule" in item)
+    saved = ns.run("iptables-legacy-save").stdout + ns.run("ip6tables-legacy-save").stdout
+    return sum(1 for line in saved.splitlines() if line.startswith("-A PUSHFW"))
+
+
+def _small_list(index: int) -> list[str]:
+    """A few entries of several prefix lengths, the same lengths for every index."""
+    return [
+        f"10.{index}.0.0/16",
+        f"172.16.{index}.0/24",
+        f"192.168.{index}.7/32",
+        f"2001:db8:{index}::/48",
+    ]
+
+
+def test_the_rules_a_packet_walks_do_not_grow_with_the_number_of_lists(
+    make_netns: Callable[[], Netns], kernel_subject: Subject
+):
+    """A drop list and an accept list, then 31 more drop lists of the same shape: the
+    hook's rules are as many (counted in the kernel's listing); removing a list that
+    overlaps another removes only what no other list holds; a listed client is dropped
+    while the lists are loaded, and an accept list still beats them all."""
+    server = kernel_subject.ns
+    assert server is not None
+    with listening_peer(server, client := make_netns(), tag="n"):
+        _walk_lists(kernel_subject, server, client)
+
+
+def _walk_lists(kernel_subject: Subject, server: Netns, client: Netns) -> None:
+    client_list = ["10.213.0.0/24", "10.1.0.0/16"]  # 10.1.0.0/16 is in list first too
+
+    def base(s: Script) -> None:
+        s("open")
+        s("load", "first", "drop", _small_list(1))
+        s("load", "allow", "accept", ["198.18.0.0/24"])
+
+    s = Script()
+    base(s)
+    run(kernel_subject, s)
+    one = _hook_rules(kernel_subject.name, server)
+    s = Script()
+    base(s)  # a new process: the lists it changes must be loaded by it
+    for index in range(2, 32):
+        s("load", f"more{index}", "drop", _small_list(index))
+    s("load", "client", "drop", client_list)
+    names = s("names")
+    removed = s("remove", "first")
+    kept = s("content", "client")
+    r = run(kernel_subject, s)
+    assert len(r[names]) == 33
+    ok(r[removed])
+    many = _hook_rules(kernel_subject.name, server)
+    assert many == one, f"{one} rules with 2 lists, {many} with 33"
+    assert "10.1.0.0/16" in r[kept], "removing a list took another list's overlapping entry"
+    assert "10.213.0.0/24" in r[kept] and "172.16.1.0/24" not in r[kept]
+
+    assert not can_connect(client), "a listed client got in while 32 lists are loaded"
+    s = Script()
+    s("open")
+    ok_ = s("load", "allow", "accept", ["198.18.0.0/24", "10.213.0.0/24"])
+    ok(run(kernel_subject, s)[ok_])
+    assert can_connect(client), "an accept list must beat every drop list"
+
+
 # --- scale: a figure to read, not a timed assertion ---
 
 

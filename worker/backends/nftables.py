@@ -721,8 +721,10 @@ class NftablesBackend(IndexedBackend):
             if self._unknown:
                 return
             rebuild = set(Action)  # every list is known again: exactly their union
-        else:
+        elif name in self._unknown:  # the last list held before this start: settle
             self._unknown.discard(name)
+            rebuild = set(Action)
+        else:
             touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
             emptied = {a for a, _ in self._emptied_groups()}
             rebuild = {h.action for h in touched} & emptied
