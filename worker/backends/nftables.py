@@ -331,8 +331,10 @@ class NftablesBackend(IndexedBackend):
         slot no rule matches (a refill cut short), and sets of one list each (before lists
         shared sets: those lists are loaded again, as after a reboot)."""
         self._marks = _marks_in(names)
-        self._unknown = set(self._marks)
-        self._held = {}
+        self._held = {  # an open again (a reconcile) keeps what this process loaded
+            n: held for n, held in self._held.items() if self._marks.get(n) is held.action
+        }
+        self._unknown = set(self._marks) - set(self._held)
         slots: dict[tuple[Action, str], set[Group]] = {}
         for name in names:
             if parsed := _UNION.fullmatch(name):
