@@ -49,11 +49,11 @@ class Held:
 
 
 def _sorted(packed: bytes, width: int) -> bytes:
-    """The addresses in ascending order (big-endian bytes compare as the numbers do)."""
-    keys = [packed[i : i + width] for i in range(0, len(packed), width)]
-    if all(a < b for a, b in itertools.pairwise(keys)):
+    """The addresses in ascending order, once each (big-endian bytes compare as the numbers
+    do). The check holds no object per address: a sorted list's entries already are."""
+    if all(a < b for a, b in itertools.pairwise(_keys(packed, width))):
         return packed
-    return b"".join(sorted(set(keys)))
+    return b"".join(sorted(set(_keys(packed, width))))
 
 
 def _run(packed: bytes, width: int, expires_ms: int | None) -> Iterator[tuple[bytes, int | None]]:
@@ -116,6 +116,16 @@ def _keys(packed: bytes, width: int) -> Iterator[bytes]:
         yield packed[start : start + width]
 
 
+def _without(keys: Iterator[bytes], removed: Iterator[bytes]) -> Iterator[bytes]:
+    """``keys`` less ``removed``, both ascending."""
+    cut = next(removed, None)
+    for key in keys:
+        while cut is not None and cut < key:
+            cut = next(removed, None)
+        if key != cut:
+            yield key
+
+
 def changed(
     action: Action,
     expires_ms: int | None,
@@ -129,13 +139,7 @@ def changed(
         width = _WIDTH[group[0]]
         gone = remove.get(group)
         removed = _keys(_sorted(gone.packed(), width), width) if gone is not None else iter(())
-        kept: list[bytes] = []
-        cut = next(removed, None)
-        for key in _keys(base.get(group, b""), width):
-            while cut is not None and cut < key:
-                cut = next(removed, None)
-            if key != cut:
-                kept.append(key)
+        kept = _without(_keys(base.get(group, b""), width), removed)
         more = add.get(group)
         added = _keys(_sorted(more.packed(), width), width) if more is not None else iter(())
         merged = bytearray()
