@@ -13,7 +13,7 @@ from tests.conftest import Netns
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
 _NFT_LIST_SET = re.compile(r"lists_(?P<action>drop|accept)[46]_(?P<prefix>\d+)b?")
-_IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
+_IPSET_LIST_LINE = re.compile(r"add pushfw-lists-(?P<action>[ad])[46] (?P<net>\S+)")
 _IPSET_LINE = re.compile(
     r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
     r'(?: comment "([^"]*)")?'
@@ -181,11 +181,14 @@ def nft_list_entries(listing: str, name: str) -> list[str]:
 
 
 def ipset_list_entries(saved: str, name: str) -> list[str]:
-    """List ``name``'s entries in the output of ``ipset save``."""
+    """What the kernel enforces for list ``name`` in ``ipset save``: the lists of one action
+    share sets, so these are the entries of every loaded list of its action (its marker set
+    ``pushfw-m<a|d>-<name>`` says which): with one such list, its own."""
+    marker = re.search(rf"^create pushfw-m([ad])-{re.escape(name)} ", saved, re.MULTILINE)
     found = []
     for line in saved.splitlines():
         parsed = _IPSET_LIST_LINE.match(line)
-        if parsed and parsed["name"] == name:
+        if marker and parsed and parsed["action"] == marker[1]:
             found.append(_net(parsed["net"]))
     return found
 

@@ -62,8 +62,9 @@ from pushfw.worker.backends.union import (
     ABSENT,
     Group,
     Held,
+    Op,
     changed,
-    difference,
+    element_ops,
     groups_of,
     union,
 )
@@ -354,6 +355,9 @@ class NftablesBackend(IndexedBackend):
                 stale += sorted(union_set_name(action, *g, gone) for g in slots[(action, gone)])
             self._slot[action] = live
             self._union[action] = slots.get((action, live), set())
+            if action not in self._marks.values():  # entries of no list that is held
+                stale += sorted(union_set_name(action, *g, live) for g in self._union[action])
+                self._union[action] = set()
         return stale
 
     def _matched_sets(self) -> set[str]:
@@ -731,7 +735,7 @@ class NftablesBackend(IndexedBackend):
             emptied = {a for a, _ in self._emptied_groups()}
             rebuild = {h.action for h in touched} & emptied
             ops = {
-                a: self._element_ops(a, self._held.values(), lists.values(), touched)
+                a: element_ops(a, self._held.values(), lists.values(), touched, self.list_chunk)
                 for a in {h.action for h in touched} - rebuild
             }
             rebuild |= {a for a, found in ops.items() if found is None}
@@ -741,35 +745,24 @@ class NftablesBackend(IndexedBackend):
         slots = {a: self._fill(a, lists) for a in sorted(rebuild)}
         self._commit_lists(lists, marks, {}, slots)
 
-    def _element_ops(
-        self, action: Action, old: Iterable[Held], new: Iterable[Held], touched: list[Held]
-    ) -> list[tuple[Group, bytes, int | None, int | None]] | None:
-        """What changes in the shared sets of ``action`` (None: more than a chunk)."""
-        ops: list[tuple[Group, bytes, int | None, int | None]] = []
-        old, new = list(old), list(new)
-        for group in sorted({g for h in touched for g in h.groups}):
-            for key, before, after in difference(
-                union(old, action, group), union(new, action, group)
-            ):
-                ops.append((group, key, before, after))
-                if len(ops) > self.list_chunk:
-                    return None
-        return ops
-
     def _add_only(
         self, name: str, lists: dict[str, Held], marks: dict[str, Action], added: Held | None
     ) -> None:
         """Add the list's entries to the live shared sets and delete nothing: lists held
         before this start may hold anything there until each is loaded again."""
-        ops: dict[Action, list[tuple[Group, bytes, int | None, int | None]]] = {}
-        if added is not None:
-            width = {4: 4, 6: 16}
-            ops[added.action] = [
-                (group, packed[i : i + width[group[0]]], ABSENT, added.expires_ms)
-                for group, packed in sorted(added.groups.items())
-                for i in range(0, len(packed), width[group[0]])
-            ]
-        self._commit_lists(lists, marks, ops, {}, keep_sets=True)
+        self._commit_lists(lists, marks, {}, {}, keep_sets=True)  # sets, rules, marker
+        if added is None:
+            return
+        for group, packed in sorted(added.groups.items()):
+            target = union_set_name(added.action, *group, self._slot[added.action])
+            width = 4 if group[0] == 4 else 16
+            step = self.list_chunk * width  # a chunk per transaction, its strings made then
+            for first in range(0, len(packed), step):
+                elems = [
+                    self._list_elem(group, packed[i : i + width], added.expires_ms)
+                    for i in range(first, min(first + step, len(packed)), width)
+                ]
+                self._run([{"add": {"element": self._t(name=target, elem=elems)}}])
 
     def _fill(self, action: Action, lists: dict[str, Held]) -> str:
         """Fill the shared sets of ``action`` in the slot no rule matches, a chunk per
@@ -810,7 +803,7 @@ class NftablesBackend(IndexedBackend):
         self,
         lists: dict[str, Held],
         marks: dict[str, Action],
-        ops: dict[Action, list[tuple[Group, bytes, int | None, int | None]]],
+        ops: dict[Action, list[Op]],
         slots: dict[Action, str],
         keep_sets: bool = False,
     ) -> None:
@@ -829,17 +822,21 @@ class NftablesBackend(IndexedBackend):
             for n in sorted(wanted - live)
             if _action_of(n) not in slots
         ]
+        deletes: dict[str, list[Any]] = {}
+        adds: dict[str, list[Any]] = {}  # one command per set: thousands stay a few commands
         for action, found in ops.items():
             for group, key, before, after in found:
                 target = union_set_name(action, *group, self._slot[action])
                 if target not in wanted:
                     continue  # the set goes: its elements with it
                 if before != ABSENT:
-                    elem = self._list_elem(group, key, None)
-                    cmds.append({"delete": {"element": self._t(name=target, elem=[elem])}})
+                    deletes.setdefault(target, []).append(self._list_elem(group, key, None))
                 if after != ABSENT:
-                    elem = self._list_elem(group, key, after)
-                    cmds.append({"add": {"element": self._t(name=target, elem=[elem])}})
+                    adds.setdefault(target, []).append(self._list_elem(group, key, after))
+        cmds += [  # deletes first: a changed expiry is a delete and an add
+            {"delete": {"element": self._t(name=n, elem=e)}} for n, e in sorted(deletes.items())
+        ]
+        cmds += [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(adds.items())]
         cmds += self._hook_commands()  # no rule may hold a set while it is deleted
         cmds += [
             {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))

@@ -22,6 +22,9 @@ from pushfw.worker.backends.entries import Addresses
 Group = tuple[int, int]
 """(IP version, prefix length): the entries one shared set holds."""
 
+Op = tuple[Group, bytes, int | None, int | None]
+"""One entry that changes in a shared set: (group, address, expiry before, expiry after)."""
+
 ABSENT = -1
 """In a difference: the entry is not in the union on that side."""
 
@@ -151,3 +154,18 @@ def changed(
         if merged:
             groups[group] = bytes(merged)
     return Held(action, expires_ms, groups)
+
+
+def element_ops(
+    action: Action, old: Iterable[Held], new: Iterable[Held], touched: list[Held], limit: int
+) -> list[Op] | None:
+    """What changes in the shared sets of ``action`` from the lists ``old`` to ``new``, in
+    the groups of the ``touched`` lists (None: more than ``limit``: refill them instead)."""
+    ops: list[Op] = []
+    before, after = list(old), list(new)
+    for group in sorted({g for h in touched for g in h.groups}):
+        for key, was, will in difference(union(before, action, group), union(after, action, group)):
+            ops.append((group, key, was, will))
+            if len(ops) > limit:
+                return None
+    return ops
