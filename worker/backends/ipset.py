@@ -277,11 +277,6 @@ class IpsetBackend(IndexedBackend):
             )
         for ipset in self._sets.values():
             self._ensure_set(ipset)
-        self._restore(
-            f"create {name} hash:net family {'inet' if version == 4 else 'inet6'} timeout 0 "
-            f"counters maxelem {_LIST_MAXELEM_MIN}\n"
-            for (_, version), name in self._lists_sets.items()
-        )
         present = self._run("list", "-n").split()
         self._marks = self._marks_in(present)  # kept: the worker decides which stay
         self._held = {  # an open again (a reconcile) keeps what this process loaded
@@ -291,7 +286,7 @@ class IpsetBackend(IndexedBackend):
         self._restore(  # entries of no list that is held (its marker deleted by hand)
             f"flush {name}\n"
             for (action, _), name in self._lists_sets.items()
-            if action not in self._marks.values()
+            if action not in self._marks.values() and name in present
         )
         self._write_rules(warn=True)
         for name in present:  # a list's own sets, from before lists shared sets
@@ -456,8 +451,9 @@ class IpsetBackend(IndexedBackend):
             logger.debug("ipset sets not checked: %s", exc)
             return True
         marks = [self._mark_name(a, n) for n, a in self._marks.items()]
+        shared = [n for (a, _), n in self._lists_sets.items() if a in self._marks.values()]
         return (
-            all(name in held for name in [*marks, *self._lists_sets.values()])
+            all(name in held for name in [*marks, *shared])
             and all(held.get(name, -1) >= count for name, count in self._counts.items())
             and not self._emptied(held)
         )
@@ -701,6 +697,11 @@ class IpsetBackend(IndexedBackend):
         marks = {n: a for n, a in self._marks.items() if n != name}
         if action is not None:
             marks[name] = action
+            self._restore(  # the shared sets, made with the action's first list
+                f"create {self._lists_sets[(action, version)]} hash:net family {family} "
+                f"timeout 0 counters maxelem {_LIST_MAXELEM_MIN}\n"
+                for version, family in ((4, "inet"), (6, "inet6"))
+            )
         rebuild: set[Action] = set()
         ops: dict[Action, list[Op]] = {}
         if self._unknown - {name}:  # what the other lists held before this start is unknown
@@ -795,6 +796,7 @@ class IpsetBackend(IndexedBackend):
         """Fill temporary sets with exactly the union of the lists of ``action`` in one
         streamed restore and swap them in: packets meet the old content or the new."""
         now_ms = self.clock()
+        present = set(self._run("list", "-n").split())
         fill: list[Iterable[str]] = []
         swap: list[str] = []
         for version in (4, 6):
@@ -813,7 +815,11 @@ class IpsetBackend(IndexedBackend):
                 f"create {temp} hash:net family {family} timeout 0 counters maxelem {maxelem}\n"
             )
             fill.append(_union_lines(temp, lists, action, groups, now_ms))
-            swap.append(f"swap {temp} {live}\ndestroy {temp}\n")
+            swap.append(
+                f"swap {temp} {live}\ndestroy {temp}\n"
+                if live in present
+                else f"rename {temp} {live}\n"
+            )
         for version in (4, 6):
             self._run("-exist", "destroy", f"{self._lists_sets[(action, version)]}+")
         try:
