@@ -1,6 +1,6 @@
 """TCP connect time where the worker's rules are: ``ip netns exec NS python -m bench.connect N``.
 
-Connects N times to a listener on the namespace's loopback, in 5 rounds, and prints one JSON
+Connects N times to a listener on the namespace's loopback, in 10 rounds, and prints one JSON
 object with the lowest round's median and the 90th percentile of all, in microseconds (the
 lowest median: other processes on the machine only ever add to a round's time). The process
 keeps to two CPUs, one for connecting and one for accepting: left to the scheduler, some
@@ -22,7 +22,7 @@ import threading
 import time
 
 WARM_UP = 200
-ROUNDS = 5
+ROUNDS = 10
 
 
 def _accept(listener: socket.socket, cpu: int) -> None:
