@@ -87,7 +87,8 @@ def _idle_ping(socket_path: str, seconds: float = 1.0) -> dict[str, float]:
 
 
 def list_entries(env: BenchEnv, backend: str, name: str) -> int:
-    """How many entries the kernel holds for drop list ``name``, read from the kernel."""
+    """How many entries the kernel holds for drop list ``name``, read from the kernel (the
+    lists of one action share sets: with one drop list, its own entries)."""
     if backend == "nftables":  # over netlink: nft -j list takes minutes at a million
         counts = env.ns.run(
             env.python, "-m", "bench.nftcount", NFT_TABLE, name, env=env.helper_env()
@@ -95,7 +96,7 @@ def list_entries(env: BenchEnv, backend: str, name: str) -> int:
         return sum(json.loads(counts.stdout).values())
     total = 0
     for version in (4, 6):
-        header = env.ns.run("ipset", "list", "-t", f"{IPSET_PREFIX}-d{version}-{name}", check=False)
+        header = env.ns.run("ipset", "list", "-t", f"{IPSET_PREFIX}-lists-d{version}", check=False)
         found = re.search(r"^Number of entries: (\d+)$", header.stdout, re.MULTILINE)
         total += int(found[1]) if found else 0
     return total
