@@ -369,6 +369,33 @@ def _hand_removal(backend: str) -> list[list[str]]:
     return [["iptables-legacy", "-F", "PUSHFW"], ["ipset", "destroy", "pushfw-md-bad"]]
 
 
+def test_a_restart_lifts_nothing_until_every_list_is_loaded_again_then_exactly(
+    kernel_subject: Subject,
+):
+    """The kernel keeps the union of the lists, not each list: a restarted worker does not
+    know what another list held, so until every list it finds is loaded again its loads only
+    add; the last one makes the shared sets exactly the lists' union."""
+    s = Script()
+    s("open")
+    s("load", "a", "drop", ["192.0.2.1/32", "192.0.2.2/32"])
+    s("load", "b", "drop", ["198.51.100.0/24"])
+    s("open@b")  # a restart; meanwhile a dropped 192.0.2.2
+    ok_a = s("load@b", "a", "drop", ["192.0.2.1/32"])
+    meanwhile = s("content@b", "a")
+    ok_b = s("load@b", "b", "drop", ["198.51.100.0/24", "203.0.113.9/32"])
+    settled, names, intact = s("content@b", "a"), s("names@b"), s("intact@b")
+    gone = s("remove@b", "b")
+    after = s("content@b", "a")
+
+    r = run(kernel_subject, s)
+    for result in (ok_a, ok_b, gone):
+        ok(r[result])
+    assert r[meanwhile] == ordered(["192.0.2.1/32", "192.0.2.2/32", "198.51.100.0/24"])
+    assert r[settled] == ordered(["192.0.2.1/32", "198.51.100.0/24", "203.0.113.9/32"])
+    assert (r[names], r[intact]) == (["a", "b"], True)
+    assert r[after] == ["192.0.2.1/32"]
+
+
 def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
     s = Script()
     s("open")

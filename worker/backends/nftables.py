@@ -721,29 +721,26 @@ class NftablesBackend(IndexedBackend):
         marks = {n: a for n, a in self._marks.items() if n != name}
         if action is not None:
             marks[name] = action
+        ops: dict[Action, list[Op] | None] = {}
         if self._unknown - {name}:  # what the other lists held before this start is unknown
             self._add_only(name, lists, marks, added)
             self._unknown.discard(name)
-            if self._unknown:
-                return
-            rebuild = set(Action)  # every list is known again: exactly their union
-        elif name in self._unknown:  # the last list held before this start: settle
-            self._unknown.discard(name)
+            return
+        if name in self._unknown:  # the last list held before this start: settle
             rebuild = set(Action)
         else:
             touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
             emptied = {a for a, _ in self._emptied_groups()}
             rebuild = {h.action for h in touched} & emptied
-            ops = {
-                a: element_ops(a, self._held.values(), lists.values(), touched, self.list_chunk)
-                for a in {h.action for h in touched} - rebuild
-            }
+            for act in {h.action for h in touched} - rebuild:
+                ops[act] = element_ops(
+                    act, self._held.values(), lists.values(), touched, self.list_chunk
+                )
             rebuild |= {a for a, found in ops.items() if found is None}
-            if not rebuild:
-                self._commit_lists(lists, marks, {a: o for a, o in ops.items() if o}, {})
-                return
         slots = {a: self._fill(a, lists) for a in sorted(rebuild)}
-        self._commit_lists(lists, marks, {}, slots)
+        changes = {a: o for a, o in ops.items() if o and a not in rebuild}
+        self._commit_lists(lists, marks, changes, slots)
+        self._unknown.discard(name)
 
     def _add_only(
         self, name: str, lists: dict[str, Held], marks: dict[str, Action], added: Held | None
