@@ -396,6 +396,26 @@ def test_a_restart_lifts_nothing_until_every_list_is_loaded_again_then_exactly(
     assert r[after] == ["192.0.2.1/32"]
 
 
+def test_a_change_removing_an_entry_deleted_by_hand_still_applies(kernel_subject: Subject):
+    """nftables fails a whole transaction on deleting an absent element: the shared sets
+    are refilled instead."""
+    if kernel_subject.name == "nftables":
+        by_hand = ["nft", "delete", "element", "inet", "pushfw", "lists_drop4_32", "{ 192.0.2.2 }"]
+    else:
+        by_hand = ["ipset", "del", "pushfw-lists-d4", "192.0.2.2"]
+    s = Script()
+    s("open")
+    s("load", "a", "drop", ["192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32"])
+    deleted = s("shell", *by_hand)
+    changed = s("change", "a", "drop", ["198.51.100.0/24"], ["192.0.2.2/32"])
+    held = s("content", "a")
+
+    r = run(kernel_subject, s)
+    assert r[deleted] == 0
+    ok(r[changed])
+    assert r[held] == ordered(["192.0.2.1/32", "192.0.2.3/32", "198.51.100.0/24"])
+
+
 def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
     s = Script()
     s("open")

@@ -739,7 +739,15 @@ class NftablesBackend(IndexedBackend):
             rebuild |= {a for a, found in ops.items() if found is None}
         slots = {a: self._fill(a, lists) for a in sorted(rebuild)}
         changes = {a: o for a, o in ops.items() if o and a not in rebuild}
-        self._commit_lists(lists, marks, changes, slots)
+        try:
+            self._commit_lists(lists, marks, changes, slots)
+        except BackendError as exc:
+            if not changes:
+                raise
+            # an element deleted by hand (or timed out) fails the whole transaction: refill
+            logger.warning("nftables lists: change refused (%s); refilling the sets", exc)
+            slots = {a: self._fill(a, lists) for a in sorted(set(changes) | set(slots))}
+            self._commit_lists(lists, marks, {}, slots)
         self._unknown.discard(name)
 
     def _add_only(
