@@ -178,9 +178,9 @@ class WorkerSettings(BaseSettings):
         ge=1,
         le=1000,
         description="most named lists a host holds; a `list.load` of one more is rejected. "
-        "Packets walk the same few rules however many lists there are, but each list costs "
-        "the worker its entries in memory and its load at every start, and an ipset `list:set` "
-        "tests its members one by one",
+        "Packets walk the same few rules however many lists there are (the lists of one "
+        "action share sets), but each list costs the worker its entries in memory and a load "
+        "at every start; 64 is far above the handful of feeds a host combines",
     )
     state_dir: str = Field(
         default="/var/lib/pushfw",
