@@ -697,10 +697,12 @@ class IpsetBackend(IndexedBackend):
         marks = {n: a for n, a in self._marks.items() if n != name}
         if action is not None:
             marks[name] = action
+            present = set(self._run("list", "-n").split())
             self._restore(  # the shared sets, made with the action's first list
-                f"create {self._lists_sets[(action, version)]} hash:net family {family} "
+                f"create {shared} hash:net family {family} "
                 f"timeout 0 counters maxelem {_LIST_MAXELEM_MIN}\n"
                 for version, family in ((4, "inet"), (6, "inet6"))
+                if (shared := self._lists_sets[(action, version)]) not in present
             )
         rebuild: set[Action] = set()
         ops: dict[Action, list[Op]] = {}
