@@ -156,7 +156,6 @@ class Firewall:
             self.ns.run(tool, "-F")
             self.ns.run(tool, "-X")
         self.ns.run("nft", "flush", "ruleset", check=False)
-        self.ns.run("ipset", "flush", check=False)  # a list:set holds its members till then
         self.ns.run("ipset", "destroy", check=False)
 
 

@@ -19,16 +19,19 @@ built only from ``ipaddress`` network strings and integers. ``restore`` stops at
 line the kernel refuses but keeps the lines before it, so a failed batch is undone by a second
 restore that puts back the previous state of every element the batch touched.
 
-A named list (``pushfw import``) gets one ``hash:net`` set per family, named after its
-action (``pushfw-d4-<name>``, ``pushfw-a6-<name>``), with ``maxelem`` grown to fit. The lists
-of one action and family are the members of one ``list:set`` (``pushfw-lists-d4``), matched by
-one rule in the managed chain (accept lists after the accept set's rule, drop lists after the
-drop set's): a packet walks the same rules however many lists there are, and the kernel tests
-it against each member set (a hash lookup per prefix length the set holds). A load fills a
-temporary set (``pushfw-d4+<name>``) in one restore and swaps it with the live one (a swap
-keeps the set's place in the ``list:set``), so packets meet the old content or the new; a
-change is one restore of ``del`` then ``add`` lines, through a bigger set (swapped in) if it
-would overflow.
+Named lists (``pushfw import``) share sets: the lists of one action hold their entries in
+one ``hash:net`` set per family (``pushfw-lists-d4``, ``pushfw-lists-a6``), matched by one
+rule in the managed chain (accept lists after the accept set's rule, drop lists after the
+drop set's), so a packet walks the same rules however many lists are loaded (a hash:net
+walks the prefix lengths it holds inside one lookup). An entry two lists hold is one element
+that stays while either holds it and expires at the later of their expiries; the worker
+keeps each list's entries packed and sorted (:mod:`.union`) and sends only what changed, in
+one restore. An empty marker set per list (``pushfw-md-<name>``) tells a restarted worker
+which lists the kernel holds: until each is loaded again, loads only add, and then the
+shared sets are refilled with exactly the lists' union. A change of more than
+``list_chunk`` elements, or one that would pass ``maxelem``, fills a temporary set
+(``pushfw-lists-d4+``) in one streamed restore and swaps it in, so packets meet the old
+content or the new.
 
 Needs the ``ip_set`` and ``xt_set`` kernel modules; sets, like chains, are per network
 namespace.
