@@ -44,6 +44,14 @@ def host_state(h: HostStatus, now_ms: int) -> str:
     return "DEGRADED" if h.problems else "ok"
 
 
+def _checked_state(h: HostStatus | None, now_ms: int) -> str:
+    """:func:`host_state`, but a start that keeps failing is no longer OK."""
+    if h is None:
+        return "MISSING"
+    state = host_state(h, now_ms)
+    return f"{state} with problems" if state == "starting" and h.problems else state
+
+
 def _severity(state: str) -> Severity:
     if state in _CRITICAL_STATES:
         return Severity.CRITICAL
@@ -71,7 +79,7 @@ def check(hosts: Sequence[HostStatus], now_ms: int, wanted: Sequence[str] = ()) 
     names = list(wanted) or sorted(known)
     if not names:
         return Check(Severity.UNKNOWN, "PUSHFW UNKNOWN: no host has sent a heartbeat | hosts=0")
-    states = {n: host_state(known[n], now_ms) if n in known else "MISSING" for n in names}
+    states = {n: _checked_state(known.get(n), now_ms) for n in names}
     worst = max((_severity(s) for s in states.values()), default=Severity.OK)
     bad = [f"{n} {s}" for n, s in states.items() if _severity(s) is not Severity.OK]
     counts = {sev: sum(_severity(s) is sev for s in states.values()) for sev in Severity}

@@ -60,14 +60,18 @@ def test_check_names_each_unhealthy_host_and_exits_with_the_worst(r: redis.Redis
         1,
         "PUSHFW WARNING: busy1 DEGRADED; 1 of 2 hosts ok | hosts=2 ok=1 warning=1 critical=0",
     )
+    beat(r, "new1", state="starting")
+    assert "new1" not in check(pushfw)[1], "a host starting without a problem is ok"
+    beat(r, "new1", state="starting", problems=["startup: failing since 04:00"])
     beat(r, "lost1", state="running", ledger_lost=True)
     beat(r, "twin1", state="running", duplicate="a1b2c3")
     beat(r, "gone1", last_seen_ms=redis_ms(r) - 600_000)
     code, line = check(pushfw)
     assert code == 2
     assert line == (
-        "PUSHFW CRITICAL: busy1 DEGRADED, gone1 STALE, lost1 LEDGER LOST, twin1 DUPLICATE; "
-        "1 of 5 hosts ok | hosts=5 ok=1 warning=1 critical=3"
+        "PUSHFW CRITICAL: busy1 DEGRADED, gone1 STALE, lost1 LEDGER LOST, "
+        "new1 starting with problems, twin1 DUPLICATE; "
+        "1 of 6 hosts ok | hosts=6 ok=1 warning=2 critical=3"
     )
 
 
