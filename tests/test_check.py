@@ -12,8 +12,8 @@ import redis
 from pushfw.producer import Keys, Producer
 from pushfw.producer.records import HostStatus
 from testbed.env import clean_env
-from tests.conftest import RedisServer, Run, memory_worker, wait_for
-from tests.test_metrics import running
+from tests.conftest import RedisServer, Run, memory_worker, run_pushfw, wait_for
+from tests.test_metrics import build, running, scrape, value
 
 KEYS = Keys()
 
@@ -113,3 +113,25 @@ def test_version_of_both_clis():
             timeout=60,
         )
         assert (proc.returncode, proc.stdout) == (0, f"{prog}, version {expected}\n")
+
+
+def test_a_real_ledger_lost_is_critical_in_check_mode_and_in_the_metrics(
+    volatile_redis: RedisServer,
+):
+    """FLUSHALL under a running worker: both the check and the scrape say so."""
+    worker = build(volatile_redis, heartbeat_interval_s=0.5)
+    producer = Producer.from_url(volatile_redis.url)
+    try:
+        with running(worker):
+            assert producer.wait(producer.drop("192.0.2.1"))
+            assert value(scrape(worker), "pushfw_ledger_lost") == 0
+            producer.client.flushall()
+            wait_for(
+                lambda: value(scrape(worker), "pushfw_ledger_lost") == 1,
+                what="the metric to say the ledger is lost",
+            )
+            proc = run_pushfw("--redis-url", volatile_redis.url, "status", "--check")
+    finally:
+        producer.client.close()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("PUSHFW CRITICAL: h1 LEDGER LOST; 0 of 1 hosts ok | ")
