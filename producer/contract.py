@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from enum import StrEnum
 from typing import Annotated
 
@@ -44,6 +44,7 @@ __all__ = [
     "parse_network",
     "signature",
     "signing_payload",
+    "targets",
 ]
 
 MAX_TTL_S = 10 * 365 * 24 * 3600
@@ -270,7 +271,7 @@ class Command(BaseModel):
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
         """Whether a host with this name and these labels is meant by ``target``."""
-        return not self.target or any(t == host or t in labels for t in self.target)
+        return targets(self.target, host, labels)
 
     def to_fields(self) -> dict[str, str]:
         """The stream fields of this command, in canonical spelling."""
@@ -278,6 +279,15 @@ class Command(BaseModel):
         return fields | option_fields(
             self.ttl_s, self.target, self.reason, self.request_id, self.origin, self.reply
         )
+
+
+def targets(target: Collection[str], host: str, labels: Collection[str]) -> bool:
+    """Whether a command with ``target`` is meant for a host with this name and these labels.
+
+    The one rule, on every path (stream, ledger, lists, ``pushfw status``): no target means
+    every host, else a name in it is the host's name or one of its labels.
+    """
+    return not target or any(t == host or t in labels for t in target)
 
 
 def option_fields(

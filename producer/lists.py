@@ -44,6 +44,7 @@ from pushfw.producer.contract import (
     explain,
     option_fields,
     parse_network,
+    targets,
 )
 
 __all__ = [
@@ -545,7 +546,7 @@ class ListCommand(BaseModel):
         return self.op is ListOp.LOAD
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
-        return not self.target or any(t == host or t in labels for t in self.target)
+        return targets(self.target, host, labels)
 
     def to_fields(self) -> dict[str, str]:
         fields = {"op": self.op.value, "name": self.name}

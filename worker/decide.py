@@ -29,6 +29,7 @@ from pushfw.producer.contract import (
     Action,
     CommandRejected,
     Status,
+    targets,
 )
 from pushfw.producer.lists import (
     ListCommand,
@@ -40,6 +41,7 @@ from pushfw.producer.lists import (
 from pushfw.producer.records import ListRecord, RuleRecord
 from pushfw.producer.wire import ParsedCommand, read_command, read_network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
+from pushfw.worker.expiry import expires_at
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
@@ -187,7 +189,7 @@ class Request:
             id=entry.id,
             key=RuleKey(cmd.action, cmd.network),
             insert=cmd.is_insert,
-            expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            expires_ms=expires_at(seen_ms, cmd.ttl_s),
             target=cmd.target,
             origin=cmd.origin,
             seen_ms=seen_ms,
@@ -265,7 +267,7 @@ def decide(
     if refused is not None:
         return refused
     key = request.key
-    if request.target and not any(t == policy.host or t in policy.labels for t in request.target):
+    if not targets(request.target, policy.host, policy.labels):
         return Delete(key, Status.UNCHANGED, report=False)  # the newest command is for others
     if not request.insert:
         return Delete(key)
@@ -336,7 +338,7 @@ def request_from_record(record: RuleRecord) -> Request | None:
             id=record.id,
             key=key,
             insert=cmd.is_insert,
-            expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            expires_ms=expires_at(seen_ms, cmd.ttl_s),
             target=cmd.target,
             origin=cmd.origin,
             seen_ms=seen_ms,
@@ -406,7 +408,7 @@ class ListRequest:
                 cmd.name,
                 cmd.action,
                 cmd.version,
-                seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+                expires_at(seen_ms, cmd.ttl_s),
             ),
             load=cmd.op is ListOp.LOAD,
             target=cmd.target,
@@ -480,7 +482,7 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
     if refused is not None:
         return refused
     name = request.list.name
-    if request.target and not any(t == policy.host or t in policy.labels for t in request.target):
+    if not targets(request.target, policy.host, policy.labels):
         return Unload(name, Status.UNCHANGED, report=False)
     if not request.load:
         return Unload(name)

@@ -47,6 +47,7 @@ from pushfw.producer.records import ListRecord, RuleRecord, rule_id
 from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.clock import Clock
 from pushfw.worker.decide import is_signed, refused_by_every_host
+from pushfw.worker.expiry import expires_at
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import (
     LUA_ID_ORDER,
@@ -309,7 +310,7 @@ def folded(
     The JSON is :class:`RuleRecord`'s (``model_dump_json(exclude_defaults=True)``), written
     from a dict: a model per command cost the fold as much as the rest of it.
     """
-    expires_ms = seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
+    expires_ms = expires_at(seen_ms, cmd.ttl_s)
     expired = expires_ms is not None and expires_ms <= now_ms
     deleted = expired or not cmd.is_insert
     action = cmd.action.value
@@ -360,7 +361,7 @@ def list_record_for(
         version=cmd.version,
         action=cmd.action.value,
         size=cmd.size,
-        expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+        expires_ms=expires_at(seen_ms, cmd.ttl_s),
         target=list(cmd.target),
         reason=cmd.reason,
         deleted=cmd.op.value == "list.delete",
