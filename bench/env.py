@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 import testbed.netns
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.keys import Keys
 from testbed.redis_server import REDIS_SERVER, RedisServer
 from testbed.worker import WorkerExited, WorkerProcess
@@ -83,12 +84,6 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
-
-
-def redis_ms(client: redis.Redis) -> int:
-    """Redis's clock (TIME) in milliseconds."""
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def clock_offset_ms(client: redis.Redis) -> float:

@@ -11,7 +11,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer import functions
-from pushfw.producer.connection import connect
+from pushfw.producer.connection import connect, redis_ms
 from pushfw.producer.contract import Command, Result, parse_command, signature, targets
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.lists import ListContent, parse_list_command
@@ -348,8 +348,7 @@ class Producer:
 
     def now_ms(self) -> int:
         """Redis's clock, which stamps entry ids and so measures every expiry."""
-        seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return redis_ms(self.client)
 
     def rules(self, host: str | None = None) -> list[RuleRecord]:
         """Active rules in the ledger (for one host if given), by network."""

@@ -40,6 +40,7 @@ import redis
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
 from pushfw.worker.statefile import read_state
@@ -48,7 +49,6 @@ from pushfw.worker.stream import (
     entries_from_reply,
     is_entry_id,
     queue_answers,
-    redis_now_ms,
     stream_id_order,
 )
 
@@ -363,7 +363,7 @@ class FollowerStream:
                 self.name,
                 why,
             )
-            self.replica_down_ms = redis_now_ms(self.client)
+            self.replica_down_ms = redis_ms(self.client)
         self.replica_down = why
         self._probe_at = time.monotonic() + _PROBE_EVERY_S
         self._stuck = None
@@ -483,4 +483,4 @@ class FollowerStream:
         return max(0, lag), len(self._unfinished)
 
     def now_ms(self) -> int:
-        return redis_now_ms(self.client)
+        return redis_ms(self.client)

@@ -45,7 +45,7 @@ from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListCommand, is_list_entry, parse_list_command
 from pushfw.producer.records import ListRecord, RuleRecord, rule_id
 from pushfw.producer.wire import ParsedCommand
-from pushfw.worker.clock import Clock
+from pushfw.worker.clock import LUA_NOW_MS, Clock
 from pushfw.worker.decide import is_signed, refused_by_every_host
 from pushfw.worker.expiry import expires_at
 from pushfw.worker.signing import Signing
@@ -61,12 +61,12 @@ logger = logging.getLogger(__name__)
 
 FOLD = (
     LUA_ID_ORDER
+    + LUA_NOW_MS
     + """
 -- KEYS: rules, expiry, tombs, held, then one marker key per record
 -- ARGV: 5 per record: rule id, entry id, record json, expires ms or '', '1' if the folding
 --       worker verified the command's signature else ''
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local changed = 0
 for i = 0, #ARGV / 5 - 1 do
   local rule, id, json, expires = ARGV[i*5+1], ARGV[i*5+2], ARGV[i*5+3], ARGV[i*5+4]
@@ -131,11 +131,12 @@ return changed
 """
 )
 
-CLAIM = """
+CLAIM = (
+    LUA_NOW_MS
+    + """
 -- KEYS: rules, expiry, cmd, tombs, then one marker key per rule id; ARGV: rule ids
 -- Returns the ids of the delete entries it added.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local emitted = {}
 for i, rule in ipairs(ARGV) do
   local score = redis.call('ZSCORE', KEYS[2], rule)
@@ -165,6 +166,7 @@ for i, rule in ipairs(ARGV) do
 end
 return emitted
 """
+)
 
 LIST_FOLD = (
     LUA_ID_ORDER

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from pushfw.producer.connection import untyped
+from pushfw.producer.connection import redis_ms, untyped
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
 from pushfw.worker.ledger import claim_script
@@ -80,8 +80,7 @@ class Scheduler:
 
     def due(self, limit: int = 500) -> tuple[list[str], float | None]:
         """Rule ids due now, and seconds until the next one after them (None if none)."""
-        seconds, micros = self.client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = redis_ms(self.client)
         rows: Any = self.client.zrangebyscore(
             self.keys.expiry, "-inf", "+inf", start=0, num=limit + 1, withscores=True
         )

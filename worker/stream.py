@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import redis
 from redis.typing import EncodableT, FieldT
 
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.contract import CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.wire import ParsedCommand, read_command
@@ -255,7 +256,7 @@ class CommandStream:
 
     def now_ms(self) -> int:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
-        return redis_now_ms(self.client)
+        return redis_ms(self.client)
 
 
 def queue_answers(
@@ -271,11 +272,6 @@ def queue_answers(
         pipe.xadd(keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
     for fields in dead:
         pipe.xadd(keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
-
-
-def redis_now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 class ParsedEntries:
