@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 import testbed.netns
-from pushfw.producer.connection import redis_ms
+from pushfw.producer.connection import redis_ms, text
 from pushfw.producer.keys import Keys
 from testbed.redis_server import REDIS_SERVER, RedisServer
 from testbed.worker import WorkerExited, WorkerProcess
@@ -227,7 +227,7 @@ class BenchEnv:
         rows: Any = self.client.xinfo_groups(self.keys.cmd)
         for row in rows:
             name = row["name"]
-            if (name.decode() if isinstance(name, bytes) else name) == (group or self.group):
+            if text(name) == (group or self.group):
                 return dict(row)
         return None
 

@@ -25,7 +25,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-__all__ = ["RedisTarget", "connect", "parse_target", "redis_ms", "time_ms"]
+__all__ = ["RedisTarget", "connect", "parse_target", "redis_ms", "text", "time_ms"]
 
 SCHEMES = (
     "redis",
@@ -145,3 +145,10 @@ def redis_ms(client: redis.Redis) -> int:
     """
     seconds, micros = client.time()
     return time_ms(seconds, micros)
+
+
+def text(value: object) -> str:
+    """A value read from Redis as ``str``: a client without ``decode_responses`` returns
+    bytes (undecodable bytes are replaced: what Redis holds is input, never a reason to
+    crash; commands are checked strictly by :func:`.contract.decode_fields`)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -18,6 +18,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pushfw.producer.connection import text
+
 __all__ = [
     "DEFAULT_MIN_ACCEPT_PREFIX_V4",
     "DEFAULT_MIN_ACCEPT_PREFIX_V6",
@@ -334,8 +336,7 @@ def decode_fields(
     """Decode the known fields strictly; unknown fields are ignored (forward compatibility)."""
     decoded: dict[str, str] = {}
     for raw_key, raw_value in fields.items():
-        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
-        key = key.lower()
+        key = text(raw_key).lower()
         if key not in wire:
             continue
         if wire[key] in decoded:

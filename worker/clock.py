@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from pushfw.producer.connection import redis_ms, time_ms
+from pushfw.producer.connection import redis_ms, text, time_ms
 from pushfw.producer.keys import Keys
 from pushfw.worker.stream import LUA_ID_ORDER, Entry, stream_id_order
 
@@ -94,7 +94,7 @@ class Clock:
         seconds, micros, raw_max = self._now(keys=[self.keys.ahead])
         now_ms = time_ms(seconds, micros)
         seen = {e.id: e.ms for e in entries}
-        limit = stream_id_order(_text(raw_max)) if raw_max is not None else (0, 0)
+        limit = stream_id_order(text(raw_max)) if raw_max is not None else (0, 0)
         lookup = [e.id for e in entries if e.ms > now_ms or e.order <= limit]
         if lookup:
             stamps: list[Any] = self._stamp(keys=[self.keys.seen, self.keys.ahead], args=lookup)
@@ -116,7 +116,3 @@ class Clock:
                 ahead_ms / 1000,
                 self.stamped,
             )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -29,7 +29,6 @@ reconciles from the ledger.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -40,10 +39,10 @@ import redis
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
-from pushfw.producer.connection import redis_ms
+from pushfw.producer.connection import redis_ms, text
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
-from pushfw.worker.statefile import read_state
+from pushfw.worker.statefile import read_state, write_state
 from pushfw.worker.stream import (
     Entry,
     entries_from_reply,
@@ -76,14 +75,10 @@ class StreamGone(redis.ResponseError):
     """
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _other_marker(found: Any, want: Any) -> str:
     """Why a replica is not read: it does not replicate the primary, or not yet."""
-    shown = "none" if found is None else _text(found)
-    return f"it holds ledger generation {shown}, the primary {_text(want or b'none')}"
+    shown = "none" if found is None else text(found)
+    return f"it holds ledger generation {shown}, the primary {text(want or b'none')}"
 
 
 def _why(exc: Exception) -> str:
@@ -148,10 +143,7 @@ class PositionFile:
     def write(self, state: SavedPosition) -> None:
         self._memory = state
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".position-tmp")
-            partial.write_text(state.model_dump_json(), encoding="utf-8")
-            os.replace(partial, self.path)
+            write_state(self.path, state.model_dump_json().encode())
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -305,9 +297,9 @@ class FollowerStream:
         removed = added - int(info.get("length", 0))
         if removed > self._position_added:
             return f"{removed - self._position_added} entries after it were trimmed"
-        newest = stream_id_order(_text(info.get("last-generated-id", "0-0")))
+        newest = stream_id_order(text(info.get("last-generated-id", "0-0")))
         if newest < stream_id_order(self._read_mark):
-            return f"the stream ends at {_text(info.get('last-generated-id'))}: a new stream"
+            return f"the stream ends at {text(info.get('last-generated-id'))}: a new stream"
         return None
 
     def _info(self, client: redis.Redis) -> dict[str, Any] | None:
@@ -318,7 +310,7 @@ class FollowerStream:
             raise
         except redis.ResponseError:
             return None
-        return {_text(k): v for k, v in dict(raw).items()}
+        return {text(k): v for k, v in dict(raw).items()}
 
     def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
         """``>``: the replica's next entries; an id: this host's unfinished entries after it,
@@ -456,7 +448,7 @@ class FollowerStream:
     def head(self) -> str:
         """The primary's newest entry id: a new follower starts there, from the ledger."""
         info = self._info(self.client) or {}
-        newest = _text(info.get("last-generated-id", "0-0"))
+        newest = text(info.get("last-generated-id", "0-0"))
         self._head = (newest, int(info.get("entries-added", 0)))
         return self._head[0]
 

@@ -40,6 +40,7 @@ import redis
 from pydantic_core import to_json
 from redis.typing import StreamIdT
 
+from pushfw.producer.connection import text
 from pushfw.producer.contract import LIST_SIGNED_FIELDS, SIGNED_FIELDS, CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListCommand, is_list_entry, parse_list_command
@@ -420,7 +421,7 @@ class Ledger:
     def generation(self) -> str | None:
         """The marker written once when this ledger began (None: Redis lost it, or too old)."""
         raw: Any = self.client.get(self.keys.generation)
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return text(raw) if raw is not None else None
 
     def fold_own_pending(self) -> int:
         """Fold the entries this consumer read for the ledger but never folded."""
@@ -447,7 +448,7 @@ class Ledger:
             claimed: Any = self.client.xautoclaim(
                 self.keys.cmd, Keys.LEDGER_GROUP, self.consumer, idle_ms, start, self.batch_size
             )
-            start = claimed[0].decode() if isinstance(claimed[0], bytes) else str(claimed[0])
+            start = text(claimed[0])
             entries = entries_from_reply([e for e in claimed[1] if e is not None])
             self.fold(entries)
             folded += len(entries)
@@ -582,9 +583,9 @@ class Ledger:
     def _last_delivered(self) -> tuple[int, int]:
         for group in self.client.xinfo_groups(self.keys.cmd):
             name = group["name"]
-            if (name.decode() if isinstance(name, bytes) else name) == Keys.LEDGER_GROUP:
+            if text(name) == Keys.LEDGER_GROUP:
                 last = group["last-delivered-id"]
-                return stream_id_order(last.decode() if isinstance(last, bytes) else str(last))
+                return stream_id_order(text(last))
         return (0, 0)
 
     def size(self) -> int:
@@ -609,7 +610,7 @@ class Ledger:
         """The held records (the newest verified state of rules whose newest command nobody
         verified), by rule id."""
         return {
-            (k.decode() if isinstance(k, bytes) else str(k)): RuleRecord.model_validate_json(v)
+            text(k): RuleRecord.model_validate_json(v)
             for k, v in self.client.hscan_iter(self.keys.held, count=1000)
         }
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from pushfw.producer.connection import text
 from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import (
@@ -88,7 +89,7 @@ def read_records(client: redis.Redis, keys: Keys, held: bool = False) -> dict[st
     raw: Any = client.hgetall(keys.held_lists if held else keys.lists)
     records = {}
     for key, value in raw.items():
-        name = _text(key)
+        name = text(key)
         try:
             record = ListRecord.model_validate_json(value)
         except ValueError as exc:
@@ -113,7 +114,7 @@ def read_content(
             says why.
     """
     key = keys.list_content(name, version)
-    kind = _text(client.type(key))
+    kind = text(client.type(key))
     if kind == "none":
         return None
     if kind != "string":
@@ -137,10 +138,6 @@ def read_content(
         raise ValueError(f"the content stored as version {version} hashes to {content.version}")
     content.check()
     return content
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class ListKeeper:

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from pushfw.producer.connection import redis_ms, untyped
+from pushfw.producer.connection import redis_ms, text, untyped
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
 from pushfw.worker.ledger import claim_script
@@ -84,7 +84,7 @@ class Scheduler:
         rows: Any = self.client.zrangebyscore(
             self.keys.expiry, "-inf", "+inf", start=0, num=limit + 1, withscores=True
         )
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m, s in rows if s <= now_ms]
+        ids = [text(m) for m, s in rows if s <= now_ms]
         later = [s for _, s in rows if s > now_ms]
         return ids[:limit], (later[0] - now_ms) / 1000 if later else None
 
