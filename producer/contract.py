@@ -3,7 +3,8 @@
 A command is a flat map of strings so that ``redis-cli XADD {pushfw}:cmd '*' op drop.insert
 ip 192.168.1.6`` is a complete producer. Parsing never trusts the bytes: every field is
 decoded strictly, bounded, and validated with :mod:`ipaddress`; the first problem becomes
-a :class:`CommandRejected` whose message names the field and the reason.
+a :class:`CommandRejected` whose message names the field and the reason. What each op
+does is its row in :data:`.ops.OPS`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pushfw.producer.connection import text
+from pushfw.producer.ops import OPS, Action, Op, is_list_op
 
 __all__ = [
     "DEFAULT_MIN_ACCEPT_PREFIX_V4",
@@ -83,48 +85,11 @@ class CommandRejected(ValueError):
     """A stream entry that is not a valid command; the message says why."""
 
 
-class Action(StrEnum):
-    DROP = "drop"
-    ACCEPT = "accept"
-
-
 def default_min_prefix(action: Action, version: int) -> int:
     """The default bound: the shortest prefix an ``action`` of this IP version may have."""
     if action is Action.DROP:
         return DEFAULT_MIN_DROP_PREFIX_V4 if version == 4 else DEFAULT_MIN_DROP_PREFIX_V6
     return DEFAULT_MIN_ACCEPT_PREFIX_V4 if version == 4 else DEFAULT_MIN_ACCEPT_PREFIX_V6
-
-
-class Op(StrEnum):
-    """The operations of wire format v1, spelt canonically."""
-
-    DROP_INSERT = "drop.insert"
-    DROP_DELETE = "drop.delete"
-    ACCEPT_INSERT = "accept.insert"
-    ACCEPT_DELETE = "accept.delete"
-    TTL_DROP_INSERT = "ttl.drop.insert"
-    TTL_ACCEPT_INSERT = "ttl.accept.insert"
-
-    @property
-    def action(self) -> Action:
-        return Action.DROP if "drop" in self.value else Action.ACCEPT
-
-    @property
-    def is_insert(self) -> bool:
-        return self.value.endswith(".insert")
-
-    @property
-    def needs_ttl(self) -> bool:
-        return self.value.startswith("ttl.")
-
-    @classmethod
-    def parse(cls, raw: str) -> Op:
-        """Accept the seed's spellings: any case, ``_`` for ``.`` (``TTL_DROP_INSERT``)."""
-        try:
-            return cls(raw.lower().replace("_", "."))
-        except ValueError:
-            known = ", ".join(op.value for op in cls)
-            raise ValueError(f"unknown op {raw[:40]!r} (expected one of {known})") from None
 
 
 class Status(StrEnum):
@@ -254,7 +219,7 @@ class Command(BaseModel):
     def _ttl_matches_op(self) -> Command:
         if self.op.needs_ttl and self.ttl_s is None:
             raise ValueError(f"ttl: op {self.op.value} needs a ttl")
-        if not self.op.is_insert and self.ttl_s is not None:
+        if not OPS[self.op].takes_ttl and self.ttl_s is not None:
             raise ValueError(f"ttl: op {self.op.value} takes no ttl")
         return self
 
@@ -435,7 +400,7 @@ def signing_payload(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> bytes:
     """
     items = _wire_items(fields)
     lines = []
-    names = LIST_SIGNED_FIELDS if items.get(b"op", b"")[:5].lower() == b"list." else SIGNED_FIELDS
+    names = LIST_SIGNED_FIELDS if is_list_op(items.get(b"op", b"")) else SIGNED_FIELDS
     for name in names:
         value = items.get(name.encode())
         if value is None:

@@ -24,7 +24,6 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from itertools import islice
 from typing import Annotated
 
@@ -46,6 +45,7 @@ from pushfw.producer.contract import (
     parse_network,
     targets,
 )
+from pushfw.producer.ops import OPS, ListOp, is_list_op
 
 __all__ = [
     "LIST_NAME",
@@ -76,18 +76,13 @@ _WIDTH = {4: 5, 6: 17}
 _VERSION = re.compile(r"[0-9a-f]{32}")
 
 
-class ListOp(StrEnum):
-    LOAD = "list.load"
-    DELETE = "list.delete"
-
-
 def is_list_entry(fields: Mapping[bytes, bytes] | None) -> bool:
     """Whether a stream entry's ``op`` is a list operation (``list.load``, ``list.delete``)."""
     if not fields:
         return False
     for key, value in fields.items():
         if key.lower() == b"op":
-            return value[:5].lower() == b"list."
+            return is_list_op(value)
     return False
 
 
@@ -543,7 +538,7 @@ class ListCommand(BaseModel):
 
     @property
     def is_insert(self) -> bool:
-        return self.op is ListOp.LOAD
+        return OPS[self.op].insert
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
         return targets(self.target, host, labels)
@@ -588,6 +583,6 @@ def parse_list_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Lis
         raise CommandRejected(explain(exc, _LIST_WIRE)) from None
     if cmd.op is ListOp.LOAD and not cmd.version:
         raise CommandRejected("version: is missing (list.load names the content it loads)")
-    if cmd.op is ListOp.DELETE and cmd.ttl_s is not None:
-        raise CommandRejected("ttl: list.delete takes no ttl")
+    if cmd.ttl_s is not None and not OPS[cmd.op].takes_ttl:
+        raise CommandRejected(f"ttl: {cmd.op.value} takes no ttl")
     return cmd

@@ -34,7 +34,6 @@ from pushfw.producer.contract import (
 from pushfw.producer.lists import (
     ListCommand,
     ListContent,
-    ListOp,
     parse_list_command,
     record_text,
 )
@@ -410,7 +409,7 @@ class ListRequest:
                 cmd.version,
                 expires_at(seen_ms, cmd.ttl_s),
             ),
-            load=cmd.op is ListOp.LOAD,
+            load=cmd.is_insert,
             target=cmd.target,
             seen_ms=seen_ms,
             fields=entry.fields,

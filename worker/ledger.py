@@ -367,7 +367,7 @@ def list_record_for(
         expires_ms=expires_at(seen_ms, cmd.ttl_s),
         target=list(cmd.target),
         reason=cmd.reason,
-        deleted=cmd.op.value == "list.delete",
+        deleted=not cmd.is_insert,
         seen_ms=seen_ms if seen_ms != entry.ms else None,
         signed=signed,
         checked=checked and bool(signed),
