@@ -40,7 +40,7 @@ from pushfw.producer.lists import (
 from pushfw.producer.records import ListRecord, RuleRecord
 from pushfw.producer.wire import ParsedCommand, read_command, read_network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
-from pushfw.worker.expiry import expires_at
+from pushfw.worker.expiry import expired, expires_at
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
@@ -273,7 +273,8 @@ def decide(
     unsafe = _unsafe_drop(key, policy) if key.action is Action.DROP else _wide_accept(key, policy)
     if unsafe is not None:
         return Delete(key, Status.REJECTED, f"ip: {unsafe}")
-    if request.expires_ms is not None and request.expires_ms <= now_ms:
+    if expired(request.expires_ms, now_ms):
+        assert request.expires_ms is not None
         return Delete(key, Status.EXPIRED, f"expired {now_ms - request.expires_ms} ms ago")
     return Add(Rule(key, request.expires_ms))
 
@@ -486,7 +487,8 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
     if not request.load:
         return Unload(name)
     expires_ms = request.list.expires_ms
-    if expires_ms is not None and expires_ms <= now_ms:
+    if expired(expires_ms, now_ms):
+        assert expires_ms is not None
         return Unload(name, Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago")
     return Load(request.list, request.size)
 

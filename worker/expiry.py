@@ -2,7 +2,8 @@
 
 A ban's expiry is absolute (:func:`expires_at`): Redis's time when the command was first
 seen (:mod:`pushfw.worker.clock`) plus its ``ttl``, the same on every host and in the
-ledger. A kernel that can time elements out itself gets :func:`kernel_timeout_s` as backstop.
+ledger; it has ended from that millisecond on (:func:`expired`). A kernel that can time
+elements out itself gets :func:`kernel_timeout_s` as a backstop.
 
 Each host removes its own timed rules at the exact millisecond (Redis's clock), from the
 expiry recorded with the rule in the kernel: a ban ends on time even when Redis is
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # backends import this module for kernel_timeout_s
     from pushfw.worker.backends.base import Rule, RuleKey
 
-__all__ = ["ExpiryQueue", "expires_at", "kernel_timeout_s"]
+__all__ = ["ExpiryQueue", "expired", "expires_at", "kernel_timeout_s"]
 
 
 def expires_at(seen_ms: int, ttl_s: int | None) -> int | None:
@@ -30,6 +31,12 @@ def expires_at(seen_ms: int, ttl_s: int | None) -> int | None:
     an id ahead of Redis's clock), so a host that applies it late applies only what remains.
     """
     return seen_ms + ttl_s * 1000 if ttl_s else None
+
+
+def expired(expires_ms: int | None, now_ms: int) -> bool:
+    """Whether a rule or list with this expiry has ended by ``now_ms`` (Redis ms): from its
+    expiry's millisecond on, it is applied nowhere and reported ``expired``."""
+    return expires_ms is not None and expires_ms <= now_ms
 
 
 def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:

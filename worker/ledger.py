@@ -48,7 +48,7 @@ from pushfw.producer.records import ListRecord, RuleRecord, rule_id
 from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.clock import LUA_NOW_MS, Clock
 from pushfw.worker.decide import is_signed, refused_by_every_host
-from pushfw.worker.expiry import expires_at
+from pushfw.worker.expiry import expired, expires_at
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import (
     LUA_ID_ORDER,
@@ -314,8 +314,7 @@ def folded(
     from a dict: a model per command cost the fold as much as the rest of it.
     """
     expires_ms = expires_at(seen_ms, cmd.ttl_s)
-    expired = expires_ms is not None and expires_ms <= now_ms
-    deleted = expired or not cmd.is_insert
+    deleted = expired(expires_ms, now_ms) or not cmd.is_insert
     action = cmd.action.value
     network = str(cmd.network)
     record: dict[str, object] = {"id": entry.id, "action": action, "network": network}

@@ -54,6 +54,7 @@ from pushfw.worker.decide import (
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
+from pushfw.worker.expiry import expired
 from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.stream import Entry, stream_id_order
 
@@ -440,11 +441,7 @@ class ListKeeper:
 
     def expire_due(self, now_ms: int) -> int:
         """Remove the lists whose expiry has passed; returns how many."""
-        due = [
-            h
-            for h in self.held.values()
-            if h.spec.expires_ms is not None and h.spec.expires_ms <= now_ms
-        ]
+        due = [h for h in self.held.values() if expired(h.spec.expires_ms, now_ms)]
         for held in due:
             outcome = self._unload(Unload(held.spec.name), held.id)
             if outcome.status is None:
