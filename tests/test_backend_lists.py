@@ -1,8 +1,8 @@
 """Named lists (:meth:`Backend.load_list` and friends) checked against every set backend.
 
 Like :mod:`tests.test_backend_contract`, a kernel backend runs inside the namespace it
-manages: each test writes a script of steps, run here for memory and as
-``python -m tests.test_backend_lists SPEC`` under ``ip netns exec`` for nftables and ipset.
+manages: each test writes a script of steps, run here for memory and by
+:mod:`testbed.driver` under ``ip netns exec`` for nftables and ipset.
 The ``content`` step reads what the kernel holds for a list with the operator's tools
 (``nft -j list table``, ``ipset save``), never through the backend under test.
 """
@@ -10,106 +10,29 @@ The ``content`` step reads what the kernel holds for a list with the operator's 
 from __future__ import annotations
 
 import ipaddress
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from testbed.driver import Script, run_script
+from testbed.kernel import by_family, list_content
 from tests.conftest import Netns, wait_for
-from tests.kernel import ipset_list_entries, nft_list_entries
-from tests.test_backend_contract import ROOT, Script, Subject, _backend_step, _build, _subject_for
+from tests.test_backend_contract import Subject, _subject_for
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 LIST_BACKENDS = ("memory", "nftables", "ipset")
 
 
-# --- the driver: list steps, then the contract's rule steps ---
-
-
-def _spec(args: list[Any]) -> Any:
-    from pushfw.producer.contract import Action
-    from pushfw.worker.backends.base import BlockList
-
-    name, action, *rest = args
-    return BlockList(name, Action(action), "v", rest[0] if rest else None)
-
-
-def _list_step(backend: Any, verb: str, args: list[Any]) -> Any:
-    from pushfw.worker.errors import BackendError
-
-    try:
-        match verb:
-            case "load":  # name, action, entries[, expires_ms]
-                backend.load_list(_spec([args[0], args[1], *args[3:]]), args[2])
-            case "change":  # name, action, add, remove[, expires_ms]
-                backend.change_list(_spec([args[0], args[1], *args[4:]]), args[2], args[3])
-            case "remove":
-                backend.remove_list(args[0])
-            case "names":
-                return sorted(backend.list_names())
-    except BackendError as exc:
-        return {"error": type(exc).__name__, "detail": str(exc)}
-    return {"error": None}
+def run(subject: Subject, script: Script, **options: Any) -> list[Any]:
+    return subject.run(script, **options)
 
 
 def content(
     backend_name: str, name: str, backend: Any = None, ns: Netns | None = None
 ) -> list[str]:
-    """The entries the kernel (or the memory backend) holds for list ``name``, sorted."""
-    if backend_name == "memory":
-        return ordered(list(backend.lists.get(name, (None, set()))[1]))
-    prefix = ["ip", "netns", "exec", ns.name] if ns else []  # None: inside it already
-    if backend_name == "nftables":
-        listing = subprocess.run(
-            [*prefix, "nft", "-j", "list", "table", "inet", "pushfw"],
-            capture_output=True,
-            text=True,
-        ).stdout
-        return ordered(nft_list_entries(listing, name))
-    saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
-    return ordered(ipset_list_entries(saved, name))
-
-
-def run_script(spec: dict[str, Any]) -> list[Any]:
-    """Run ``spec['steps']`` against one backend (instance ``a``, or ``verb@b`` for b)."""
-    instances: dict[str, Any] = {}
-    results: list[Any] = []
-    for step in spec["steps"]:
-        verb, _, label = str(step[0]).partition("@")
-        if (label or "a") not in instances:
-            instances[label or "a"] = _build(spec["backend"], spec.get("options", {}))
-        backend = instances[label or "a"]
-        if verb == "content":
-            results.append(content(spec["backend"], step[1], backend))
-        elif verb == "shell":  # a hand change to the kernel, as an operator would make it
-            results.append(subprocess.run(step[1:], capture_output=True, text=True).returncode)
-        elif verb in ("load", "change", "remove", "names"):
-            results.append(_list_step(backend, verb, step[1:]))
-        else:
-            results.append(_backend_step(backend, verb, step[1:]))
-    return results
-
-
-def run(subject: Subject, script: Script, **options: Any) -> list[Any]:
-    spec: dict[str, Any] = {"backend": subject.name, "steps": script.steps, "options": options}
-    if subject.ns is None:
-        return run_script(spec)
-    argv = [sys.executable, "-m", "tests.test_backend_lists"]  # the spec on stdin: it can be big
-    proc = subprocess.run(
-        ["ip", "netns", "exec", subject.ns.name, *argv],
-        input=json.dumps(spec),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    results: list[Any] = json.loads(proc.stdout)
-    return results
+    return list_content(backend_name, name, backend, ns)
 
 
 @pytest.fixture(params=LIST_BACKENDS)
@@ -134,13 +57,7 @@ FIRST = ["192.0.2.0/24", "198.51.100.7/32", "10.0.0.0/8", "2001:db8::/32", "2001
 SECOND = ["192.0.2.0/25", "203.0.113.0/24", "2001:db8:2::/48"]
 
 
-def _order(entry: str) -> tuple[int, Any]:
-    network = ipaddress.ip_network(entry)
-    return network.version, network
-
-
-def ordered(entries: list[str]) -> list[str]:
-    return sorted(entries, key=_order)
+ordered = by_family
 
 
 # --- the contract ---
@@ -493,7 +410,3 @@ def test_a_list_of_120k_entries_loads_whole(kernel_subject: Subject):
     held = content(kernel_subject.name, "big", ns=kernel_subject.ns)
     print(f"\n{kernel_subject.name}: {count} entries loaded in {seconds:.2f} s (open included)")
     assert len(held) == count
-
-
-if __name__ == "__main__":
-    print(json.dumps(run_script(json.loads(sys.stdin.read()))))

@@ -6,8 +6,8 @@ import sys
 
 from pushfw.producer import Producer
 from pushfw.producer.connection import redis_ms
+from testbed.kernel import Firewall, chain_rules
 from tests.conftest import Netns, wait_for
-from tests.kernel import Firewall, chain_rules
 
 CMD = "{pushfw}:cmd"
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from pushfw.producer import Producer
 from pushfw.producer.lists import ListContent
+from testbed.kernel import Firewall
 from tests.conftest import Netns, WorkerProcess, pushfw_cli, wait_for
-from tests.kernel import Firewall
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 

@@ -13,8 +13,8 @@ import redis
 from pushfw.producer import Producer
 from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
+from testbed.kernel import Firewall
 from tests.conftest import RedisServer, wait_for
-from tests.kernel import Firewall
 
 CMD = "{pushfw}:cmd"
 

@@ -1,33 +1,11 @@
 """Rules as elements of ipset sets, matched by one iptables rule per set.
 
-One ``hash:net`` set per action and family (``pushfw-accept4``, ``pushfw-drop4``,
-``pushfw-accept6``, ``pushfw-drop6``), created with ``timeout 0``, ``counters`` and
-``comment``: every element may carry a kernel timeout (0 means permanent), counts the packets
-and bytes it matched (:meth:`IpsetBackend.hits`), and a timed element carries its exact
-expiry as a comment (``exp=<ms>``), so the index, and timed rules' expiry, can be rebuilt from
-the kernel. A set made before counters is moved to one with them at open, as a ``maxelem``
-change is (a new set, one restore, an atomic ``swap``). A timed element's kernel timeout is
-the time remaining, rounded up, plus a second, so a ban ends even if the worker is down; the
-worker still deletes it at the exact millisecond, first.
-
-The managed chain (the iptables backend's chain, jumped to once from each hook chain) holds
-two rules per family: match the accept set and ACCEPT, then match the drop set and DROP, so an
-allow always wins over a ban. Any other rule in that chain is left alone.
-
-Each batch is one ``ipset -exist restore`` process fed on stdin (never a shell), its lines
-built only from ``ipaddress`` network strings and integers. ``restore`` stops at the first
-line the kernel refuses but keeps the lines before it, so a failed batch is undone by a second
-restore that puts back the previous state of every element the batch touched.
-
-A named list (``pushfw import``) gets one ``hash:net`` set per family, named after its
-action (``pushfw-d4-<name>``, ``pushfw-a6-<name>``), with ``maxelem`` grown to fit, and one
-rule each in the managed chain: accept lists after the accept set's rule, drop lists after the
-drop set's. A load fills a temporary set (``pushfw-d4+<name>``) in one restore and swaps it
-with the live one, so packets meet the old content or the new; a change is one restore of
-``del`` then ``add`` lines, through a bigger set (swapped in) if it would overflow.
-
-Needs the ``ip_set`` and ``xt_set`` kernel modules; sets, like chains, are per network
-namespace.
+One ``hash:net`` set per action and family, with kernel timeouts, counters and each timed
+rule's exact expiry as a comment (so the index can be rebuilt from the kernel); the managed
+chain matches the accept sets before the drop sets. Each batch is one ``ipset -exist
+restore`` fed on stdin, never a shell, undone by a second restore if the kernel refuses a
+line. Named lists get sets of their own, swapped in whole. The layout and why:
+docs/internals.md, "Kernel layouts".
 """
 
 from __future__ import annotations

@@ -1,39 +1,10 @@
 """Rules as elements of sets in a table of pushfw's own (``inet pushfw``), via libnftables JSON.
 
-Single addresses live in plain ``flags timeout`` sets (``drop4``, ``accept6`` ...): one add
-stays cheap at any size. Networks live in ``interval`` sets, one per prefix length in use
-(``drop4_24``): aligned networks of one length never overlap, and nft refuses overlapping
-intervals in one set. Every element carries its exact expiry as a comment (``exp=<ms>``) so
-the index can be rebuilt from the kernel, and a kernel timeout (whole seconds, rounded up)
-plus a second so a ban ends even while the worker or Redis is away (the worker deletes it at
-the exact ms, first: nft fails a whole batch on deleting an element already timed out).
-Each hook gets one base chain whose rules (accepts first) are a pure function of the sets,
-rewritten atomically whenever a set is added. Every batch is one nft transaction.
-
-Every set declares a ``counter`` for its elements, so each rule counts the packets and bytes
-it matched (:meth:`NftablesBackend.hits`). A set made before counters cannot gain them in
-place (the kernel refuses to re-add a set with other expressions), so :meth:`open` moves
-its elements to a new set in one transaction: the chains' rules are flushed, the old set is
-deleted, the new one added with every element (same expiry) and the rules written again.
-Packets meet either the old ruleset or the new one, never a gap.
-
-The heartbeat's check (:meth:`NftablesBackend.intact`) reads the kernel over netlink itself:
-libnftables fetches every set element before it lists even one chain.
-
-A named list (``pushfw import``) gets sets of its own, one per family and prefix length in
-use (``list_drop_<name>4_32``, ``list_drop_<name>4_24``; the /32 and /128 ones always), each
-a plain hash set of network addresses matched by ``ip saddr & <mask>``, like ipset's
-hash:net: libnftables 1.0.6 fetches every element of every ``interval`` set before any
-element change, so a million-entry interval list would slow every later batch by seconds.
-The chains' rules match them too (accept lists after the accept rules, drop lists after the
-drop rules). A load deletes and re-creates the list's sets, filled, in the one transaction
-that rewrites the rules; a timed list's sets carry its timeout as their default. A list of
-more than ``list_chunk`` entries is filled first, a chunk per transaction, into sets no rule
-matches yet, named in the other slot (``list_drop_<name>4_32b``; nftables cannot rename a
-set), and the transaction that rewrites the rules swaps them in and deletes the old ones:
-packets still meet the old list or the new one, and libnftables never holds a million
-elements at once. A start removes a slot no rule matches (a fill cut short). Listings read
-only the rules' sets: a list's elements are never fetched back.
+Sets (plain for addresses, one ``interval`` set per prefix length for networks) carry each
+rule's exact expiry as a comment and a kernel timeout, so the index can be rebuilt from the
+kernel and a ban ends even while the worker is away; the chains' rules are a pure function
+of the sets, and every batch is one nft transaction. Named lists get sets of their own,
+swapped in whole. The layout and why: docs/internals.md, "Kernel layouts".
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
-from tests.conftest import Netns
+from testbed.netns import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
@@ -206,3 +207,61 @@ def dropped(ns: Netns, v6: bool = False) -> list[str]:
 
 def accepted(ns: Netns, v6: bool = False) -> list[str]:
     return [line.split()[3] for line in chain_rules(ns, v6=v6) if line.endswith("-j ACCEPT")]
+
+
+def kernel_view(ns: Netns, backend: str, dump: bool = False) -> Any:
+    """The managed rules the kernel holds, as a ``snapshot`` step lists them, and how many
+    kernel entries hold them (a duplicate entry shows as more entries than rules); with
+    ``dump``, the whole firewall as text instead."""
+    fw = Firewall(ns, backend)
+    if dump:
+        six = ns.run("ip6tables-legacy-save", check=False).stdout.splitlines()
+        lines = [*fw.dump().splitlines(), *(x for x in six if not x.startswith(("#", ":")))]
+        return "\n".join(_without_empty_tables(lines))
+    rules = sorted([action, net, exp] for (action, net), exp in fw.rules().items())
+    entries = len(rules)
+    if backend == "iptables":  # one x_tables entry per rule: count them, duplicates included
+        entries = sum(" -s " in line for v6 in (False, True) for line in chain_rules(ns, v6=v6))
+    return {"rules": rules, "entries": entries}
+
+
+def _without_empty_tables(lines: list[str]) -> list[str]:
+    """Drop ``*table`` / ``COMMIT`` pairs with no rule between: libiptc instantiates the
+    built-in x_tables tables (nat, raw, ...) of a namespace, which holds no rule the more."""
+    out: list[str] = []
+    for line in lines:
+        if line == "COMMIT" and out and out[-1].startswith("*"):
+            out.pop()
+        else:
+            out.append(line)
+    return out
+
+
+def by_family(entries: list[str]) -> list[str]:
+    """Networks sorted IPv4 first, then by address and length (how list contents compare)."""
+
+    def order(entry: str) -> tuple[int, Any]:
+        network = ipaddress.ip_network(entry)
+        return network.version, network
+
+    return sorted(entries, key=order)
+
+
+def list_content(
+    backend_name: str, name: str, backend: Any = None, ns: Netns | None = None
+) -> list[str]:
+    """The entries the kernel (or the memory backend) holds for list ``name``, sorted, read
+    with the operator's tools (``nft -j list table``, ``ipset save``), never through the
+    backend under test. ``ns`` None: this process is inside the namespace already."""
+    if backend_name == "memory":
+        return by_family(list(backend.lists.get(name, (None, set()))[1]))
+    prefix = ["ip", "netns", "exec", ns.name] if ns else []
+    if backend_name == "nftables":
+        listing = subprocess.run(
+            [*prefix, "nft", "-j", "list", "table", "inet", "pushfw"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return by_family(nft_list_entries(listing, name))
+    saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
+    return by_family(ipset_list_entries(saved, name))
