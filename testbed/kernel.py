@@ -13,8 +13,8 @@ from testbed.netns import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
-_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)b?")
-_IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
+_NFT_LIST_SET = re.compile(r"lists_(?P<action>drop|accept)[46]_(?P<prefix>\d+)b?")
+_IPSET_LIST_LINE = re.compile(r"add pushfw-lists-(?P<action>[ad])[46] (?P<net>\S+)")
 _IPSET_LINE = re.compile(
     r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
     r'(?: comment "([^"]*)")?'
@@ -161,11 +161,19 @@ class Firewall:
 
 
 def nft_list_entries(listing: str, name: str) -> list[str]:
-    """List ``name``'s entries in the output of ``nft -j list table inet pushfw``."""
+    """What the kernel enforces for list ``name`` in ``nft -j list table inet pushfw``: the
+    lists of one action share sets, so these are the entries of every loaded list of its
+    action (its marker set ``mark_<action>_<name>`` says which): with one such list, its own."""
+    items = json.loads(listing or "{}").get("nftables", [])
+    names = [item["set"]["name"] for item in items if "set" in item]
+    action = next(
+        (n.split("_")[1] for n in names if n.startswith("mark_") and n.split("_", 2)[2] == name),
+        None,
+    )
     found = []
-    for item in json.loads(listing or "{}").get("nftables", []):
+    for item in items:
         parsed = _NFT_LIST_SET.fullmatch(item.get("set", {}).get("name", ""))
-        if parsed and parsed["name"] == name:
+        if action is not None and parsed and parsed["action"] == action:
             for raw in item["set"].get("elem", []):
                 value = raw["elem"]["val"] if isinstance(raw, dict) else raw
                 found.append(_net(f"{value}/{parsed['prefix']}"))
@@ -173,11 +181,14 @@ def nft_list_entries(listing: str, name: str) -> list[str]:
 
 
 def ipset_list_entries(saved: str, name: str) -> list[str]:
-    """List ``name``'s entries in the output of ``ipset save``."""
+    """What the kernel enforces for list ``name`` in ``ipset save``: the lists of one action
+    share sets, so these are the entries of every loaded list of its action (its marker set
+    ``pushfw-m<a|d>-<name>`` says which): with one such list, its own."""
+    marker = re.search(rf"^create pushfw-m([ad])-{re.escape(name)} ", saved, re.MULTILINE)
     found = []
     for line in saved.splitlines():
         parsed = _IPSET_LIST_LINE.match(line)
-        if parsed and parsed["name"] == name:
+        if marker and parsed and parsed["action"] == marker[1]:
             found.append(_net(parsed["net"]))
     return found
 

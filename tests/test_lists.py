@@ -142,6 +142,31 @@ def test_a_drop_list_never_covers_a_protected_network_or_goes_wider_than_the_bou
     assert (beat.lists["wide"].entries, beat.lists["wide"].refused) == (2, 3)
 
 
+def test_a_new_list_past_the_hosts_cap_is_rejected_naming_the_cap(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server, max_lists="2")
+    worker.setup()
+    for name, address in (("one", "192.0.2.1"), ("two", "192.0.2.2")):
+        producer.load_list(name, content(address))
+    third = producer.load_list("three", content("192.0.2.3"))
+    worker.run(burst=True)
+    res = result(producer, third)
+    assert res.status.value == "rejected"
+    assert "max_lists 2" in res.detail
+    assert held(worker, "three") is None
+    assert held(worker, "one") == {"192.0.2.1/32"} and held(worker, "two") == {"192.0.2.2/32"}
+
+    again = producer.load_list("two", content("192.0.2.2", "192.0.2.4"))
+    worker.run(burst=True)
+    assert result(producer, again).status.value == "applied", "a held list may change"
+    producer.delete_list("one")
+    fourth = producer.load_list("three", content("192.0.2.3"))
+    worker.run(burst=True)
+    assert result(producer, fourth).status.value == "applied", "room again after a delete"
+    assert held(worker, "three") == {"192.0.2.3/32"}
+
+
 def test_a_list_for_other_hosts_is_not_loaded_and_a_delete_removes_it(
     r: Any, redis_server: RedisServer, producer: Producer
 ):

@@ -131,6 +131,7 @@ class Worker:
             min_accept_prefix_v4=settings.min_accept_prefix_v4,
             min_accept_prefix_v6=settings.min_accept_prefix_v6,
             list_bounds=ListBounds.from_settings(settings),
+            max_lists=settings.max_lists,
         )
         self.ledger = Ledger(
             self.client,
