@@ -411,7 +411,9 @@ _IMPORT_ERRORS_SHOWN = 5
 
 @cli.command(name="import")
 @click.argument("file", type=click.File("r", encoding="utf-8", errors="replace"))
-@click.option("--name", default=None, help="The list's name [from FILE's name].")
+@click.option(
+    "--name", default=None, help="The list's name [from FILE's name; required for stdin]."
+)
 @click.option("--action", type=click.Choice(["drop", "accept"]), default="drop", show_default=True)
 @click.option("--ttl", type=Duration(), default=None, help="Lifetime of the whole list (2d).")
 @click.option("--reason", default="", help="Free text kept with the list.")
@@ -437,7 +439,10 @@ def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
     DROP text and JSON files read as they are). The list is stored once in Redis and sent
     as one command; importing a changed file again sends each host only the difference.
     """
-    name = opts["name"] or list_name_for(Path(file.name).name if file.name != "<stdin>" else "")
+    if file.name == "<stdin>" and not opts["name"]:
+        # A default name for stdin would let two cron jobs replace each other's list.
+        raise click.UsageError("a list read from stdin (-) needs --name")
+    name = opts["name"] or list_name_for(Path(file.name).name)
     if not LIST_NAME.fullmatch(name):
         raise click.BadParameter(
             f"{name!r}: a lower-case letter, then up to 15 letters, digits or _",

@@ -20,6 +20,7 @@ from pushfw.producer.client import is_live, reaches
 from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
+from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker, wait_for
 from tests.test_cli import CMD, HOSTS, beat, entries, one_line_error
 
@@ -167,3 +168,31 @@ def test_list_counts_one_rule(pushfw: Run, producer: Producer, redis_server: Red
     assert proc.stderr == "1 active rule\n"
     proc = pushfw("list", "--host", "web1")
     assert proc.stderr == "1 active rule for web1\n"
+
+
+# --- issue 23: the frictions an operator met ---------------------------------------------
+
+
+def pushfw_stdin(server: RedisServer, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pushfw ARGS`` with ``text`` on its standard input, as a cron pipe runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pushfw.producer", "--redis-url", server.url, *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
+
+
+def test_import_from_stdin_needs_a_name(redis_server: RedisServer, r: redis.Redis) -> None:
+    """Two cron jobs piping lists in must not both land on a default name: exit 2, one line."""
+    proc = pushfw_stdin(redis_server, "192.0.2.0/24\n", "import", "-")
+    assert proc.returncode == 2, proc.stderr
+    assert one_line_error(proc) == "pushfw: a list read from stdin (-) needs --name"
+    assert entries(r, CMD) == []
+    proc = pushfw_stdin(redis_server, "192.0.2.0/24\n", "import", "-", "--name", "cron_a")
+    assert proc.returncode == 0, proc.stderr
+    [(_, fields)] = entries(r, CMD)
+    assert fields[b"name"] == b"cron_a"
+
