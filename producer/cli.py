@@ -143,7 +143,13 @@ def _push_command(spec: OpSpec) -> None:
         is_flag=True,
         help="Wait for the hosts' results (exit 3 at once if no live host matches the target).",
     )
-    @click.option("--expect", default=1, show_default=True, help="Results to wait for.")
+    @click.option(
+        "--expect",
+        type=click.IntRange(0, 100_000),
+        default=1,
+        show_default=True,
+        help="With --wait: results to wait for (one per host).",
+    )
     @click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
     @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
@@ -181,6 +187,12 @@ cli.add_command(crowdsec_command)  # pushfw crowdsec: producer/crowdsec.py
 
 def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, Any]) -> None:
     """Wait for the results of ``cmd_id``, unless no live host is there to send one."""
+    if opts["expect"] == 0:
+        click.echo(as_json([{"cmd": cmd_id}]) if opts["json_out"] else cmd_id)
+        click.echo(
+            f"pushfw: --expect 0: waited for no result (pushfw results --cmd {cmd_id})", err=True
+        )
+        return
     if (nobody := _nobody_answers(producer, target)) is not None:
         if opts["json_out"]:
             click.echo(as_json([]))
@@ -191,7 +203,8 @@ def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, An
         _show(_result_rows(results), ["host", "status", "detail", "cmd"], opts["json_out"])
     if len(results) < opts["expect"]:
         expected = plural(opts["expect"], "result")
-        click.echo(f"pushfw: {len(results)} of {expected} before the timeout", err=True)
+        silent = _silent_hosts(producer, target, results)
+        click.echo(f"pushfw: {len(results)} of {expected} before the timeout{silent}", err=True)
     twins = _twins(producer, target)
     for host in twins:
         click.echo(
@@ -205,6 +218,24 @@ def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, An
         sys.exit(3)
     if any(r.status.value in ("rejected", "failed") for r in results):
         sys.exit(4)
+
+
+def _silent_hosts(producer: Producer, target: list[str], results: list[Result]) -> str:
+    """``; no result from web2 (STALE)``: the targeted hosts (by heartbeat) that did not
+    answer, so a short count names who is missing."""
+    try:
+        hosts = producer.hosts()
+    except redis.exceptions.NoPermissionError:
+        return ""  # as _nobody_answers: this user may not read heartbeats
+    now_ms = producer.now_ms()
+    answered = {r.host for r in results}
+    silent = [h for h in hosts if reaches(target, h) and h.host not in answered]
+    if not silent:
+        return "; no other targeted host is known (pushfw status)"
+    named = [_known_host(h, now_ms) for h in silent[:_KNOWN_SHOWN]]
+    if len(silent) > _KNOWN_SHOWN:
+        named.append(f"and {len(silent) - _KNOWN_SHOWN} more (pushfw status)")
+    return f"; no result from {', '.join(named)}"
 
 
 def _twins(producer: Producer, target: list[str]) -> list[str]:
@@ -428,7 +459,13 @@ _IMPORT_ERRORS_SHOWN = 5
     "link-local space a drop list covers outside it is warned about.",
 )
 @click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
-@click.option("--expect", default=1, show_default=True, help="Results to wait for.")
+@click.option(
+    "--expect",
+    type=click.IntRange(0, 100_000),
+    default=1,
+    show_default=True,
+    help="With --wait: results to wait for (one per host).",
+)
 @click.option("--timeout", "timeout_s", type=Duration(), default="60", show_default=True)
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
@@ -609,7 +646,13 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
 @lists_group.command(name="remove")
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
-@click.option("--expect", default=1, show_default=True, help="Results to wait for.")
+@click.option(
+    "--expect",
+    type=click.IntRange(0, 100_000),
+    default=1,
+    show_default=True,
+    help="With --wait: results to wait for (one per host).",
+)
 @click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
 @click.option("--json", "json_out", is_flag=True)
 @click.pass_obj

@@ -344,7 +344,7 @@ def test_wait_times_out_when_the_live_host_is_silent(pushfw: Run, r: redis.Redis
     started = time.monotonic()
     proc = pushfw("drop", "192.0.2.1", "--wait", "--timeout", "1")
     assert proc.returncode == 3, proc.stderr
-    assert one_line_error(proc) == "pushfw: 0 of 1 result before the timeout"
+    assert one_line_error(proc) == "pushfw: 0 of 1 result before the timeout; no result from web-1"
     assert 1 <= time.monotonic() - started < 30
     assert r.xlen(CMD) == 1, "the command was sent all the same"
 
@@ -423,7 +423,9 @@ def test_wait_for_more_hosts_than_answer(
     thread.join(timeout=30)
     assert not errors, errors
     assert proc.returncode == 3, proc.stderr
-    assert one_line_error(proc) == "pushfw: 1 of 2 results before the timeout"
+    assert one_line_error(proc) == (
+        "pushfw: 1 of 2 results before the timeout; no other targeted host is known (pushfw status)"
+    )
     assert [row["host"] for row in json.loads(proc.stdout)] == ["web-1"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pushfw.producer.client import is_live, reaches
 from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
+from pushfw.worker import Worker
 from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker, wait_for
 from tests.test_cli import CMD, HOSTS, beat, entries, one_line_error
@@ -196,3 +198,44 @@ def test_import_from_stdin_needs_a_name(redis_server: RedisServer, r: redis.Redi
     [(_, fields)] = entries(r, CMD)
     assert fields[b"name"] == b"cron_a"
 
+
+def test_wait_names_the_host_that_did_not_answer(
+    pushfw: Run, r: redis.Redis, redis_server: RedisServer
+) -> None:
+    """``--expect 2`` with web1 answering and web2 down: the count names web2 and its state."""
+    worker = memory_worker(redis_server, "web1")
+    worker.setup()
+    silent_host(r, "web2", ["web"], 600)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: worker_until(worker, done), daemon=True)
+    thread.start()
+    try:
+        proc = pushfw("drop", "192.0.2.1", "--wait", "--expect", "2", "--timeout", "3")
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines()[1].split()[:2] == ["web1", "applied"]
+    assert one_line_error(proc) == (
+        "pushfw: 1 of 2 results before the timeout; no result from web2 [web] (STALE)"
+    )
+
+
+def worker_until(worker: Worker, done: threading.Event) -> None:
+    """Run ``worker`` in bursts until ``done``: a live host answering while the CLI waits."""
+    while not done.is_set():
+        worker.run(burst=True)
+        done.wait(0.05)
+
+
+def test_expect_zero_says_it_waited_for_nothing(pushfw: Run, r: redis.Redis) -> None:
+    beat(r, "web1")
+    proc = pushfw("drop", "192.0.2.1", "--wait", "--expect", "0")
+    assert proc.returncode == 0, proc.stderr
+    [(entry_id, _)] = entries(r, CMD)
+    assert proc.stdout == entry_id.decode() + "\n"
+    assert proc.stderr == (
+        f"pushfw: --expect 0: waited for no result (pushfw results --cmd {entry_id.decode()})\n"
+    )
+    proc = pushfw("drop", "192.0.2.1", "--wait", "--expect", "-1")
+    assert proc.returncode == 2, proc.stderr
