@@ -28,6 +28,7 @@ from pushfw.producer.lists import (
     list_name_for,
     local_space,
     read_list,
+    refused_by_default,
     refused_with,
 )
 from pushfw.producer.ops import OPS, OpSpec
@@ -167,6 +168,8 @@ def _push_command(spec: OpSpec) -> None:
             cmd_id = send(ip, **kwargs)
         except CommandRejected as exc:
             raise click.UsageError(str(exc)) from None
+        if spec.insert and spec.action is not None:
+            _warn_refused(parse_network(ip), spec.action)
         if not opts["wait"]:
             click.echo(as_json([{"cmd": cmd_id}]) if opts["json_out"] else cmd_id)
             return
@@ -183,6 +186,14 @@ for _spec in OPS.values():
     if _spec.kind == "rule" and _spec.verb:
         _push_command(_spec)
 cli.add_command(crowdsec_command)  # pushfw crowdsec: producer/crowdsec.py
+
+
+def _warn_refused(network: Network, action: Action) -> None:
+    """Sent, but hosts with the default bounds refuse it: say so here, not only in results
+    nobody waited for."""
+    why = refused_by_default(network, action)
+    if why is not None:
+        click.echo(f"pushfw: warning: {why} (sent all the same)", err=True)
 
 
 def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, Any]) -> None:

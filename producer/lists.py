@@ -62,6 +62,7 @@ __all__ = [
     "parse_list_command",
     "read_list",
     "record_text",
+    "refused_by_default",
     "refused_with",
 ]
 
@@ -128,15 +129,26 @@ for _net in LOOPBACK:
     _LOOPBACK_LEAD[_net.version] += _net.network_address.packed[:1]
 
 
-def _refused_everywhere(family: int, rec: bytes, action: Action) -> str | None:
+def refused_by_default(network: Network, action: Action) -> str | None:
+    """Why every host with the default bounds refuses a rule on ``network`` (None: it may
+    not): the CLI warns before such a rule goes out, as the importer does for an entry."""
+    family, rec = _record(str(network))
+    return _refused_everywhere(family, rec, action, "")
+
+
+def _refused_everywhere(
+    family: int,
+    rec: bytes,
+    action: Action,
+    lost: str = ", and what it covers would be lost with it",
+) -> str | None:
     """Why every host with the default bounds refuses this entry (None: it may not)."""
     widest = default_min_prefix(action, family)
     if rec[-1] < widest:
         return (
             f"{record_text(rec)} is wider than /{widest}, the widest network a"
             f"{'n accept' if action is Action.ACCEPT else ' drop'} may cover by default "
-            f"(min_{action.value}_prefix_v{family}); hosts refuse it, and what it covers "
-            "would be lost with it"
+            f"(min_{action.value}_prefix_v{family}); hosts refuse it{lost}"
         )
     if action is Action.DROP:
         low, high = _LOOPBACK_SPANS[family]

@@ -239,3 +239,40 @@ def test_expect_zero_says_it_waited_for_nothing(pushfw: Run, r: redis.Redis) -> 
     )
     proc = pushfw("drop", "192.0.2.1", "--wait", "--expect", "-1")
     assert proc.returncode == 2, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("drop", "127.0.0.1"), "127.0.0.1/32 covers loopback, which no host drops"),
+        (("drop", "::1"), "::1/128 covers loopback, which no host drops"),
+        (
+            ("drop", "10.0.0.0/7"),
+            "10.0.0.0/7 is wider than /8, the widest network a drop may cover by default "
+            "(min_drop_prefix_v4); hosts refuse it",
+        ),
+        (
+            ("accept", "2000::/15"),
+            "2000::/15 is wider than /16, the widest network an accept may cover by default "
+            "(min_accept_prefix_v6); hosts refuse it",
+        ),
+    ],
+)
+def test_a_rule_every_default_host_refuses_is_warned_about(
+    pushfw: Run, r: redis.Redis, args: tuple[str, ...], why: str
+) -> None:
+    """Sent all the same (a host may be configured wider), but not without a word."""
+    proc = pushfw(*args)
+    assert proc.returncode == 0, proc.stderr
+    [(entry_id, _)] = entries(r, CMD)
+    assert proc.stdout == entry_id.decode() + "\n"
+    assert proc.stderr == f"pushfw: warning: {why} (sent all the same)\n"
+
+
+@pytest.mark.parametrize(
+    "args", [("drop", "10.0.0.0/8"), ("drop", "128.0.0.1"), ("undrop", "127.0.0.1")]
+)
+def test_a_rule_hosts_take_is_sent_without_a_warning(pushfw: Run, args: tuple[str, ...]) -> None:
+    proc = pushfw(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
