@@ -48,6 +48,29 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
+NEVER = 0
+"""``--ttl never``: a permanent rule even where a default ttl is configured."""
+
+
+class Ttl(Duration):
+    """A duration, or ``never`` (:data:`NEVER`)."""
+
+    name = "ttl"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, str) and value.strip().lower() == "never":
+            return NEVER
+        return super().convert(value, param, ctx)
+
+
+def _drop_ttl(ttl: int | None) -> int | None:
+    """A drop's ttl: ``--ttl``, else the group's ``--default-ttl``, else none (permanent)."""
+    if ttl is None:
+        default = click.get_current_context().find_root().params.get("default_ttl")
+        return default if isinstance(default, int) else None
+    return None if ttl == NEVER else ttl
+
+
 def _when(entry_id: str) -> str:
     ms = int(entry_id.split("-", 1)[0])
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -114,6 +137,14 @@ def _redis_url(ctx: click.Context, redis_url: str, url_file: Path | None) -> str
     default=None,
     help="Sign every command with this key shared with the workers (env PUSHFW_HMAC_KEY).",
 )
+@click.option(
+    "--default-ttl",
+    type=Duration(),
+    envvar="PUSHFW_DEFAULT_TTL",
+    default=None,
+    help="Lifetime of a drop sent without --ttl (env PUSHFW_DEFAULT_TTL); without it such "
+    "a drop is permanent.",
+)
 @click.version_option(package_name="pushfw", prog_name="pushfw")
 @click.pass_context
 def cli(
@@ -122,6 +153,7 @@ def cli(
     redis_url_file: Path | None,
     prefix: str,
     hmac_key: str | None,
+    default_ttl: int | None,
 ) -> None:
     """pushfw: firewall commands for every host, through Redis Streams."""
     if ctx.invoked_subcommand == "acl":
@@ -163,7 +195,8 @@ def _push_command(spec: OpSpec) -> None:
             "reply": opts["wait"],  # a result entry per host only when someone waits for it
         }
         if timed:
-            kwargs["ttl_s"] = ttl
+            dropping = spec.action is Action.DROP and spec.insert
+            kwargs["ttl_s"] = _drop_ttl(ttl) if dropping else None if ttl == NEVER else ttl
         try:
             cmd_id = send(ip, **kwargs)
         except CommandRejected as exc:
@@ -176,8 +209,16 @@ def _push_command(spec: OpSpec) -> None:
         _wait(producer, cmd_id, kwargs["target"], opts)
 
     if timed:
+        permanent = (
+            "without it a drop is permanent, unless --default-ttl (PUSHFW_DEFAULT_TTL) is set"
+            if spec.action is Action.DROP
+            else "without it the rule is permanent"
+        )
         command = click.option(
-            "--ttl", type=Duration(), default=None, help="Lifetime (600, 10m, 2h)."
+            "--ttl",
+            type=Ttl(),
+            default=None,
+            help=f"Lifetime (600, 10m, 2h; never: permanent); {permanent}.",
         )(command)
     cli.command(spec.verb, help=spec.help)(command)
 

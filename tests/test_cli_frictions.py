@@ -276,3 +276,33 @@ def test_a_rule_hosts_take_is_sent_without_a_warning(pushfw: Run, args: tuple[st
     proc = pushfw(*args)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+
+
+def test_drop_help_says_a_rule_without_ttl_is_permanent(pushfw: Run) -> None:
+    proc = pushfw("drop", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "without it a drop is permanent" in " ".join(proc.stdout.split())
+
+
+def test_a_configured_default_ttl(pushfw: Run, r: redis.Redis, producer: Producer) -> None:
+    """PUSHFW_DEFAULT_TTL or --default-ttl times a drop sent without --ttl; --ttl wins, and
+    --ttl never keeps one permanent. Accepts stay as given."""
+    env = {"PUSHFW_DEFAULT_TTL": "1d"}
+    assert pushfw("drop", "192.0.2.1", env=env).returncode == 0
+    assert pushfw("drop", "192.0.2.2", "--ttl", "10m", env=env).returncode == 0
+    assert pushfw("drop", "192.0.2.3", "--ttl", "never", env=env).returncode == 0
+    assert pushfw("--default-ttl", "2h", "drop", "192.0.2.4").returncode == 0
+    assert pushfw("accept", "192.0.2.5", env=env).returncode == 0
+    assert pushfw("drop", "192.0.2.6").returncode == 0
+    sent = {str(c.network): c.ttl_s for c in (parse_command(f) for _, f in entries(r, CMD))}
+    assert sent == {
+        "192.0.2.1/32": 86400,
+        "192.0.2.2/32": 600,
+        "192.0.2.3/32": None,
+        "192.0.2.4/32": 7200,
+        "192.0.2.5/32": None,
+        "192.0.2.6/32": None,
+    }
+    bad = pushfw("drop", "192.0.2.7", env={"PUSHFW_DEFAULT_TTL": "soon"})
+    assert bad.returncode == 2, bad.stderr
+    assert r.xlen(CMD) == 6
