@@ -579,11 +579,12 @@ def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
 
 
 def _read_import(file: Any, name: str, action: Action, skip_invalid: bool) -> ListFile:
-    """The list in ``file``, its bad lines named; a usage error if it must not be sent."""
+    """The list in ``file``, its bad lines named; a usage error (exit 2, bad input) if it
+    must not be sent."""
     try:
         parsed = read_list(file, action)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.UsageError(str(exc)) from None
     for number, why in parsed.errors[:_IMPORT_ERRORS_SHOWN]:
         click.echo(f"{file.name}:{number}: {why}", err=True)
     if parsed.errors and not skip_invalid:
@@ -592,7 +593,7 @@ def _read_import(file: Any, name: str, action: Action, skip_invalid: bool) -> Li
             "by every host; nothing sent (fix them, or pass --skip-invalid to import the rest)"
         )
     if parsed.content.size == 0:
-        raise click.ClickException(
+        raise click.UsageError(
             f"{file.name} holds no entries; nothing sent (to remove list {name}: "
             f"pushfw lists remove {name})"
         )
@@ -712,7 +713,7 @@ def lists_remove(producer: Producer, /, name: str, **opts: Any) -> None:
     """Remove list NAME from every host that holds it."""
     known = {rec.name: rec for rec in producer.lists()}
     if name not in known:
-        raise click.ClickException(
+        raise click.UsageError(
             f"no list {name!r} is active"
             + (f" (lists: {', '.join(sorted(known))})" if known else "")
         )
@@ -751,7 +752,7 @@ def hosts_forget(producer: Producer, name: str, force: bool) -> None:
     except redis.exceptions.NoPermissionError as exc:
         raise click.ClickException(f"this Redis user may not forget hosts: {exc}") from None
     if not forgot:
-        raise click.ClickException(f"no host {name!r} is known (no heartbeat, no group)")
+        raise click.UsageError(f"no host {name!r} is known (no heartbeat, no group)")
     click.echo(f"forgot host {name}: its consumer group and heartbeat are removed")
 
 

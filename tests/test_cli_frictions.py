@@ -306,3 +306,47 @@ def test_a_configured_default_ttl(pushfw: Run, r: redis.Redis, producer: Produce
     bad = pushfw("drop", "192.0.2.7", env={"PUSHFW_DEFAULT_TTL": "soon"})
     assert bad.returncode == 2, bad.stderr
     assert r.xlen(CMD) == 6
+
+
+def _bad_inputs(tmp: Path) -> list[tuple[str, ...]]:
+    """For every command, input it cannot act on: each must exit 2 with nothing sent."""
+    (tmp / "bad.txt").write_text("192.0.2.0/24\nnot-an-address\n")
+    (tmp / "empty.txt").write_text("# nothing today\n")
+    return [
+        ("nosuchcommand",),
+        ("--redis-url-file", str(tmp / "missing"), "status"),
+        ("--default-ttl", "soon", "drop", "192.0.2.1"),
+        ("drop", "not-an-ip"),
+        ("drop", "192.0.2.1", "--ttl", "0"),
+        ("drop", "192.0.2.1", "--target", "bad name!"),
+        ("accept", "192.0.2.1", "--expect", "many"),
+        ("undrop", "192.0.2.1", "--ttl", "1h"),
+        ("unaccept",),
+        ("results", "--cmd", "yesterday"),
+        ("results", "--count", "0"),
+        ("dead", "--count", "-1"),
+        ("list", "--top", "3"),
+        ("import", str(tmp / "missing.txt")),
+        ("import", str(tmp / "bad.txt"), "--name", "bad"),
+        ("import", str(tmp / "empty.txt")),
+        ("import", str(tmp / "empty.txt"), "--name", "Bad-Name"),
+        ("import", "-"),
+        ("lists", "remove", "nosuch"),
+        ("hosts", "forget", "nosuch"),
+        ("status", "--check", "--json"),
+        ("redis-functions", "nosuch"),
+        ("acl", "--producer-password", "p"),
+        ("crowdsec", "--lapi-url", "ftp://lapi", "--api-key", "k", "--once"),
+        ("crowdsec", "--once"),
+    ]
+
+
+def test_bad_input_exits_2_in_every_command(pushfw: Run, r: redis.Redis, tmp_path: Path) -> None:
+    """docs/producers.md, exit status: bad input is 2 whatever the command, one line, and
+    nothing is sent."""
+    for args in _bad_inputs(tmp_path):
+        proc = pushfw(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert proc.stderr.splitlines()[-1].startswith("pushfw: "), (args, proc.stderr)
+    assert r.xlen(CMD) == 0

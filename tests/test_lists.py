@@ -368,7 +368,7 @@ def test_pushfw_import_and_lists_as_an_operator_uses_them(
 
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing today\n")
-    assert pushfw("import", str(empty)).returncode == 1, "an empty feed lifts no bans"
+    assert pushfw("import", str(empty)).returncode == 2, "an empty feed lifts no bans"
     assert "holds no entries" in pushfw("import", str(empty)).stderr
     assert pushfw("import", str(netset), "--name", "Bad-Name").returncode == 2
 
@@ -378,7 +378,7 @@ def test_pushfw_import_and_lists_as_an_operator_uses_them(
     assert held(worker, "firehol_level1") is None
     assert "firehol_level1" not in pushfw("lists").stdout
     unknown = pushfw("lists", "remove", "firehol_level1")
-    assert unknown.returncode == 1 and "no list 'firehol_level1' is active" in unknown.stderr
+    assert unknown.returncode == 2 and "no list 'firehol_level1' is active" in unknown.stderr
 
 
 # --- item 6: an import never silently loses protection -------------------------------------

@@ -337,7 +337,7 @@ def test_hosts_forget_retires_a_stopped_host_and_refuses_a_live_one(
         "host web9 is still reporting (state running): stop its worker first, or pass --force"
     )
     unknown = pushfw_cli(redis_server, "hosts", "forget", "nosuch")
-    assert (unknown.returncode, "no host 'nosuch' is known" in unknown.stderr) == (1, True)
+    assert (unknown.returncode, "no host 'nosuch' is known" in unknown.stderr) == (2, True)
     worker.heartbeat("stopped")
     done = pushfw_cli(redis_server, "hosts", "forget", "web9")
     assert done.returncode == 0, done.stderr
