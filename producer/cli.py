@@ -130,7 +130,13 @@ def _redis_url(ctx: click.Context, redis_url: str, url_file: Path | None) -> str
     help="Read the Redis URL from this file (one line; '#' lines are comments). Env "
     "PUSHFW_REDIS_URL_FILE.",
 )
-@click.option("--prefix", envvar="PUSHFW_KEY_PREFIX", default=DEFAULT_PREFIX, show_default=True)
+@click.option(
+    "--prefix",
+    envvar="PUSHFW_KEY_PREFIX",
+    default=DEFAULT_PREFIX,
+    show_default=True,
+    help="Prefix of pushfw's Redis keys, as the workers' key_prefix (env PUSHFW_KEY_PREFIX).",
+)
 @click.option(
     "--hmac-key",
     envvar="PUSHFW_HMAC_KEY",
@@ -183,7 +189,14 @@ def _push_command(spec: OpSpec) -> None:
         show_default=True,
         help="With --wait: results to wait for (one per host).",
     )
-    @click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
+    @click.option(
+        "--timeout",
+        "timeout_s",
+        type=Duration(),
+        default="10",
+        show_default=True,
+        help="With --wait: how long to wait (10, 30s, 2m).",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def command(producer: Producer, /, ip: str, ttl: int | None = None, **opts: Any) -> None:
@@ -337,9 +350,15 @@ def _no_hosts(producer: Producer) -> str:
 
 
 @cli.command()
-@click.option("--count", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@click.option(
+    "--count",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Newest entries shown.",
+)
 @click.option("--cmd", "cmd_id", default=None, help="Only results of this command id.")
-@click.option("--json", "json_out", is_flag=True)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def results(producer: Producer, count: int, cmd_id: str | None, json_out: bool) -> None:
     """The newest results, newest first; with --cmd, every host's answer to that command.
@@ -372,8 +391,14 @@ _ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 
 @cli.command()
-@click.option("--count", default=20, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--json", "json_out", is_flag=True)
+@click.option(
+    "--count",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Newest entries shown.",
+)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def dead(producer: Producer, count: int, json_out: bool) -> None:
     """Commands a host gave up on, newest first."""
@@ -411,7 +436,7 @@ def _span(ms: int) -> str:
 
 @cli.command(name="list")
 @click.option("--host", default=None, help="Only rules that reach this host (name).")
-@click.option("--json", "json_out", is_flag=True)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.option("--hits", is_flag=True, help="Packets and bytes each rule matched, per host.")
 @click.option(
     "--top", type=click.IntRange(1, 100_000), default=None, help="With --hits: rows shown [20]."
@@ -497,7 +522,13 @@ _IMPORT_ERRORS_SHOWN = 5
 @click.option(
     "--name", default=None, help="The list's name [from FILE's name; required for stdin]."
 )
-@click.option("--action", type=click.Choice(["drop", "accept"]), default="drop", show_default=True)
+@click.option(
+    "--action",
+    type=click.Choice(["drop", "accept"]),
+    default="drop",
+    show_default=True,
+    help="What every entry of the list does on the hosts.",
+)
 @click.option("--ttl", type=Duration(), default=None, help="Lifetime of the whole list (2d).")
 @click.option("--reason", default="", help="Free text kept with the list.")
 @click.option("--target", default="*", help="Host names or labels, comma-separated.")
@@ -518,7 +549,14 @@ _IMPORT_ERRORS_SHOWN = 5
     show_default=True,
     help="With --wait: results to wait for (one per host).",
 )
-@click.option("--timeout", "timeout_s", type=Duration(), default="60", show_default=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=Duration(),
+    default="60",
+    show_default=True,
+    help="With --wait: how long to wait (60, 30s, 2m).",
+)
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
@@ -643,7 +681,7 @@ def _warn_protected(name: str, parsed: ListFile, protect: list[Network]) -> None
 
 
 @cli.group(name="lists", invoke_without_command=True)
-@click.option("--json", "json_out", is_flag=True)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def lists_group(ctx: click.Context, json_out: bool) -> None:
     """Named lists: each with its version, size and the hosts that hold that version."""
@@ -706,8 +744,15 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
     show_default=True,
     help="With --wait: results to wait for (one per host).",
 )
-@click.option("--timeout", "timeout_s", type=Duration(), default="10", show_default=True)
-@click.option("--json", "json_out", is_flag=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=Duration(),
+    default="10",
+    show_default=True,
+    help="With --wait: how long to wait (10, 30s, 2m).",
+)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def lists_remove(producer: Producer, /, name: str, **opts: Any) -> None:
     """Remove list NAME from every host that holds it."""
@@ -757,7 +802,7 @@ def hosts_forget(producer: Producer, name: str, force: bool) -> None:
 
 
 @cli.command()
-@click.option("--json", "json_out", is_flag=True)
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--check",
     "check_mode",
@@ -888,10 +933,18 @@ def redis_functions_show(producer: Producer) -> None:
 
 @cli.command(name="acl")
 @click.option(
-    "--producer-password", envvar="PUSHFW_ACL_PRODUCER_PASSWORD", show_envvar=True, required=True
+    "--producer-password",
+    envvar="PUSHFW_ACL_PRODUCER_PASSWORD",
+    show_envvar=True,
+    required=True,
+    help="Password of the user pushfw-producer (prefer the variable: a command line is visible).",
 )
 @click.option(
-    "--worker-password", envvar="PUSHFW_ACL_WORKER_PASSWORD", show_envvar=True, required=True
+    "--worker-password",
+    envvar="PUSHFW_ACL_WORKER_PASSWORD",
+    show_envvar=True,
+    required=True,
+    help="Password of the user pushfw-worker (prefer the variable: a command line is visible).",
 )
 @click.option("--minimal", is_flag=True, help="The producer may only XADD (no reading back).")
 @click.option("--fcall", is_flag=True, help="The producer may call the Redis Functions too.")

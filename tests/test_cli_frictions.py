@@ -11,17 +11,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 import redis
 
 from pushfw.producer import Producer, parse_command
+from pushfw.producer.cli import cli as pushfw_cli
 from pushfw.producer.client import is_live, reaches
 from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
 from pushfw.worker import Worker
+from pushfw.worker.cli import main as worker_cli
 from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker, wait_for
 from tests.test_cli import CMD, HOSTS, beat, entries, one_line_error
@@ -350,3 +354,32 @@ def test_bad_input_exits_2_in_every_command(pushfw: Run, r: redis.Redis, tmp_pat
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
         assert proc.stderr.splitlines()[-1].startswith("pushfw: "), (args, proc.stderr)
     assert r.xlen(CMD) == 0
+
+
+def _commands(
+    command: click.Command, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+
+
+@pytest.mark.parametrize(("root", "name"), [(pushfw_cli, "pushfw"), (worker_cli, "pushfw-worker")])
+def test_every_option_has_help(root: click.Command, name: str) -> None:
+    """``--help`` explains every option of every command of both CLIs."""
+    bare = [
+        f"{' '.join(path)} {param.opts[0]}"
+        for path, command in _commands(root, (name,))
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert bare == []
+
+
+def test_help_as_the_operator_reads_it(pushfw: Run) -> None:
+    proc = pushfw("import", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--action [drop|accept] What every entry of the list does on the hosts." in text
+    assert "--timeout DURATION With --wait: how long to wait" in text
