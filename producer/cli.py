@@ -478,6 +478,25 @@ def list_rules(
     _show(rows, columns, json_out)
     if not json_out:
         click.echo(plural(len(rows), "active rule") + (f" for {host}" if host else ""), err=True)
+    _warn_unfolded(producer)
+
+
+def _warn_unfolded(producer: Producer) -> None:
+    """``list`` and ``lists`` read the ledger, which only a running worker fills: say when
+    commands sent are not in it yet, so an empty table is not taken for no rules."""
+    user = producer.client.connection_pool.connection_kwargs.get("username")
+    if user == acl.PRODUCER_USER:
+        return  # its ACL grants no XINFO (producer/acl.py): asking would only log a denial
+    try:
+        waiting = producer.unfolded()
+    except redis.exceptions.NoPermissionError:
+        waiting = None  # a producer user may not run XINFO: say nothing rather than guess
+    if waiting:
+        click.echo(
+            f"pushfw: {plural(waiting, 'command')} not yet folded into the ledger, so not "
+            "shown (a running pushfw-worker folds them: pushfw status)",
+            err=True,
+        )
 
 
 def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -> None:
@@ -732,6 +751,7 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
             " / live hosts it targets",
             err=True,
         )
+    _warn_unfolded(producer)
 
 
 @lists_group.command(name="remove")

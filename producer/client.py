@@ -330,6 +330,23 @@ class Producer:
                 out[host.host] = "done" if _order(host.position) >= order else "not done"
         return out
 
+    def unfolded(self) -> int | None:
+        """Commands on the stream the ledger does not hold yet: not delivered to the
+        ``ledger`` group (its lag) or read and not acknowledged (its pending). Until a worker
+        folds them, ``pushfw list`` and ``lists`` cannot show them. None: this Redis user may
+        not run XINFO (the producer ACL), or the lag is unknown."""
+        try:
+            groups = cast(list[Any], self.client.xinfo_groups(self.keys.cmd))
+        except redis.exceptions.NoPermissionError:
+            return None
+        except redis.ResponseError:  # no command stream yet
+            return 0
+        for group in groups:
+            if str(group["name"]) == Keys.LEDGER_GROUP:
+                lag = group.get("lag")
+                return None if lag is None else int(lag) + int(group["pending"])
+        return int(self.client.xlen(self.keys.cmd))  # no worker ever folded one
+
     def dead(self, count: int = 20) -> list[DeadLetter]:
         """The newest dead letters, newest first."""
         rows = cast(list[Any], self.client.xrevrange(self.keys.dead, count=count))

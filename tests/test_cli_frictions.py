@@ -24,7 +24,6 @@ from pushfw.producer.client import is_live, reaches
 from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
-from pushfw.worker import Worker
 from pushfw.worker.cli import main as worker_cli
 from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker, wait_for
@@ -208,28 +207,27 @@ def test_wait_names_the_host_that_did_not_answer(
 ) -> None:
     """``--expect 2`` with web1 answering and web2 down: the count names web2 and its state."""
     worker = memory_worker(redis_server, "web1")
-    worker.setup()
     silent_host(r, "web2", ["web"], 600)
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: worker_until(worker, done), daemon=True)
+    thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        proc = pushfw("drop", "192.0.2.1", "--wait", "--expect", "2", "--timeout", "3")
+        wait_for(lambda: is_live(host_status(r, "web1"), redis_ms(r)), what="web1 live")
+        proc = pushfw("drop", "192.0.2.1", "--wait", "--expect", "2", "--timeout", "10")
     finally:
-        done.set()
+        worker.request_stop()
         thread.join(timeout=30)
     assert proc.returncode == 3, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2, (proc.stdout, proc.stderr)
     assert proc.stdout.splitlines()[1].split()[:2] == ["web1", "applied"]
     assert one_line_error(proc) == (
         "pushfw: 1 of 2 results before the timeout; no result from web2 [web] (STALE)"
     )
 
 
-def worker_until(worker: Worker, done: threading.Event) -> None:
-    """Run ``worker`` in bursts until ``done``: a live host answering while the CLI waits."""
-    while not done.is_set():
-        worker.run(burst=True)
-        done.wait(0.05)
+def host_status(client: redis.Redis, host: str) -> HostStatus:
+    """``host``'s heartbeat; one stopped long ago if it has written none yet."""
+    raw = client.hget(HOSTS, host)
+    return HostStatus.model_validate_json(raw) if raw else HostStatus(host=host, last_seen_ms=0)
 
 
 def test_expect_zero_says_it_waited_for_nothing(pushfw: Run, r: redis.Redis) -> None:
@@ -383,3 +381,33 @@ def test_help_as_the_operator_reads_it(pushfw: Run) -> None:
     text = " ".join(proc.stdout.split())
     assert "--action [drop|accept] What every entry of the list does on the hosts." in text
     assert "--timeout DURATION With --wait: how long to wait" in text
+
+
+def test_list_and_lists_say_what_the_ledger_does_not_hold_yet(
+    pushfw: Run, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Before any worker ran, and again while the workers are behind: the count of commands
+    not yet folded, instead of a silent empty table."""
+    unfolded = (
+        "pushfw: {} not yet folded into the ledger, so not shown "
+        "(a running pushfw-worker folds them: pushfw status)"
+    )
+    assert pushfw("drop", "192.0.2.1").returncode == 0
+    feed = tmp_path / "feed.txt"
+    feed.write_text("198.51.100.0/24\n")
+    assert pushfw("import", str(feed)).returncode == 0
+    listed = pushfw("list")
+    assert listed.stdout.split()[0] == "ACTION", "a header, and no rule under it"
+    assert len(listed.stdout.splitlines()) == 1
+    assert listed.stderr.splitlines() == ["0 active rules", unfolded.format("2 commands")]
+    assert pushfw("lists").stderr.splitlines()[-1] == unfolded.format("2 commands")
+    worker = memory_worker(redis_server, "web1")
+    worker.setup()
+    worker.run(burst=True)
+    listed = pushfw("list")
+    assert listed.stderr == "1 active rule\n"
+    assert "not yet folded" not in pushfw("lists", "--json").stderr
+    assert pushfw("undrop", "192.0.2.1").returncode == 0
+    behind = pushfw("list", "--json")
+    assert len(json.loads(behind.stdout)) == 1
+    assert behind.stderr == unfolded.format("1 command") + "\n"
