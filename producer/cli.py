@@ -71,17 +71,56 @@ def _drop_ttl(ttl: int | None) -> int | None:
     return None if ttl == NEVER else ttl
 
 
-def _when(entry_id: str) -> str:
-    ms = int(entry_id.split("-", 1)[0])
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _entry_ms(entry_id: str) -> int:
+    """When Redis stamped an entry: its id's milliseconds (a point, see :data:`_POINTS`)."""
+    return int(entry_id.split("-", 1)[0])
 
 
 def _result_rows(results: list[Result]) -> list[dict[str, object]]:
-    return [{"time": _when(r.id) if r.id else "", **r.to_fields()} for r in results]
+    return [{"time": _entry_ms(r.id) if r.id else "", **r.to_fields()} for r in results]
+
+
+_POINTS = {
+    "time": "time_ms",
+    "set_at": "set_ms",
+    "expires_at": "expires_ms",
+    "last_seen": "last_seen_ms",
+    "started": "started_ms",
+    "read_at": "read_ms",
+}
+"""Row keys that hold a point in time as Redis epoch ms, and the key its ms keep in JSON.
+JSON shows each as ISO 8601 UTC beside its ms; tables as ``2026-11-27 12:40:01`` under a
+``..._UTC`` header. One format for every listing."""
+
+
+_TABLE_UTC = ("time", "set_at")
+"""The points tables show as dates (others, such as LAST_SEEN, show as ``4m 2s ago``)."""
+
+
+def _times(row: dict[str, object], json_out: bool) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in row.items():
+        ms_key = _POINTS.get(key)
+        if ms_key is None or not (value is None or type(value) is int):
+            out[key] = value
+            continue
+        when = None if value is None else datetime.fromtimestamp(value / 1000, UTC)
+        if json_out:
+            out[key] = None if when is None else when.isoformat(timespec="milliseconds")
+            out[ms_key] = value
+        else:
+            out[key] = "" if when is None else when.strftime("%Y-%m-%d %H:%M:%S")
+    return out
 
 
 def _show(rows: list[dict[str, object]], columns: list[str], json_out: bool) -> None:
-    click.echo(as_json(rows) if json_out else as_table(rows, columns))
+    rows = [_times(row, json_out) for row in rows]
+    if json_out:
+        click.echo(as_json(rows))
+        return
+    utc = [f"{c}_utc" if c in _TABLE_UTC else c for c in columns]  # a table says its zone
+    named = [{f"{k}_utc" if k in _TABLE_UTC else k: v for k, v in row.items()} for row in rows]
+    click.echo(as_table(named, utc))
 
 
 def _redis_url(ctx: click.Context, redis_url: str, url_file: Path | None) -> str:
@@ -404,7 +443,7 @@ def dead(producer: Producer, count: int, json_out: bool) -> None:
     """Commands a host gave up on, newest first."""
     rows: list[dict[str, object]] = [
         {
-            "time": _when(d.id),
+            "time": _entry_ms(d.id),
             "host": d.host,
             "cmd": d.cmd,
             "op": d.fields.get("op", ""),
@@ -466,12 +505,12 @@ def list_rules(
                 "expires_in": ("never" if left is None else _span(left))
                 if not json_out
                 else (None if left is None else left / 1000),
-                "expires_ms": rec.expires_ms,
+                "expires_at": rec.expires_ms,
                 "target": ",".join(rec.target) or "*",
                 "reason": rec.reason,
                 "origin": rec.origin or "producer",
                 "set_by": rec.id,
-                "set_at": _when(rec.id),
+                "set_at": _entry_ms(rec.id),
             }
         )
     columns = ["action", "network", "expires_in", "target", "reason", "origin", "set_at"]
@@ -512,7 +551,7 @@ def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -
     rows: list[dict[str, object]] = []
     for hit, name, rule in found[:top]:
         action, _, network = rule.partition(" ")
-        when = {"ms": hit.ms} if json_out else {"read": _ago(now_ms - hit.ms)}
+        when = {"read_at": hit.ms} if json_out else {"read": _ago(now_ms - hit.ms)}
         rows.append(
             {
                 "host": name,
@@ -728,8 +767,9 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
                 "expires_in": (None if left is None else left / 1000)
                 if json_out
                 else ("never" if left is None else _span(left)),
+                "expires_at": rec.expires_ms,
                 "target": ",".join(rec.target) or "*",
-                "set_at": _when(rec.id),
+                "set_at": _entry_ms(rec.id),
                 "reason": rec.reason,
             }
         )
@@ -854,6 +894,7 @@ def status(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[s
                 "host": h.host,
                 "state": host_state(h, now_ms),
                 "last_seen": _ago(silent_ms) if not json_out else h.last_seen_ms,
+                **({"started": h.started_ms} if json_out else {}),
                 "rules": h.rules,
                 "lag": "-" if h.lag is None and not json_out else h.lag,
                 "pending": h.pending,
@@ -861,7 +902,9 @@ def status(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[s
                 "backend": h.backend,
                 "labels": ",".join(h.labels) if not json_out else h.labels,
                 "version": h.version,
-                "up": _span(now_ms - h.started_ms) if not json_out else h.started_ms,
+                "up": _span(now_ms - h.started_ms)
+                if not json_out
+                else max(0, now_ms - h.started_ms) // 1000,
                 **(
                     {
                         "ledger_lost": h.ledger_lost,

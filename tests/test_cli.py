@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -31,6 +32,7 @@ HOSTS = "{pushfw}:hosts"
 UNREACHABLE = "redis://127.0.0.1:1/0"
 ENTRY_ID = re.compile(r"\d+-\d+")
 WHEN = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -223,8 +225,8 @@ def test_unreachable_redis(pushfw: Run, args: list[str]) -> None:
 
 # --- reading results and dead letters ---------------------------------------------------
 
-RESULT_HEADER = ["TIME", "HOST", "STATUS", "CMD", "REQUEST_ID", "DETAIL"]
-DEAD_HEADER = ["TIME", "HOST", "CMD", "OP", "IP", "DELIVERIES", "ERROR"]
+RESULT_HEADER = ["TIME_UTC", "HOST", "STATUS", "CMD", "REQUEST_ID", "DETAIL"]
+DEAD_HEADER = ["TIME_UTC", "HOST", "CMD", "OP", "IP", "DELIVERIES", "ERROR"]
 
 
 def add_result(
@@ -264,13 +266,16 @@ def test_results_table_and_json(pushfw: Run, r: redis.Redis) -> None:
     assert [row["host"] for row in listed] == ["db-1", "web-2", "web-1"]
     assert listed[2] == {
         "time": listed[2]["time"],
+        "time_ms": listed[2]["time_ms"],
         "cmd": "1700000000000-0",
         "request_id": "req-1",
         "host": "web-1",
         "status": "applied",
         "detail": "rule inserted",
     }
-    assert WHEN.fullmatch(listed[2]["time"])
+    assert ISO_UTC.fullmatch(listed[2]["time"])
+    when = datetime.fromtimestamp(listed[2]["time_ms"] / 1000, UTC)
+    assert listed[2]["time"] == when.isoformat(timespec="milliseconds")
     assert {first, second, third} == {e.decode() for e, _ in entries(r, RESULTS)}
 
     one = json.loads(pushfw("results", "--json", "--count", "1").stdout)
@@ -300,6 +305,7 @@ def test_dead_table_and_json(pushfw: Run, r: redis.Redis) -> None:
     [letter] = json.loads(pushfw("dead", "--json").stdout)
     assert letter == {
         "time": letter["time"],
+        "time_ms": letter["time_ms"],
         "host": "web-1",
         "cmd": "1700000000000-3",
         "op": "ttl.drop.insert",
@@ -308,6 +314,7 @@ def test_dead_table_and_json(pushfw: Run, r: redis.Redis) -> None:
         "error": meta["error"],
         "fields": original,
     }
+    assert ISO_UTC.fullmatch(letter["time"])
 
 
 @pytest.mark.parametrize(("sub", "header"), [("results", RESULT_HEADER), ("dead", DEAD_HEADER)])
@@ -403,12 +410,14 @@ def test_wait_json_prints_the_result(
     assert ENTRY_ID.fullmatch(cmd_id)
     assert result == {
         "time": result["time"],
+        "time_ms": result["time_ms"],
         "cmd": cmd_id,
         "request_id": "req-7",
         "host": "web-1",
         "status": status,
         "detail": "by the test",
     }
+    assert ISO_UTC.fullmatch(result["time"])
 
 
 def test_wait_for_more_hosts_than_answer(

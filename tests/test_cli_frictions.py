@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -27,7 +28,7 @@ from pushfw.producer.render import plural
 from pushfw.worker.cli import main as worker_cli
 from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker, wait_for
-from tests.test_cli import CMD, HOSTS, beat, entries, one_line_error
+from tests.test_cli import CMD, DEAD, HOSTS, RESULTS, beat, entries, one_line_error
 
 NO_HOST = (
     "no host has reported to {pushfw}:hosts yet: is a pushfw-worker running against this Redis?"
@@ -411,3 +412,44 @@ def test_list_and_lists_say_what_the_ledger_does_not_hold_yet(
     behind = pushfw("list", "--json")
     assert len(json.loads(behind.stdout)) == 1
     assert behind.stderr == unfolded.format("1 command") + "\n"
+
+
+def test_one_time_format_and_tables_say_utc(
+    pushfw: Run, r: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Every point in time of every --json listing is ISO 8601 UTC beside its epoch ms; the
+    tables that show dates say UTC in their header."""
+    assert pushfw("drop", "192.0.2.1", "--ttl", "1h", "--reason", "r").returncode == 0
+    feed = tmp_path / "feed.txt"
+    feed.write_text("198.51.100.0/24\n")
+    assert pushfw("import", str(feed), "--ttl", "2h").returncode == 0
+    worker = memory_worker(redis_server, "web1")
+    worker.setup()
+    worker.run(burst=True)
+    r.xadd(RESULTS, {"cmd": "1-0", "host": "web1", "status": "failed", "detail": "d"})
+    r.xadd(DEAD, {"cmd": "1-0", "host": "web1", "op": "drop.insert", "ip": "192.0.2.9"})
+    points = {
+        "time": "time_ms",
+        "set_at": "set_ms",
+        "expires_at": "expires_ms",
+        "last_seen": "last_seen_ms",
+        "started": "started_ms",
+    }
+    seen = set()
+    for command in ("list", "lists", "results", "dead", "status"):
+        proc = pushfw(command, "--json")
+        assert proc.returncode == 0, proc.stderr
+        [row] = json.loads(proc.stdout)
+        for key, ms_key in points.items():
+            if key in row:
+                seen.add(key)
+                when = datetime.fromtimestamp(row[ms_key] / 1000, UTC)
+                assert row[key] == when.isoformat(timespec="milliseconds"), (command, key)
+    assert seen == set(points)
+    for command, header in (
+        ("list", "SET_AT_UTC"),
+        ("lists", "SET_AT_UTC"),
+        ("results", "TIME_UTC"),
+        ("dead", "TIME_UTC"),
+    ):
+        assert header in pushfw(command).stdout.splitlines()[0].split(), command

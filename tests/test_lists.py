@@ -344,7 +344,7 @@ def test_pushfw_import_and_lists_as_an_operator_uses_them(
         "HOSTS",
         "EXPIRES_IN",
         "TARGET",
-        "SET_AT",
+        "SET_AT_UTC",
         "REASON",
     ]
     assert row.split()[:5] == ["firehol_level1", "drop", "2", row.split()[3], "1/1"]

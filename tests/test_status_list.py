@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ STATUS_COLUMNS = [
     "VERSION",
     "UP",
 ]
-LIST_COLUMNS = ["ACTION", "NETWORK", "EXPIRES_IN", "TARGET", "REASON", "ORIGIN", "SET_AT"]
+LIST_COLUMNS = ["ACTION", "NETWORK", "EXPIRES_IN", "TARGET", "REASON", "ORIGIN", "SET_AT_UTC"]
 
 
 def run_pushfw(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -152,7 +153,10 @@ def test_status_json(r: redis.Redis, fleet: Fleet):
     assert web1["labels"] == ["eu", "web"]
     assert web1["rules"] == fleet.rules["web1"]
     assert (web1["lag"], web1["pending"], web1["backend"]) == (0, 0, "memory")
-    assert isinstance(web1["last_seen"], int) and isinstance(web1["up"], int)
+    assert isinstance(web1["last_seen_ms"], int) and isinstance(web1["up"], int)
+    seen = datetime.fromtimestamp(web1["last_seen_ms"] / 1000, UTC)
+    assert web1["last_seen"] == seen.isoformat(timespec="milliseconds")
+    assert web1["started"].endswith("+00:00") and isinstance(web1["started_ms"], int)
     assert by_host["db1"]["rules"] == fleet.rules["db1"]
     assert by_host["gone1"]["state"] == "STALE"
     assert by_host["gone1"]["lag"] is None
@@ -216,6 +220,14 @@ def test_list_json(r: redis.Redis, fleet: Fleet):
     assert 590 < everyone["expires_in"] <= 600
     assert everyone["expires_ms"] == int(fleet.ids["everyone"].split("-")[0]) + 600_000
     assert everyone["set_by"] == fleet.ids["everyone"]
+    set_ms = int(fleet.ids["everyone"].split("-")[0])
+    assert everyone["set_ms"] == set_ms
+    assert everyone["set_at"] == datetime.fromtimestamp(set_ms / 1000, UTC).isoformat(
+        timespec="milliseconds"
+    )
+    assert everyone["expires_at"] == datetime.fromtimestamp(
+        everyone["expires_ms"] / 1000, UTC
+    ).isoformat(timespec="milliseconds")
     assert (everyone["reason"], everyone["origin"], everyone["target"]) == (
         "ssh brute force",
         "producer",
@@ -223,6 +235,7 @@ def test_list_json(r: redis.Redis, fleet: Fleet):
     )
     web = by_net["192.0.2.2/32"]
     assert web["expires_in"] is None and web["expires_ms"] is None
+    assert web["expires_at"] is None
     assert web["set_by"] == fleet.ids["web"]
     assert by_net["2001:db8::/32"]["set_by"] == fleet.ids["eu"]
     assert by_net["198.51.100.0/24"]["action"] == "accept"
