@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import click
 import redis
 from click.core import ParameterSource
 
+import pushfw.producer.why as explain_why
 from pushfw.producer import acl, functions
 from pushfw.producer.check import Check, Severity, check, host_state
 from pushfw.producer.client import Producer, forget_host, is_live, is_stale, reaches
@@ -404,6 +406,30 @@ def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -
             " (hosts read them every 12 heartbeats: once a minute by default)",
             err=True,
         )
+
+
+@cli.command()
+@click.argument("address")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def why(producer: Producer, address: str, json_out: bool) -> None:
+    """Every rule and list entry covering ADDRESS, which one wins, and each host's part.
+
+    Accept wins over drop. Per host: holds (carried out, no refusal reported), refused
+    (with the host's reason), not targeted, or not yet. A host reports how many entries of
+    a list it refused, not which: that count is shown with the list.
+    """
+    try:
+        addr = explain_why.parse_address(address)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    answer = explain_why.why(producer, addr)
+    if json_out:
+        click.echo(json.dumps(explain_why.as_data(answer), indent=2))
+    else:
+        click.echo(explain_why.text(answer, _span, producer.now_ms()))
+    for problem in answer.problems:
+        click.echo(f"warning: {problem}", err=True)
 
 
 _IMPORT_ERRORS_SHOWN = 5

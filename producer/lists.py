@@ -25,10 +25,12 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Annotated
+from typing import Annotated, Any
 
+import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pushfw.producer.connection import text
 from pushfw.producer.contract import (
     LOOPBACK,
     MAX_REASON_LEN,
@@ -45,6 +47,7 @@ from pushfw.producer.contract import (
     parse_network,
     targets,
 )
+from pushfw.producer.keys import Keys
 from pushfw.producer.ops import OPS, ListOp, is_list_op
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "list_name_for",
     "local_space",
     "parse_list_command",
+    "read_content",
     "read_list",
     "record_text",
     "refused_with",
@@ -283,6 +287,45 @@ class ListContent:
         if not blob or min(blob[width - 1 :: width]) >= widest:
             return []
         return [r for r in _records(blob, width) if r[-1] < widest]
+
+
+def read_content(
+    client: redis.Redis, keys: Keys, name: str, version: str, size: int
+) -> ListContent | None:
+    """One version of a list's entries (None: gone), checked as strictly as a command: a
+    string of the length ``size`` entries take (asked before the value is read), in the
+    importer's format, holding ``size`` entries, hashing to ``version``.
+
+    Raises:
+        ValueError: the content is not what the importer would have written; the message
+            says why.
+    """
+    key = keys.list_content(name, version)
+    kind = text(client.type(key))
+    if kind == "none":
+        return None
+    if kind != "string":
+        raise ValueError(f"{key} is a {kind}, not a list's content")
+    if not 0 <= size <= MAX_LIST_ENTRIES:
+        raise ValueError(f"size {size} is beyond the {MAX_LIST_ENTRIES:,} entries a list may have")
+    length: Any = client.strlen(key)
+    shortest, longest = ListContent.stored_length(size, 0), ListContent.stored_length(0, size)
+    if not shortest <= length <= longest:
+        raise ValueError(
+            f"the content is {length:,} bytes, and {size:,} entries take {shortest:,} to "
+            f"{longest:,}: the command's size (the entry count) is not the content's"
+        )
+    # raw bytes from either kind of client (a producer's decodes replies to str)
+    raw: Any = client.execute_command("GET", key, NEVER_DECODE=[])  # type: ignore[no-untyped-call]
+    if raw is None:
+        return None
+    content = ListContent.from_bytes(raw)
+    if content.size != size:
+        raise ValueError(f"the content holds {content.size:,} entries, the command says {size:,}")
+    if content.version != version:
+        raise ValueError(f"the content stored as version {version} hashes to {content.version}")
+    content.check()
+    return content
 
 
 def _starts(blob: bytes, width: int) -> list[int]:

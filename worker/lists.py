@@ -31,11 +31,11 @@ from pushfw.producer.connection import text
 from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import (
-    MAX_LIST_ENTRIES,
     ListCommand,
     ListContent,
     difference,
     parse_list_command,
+    read_content,
 )
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
@@ -102,44 +102,6 @@ def read_records(client: redis.Redis, keys: Keys, held: bool = False) -> dict[st
             continue
         records[name] = record
     return records
-
-
-def read_content(
-    client: redis.Redis, keys: Keys, name: str, version: str, size: int
-) -> ListContent | None:
-    """One version of a list's entries (None: gone), checked as strictly as a command: a
-    string of the length ``size`` entries take (asked before the value is read), in the
-    importer's format, holding ``size`` entries, hashing to ``version``.
-
-    Raises:
-        ValueError: the content is not what the importer would have written; the message
-            says why.
-    """
-    key = keys.list_content(name, version)
-    kind = text(client.type(key))
-    if kind == "none":
-        return None
-    if kind != "string":
-        raise ValueError(f"{key} is a {kind}, not a list's content")
-    if not 0 <= size <= MAX_LIST_ENTRIES:
-        raise ValueError(f"size {size} is beyond the {MAX_LIST_ENTRIES:,} entries a list may have")
-    length: Any = client.strlen(key)
-    shortest, longest = ListContent.stored_length(size, 0), ListContent.stored_length(0, size)
-    if not shortest <= length <= longest:
-        raise ValueError(
-            f"the content is {length:,} bytes, and {size:,} entries take {shortest:,} to "
-            f"{longest:,}: the command's size (the entry count) is not the content's"
-        )
-    raw: Any = client.get(key)
-    if raw is None:
-        return None
-    content = ListContent.from_bytes(raw)
-    if content.size != size:
-        raise ValueError(f"the content holds {content.size:,} entries, the command says {size:,}")
-    if content.version != version:
-        raise ValueError(f"the content stored as version {version} hashes to {content.version}")
-    content.check()
-    return content
 
 
 class ListKeeper:
