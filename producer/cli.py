@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -35,6 +36,8 @@ from pushfw.producer.lists import (
 from pushfw.producer.ops import OPS, OpSpec
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
+from pushfw.producer.selection import FEW, Selection, selection_options
+from pushfw.producer.selection import rows as selection_rows
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -335,9 +338,15 @@ def _span(ms: int) -> str:
 @click.option(
     "--top", type=click.IntRange(1, 100_000), default=None, help="With --hits: rows shown [20]."
 )
+@selection_options(inside=True)
 @click.pass_obj
 def list_rules(
-    producer: Producer, host: str | None, json_out: bool, hits: bool, top: int | None
+    producer: Producer,
+    host: str | None,
+    json_out: bool,
+    hits: bool,
+    top: int | None,
+    selection: Selection,
 ) -> None:
     """Active rules in the ledger, with time remaining, reason and origin.
 
@@ -351,7 +360,7 @@ def list_rules(
         return
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
-    for rec in producer.rules(host):
+    for rec in selection.apply(producer.rules(host)):
         left = None if rec.expires_ms is None else max(0, rec.expires_ms - now_ms)
         rows.append(
             {
@@ -430,6 +439,50 @@ def why(producer: Producer, address: str, json_out: bool) -> None:
         click.echo(explain_why.text(answer, _span, producer.now_ms()))
     for problem in answer.problems:
         click.echo(f"warning: {problem}", err=True)
+
+
+@cli.command(name="remove")
+@selection_options(inside=True, limit=False)
+@click.option("--dry-run", is_flag=True, help="Show the rules that would go; send nothing.")
+@click.option("--yes", is_flag=True, help=f"Do not ask, even for more than {FEW} rules.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def remove_rules(
+    producer: Producer, selection: Selection, dry_run: bool, yes: bool, json_out: bool
+) -> None:
+    """Remove every rule the filters select, from every host: drops, or accepts with
+    --action accept. Name the rules (--origin, --reason, --inside, --ip); more than a few
+    ask for confirmation. Lists are removed with 'pushfw lists remove'.
+    """
+    if not selection.narrows:
+        raise click.UsageError("say which rules: --origin, --reason, --inside or --ip")
+    if selection.action is None:
+        selection = dataclasses.replace(selection, action="drop")
+    found = selection.apply(producer.rules())
+    if dry_run or not json_out:
+        _show(selection_rows(found), ["action", "network", "target", "reason", "origin"], json_out)
+    if dry_run:
+        if not json_out:
+            click.echo(f"would remove {plural(len(found), 'rule')} (dry run)", err=True)
+        return
+    if len(found) > FEW and not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError(
+                f"{len(found)} rules match; add --yes to remove them (--dry-run lists them)"
+            )
+        click.confirm(f"remove these {len(found)} rules from every host?", abort=True)
+    sent = [
+        (producer.undrop if rec.action == "drop" else producer.unaccept)(rec.network, reply=False)
+        for rec in found
+    ]
+    if json_out:
+        click.echo(
+            as_json(
+                [row | {"cmd": cmd} for row, cmd in zip(selection_rows(found), sent, strict=True)]
+            )
+        )
+    else:
+        click.echo(f"removed {plural(len(sent), 'rule')}: {plural(len(sent), 'command')} sent")
 
 
 _IMPORT_ERRORS_SHOWN = 5
