@@ -326,11 +326,11 @@ def summary(answer: Why) -> str:
     wins = answer.wins
     assert wins is not None
     actions = {c.action for c in answer.covers}
-    why_wins = " (accept wins over drop)" if actions == {"accept", "drop"} else ""
+    over = " over drop" if actions == {"accept", "drop"} else ""
     count = len(answer.covers)
     return (
         f"{answer.address}: {count} {'cover' if count == 1 else 'covers'}; "
-        f"{wins.action} wins{why_wins}: {wins.label}"
+        f"{wins.action} wins{over}: {wins.label}"
     )
 
 
@@ -374,8 +374,6 @@ def text(answer: Why, span: Callable[[int], str], now_ms: int) -> str:
     lines = [summary(answer)]
     if answer.covers:
         lines.append(as_table(cover_rows(answer, span, now_ms), COVER_COLUMNS))
-        if answer.hosts:
-            lines += ["", as_table(host_rows(answer), HOST_COLUMNS)]
-        else:
-            lines += ["", "no host has sent a heartbeat yet"]
+        hosts = host_rows(answer)
+        lines.append(as_table(hosts, HOST_COLUMNS) if hosts else "no host has sent a heartbeat")
     return "\n".join(lines)
