@@ -355,6 +355,8 @@ def list_rules(
     """
     if top is not None and not hits:
         raise click.UsageError("--top goes with --hits")
+    if hits and selection != Selection():
+        raise click.UsageError("the filters go without --hits (--host and --top go with it)")
     if hits:
         _list_hits(producer, host, top or 20, json_out)
         return
@@ -436,7 +438,7 @@ def why(producer: Producer, address: str, json_out: bool) -> None:
     if json_out:
         click.echo(json.dumps(explain_why.as_data(answer), indent=2))
     else:
-        click.echo(explain_why.text(answer, _span, producer.now_ms()))
+        click.echo(explain_why.text(answer, _span, _when, producer.now_ms()))
     for problem in answer.problems:
         click.echo(f"warning: {problem}", err=True)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pushfw.producer.client import Producer, is_live, reaches
+from pushfw.producer.client import _order as entry_order
 from pushfw.producer.contract import Result, Status
 from pushfw.producer.lists import read_content, record_text
 from pushfw.producer.records import HostStatus, ListRecord, RuleRecord
@@ -46,7 +47,7 @@ COVER_COLUMNS = [
     "origin",
     "expires_in",
     "target",
-    "set_at_utc",
+    "set_at",
 ]
 HOST_COLUMNS = ["host", "verdict", "cover", "state", "detail"]
 HOLDS = "holds"
@@ -71,9 +72,9 @@ def iso_ms(ms: int) -> str:
 
 
 def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
+    """An entry id's order; an id that does not parse (a heartbeat is input) orders first."""
     try:
-        return int(ms), int(seq or 0)
+        return entry_order(entry_id)
     except ValueError:
         return (0, 0)
 
@@ -334,8 +335,11 @@ def summary(answer: Why) -> str:
     )
 
 
-def cover_rows(answer: Why, span: Callable[[int], str], now_ms: int) -> list[dict[str, object]]:
-    """The covers as table rows; ``span`` writes a time left as the other listings do."""
+def cover_rows(
+    answer: Why, span: Callable[[int], str], when: Callable[[str], str], now_ms: int
+) -> list[dict[str, object]]:
+    """The covers as table rows; ``span`` and ``when`` write a time left and an entry id's
+    time as ``pushfw list`` does."""
     return [
         {
             "kind": c.kind,
@@ -346,7 +350,7 @@ def cover_rows(answer: Why, span: Callable[[int], str], now_ms: int) -> list[dic
             "origin": c.origin,
             "expires_in": "never" if c.expires_ms is None else span(c.expires_ms - now_ms),
             "target": ",".join(c.target) or "*",
-            "set_at_utc": iso_ms(_order(c.set_by)[0])[:19].replace("T", " "),
+            "set_at": when(c.set_by),
         }
         for c in answer.covers
     ]
@@ -369,11 +373,11 @@ def host_rows(answer: Why) -> list[dict[str, object]]:
     return rows
 
 
-def text(answer: Why, span: Callable[[int], str], now_ms: int) -> str:
-    """The answer for people: the summary line, the covers, then each host's part (UTC)."""
+def text(answer: Why, span: Callable[[int], str], when: Callable[[str], str], now_ms: int) -> str:
+    """The answer for people: the summary line, the covers, then each host's part."""
     lines = [summary(answer)]
     if answer.covers:
-        lines.append(as_table(cover_rows(answer, span, now_ms), COVER_COLUMNS))
+        lines.append(as_table(cover_rows(answer, span, when, now_ms), COVER_COLUMNS))
         hosts = host_rows(answer)
         lines.append(as_table(hosts, HOST_COLUMNS) if hosts else "no host has sent a heartbeat")
     return "\n".join(lines)

@@ -68,6 +68,11 @@ def test_list_filters_select_what_an_operator_names(
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
     assert bad.stderr.startswith("pushfw: Invalid value for '--ip': ")
     assert pushfw("list", "--limit", "0").returncode == 2
+    mixed = pushfw("list", "--hits", "--origin", "crowdsec")
+    assert (mixed.returncode, mixed.stderr) == (
+        2,
+        "pushfw: the filters go without --hits (--host and --top go with it)\n",
+    )
 
 
 def test_remove_in_bulk_shows_first_asks_for_many_and_removes_only_what_it_showed(

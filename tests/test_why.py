@@ -66,7 +66,7 @@ def test_why_names_every_cover_the_winner_and_each_hosts_part(
         "ORIGIN",
         "EXPIRES_IN",
         "TARGET",
-        "SET_AT_UTC",
+        "SET_AT",
     ]
     covers = [line.split()[:8] for line in lines[2:5]]
     assert covers == [
