@@ -472,7 +472,9 @@ def remove_rules(
             raise click.UsageError(
                 f"{len(found)} rules match; add --yes to remove them (--dry-run lists them)"
             )
-        click.confirm(f"remove these {len(found)} rules from every host?", abort=True)
+        if not click.confirm(f"remove these {len(found)} rules from every host?"):
+            click.echo("nothing removed", err=True)
+            sys.exit(1)
     sent = [
         (producer.undrop if rec.action == "drop" else producer.unaccept)(rec.network, reply=False)
         for rec in found

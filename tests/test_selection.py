@@ -4,6 +4,10 @@ in-process worker (memory backend) and the session's redis-server."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 from typing import Any
 
 import redis
@@ -11,6 +15,7 @@ import redis
 from pushfw.producer import Keys, Producer
 from pushfw.worker import Worker
 from pushfw.worker.backends.memory import MemoryBackend
+from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker
 
 KEYS = Keys()
@@ -119,3 +124,40 @@ def test_remove_in_bulk_shows_first_asks_for_many_and_removes_only_what_it_showe
     assert few.stdout.splitlines()[-1] == "removed 1 rule: 1 command sent"
     worker.run(burst=True)
     assert kernel(worker) == {"accept 198.51.100.0/24", "drop 192.0.2.0/24"}
+
+
+def _at_a_terminal(url: str, answer: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with a terminal for stdin, where ``answer`` is already typed."""
+    main, terminal = pty.openpty()
+    try:
+        os.write(main, answer.encode())
+        return subprocess.run(
+            [sys.executable, "-m", "pushfw.producer", "--redis-url", url, *args],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+    finally:
+        os.close(main)
+        os.close(terminal)
+
+
+def test_remove_at_a_terminal_asks_and_a_no_sends_nothing(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = _ledger(r, redis_server, producer)
+    no = _at_a_terminal(redis_server.url, "n\n", "remove", "--reason", "crowdsecurity/ssh")
+    assert no.returncode == 1, no.stderr
+    assert "remove these 7 rules from every host? [y/N]" in no.stdout
+    assert no.stderr == "nothing removed\n"
+    worker.run(burst=True)
+    assert len(producer.rules()) == 10
+
+    yes = _at_a_terminal(redis_server.url, "y\n", "remove", "--reason", "crowdsecurity/ssh")
+    assert yes.returncode == 0, yes.stderr
+    # the typed answer echoes on the terminal, not on stdout: the prompt's line goes on
+    assert yes.stdout.endswith("[y/N]: removed 7 rules: 7 commands sent\n")
+    worker.run(burst=True)
+    assert len(producer.rules()) == 3
