@@ -267,7 +267,9 @@ def why(producer: Producer, address: Address) -> Why:
     covers += _list_covers(producer, address, problems)
     covers.sort(key=lambda c: (c.action != "accept", c.kind, c.name, c.network))
     now_ms = producer.now_ms()
-    results = {c.set_by: producer.results(count=10_000, cmd_id=c.set_by) for c in covers}
+    results: dict[str, list[Result]] = {c.set_by: [] for c in covers}
+    for result in producer.results_of(list(results)):
+        results[result.cmd].append(result)
     views = []
     for host in producer.hosts():
         view = HostView(host.host, is_live(host, now_ms), host.state)
