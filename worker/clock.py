@@ -13,6 +13,7 @@ nothing beyond the ``TIME`` each batch already needs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import redis
 from pushfw.producer.keys import Keys
 from pushfw.worker.stream import LUA_ID_ORDER, Entry, stream_id_order
 
-__all__ = ["Clock"]
+__all__ = ["Clock", "SyncedClock"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +113,20 @@ class Clock:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SyncedClock:
+    """Redis's clock, estimated locally so expiry keeps working while Redis is away.
+
+    Each batch's ``TIME`` resyncs it; every role and the backend read the one the worker
+    builds, so all of them agree on when a timed rule ends.
+    """
+
+    def __init__(self) -> None:
+        self._offset_ms = 0
+
+    def sync(self, redis_ms: int) -> None:
+        self._offset_ms = redis_ms - int(time.time() * 1000)
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000) + self._offset_ms
