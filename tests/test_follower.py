@@ -218,7 +218,7 @@ def test_trimming_keeps_what_a_live_follower_needs(
     worker.heartbeat()
     ledger = Ledger(r, worker.stream.keys, "trimmer")
     ledger.fold_new()
-    now_ms = worker.clock.now_ms()
+    now_ms = worker.applier.clock.now_ms()
     ms, seq = first.split("-")
     assert trim_point(r, worker.stream.keys, now_ms, 60) == f"{ms}-{int(seq) + 1}"
 
@@ -243,7 +243,7 @@ def test_a_follower_whose_position_was_trimmed_past_starts_from_the_ledger(
     ledger = Ledger(r, worker.stream.keys, "trimmer")
     while ledger.fold_new():
         pass
-    far_future = worker.clock.now_ms() + 3_600_000  # the follower looks silent by then
+    far_future = worker.applier.clock.now_ms() + 3_600_000  # the follower looks silent by then
     assert trim(ledger, far_future, host_expiry_s=60) > 0
     synced(r)
     with caplog.at_level(logging.WARNING):

@@ -138,6 +138,10 @@ class Applier:
         self.metrics.expired(expiries, self.clock.now_ms())
         return len(due)
 
+    def ms_until_expiry(self) -> int | None:
+        """Milliseconds until the next timed rule ends here (None: none is queued)."""
+        return self.expiry.ms_until_next(self.clock.now_ms())
+
     def remove(self, keys: list[RuleKey]) -> BackendError | None:
         """Remove these rules now, outside any batch (a drop that came to cover Redis)."""
         return self._commit([Step(Status.APPLIED, "removed", delete=key) for key in keys])

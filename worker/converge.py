@@ -12,10 +12,16 @@ import logging
 
 from pushfw.worker.applier import Applier, Kernel
 from pushfw.worker.backends.base import Backend
+from pushfw.worker.clock import SyncedClock
+from pushfw.worker.decide import Policy
 from pushfw.worker.errors import BackendError
 from pushfw.worker.generation import GenerationFile, trusts_ledger
 from pushfw.worker.heap import LARGE, give_back_memory
+from pushfw.worker.ledger import Ledger
+from pushfw.worker.lists import ListKeeper
+from pushfw.worker.metrics import Metrics
 from pushfw.worker.reconcile import Drift, desired_rules, reconcile
+from pushfw.worker.stream import HostStream
 
 __all__ = ["Converger"]
 
@@ -26,15 +32,37 @@ class Converger:
     """One host's reconcile: the ledger's active rules for this host, through the gate.
 
     Args:
-        applier: its backend, policy, ledger, clock, expiry queue and lists.
+        applier: its expiry queue is rebuilt after each reconcile.
+        ledger: the desired state.
+        stream: the host's position: the ledger catches up to it first.
+        clock: Redis's clock, estimated locally.
+        lists: the list role, reconciled after the rules.
         generation: the marker of the ledger this host converged with.
+        metrics: counts the drift.
         kernel: wraps kernel work so that the worker's expiry alarm never interrupts it.
     """
 
-    def __init__(self, applier: Applier, generation: GenerationFile, kernel: Kernel) -> None:
+    def __init__(
+        self,
+        *,
+        applier: Applier,
+        ledger: Ledger,
+        stream: HostStream,
+        clock: SyncedClock,
+        lists: ListKeeper,
+        generation: GenerationFile,
+        metrics: Metrics,
+        kernel: Kernel,
+    ) -> None:
         self.applier = applier
         self.backend: Backend = applier.backend
+        self.policy: Policy = applier.policy
+        self.ledger = ledger
+        self.stream = stream
+        self.clock = clock
+        self.lists = lists
         self.generation = generation
+        self.metrics = metrics
         self.kernel = kernel
         self.ledger_lost = False
         self.error: str | None = None
@@ -43,13 +71,13 @@ class Converger:
 
     def reconcile(self, force: bool = False) -> Drift | None:
         """Make the managed rules equal what the ledger holds for this host, through the gate."""
-        applier, backend, ledger = self.applier, self.backend, self.applier.ledger
+        backend, ledger = self.backend, self.ledger
         with self.kernel():
             backend.open()  # re-read the kernel: drift is measured against what it holds
-        ledger.catch_up(applier.reader.stream.last_delivered())
-        now_ms = applier.clock.now_ms()
-        verified = ledger.held() if applier.policy.signing.required else None
-        desired = desired_rules(ledger.records(), applier.policy, now_ms, verified)
+        ledger.catch_up(self.stream.last_delivered())
+        now_ms = self.clock.now_ms()
+        verified = ledger.held() if self.policy.signing.required else None
+        desired = desired_rules(ledger.records(), self.policy, now_ms, verified)
         marker = ledger.generation()
         trusted = force or trusts_ledger(
             marker, self.generation.read(), ledger.size(), backend.size()
@@ -58,7 +86,7 @@ class Converger:
         try:
             with self.kernel():
                 self.last_drift = reconcile(backend, desired, remove_extras=trusted)
-            applier.metrics.reconciled(self.last_drift)
+            self.metrics.reconciled(self.last_drift)
             if trusted and marker is not None:
                 self.generation.write(marker)
         except BackendError as exc:
@@ -67,11 +95,11 @@ class Converger:
             backend.discard()
             return None
         finally:
-            applier.rebuild_expiry()
+            self.applier.rebuild_expiry()
             if len(desired.present) + len(desired.absent) >= LARGE or backend.size() >= LARGE:
                 give_back_memory()  # the ledger's records and the kernel's rules, built whole
         self.error = _refused_text(self.last_drift)
-        applier.lists.reconcile(now_ms, remove_extras=trusted)
+        self.lists.reconcile(now_ms, remove_extras=trusted)
         return self.last_drift
 
     def _say_lost(self, trusted: bool) -> None:

@@ -11,7 +11,6 @@ its loop: also while Redis is away, since the loop still expires rules in the ke
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
@@ -79,7 +78,7 @@ class Worker:
         keys = Keys(settings.key_prefix)
         self.client = client = connect(settings)
         self.replica = connect(settings, settings.read_url) if settings.read_url else None
-        self.clock = clock = SyncedClock()
+        clock = SyncedClock()
         self.metrics = metrics = Metrics()
         self.alarm = alarm = ExpiryAlarm()
         self.backend = backend = backend or make_backend(
@@ -103,7 +102,7 @@ class Worker:
         )
         self.fold = FoldPace(ledger, follower=self.replica is not None)
         self.stream = stream = host_stream(settings, client, self.replica, keys)
-        self.expiry = expiry = ExpiryQueue()
+        expiry = ExpiryQueue()
         self.supervisor = supervisor = Supervisor(
             _handled_by_the_loop, lambda role: metrics.role_failures.labels(role).inc()
         )
@@ -141,9 +140,16 @@ class Worker:
             lists_changed=lambda: supervisor.run("heartbeat", self.heartbeat),
         )
         converger = Converger(
-            applier, GenerationFile(settings.state_dir, settings.host_name), alarm.kernel
+            applier=applier,
+            ledger=ledger,
+            stream=stream,
+            clock=clock,
+            lists=lists,
+            generation=GenerationFile(settings.state_dir, settings.host_name),
+            metrics=metrics,
+            kernel=alarm.kernel,
         )
-        self.registration = Registration(client, settings, stream.now_ms, take_over)
+        registration = Registration(client, settings, stream.now_ms, take_over)
         self.heart = Heart(
             client=client,
             settings=settings,
@@ -155,7 +161,7 @@ class Worker:
             lists=lists,
             supervisor=supervisor,
             converger=converger,
-            registration=self.registration,
+            registration=registration,
             metrics=metrics,
         )
         self.scheduler = Scheduler(
@@ -174,6 +180,10 @@ class Worker:
         self.house = Housekeeping(
             client=client,
             applier=applier,
+            ledger=ledger,
+            clock=clock,
+            expiry=expiry,
+            lists=lists,
             protection=protection,
             converger=converger,
             heart=self.heart,
@@ -216,7 +226,7 @@ class Worker:
         everything up to there: it gets the current state from the ledger (reconcile), not
         by replaying history.
         """
-        self.registration.check()
+        self.house.register()
         known = self.stream.group_exists()  # a follower drops a lost position here
         self.heartbeat("starting")  # announce first: no trim runs past a group being created
         self.ledger.ensure_group()
@@ -286,7 +296,7 @@ class Worker:
             while not self.reader.stopping:
                 self.notifier.alive()
                 try:
-                    with self.alarm.watch(self.expiry.ms_until_next(self.clock.now_ms())):
+                    with self.alarm.watch(self.applier.ms_until_expiry()):
                         ready = self._resume(ready, burst)
                         processed = self.iteration() if ready else self._wait_to_start()
                     if self.outage.ended():
@@ -310,7 +320,7 @@ class Worker:
 
     def _close(self) -> None:
         self.notifier.stopping()
-        self._last_heartbeat()
+        self.house.last_heartbeat()
         self.metrics.close()
         self.scheduler.close()
         self.backend.close()
@@ -345,24 +355,13 @@ class Worker:
         """Set up at start (and after Redis lost its data); reconcile after every outage."""
         back = self.outage.check_back(self.client)
         if not ready:
-            started = self.supervisor.run("startup", lambda: self._start(burst), self._beat_anyway)
+            started = self.supervisor.run(
+                "startup", lambda: self._start(burst), self.house.beat_anyway
+            )
             return bool(started)
         if back:
             self.reconcile()  # whatever happened meanwhile, a trim past this host included
         return True
-
-    def _last_heartbeat(self) -> None:
-        """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one (not when
-        it refused to start: the heartbeat is the live twin's)."""
-        if self.registration.refused:
-            return
-        with contextlib.suppress(redis.RedisError):
-            self.heartbeat("stopped")
-
-    def _beat_anyway(self) -> None:
-        """A failed start still tells ``pushfw status`` why this host is not ready."""
-        with contextlib.suppress(Exception):
-            self.heartbeat("starting")
 
     def _wait_to_start(self) -> int:
         startup = self.supervisor["startup"]
@@ -405,7 +404,7 @@ class Worker:
             left_s = deadline - time.monotonic()
             if left_s <= 0:
                 return
-            next_ms = self.expiry.ms_until_next(self.clock.now_ms())
+            next_ms = self.applier.ms_until_expiry()
             time.sleep(max(0.001, min(left_s, next_ms / 1000 if next_ms is not None else left_s)))
 
 

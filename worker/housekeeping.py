@@ -7,6 +7,7 @@ kernel found changed behind pushfw's back is reconciled at once, not at the next
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -14,9 +15,13 @@ import redis
 
 from pushfw.producer.contract import Action
 from pushfw.worker.applier import Applier
+from pushfw.worker.clock import SyncedClock
 from pushfw.worker.converge import Converger
+from pushfw.worker.expiry import ExpiryQueue
 from pushfw.worker.heartbeat import Heart
 from pushfw.worker.hits import HitsReader
+from pushfw.worker.ledger import Ledger
+from pushfw.worker.lists import ListKeeper
 from pushfw.worker.notify import Notifier
 from pushfw.worker.protect import Protection
 from pushfw.worker.reconcile import Drift
@@ -34,7 +39,11 @@ class Housekeeping:
 
     Args:
         client: the primary.
-        applier: the applier (its backend, ledger, clock, expiry queue, lists).
+        applier: removes drops that came to cover Redis; says when the kernel drifted.
+        ledger: recovers its stale pending entries; trimmed in turn.
+        clock: Redis's clock, estimated locally.
+        expiry: the next timed rule (hit counters are read between expiries).
+        lists: rechecked against Redis's addresses.
         protection: the networks never dropped, Redis's addresses among them.
         converger: the reconcile role.
         heart: the heartbeat.
@@ -49,6 +58,10 @@ class Housekeeping:
         *,
         client: redis.Redis,
         applier: Applier,
+        ledger: Ledger,
+        clock: SyncedClock,
+        expiry: ExpiryQueue,
+        lists: ListKeeper,
         protection: Protection,
         converger: Converger,
         heart: Heart,
@@ -60,6 +73,10 @@ class Housekeeping:
         self.client = client
         self.settings = heart.settings
         self.applier = applier
+        self.ledger = ledger
+        self.clock = clock
+        self.expiry = expiry
+        self.lists = lists
         self.protection = protection
         self.converger = converger
         self.heart = heart
@@ -79,7 +96,7 @@ class Housekeeping:
         """Each duty that is due, supervised as its role."""
         run, settings = self.supervisor.run, self.settings
         if self._every("heartbeat", settings.heartbeat_interval_s):
-            run("ledger", lambda: self.applier.ledger.recover(settings.claim_idle_ms))
+            run("ledger", lambda: self.ledger.recover(settings.claim_idle_ms))
             run("heartbeat", self._check_and_beat)
             if self._every("hits", self.hits.interval_s):
                 run("hits", self._publish_hits)
@@ -101,6 +118,23 @@ class Housekeeping:
         self._due[name] = now + interval_s
         return True
 
+    def register(self) -> None:
+        """Refuse to start beside a live twin (:class:`~pushfw.worker.heartbeat.Registration`)."""
+        self.heart.registration.check()
+
+    def last_heartbeat(self) -> None:
+        """Say "stopped" so ``pushfw status`` tells a stopped host from a lost one (not when
+        it refused to start: the heartbeat is the live twin's)."""
+        if self.heart.registration.refused:
+            return
+        with contextlib.suppress(redis.RedisError):
+            self.heartbeat("stopped")
+
+    def beat_anyway(self) -> None:
+        """A failed start still tells ``pushfw status`` why this host is not ready."""
+        with contextlib.suppress(Exception):
+            self.heartbeat("starting")
+
     def heartbeat(self, state: str = "running") -> None:
         lag, pending = self.heart.beat(state)
         if self.notifier.is_ready:
@@ -119,7 +153,7 @@ class Housekeeping:
         """Protect Redis, check the kernel still holds our objects, revive the scheduler, beat."""
         self.protect(self.client)
         with self.applier.kernel():
-            intact = self.applier.backend.intact()
+            intact = self.heart.backend.intact()
         if not intact:
             logger.warning(
                 "the kernel lost pushfw's rules or hooks behind its back (a hand flush?): "
@@ -138,7 +172,7 @@ class Housekeeping:
             return
         covering = [
             key
-            for key, _ in self.applier.backend.committed()
+            for key, _ in self.heart.backend.committed()
             if key.action is Action.DROP and self.protection.covering(key.network) is not None
         ]
         logger.warning(
@@ -150,7 +184,7 @@ class Housekeeping:
             error = self.applier.remove(covering)
             if error is not None:
                 logger.error("could not lift the drops covering Redis: %s", error)
-        self.applier.lists.recheck()
+        self.lists.recheck()
 
     def trim(self) -> None:
         """Trim, forget and retire, if it is this worker's turn (one worker per interval)."""
@@ -159,16 +193,16 @@ class Housekeeping:
             self.client, self.heart.stream.keys, settings.consumer_name, settings.trim_interval_s
         ):
             trim(
-                self.applier.ledger,
-                self.applier.clock.now_ms(),
+                self.ledger,
+                self.clock.now_ms(),
                 settings.host_expiry_s,
                 settings.retire_after_s,
             )
 
     def _publish_hits(self) -> None:
         """Per-rule hit counters to ``{pushfw}:hits:<host>``, between expiries (:mod:`.hits`)."""
-        now_ms = self.applier.clock.now_ms()
-        if self.hits.clear(self.applier.expiry.ms_until_next(now_ms)):
+        now_ms = self.clock.now_ms()
+        if self.hits.clear(self.expiry.ms_until_next(now_ms)):
             self.hits.publish(now_ms)
         else:
             self._due["hits"] = time.monotonic()  # a timed rule is due: at the next heartbeat
