@@ -186,9 +186,29 @@ def _wait(producer: Producer, cmd_id: str, target: list[str], opts: dict[str, An
     if len(results) < opts["expect"]:
         expected = plural(opts["expect"], "result")
         click.echo(f"pushfw: {len(results)} of {expected} before the timeout", err=True)
+    twins = _twins(producer, target)
+    for host in twins:
+        click.echo(
+            f"pushfw: {host} is DUPLICATE: two live workers share that host name and split "
+            "its commands, so one result stands for one of them (pushfw status)",
+            err=True,
+        )
+    if twins:
+        sys.exit(5)
+    if len(results) < opts["expect"]:
         sys.exit(3)
     if any(r.status.value in ("rejected", "failed") for r in results):
         sys.exit(4)
+
+
+def _twins(producer: Producer, target: list[str]) -> list[str]:
+    """Live hosts of ``target`` that two workers beat under (``DUPLICATE`` in status)."""
+    try:
+        hosts = producer.hosts()
+    except redis.exceptions.NoPermissionError:
+        return []  # as _nobody_answers: this user may not read heartbeats
+    now_ms = producer.now_ms()
+    return [h.host for h in hosts if h.duplicate and is_live(h, now_ms) and reaches(target, h)]
 
 
 _KNOWN_SHOWN = 10

@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import signal
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -45,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pushfw.producer.client import Producer
 from pushfw.producer.contract import MAX_REASON_LEN, MAX_TTL_S, Command, Op, parse_network
 from pushfw.producer.duration import parse_duration
+from pushfw.producer.journal import PriorityFormatter, journal_stream
 
 __all__ = [
     "SLACK_MS",
@@ -484,9 +486,14 @@ def _check_target(ctx: click.Context, param: click.Parameter, value: str) -> tup
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Log to stderr, each line with its syslog priority when stderr is the journal's."""
     if not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("pushfw crowdsec: %(levelname)s %(message)s"))
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            PriorityFormatter(
+                "pushfw crowdsec: %(levelname)s %(message)s", journal_stream(sys.stderr)
+            )
+        )
         logging.getLogger().addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
@@ -549,4 +556,5 @@ def crowdsec_command(ctx: click.Context, /, **opts: Any) -> None:
         bridge.run(opts["interval_s"], stop)
         logger.info("stopped")
     except LapiError as exc:
-        raise click.ClickException(str(exc)) from None
+        logger.error("%s", exc)  # through the handler: journald sees an error
+        sys.exit(1)

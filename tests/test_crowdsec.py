@@ -11,6 +11,9 @@ session's redis-server through its unix socket.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +29,7 @@ import redis
 
 from pushfw.producer.contract import Command, Op, parse_command
 from pushfw.producer.crowdsec import Decision, _reason, parse_go_duration
+from pushfw.producer.journal import syslog_priority
 from tests.conftest import Netns, RedisServer, need, wait_for
 
 CMD = "{pushfw}:cmd"
@@ -423,3 +427,35 @@ def test_reason_is_bounded_and_printable() -> None:
     reason = _reason(long)
     assert len(reason) == 256 and reason.startswith("crowdsec CAPI: a b") and "\n" not in reason
     Command(op=Op.DROP_INSERT, network="192.0.2.1", reason=reason)  # the contract takes it
+
+
+def test_under_journald_each_bridge_line_carries_its_priority(
+    lapi: Lapi, r: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With stderr the stream ``JOURNAL_STREAM`` names, as systemd sets it, each line starts
+    with its syslog priority: ``journalctl -p err`` finds a refused API key."""
+    assert lapi.key_file is not None
+    lapi.cscli("decisions", "add", "--ip", "192.0.2.7", "--duration", "1h")
+    bad = tmp_path / "bad.key"
+    bad.write_text("not-a-key")
+
+    def under_journald(key_file: Path) -> tuple[int, list[str]]:
+        journal = tmp_path / "journal"
+        with journal.open("w") as stream:
+            named = os.fstat(stream.fileno())
+            env = {**os.environ, "JOURNAL_STREAM": f"{named.st_dev}:{named.st_ino}"}
+            argv = lapi.ns.argv(*bridge_argv(redis_server, key_file, "--once"))
+            done = subprocess.run(argv, stderr=stream, env=env, timeout=60, check=False)
+        lines = journal.read_text().splitlines()
+        for line in lines:
+            found = re.fullmatch(r"<(\d)>pushfw crowdsec: ([A-Z]+) .*", line)
+            assert found is not None, line
+            assert int(found[1]) == syslog_priority(getattr(logging, found[2])), line
+        return done.returncode, lines
+
+    code, lines = under_journald(lapi.key_file)
+    assert code == 0 and lines[-1].startswith("<6>pushfw crowdsec: INFO startup pull: "), lines
+    assert "sent 1 drop.insert" in lines[-1]
+    code, lines = under_journald(bad)
+    assert code == 1 and lines[-1].startswith("<3>pushfw crowdsec: ERROR "), lines
+    assert lines[-1].endswith("refused the API key (HTTP 403)")

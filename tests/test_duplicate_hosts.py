@@ -12,10 +12,12 @@ from typing import Any
 
 import redis
 
+from pushfw.worker.cli import HOST_NAME_TAKEN
 from tests.conftest import RedisServer, pushfw_cli, wait_for
 from tests.daemon import Daemon, cli, worker_env
 
 HOST = "web1"
+UNIT = Path(__file__).parent.parent / "systemd" / "pushfw-worker.service"
 TWIN_ERROR = f"another worker named {HOST} is live"
 
 
@@ -57,7 +59,8 @@ def test_a_second_worker_of_a_live_host_name_refuses_to_start(
         instance = status_row(redis_server)["instance"]
 
         refused = cli("run", env=machine(tmp_path, "b", redis_server))
-        assert refused.returncode == 1
+        assert refused.returncode == HOST_NAME_TAKEN != 1, refused.stderr
+        assert f"RestartPreventExitStatus=2 {HOST_NAME_TAKEN}\n" in UNIT.read_text()
         reason = [line for line in refused.stderr.splitlines() if "is taken" in line]
         assert reason == [
             line for line in refused.stderr.splitlines() if line.startswith("pushfw-worker:")
@@ -88,6 +91,12 @@ def test_two_live_workers_of_one_name_are_an_error_in_both_and_duplicate_in_stat
             wait_for(lambda: status_row(redis_server)["state"] == "DUPLICATE", 15, "DUPLICATE")
             shown = pushfw_cli(redis_server, "status")
             assert f"warning: {HOST}: duplicate: {TWIN_ERROR}" in shown.stderr
+            both = ("--wait", "--expect", "2", "--timeout", "2")  # one host, two machines
+            waited = pushfw_cli(redis_server, "drop", "192.0.2.5", *both)
+            assert waited.returncode == 5, waited.stderr
+            assert [line for line in waited.stdout.splitlines() if line.startswith(HOST)]
+            assert "pushfw: 1 of 2 results before the timeout" in waited.stderr
+            assert f"pushfw: {HOST} is DUPLICATE: two live workers share" in waited.stderr
             assert second.stop() == 0
         first.wait_line(f"the other worker named {HOST}")
         wait_for(lambda: status_row(redis_server)["state"] == "ok", 15, "ok again")

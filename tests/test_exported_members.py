@@ -23,6 +23,7 @@ MODULES_WITH_ALL = [
     "pushfw.producer.contract",
     "pushfw.producer.duration",
     "pushfw.producer.functions",
+    "pushfw.producer.journal",
     "pushfw.producer.records",
     "pushfw.producer.render",
     "pushfw.worker.backends",

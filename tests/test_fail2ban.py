@@ -425,6 +425,55 @@ def test_the_shell_actions_commands_carry_no_password(aof_redis: RedisServer) ->
     assert "f2b-s3cret" not in log
 
 
+PY_SECRET_JAILS = """\
+[DEFAULT]
+backend = polling
+maxretry = 1
+ignoreip = 127.0.0.1/8 ::1
+
+[py-secret]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-secret.log
+bantime = 600
+action = pushfw_redis.py[redis_url_file="{redis_url_file}", python_path="{venv}",
+                         client="{client}"]
+
+[py-twice]
+enabled = true
+filter = pushfw-test
+logpath = {tmp}/py-twice.log
+bantime = 600
+action = pushfw_redis.py[redis_url_file="{redis_url_file}", redis_url="redis://127.0.0.1:1/0",
+                         python_path="{venv}"]
+"""
+
+
+@pytest.mark.parametrize("client", ["pushfw", "redis"])
+def test_the_python_action_reads_the_url_from_a_file(aof_redis: RedisServer, client: str) -> None:
+    """``redis_url_file``: the password stays in a file only root reads, out of jail.local
+    (which every user may read) and out of fail2ban's log, with either client; a jail that
+    gives the URL twice is refused, alone."""
+    need_fail2ban()
+    admin = redis.Redis(unix_socket_path=str(aof_redis.socket_path))
+    admin.config_set("requirepass", "f2b-py-s3cret")
+    url = f"redis://:f2b-py-s3cret@127.0.0.1:{aof_redis.port}/0"
+    try:
+        with running_fail2ban(
+            PY_SECRET_JAILS, ("py-secret", "py-twice"), url, {}, "HEAVYDEBUG", client=client
+        ) as server:
+            server.append("py-secret.log", f"Failed login from {BANNED}")
+            server.wait(lambda: find(admin, op="drop.insert", ip=BANNED), "the ban in Redis")
+            jail_local = (server.tmp / "conf" / "jail.local").read_text()
+            log = server.log
+    finally:
+        admin.close()
+    name = "pushfw.producer" if client == "pushfw" else "redis-py"
+    assert f"Redis answers (client {name})" in log, log[-3000:]
+    assert "give the Redis URL once: redis_url or redis_url_file" in log
+    assert "f2b-py-s3cret" not in jail_local + log
+
+
 SIGNING_KEY = "fail2ban-test-signing-key"
 
 

@@ -25,6 +25,7 @@ from pushfw.worker.follower import SavedPosition
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.stream import redis_now_ms, stream_id_order
 from testbed.redis_server import free_port
 from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
 from tests.daemon import cli, worker_env
@@ -73,6 +74,10 @@ def in_sync(replica: RedisServer) -> bool:
         return bool(client.info("replication").get("master_link_status") == "up")
     finally:
         client.close()
+
+
+def running_hosts(producer: Producer) -> list[str]:
+    return [h.host for h in producer.hosts() if h.state == "running"]
 
 
 def beat(producer: Producer, host: str) -> Any:
@@ -479,4 +484,117 @@ def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
     finally:
         r.execute_command("ACL", "DELUSER", user)
         admin.close()
+        replica.stop()
+
+
+def test_an_entry_only_the_replica_holds_is_never_applied_and_read_around(
+    r: Any, redis_server: RedisServer, producer: Producer, tmp_path, monkeypatch, caplog
+):
+    """ACLs are not replicated: whoever may write on a replica that accepts writes adds
+    entries the primary never generated. The host applies none of them, reads on the
+    primary and says why, without setting up again; it reads the replica again once the
+    replica has been resynced from the primary."""
+    monkeypatch.setattr("pushfw.worker.follower._PROBE_EVERY_S", 0.05)
+    delay = r.config_get("repl-diskless-sync-delay")["repl-diskless-sync-delay"]
+    r.config_set("repl-diskless-sync-delay", 0)  # the syncs below, at once
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
+    replica.workdir.mkdir()
+    replica.start()
+    writer: Any = redis.Redis.from_url(replica.url)
+    worker = follower(redis_server, replica, tmp_path, heartbeat_interval_s=0.05)
+
+    def done(address: str) -> bool:
+        drop = producer.drop(address, reply=False)
+        wait_for(lambda: producer.progress(drop)["f1"] == "done", 30, f"{address} done")
+        return key("drop", address) in set(worker.backend.snapshot())
+
+    def problems() -> list[str]:
+        return [p for p in beat(producer, "f1").problems if p.startswith("replica ")]
+
+    def probes() -> int:
+        return commandstats(writer).get("xinfo|stream", 0)
+
+    try:
+        wait_for(lambda: in_sync(replica), 20, "the replica to sync")
+        with caplog.at_level(logging.INFO, logger="pushfw"), running(worker):
+            wait_for(lambda: running_hosts(producer) == ["f1"], 20, "the follower to run")
+            assert done("192.0.2.1") and beat(producer, "f1").reads == "replica"
+            writer.config_set("replica-read-only", "no")
+            forged = [
+                writer.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.66", "reply": "yes"}),
+                writer.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.300"}),  # rejected
+            ]
+            wait_for(problems, 20, "the heartbeat to name the replica")
+            [problem] = problems()
+            assert "entries the primary never generated" in problem, problem
+            assert "reading on the primary" in problem
+            shown = pushfw_cli(redis_server, "status")
+            assert shown.returncode == 0 and "DEGRADED" in shown.stdout, shown.stderr
+            assert beat(producer, "f1").reads == "primary"
+            assert done("192.0.2.2"), "the host stopped carrying out the primary's commands"
+            asked = probes()
+            wait_for(lambda: probes() >= asked + 10, 30, "ten probes of the replica")
+            assert done("192.0.2.3") and problems(), "an inconsistent replica was read again"
+
+            writer.config_set("replica-read-only", "yes")  # as docs/operating.md says
+            writer.replicaof("no", "one")  # then again: a full resync drops what it held
+            writer.replicaof("127.0.0.1", str(redis_server.port))
+            wait_for(lambda: in_sync(replica), 20, "the replica to resync")
+            wait_for(lambda: not problems(), 30, "the heartbeat to say the replica is back")
+            assert beat(producer, "f1").reads == "replica"
+            before = commandstats(writer).get("xread", 0)
+            assert done("192.0.2.4") and commandstats(writer).get("xread", 0) > before
+
+        assert set(worker.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in range(1, 5)}
+        answered = {f[b"cmd"] for _, f in r.xrange("{pushfw}:results")}
+        assert not answered & set(forged), "a forged entry was answered"
+        assert not r.xrange(CMD, forged[0], forged[0]), "the primary holds no forged entry"
+        messages = [rec.getMessage() for rec in caplog.records]
+        assert sum(m.startswith("ready: ") for m in messages) == 1, "set up again"
+        assert sum(m.startswith("reconcile") for m in messages) == 1, "reconciled again"
+        assert not [m for m in messages if "is lost" in m]
+        assert sum("cannot be read" in m for m in messages) == 1
+    finally:
+        r.config_set("repl-diskless-sync-delay", delay)
+        writer.close()
+        replica.stop()
+
+
+def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
+    r: Any, redis_server: RedisServer, producer: Producer, tmp_path, monkeypatch
+):
+    """The primary generated a newer entry after the forged one, so the forged entry's id
+    alone does not give it away; the replica's count of entries ever added does. A follower
+    that starts reads on the primary, even one entry per batch."""
+    monkeypatch.setattr("pushfw.worker.follower._REPLICA_WAIT_S", 0.2)
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port)
+    replica.workdir.mkdir()
+    replica.start()
+    writer: Any = redis.Redis.from_url(replica.url)
+    try:
+        wait_for(lambda: in_sync(replica), 20, "the replica to sync")
+        kernel = MemoryBackend()  # what the second worker finds, as after a restart
+        first = follower(redis_server, replica, tmp_path, kernel, batch_size=1)
+        first.setup()
+        producer.drop("192.0.2.1", reply=False)
+        synced(r)
+        first.run(burst=True)
+        writer.config_set("replica-read-only", "no")
+        forged = writer.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.66"}).decode()
+        forged_ms = int(forged.partition("-")[0])
+        wait_for(lambda: redis_now_ms(r) > forged_ms, 5, "Redis's clock to pass the forgery")
+        later = producer.drop("192.0.2.2", reply=False)
+        synced(r)
+        assert writer.xlen(CMD) == 3, "the primary's entry reached the replica after it"
+        assert stream_id_order(forged) < stream_id_order(later)
+
+        again = follower(redis_server, replica, tmp_path, kernel, batch_size=1)
+        again.setup()
+        again.run(burst=True)
+        assert set(again.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (1, 2)}
+        [problem] = [p for p in again._problems() if p.startswith("replica ")]
+        assert "it holds entries the primary never generated (3 ever added" in problem, problem
+        assert beat(producer, "f1").reads == "primary"
+    finally:
+        writer.close()
         replica.stop()

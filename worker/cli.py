@@ -18,10 +18,15 @@ from pushfw.worker import log
 from pushfw.worker.backends import make_backend
 from pushfw.worker.config import DEFAULT_PATH, ConfigInvalid, Loaded, load, masked, secrets_of
 from pushfw.worker.daemon import ForceStop, Worker
-from pushfw.worker.errors import PushfwError
+from pushfw.worker.errors import HostNameTaken, PushfwError
 from pushfw.worker.settings import WorkerSettings
 
 logger = logging.getLogger("pushfw.worker")
+
+HOST_NAME_TAKEN = 6
+"""The exit status of a worker that refused to start beside a live worker of its host name
+(LSB's "not configured"): restarting cannot help until one of them is renamed, so the
+unit's ``RestartPreventExitStatus=`` names it. Every other failure exits 1."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def _one_line_errors() -> Iterator[None]:
         yield
     except PushfwError as exc:
         click.echo(log.error_line(f"pushfw-worker: {exc}"), err=True)
-        sys.exit(1)
+        sys.exit(HOST_NAME_TAKEN if isinstance(exc, HostNameTaken) else 1)
     except redis.RedisError as exc:
         text = f"pushfw-worker: redis refused: {str(exc).splitlines()[0][:300]}"
         click.echo(log.error_line(text), err=True)

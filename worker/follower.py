@@ -20,6 +20,11 @@ The position plays the part of the group's pending list:
   the stream was trimmed past (the host was silent longer than ``host_expiry_s``), or that
   the stream no longer reaches (Redis lost its data), is dropped: the host starts at the
   stream's head from the ledger, as a new host does.
+- Only entries the primary generated are carried out (ACLs are not replicated: a replica
+  may let others write). A batch read on the replica that reaches past the primary's newest
+  id or its count of entries ever added (its ``XINFO STREAM``, asked only then) is dropped,
+  and the host reads on the primary as it does while the replica is down, until a probe
+  finds the replica holding nothing the primary lacks.
 
 The file is not fsynced: it matters only while the kernel's rules do, and they do not
 survive the power loss that could lose an unsynced write; after a reboot the host
@@ -93,6 +98,30 @@ def _why(exc: Exception) -> str:
 def _entries_added(info: Mapping[str, Any] | None) -> int:
     """XINFO STREAM's count of entries ever added (0 for no stream)."""
     return int((info or {}).get("entries-added", 0))
+
+
+def _newest(info: Mapping[str, Any] | None) -> str:
+    """XINFO STREAM's last generated id ("0-0" for no stream)."""
+    return _text((info or {}).get("last-generated-id", "0-0"))
+
+
+def _ahead(newest: str, added: int, primary: Mapping[str, Any] | None) -> str | None:
+    """Why a replica whose stream reaches ``newest``, its ``added``-th entry, holds entries
+    the primary never generated (written on the replica: its ACL is not the primary's);
+    None when it may not. ``primary``: the primary's XINFO STREAM, asked after the replica,
+    so that it holds whatever the replica got from it."""
+    theirs, their_added = _newest(primary), _entries_added(primary)
+    never = "it holds entries the primary never generated"
+    if stream_id_order(newest) > stream_id_order(theirs):
+        return f"{never} (up to {newest}; the primary's newest is {theirs})"
+    if added > their_added:
+        return f"{never} ({added} ever added; the primary's {their_added})"
+    return None
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """The entries of an XREAD reply on one stream."""
+    return entries_from_reply(reply[0][1]) if reply else []
 
 
 def _before(entry_id: str) -> str:
@@ -214,6 +243,9 @@ class FollowerStream:
         stream's ``entries-added`` count when it was added."""
         self._tries: Counter[str] = Counter()
         self._head = ("0-0", 0)
+        self._primary: tuple[tuple[int, int], int] = ((0, 0), 0)
+        """The primary's newest id and ``entries-added`` as last asked: what the replica
+        may hand this host without asking the primary again."""
         self._load()
 
     def _load(self) -> None:
@@ -252,24 +284,49 @@ class FollowerStream:
 
     def check_replica(self) -> None:
         """Read on the replica only once it replicates the primary: its ledger generation
-        marker is the primary's. An unrelated Redis, or one not yet synced, would leave this
-        host following a stream that no command reaches; until the probe finds the marker
-        there, the host reads on the primary and its heartbeat says why."""
-        want = self.client.get(self.keys.generation)
+        marker is the primary's, and it holds nothing the primary lacks. An unrelated Redis,
+        or one not yet synced, would leave this host following a stream that no command
+        reaches, and one written to behind the primary's back would command it; until the
+        probe finds it sound, the host reads on the primary and its heartbeat says why."""
         deadline = time.monotonic() + _REPLICA_WAIT_S
         while True:
             try:
-                found = self.replica.get(self.keys.generation)
+                why = self._replica_fault()
             except _REPLICA_ERRORS as exc:
+                self.probe.connection_pool.disconnect()
                 self._read_on_primary(_why(exc))  # asked again later, by the probe
                 return
-            if found == want:
+            if why is None:
                 self._replica_back()
                 return
             if time.monotonic() >= deadline:
-                self._read_on_primary(_other_marker(found, want))
+                self._read_on_primary(why)
                 return
             time.sleep(0.05)
+
+    def _replica_fault(self) -> str | None:
+        """Why reads may not go to the replica now (None: they may): another ledger's
+        marker, entries this host read on the primary that it lacks, or entries the primary
+        never generated. The replica is asked first: what it holds then, the primary holds
+        by the time it is asked.
+
+        Raises the replica's errors (``_REPLICA_ERRORS``).
+        """
+        found = self.probe.get(self.keys.generation)
+        theirs = self._info(self.probe)
+        want = self.client.get(self.keys.generation)
+        ours = self._note_primary(self._info(self.client))
+        if found != want:
+            return _other_marker(found, want)
+        added = _entries_added(theirs)
+        if added < self._read_added:
+            lacks = plural(self._read_added - added, "entry", "entries")
+            return f"it lacks {lacks} read on the primary"
+        return _ahead(_newest(theirs), added, ours)
+
+    def _note_primary(self, info: dict[str, Any] | None) -> dict[str, Any] | None:
+        self._primary = (stream_id_order(_newest(info)), _entries_added(info))
+        return info
 
     def group_exists(self) -> bool:
         """Whether the saved position still reaches the stream; drops it if not.
@@ -329,8 +386,7 @@ class FollowerStream:
             self._tries.update(e.id for e in again)
             return again
         streams: dict[KeyT, StreamIdT] = {self.keys.cmd: self._last_read}
-        reply = self._xread(streams, count, block_ms)
-        entries = entries_from_reply(reply[0][1]) if reply else []
+        entries = self._xread(streams, count, block_ms)
         if not entries:
             return []
         mark = stream_id_order(self._read_mark)
@@ -346,14 +402,34 @@ class FollowerStream:
         self._save()
         return entries
 
-    def _xread(self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None) -> Any:
-        """On the replica; on the primary while the replica cannot be read."""
+    def _xread(
+        self, streams: dict[KeyT, StreamIdT], count: int, block_ms: int | None
+    ) -> list[Entry]:
+        """On the replica; on the primary while the replica cannot be read, and from the
+        first batch the replica hands over that holds an entry the primary never generated
+        (none of that batch is carried out)."""
         if self.replica_down is None or self._replica_is_back():
             try:
-                return self.replica.xread(streams, count=count, block=block_ms)
+                entries = _entries(self.replica.xread(streams, count=count, block=block_ms))
             except _REPLICA_ERRORS as exc:
                 self._read_on_primary(_why(exc))
-        return self.client.xread(streams, count=count, block=block_ms)
+            else:
+                why = self._not_generated(entries)
+                if why is None:
+                    return entries
+                self._read_on_primary(why)
+        return _entries(self.client.xread(streams, count=count, block=block_ms))
+
+    def _not_generated(self, entries: Sequence[Entry]) -> str | None:
+        """Why the primary never generated some of these entries read on the replica (None:
+        it did). The primary is asked only when they reach past what it was last seen
+        holding: its newest id and its count of entries ever added."""
+        if not entries:
+            return None
+        added = self._read_added + len(entries)
+        if entries[-1].order <= self._primary[0] and added <= self._primary[1]:
+            return None
+        return _ahead(entries[-1].id, added, self._note_primary(self._info(self.client)))
 
     def _read_on_primary(self, why: str) -> None:
         if self.replica_down is None:
@@ -370,25 +446,18 @@ class FollowerStream:
         self.replica.connection_pool.disconnect()
 
     def _replica_is_back(self) -> bool:
-        """Whether the replica answers with the primary's ledger marker and holds every
-        entry this host read; asked at most every ``_PROBE_EVERY_S``."""
+        """Whether the replica may be read again (:meth:`_replica_fault`); asked at most
+        every ``_PROBE_EVERY_S``."""
         if time.monotonic() < self._probe_at:
             return False
         self._probe_at = time.monotonic() + _PROBE_EVERY_S
-        want = self.client.get(self.keys.generation)
         try:
-            found = self.probe.get(self.keys.generation)
-            added = _entries_added(self._info(self.probe))
+            why = self._replica_fault()
         except _REPLICA_ERRORS as exc:
-            self.replica_down = _why(exc)
+            why = _why(exc)
             self.probe.connection_pool.disconnect()
-            return False
-        if found != want:
-            self.replica_down = _other_marker(found, want)
-            return False
-        if added < self._read_added:
-            lacks = plural(self._read_added - added, "entry", "entries")
-            self.replica_down = f"it lacks {lacks} read on the primary"
+        if why is not None:
+            self.replica_down = why
             return False
         self._replica_back()
         return True
@@ -398,18 +467,27 @@ class FollowerStream:
             logger.info("replica %s is back: reading the command stream there", self.name)
         self.replica_down = None
 
-    def _watch_replica(self, primary_added: int) -> None:
+    def _watch_replica(self, primary: dict[str, Any]) -> None:
         """At heartbeats, at most every ``_PROBE_EVERY_S``: a replica that answers but no
         longer follows the primary (its link is down and it serves stale data) is read no
-        more once it has stayed behind, without moving, for ``_STALE_AFTER_S``."""
+        more once it has stayed behind, without moving, for ``_STALE_AFTER_S``; nor one
+        that holds more than the primary has generated (asked again after the replica: it
+        may have got newer entries meanwhile)."""
         if self.replica_down is not None or time.monotonic() < self._watch_at:
             return
         self._watch_at = time.monotonic() + _PROBE_EVERY_S  # heartbeats come faster when busy
         try:
-            added = _entries_added(self._info(self.probe))
+            theirs = self._info(self.probe)
         except _REPLICA_ERRORS as exc:
             self.probe.connection_pool.disconnect()
             self._read_on_primary(_why(exc))
+            return
+        added, primary_added = _entries_added(theirs), _entries_added(primary)
+        why = _ahead(_newest(theirs), added, primary)
+        if why is not None:  # or the replica got newer entries after the primary was asked
+            why = _ahead(_newest(theirs), added, self._note_primary(self._info(self.client)))
+        if why is not None:
+            self._read_on_primary(why)
             return
         now = time.monotonic()
         if added >= primary_added:
@@ -455,9 +533,8 @@ class FollowerStream:
 
     def head(self) -> str:
         """The primary's newest entry id: a new follower starts there, from the ledger."""
-        info = self._info(self.client) or {}
-        newest = _text(info.get("last-generated-id", "0-0"))
-        self._head = (newest, int(info.get("entries-added", 0)))
+        info = self._note_primary(self._info(self.client))
+        self._head = (_newest(info), _entries_added(info))
         return self._head[0]
 
     def last_delivered(self) -> str:
@@ -476,9 +553,10 @@ class FollowerStream:
             logger.warning("follower position %s is lost (%s): setting up", self.position, reason)
             self.forget()
             raise StreamGone(f"NOGROUP follower position lost: {reason}")
+        self._note_primary(info)
         if info is None:
             return None, len(self._unfinished)
-        self._watch_replica(_entries_added(info))
+        self._watch_replica(info)
         lag = _entries_added(info) - self._read_added
         return max(0, lag), len(self._unfinished)
 

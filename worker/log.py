@@ -5,21 +5,22 @@
 Both formats scrub the secrets they are given (the Redis password, secret settings) from
 the finished line, so no code path can leak one by logging a URL or an error text.
 
-Under systemd, when stderr is the journal's stream (``JOURNAL_STREAM`` names it, see
-systemd.exec(5)), each line starts with its syslog priority, ``<4>`` for a warning
-(sd-daemon(3)): journald takes the record's severity from it, so ``journalctl -p warning``
-finds the worker's warnings. Anywhere else a line has no prefix.
+Under systemd, when stderr is the journal's stream, each line starts with its syslog
+priority, ``<4>`` for a warning, so ``journalctl -p warning`` finds the worker's warnings
+(``pushfw.producer.journal``, which the CrowdSec bridge uses too). Anywhere else a line
+has no prefix.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
+
+from pushfw.producer.journal import journal_stream, syslog_priority, with_priority
 
 __all__ = [
     "JsonFormatter",
@@ -39,31 +40,6 @@ _MASK = "***"
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
-
-
-_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-
-
-def syslog_priority(levelno: int) -> int:
-    """The syslog priority of a logging level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
-    for floor, priority in _PRIORITIES:
-        if levelno >= floor:
-            return priority
-    return 7
-
-
-def journal_stream(stream: TextIO) -> bool:
-    """Whether ``stream`` is the journald stream systemd connected (``JOURNAL_STREAM`` holds
-    its ``device:inode``): a variable inherited by a process whose stderr went elsewhere
-    (a redirect, a pipe to another program) does not count."""
-    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    if not (device.isdigit() and inode.isdigit()):
-        return False
-    try:
-        found = os.fstat(stream.fileno())
-    except (OSError, ValueError):  # closed, or no descriptor (io.UnsupportedOperation)
-        return False
-    return (found.st_dev, found.st_ino) == (int(device), int(inode))
 
 
 def error_line(text: str) -> str:
@@ -92,10 +68,7 @@ class _Scrubbing(logging.Formatter):
         """``text`` scrubbed and, for journald, each of its lines with the record's priority
         (a text traceback's lines too: journald reads the prefix line by line)."""
         text = self.scrub(text)
-        if not self._journal:
-            return text
-        prefix = f"<{syslog_priority(record.levelno)}>"
-        return "\n".join(prefix + line for line in text.split("\n"))
+        return with_priority(text, record.levelno) if self._journal else text
 
 
 class JsonFormatter(_Scrubbing):

@@ -17,7 +17,7 @@ Install (docs/integrations.md has the whole story)::
 
     # /etc/fail2ban/jail.local: pushfw bans for every jail ...
     [DEFAULT]
-    action_pushfw = pushfw_redis.py[redis_url="redis://redis.example:6379/0",
+    action_pushfw = pushfw_redis.py[redis_url_file="/etc/pushfw/fail2ban.url",
                                     python_path="/opt/pushfw/venv"]
     action = %(action_pushfw)s
 
@@ -37,7 +37,11 @@ file's name, which would hide the ``pushfw`` package this action imports.)
 Options (all strings, as fail2ban passes them):
 
     redis_url      the Redis that holds pushfw's streams (default: PUSHFW_REDIS_URL, else
-                   redis://127.0.0.1:6379/0)
+                   redis://127.0.0.1:6379/0); jail.local is readable by every user, so a
+                   URL with a password belongs in redis_url_file
+    redis_url_file a file (mode 0600) holding that URL, as ``pushfw --redis-url-file``
+                   reads it: one URL, blank lines and "# comments" aside (default:
+                   PUSHFW_REDIS_URL_FILE); read at start and at every reload
     key_prefix     the workers' key_prefix (default: PUSHFW_KEY_PREFIX, else {pushfw})
     target         * (every host, the default) or host names / labels, comma-separated
     unban_on_stop  true: a fail2ban stop or restart lifts this jail's bans on every host
@@ -82,6 +86,7 @@ from fail2ban.server.mytime import MyTime  # type: ignore[import-not-found]
 
 DEFAULTS = {
     "redis_url": "redis://127.0.0.1:6379/0",
+    "redis_url_file": "",
     "key_prefix": "{pushfw}",
     "target": "*",
     "unban_on_stop": "false",
@@ -127,6 +132,33 @@ def add_python_path(spec: str) -> None:
         site.addsitedir(str(path))
         # in front: pushfw's own redis-py and pydantic, not older ones the system may have
         sys.path[:] = [p for p in sys.path if p not in before] + before
+
+
+def read_url_file(path: str) -> str:
+    """The one URL in the file at ``path``, as ``pushfw --redis-url-file`` reads it (blank
+    lines and lines starting with "#" aside). Errors never quote the file's content."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ValueError(f"redis_url_file = {path}: {why}") from None
+    urls = [u for u in (line.strip() for line in text.splitlines()) if u and not u.startswith("#")]
+    if len(urls) != 1:
+        raise ValueError(f"redis_url_file = {path}: holds {len(urls)} URLs, not one")
+    return urls[0]
+
+
+def redis_url(options: dict[str, str], environ: dict[str, str]) -> str:
+    """The URL from the jail's options, else fail2ban's environment, else the default; a
+    file beats a URL at the same level, as for the pushfw CLI."""
+    if options.get("redis_url") and options.get("redis_url_file"):
+        raise ValueError("give the Redis URL once: redis_url or redis_url_file")
+    for source in (options, environ):
+        if source.get("redis_url_file"):
+            return read_url_file(source["redis_url_file"])
+        if source.get("redis_url"):
+            return source["redis_url"]
+    return DEFAULTS["redis_url"]
 
 
 def remaining_s(ban_time_s: int, since: float, now: float) -> int | None:
@@ -471,10 +503,11 @@ class Action(ActionBase):  # type: ignore[misc]
             self._logSys.warning("pushfw action: unknown options ignored: %s", sorted(unknown))
         environ = {
             "redis_url": os.environ.get("PUSHFW_REDIS_URL", ""),
+            "redis_url_file": os.environ.get("PUSHFW_REDIS_URL_FILE", ""),
             "key_prefix": os.environ.get("PUSHFW_KEY_PREFIX", ""),
         }
-        opts = {**DEFAULTS, **{k: v for k, v in environ.items() if v}}
-        opts.update((k, str(v)) for k, v in options.items())
+        given = {k: str(v) for k, v in options.items()}
+        opts = {**DEFAULTS, **{k: v for k, v in environ.items() if v}, **given}
         self._unban_on_stop = _flag("unban_on_stop", opts["unban_on_stop"])
         retry_s = float(opts["redis_retry_s"])
         if not 0 < retry_s <= MAX_RETRY_S:
@@ -483,7 +516,7 @@ class Action(ActionBase):  # type: ignore[misc]
         add_python_path(opts["python_path"])
         sender = make_sender(
             opts["client"].strip().lower(),
-            opts["redis_url"],
+            redis_url(given, environ),
             opts["key_prefix"],
             _targets(opts["target"]),
             f"fail2ban {self._jail.name}",
