@@ -592,7 +592,7 @@ def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
         again.setup()
         again.run(burst=True)
         assert set(again.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (1, 2)}
-        [problem] = [p for p in again._problems() if p.startswith("replica ")]
+        [problem] = [p for p in again.heart.problems() if p.startswith("replica ")]
         assert "it holds entries the primary never generated (3 ever added" in problem, problem
         assert beat(producer, "f1").reads == "primary"
     finally:
