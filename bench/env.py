@@ -28,6 +28,7 @@ import redis
 
 import testbed.netns
 from pushfw.producer.keys import Keys
+from testbed.env import clean_env
 from testbed.redis_server import REDIS_SERVER, RedisServer
 from testbed.worker import WorkerExited, WorkerProcess
 
@@ -188,18 +189,10 @@ class BenchEnv:
         self.python = sys.executable
 
     def worker_env(self, backend: str, settings: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-        env.update(
-            {
-                "PUSHFW_REDIS_URL": self.server.unix_url,
-                "PUSHFW_HOST_NAME": self.host,
-                "PUSHFW_BACKEND": backend,
-                "PUSHFW_CHAIN": CHAIN,
-                "PYTHONUNBUFFERED": "1",
-                **(settings or {}),
-            }
+        env = clean_env(
+            redis_url=self.server.unix_url, host_name=self.host, backend=backend, chain=CHAIN
         )
-        return env
+        return {**env, **(settings or {})}
 
     def helper_env(self) -> dict[str, str]:
         """For ``python -m bench.<module>`` inside the namespace: the repo on the path."""

@@ -1,10 +1,11 @@
 """A fleet on one Redis: what a command costs the primary when 1,000 hosts follow the stream.
 
-Simulated hosts read their group, decide and acknowledge like a worker, without a kernel:
-each entry is parsed once per process (a worker parses once too), then every host checks
-its target, writes a result entry if the command asks for one (or was rejected), and XACKs
-in one MULTI per batch, as :meth:`pushfw.worker.stream.CommandStream.finish` does. Hosts
-beat every 5 s. These bursts are timed, each in a Redis of its own:
+Simulated hosts read their group, decide and acknowledge with the worker's own stream code,
+without a kernel: each reads with :meth:`CommandStream.read`, parses through the worker's
+:class:`ParsedEntries` (once per process, as a worker parses once), checks its target,
+and writes a result entry if the command asks for one (or was rejected) and XACKs with
+:meth:`CommandStream.finish`, one MULTI per batch. Hosts beat every 5 s. These bursts are
+timed, each in a Redis of its own:
 
 - ``on request``: commands without ``reply`` (results on request: hosts only count them);
 - ``on request, followers``: the same, read by followers off a replica;
@@ -45,15 +46,26 @@ from redis.typing import EncodableT, FieldT
 from bench.readcost import redis_cpu_s
 from pushfw.producer.client import Producer
 from pushfw.producer.connection import untyped
-from pushfw.producer.contract import CommandRejected, parse_command
+from pushfw.producer.contract import CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListContent, is_list_entry, parse_list_command
 from pushfw.producer.records import HostStatus
 from pushfw.worker.ledger import Ledger
+from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.stream import (
+    CommandStream,
+    Entry,
+    ParsedEntries,
+    entries_from_reply,
+    queue_answers,
+)
 from testbed.redis_server import RedisServer
 
 KEYS = Keys()
 _BATCH = 1000
+_DEFAULTS = WorkerSettings.model_fields
+_RESULTS_MAXLEN = int(_DEFAULTS["results_maxlen"].default)
+_DEAD_MAXLEN = int(_DEFAULTS["dead_maxlen"].default)
 
 
 def _address(i: int) -> str:
@@ -64,61 +76,56 @@ def _host_names(n: int) -> list[str]:
     return [f"sim{i:04d}" for i in range(n)]
 
 
-def _answers(host: str, entries: list[Any], parsed: dict[bytes, Any]) -> list[tuple[Any, ...]]:
+def _answers(
+    host: str, entries: list[Entry], parsed: ParsedEntries
+) -> list[dict[FieldT, EncodableT]]:
     """The result entries one host writes for a batch: asked for, or rejected."""
-    out = []
-    for entry_id, fields in entries:
-        if is_list_entry(fields):
+    out: list[dict[FieldT, EncodableT]] = []
+    for entry in entries:
+        if entry.fields is None or is_list_entry(entry.fields):
             continue  # the worker writes a list's result only when asked, like a rule's
-        cmd = parsed.get(entry_id)
-        if cmd is None:
-            try:
-                cmd = parse_command(fields)
-            except CommandRejected as exc:
-                cmd = str(exc)
-            parsed[entry_id] = cmd
-        if isinstance(cmd, str):
-            out.append((entry_id, "rejected", cmd))
-        elif cmd.targets(host, frozenset()) and cmd.wants_result:
-            out.append((entry_id, "applied", "inserted"))
+        try:
+            cmd = parsed.parse(entry)
+        except CommandRejected as exc:
+            out.append(_result(entry.id, host, "rejected", str(exc)))
+            continue
+        if (not cmd.target or host in cmd.target) and cmd.wants_result:
+            out.append(_result(entry.id, host, "applied", "inserted", cmd.request_id))
     return out
 
 
-def _fetch_lists(client: redis.Redis, entries: list[Any]) -> None:
+def _result(
+    cmd_id: str, host: str, status: str, detail: str, request_id: str = ""
+) -> dict[FieldT, EncodableT]:
+    """A result entry's fields, as the worker writes them."""
+    return {
+        "cmd": cmd_id,
+        "request_id": request_id,
+        "host": host,
+        "status": status,
+        "detail": detail,
+    }
+
+
+def _fetch_lists(client: redis.Redis, entries: list[Entry]) -> None:
     """A host's read of every list version its batch loads: one GET of the packed content."""
-    for _, fields in entries:
-        if not is_list_entry(fields):
+    for entry in entries:
+        if entry.fields is None or not is_list_entry(entry.fields):
             continue
-        cmd = parse_list_command(fields)
+        cmd = parse_list_command(entry.fields)
         blob: Any = client.get(KEYS.list_content(cmd.name, cmd.version))
         if blob is None or len(blob) < 5 * cmd.size:
             raise RuntimeError(f"list {cmd.name} version {cmd.version}: content missing")
 
 
-def _queue_results(pipe: Any, host: str, answers: list[tuple[Any, ...]]) -> None:
-    """One result entry per answer, as the worker writes them."""
-    for entry_id, status, detail in answers:
-        fields: dict[FieldT, EncodableT] = {
-            "cmd": entry_id,
-            "host": host,
-            "status": status,
-            "detail": detail,
-        }
-        pipe.xadd(KEYS.results, fields, maxlen=100_000, approximate=True)
-
-
-def _serve_one(client: redis.Redis, host: str, parsed: dict[bytes, Any]) -> bool:
+def _serve_one(stream: CommandStream, parsed: ParsedEntries) -> bool:
     """One batch of one host: read, decide, write results and XACK in one MULTI."""
-    group = Keys.host_group(host)
-    reply: Any = client.xreadgroup(group, host, {KEYS.cmd: ">"}, count=_BATCH)
-    if not reply:
+    entries = stream.read(">", _BATCH, None)
+    if not entries:
         return False
-    entries = reply[0][1]
-    _fetch_lists(client, entries)
-    pipe = client.pipeline(transaction=True)
-    _queue_results(pipe, host, _answers(host, entries, parsed))
-    pipe.xack(KEYS.cmd, group, *(e for e, _ in entries))
-    pipe.execute()
+    _fetch_lists(stream.client, entries)
+    answers = _answers(stream.consumer, entries, parsed)
+    stream.finish([e.id for e in entries], answers, [], _RESULTS_MAXLEN, _DEAD_MAXLEN)
     return True
 
 
@@ -135,10 +142,11 @@ def _beat(client: redis.Redis, hosts: list[str], positions: dict[str, str] | Non
 def _simulate(url: str, hosts: list[str], stop_at: float) -> None:
     """One process's share of the fleet: round-robin over its hosts until ``stop_at``."""
     client = redis.Redis.from_url(url)
-    parsed: dict[bytes, Any] = {}
+    parsed = ParsedEntries()
+    streams = [CommandStream(client, KEYS, Keys.host_group(host), host) for host in hosts]
     next_beat = 0.0
     while time.time() < stop_at:
-        busy = [_serve_one(client, host, parsed) for host in hosts]
+        busy = [_serve_one(stream, parsed) for stream in streams]
         if time.time() >= next_beat:
             _beat(client, hosts)
             next_beat = time.time() + 5
@@ -153,7 +161,7 @@ def _follow_one(
     ledger: Ledger,
     host: str,
     position: list[str],
-    parsed: dict[bytes, Any],
+    parsed: ParsedEntries,
 ) -> int:
     """One batch of one follower (``read_url``): XREAD on the replica after its position,
     Redis's clock from the primary (as the applier's clock read does), results on the
@@ -161,15 +169,15 @@ def _follow_one(
     reply: Any = replica.xread({KEYS.cmd: position[0]}, count=_BATCH)
     if not reply:
         return 0
-    entries = reply[0][1]
+    entries = entries_from_reply(reply[0][1])
     primary.time()
     _fetch_lists(replica, entries)
     answers = _answers(host, entries, parsed)
-    if answers:
+    if answers:  # as a follower's stream finishes a batch: results on the primary
         pipe = primary.pipeline(transaction=True)
-        _queue_results(pipe, host, answers)
+        queue_answers(pipe, KEYS, answers, [], _RESULTS_MAXLEN, _DEAD_MAXLEN)
         pipe.execute()
-    position[0] = entries[-1][0].decode()
+    position[0] = entries[-1].id
     return len(entries)
 
 
@@ -181,7 +189,7 @@ def _simulate_followers(
     most every 0.5 s, as a follower does, with the worker's own :class:`Ledger`."""
     primary = redis.Redis.from_url(url)
     replica = redis.Redis.from_url(replica_url)
-    parsed: dict[bytes, Any] = {}
+    parsed = ParsedEntries()
     newest: Any = replica.xrevrange(KEYS.cmd, count=1)
     positions = {host: [newest[0][0].decode() if newest else "0-0"] for host in hosts}
     ledgers = {host: Ledger(primary, KEYS, host, _BATCH) for host in hosts}

@@ -1,8 +1,8 @@
 """What a refused batch costs: isolating its failing commands against a full set.
 
 A set filled to its size refuses every add. The applier then commits the batch's commands
-one at a time; each refused commit must cost O(1), not a re-read of the table (which once
-took 164-247 ms per command at 10-20k elements). This fills a set backend to N in a
+one at a time; each refused commit must cost O(1), not a re-read of the table
+(docs/benchmarks.md, "Measurements behind the code"). This fills a set backend to N in a
 throwaway network namespace, then times one refused batch of ``--batch`` adds and each of
 its commands alone, beside one accepted single add into a set of the same size. (ipset's
 kernel count may let a set take an element or two past ``maxelem`` after a refused batch was

@@ -12,8 +12,14 @@ Per set backend, in one run and one namespace:
 - the worker's RSS (now and peak), Redis's bytes per entry, and Redis PING latency (p50/p99)
   during the run against idle.
 
+With ``--connect``, instead: TCP connect time on the namespace's loopback (:mod:`bench.connect`)
+with 0, 1 and 50 small lists loaded (each of several prefix lengths, both families), the
+rules a packet walks at the hook (read from the kernel), and the ratio against 0 lists
+measured in the same run: what every new connection pays for the lists.
+
     python -m bench.lists                         # 1,000,000 entries, nftables and ipset
     python -m bench.lists --entries 200000 --backends ipset --json
+    python -m bench.lists --connect               # connect time with 0, 1 and 50 lists
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import redis
 from bench.env import BenchEnv, BenchError, Progress, backend_missing, bench_env, wide_address
 from bench.kernel import IPSET_PREFIX, NFT_TABLE
 from pushfw.producer import Producer
-from pushfw.producer.lists import read_list
+from pushfw.producer.lists import ListContent, read_list
 
 NAME = "bench"
 TARGET_S = 10.0
@@ -81,7 +87,8 @@ def _idle_ping(socket_path: str, seconds: float = 1.0) -> dict[str, float]:
 
 
 def list_entries(env: BenchEnv, backend: str, name: str) -> int:
-    """How many entries the kernel holds for drop list ``name``, read from the kernel."""
+    """How many entries the kernel holds for drop list ``name``, read from the kernel (the
+    lists of one action share sets: with one drop list, its own entries)."""
     if backend == "nftables":  # over netlink: nft -j list takes minutes at a million
         counts = env.ns.run(
             env.python, "-m", "bench.nftcount", NFT_TABLE, name, env=env.helper_env()
@@ -89,7 +96,7 @@ def list_entries(env: BenchEnv, backend: str, name: str) -> int:
         return sum(json.loads(counts.stdout).values())
     total = 0
     for version in (4, 6):
-        header = env.ns.run("ipset", "list", "-t", f"{IPSET_PREFIX}-d{version}-{name}", check=False)
+        header = env.ns.run("ipset", "list", "-t", f"{IPSET_PREFIX}-lists-d{version}", check=False)
         found = re.search(r"^Number of entries: (\d+)$", header.stdout, re.MULTILINE)
         total += int(found[1]) if found else 0
     return total
@@ -175,6 +182,74 @@ def run_backend(env: BenchEnv, backend: str, n: int, change: float) -> dict[str,
     }
 
 
+CONNECT_LISTS = (0, 1, 50)
+CONNECT_SAMPLES = 5000
+
+
+def small_list(index: int) -> list[str]:
+    """A small list of its own per index, of 6 IPv4 and 3 IPv6 prefix lengths."""
+    return [
+        f"10.{index}.0.0/16",
+        f"100.64.{index * 4}.0/22",
+        f"172.16.{index}.0/24",
+        f"172.17.{index}.0/28",
+        f"172.18.{index}.0/30",
+        f"172.18.{index}.8/32",
+        f"fd00:{index:x}::/32",
+        f"fd01:0:{index:x}::/48",
+        f"fd02::{index:x}/128",
+    ]
+
+
+def hook_rules(env: BenchEnv, backend: str) -> int:
+    """The rules an IPv4 packet walks at the input hook, from the kernel's own listing."""
+    if backend == "nftables":
+        listing = env.ns.run("nft", "-j", "list", "chain", "inet", NFT_TABLE, "input").stdout
+        return sum(1 for item in json.loads(listing)["nftables"] if "rule" in item)
+    saved = env.ns.run("iptables-legacy-save", "-t", "filter").stdout
+    return sum(1 for line in saved.splitlines() if line.startswith("-A PUSHFW "))
+
+
+def connect_cost(env: BenchEnv, backend: str, counts: list[int], samples: int) -> dict[str, Any]:
+    """Connect time with each number of lists loaded, in one worker's run."""
+    rows: list[dict[str, Any]] = []
+    settings = {"PUSHFW_MAX_LISTS": str(max([*counts, 1]))}
+    with env.worker(backend, settings):
+        client = redis.Redis(unix_socket_path=str(env.server.socket_path), decode_responses=True)
+        producer = Producer(client)
+        loaded = 0
+        for count in sorted(counts):
+            env.progress(f"{backend}: {count} lists loaded, connecting {samples:,} times ...")
+            while loaded < count:
+                content = ListContent.of(small_list(loaded))
+                cmd = producer.load_list(f"c{loaded}", content, reply=True)
+                results = producer.wait(cmd, timeout_s=60)
+                if not results or results[0].status.value != "applied":
+                    raise BenchError(f"{backend}: list c{loaded} was answered {results!r}")
+                loaded += 1
+            connect = env.ns.run(
+                env.python, "-m", "bench.connect", str(samples), env=env.helper_env()
+            )
+            figures = json.loads(connect.stdout)
+            rows.append({"lists": count, "rules": hook_rules(env, backend), **figures})
+        client.close()
+    base = next((r["median_us"] for r in rows if r["lists"] == 0), rows[0]["median_us"])
+    for row in rows:
+        row["ratio"] = row["median_us"] / base
+    return {"backend": backend, "connect": rows}
+
+
+def render_connect(results: list[dict[str, Any]]) -> str:
+    out = [f"{'BACKEND':9} {'LISTS':>5} {'RULES':>5} {'CONNECT_US':>10} {'P90_US':>7} {'VS_0':>6}"]
+    for result in results:
+        for row in result["connect"]:
+            out.append(
+                f"{result['backend']:9} {row['lists']:>5} {row['rules']:>5} "
+                f"{row['median_us']:>10.1f} {row['p90_us']:>7.1f} {row['ratio']:>5.2f}x"
+            )
+    return "\n".join(out)
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     out = [
         f"{'BACKEND':9} {'ENTRIES':>9} {'RAW_S':>6} {'IMPORT_S':>8} {'(READ/STORE)':>12} "
@@ -208,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--change", type=float, default=0.01, help="share replaced [0.01]")
     parser.add_argument("--backends", default="nftables,ipset")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--connect", action="store_true", help="connect time with 0, 1 and 50 lists instead"
+    )
+    parser.add_argument("--lists", default=",".join(map(str, CONNECT_LISTS)))
+    parser.add_argument("--samples", type=int, default=CONNECT_SAMPLES)
     args = parser.parse_args(argv)
     progress = Progress()
     rows = []
@@ -217,11 +297,16 @@ def main(argv: list[str] | None = None) -> int:
                 missing = backend_missing(backend)
                 if missing is not None:
                     raise BenchError(f"{backend}: {missing}")
-                rows.append(run_backend(env, backend, args.entries, args.change))
+                if args.connect:
+                    counts = [int(c) for c in args.lists.split(",")]
+                    rows.append(connect_cost(env, backend, counts, args.samples))
+                else:
+                    rows.append(run_backend(env, backend, args.entries, args.change))
     except BenchError as exc:
         print(f"bench.lists: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(rows, indent=2) if args.json else render(rows))
+    text = render_connect(rows) if args.connect else render(rows)
+    print(json.dumps(rows, indent=2) if args.json else text)
     return 0
 
 

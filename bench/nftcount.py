@@ -1,7 +1,9 @@
 """Count a list's elements in the kernel: ``ip netns exec NS python -m bench.nftcount TABLE NAME``.
 
-Prints one JSON object (set name -> elements) for the sets of list NAME in ``inet TABLE``,
-read over netlink (``nft -j list``, even ``-t``, takes minutes at a million elements).
+Prints one JSON object (set name -> elements) for the shared sets of list NAME's action in
+``inet TABLE`` (its marker set ``mark_<action>_<name>`` says which; with one list of that
+action, its own entries), read over netlink (``nft -j list``, even ``-t``, takes minutes at
+a million elements).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pushfw.worker.backends.nftables import set_element_count, set_names
 
 def main(argv: list[str]) -> int:
     table, name = argv
-    ours = re.compile(rf"list_[a-z]+_{re.escape(name)}[46]_\d+")
-    names = sorted(n for n in set_names(table) if ours.fullmatch(n))
+    present = set_names(table)
+    actions = [a for a in ("drop", "accept") if f"mark_{a}_{name}" in present]
+    ours = re.compile(rf"lists_({'|'.join(actions) or '-'})[46]_\d+b?")
+    names = sorted(n for n in present if ours.fullmatch(n))
     json.dump({n: set_element_count(table, n) for n in names}, sys.stdout)
     return 0
 

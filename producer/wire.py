@@ -2,7 +2,7 @@
 a pydantic model per entry.
 
 A worker reads every command of the stream, so building and validating a pydantic model for
-each (about 12 us) was most of a host's work per command. :func:`read_command` applies the
+each was most of a host's work per command (docs/benchmarks.md). :func:`read_command` applies the
 same rules with plain code and returns a slotted :class:`ParsedCommand`. It only ever
 accepts what ``Command`` accepts: whatever it is not sure of (a value its quick checks
 refuse, a spelling it has not seen) goes through :func:`.parse_command`,

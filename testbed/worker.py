@@ -113,6 +113,16 @@ class WorkerProcess:
         self.proc = None
         return code
 
+    def pause(self) -> None:
+        """SIGSTOP: the worker does nothing until :meth:`resume`, so a test sees the kernel
+        exactly as it left it (no repair races the test's look)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
 

@@ -26,6 +26,7 @@ from pushfw.producer import Producer
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.iptables import XTABLES_LOCK
 from pushfw.worker.backends.memory import MemoryBackend
+from testbed.env import clean_env
 from testbed.netns import Netns
 from testbed.redis_server import REDIS_SERVER, RedisServer
 from testbed.worker import WorkerProcess
@@ -191,17 +192,10 @@ def spawn_worker(
     started: list[WorkerProcess] = []
 
     def spawn(ns: Netns, server: RedisServer | None = None, **settings: str) -> WorkerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-        env.update(
-            {
-                "PUSHFW_REDIS_URL": (server or redis_server).unix_url,
-                "PUSHFW_HOST_NAME": ns.name,
-                "PUSHFW_BACKEND": "iptables",
-                "PUSHFW_STATE_DIR": str(state_dir),
-                "PYTHONUNBUFFERED": "1",
-            }
+        defaults = {"redis_url": (server or redis_server).unix_url, "backend": "iptables"}
+        env = clean_env(
+            **{**defaults, "host_name": ns.name, "state_dir": str(state_dir), **settings}
         )
-        env.update({f"PUSHFW_{k.upper()}": v for k, v in settings.items()})
         log_path = state_dir / f"{ns.name}-{len(started)}.log"
         worker = WorkerProcess(ns, env, log_path, watch_url=(server or redis_server).unix_url)
         started.append(worker)
@@ -272,12 +266,11 @@ def run_pushfw(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """``python -m pushfw.producer ARGS`` with no PUSHFW_* settings from the outer world."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
     return subprocess.run(
         [sys.executable, "-m", "pushfw.producer", *args],
         capture_output=True,
         text=True,
-        env={**clean, **(env or {})},
+        env={**clean_env(), **(env or {})},
         cwd=cwd,
         timeout=timeout,
     )

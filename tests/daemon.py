@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.env import clean_env
 from tests.conftest import wait_for
 
 
@@ -23,18 +24,9 @@ def worker_env(config: Path, **settings: str) -> dict[str, str]:
     ``config`` is always named explicitly, so a /etc/pushfw/worker.toml on the machine running
     the tests is never read.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
-        env.pop(name, None)
-    env.update(
-        {
-            "PUSHFW_CONFIG": str(config),
-            "PUSHFW_STATE_DIR": str(config.parent / "state"),
-            "PYTHONUNBUFFERED": "1",
-        }
+    return clean_env(
+        **{"config": str(config), "state_dir": str(config.parent / "state"), **settings}
     )
-    env.update({f"PUSHFW_{k.upper()}": v for k, v in settings.items()})
-    return env
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

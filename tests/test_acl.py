@@ -35,6 +35,7 @@ from pushfw.producer.connection import untyped
 from pushfw.producer.lists import ListContent
 from pushfw.producer.records import RuleRecord
 from pushfw.worker.scheduler import Scheduler
+from testbed.env import clean_env
 from tests.conftest import REDIS_SERVER, RedisServer, need, run_pushfw, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,21 +256,19 @@ class Worker:
     """``python -m pushfw.worker run`` as the worker user, memory backend, log captured."""
 
     def __init__(self, server: RedisServer, log: Path, follower: bool = False) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+        env = clean_env(
+            redis_url=url(server, WORKER_USER, WORKER_PW),
+            state_dir=str(log.parent),
+            backend="memory",
+            host_name="acl-host",
+            heartbeat_interval_s="0.3",
+            trim_interval_s="0.5",
+            reconcile_interval_s="2",
+            hmac_key=HMAC_KEY,
+            require_signature="true",
+        )
         if follower:  # its "replica" is the primary itself: the same user reads it
             env["PUSHFW_READ_URL"] = url(server, WORKER_USER, WORKER_PW)
-        env.update(
-            PUSHFW_REDIS_URL=url(server, WORKER_USER, WORKER_PW),
-            PUSHFW_STATE_DIR=str(log.parent),
-            PUSHFW_BACKEND="memory",
-            PUSHFW_HOST_NAME="acl-host",
-            PUSHFW_HEARTBEAT_INTERVAL_S="0.3",
-            PUSHFW_TRIM_INTERVAL_S="0.5",
-            PUSHFW_RECONCILE_INTERVAL_S="2",
-            PUSHFW_HMAC_KEY=HMAC_KEY,
-            PUSHFW_REQUIRE_SIGNATURE="true",
-            PYTHONUNBUFFERED="1",
-        )
         self.log_path = log
         self._log = log.open("wb")
         self.proc = subprocess.Popen(

@@ -7,21 +7,16 @@ included), :meth:`Backend.open` may be called again and re-reads the kernel, and
 :meth:`Backend.uninstall` leaves every other rule alone.
 
 A kernel backend must run inside the network namespace it manages, so each test writes a
-SCRIPT of steps and this module runs it as ``python -m tests.test_backend_contract SPEC``
-under ``ip netns exec``; the ``kernel`` step reads the namespace's firewall with
-:class:`tests.kernel.Firewall` at that point of the script. The memory backend runs the same
+SCRIPT of steps that :mod:`testbed.driver` runs as ``python -m testbed.driver`` under
+``ip netns exec``; the ``kernel`` step reads the namespace's firewall with
+:class:`testbed.kernel.Firewall` at that point of the script. The memory backend runs the same
 scripts in the test process; it has no kernel, so its ``kernel`` steps answer None.
 """
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
-import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,163 +24,15 @@ from typing import Any
 
 import pytest
 
+from testbed.driver import Script, Step, run
+from testbed.kernel import kernel_view
 from tests.conftest import Netns, need
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("memory", "iptables", "nftables", "ipset")
 MAX_PREFIX = {4: 32, 6: 128}
 
-Step = list[Any]
 
-
-# --- the driver: runs a script against real backends, in this process or in a namespace ---
-
-
-def _key(action: str, net: str) -> Any:
-    from pushfw.producer.contract import Action
-    from pushfw.worker.backends.base import RuleKey
-
-    return RuleKey(Action(action), ipaddress.ip_network(net))
-
-
-def _build(name: str, options: dict[str, Any]) -> Any:
-    from pushfw.worker.backends import make_backend
-
-    fail = [ipaddress.ip_network(n) for n in options.get("memory_fail", [])]
-    backend = make_backend(name, memory_fail=fail, set_size=options.get("set_size", 1_000_000))
-    if "lock_timeout_s" in options:
-        backend.lock_timeout_s = options["lock_timeout_s"]  # type: ignore[attr-defined]
-    if "list_chunk" in options:
-        backend.list_chunk = options["list_chunk"]  # type: ignore[attr-defined]
-    return backend
-
-
-@dataclass
-class _Driver:
-    """Backend instances by label (``open@b`` is instance b), and the xtables lock held."""
-
-    name: str
-    options: dict[str, Any]
-    netns: str | None
-    instances: dict[str, Any] = field(default_factory=dict)
-    lock_fd: int | None = None
-
-    def backend(self, label: str) -> Any:
-        if label not in self.instances:
-            self.instances[label] = _build(self.name, self.options)
-        return self.instances[label]
-
-    def step(self, step: Step) -> Any:
-        verb, _, label = str(step[0]).partition("@")
-        args = step[1:]
-        if verb == "sleep":
-            time.sleep(args[0])
-            return None
-        if verb in ("kernel", "dump", "flush", "hold_lock", "release_lock"):
-            return self.kernel_step(verb)
-        return _backend_step(self.backend(label or "a"), verb, args)
-
-    def kernel_step(self, verb: str) -> Any:
-        from pushfw.worker.backends.iptables import XTABLES_LOCK
-
-        if verb == "hold_lock":  # flock: another open file description conflicts, same process
-            self.lock_fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-            return None
-        if verb == "release_lock":
-            assert self.lock_fd is not None
-            os.close(self.lock_fd)
-            return None
-        if self.netns is None:
-            return None  # the memory backend has no kernel
-        if verb == "flush":  # every managed rule removed by hand
-            from tests.kernel import Firewall
-
-            Firewall(Netns(self.netns), self.name).flush()
-            return None
-        return kernel_view(Netns(self.netns), self.name, dump=verb == "dump")
-
-
-def _backend_step(backend: Any, verb: str, args: list[Any]) -> Any:
-    match verb:
-        case "open" | "close" | "discard" | "uninstall" | "intact":
-            return getattr(backend, verb)()
-        case "add":  # action, network[, expires_ms]
-            from pushfw.worker.backends.base import Rule
-
-            backend.add(Rule(_key(args[0], args[1]), *args[2:]))
-        case "add_hosts":  # action, first address, count[, expires_ms]
-            from pushfw.worker.backends.base import Rule
-
-            first = ipaddress.ip_address(args[1])
-            for i in range(args[2]):
-                backend.add(Rule(_key(args[0], str(first + i)), *args[3:]))
-        case "delete":
-            backend.delete(_key(args[0], args[1]))
-        case "commit":
-            from pushfw.worker.errors import BackendError
-
-            try:
-                backend.commit()
-            except BackendError as exc:
-                return {"error": type(exc).__name__, "detail": str(exc)}
-            return {"error": None}
-        case "snapshot":
-            rules = backend.snapshot().values()
-            return sorted([r.key.action.value, str(r.key.network), r.expires_ms] for r in rules)
-        case _:
-            raise ValueError(f"unknown step {verb!r}")
-    return None
-
-
-def run_script(spec: dict[str, Any]) -> list[Any]:
-    """Run the steps of ``spec`` against backends named ``spec['backend']``; one result each."""
-    driver = _Driver(spec["backend"], spec.get("options", {}), spec.get("netns"))
-    return [driver.step(step) for step in spec["steps"]]
-
-
-def kernel_view(ns: Netns, backend: str, dump: bool = False) -> Any:
-    """The managed rules the kernel holds, as a ``snapshot`` step lists them, and how many
-    kernel entries hold them (a duplicate entry shows as more entries than rules); with
-    ``dump``, the whole firewall as text instead."""
-    from tests.kernel import Firewall, chain_rules
-
-    fw = Firewall(ns, backend)
-    if dump:
-        six = ns.run("ip6tables-legacy-save", check=False).stdout.splitlines()
-        lines = [*fw.dump().splitlines(), *(x for x in six if not x.startswith(("#", ":")))]
-        return "\n".join(_without_empty_tables(lines))
-    rules = sorted([action, net, exp] for (action, net), exp in fw.rules().items())
-    entries = len(rules)
-    if backend == "iptables":  # one x_tables entry per rule: count them, duplicates included
-        entries = sum(" -s " in line for v6 in (False, True) for line in chain_rules(ns, v6=v6))
-    return {"rules": rules, "entries": entries}
-
-
-def _without_empty_tables(lines: list[str]) -> list[str]:
-    """Drop ``*table`` / ``COMMIT`` pairs with no rule between: libiptc instantiates the
-    built-in x_tables tables (nat, raw, ...) of a namespace, which holds no rule the more."""
-    out: list[str] = []
-    for line in lines:
-        if line == "COMMIT" and out and out[-1].startswith("*"):
-            out.pop()
-        else:
-            out.append(line)
-    return out
-
-
-# --- the test side: scripts, and where they run ---
-
-
-@dataclass
-class Script:
-    """Steps to run in one process; each method returns the index of its step's result."""
-
-    steps: list[Step] = field(default_factory=list)
-
-    def __call__(self, *step: Any) -> int:
-        self.steps.append(list(step))
-        return len(self.steps) - 1
+# --- the test side: where scripts run (testbed.driver runs them) ---
 
 
 @dataclass
@@ -202,27 +49,7 @@ class Subject:
 
     def run(self, script: Script, **options: Any) -> list[Any]:
         spec = {"backend": self.name, "options": options, "steps": script.steps}
-        if self.ns is None:
-            return run_script(spec)
-        spec["netns"] = self.ns.name
-        argv = [sys.executable, "-m", "tests.test_backend_contract", json.dumps(spec)]
-        if self.private_lock is not None:  # the lock of this test's own, not the machine's
-            argv = [
-                *("unshare", "--mount", "--propagation", "private", "--"),
-                *("sh", "-c", 'mount --bind "$0" /run/xtables.lock && exec "$@"'),
-                str(self.private_lock),
-                *argv,
-            ]
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.ns.name, *argv],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr
-        results: list[Any] = json.loads(proc.stdout)
-        return results
+        return run(spec, self.ns, self.private_lock)
 
 
 def _subject_for(name: str, request: pytest.FixtureRequest, private_lock: bool = False) -> Subject:
@@ -667,7 +494,3 @@ def test_uninstall_leaves_other_rules_alone(subject: Subject):
     assert r[snap] == [], "snapshot() lists rules uninstall() removed"
     assert isinstance(r[twice], str), "uninstall twice is harmless"
     assert kernel_view(ns, subject.name, dump=True) == before
-
-
-if __name__ == "__main__":
-    print(json.dumps(run_script(json.loads(sys.argv[1]))))

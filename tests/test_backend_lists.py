@@ -1,8 +1,8 @@
 """Named lists (:meth:`Backend.load_list` and friends) checked against every set backend.
 
 Like :mod:`tests.test_backend_contract`, a kernel backend runs inside the namespace it
-manages: each test writes a script of steps, run here for memory and as
-``python -m tests.test_backend_lists SPEC`` under ``ip netns exec`` for nftables and ipset.
+manages: each test writes a script of steps, run here for memory and by
+:mod:`testbed.driver` under ``ip netns exec`` for nftables and ipset.
 The ``content`` step reads what the kernel holds for a list with the operator's tools
 (``nft -j list table``, ``ipset save``), never through the backend under test.
 """
@@ -11,105 +11,29 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from testbed.driver import Script, run_script
+from testbed.kernel import by_family, list_content
 from tests.conftest import Netns, wait_for
-from tests.kernel import ipset_list_entries, nft_list_entries
-from tests.test_backend_contract import ROOT, Script, Subject, _backend_step, _build, _subject_for
+from tests.test_backend_contract import Subject, _subject_for
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 LIST_BACKENDS = ("memory", "nftables", "ipset")
 
 
-# --- the driver: list steps, then the contract's rule steps ---
-
-
-def _spec(args: list[Any]) -> Any:
-    from pushfw.producer.contract import Action
-    from pushfw.worker.backends.base import BlockList
-
-    name, action, *rest = args
-    return BlockList(name, Action(action), "v", rest[0] if rest else None)
-
-
-def _list_step(backend: Any, verb: str, args: list[Any]) -> Any:
-    from pushfw.worker.errors import BackendError
-
-    try:
-        match verb:
-            case "load":  # name, action, entries[, expires_ms]
-                backend.load_list(_spec([args[0], args[1], *args[3:]]), args[2])
-            case "change":  # name, action, add, remove[, expires_ms]
-                backend.change_list(_spec([args[0], args[1], *args[4:]]), args[2], args[3])
-            case "remove":
-                backend.remove_list(args[0])
-            case "names":
-                return sorted(backend.list_names())
-    except BackendError as exc:
-        return {"error": type(exc).__name__, "detail": str(exc)}
-    return {"error": None}
+def run(subject: Subject, script: Script, **options: Any) -> list[Any]:
+    return subject.run(script, **options)
 
 
 def content(
     backend_name: str, name: str, backend: Any = None, ns: Netns | None = None
 ) -> list[str]:
-    """The entries the kernel (or the memory backend) holds for list ``name``, sorted."""
-    if backend_name == "memory":
-        return ordered(list(backend.lists.get(name, (None, set()))[1]))
-    prefix = ["ip", "netns", "exec", ns.name] if ns else []  # None: inside it already
-    if backend_name == "nftables":
-        listing = subprocess.run(
-            [*prefix, "nft", "-j", "list", "table", "inet", "pushfw"],
-            capture_output=True,
-            text=True,
-        ).stdout
-        return ordered(nft_list_entries(listing, name))
-    saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
-    return ordered(ipset_list_entries(saved, name))
-
-
-def run_script(spec: dict[str, Any]) -> list[Any]:
-    """Run ``spec['steps']`` against one backend (instance ``a``, or ``verb@b`` for b)."""
-    instances: dict[str, Any] = {}
-    results: list[Any] = []
-    for step in spec["steps"]:
-        verb, _, label = str(step[0]).partition("@")
-        if (label or "a") not in instances:
-            instances[label or "a"] = _build(spec["backend"], spec.get("options", {}))
-        backend = instances[label or "a"]
-        if verb == "content":
-            results.append(content(spec["backend"], step[1], backend))
-        elif verb == "shell":  # a hand change to the kernel, as an operator would make it
-            results.append(subprocess.run(step[1:], capture_output=True, text=True).returncode)
-        elif verb in ("load", "change", "remove", "names"):
-            results.append(_list_step(backend, verb, step[1:]))
-        else:
-            results.append(_backend_step(backend, verb, step[1:]))
-    return results
-
-
-def run(subject: Subject, script: Script, **options: Any) -> list[Any]:
-    spec: dict[str, Any] = {"backend": subject.name, "steps": script.steps, "options": options}
-    if subject.ns is None:
-        return run_script(spec)
-    argv = [sys.executable, "-m", "tests.test_backend_lists"]  # the spec on stdin: it can be big
-    proc = subprocess.run(
-        ["ip", "netns", "exec", subject.ns.name, *argv],
-        input=json.dumps(spec),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    results: list[Any] = json.loads(proc.stdout)
-    return results
+    return list_content(backend_name, name, backend, ns)
 
 
 @pytest.fixture(params=LIST_BACKENDS)
@@ -134,13 +58,7 @@ FIRST = ["192.0.2.0/24", "198.51.100.7/32", "10.0.0.0/8", "2001:db8::/32", "2001
 SECOND = ["192.0.2.0/25", "203.0.113.0/24", "2001:db8:2::/48"]
 
 
-def _order(entry: str) -> tuple[int, Any]:
-    network = ipaddress.ip_network(entry)
-    return network.version, network
-
-
-def ordered(entries: list[str]) -> list[str]:
-    return sorted(entries, key=_order)
+ordered = by_family
 
 
 # --- the contract ---
@@ -255,8 +173,9 @@ def test_nftables_refused_transaction_keeps_the_previous_content(
 def test_nftables_fills_a_large_list_in_chunks_and_swaps_it_in(
     request: pytest.FixtureRequest,
 ):
-    """Past ``list_chunk`` entries (2 here) a load fills the other slot's sets, a chunk per
-    transaction, and swaps them in; changes go to the live slot. Sets of a fill cut short
+    """Past ``list_chunk`` changed elements (2 here) a load fills the other slot's shared
+    sets, a chunk per transaction, and swaps them in; smaller changes go to the live slot.
+    Sets of a fill cut short
     (made here by hand, unmatched by any rule) are removed by the next start, or cleared
     by the next load; a chunk the kernel refuses leaves the list as it was."""
     subject = _subject_for("nftables", request)
@@ -266,24 +185,24 @@ def test_nftables_fills_a_large_list_in_chunks_and_swaps_it_in(
         return s("shell", "sh", "-c", f"nft list sets inet | grep -q 'set {set_name} '")
 
     def leave_a_fill() -> int:
-        """The plain slot's /32 set with an element, as a killed fill would leave it."""
+        """The b slot's /32 set with an element, as a killed fill would leave it."""
         made = s(
-            "shell", "nft", "add", "set", "inet", "pushfw", "list_drop_big4_32",
+            "shell", "nft", "add", "set", "inet", "pushfw", "lists_drop4_32b",
             "{ type ipv4_addr; flags timeout; }",
         )  # fmt: skip
-        s("shell", "nft", "add", "element", "inet", "pushfw", "list_drop_big4_32", "{ 192.0.2.77 }")
+        s("shell", "nft", "add", "element", "inet", "pushfw", "lists_drop4_32b", "{ 192.0.2.77 }")
         return made
 
     s = Script()
     s("open")
     s("load", "big", "drop", FIRST)
     first = s("content", "big")
-    plain_first, b_first = has("list_drop_big4_32"), has("list_drop_big4_32b")
+    plain_first, b_first = has("lists_drop4_32"), has("lists_drop4_32b")
     s("change", "big", "drop", ["203.0.113.0/24"], ["198.51.100.7/32"])
     changed = s("content", "big")
     s("load", "big", "drop", SECOND)
     second = s("content", "big")
-    plain_second, b_second = has("list_drop_big4_32"), has("list_drop_big4_24b")
+    plain_second, b_second = has("lists_drop4_24"), has("lists_drop4_24b")
     left = leave_a_fill()
     s("open@b")  # a restart
     after_start = s("content", "big")
@@ -297,10 +216,10 @@ def test_nftables_fills_a_large_list_in_chunks_and_swaps_it_in(
 
     r = run(subject, s, list_chunk=2)
     assert r[first] == ordered(FIRST)
-    assert (r[plain_first], r[b_first]) == (0, 1), "a first load fills the plain slot"
+    assert (r[plain_first], r[b_first]) == (1, 0), "a first load fills the other slot"
     assert r[changed] == ordered([*(e for e in FIRST if e != "198.51.100.7/32"), "203.0.113.0/24"])
     assert r[second] == ordered(SECOND)
-    assert (r[plain_second], r[b_second]) == (1, 0), "the reload swapped the b slot in"
+    assert (r[plain_second], r[b_second]) == (0, 1), "the reload swapped the plain slot in"
     assert r[left] == 0 and r[left_again] == 0
     assert r[after_start] == ordered(SECOND), "the start removed the unfinished fill"
     assert r[third] == ordered(FIRST), "the load cleared the unfinished fill first"
@@ -313,7 +232,7 @@ def test_a_timed_list_leaves_the_kernel_on_its_own(kernel_subject: Subject):
     s = Script()
     s("open")
     loaded = s("load", "soon", "drop", FIRST, now_ms() + 2000)
-    s("load", "later", "drop", SECOND, now_ms() + 600_000)
+    s("load", "later", "accept", SECOND, now_ms() + 600_000)  # nftables: drop lists share sets
     added = s("change", "soon", "drop", ["203.0.113.0/24"], [], now_ms() + 2000)
     held = s("content", "soon")
 
@@ -365,11 +284,54 @@ def _hand_removal(backend: str) -> list[list[str]]:
     """Commands an operator might run that take a loaded list's kernel objects away."""
     if backend == "nftables":
         return [["nft", "flush", "ruleset"]]
-    return [
-        ["iptables-legacy", "-D", "PUSHFW", "-m", "set", "--match-set", "pushfw-d4-bad", "src",
-         "-j", "DROP"],
-        ["ipset", "destroy", "pushfw-d4-bad"],
-    ]  # fmt: skip
+    return [["iptables-legacy", "-F", "PUSHFW"], ["ipset", "destroy", "pushfw-md-bad"]]
+
+
+def test_a_restart_lifts_nothing_until_every_list_is_loaded_again_then_exactly(
+    kernel_subject: Subject,
+):
+    """The kernel keeps the union of the lists, not each list: a restarted worker does not
+    know what another list held, so until every list it finds is loaded again its loads only
+    add; the last one makes the shared sets exactly the lists' union."""
+    s = Script()
+    s("open")
+    s("load", "a", "drop", ["192.0.2.1/32", "192.0.2.2/32"])
+    s("load", "b", "drop", ["198.51.100.0/24"])
+    s("open@b")  # a restart; meanwhile a dropped 192.0.2.2
+    ok_a = s("load@b", "a", "drop", ["192.0.2.1/32"])
+    meanwhile = s("content@b", "a")
+    ok_b = s("load@b", "b", "drop", ["198.51.100.0/24", "203.0.113.9/32"])
+    settled, names, intact = s("content@b", "a"), s("names@b"), s("intact@b")
+    gone = s("remove@b", "b")
+    after = s("content@b", "a")
+
+    r = run(kernel_subject, s)
+    for result in (ok_a, ok_b, gone):
+        ok(r[result])
+    assert r[meanwhile] == ordered(["192.0.2.1/32", "192.0.2.2/32", "198.51.100.0/24"])
+    assert r[settled] == ordered(["192.0.2.1/32", "198.51.100.0/24", "203.0.113.9/32"])
+    assert (r[names], r[intact]) == (["a", "b"], True)
+    assert r[after] == ["192.0.2.1/32"]
+
+
+def test_a_change_removing_an_entry_deleted_by_hand_still_applies(kernel_subject: Subject):
+    """nftables fails a whole transaction on deleting an absent element: the shared sets
+    are refilled instead."""
+    if kernel_subject.name == "nftables":
+        by_hand = ["nft", "delete", "element", "inet", "pushfw", "lists_drop4_32", "{ 192.0.2.2 }"]
+    else:
+        by_hand = ["ipset", "del", "pushfw-lists-d4", "192.0.2.2"]
+    s = Script()
+    s("open")
+    s("load", "a", "drop", ["192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32"])
+    deleted = s("shell", *by_hand)
+    changed = s("change", "a", "drop", ["198.51.100.0/24"], ["192.0.2.2/32"])
+    held = s("content", "a")
+
+    r = run(kernel_subject, s)
+    assert r[deleted] == 0
+    ok(r[changed])
+    assert r[held] == ordered(["192.0.2.1/32", "192.0.2.3/32", "198.51.100.0/24"])
 
 
 def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
@@ -390,7 +352,7 @@ def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
     assert r[before] is True
     assert r[after] is False
     assert r[names] == []
-    assert r[intact_b] is (kernel_subject.name == "nftables")  # ipset: its IPv6 set is left
+    assert r[intact_b] is True
     ok(r[reloaded])
     assert r[repaired] is True
 
@@ -401,9 +363,9 @@ def test_a_list_emptied_by_hand_is_no_longer_held_but_one_a_change_emptied_is(
     """An operator's flush leaves the sets (and rules) but no element: a list to load again.
     A change that removes a family's last entries leaves an empty set too, rightly."""
     if kernel_subject.name == "nftables":
-        flush = ["nft", "flush", "set", "inet", "pushfw", "list_drop_bad4_24"]
+        flush = ["nft", "flush", "set", "inet", "pushfw", "lists_drop4_24"]
     else:
-        flush = ["ipset", "flush", "pushfw-d4-bad"]
+        flush = ["ipset", "flush", "pushfw-lists-d4"]
     s = Script()
     s("open")
     s("load", "bad", "drop", FIRST)
@@ -473,6 +435,74 @@ def test_a_drop_list_blocks_real_packets_and_an_accept_list_beats_a_drop(
         )
 
 
+def _hook_rules(backend: str, ns: Netns) -> int:
+    """The rules a packet walks, counted in the kernel's own listing."""
+    if backend == "nftables":
+        listing = json.loads(ns.run("nft", "-j", "list", "chain", "inet", "pushfw", "input").stdout)
+        return sum(1 for item in listing["nftables"] if "rule" in item)
+    saved = ns.run("iptables-legacy-save").stdout + ns.run("ip6tables-legacy-save").stdout
+    return sum(1 for line in saved.splitlines() if line.startswith("-A PUSHFW"))
+
+
+def _small_list(index: int) -> list[str]:
+    """A few entries of several prefix lengths, the same lengths for every index."""
+    return [
+        f"10.{index}.0.0/16",
+        f"172.16.{index}.0/24",
+        f"192.168.{index}.7/32",
+        f"2001:db8:{index}::/48",
+    ]
+
+
+def test_the_rules_a_packet_walks_do_not_grow_with_the_number_of_lists(
+    make_netns: Callable[[], Netns], kernel_subject: Subject
+):
+    """A drop list and an accept list, then 31 more drop lists of the same shape: the
+    hook's rules are as many (counted in the kernel's listing); removing a list that
+    overlaps another removes only what no other list holds; a listed client is dropped
+    while the lists are loaded, and an accept list still beats them all."""
+    server = kernel_subject.ns
+    assert server is not None
+    with listening_peer(server, client := make_netns(), tag="n"):
+        _walk_lists(kernel_subject, server, client)
+
+
+def _walk_lists(kernel_subject: Subject, server: Netns, client: Netns) -> None:
+    client_list = ["10.213.0.0/24", "10.1.0.0/16"]  # 10.1.0.0/16 is in list first too
+
+    def base(s: Script) -> None:
+        s("open")
+        s("load", "first", "drop", _small_list(1))
+        s("load", "allow", "accept", ["198.18.0.0/24"])
+
+    s = Script()
+    base(s)
+    run(kernel_subject, s)
+    one = _hook_rules(kernel_subject.name, server)
+    s = Script()
+    base(s)  # a new process: the lists it changes must be loaded by it
+    for index in range(2, 32):
+        s("load", f"more{index}", "drop", _small_list(index))
+    s("load", "client", "drop", client_list)
+    names = s("names")
+    removed = s("remove", "first")
+    kept = s("content", "client")
+    r = run(kernel_subject, s)
+    assert len(r[names]) == 33
+    ok(r[removed])
+    many = _hook_rules(kernel_subject.name, server)
+    assert many == one, f"{one} rules with 2 lists, {many} with 33"
+    assert "10.1.0.0/16" in r[kept], "removing a list took another list's overlapping entry"
+    assert "10.213.0.0/24" in r[kept] and "172.16.1.0/24" not in r[kept]
+
+    assert not can_connect(client), "a listed client got in while 32 lists are loaded"
+    s = Script()
+    s("open")
+    ok_ = s("load", "allow", "accept", ["198.18.0.0/24", "10.213.0.0/24"])
+    ok(run(kernel_subject, s)[ok_])
+    assert can_connect(client), "an accept list must beat every drop list"
+
+
 # --- scale: a figure to read, not a timed assertion ---
 
 
@@ -486,14 +516,12 @@ def test_a_list_of_120k_entries_loads_whole(kernel_subject: Subject):
     s = Script()
     s("open")
     s("load", "big", "drop", entries)
+    changed = s("change", "big", "drop", ["203.0.113.0/24"], entries[:2])  # a grown set
     started = time.monotonic()
     r = run(kernel_subject, s)
     seconds = time.monotonic() - started
     ok(r[1])
+    ok(r[changed])
     held = content(kernel_subject.name, "big", ns=kernel_subject.ns)
     print(f"\n{kernel_subject.name}: {count} entries loaded in {seconds:.2f} s (open included)")
-    assert len(held) == count
-
-
-if __name__ == "__main__":
-    print(json.dumps(run_script(json.loads(sys.stdin.read()))))
+    assert len(held) == count - 1

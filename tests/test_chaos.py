@@ -33,8 +33,8 @@ from typing import Any
 
 import redis
 
+from testbed.kernel import Firewall
 from tests.conftest import Netns, RedisServer, WorkerProcess, need, wait_for
-from tests.kernel import Firewall
 
 CMD = "{pushfw}:cmd"
 COMMANDS = int(os.environ.get("CHAOS_COMMANDS", "3000"))

@@ -353,7 +353,10 @@ def test_wait_times_out_when_the_live_host_is_silent(pushfw: Run, r: redis.Redis
 def answer_when_sent(
     redis_server: RedisServer, reply: Callable[[redis.Redis, str], object]
 ) -> tuple[threading.Thread, list[BaseException]]:
-    """A stand-in worker: waits for the command to appear, then calls ``reply``."""
+    """A stand-in worker: waits for the command to appear, then calls ``reply``.
+
+    The CLI reads results from just before its command's id, so a reply written at any
+    time after the command is one it reads."""
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -364,7 +367,6 @@ def answer_when_sent(
                 if time.monotonic() > deadline:
                     raise TimeoutError("the CLI never sent its command")
                 time.sleep(0.02)
-            time.sleep(0.1)  # let the CLI reach its XREAD
             reply(client, sent[0][0].decode())
         except BaseException as exc:
             errors.append(exc)

@@ -93,9 +93,14 @@ def test_seed_spellings_are_accepted(spelling: str, op: Op) -> None:
     assert command.to_fields()["op"] == op.value
 
 
-def test_every_op_has_seed_spellings() -> None:
-    """The table above covers all six ops, so a new op cannot slip in untested."""
-    assert {op for _, op in SPELLINGS} == set(Op)
+@pytest.mark.parametrize("op", list(Op), ids=[op.value for op in Op])
+def test_every_op_parses_in_the_seed_spellings(op: Op) -> None:
+    """Every op, a new one too, parses from its name, the seed's ``TTL_DROP_INSERT`` form
+    and any case, so no op slips in that the seed's producers cannot send."""
+    ttl = {"ttl": "60"} if op.needs_ttl else {}
+    seed = op.value.replace(".", "_").upper()
+    for spelling in (op.value, seed, seed.lower(), op.value.title()):
+        assert parse_command(fields(op=spelling, **ttl)).op is op, spelling
 
 
 def test_op_properties() -> None:
@@ -433,15 +438,14 @@ def test_rejection_message_is_safe_to_show(case: Bad) -> None:
     assert len(message) <= 300, message
 
 
-def test_enough_malformed_cases() -> None:
-    """The brief asks for at least 60 malformed inputs, each with its own id."""
-    assert len(MALFORMED) >= 60
-    assert len({c.id for c in MALFORMED}) == len(MALFORMED)
-
-
-def test_command_rejected_is_a_value_error() -> None:
-    """Callers that only know ``ValueError`` still catch it."""
-    assert issubclass(CommandRejected, ValueError)
+def test_a_caller_that_knows_only_value_error_catches_a_rejection() -> None:
+    """Code written against ``ValueError`` (settings, scripts) gets the field and the why."""
+    try:
+        parse_command(fields(ip="nope"))
+    except ValueError as exc:
+        assert str(exc) == "ip: 'nope' is not an IPv4/IPv6 address or network"
+    else:
+        pytest.fail("parse_command accepted ip='nope'")
 
 
 def test_command_cannot_be_built_invalid() -> None:
@@ -481,8 +485,8 @@ def test_parse_network(text: str, network: ipaddress.IPv4Network | ipaddress.IPv
     [
         ("", "is empty"),
         ("10.0.0.1/8", "'10.0.0.1/8' has host bits set; send the network address"),
-        ("fe80::1%eth0", "scoped IPv6 addresses are not firewall rules"),
-        ("192.0.2.1 ", WS),
+        ("fe80::1%eth0", "'fe80::1%eth0': scoped IPv6 addresses are not firewall rules"),
+        ("192.0.2.1 ", f"'192.0.2.1 ' {WS}"),
         ("nope", "'nope' is not an IPv4/IPv6 address or network"),
         ("1" * 65, "is too long (65 characters) to be an address"),
     ],
@@ -492,5 +496,4 @@ def test_parse_network_rejects(text: str, says: str) -> None:
     """A plain ValueError without a field name: callers (settings, CLI) add their own."""
     with pytest.raises(ValueError) as info:
         parse_network(text)
-    assert says in str(info.value)
-    assert not isinstance(info.value, CommandRejected)
+    assert str(info.value) == says

@@ -10,8 +10,8 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
+from testbed.kernel import Firewall, dropped
 from tests.conftest import Netns, RedisServer, wait_for
-from tests.kernel import Firewall, dropped
 
 CMD = "{pushfw}:cmd"
 

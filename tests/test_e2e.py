@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from pushfw.producer import Producer
+from testbed.kernel import Firewall, chain_rules
 from tests.conftest import Netns, wait_for
-from tests.kernel import Firewall, chain_rules
 
 CMD = "{pushfw}:cmd"
 

@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
+from testbed.kernel import Firewall, chain_rules
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
-from tests.kernel import Firewall, chain_rules
 from tests.test_applier import key, results_by_cmd
 
 CMD = "{pushfw}:cmd"
@@ -270,12 +270,19 @@ def test_i4_convergent_a_wiped_firewall_is_put_back_by_the_next_command(
 
 
 HAND_FLUSHES = {  # two per backend that leave the next commit working; each trips its own check
-    "iptables": (["iptables-legacy", "-F"], ["iptables-legacy", "-F", "PUSHFW"]),  # jump, count
-    "nftables": (
-        ["nft", "flush", "chain", "inet", "pushfw", "input"],  # the chain's rules
-        ["nft", "flush", "set", "inet", "pushfw", "drop4"],  # a set emptied
+    # (command, the rules still dropped after it, still hooked into INPUT)
+    "iptables": (
+        (["iptables-legacy", "-F"], False, False),  # every chain: the rules and the jump
+        (["iptables-legacy", "-F", "PUSHFW"], False, True),  # the rules, the jump stays
     ),
-    "ipset": (["ipset", "flush", "pushfw-drop4"], ["iptables-legacy", "-F"]),  # count, match rules
+    "nftables": (
+        (["nft", "flush", "chain", "inet", "pushfw", "input"], True, False),  # the set's rule
+        (["nft", "flush", "set", "inet", "pushfw", "drop4"], False, True),  # a set emptied
+    ),
+    "ipset": (
+        (["ipset", "flush", "pushfw-drop4"], False, True),  # the set emptied
+        (["iptables-legacy", "-F"], True, False),  # the jump and the set's match rules
+    ),
 }
 
 
@@ -300,9 +307,12 @@ def test_i4_convergent_a_hand_flush_is_put_back_at_the_next_heartbeat(
     for net in want:
         assert [x.status.value for x in producer.wait(producer.drop(net))] == ["applied"]
     assert fw.dropped() == want and hooked(netns, backend)
-    for command in HAND_FLUSHES[backend]:
+    for command, keeps_rules, keeps_hook in HAND_FLUSHES[backend]:
+        worker.pause()  # the kernel as the flush left it, before any heartbeat repairs it
         netns.run(*command)
-        assert fw.dropped() != want or not hooked(netns, backend), f"{command} changed nothing"
+        left = (fw.dropped(), hooked(netns, backend))
+        worker.resume()
+        assert left == (want if keeps_rules else [], keeps_hook), command
         wait_for(
             lambda: fw.dropped() == want and hooked(netns, backend),
             15,

@@ -22,8 +22,8 @@ from pushfw.producer.lists import ListContent
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim
 from pushfw.worker.scheduler import Scheduler
+from testbed.kernel import Firewall, veth
 from tests.conftest import Netns, RedisServer, WorkerProcess, pushfw_cli, wait_for
-from tests.kernel import Firewall, veth
 
 CMD = "{pushfw}:cmd"
 KEYS = Keys()

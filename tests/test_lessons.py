@@ -13,8 +13,8 @@ import re
 import time
 
 from pushfw.producer import Producer
+from testbed.kernel import Firewall
 from tests.conftest import Netns, wait_for
-from tests.kernel import Firewall
 
 
 def kernel_timeout_s(ns: Netns, backend: str, ip: str) -> int:

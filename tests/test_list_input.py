@@ -22,8 +22,8 @@ from pushfw.producer.contract import Result
 from pushfw.producer.lists import ListContent
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
+from testbed.kernel import Firewall
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, run_pushfw, wait_for
-from tests.kernel import Firewall
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 KEYS = Keys()

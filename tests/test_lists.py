@@ -142,6 +142,31 @@ def test_a_drop_list_never_covers_a_protected_network_or_goes_wider_than_the_bou
     assert (beat.lists["wide"].entries, beat.lists["wide"].refused) == (2, 3)
 
 
+def test_a_new_list_past_the_hosts_cap_is_rejected_naming_the_cap(
+    r: Any, redis_server: RedisServer, producer: Producer
+):
+    worker = memory_worker(redis_server, max_lists="2")
+    worker.setup()
+    for name, address in (("one", "192.0.2.1"), ("two", "192.0.2.2")):
+        producer.load_list(name, content(address))
+    third = producer.load_list("three", content("192.0.2.3"))
+    worker.run(burst=True)
+    res = result(producer, third)
+    assert res.status.value == "rejected"
+    assert "max_lists 2" in res.detail
+    assert held(worker, "three") is None
+    assert held(worker, "one") == {"192.0.2.1/32"} and held(worker, "two") == {"192.0.2.2/32"}
+
+    again = producer.load_list("two", content("192.0.2.2", "192.0.2.4"))
+    worker.run(burst=True)
+    assert result(producer, again).status.value == "applied", "a held list may change"
+    producer.delete_list("one")
+    fourth = producer.load_list("three", content("192.0.2.3"))
+    worker.run(burst=True)
+    assert result(producer, fourth).status.value == "applied", "room again after a delete"
+    assert held(worker, "three") == {"192.0.2.3/32"}
+
+
 def test_a_list_for_other_hosts_is_not_loaded_and_a_delete_removes_it(
     r: Any, redis_server: RedisServer, producer: Producer
 ):
@@ -228,13 +253,25 @@ def test_bad_list_commands_are_rejected_and_the_worker_goes_on(
     worker = memory_worker(redis_server)
     worker.setup()
     version = content("192.0.2.1").version
-    bad = {
-        r.xadd(CMD, {"op": "list.load", "name": "Feed!", "version": version}).decode(): "name: ",
-        r.xadd(CMD, {"op": "list.load", "name": "feed"}).decode(): "version: is missing",
-        r.xadd(CMD, {"op": "list.load", "name": "feed", "version": "0" * 32}).decode(): (
-            "version 00000000000000000000000000000000 of list feed is not in Redis"
+    bad = {  # a malformed command is rejected; a list not (yet) in Redis is a failure
+        r.xadd(CMD, {"op": "list.load", "name": "Feed!", "version": version}).decode(): (
+            "rejected",
+            "name: 'Feed!' is not a list name (a lower-case letter, then up to 15 letters,"
+            " digits or _)",
         ),
-        r.xadd(CMD, {"op": "list.burn", "name": "feed"}).decode(): "op: ",
+        r.xadd(CMD, {"op": "list.load", "name": "feed"}).decode(): (
+            "rejected",
+            "version: is missing (list.load names the content it loads)",
+        ),
+        r.xadd(CMD, {"op": "list.load", "name": "feed", "version": "0" * 32}).decode(): (
+            "failed",
+            "version 00000000000000000000000000000000 of list feed is not in Redis;"
+            " import the list again",
+        ),
+        r.xadd(CMD, {"op": "list.burn", "name": "feed"}).decode(): (
+            "rejected",
+            "op: Input should be 'list.load' or 'list.delete'",
+        ),
     }
     r.set(f"{{pushfw}}:list:forged:{version}", content("192.0.2.66").to_bytes())
     forged = r.xadd(
@@ -242,9 +279,9 @@ def test_bad_list_commands_are_rejected_and_the_worker_goes_on(
     ).decode()
     fine = producer.drop("192.0.2.50")
     worker.run(burst=True)
-    for cmd_id, reason in bad.items():
+    for cmd_id, answer in bad.items():
         res = result(producer, cmd_id)
-        assert res.status.value in ("rejected", "failed") and reason in res.detail, res
+        assert (res.status.value, res.detail) == answer
     forged_result = result(producer, forged)
     assert forged_result.status.value == "rejected"
     assert "hashes to" in forged_result.detail, "a content that is not its version is refused"

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pushfw.producer import Producer
+from testbed.kernel import chain_rules, dropped, veth
 from tests.conftest import Netns, RedisServer
-from tests.kernel import chain_rules, dropped, veth
 
 CMD = "{pushfw}:cmd"
 

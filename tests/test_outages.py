@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pushfw.producer import Producer
+from testbed.kernel import Firewall
 from tests.conftest import Netns, RedisServer, WorkerProcess, pushfw_cli, wait_for
-from tests.kernel import Firewall
 
 
 def host_status(server: RedisServer, host: str) -> dict[str, Any]:

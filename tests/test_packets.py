@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable, Iterator
 
 from pushfw.producer import Producer
+from testbed.kernel import veth
 from tests.conftest import Netns, wait_for
-from tests.kernel import veth
 
 SERVER_IP = "10.213.0.1"
 CLIENT_IP = "10.213.0.2"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pushfw.producer import parse_command
 from pushfw.producer.connection import connect
 from pushfw.producer.functions import FUNCTIONS, LIBRARY_NAME, LIST_STORE
 from pushfw.worker.stream import stream_id_order
+from testbed.env import clean_env
 from tests.conftest import RedisServer, need, pushfw_cli
 from tests.test_applier import key, make_worker, results_by_cmd
 from tests.test_topologies import cluster, redis_binary  # noqa: F401 (fixtures used below)
@@ -223,7 +223,7 @@ def test_cluster_form_routes_by_the_stream_key(
 ) -> None:
     """On a 3-master Cluster: install loads every primary; numkeys 1 reaches the right node."""
     url = cast(str, request.getfixturevalue("cluster"))  # test_topologies' fixture
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+    env = clean_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pushfw.producer", "--redis-url", url, "redis-functions",
          "install"],

@@ -19,8 +19,8 @@ from pushfw.producer import Producer
 from pushfw.producer.acl import PRODUCER_USER, WORKER_USER
 from pushfw.producer.connection import untyped
 from pushfw.producer.lists import ListContent
+from testbed.kernel import Firewall
 from tests.conftest import Netns, RedisServer, WorkerProcess, run_pushfw, wait_for
-from tests.kernel import Firewall
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
 CMD = "{pushfw}:cmd"

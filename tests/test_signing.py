@@ -32,6 +32,7 @@ from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import entries_from_reply
+from testbed.env import clean_env
 from tests.conftest import RedisServer, memory_worker, need, wait_for
 from tests.test_applier import key, results_by_cmd
 
@@ -208,7 +209,7 @@ def test_signing_settings_are_checked():
 
 
 def test_cli_signs_with_the_key_from_the_environment(r, redis_server, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+    env = clean_env()
     for extra, args in (({"PUSHFW_HMAC_KEY": KEY}, []), ({}, ["--hmac-key", KEY])):
         cli = [sys.executable, "-m", "pushfw.producer", "--redis-url", redis_server.url]
         proc = subprocess.run(

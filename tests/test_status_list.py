@@ -7,7 +7,6 @@ session's redis-server; the CLI then reads their heartbeats and the ledger.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pushfw.producer import Keys, Producer
 from pushfw.producer.records import HostStatus
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
+from testbed.env import clean_env
 from tests.conftest import RedisServer, wait_for
 
 KEYS = Keys()
@@ -41,7 +41,7 @@ LIST_COLUMNS = ["ACTION", "NETWORK", "EXPIRES_IN", "TARGET", "REASON", "ORIGIN",
 
 
 def run_pushfw(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHFW_")}
+    env = clean_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pushfw.producer", "--redis-url", url, *args],
         capture_output=True,

@@ -14,8 +14,8 @@ from typing import Any
 from pushfw.producer import Producer
 from pushfw.worker import Worker
 from pushfw.worker.backoff import Backoff
+from testbed.kernel import Firewall
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
-from tests.kernel import Firewall
 from tests.test_applier import key
 
 USER = "pushfw-notrim"

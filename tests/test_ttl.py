@@ -12,8 +12,8 @@ import redis
 
 from pushfw.producer import Producer
 from pushfw.producer.records import HostStatus
+from testbed.kernel import Firewall
 from tests.conftest import RedisServer, wait_for
-from tests.kernel import Firewall
 
 CMD = "{pushfw}:cmd"
 

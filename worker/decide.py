@@ -17,7 +17,7 @@ protected networks and blast radius (for accepts too), expiry. The answer is a f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pushfw.producer.contract import (
@@ -142,6 +142,7 @@ class Policy:
             every ban, so ``0.0.0.0/0`` would lift them all).
         min_accept_prefix_v6: the widest IPv6 network an accept may cover.
         list_bounds: the address space lists may cover, one list and all of one action.
+        max_lists: the most named lists the host holds at once.
     """
 
     host: str
@@ -153,6 +154,7 @@ class Policy:
     min_accept_prefix_v4: int = DEFAULT_MIN_ACCEPT_PREFIX_V4
     min_accept_prefix_v6: int = DEFAULT_MIN_ACCEPT_PREFIX_V6
     list_bounds: ListBounds = field(default_factory=ListBounds.from_settings)
+    max_lists: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +507,19 @@ def decide_list_record(
     if request is None or decision is None:
         return None
     return request, decision
+
+
+def over_list_cap(name: str, held: Collection[str], policy: Policy) -> str | None:
+    """Why loading list ``name`` would pass the host's cap on lists (None: it would not).
+
+    A list already held may always be loaded again: only a new one counts.
+    """
+    if name in held or len(held) < policy.max_lists:
+        return None
+    return (
+        f"this host holds {len(held)} lists, its cap (max_lists {policy.max_lists}): "
+        "remove a list first, or raise PUSHFW_MAX_LISTS"
+    )
 
 
 def refused_entries(

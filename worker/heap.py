@@ -1,8 +1,8 @@
 """Handing the heap back after large transient work (glibc ``malloc_trim``).
 
 A million-element kernel transaction, a listing of every element's counter or a reconcile
-of a large ledger builds objects it frees again, but glibc keeps the freed pages: a worker's
-RSS stayed at 493 MB after loading a 1M-entry list, and was 55 MB once trimmed.
+of a large ledger builds objects it frees again, but glibc keeps the freed pages unless
+asked (what that cost: docs/benchmarks.md, "Measurements behind the code").
 """
 
 from __future__ import annotations

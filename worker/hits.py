@@ -1,25 +1,13 @@
 """Hit counters: how many packets and bytes each managed rule matched, read once a minute.
 
-Every kernel backend counts per rule (nft set-element counters, ipset ``counters``, the
-iptables entries' own counters); :meth:`Backend.hits` reads them in one dump, which costs
-time in proportion to the rules. So the worker reads them every :data:`EVERY_BEATS`
-heartbeat intervals (once a minute at the default 5 s), never per heartbeat or per scrape,
-and publishes the :data:`TOP_RULES` busiest rules in one hash per host,
-``{pushfw}:hits:<host>`` (field: rule id as ``pushfw list`` shows it, value:
-:class:`~pushfw.producer.records.RuleHits`), replaced whole in one ``MULTI``. ``pushfw list
---hits`` reads those hashes; the metrics get the sums per action.
-
-The period follows ``heartbeat_interval_s`` rather than a setting of its own: a test that
-beats every 0.25 s reads hits every 3 s, with no knob that only tests use.
-
-The read holds the worker's loop (the kernel backends are driven from one thread): 7 to
-16 ms per thousand rules, measured. So that it does not hold a timed rule past its expiry
-(I5), :class:`HitsReader` waits for a gap between expiries twice as long as its last read
-took, for at most one more interval; then it reads anyway, and a rule falling due during
-that read leaves the kernel up to one read late. And past :data:`MAX_SHARE` of the loop's
-time (a reading of more than 0.6 s, some 40,000 nftables rules) the readings space out.
-Past ``hits_max_rules`` (100,000 by default) they stop: a reading of a million nftables
-elements held the loop for seconds and took the worker past a gigabyte.
+Every kernel backend counts per rule; :meth:`Backend.hits` reads them in one dump that
+holds the worker's loop in proportion to the rules. So the worker reads them every
+:data:`EVERY_BEATS` heartbeat intervals (no knob that only tests use), publishes the
+:data:`TOP_RULES` busiest in ``{pushfw}:hits:<host>`` (replaced whole in one ``MULTI``),
+and :class:`HitsReader` keeps a reading from holding a timed rule past its expiry (I5): it
+waits for a gap between expiries, spaces readings out past :data:`MAX_SHARE` of the loop's
+time, and stops past ``hits_max_rules``. What a reading costs: docs/benchmarks.md,
+"Measurements behind the code".
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from pushfw.worker.decide import (
     decide_list,
     decide_list_record,
     list_cover_refusal,
+    over_list_cap,
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
@@ -263,7 +264,9 @@ class ListKeeper:
                 Status.REJECTED,
                 f"the {self.backend.name} backend keeps no sets: lists need ipset or nftables",
             )
-        content = self._read(spec, decision.size)
+        content = over_list_cap(spec.name, self.held, self.policy) or self._read(
+            spec, decision.size
+        )
         if isinstance(content, str):
             return Outcome(Status.REJECTED, content)
         if content is None:

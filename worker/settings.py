@@ -231,6 +231,15 @@ class WorkerSettings(BaseSettings):
         le=128,
         description="the most IPv6 addresses all accept lists of this host may cover together",
     )
+    max_lists: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="most named lists a host holds; a `list.load` of one more is rejected. "
+        "Packets walk the same few rules however many lists there are (the lists of one "
+        "action share sets), but each list costs the worker its entries in memory and a load "
+        "at every start; 64 is far above the handful of feeds a host combines",
+    )
     state_dir: str = Field(
         default="/var/lib/pushfw",
         description="where the worker remembers the ledger generation it converged with, "

@@ -110,6 +110,7 @@ def make_policy(settings: WorkerSettings, protection: Protection) -> Policy:
         min_accept_prefix_v4=settings.min_accept_prefix_v4,
         min_accept_prefix_v6=settings.min_accept_prefix_v6,
         list_bounds=ListBounds.from_settings(settings),
+        max_lists=settings.max_lists,
     )
 
 

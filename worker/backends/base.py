@@ -180,6 +180,8 @@ class Backend(abc.ABC):
         ``networks`` (read once) are canonical CIDR strings of both families (``192.0.2.0/24``,
         ``2001:db8::1/128``), without duplicates or overlaps. Creates the list's kernel
         objects (and the rule matching them: accept lists before every drop) if missing;
+        the lists of one action may share them (the rules a packet walks must not grow with
+        the number of lists), and then an entry stays while any list holds it;
         a list already there is replaced whole, so packets meet the old content or the new,
         never a gap. Every entry expires in the kernel at ``spec.expires_ms`` (rounded up,
         plus a second), so a timed list ends even while the worker is away.

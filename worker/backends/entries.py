@@ -46,6 +46,10 @@ class Addresses(Sequence[str]):
     def _add(self, packed: bytes) -> None:
         self._packed += packed
 
+    def packed(self) -> bytes:
+        """Every address, 4 or 16 bytes each, in the order they were added."""
+        return bytes(self._packed)
+
     def __len__(self) -> int:
         return len(self._packed) // self._width
 

@@ -1,14 +1,8 @@
-"""The set backends' index of committed rules, packed: about 16 bytes per IPv4 rule.
+"""The set backends' index of committed rules, packed in sorted integer arrays.
 
-A dict of :class:`RuleKey` to :class:`Rule` cost about 650 bytes per rule (an ``ipaddress``
-network is a Python object with its own dict, and a /32 one carries a closure), so a host
-with a million rules held a gigabyte just to know what its kernel holds. Here each action's
-IPv4 rules are two sorted arrays (the address and prefix packed in one 64-bit integer, and
-the expiry), with the recent changes in a small dict merged into them once it grows past
-a fraction of their size: a lookup is a dict probe and a binary search; a merge costs
-O(changes * log n) plus copying the arrays, and comes once per that many changes. IPv6
-rules, rarer, are a dict of integers. Keys and rules are built again when asked for, so
-nothing outside this module sees the packing.
+A dict of :class:`RuleKey` to :class:`Rule` made a host with a million rules hold a gigabyte
+just to know what its kernel holds (docs/internals.md, "A host's work per command"). Keys and
+rules are built again when asked for, so nothing outside this module sees the packing.
 """
 
 from __future__ import annotations

@@ -1,33 +1,11 @@
 """Rules as elements of ipset sets, matched by one iptables rule per set.
 
-One ``hash:net`` set per action and family (``pushfw-accept4``, ``pushfw-drop4``,
-``pushfw-accept6``, ``pushfw-drop6``), created with ``timeout 0``, ``counters`` and
-``comment``: every element may carry a kernel timeout (0 means permanent), counts the packets
-and bytes it matched (:meth:`IpsetBackend.hits`), and a timed element carries its exact
-expiry as a comment (``exp=<ms>``), so the index, and timed rules' expiry, can be rebuilt from
-the kernel. A set made before counters is moved to one with them at open, as a ``maxelem``
-change is (a new set, one restore, an atomic ``swap``). A timed element's kernel timeout is
-the time remaining, rounded up, plus a second, so a ban ends even if the worker is down; the
-worker still deletes it at the exact millisecond, first.
-
-The managed chain (the iptables backend's chain, jumped to once from each hook chain) holds
-two rules per family: match the accept set and ACCEPT, then match the drop set and DROP, so an
-allow always wins over a ban. Any other rule in that chain is left alone.
-
-Each batch is one ``ipset -exist restore`` process fed on stdin (never a shell), its lines
-built only from ``ipaddress`` network strings and integers. ``restore`` stops at the first
-line the kernel refuses but keeps the lines before it, so a failed batch is undone by a second
-restore that puts back the previous state of every element the batch touched.
-
-A named list (``pushfw import``) gets one ``hash:net`` set per family, named after its
-action (``pushfw-d4-<name>``, ``pushfw-a6-<name>``), with ``maxelem`` grown to fit, and one
-rule each in the managed chain: accept lists after the accept set's rule, drop lists after the
-drop set's. A load fills a temporary set (``pushfw-d4+<name>``) in one restore and swaps it
-with the live one, so packets meet the old content or the new; a change is one restore of
-``del`` then ``add`` lines, through a bigger set (swapped in) if it would overflow.
-
-Needs the ``ip_set`` and ``xt_set`` kernel modules; sets, like chains, are per network
-namespace.
+One ``hash:net`` set per action and family, with kernel timeouts, counters and each timed
+rule's exact expiry as a comment (so the index can be rebuilt from the kernel); the managed
+chain matches the accept sets before the drop sets. Each batch is one ``ipset -exist
+restore`` fed on stdin, never a shell, undone by a second restore if the kernel refuses a
+line. Named lists of one action share one set per family (:mod:`.union`). The layout and why:
+docs/internals.md, "Kernel layouts".
 """
 
 from __future__ import annotations
@@ -62,6 +40,16 @@ from pushfw.worker.backends.iptables import (
     iptables_variant,
     remove_chain,
     xtables_lock,
+)
+from pushfw.worker.backends.union import (
+    ABSENT,
+    Group,
+    Held,
+    Op,
+    changed,
+    element_ops,
+    groups_of,
+    union,
 )
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 
@@ -234,14 +222,25 @@ class IpsetBackend(IndexedBackend):
         }
         self._counts = dict.fromkeys((s.name for s in self._sets.values()), 0)
         self._chain_entries: dict[int, int | None] = {}
-        self._list_set = re.compile(  # a list's live set (-) or the one a load fills (+)
+        self._list_set = re.compile(  # a list's own set, before lists shared sets
             rf"{re.escape(set_prefix)}-(?P<action>[ad])(?P<version>[46])(?P<temp>[-+])"
             rf"(?P<name>{_LIST_NAME})"
         )
-        self._lists: dict[str, Action] = {}
-        """The lists whose sets (and rules) are in the kernel, by name."""
-        self._filled: set[str] = set()
-        """Lists' live sets this worker filled: a flush by hand leaves such a set empty."""
+        self._mark = re.compile(
+            rf"{re.escape(set_prefix)}-m(?P<action>[ad])-(?P<name>{_LIST_NAME})"
+        )
+        self._lists_sets = {
+            (action, version): f"{set_prefix}-lists-{_LIST_ACTIONS[action]}{version}"
+            for version in (4, 6)
+            for action in (Action.ACCEPT, Action.DROP)
+        }
+        """Per action and family, the ``hash:net`` set the lists of that action share."""
+        self._held: dict[str, Held] = {}
+        """The entries of each list loaded since this start."""
+        self._marks: dict[str, Action] = {}
+        """The lists whose marker set is in the kernel, and their action."""
+        self._unknown: set[str] = set()
+        """Lists the kernel held at start that have not been loaded again since."""
 
     def open(self) -> None:
         if iptables_variant() == "nf_tables":
@@ -252,8 +251,21 @@ class IpsetBackend(IndexedBackend):
             )
         for ipset in self._sets.values():
             self._ensure_set(ipset)
-        self._lists = self._kernel_lists()  # kept, rules and all: the worker decides which stay
+        present = self._run("list", "-n").split()
+        self._marks = self._marks_in(present)  # kept: the worker decides which stay
+        self._held = {  # an open again (a reconcile) keeps what this process loaded
+            n: held for n, held in self._held.items() if self._marks.get(n) is held.action
+        }
+        self._unknown = set(self._marks) - set(self._held)
+        self._restore(  # entries of no list that is held (its marker deleted by hand)
+            f"flush {name}\n"
+            for (action, _), name in self._lists_sets.items()
+            if action not in self._marks.values() and name in present
+        )
         self._write_rules(warn=True)
+        for name in present:  # a list's own sets, from before lists shared sets
+            if self._list_set.fullmatch(name):
+                self._run("-exist", "destroy", name)
         self._index = self._read_index()
         logger.info(
             "ipset sets %s-{accept,drop}{4,6} ready in chain %s: %d rules",
@@ -333,6 +345,9 @@ class IpsetBackend(IndexedBackend):
         for (action, set_version), ipset in self._sets.items():
             if ipset.name == set_name and set_version == version:
                 return action
+        for (action, set_version), lists_set in self._lists_sets.items():
+            if lists_set == set_name and set_version == version:
+                return action
         parsed = self._list_set.fullmatch(set_name)
         if parsed and parsed["temp"] == "-" and int(parsed["version"]) == version:
             return Action.ACCEPT if parsed["action"] == "a" else Action.DROP
@@ -348,13 +363,15 @@ class IpsetBackend(IndexedBackend):
         return None
 
     def _wanted_rules(self, version: int, present: set[str]) -> list[str]:
-        """The sets the chain matches, in order: accepts (set, then lists), then drops."""
+        """The sets the chain matches, in order: accepts (set, then lists), then drops. The
+        lists of an action are matched by one rule, present while there is such a list."""
         wanted: list[str] = []
         for action in (Action.ACCEPT, Action.DROP):
             wanted.append(self._sets[(action, version)].name)
-            lists = (n for n, a in sorted(self._lists.items()) if a is action)
-            wanted += [self._list_name(action, name, version) for name in lists]
-        return [name for name in wanted if name in present or not self._list_set.fullmatch(name)]
+            lists_set = self._lists_sets[(action, version)]
+            if action in self._marks.values() and lists_set in present:
+                wanted.append(lists_set)
+        return wanted
 
     def _ensure_match_rules(self, table: Any, version: int, present: set[str], warn: bool) -> None:
         """Make the chain hold our match rules in order; leave other rules alone."""
@@ -407,9 +424,10 @@ class IpsetBackend(IndexedBackend):
         except BackendError as exc:
             logger.debug("ipset sets not checked: %s", exc)
             return True
-        lists = (self._list_name(a, n, v) for n, a in self._lists.items() for v in (4, 6))
+        marks = [self._mark_name(a, n) for n, a in self._marks.items()]
+        shared = [n for (a, _), n in self._lists_sets.items() if a in self._marks.values()]
         return (
-            all(name in held for name in lists)
+            all(name in held for name in [*marks, *shared])
             and all(held.get(name, -1) >= count for name, count in self._counts.items())
             and not self._emptied(held)
         )
@@ -427,16 +445,6 @@ class IpsetBackend(IndexedBackend):
             elif label == "Number of entries" and name:
                 held[name] = int(value)
         return held
-
-    def _emptied(self, held: Mapping[str, int]) -> set[str]:
-        """The lists with a live set this worker filled that holds no entry now."""
-        return {
-            name
-            for name, action in self._lists.items()
-            for version in (4, 6)
-            if (live := self._list_name(action, name, version)) in self._filled
-            and held.get(live) == 0
-        }
 
     def hits(self) -> dict[RuleKey, tuple[int, int]]:
         """Each element's counters, from one ``ipset save`` per set."""
@@ -577,186 +585,226 @@ class IpsetBackend(IndexedBackend):
 
     supports_lists = True
 
-    def _list_name(self, action: Action, name: str, version: int, temp: bool = False) -> str:
-        """A list's set in one family: the live one, or the one a load fills (``temp``)."""
-        set_name = f"{self.set_prefix}-{_LIST_ACTIONS[action]}{version}{'+' if temp else '-'}{name}"
+    list_chunk = 50_000
+    """A change of more elements refills the action's shared sets (a temporary set filled
+    in one streamed restore, then swapped in) instead of adding and deleting in place."""
+
+    def _mark_name(self, action: Action, name: str) -> str:
+        """The empty set whose name says that list ``name`` of ``action`` is loaded."""
         if not re.fullmatch(_LIST_NAME, name):
             raise PermanentBackendError(f"list name {name[:40]!r}: use {_LIST_NAME}")
-        if len(set_name) > _SET_NAME_MAX:
+        mark = f"{self.set_prefix}-m{_LIST_ACTIONS[action]}-{name}"
+        if len(mark) > _SET_NAME_MAX:
             raise PermanentBackendError(
-                f"ipset name {set_name} is longer than {_SET_NAME_MAX} characters: "
+                f"ipset name {mark} is longer than {_SET_NAME_MAX} characters: "
                 f"shorten the set prefix {self.set_prefix!r} or the list's name"
             )
-        return set_name
+        return mark
 
-    def _kernel_lists(self, set_names: Iterable[str] | None = None) -> dict[str, Action]:
-        """The lists with a live set in the kernel, read from the names of the sets only
-        (``set_names``: those already read)."""
-        found: dict[str, Action] = {}
-        for set_name in self._run("list", "-n").split() if set_names is None else set_names:
-            parsed = self._list_set.fullmatch(set_name)
-            if parsed and parsed["temp"] == "-":
-                found[parsed["name"]] = Action.ACCEPT if parsed["action"] == "a" else Action.DROP
-        return found
+    def _marks_in(self, set_names: Iterable[str]) -> dict[str, Action]:
+        found = (self._mark.fullmatch(n) for n in set_names)
+        return {p["name"]: Action.ACCEPT if p["action"] == "a" else Action.DROP for p in found if p}
 
     def list_names(self) -> set[str]:
-        """The lists with both families' sets, less those with a set this worker filled that
-        holds nothing now: one missing or flushed by hand is a list to load again."""
+        """The lists whose marker set exists, less those with entries in a shared set that
+        holds nothing now (flushed by hand): each is a list to load again."""
         held = self._headers()
         emptied = self._emptied(held)
         return {
             name
-            for name, action in self._kernel_lists(held).items()
-            if name not in emptied
-            and all(self._list_name(action, name, version) in held for version in (4, 6))
+            for name, action in self._marks_in(held).items()
+            if not any(
+                (action, version) in emptied
+                for h in [self._held.get(name)]
+                if h is not None
+                for version, _ in h.groups
+            )
+        }
+
+    def _emptied(self, held: Mapping[str, int]) -> set[tuple[Action, int]]:
+        """The shared sets the loaded lists fill that hold no entry in the kernel."""
+        return {
+            (action, version)
+            for action in Action
+            for version, _ in groups_of(self._held.values(), action)
+            if held.get(self._lists_sets[(action, version)], 0) == 0
         }
 
     def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
-        """Fill temporary sets in one restore, swap them in, then write the rules if new."""
-        grouped = list_entries(networks)
-        by_version = {
-            version: (
-                sum(len(a) for (v, _), a in grouped.items() if v == version),
-                _cidrs({p: a for (v, p), a in grouped.items() if v == version}),
-            )
-            for version in (4, 6)
-        }
+        """The list's entries into its action's shared sets, what only its old content held
+        out, and its marker set made."""
+        self._mark_name(spec.action, spec.name)
         started = time.monotonic()
-        self._fill_and_swap(spec, by_version)
+        held = Held.of(spec.action, spec.expires_ms, list_entries(networks))
+        self._change(spec.name, {**self._held, spec.name: held}, spec.action, held)
         logger.info(
             "ipset list %s (%s): %d entries loaded in %.2f s",
             spec.name,
             spec.action.value,
-            sum(count for count, _ in by_version.values()),
+            held.size(),
             time.monotonic() - started,
         )
 
-    def _fill_and_swap(
-        self, spec: BlockList, by_version: Mapping[int, tuple[int, Iterable[str]]], room: int = 0
-    ) -> None:
-        """Make the list's live sets of these families hold exactly these entries, given as
-        (how many, the CIDR strings) per family, with ``room`` for more (``maxelem`` is the
-        next power of two past twice what they need).
-
-        The swaps come after every entry is in: a refused entry leaves every live set as it was.
-        """
-        now_ms = self.clock()
-        timeout_s = 0 if spec.expires_ms is None else kernel_timeout_s(spec.expires_ms, now_ms)
-        present = set(self._run("list", "-n").split())
-        fill: list[Iterable[str]] = []
-        swap: list[str] = []
-        for version, (count, entries) in sorted(by_version.items()):
-            live = self._list_name(spec.action, spec.name, version)
-            temp = self._list_name(spec.action, spec.name, version, temp=True)
-            family = "inet" if version == 4 else "inet6"
-            maxelem = max(_LIST_MAXELEM_MIN, 1 << (2 * (count + room) - 1).bit_length())
-            create = (
-                f"create {temp} hash:net family {family} timeout 0 counters maxelem {maxelem}\n"
-            )
-            fill.append((f"destroy {temp}\n" if temp in present else "", create))
-            fill.append(_adds(temp, entries, timeout_s))
-            swap.append(f"swap {temp} {live}\ndestroy {temp}\n" if live in present else "")
-            swap.append("" if live in present else f"rename {temp} {live}\n")
-        try:
-            self._restore(chain(*fill, swap))
-        except BackendError:
-            for version in by_version:
-                temp = self._list_name(spec.action, spec.name, version, temp=True)
-                with contextlib.suppress(BackendError):
-                    self._run("-exist", "destroy", temp)
-            raise
-        for version, (count, _) in by_version.items():
-            live = self._list_name(spec.action, spec.name, version)
-            (self._filled.add if count else self._filled.discard)(live)
-        if self._lists.get(spec.name) is not spec.action:
-            self._set_list_rules(spec.name, spec.action)
-
-    def _set_list_rules(self, name: str, action: Action | None) -> None:
-        """Give the list the rules of ``action`` (None: no rules), then destroy its other sets."""
-        before = dict(self._lists)
-        if action is None:
-            self._lists.pop(name, None)
-        else:
-            self._lists[name] = action
-        try:
-            self._write_rules()
-        except BackendError:
-            self._lists = before
-            raise
-        keep = {self._list_name(action, name, v) for v in (4, 6)} if action else set()
-        for set_name in sorted(set(self._run("list", "-n").split()) - keep):
-            parsed = self._list_set.fullmatch(set_name)
-            if parsed and parsed["name"] == name:
-                self._run("-exist", "destroy", set_name)
-                self._filled.discard(set_name)
-
     def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
-        """One restore, deletes first; a family that would overflow is moved to a bigger set."""
-        if self._kernel_lists().get(spec.name) is not spec.action:
+        """The list's new content is its old one, less ``remove``, plus ``add``."""
+        old = self._held.get(spec.name)
+        if self._marks.get(spec.name) is not spec.action or old is None:
             raise PermanentBackendError(
-                f"list {spec.name} is not loaded as {spec.action.value}: load it first"
+                f"list {spec.name} is not loaded as {spec.action.value} by this worker: "
+                "load it first"
             )
-        adds: dict[int, list[str]] = {4: [], 6: []}
-        removes: dict[int, list[str]] = {4: [], 6: []}
-        for grouped, into in ((list_entries(add), adds), (list_entries(remove), removes)):
-            for (version, prefixlen), addresses in grouped.items():
-                into[version] += [f"{address}/{prefixlen}" for address in addresses]
-        for version in (4, 6):
-            if adds[version]:
-                self._grow_if_needed(spec, version, len(adds[version]))
-        timeout_s = (
-            0 if spec.expires_ms is None else kernel_timeout_s(spec.expires_ms, self.clock())
+        held = changed(
+            spec.action, spec.expires_ms, old.groups, list_entries(add), list_entries(remove)
         )
-        lines, undo = [], []
-        for version in (4, 6):
-            live = self._list_name(spec.action, spec.name, version)
-            lines += [f"del {live} {entry}\n" for entry in removes[version]]
-            undo += [f"add {live} {entry} timeout {timeout_s}\n" for entry in removes[version]]
-        for version in (4, 6):
-            live = self._list_name(spec.action, spec.name, version)
-            lines += [f"add {live} {entry} timeout {timeout_s}\n" for entry in adds[version]]
-            undo += [f"del {live} {entry}\n" for entry in adds[version]]
-        try:
-            self._restore(lines)
-        except BackendError as exc:
-            # restore keeps the lines before the one refused: the inverse of every line puts
-            # back what the list held (the removed entries were in it, the added were not)
-            logger.error("ipset list %s: change refused (%s); undoing it", spec.name, exc)
-            with contextlib.suppress(BackendError):
-                self._restore(undo)
-            raise
-        self._note_filled(spec, adds, removes)
+        self._change(spec.name, {**self._held, spec.name: held}, spec.action, held)
 
-    def _note_filled(
-        self, spec: BlockList, adds: Mapping[int, list[str]], removes: Mapping[int, list[str]]
+    def remove_list(self, name: str) -> None:
+        """Its entries out of the shared sets (those no other list holds), its marker gone."""
+        if name not in self._marks and name not in self._held:
+            return
+        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
+
+    def _change(
+        self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
     ) -> None:
-        for version in (4, 6):
-            live = self._list_name(spec.action, spec.name, version)
-            if adds[version]:
-                self._filled.add(live)
-            elif removes[version]:
-                self._filled.discard(live)  # it may hold none now: unknown without counting
+        """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
+        marks = {n: a for n, a in self._marks.items() if n != name}
+        if action is not None:
+            marks[name] = action
+            present = set(self._run("list", "-n").split())
+            self._restore(  # the shared sets, made with the action's first list
+                f"create {shared} hash:net family {family} "
+                f"timeout 0 counters maxelem {_LIST_MAXELEM_MIN}\n"
+                for version, family in ((4, "inet"), (6, "inet6"))
+                if (shared := self._lists_sets[(action, version)]) not in present
+            )
+        rebuild: set[Action] = set()
+        ops: dict[Action, list[Op]] = {}
+        if self._unknown - {name}:  # what the other lists held before this start is unknown
+            if added is not None:
+                self._add_only(added)
+        elif name in self._unknown:  # the last list held before this start: settle
+            rebuild = set(Action)
+        else:
+            touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
+            emptied = {a for a, _ in self._emptied(self._headers())}
+            rebuild = {h.action for h in touched} & emptied
+            for act in {h.action for h in touched} - rebuild:
+                found = element_ops(
+                    act, self._held.values(), lists.values(), touched, self.list_chunk
+                )
+                if found is None or not self._has_room(act, found):
+                    rebuild.add(act)
+                elif found:
+                    ops[act] = found
+        for act in sorted(rebuild):
+            self._refill(act, lists)
+        self._commit_lists(lists, marks, ops)
+        self._unknown.discard(name)
 
-    def _grow_if_needed(self, spec: BlockList, version: int, adding: int) -> None:
-        """Move the live set to one with room for ``adding`` more entries, if it has none."""
-        live = self._list_name(spec.action, spec.name, version)
-        header = self._run("list", "-t", live)
+    def _add_only(self, added: Held) -> None:
+        """Add the list's entries to the live shared sets and delete nothing: lists held
+        before this start may hold anything there until each is loaded again."""
+        now_ms = self.clock()
+        timeout_s = 0 if added.expires_ms is None else kernel_timeout_s(added.expires_ms, now_ms)
+        for version in (4, 6):
+            target = self._lists_sets[(added.action, version)]
+            groups = {g: p for g, p in added.groups.items() if g[0] == version}
+            count = sum(len(p) // _WIDTH[version] for p in groups.values())
+            if count and not self._room(target, count):
+                raise PermanentBackendError(
+                    f"set {target} is full until every list held before this start is loaded again"
+                )
+            self._restore(
+                f"add {target} {_address(g, key)}/{g[1]} timeout {timeout_s}\n"
+                for g, packed in sorted(groups.items())
+                for key in _keys(packed, _WIDTH[version])
+            )
+
+    def _has_room(self, action: Action, ops: list[Op]) -> bool:
+        """Can the live shared sets take these changes without passing their ``maxelem``?"""
+        for version in (4, 6):
+            adds = sum(1 for g, _, before, _a in ops if g[0] == version and before == ABSENT)
+            if adds and not self._room(self._lists_sets[(action, version)], adds):
+                return False
+        return True
+
+    def _room(self, set_name: str, adding: int) -> bool:
+        header = self._run("list", "-t", set_name)
         words = dict(re.findall(r"^(Header|Number of entries): (.*)$", header, re.MULTILINE))
         options = words.get("Header", "").split()
         maxelem = int(options[options.index("maxelem") + 1]) if "maxelem" in options else 0
-        held = int(words.get("Number of entries", "0"))
-        if held + adding <= maxelem:
-            return
-        logger.info(
-            "ipset list %s: set %s full (%d of %d), growing it", spec.name, live, held, maxelem
-        )
-        saved = parse_save(self._run("save", live), live, version)
-        entries = [str(element.network) for element in saved]
-        self._fill_and_swap(spec, {version: (len(entries), entries)}, room=adding)
+        return int(words.get("Number of entries", "0")) + adding <= maxelem
 
-    def remove_list(self, name: str) -> None:
-        """The list's rules out of the chain first: the kernel keeps a set a rule matches."""
-        self._set_list_rules(name, None)
+    def _commit_lists(
+        self,
+        lists: dict[str, Held],
+        marks: dict[str, Action],
+        ops: dict[Action, list[Op]],
+    ) -> None:
+        """One restore: markers made, element changes in the live shared sets; then the
+        chain's rules for the actions that have lists, and markers deleted."""
+        now_ms = self.clock()
+        lines = [
+            f"create {self._mark_name(a, n)} hash:net family inet maxelem 1\n"
+            for n, a in sorted(marks.items())
+            if self._marks.get(n) is not a
+        ]
+        for action, found in ops.items():
+            for group, key, _before, after in found:
+                target = self._lists_sets[(action, group[0])]
+                entry = f"{_address(group, key)}/{group[1]}"
+                if after == ABSENT:
+                    lines.append(f"del {target} {entry}\n")
+                    continue
+                timeout_s = 0 if after is None else kernel_timeout_s(after, now_ms)
+                lines.append(f"add {target} {entry} timeout {timeout_s}\n")  # -exist: renews
+        self._restore(lines)
+        before = dict(self._marks)
+        self._held, self._marks = lists, marks
+        if set(before.values()) != set(marks.values()):
+            self._write_rules()
+        for n, a in sorted(before.items()):
+            if marks.get(n) is not a:
+                self._run("-exist", "destroy", self._mark_name(a, n))
+
+    def _refill(self, action: Action, lists: dict[str, Held]) -> None:
+        """Fill temporary sets with exactly the union of the lists of ``action`` in one
+        streamed restore and swap them in: packets meet the old content or the new."""
+        now_ms = self.clock()
+        present = set(self._run("list", "-n").split())
+        fill: list[Iterable[str]] = []
+        swap: list[str] = []
+        for version in (4, 6):
+            live = self._lists_sets[(action, version)]
+            temp = f"{live}+"
+            groups = sorted(g for g in groups_of(lists.values(), action) if g[0] == version)
+            count = sum(
+                len(h.groups.get(g, b"")) // _WIDTH[version]
+                for h in lists.values()
+                if h.action is action
+                for g in groups
+            )
+            maxelem = max(_LIST_MAXELEM_MIN, 1 << (2 * count - 1).bit_length())
+            family = "inet" if version == 4 else "inet6"
+            fill.append(
+                f"create {temp} hash:net family {family} timeout 0 counters maxelem {maxelem}\n"
+            )
+            fill.append(_union_lines(temp, lists, action, groups, now_ms))
+            swap.append(
+                f"swap {temp} {live}\ndestroy {temp}\n"
+                if live in present
+                else f"rename {temp} {live}\n"
+            )
+        for version in (4, 6):
+            self._run("-exist", "destroy", f"{self._lists_sets[(action, version)]}+")
+        try:
+            self._restore(chain(*fill, swap))
+        except BackendError:
+            for version in (4, 6):
+                with contextlib.suppress(BackendError):
+                    self._run("-exist", "destroy", f"{self._lists_sets[(action, version)]}+")
+            raise
 
     def uninstall(self) -> str:
         """Remove the jumps, the managed chain and pushfw's sets; other rules and sets stay."""
@@ -771,10 +819,13 @@ class IpsetBackend(IndexedBackend):
                     found.append(f"IPv{version}")
                 commit_table(self._iptc, table)
         present = set(self._run("list", "-n").split())
-        ours = [s.name for s in self._sets.values()]
-        ours += [f"{name}{_RESIZE_SUFFIX}" for name in ours]
+        ours = sorted(self._lists_sets.values())
+        ours += [f"{name}+" for name in ours]
+        ours += sorted(name for name in present if self._mark.fullmatch(name))
+        ours += [s.name for s in self._sets.values()]
+        ours += [f"{s.name}{_RESIZE_SUFFIX}" for s in self._sets.values()]
         ours += sorted(name for name in present if self._list_set.fullmatch(name))
-        self._lists = {}
+        self._held, self._marks, self._unknown = {}, {}, set()
         removed = [name for name in ours if name in present]
         for name in removed:
             self._run("destroy", name)
@@ -794,3 +845,25 @@ def _add_line(set_name: str, element: Element, now_ms: int) -> str:
     if element.expires_ms is not None:
         line += f' comment "exp={int(element.expires_ms)}"'
     return line + "\n"
+
+
+_WIDTH = {4: 4, 6: 16}
+
+
+def _keys(packed: bytes, width: int) -> Iterator[bytes]:
+    for start in range(0, len(packed), width):
+        yield packed[start : start + width]
+
+
+def _address(group: Group, key: bytes) -> str:
+    return socket.inet_ntop(_FAMILIES[group[0]][0], key)
+
+
+def _union_lines(
+    set_name: str, lists: dict[str, Held], action: Action, groups: list[Group], now_ms: int
+) -> Iterator[str]:
+    """The restore lines adding the union of the lists' groups, made as they are read."""
+    for group in groups:
+        for key, expires_ms in union(lists.values(), action, group):
+            timeout_s = 0 if expires_ms is None else kernel_timeout_s(expires_ms, now_ms)
+            yield f"add {set_name} {_address(group, key)}/{group[1]} timeout {timeout_s}\n"

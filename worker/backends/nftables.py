@@ -1,39 +1,11 @@
 """Rules as elements of sets in a table of pushfw's own (``inet pushfw``), via libnftables JSON.
 
-Single addresses live in plain ``flags timeout`` sets (``drop4``, ``accept6`` ...): one add
-stays cheap at any size. Networks live in ``interval`` sets, one per prefix length in use
-(``drop4_24``): aligned networks of one length never overlap, and nft refuses overlapping
-intervals in one set. Every element carries its exact expiry as a comment (``exp=<ms>``) so
-the index can be rebuilt from the kernel, and a kernel timeout (whole seconds, rounded up)
-plus a second so a ban ends even while the worker or Redis is away (the worker deletes it at
-the exact ms, first: nft fails a whole batch on deleting an element already timed out).
-Each hook gets one base chain whose rules (accepts first) are a pure function of the sets,
-rewritten atomically whenever a set is added. Every batch is one nft transaction.
-
-Every set declares a ``counter`` for its elements, so each rule counts the packets and bytes
-it matched (:meth:`NftablesBackend.hits`). A set made before counters cannot gain them in
-place (the kernel refuses to re-add a set with other expressions), so :meth:`open` moves
-its elements to a new set in one transaction: the chains' rules are flushed, the old set is
-deleted, the new one added with every element (same expiry) and the rules written again.
-Packets meet either the old ruleset or the new one, never a gap.
-
-The heartbeat's check (:meth:`NftablesBackend.intact`) reads the kernel over netlink itself:
-libnftables fetches every set element before it lists even one chain.
-
-A named list (``pushfw import``) gets sets of its own, one per family and prefix length in
-use (``list_drop_<name>4_32``, ``list_drop_<name>4_24``; the /32 and /128 ones always), each
-a plain hash set of network addresses matched by ``ip saddr & <mask>``, like ipset's
-hash:net: libnftables 1.0.6 fetches every element of every ``interval`` set before any
-element change, so a million-entry interval list would slow every later batch by seconds.
-The chains' rules match them too (accept lists after the accept rules, drop lists after the
-drop rules). A load deletes and re-creates the list's sets, filled, in the one transaction
-that rewrites the rules; a timed list's sets carry its timeout as their default. A list of
-more than ``list_chunk`` entries is filled first, a chunk per transaction, into sets no rule
-matches yet, named in the other slot (``list_drop_<name>4_32b``; nftables cannot rename a
-set), and the transaction that rewrites the rules swaps them in and deletes the old ones:
-packets still meet the old list or the new one, and libnftables never holds a million
-elements at once. A start removes a slot no rule matches (a fill cut short). Listings read
-only the rules' sets: a list's elements are never fetched back.
+Sets (plain for addresses, one ``interval`` set per prefix length for networks) carry each
+rule's exact expiry as a comment and a kernel timeout, so the index can be rebuilt from the
+kernel and a ban ends even while the worker is away; the chains' rules are a pure function
+of the sets, and every batch is one nft transaction. Named lists of one action
+share one set per prefix length (:mod:`.union`), so packets walk the same rules however
+many lists there are. The layout and why: docs/internals.md, "Kernel layouts".
 """
 
 from __future__ import annotations
@@ -41,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import itertools
 import json
 import logging
 import math
@@ -52,13 +23,22 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.backends.entries import list_entries
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
+from pushfw.worker.backends.union import (
+    ABSENT,
+    Group,
+    Held,
+    Op,
+    changed,
+    element_ops,
+    groups_of,
+    union,
+)
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +47,11 @@ _HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
 _PRIORITY = -10
 _SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
 _LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
-_LIST_SET = re.compile(  # the prefix length (and a slot) end the name: the parse is unique
+_UNION = re.compile(
+    r"lists_(?P<action>drop|accept)(?P<version>[46])_(?P<prefix>\d{1,3})(?P<slot>b?)"
+)
+_MARK = re.compile(rf"mark_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})")
+_LIST_SET = re.compile(  # a list's own set, before lists shared sets: removed at open
     rf"list_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])"
     rf"_(?P<prefix>\d{{1,3}})(?P<slot>b?)"
 )
@@ -199,55 +183,41 @@ def set_element_count(table: str, set_name: str) -> int:
 
 
 def _version(name: str) -> int:
-    parsed = _SET_NAME.fullmatch(name) or _LIST_SET.fullmatch(name)
+    parsed = _SET_NAME.fullmatch(name) or _UNION.fullmatch(name)
     return int(parsed["version"]) if parsed else 4
 
 
-def list_set_name(action: Action, name: str, version: int, prefixlen: int, slot: str = "") -> str:
-    """The set of list ``name`` holding its /``prefixlen`` networks of one family.
+def union_set_name(action: Action, version: int, prefixlen: int, slot: str = "") -> str:
+    """The shared set holding the /``prefixlen`` entries of one family of the lists of
+    ``action``; ``slot`` ("" or "b") alternates between refills."""
+    return f"lists_{action.value}{version}_{prefixlen}{slot}"
 
-    ``slot`` ("" or "b") alternates between loads made in chunks: nftables cannot rename a
-    set, so the new sets are filled under the other slot's names and then swapped in.
-    """
-    return f"list_{action.value}_{name}{version}_{prefixlen}{slot}"
+
+def mark_name(action: Action, name: str) -> str:
+    """The empty set whose name says that list ``name`` of ``action`` is loaded."""
+    return f"mark_{action.value}_{name}"
+
+
+def _marks_in(set_names: Iterable[str]) -> dict[str, Action]:
+    found = (_MARK.fullmatch(n) for n in set_names)
+    return {p["name"]: Action(p["action"]) for p in found if p}
+
+
+def _action_of(name: str) -> Action:
+    parsed = _UNION.fullmatch(name)
+    assert parsed is not None
+    return Action(parsed["action"])
 
 
 def _source(name: str) -> Json:
     """What a rule looks up in set ``name``: the source address, masked for a list's prefix."""
     version = _version(name)
     saddr: Json = {"payload": {"protocol": "ip6" if version == 6 else "ip", "field": "saddr"}}
-    parsed = _LIST_SET.fullmatch(name)
+    parsed = _UNION.fullmatch(name)
     if parsed is None or int(parsed["prefix"]) == _MAX_PREFIXLEN[version]:
         return saddr
     mask = ipaddress.ip_network(f"{'::' if version == 6 else '0.0.0.0'}/{parsed['prefix']}")
     return {"&": [saddr, str(mask.netmask)]}
-
-
-@dataclass(frozen=True)
-class _List:
-    """A list's kernel objects: its action and the names of its sets."""
-
-    action: Action
-    sets: frozenset[str]
-
-    @property
-    def slot(self) -> str:
-        """The slot its sets are in ("" when mixed: a chunked load was cut short)."""
-        return "b" if self.sets and all(n.endswith("b") for n in self.sets) else ""
-
-    def in_slot(self, slot: str) -> frozenset[str]:
-        return frozenset(n for n in self.sets if n.endswith("b") == (slot == "b"))
-
-
-def _lists_in(set_names: set[str]) -> dict[str, _List]:
-    """The lists whose sets are among ``set_names`` (a list's action is in its sets' names)."""
-    found: dict[str, tuple[Action, set[str]]] = {}
-    for set_name_ in sorted(set_names):
-        parsed = _LIST_SET.fullmatch(set_name_)
-        if parsed:
-            entry = found.setdefault(parsed["name"], (Action(parsed["action"]), set()))
-            entry[1].add(set_name_)
-    return {name: _List(action, frozenset(sets)) for name, (action, sets) in found.items()}
 
 
 def _rule_lookups(reply: bytes) -> Iterator[str]:
@@ -285,9 +255,15 @@ class NftablesBackend(IndexedBackend):
         self._counts: Counter[str] = Counter()  # elements per set, as the index has them
         self._uncounted: set[str] = set()  # sets made before counters, moved at open
         self._chains: set[str] = set()
-        self._lists: dict[str, _List] = {}
-        self._filled: set[str] = set()
-        """Lists' sets this worker filled: a flush by hand leaves such a set empty."""
+        self._held: dict[str, Held] = {}
+        """The entries of each list loaded since this start."""
+        self._marks: dict[str, Action] = {}
+        """The lists whose marker set is in the kernel, and their action."""
+        self._unknown: set[str] = set()
+        """Lists the kernel held at start that have not been loaded again since."""
+        self._slot: dict[Action, str] = dict.fromkeys(Action, "")
+        self._union: dict[Action, set[Group]] = {a: set() for a in Action}
+        """Per action, the groups whose shared set (in its live slot) the rules match."""
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -303,14 +279,15 @@ class NftablesBackend(IndexedBackend):
         self._run([{"add": {"table": {"family": "inet", "name": self.table}}}])
         listing, names = self._listing()
         self._read(listing)
-        self._lists, unmatched = self._matched_lists(names)  # the worker decides which stay
+        stale = self._open_lists(names)  # the worker decides which lists stay
         self._sets |= {f"{a.value}{v}" for a in Action for v in (4, 6)}
         if self._uncounted:
             self._add_counters()
-        self._run(self._schema_commands(self._sets))
-        if unmatched:  # a chunked load's fill cut short: its sets never reached a rule
-            logger.warning("nftables: removing the unfinished list sets %s", ", ".join(unmatched))
-            self._run([{"delete": {"set": self._t(name=n)}} for n in unmatched])
+        cmds = self._hook_commands()  # no rule may hold a set while it is deleted
+        cmds += [{"delete": {"set": self._t(name=n)}} for n in stale]
+        if stale:  # a refill cut short, or a list's own sets from before lists shared sets
+            logger.warning("nftables: removing the list sets %s", ", ".join(stale))
+        self._run(cmds + self._schema_commands(self._sets))
         if self.readd_renews is None:
             self.readd_renews = self._probe_renewal()
         logger.info(
@@ -321,25 +298,46 @@ class NftablesBackend(IndexedBackend):
             "renews" if self.readd_renews else "does not renew",
         )
 
-    def _matched_lists(self, names: set[str]) -> tuple[dict[str, _List], list[str]]:
-        """The lists in the kernel, and the sets of a list that no rule matches while
-        another slot of the same list is matched (what a chunked load cut short leaves)."""
-        lists = _lists_in(names)
-        if not any(lst.in_slot("") and lst.in_slot("b") for lst in lists.values()):
-            return lists, []
+    def _open_lists(self, names: set[str]) -> list[str]:
+        """Take the lists' state from the set names; returns the list sets to delete: a
+        slot no rule matches (a refill cut short), and sets of one list each (before lists
+        shared sets: those lists are loaded again, as after a reboot)."""
+        self._marks = _marks_in(names)
+        self._held = {  # an open again (a reconcile) keeps what this process loaded
+            n: held for n, held in self._held.items() if self._marks.get(n) is held.action
+        }
+        self._unknown = set(self._marks) - set(self._held)
+        slots: dict[tuple[Action, str], set[Group]] = {}
+        for name in names:
+            if parsed := _UNION.fullmatch(name):
+                group = (int(parsed["version"]), int(parsed["prefix"]))
+                slots.setdefault((Action(parsed["action"]), parsed["slot"]), set()).add(group)
+        matched: set[str] | None = None
+        stale = sorted(n for n in names if _LIST_SET.fullmatch(n))
+        for action in Action:
+            found = [slot for slot in ("", "b") if (action, slot) in slots]
+            live = found[0] if found else ""
+            if len(found) == 2:
+                if matched is None:
+                    matched = self._matched_sets()
+                if any(union_set_name(action, *g, "b") in matched for g in slots[(action, "b")]):
+                    live = "b"
+                gone = "" if live == "b" else "b"
+                stale += sorted(union_set_name(action, *g, gone) for g in slots[(action, gone)])
+            self._slot[action] = live
+            self._union[action] = slots.get((action, live), set())
+            if action not in self._marks.values():  # entries of no list that is held
+                stale += sorted(union_set_name(action, *g, live) for g in self._union[action])
+                self._union[action] = set()
+        return stale
+
+    def _matched_sets(self) -> set[str]:
+        """The sets the table's rules look up (none known if the rules cannot be read)."""
         try:
-            matched = {n for reply in self._dump(_NFT_GETRULE) for n in _rule_lookups(reply)}
+            return {n for reply in self._dump(_NFT_GETRULE) for n in _rule_lookups(reply)}
         except (OSError, struct.error, ValueError) as exc:
-            logger.debug("nftables: rules not read, every list set kept: %s", exc)
-            return lists, []
-        unmatched: list[str] = []
-        for name, lst in list(lists.items()):
-            for slot in ("", "b"):
-                stale = lst.in_slot(slot)
-                if stale and not stale & matched and lst.sets - stale:
-                    lists[name] = _List(lst.action, lst.sets - stale)
-                    unmatched += sorted(stale)
-        return lists, unmatched
+            logger.debug("nftables: rules not read: %s", exc)
+            return set()
 
     def _listing(self) -> tuple[Json, set[str]]:
         """The table's chains and rule sets with their elements, and every set's name.
@@ -446,17 +444,20 @@ class NftablesBackend(IndexedBackend):
                 rule = dict(_nlas(reply))  # NFTA_RULE_CHAIN 2, NFTA_RULE_EXPRESSIONS 4
                 lookups.setdefault(_text(rule.get(2, b"")), []).extend(_lookups(rule.get(4, b"")))
             emptied = [n for n in sorted(self._sets) if self._counts[n] > 0 and self._empty(n)]
-            emptied += self._emptied_lists()
+            emptied += [str(g) for g in sorted(self._emptied_groups(), key=str)]
         except OSError as exc:
             logger.debug("nftables table inet %s not checked: %s", self.table, exc)
             return exc.errno != errno.ENOENT
         except (struct.error, ValueError) as exc:  # a reply this reader does not understand
             logger.debug("nftables table inet %s not checked: %s", self.table, exc)
             return True
-        matched = self._sets.union(*(lst.sets for lst in self._lists.values()))
+        matched = self._sets | {
+            union_set_name(a, *g, self._slot[a]) for a, g in self._live_groups()
+        }
         want = sorted(matched)
         hooked = all(sorted(lookups[hook]) == want for hook in self.hooks)
-        return matched <= sets and hooked and not emptied
+        marks = {mark_name(a, n) for n, a in self._marks.items()}
+        return matched | marks <= sets and hooked and not emptied
 
     def _dump(self, message: int, of_set: str | None = None) -> list[bytes]:
         """A dump of this table's sets or rules, or the first reply of one set's elements."""
@@ -468,9 +469,11 @@ class NftablesBackend(IndexedBackend):
         replies = self._dump(_NFT_GETSETELEM, name)
         return not any(kind == 3 and value for r in replies for kind, value in _nlas(r))
 
-    def _schema_commands(self, sets: set[str], lists: dict[str, _List] | None = None) -> list[Json]:
+    def _schema_commands(
+        self, sets: set[str], unions: dict[Action, list[str]] | None = None
+    ) -> list[Json]:
         """Rule sets, base chains and their rules, rewritten as one transaction: accept rules,
-        accept lists, drop rules, drop lists. Lists' sets must exist (their loads add them)."""
+        accept lists, drop rules, drop lists. Lists' shared sets must exist already."""
         cmds: list[Json] = []
         for name in sorted(sets):
             version = _version(name)
@@ -481,16 +484,15 @@ class NftablesBackend(IndexedBackend):
             if "_" in name:
                 spec["flags"] = ["interval", "timeout"]
             cmds.append({"add": {"set": spec}})
-        lists = self._lists if lists is None else lists
+        if unions is None:
+            unions = {
+                a: sorted(union_set_name(a, *g, self._slot[a]) for g in gs)
+                for a, gs in self._union.items()
+            }
         ordered: list[tuple[str, Action]] = []
         for action in (Action.ACCEPT, Action.DROP):
             ordered += [(n, action) for n in sorted(sets) if n.startswith(action.value)]
-            ordered += [
-                (n, action)
-                for _, lst in sorted(lists.items())
-                if lst.action is action
-                for n in sorted(lst.sets)
-            ]
+            ordered += [(n, action) for n in unions.get(action, [])]
         cmds += self._hook_commands()
         for hook in self.hooks:
             for name, action in ordered:
@@ -609,174 +611,242 @@ class NftablesBackend(IndexedBackend):
 
     supports_lists = True
 
+    list_chunk = 50_000
+    """A change of more elements refills the action's shared sets in the other slot, a
+    transaction of this many at a time, and swaps them in with one more: libnftables holds
+    a whole transaction in the worker's memory (a million elements in one took 581 MB)."""
+
     def list_names(self) -> set[str]:
-        """The lists whose sets exist, less those with a set this worker filled that holds
-        nothing now (flushed by hand): each is a list to load again."""
+        """The lists whose marker set exists, less those with entries in a shared set that
+        holds nothing now (flushed by hand): each is a list to load again."""
         try:
-            emptied = set(self._emptied_lists())
+            emptied = self._emptied_groups()
         except OSError as exc:
             logger.debug("nftables list sets not checked for elements: %s", exc)
             emptied = set()
         return {
-            name for name, lst in _lists_in(self._set_names()).items() if not lst.sets & emptied
+            name
+            for name, action in _marks_in(self._set_names()).items()
+            if not any(
+                (held.action, group) in emptied
+                for held in [self._held.get(name)]
+                if held is not None and held.action is action
+                for group in held.groups
+            )
         }
 
-    def _emptied_lists(self) -> list[str]:
-        """The sets of loaded lists that were filled and hold no element now."""
-        live = self._filled.intersection(set().union(*(lst.sets for lst in self._lists.values())))
-        return [n for n in sorted(live) if self._empty(n)]
+    def _emptied_groups(self) -> set[tuple[Action, Group]]:
+        """The live shared sets the loaded lists fill that hold no element in the kernel."""
+        wanted = {(a, g) for a in Action for g in groups_of(self._held.values(), a)}
+        return {
+            (action, group)
+            for action, group in sorted(wanted & self._live_groups())
+            if self._empty(union_set_name(action, *group, self._slot[action]))
+        }
 
-    list_chunk = 50_000
-    """A list of more entries is filled in transactions of this many, into sets no rule
-    matches yet, then swapped in with one more: libnftables holds a whole transaction in
-    the worker's memory (a million elements in one took the worker to 581 MB)."""
+    def _live_groups(self) -> set[tuple[Action, Group]]:
+        return {(a, g) for a, groups in self._union.items() for g in groups}
 
     def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
-        """Old sets out, new sets in (filled), rules rewritten: one transaction as packets
-        see it. A list of more than :attr:`list_chunk` entries is filled first, a chunk per
-        transaction, into sets under the other slot's names that no rule matches yet; the
-        last transaction swaps them in and deletes the old ones."""
+        """The list's entries into its action's shared sets, what only its old content held
+        out, and its marker set made: one transaction as packets see it (a change of more
+        than :attr:`list_chunk` elements refills the shared sets in the other slot)."""
         name = _checked_list_name(spec.name)
-        grouped = list_entries(networks)
         started = time.monotonic()
-        timeout = None if spec.expires_ms is None else self._timeout_s(spec.expires_ms)
-        entries = sum(map(len, grouped.values()))
-        chunked = entries > self.list_chunk
-        old = _lists_in(self._set_names()).get(name)
-        slot = ""
-        if chunked and old is not None:
-            live = self._lists.get(name, old)
-            slot = "" if live.slot else "b"
-            old = self._drop_slot(name, old, slot)  # what a refused fill may have left there
-        keys = sorted({(4, 32), (6, 128), *grouped})
-        sets = {key: list_set_name(spec.action, name, *key, slot) for key in keys}
-        new = _List(spec.action, frozenset(sets.values()))
-        fill: Iterable[Json] = itertools.chain(  # each chunk's strings made as it is sent
-            [{"add": {"set": self._list_set(n, timeout)}} for n in sorted(new.sets)],
-            (
-                {"add": {"element": self._t(name=sets[key], elem=elems[first : first + step])}}
-                for key, elems in sorted(grouped.items())
-                for step in (self.list_chunk,)
-                for first in range(0, len(elems), step)
-            ),
-        )
-        if chunked:
-            self._fill(new, fill)
-            fill = ()
-        lists = {**self._lists, name: new}
-        cmds = [{"add": {"table": {"family": "inet", "name": self.table}}}]
-        cmds += self._hook_commands()  # no rule may hold an old set while it is deleted
-        cmds += [
-            {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
-        ]
-        cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets if old else ())]
-        self._run([*cmds, *fill, *self._schema_commands(self._sets, lists)])
-        self._lists = lists
-        self._filled -= old.sets if old else set()
-        self._filled |= {sets[key] for key, elems in grouped.items() if elems}
+        held = Held.of(spec.action, spec.expires_ms, list_entries(networks))
+        self._change(name, {**self._held, name: held}, spec.action, held)
         logger.info(
-            "nftables list %s (%s): %d entries loaded in %.2f s%s",
+            "nftables list %s (%s): %d entries loaded in %.2f s",
             name,
             spec.action.value,
-            entries,
+            held.size(),
             time.monotonic() - started,
-            f", in chunks of {self.list_chunk}" if chunked else "",
         )
 
-    def _fill(self, new: _List, commands: Iterable[Json]) -> None:
-        """Create and fill sets no rule matches yet, a transaction per chunk; on a refusal
-        they are deleted again, and the list stays as it was."""
+    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
+        """The list's new content is its old one, less ``remove``, plus ``add``."""
+        name = _checked_list_name(spec.name)
+        loaded = self._marks.get(name)
+        if loaded is not None and loaded is not spec.action:
+            raise PermanentBackendError(
+                f"list {name} is loaded as {loaded.value}, not {spec.action.value}: "
+                "load it again to change its action"
+            )
+        old = self._held.get(name)
+        if old is None and loaded is not None:
+            raise PermanentBackendError(f"list {name} was loaded before this start: load it whole")
+        base = old.groups if old is not None else {}
+        held = changed(spec.action, spec.expires_ms, base, list_entries(add), list_entries(remove))
+        self._change(name, {**self._held, name: held}, spec.action, held)
+
+    def remove_list(self, name: str) -> None:
+        """Its entries out of the shared sets (those no other list holds), its marker deleted."""
+        if name not in self._marks and name not in self._held:
+            return
+        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
+
+    def _change(
+        self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
+    ) -> None:
+        """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
+        marks = {n: a for n, a in self._marks.items() if n != name}
+        if action is not None:
+            marks[name] = action
+        ops: dict[Action, list[Op] | None] = {}
+        if self._unknown - {name}:  # what the other lists held before this start is unknown
+            self._add_only(name, lists, marks, added)
+            self._unknown.discard(name)
+            return
+        if name in self._unknown:  # the last list held before this start: settle
+            rebuild = set(Action)
+        else:
+            touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
+            emptied = {a for a, _ in self._emptied_groups()}
+            rebuild = {h.action for h in touched} & emptied
+            for act in {h.action for h in touched} - rebuild:
+                ops[act] = element_ops(
+                    act, self._held.values(), lists.values(), touched, self.list_chunk
+                )
+            rebuild |= {a for a, found in ops.items() if found is None}
+        slots = {a: self._fill(a, lists) for a in sorted(rebuild)}
+        changes = {a: o for a, o in ops.items() if o and a not in rebuild}
         try:
-            for command in commands:
-                self._run([command])
+            self._commit_lists(lists, marks, changes, slots)
+        except BackendError as exc:
+            if not changes:
+                raise
+            # an element deleted by hand (or timed out) fails the whole transaction: refill
+            logger.warning("nftables lists: change refused (%s); refilling the sets", exc)
+            slots = {a: self._fill(a, lists) for a in sorted(set(changes) | set(slots))}
+            self._commit_lists(lists, marks, {}, slots)
+        self._unknown.discard(name)
+
+    def _add_only(
+        self, name: str, lists: dict[str, Held], marks: dict[str, Action], added: Held | None
+    ) -> None:
+        """Add the list's entries to the live shared sets and delete nothing: lists held
+        before this start may hold anything there until each is loaded again."""
+        self._commit_lists(lists, marks, {}, {}, keep_sets=True)  # sets, rules, marker
+        if added is None:
+            return
+        for group, packed in sorted(added.groups.items()):
+            target = union_set_name(added.action, *group, self._slot[added.action])
+            width = 4 if group[0] == 4 else 16
+            step = self.list_chunk * width  # a chunk per transaction, its strings made then
+            for first in range(0, len(packed), step):
+                elems = [
+                    self._list_elem(group, packed[i : i + width], added.expires_ms)
+                    for i in range(first, min(first + step, len(packed)), width)
+                ]
+                self._run([{"add": {"element": self._t(name=target, elem=elems)}}])
+
+    def _fill(self, action: Action, lists: dict[str, Held]) -> str:
+        """Fill the shared sets of ``action`` in the slot no rule matches, a chunk per
+        transaction; returns that slot. On a refusal they are deleted and the live slot stays."""
+        slot = "" if self._slot[action] else "b"
+        stale = sorted(
+            n
+            for n in self._set_names()
+            if (p := _UNION.fullmatch(n)) and p["action"] == action.value and p["slot"] == slot
+        )
+        groups = sorted(groups_of(lists.values(), action))
+        names = [union_set_name(action, *g, slot) for g in groups]
+        try:
+            cmds = [{"delete": {"set": self._t(name=n)}} for n in stale]
+            self._run(cmds + [{"add": {"set": self._list_set(n)}} for n in names])
+            for group, set_name_ in zip(groups, names, strict=True):
+                chunk: list[Any] = []
+                for key, expires in union(lists.values(), action, group):
+                    chunk.append(self._list_elem(group, key, expires))
+                    if len(chunk) >= self.list_chunk:
+                        self._run([{"add": {"element": self._t(name=set_name_, elem=chunk)}}])
+                        chunk = []
+                if chunk:
+                    self._run([{"add": {"element": self._t(name=set_name_, elem=chunk)}}])
         except BackendError:
             with contextlib.suppress(BackendError):
-                self._run([{"delete": {"set": self._t(name=n)}} for n in sorted(new.sets)])
+                self._run([{"delete": {"set": self._t(name=n)}} for n in names])
             raise
+        return slot
 
-    def _drop_slot(self, name: str, old: _List, slot: str) -> _List:
-        """Delete the list's sets in ``slot`` (rules rewritten without them first, in the
-        same transaction), so that a chunked load can fill that slot from empty."""
-        stale = old.in_slot(slot)
-        if not stale:
-            return old
-        kept = _List(old.action, old.sets - stale)
-        lists = {**self._lists, name: kept}
-        cmds = self._hook_commands()
+    def _list_elem(self, group: Group, key: bytes, expires_ms: int | None) -> Any:
+        address = socket.inet_ntop(socket.AF_INET if group[0] == 4 else socket.AF_INET6, key)
+        if expires_ms is None:
+            return address
+        return {"elem": {"val": address, "timeout": self._timeout_s(expires_ms)}}
+
+    def _commit_lists(
+        self,
+        lists: dict[str, Held],
+        marks: dict[str, Action],
+        ops: dict[Action, list[Op]],
+        slots: dict[Action, str],
+        keep_sets: bool = False,
+    ) -> None:
+        """One transaction: element changes in the live sets, the shared sets of each action
+        in ``slots`` swapped in, markers made and deleted, and the rules written again."""
+        union_groups = {
+            a: (self._union[a] if keep_sets else set()) | groups_of(lists.values(), a)
+            for a in Action
+        }
+        new_slot = {a: slots.get(a, self._slot[a]) for a in Action}
+        live = {union_set_name(a, *g, self._slot[a]) for a, g in self._live_groups()}
+        wanted = {union_set_name(a, *g, new_slot[a]) for a, gs in union_groups.items() for g in gs}
+        cmds: list[Json] = [{"add": {"table": {"family": "inet", "name": self.table}}}]
+        cmds += [  # a rebuilt slot's sets were made by its fill
+            {"add": {"set": self._list_set(n)}}
+            for n in sorted(wanted - live)
+            if _action_of(n) not in slots
+        ]
+        deletes: dict[str, list[Any]] = {}
+        adds: dict[str, list[Any]] = {}  # one command per set: thousands stay a few commands
+        for action, found in ops.items():
+            for group, key, before, after in found:
+                target = union_set_name(action, *group, self._slot[action])
+                if target not in wanted:
+                    continue  # the set goes: its elements with it
+                if before != ABSENT:
+                    deletes.setdefault(target, []).append(self._list_elem(group, key, None))
+                if after != ABSENT:
+                    adds.setdefault(target, []).append(self._list_elem(group, key, after))
+        cmds += [  # deletes first: a changed expiry is a delete and an add
+            {"delete": {"element": self._t(name=n, elem=e)}} for n, e in sorted(deletes.items())
+        ]
+        cmds += [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(adds.items())]
+        cmds += self._hook_commands()  # no rule may hold a set while it is deleted
         cmds += [
             {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
         ]
-        cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(stale)]
-        self._run(cmds + self._schema_commands(self._sets, lists))
-        self._lists = lists
-        self._filled -= stale
-        logger.warning(
-            "nftables list %s: removed %d sets a load cut short had left", name, len(stale)
-        )
-        return kept
-
-    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
-        """Absent entries to remove are added first, so that their delete cannot fail."""
-        name = _checked_list_name(spec.name)
-        adding, removing = list_entries(add), list_entries(remove)
-        loaded = _lists_in(self._set_names()).get(name)
-        if loaded is not None and loaded.action is not spec.action:
-            raise PermanentBackendError(
-                f"list {name} is loaded as {loaded.action.value}, not {spec.action.value}: "
-                "load it again to change its action"
-            )
-        present = loaded.sets if loaded else frozenset()
-        slot = loaded.slot if loaded else ""
-        wanted = {
-            list_set_name(spec.action, name, *key, slot) for key in (*adding, (4, 32), (6, 128))
-        }
-        cmds: list[Json] = [
-            {"add": {"set": self._list_set(n, None)}} for n in sorted(wanted - present)
+        cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(live - wanted)]
+        cmds += [
+            {"add": {"set": self._t(name=mark_name(a, n), type="ipv4_addr")}}
+            for n, a in sorted(marks.items())
+            if self._marks.get(n) is not a
         ]
-        if cmds:
-            lists = {**self._lists, name: _List(spec.action, present | wanted)}
-            cmds += self._schema_commands(self._sets, lists)
-        for key, elems in sorted(removing.items()):
-            target = self._t(name=list_set_name(spec.action, name, *key, slot))
-            if target["name"] in present:  # a set that is not there holds none of them
-                cmds.append({"add": {"element": {**target, "elem": list(elems)}}})
-                cmds.append({"delete": {"element": {**target, "elem": list(elems)}}})
-        for key, elems in sorted(adding.items()):
-            values: list[Any] = list(elems)
-            if spec.expires_ms is not None:
-                timeout = self._timeout_s(spec.expires_ms)
-                values = [{"elem": {"val": value, "timeout": timeout}} for value in elems]
-            target = self._t(name=list_set_name(spec.action, name, *key, slot), elem=values)
-            cmds.append({"add": {"element": target}})
-        if cmds:
-            self._run(cmds)
-            self._lists = {**self._lists, name: _List(spec.action, present | wanted)}
-            self._filled -= {  # it may hold none now: unknown without counting
-                list_set_name(spec.action, name, *key, slot) for key in removing
-            }
-            self._filled |= {list_set_name(spec.action, name, *key, slot) for key in adding}
+        cmds += [
+            {"delete": {"set": self._t(name=mark_name(a, n))}}
+            for n, a in sorted(self._marks.items())
+            if marks.get(n) is not a
+        ]
+        unions = {
+            a: sorted(union_set_name(a, *g, new_slot[a]) for g in gs)
+            for a, gs in union_groups.items()
+        }
+        try:
+            self._run(cmds + self._schema_commands(self._sets, unions))
+        except BackendError:
+            for action in slots:  # the filled slot: no rule matches it
+                with contextlib.suppress(BackendError):
+                    self._run([{"delete": {"set": self._t(name=n)}} for n in unions[action]])
+            raise
+        self._held, self._marks = lists, marks
+        self._slot = new_slot
+        self._union = union_groups
 
-    def remove_list(self, name: str) -> None:
-        """The rules rewritten without the list's, and its sets deleted: one transaction."""
-        old = _lists_in(self._set_names()).get(name)
-        lists = {n: lst for n, lst in self._lists.items() if n != name}
-        if old is not None:
-            cmds = self._hook_commands()
-            cmds += [
-                {"flush": {"chain": self._t(name=c)}}
-                for c in sorted(self._chains - set(self.hooks))
-            ]
-            cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(old.sets)]
-            self._run(cmds + self._schema_commands(self._sets, lists))
-            self._filled -= old.sets
-        self._lists = lists
-
-    def _list_set(self, name: str, timeout_s: int | None) -> Json:
-        """A list's set: addresses with a counter each, and the list's timeout by default."""
+    def _list_set(self, name: str) -> Json:
+        """A shared list set: addresses with a timeout and a counter each."""
         spec = self._t(name=name, type=f"ipv{_version(name)}_addr", flags=["timeout"])
         spec["stmt"] = [{"counter": None}]
-        if timeout_s is not None:
-            spec["timeout"] = timeout_s
         return spec
 
     def uninstall(self) -> str:
@@ -788,5 +858,6 @@ class NftablesBackend(IndexedBackend):
                 raise
             return f"no table inet {self.table}"
         self._read(None)
-        self._lists = {}
+        self._held, self._marks, self._unknown = {}, {}, set()
+        self._slot, self._union = dict.fromkeys(Action, ""), {a: set() for a in Action}
         return f"removed table inet {self.table}"

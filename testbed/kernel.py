@@ -7,13 +7,14 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
-from tests.conftest import Netns
+from testbed.netns import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
-_NFT_LIST_SET = re.compile(r"list_(drop|accept)_(?P<name>[a-z][a-z0-9_]*)[46]_(?P<prefix>\d+)b?")
-_IPSET_LIST_LINE = re.compile(r"add pushfw-[ad][46]-(?P<name>\S+) (?P<net>\S+)")
+_NFT_LIST_SET = re.compile(r"lists_(?P<action>drop|accept)[46]_(?P<prefix>\d+)b?")
+_IPSET_LIST_LINE = re.compile(r"add pushfw-lists-(?P<action>[ad])[46] (?P<net>\S+)")
 _IPSET_LINE = re.compile(
     r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
     r'(?: comment "([^"]*)")?'
@@ -160,11 +161,19 @@ class Firewall:
 
 
 def nft_list_entries(listing: str, name: str) -> list[str]:
-    """List ``name``'s entries in the output of ``nft -j list table inet pushfw``."""
+    """What the kernel enforces for list ``name`` in ``nft -j list table inet pushfw``: the
+    lists of one action share sets, so these are the entries of every loaded list of its
+    action (its marker set ``mark_<action>_<name>`` says which): with one such list, its own."""
+    items = json.loads(listing or "{}").get("nftables", [])
+    names = [item["set"]["name"] for item in items if "set" in item]
+    action = next(
+        (n.split("_")[1] for n in names if n.startswith("mark_") and n.split("_", 2)[2] == name),
+        None,
+    )
     found = []
-    for item in json.loads(listing or "{}").get("nftables", []):
+    for item in items:
         parsed = _NFT_LIST_SET.fullmatch(item.get("set", {}).get("name", ""))
-        if parsed and parsed["name"] == name:
+        if action is not None and parsed and parsed["action"] == action:
             for raw in item["set"].get("elem", []):
                 value = raw["elem"]["val"] if isinstance(raw, dict) else raw
                 found.append(_net(f"{value}/{parsed['prefix']}"))
@@ -172,11 +181,14 @@ def nft_list_entries(listing: str, name: str) -> list[str]:
 
 
 def ipset_list_entries(saved: str, name: str) -> list[str]:
-    """List ``name``'s entries in the output of ``ipset save``."""
+    """What the kernel enforces for list ``name`` in ``ipset save``: the lists of one action
+    share sets, so these are the entries of every loaded list of its action (its marker set
+    ``pushfw-m<a|d>-<name>`` says which): with one such list, its own."""
+    marker = re.search(rf"^create pushfw-m([ad])-{re.escape(name)} ", saved, re.MULTILINE)
     found = []
     for line in saved.splitlines():
         parsed = _IPSET_LIST_LINE.match(line)
-        if parsed and parsed["name"] == name:
+        if marker and parsed and parsed["action"] == marker[1]:
             found.append(_net(parsed["net"]))
     return found
 
@@ -206,3 +218,61 @@ def dropped(ns: Netns, v6: bool = False) -> list[str]:
 
 def accepted(ns: Netns, v6: bool = False) -> list[str]:
     return [line.split()[3] for line in chain_rules(ns, v6=v6) if line.endswith("-j ACCEPT")]
+
+
+def kernel_view(ns: Netns, backend: str, dump: bool = False) -> Any:
+    """The managed rules the kernel holds, as a ``snapshot`` step lists them, and how many
+    kernel entries hold them (a duplicate entry shows as more entries than rules); with
+    ``dump``, the whole firewall as text instead."""
+    fw = Firewall(ns, backend)
+    if dump:
+        six = ns.run("ip6tables-legacy-save", check=False).stdout.splitlines()
+        lines = [*fw.dump().splitlines(), *(x for x in six if not x.startswith(("#", ":")))]
+        return "\n".join(_without_empty_tables(lines))
+    rules = sorted([action, net, exp] for (action, net), exp in fw.rules().items())
+    entries = len(rules)
+    if backend == "iptables":  # one x_tables entry per rule: count them, duplicates included
+        entries = sum(" -s " in line for v6 in (False, True) for line in chain_rules(ns, v6=v6))
+    return {"rules": rules, "entries": entries}
+
+
+def _without_empty_tables(lines: list[str]) -> list[str]:
+    """Drop ``*table`` / ``COMMIT`` pairs with no rule between: libiptc instantiates the
+    built-in x_tables tables (nat, raw, ...) of a namespace, which holds no rule the more."""
+    out: list[str] = []
+    for line in lines:
+        if line == "COMMIT" and out and out[-1].startswith("*"):
+            out.pop()
+        else:
+            out.append(line)
+    return out
+
+
+def by_family(entries: list[str]) -> list[str]:
+    """Networks sorted IPv4 first, then by address and length (how list contents compare)."""
+
+    def order(entry: str) -> tuple[int, Any]:
+        network = ipaddress.ip_network(entry)
+        return network.version, network
+
+    return sorted(entries, key=order)
+
+
+def list_content(
+    backend_name: str, name: str, backend: Any = None, ns: Netns | None = None
+) -> list[str]:
+    """The entries the kernel (or the memory backend) holds for list ``name``, sorted, read
+    with the operator's tools (``nft -j list table``, ``ipset save``), never through the
+    backend under test. ``ns`` None: this process is inside the namespace already."""
+    if backend_name == "memory":
+        return by_family(list(backend.lists.get(name, (None, set()))[1]))
+    prefix = ["ip", "netns", "exec", ns.name] if ns else []
+    if backend_name == "nftables":
+        listing = subprocess.run(
+            [*prefix, "nft", "-j", "list", "table", "inet", "pushfw"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return by_family(nft_list_entries(listing, name))
+    saved = subprocess.run([*prefix, "ipset", "save"], capture_output=True, text=True).stdout
+    return by_family(ipset_list_entries(saved, name))
