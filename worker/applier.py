@@ -23,11 +23,10 @@ from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
 from pushfw.worker.answers import Answerer
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
-from pushfw.worker.backoff import Backoff
 from pushfw.worker.batch import Answer, Decided, Item
 from pushfw.worker.clock import Clock, SyncedClock
 from pushfw.worker.decide import Decision, Policy, Report, Request, decide
-from pushfw.worker.errors import BackendError, TransientBackendError
+from pushfw.worker.errors import BackendError, TransientBackendError, retry_busy
 from pushfw.worker.expiry import ExpiryQueue
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.lists import ListKeeper
@@ -37,8 +36,6 @@ from pushfw.worker.reader import Reader
 from pushfw.worker.stream import Entry, ParsedEntries, stream_id_order
 
 logger = logging.getLogger(__name__)
-
-_QUICK_RETRIES = 3
 
 Kernel = Callable[[], AbstractContextManager[None]]
 
@@ -337,18 +334,14 @@ class Applier:
             return self._commit_now(steps)
 
     def _commit_now(self, steps: list[Step]) -> BackendError | None:
-        backoff = Backoff(0.05, 0.5)
-        for attempt in range(_QUICK_RETRIES):
+        def attempt() -> None:
             self._stage(steps)
-            try:
-                self.backend.commit()
-                return None
-            except TransientBackendError as exc:
-                if attempt == _QUICK_RETRIES - 1:
-                    return exc
-                time.sleep(backoff.next_delay_s())
-            except BackendError as exc:
-                return exc
+            self.backend.commit()
+
+        try:
+            retry_busy(attempt)
+        except BackendError as exc:
+            return exc
         return None
 
     def _stage(self, steps: list[Step]) -> None:
