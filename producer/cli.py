@@ -29,6 +29,7 @@ from pushfw.producer.lists import (
     read_list,
     refused_with,
 )
+from pushfw.producer.ops import OPS, OpSpec
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
 
@@ -126,7 +127,11 @@ def cli(
     ctx.obj = Producer.from_url(url, prefix, hmac_key=hmac_key)
 
 
-def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
+def _push_command(spec: OpSpec) -> None:
+    """``pushfw <verb> IP``: one rule op of :data:`.ops.OPS`, sent by the Producer's method
+    of that name."""
+    timed = spec.takes_ttl
+
     @click.argument("ip")
     @click.option("--target", default="*", help="Host names or labels, comma-separated.")
     @click.option("--reason", default="", help="Free text kept with the rule.")
@@ -141,7 +146,7 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
     @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def command(producer: Producer, /, ip: str, ttl: int | None = None, **opts: Any) -> None:
-        send: Callable[..., str] = getattr(producer, method)
+        send: Callable[..., str] = getattr(producer, spec.verb)
         kwargs: dict[str, Any] = {
             "target": [t for t in opts["target"].split(",") if t.strip() not in ("", "*")],
             "reason": opts["reason"],
@@ -163,13 +168,12 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
         command = click.option(
             "--ttl", type=Duration(), default=None, help="Lifetime (600, 10m, 2h)."
         )(command)
-    cli.command(name, help=help_text)(command)
+    cli.command(spec.verb, help=spec.help)(command)
 
 
-_push_command("drop", "drop", True, "Ban IP (address or network) on the targeted hosts.")
-_push_command("accept", "accept", True, "Allow IP; an allow wins over any ban.")
-_push_command("undrop", "undrop", False, "Lift a ban.")
-_push_command("unaccept", "unaccept", False, "Withdraw an allow.")
+for _spec in OPS.values():
+    if _spec.kind == "rule" and _spec.verb:
+        _push_command(_spec)
 cli.add_command(crowdsec_command)  # pushfw crowdsec: producer/crowdsec.py
 
 

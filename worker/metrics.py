@@ -15,8 +15,10 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from pushfw.producer.contract import Action, Op, Status
+from pushfw.producer.connection import text
+from pushfw.producer.contract import Action, Status
 from pushfw.producer.lists import ListCommand
+from pushfw.producer.ops import find_op
 from pushfw.producer.wire import ParsedCommand
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.stream import Entry
@@ -51,13 +53,9 @@ def _op_label(out: Finished) -> str:
     """The canonical op, also for a rejected entry whose op itself was valid; else ``invalid``."""
     if out.command is not None:
         return out.command.op.value
-    raw = (out.entry.fields or {}).get(b"op", b"")
-    if raw.lower() in (b"list.load", b"list.delete"):
-        return raw.lower().decode()
-    try:
-        return Op.parse(raw.decode()).value
-    except (ValueError, UnicodeDecodeError):
-        return "invalid"  # never the raw text: labels from request data would be unbounded
+    spec = find_op(text((out.entry.fields or {}).get(b"op", b"")))
+    # never the raw text: labels from request data would be unbounded
+    return spec.op if spec is not None else "invalid"
 
 
 class Metrics:

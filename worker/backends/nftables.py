@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -40,6 +39,7 @@ from pushfw.worker.backends.union import (
     union,
 )
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
+from pushfw.worker.expiry import kernel_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -544,8 +544,8 @@ class NftablesBackend(IndexedBackend):
         return self._t(name=set_name(key), elem=[{"elem": elem}])
 
     def _timeout_s(self, expires_ms: int) -> int:
-        """The kernel timeout for an expiry: seconds remaining, rounded up, plus one."""
-        return max(1, math.ceil((expires_ms - self.clock()) / 1000)) + 1
+        """The kernel timeout for an expiry (:func:`.expiry.kernel_timeout_s`)."""
+        return kernel_timeout_s(expires_ms, self.clock())
 
     def _batch(self, undo: list[tuple[RuleKey, Rule | None]]) -> tuple[list[Json], set[str]]:
         """The transaction for the staged changes; updates the index, noting how to undo it."""
