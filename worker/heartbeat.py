@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -28,19 +28,21 @@ from pushfw.producer.client import STALE_AFTER_BEATS, is_stale
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HeldList, HostStatus
 from pushfw.producer.render import plural
-from pushfw.worker.answers import Answerer
-from pushfw.worker.backends.base import Backend
-from pushfw.worker.clock import SyncedClock
 from pushfw.worker.config import mask_url
-from pushfw.worker.converge import Converger
 from pushfw.worker.errors import HostNameTaken
 from pushfw.worker.follower import FollowerStream
-from pushfw.worker.ledger import Ledger
-from pushfw.worker.lists import ListKeeper
-from pushfw.worker.metrics import Metrics
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import HostStream
 from pushfw.worker.supervisor import Supervisor, clock_text
+
+if TYPE_CHECKING:  # the roles import metrics, which imports this module's pushfw_version
+    from pushfw.worker.answers import Answerer
+    from pushfw.worker.backends.base import Backend
+    from pushfw.worker.clock import SyncedClock
+    from pushfw.worker.converge import Converger
+    from pushfw.worker.ledger import Ledger
+    from pushfw.worker.lists import ListKeeper
+    from pushfw.worker.metrics import Metrics
+    from pushfw.worker.stream import HostStream
 
 __all__ = [
     "Heart",
@@ -378,6 +380,8 @@ class Heart:
         )
         registration.twins.replaced(previous, settings.heartbeat_interval_s)
         self._refresh_metrics(lag, pending, reads)
+        # after replaced(): a twin found by this beat counts at once
+        self.metrics.health(self.converger.ledger_lost, len(self.problems()), held)
         return lag, pending
 
     def _refresh_metrics(self, lag: int | None, pending: int, reads: str) -> None:
