@@ -192,7 +192,7 @@ def test_item2_a_bad_list_stalls_no_host_and_a_restarted_worker_becomes_ready(
     r.hset(KEYS.lists, "badid", '{"id": "x-y", "name": "badid", "version": "' + "0" * 32 + '"}')
     restarted = memory_worker(redis_server, backend=backend)
     restarted.setup()
-    assert restarted.reconcile_error is None
+    assert restarted.house.converger.error is None
     assert held(restarted, "good") == {"198.51.100.0/24"}, "the valid list is still held"
     later = as_producer.drop("192.0.2.53")
     restarted.run(burst=True)

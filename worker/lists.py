@@ -115,6 +115,7 @@ class ListKeeper:
         kernel: wraps kernel work, as the applier's does (the expiry alarm waits for it).
         copies: where a host with ``require_signature`` keeps the content it loads
             (:mod:`pushfw.worker.copies`); None: nowhere.
+        alive: called before each large kernel call: the worker pings systemd's watchdog.
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class ListKeeper:
         policy: Policy,
         kernel: Callable[[], AbstractContextManager[None]],
         copies: ContentCopies | None = None,
+        alive: Callable[[], None] = lambda: None,
     ) -> None:
         self.copies = copies
         self.client = client
@@ -132,7 +134,7 @@ class ListKeeper:
         self.backend = backend
         self.policy = policy
         self.kernel = kernel
-        self.alive: Callable[[], None] = lambda: None
+        self.alive = alive
         """Called before each large kernel call: the worker pings systemd's watchdog."""
         self.held: dict[str, Held] = {}
         self._removed: dict[str, str] = {}
