@@ -273,3 +273,16 @@ def wait_answer(producer: Producer, cmd_id: str, host: str) -> Any:
     [res] = producer.wait(cmd_id, timeout_s=30)
     assert res.host == host
     return res
+
+
+def test_item1_the_check_sees_a_duplicate_across_its_chunks():
+    """The check runs over chunks of records (bounded memory): an order broken exactly where
+    one chunk ends and the next begins is found as surely as inside one."""
+    from pushfw.producer.lists import _CHECK_CHUNK
+
+    start = struct.unpack(">I", bytes((198, 18, 0, 0)))[0]
+    good = [struct.pack(">IB", start + i, 32) for i in range(_CHECK_CHUNK + 2)]
+    ListContent(b"".join(good)).check()
+    broken = [*good[:_CHECK_CHUNK], good[_CHECK_CHUNK - 1], *good[_CHECK_CHUNK + 1 :]]
+    with pytest.raises(ValueError, match=f"record {_CHECK_CHUNK + 1} .* is not after"):
+        ListContent(b"".join(broken)).check()
