@@ -76,6 +76,11 @@ def _drop_ttl(ttl: int | None) -> int | None:
     return None if ttl == NEVER else ttl
 
 
+def _when(entry_id: str) -> str:
+    ms = int(entry_id.split("-", 1)[0])
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _entry_ms(entry_id: str) -> int:
     """When Redis stamped an entry: its id's milliseconds (a point, see :data:`_POINTS`)."""
     return int(entry_id.split("-", 1)[0])
@@ -94,8 +99,8 @@ _POINTS = {
     "read_at": "read_ms",
 }
 """Row keys that hold a point in time as Redis epoch ms, and the key its ms keep in JSON.
-JSON shows each as ISO 8601 UTC beside its ms; tables as ``2026-11-27 12:40:01`` under a
-``..._UTC`` header. One format for every listing."""
+JSON shows each as ISO 8601 UTC (:func:`.why.iso_ms`, as ``pushfw why``) beside its ms;
+tables as ``2026-11-27 12:40:01`` under a ``..._UTC`` header. One format everywhere."""
 
 
 _TABLE_UTC = ("time", "set_at")
@@ -111,7 +116,7 @@ def _times(row: dict[str, object], json_out: bool) -> dict[str, object]:
             continue
         when = None if value is None else datetime.fromtimestamp(value / 1000, UTC)
         if json_out:
-            out[key] = None if when is None else when.isoformat(timespec="milliseconds")
+            out[key] = None if value is None else explain_why.iso_ms(value)
             out[ms_key] = value
         else:
             out[key] = "" if when is None else when.strftime("%Y-%m-%d %H:%M:%S")

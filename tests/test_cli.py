@@ -12,7 +12,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -23,6 +22,7 @@ from redis.typing import EncodableT, FieldT
 from pushfw.producer import Op, parse_command
 from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
+from pushfw.producer.why import iso_ms
 from tests.conftest import RedisServer, Run
 
 CMD = "{pushfw}:cmd"
@@ -32,7 +32,7 @@ HOSTS = "{pushfw}:hosts"
 UNREACHABLE = "redis://127.0.0.1:1/0"
 ENTRY_ID = re.compile(r"\d+-\d+")
 WHEN = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
-ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -274,8 +274,7 @@ def test_results_table_and_json(pushfw: Run, r: redis.Redis) -> None:
         "detail": "rule inserted",
     }
     assert ISO_UTC.fullmatch(listed[2]["time"])
-    when = datetime.fromtimestamp(listed[2]["time_ms"] / 1000, UTC)
-    assert listed[2]["time"] == when.isoformat(timespec="milliseconds")
+    assert listed[2]["time"] == iso_ms(listed[2]["time_ms"])
     assert {first, second, third} == {e.decode() for e, _ in entries(r, RESULTS)}
 
     one = json.loads(pushfw("results", "--json", "--count", "1").stdout)

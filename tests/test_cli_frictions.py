@@ -444,7 +444,8 @@ def test_one_time_format_and_tables_say_utc(
             if key in row:
                 seen.add(key)
                 when = datetime.fromtimestamp(row[ms_key] / 1000, UTC)
-                assert row[key] == when.isoformat(timespec="milliseconds"), (command, key)
+                iso = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                assert row[key] == iso, (command, key)
     assert seen == set(points)
     for command, header in (
         ("list", "SET_AT_UTC"),

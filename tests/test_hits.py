@@ -224,7 +224,7 @@ def test_publishing_replaces_the_hosts_hash_and_list_sorts_across_hosts(
         "network": "192.0.2.1/32",
         "packets": 7,
         "bytes": 420,
-        "read_at": "1970-01-01T00:00:02.000+00:00",
+        "read_at": "1970-01-01T00:00:02.000Z",
         "read_ms": 2_000,
     }
     assert len(hit_rows(redis_server, "--top", "2")) == 2
