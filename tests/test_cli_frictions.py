@@ -27,7 +27,7 @@ from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
 from pushfw.worker.cli import main as worker_cli
 from testbed.env import clean_env
-from tests.conftest import RedisServer, Run, memory_worker, wait_for
+from tests.conftest import RedisServer, Run, memory_worker, need, wait_for
 from tests.test_cli import CMD, DEAD, HOSTS, RESULTS, beat, entries, one_line_error
 
 NO_HOST = (
@@ -457,3 +457,24 @@ def test_one_time_format_and_tables_say_utc(
         ("dead", "TIME_UTC"),
     ):
         assert header in pushfw(command).stdout.splitlines()[0].split(), command
+
+
+def test_demo_shows_the_table_once_then_what_changed(netns_capable: bool) -> None:
+    """scripts/demo as a person runs it: the kernel table in full once, then only the lines
+    its commands added and the expiry removed."""
+    need(netns_capable, "network namespaces (root)")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in clean_env().items() if k != "PUSHFW_BACKEND"}
+    proc = subprocess.run(
+        [str(root / "scripts" / "demo")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("== kernel table before ==") == 1
+    assert out.count("table inet pushfw {") + out.count("-- iptables-legacy") == 1
+    changed = out.split("== kernel table: what the commands changed (+ added, - removed) ==")[1]
+    added = changed.split("\n== ")[0].splitlines()
+    assert any(line.startswith("+") and "203.0.113.9" in line for line in added), changed
+    expired = out.split("== waiting 7 s: the 5 s and 4 s rules expire ==")[1].split("\n== ")[0]
+    assert any(line.startswith("-") and "192.0.2.7" in line for line in expired.splitlines())
+    assert "-> the timed rules are gone; the permanent ones stay" in expired
