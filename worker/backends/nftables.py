@@ -16,19 +16,19 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
 import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.backends.entries import list_entries
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
+from pushfw.worker.backends.netlink import rule_lookups, set_is_empty, set_names
 from pushfw.worker.backends.union import (
     ABSENT,
     Group,
@@ -58,14 +58,6 @@ _LIST_SET = re.compile(  # a list's own set, before lists shared sets: removed a
 _MAX_PREFIXLEN = {4: 32, 6: 128}
 Json = dict[str, Any]
 
-_NETLINK_NETFILTER = 12
-_NFT_GETRULE, _NFT_GETSET, _NFT_GETSETELEM = 7, 10, 13  # enum nf_tables_msg_types
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_DUMP_INTR = 0x10  # the ruleset changed during the dump: its replies may disagree
-_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
-_NFPROTO_INET = 1
-_NETLINK_TIMEOUT_S = 2.0
-
 
 def set_name(key: RuleKey) -> str:
     """The set holding this rule: ``drop4`` for addresses, ``drop4_24`` for /24 networks."""
@@ -90,96 +82,6 @@ def _parse_elem(raw: Any) -> tuple[Network, str]:
             elem.get("comment", "")
         )
     return ipaddress.ip_network(str(value)), str(elem.get("comment", ""))
-
-
-def _nla(kind: int, text: str) -> bytes:
-    """One netlink string attribute, padded to 4 bytes."""
-    payload = text.encode() + b"\0"
-    return struct.pack("=HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
-
-
-def _nlas(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The netlink attributes in ``data``: (type without its flag bits, payload)."""
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & 0x3FFF, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _text(payload: bytes) -> str:
-    return payload.rstrip(b"\0").decode(errors="replace")
-
-
-def _lookups(expressions: bytes) -> Iterator[str]:
-    """The sets a rule's expressions (NFTA_RULE_EXPRESSIONS) look up, by name."""
-    for _, element in _nlas(expressions):
-        expression = dict(_nlas(element))  # NFTA_EXPR_NAME 1, NFTA_EXPR_DATA 2
-        if _text(expression.get(1, b"")) == "lookup":
-            yield _text(dict(_nlas(expression.get(2, b""))).get(1, b""))  # NFTA_LOOKUP_SET
-
-
-def _dump(message: int, attributes: bytes, first_only: bool = False) -> list[bytes]:
-    """The replies of one nf_tables netlink dump (``inet`` family), as attribute bytes.
-
-    With ``first_only`` the dump stops after one reply: the kernel fills its replies as they
-    are read, so a set of a million elements costs no more than an empty one.
-
-    Raises:
-        OSError: the kernel's refusal (``ENOENT``: no such table or set), an interrupted
-            dump (``EINTR``), or no answer in time.
-    """
-    kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
-    with socket.socket(socket.AF_NETLINK, kind, _NETLINK_NETFILTER) as sock:
-        sock.settimeout(_NETLINK_TIMEOUT_S)
-        body = struct.pack("=BBH", _NFPROTO_INET, 0, 0) + attributes  # struct nfgenmsg
-        header = struct.pack("=IHHII", 16 + len(body), 10 << 8 | message, _DUMP_REQUEST, 1, 0)
-        sock.send(header + body)
-        replies: list[bytes] = []
-        while True:
-            data, offset = sock.recv(1 << 16), 0
-            while offset + 16 <= len(data):  # struct nlmsghdr, then the payload
-                length, reply, flags = struct.unpack_from("=IHH", data, offset)
-                payload = data[offset + 16 : offset + length]
-                offset += (length + 3) & ~3
-                if reply == _NLMSG_ERROR and (code := struct.unpack_from("=i", payload)[0]):
-                    raise OSError(-code, os.strerror(-code))
-                if flags & _NLM_F_DUMP_INTR:
-                    raise OSError(errno.EINTR, "the ruleset changed during the dump")
-                if reply in (_NLMSG_ERROR, _NLMSG_DONE):
-                    return replies
-                replies.append(payload[4:])  # after struct nfgenmsg
-                if first_only:
-                    return replies
-
-
-def set_names(table: str) -> set[str]:
-    """The names of the sets of ``inet table``, from one netlink dump that fetches no element.
-
-    Raises:
-        OSError: as :func:`_dump` (``ENOENT``: no such table).
-    """
-    return {_text(dict(_nlas(r)).get(2, b"")) for r in _dump(_NFT_GETSET, _nla(1, table))}
-
-
-def set_element_count(table: str, set_name: str) -> int:
-    """How many elements the kernel's set ``inet table set_name`` holds, read over netlink.
-
-    ``nft list`` takes minutes for a million elements; this dump reads the kernel's own
-    replies and counts them (tools and benchmarks check the kernel with it).
-
-    Raises:
-        OSError: as :func:`_dump`.
-    """
-    replies = _dump(_NFT_GETSETELEM, _nla(1, table) + _nla(2, set_name))
-    return sum(
-        sum(1 for _ in _nlas(value))
-        for reply in replies
-        for kind, value in _nlas(reply)
-        if kind == 3
-    )
 
 
 def _version(name: str) -> int:
@@ -218,11 +120,6 @@ def _source(name: str) -> Json:
         return saddr
     mask = ipaddress.ip_network(f"{'::' if version == 6 else '0.0.0.0'}/{parsed['prefix']}")
     return {"&": [saddr, str(mask.netmask)]}
-
-
-def _rule_lookups(reply: bytes) -> Iterator[str]:
-    """The sets one rule of a netlink rule dump looks up (NFTA_RULE_EXPRESSIONS is 4)."""
-    return _lookups(dict(_nlas(reply)).get(4, b""))
 
 
 def _checked_list_name(name: str) -> str:
@@ -334,7 +231,7 @@ class NftablesBackend(IndexedBackend):
     def _matched_sets(self) -> set[str]:
         """The sets the table's rules look up (none known if the rules cannot be read)."""
         try:
-            return {n for reply in self._dump(_NFT_GETRULE) for n in _rule_lookups(reply)}
+            return {n for found in rule_lookups(self.table).values() for n in found}
         except (OSError, struct.error, ValueError) as exc:
             logger.debug("nftables: rules not read: %s", exc)
             return set()
@@ -435,14 +332,12 @@ class NftablesBackend(IndexedBackend):
 
     def intact(self) -> bool:
         """The sets, each hook chain's rules matching them, and an element in every set the
-        index fills, read with small netlink dumps (:func:`_dump`); cost is independent of
+        index fills, read with small netlink dumps (:mod:`.netlink`); cost is independent of
         how many elements the sets hold. Elements are not counted: nf_tables keeps no count."""
         try:
-            sets = {_text(dict(_nlas(r)).get(2, b"")) for r in self._dump(_NFT_GETSET)}
-            lookups: dict[str, list[str]] = {hook: [] for hook in self.hooks}
-            for reply in self._dump(_NFT_GETRULE):
-                rule = dict(_nlas(reply))  # NFTA_RULE_CHAIN 2, NFTA_RULE_EXPRESSIONS 4
-                lookups.setdefault(_text(rule.get(2, b"")), []).extend(_lookups(rule.get(4, b"")))
+            sets = set_names(self.table)
+            found = rule_lookups(self.table)
+            lookups = {hook: found.get(hook, []) for hook in self.hooks}
             emptied = [n for n in sorted(self._sets) if self._counts[n] > 0 and self._empty(n)]
             emptied += [str(g) for g in sorted(self._emptied_groups(), key=str)]
         except OSError as exc:
@@ -459,15 +354,9 @@ class NftablesBackend(IndexedBackend):
         marks = {mark_name(a, n) for n, a in self._marks.items()}
         return matched | marks <= sets and hooked and not emptied
 
-    def _dump(self, message: int, of_set: str | None = None) -> list[bytes]:
-        """A dump of this table's sets or rules, or the first reply of one set's elements."""
-        attributes = _nla(1, self.table) + (_nla(2, of_set) if of_set else b"")
-        return _dump(message, attributes, first_only=of_set is not None)
-
     def _empty(self, name: str) -> bool:
         """Does the kernel's set hold no element? Only the dump's first reply is read."""
-        replies = self._dump(_NFT_GETSETELEM, name)
-        return not any(kind == 3 and value for r in replies for kind, value in _nlas(r))
+        return set_is_empty(self.table, name)
 
     def _schema_commands(
         self, sets: set[str], unions: dict[Action, list[str]] | None = None
