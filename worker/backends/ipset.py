@@ -29,7 +29,17 @@ from pushfw.producer.contract import Action, Network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
 from pushfw.worker.backends.entries import gc_paused, list_entries
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
-from pushfw.worker.backends.iptables import (
+from pushfw.worker.backends.union import (
+    ABSENT,
+    Group,
+    Held,
+    Op,
+    changed,
+    element_ops,
+    groups_of,
+    union,
+)
+from pushfw.worker.backends.xtables import (
     blank_rule,
     chain_entries,
     chain_removed,
@@ -40,16 +50,6 @@ from pushfw.worker.backends.iptables import (
     iptables_variant,
     remove_chain,
     xtables_lock,
-)
-from pushfw.worker.backends.union import (
-    ABSENT,
-    Group,
-    Held,
-    Op,
-    changed,
-    element_ops,
-    groups_of,
-    union,
 )
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 
