@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 MAX_TIMEOUT_S = 2_147_483
 """The largest element timeout ipset accepts (about 24.8 days)."""
 _RUN_TIMEOUT_S = 300.0
+SET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
 _SAVED = re.compile(  # one line of ``ipset save``, in the order ipset prints the options
     r"^add (?P<set>\S+) (?P<addr>[^\s/]+)(?:/(?P<prefix>\d{1,3}))?"
     r"(?: timeout (?P<timeout>\d+))?(?: packets (?P<packets>\d+) bytes (?P<bytes>\d+))?"
