@@ -49,8 +49,6 @@ class IpsetLists:
     _lists_sets: dict[tuple[Action, int], str]
     """Per action and family, the ``hash:net`` set the lists of that action share."""
 
-    supports_lists = True
-
     def _forget_lists(self) -> None:
         """No list held: the state of a fresh start, or after an uninstall."""
         self._held: dict[str, Held] = {}

@@ -83,8 +83,6 @@ class NftLists:
     _sets: set[str]
     _chains: set[str]
 
-    supports_lists = True
-
     list_chunk = 50_000
     """A change of more elements refills the action's shared sets in the other slot, a
     transaction of this many at a time, and swaps them in with one more: libnftables holds
