@@ -65,6 +65,21 @@ class Backend(abc.ABC):
 
     A backend owns its chains/sets/table and touches nothing else. Changes are staged with
     :meth:`add` and :meth:`delete` and reach the kernel only on :meth:`commit`.
+
+    The contract, in three parts:
+
+    - the core every backend implements: :meth:`open`, :meth:`close`, :meth:`add`,
+      :meth:`delete`, :meth:`commit` (whose docstring says what holds after it),
+      :meth:`discard` and :meth:`snapshot`;
+    - views of the committed rules, answered from the backend's index without a kernel
+      call (:meth:`get`, :meth:`committed`, :meth:`timed`, :meth:`size`,
+      :meth:`action_counts`): derived from :meth:`snapshot` here, faster in
+      :class:`~pushfw.worker.backends.index.IndexedBackend`;
+    - the kernel's health: :meth:`intact`, :meth:`hits`, :meth:`uninstall`, with harmless
+      defaults for a backend that has no kernel.
+
+    Named lists are an optional capability, :class:`ListBackend`, asked for once with
+    :func:`lists_of`. Implementations give their methods one-line docstrings.
     """
 
     name: str = "backend"
