@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 import testbed.netns
+from pushfw.producer.connection import redis_ms, text
 from pushfw.producer.keys import Keys
 from testbed.env import clean_env
 from testbed.redis_server import REDIS_SERVER, RedisServer
@@ -84,12 +85,6 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
-
-
-def redis_ms(client: redis.Redis) -> int:
-    """Redis's clock (TIME) in milliseconds."""
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def clock_offset_ms(client: redis.Redis) -> float:
@@ -225,7 +220,7 @@ class BenchEnv:
         rows: Any = self.client.xinfo_groups(self.keys.cmd)
         for row in rows:
             name = row["name"]
-            if (name.decode() if isinstance(name, bytes) else name) == (group or self.group):
+            if text(name) == (group or self.group):
                 return dict(row)
         return None
 

@@ -24,15 +24,12 @@ from redis.typing import EncodableT, FieldT
 from bench.baseline import percentile
 from bench.env import BenchEnv, BenchError, WorkerProc, address, clock_offset_ms
 from bench.kernel import Kernel, kernel
+from pushfw.producer.connection import text
 from pushfw.producer.keys import Keys
 
 CHUNK = 1000
 LATENCY_OFFSET = 125_000
 """Address indexes of latency probes: clear of every job's addresses (at most 120k)."""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def drop_fields(n: int, where: Callable[[int], str] = address) -> list[dict[str, str]]:
@@ -47,7 +44,7 @@ def push(env: BenchEnv, commands: Sequence[dict[str, str]], key: str = "") -> li
         for fields in commands[start : start + CHUNK]:
             entry: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
             pipe.xadd(key or env.keys.cmd, entry)
-        ids.extend(_text(x) for x in pipe.execute())
+        ids.extend(text(x) for x in pipe.execute())
     return ids
 
 
@@ -58,7 +55,7 @@ def processed(env: BenchEnv, last_id: str, group: str = "") -> bool:
         return False
     lag = row.get("lag")
     return (
-        _text(row["last-delivered-id"]) == last_id
+        text(row["last-delivered-id"]) == last_id
         and int(row["pending"]) == 0
         and (lag is None or int(lag) == 0)
     )
@@ -229,20 +226,20 @@ class Latency:
 
 def _last_result_id(env: BenchEnv) -> str:
     newest: Any = env.client.xrevrange(env.keys.results, count=1)
-    return _text(newest[0][0]) if newest else "0-0"
+    return text(newest[0][0]) if newest else "0-0"
 
 
 def _one_latency(env: BenchEnv, ip: str) -> float:
     """XADD one drop, then XREAD BLOCK on the results until this command's result is there."""
     last = _last_result_id(env)
     started = time.perf_counter()
-    cmd_id = _text(env.client.xadd(env.keys.cmd, {"op": "drop.insert", "ip": ip, "reply": "1"}))
+    cmd_id = text(env.client.xadd(env.keys.cmd, {"op": "drop.insert", "ip": ip, "reply": "1"}))
     deadline = started + 30
     while time.perf_counter() < deadline:
         reply: Any = env.client.xread({env.keys.results: last}, block=5000)
         for entry_id, fields in reply[0][1] if reply else ():
-            last = _text(entry_id)
-            if _text(fields.get(b"cmd", b"")) == cmd_id:
+            last = text(entry_id)
+            if text(fields.get(b"cmd", b"")) == cmd_id:
                 return time.perf_counter() - started
     raise BenchError(f"no result for {cmd_id} within 30 s")
 
@@ -402,7 +399,7 @@ def _ttl_summary(
 def caught_up(env: BenchEnv) -> bool:
     """The host group has processed the whole stream, scheduler-made deletes included."""
     info: Any = env.client.xinfo_stream(env.keys.cmd)
-    return processed(env, _text(info["last-generated-id"]))
+    return processed(env, text(info["last-generated-id"]))
 
 
 def count_results(env: BenchEnv, status: str) -> int:

@@ -14,6 +14,7 @@ import redis
 from click.core import ParameterSource
 
 from pushfw.producer import acl, functions
+from pushfw.producer.check import Check, Severity, check, host_state
 from pushfw.producer.client import Producer, forget_host, is_live, is_stale, reaches
 from pushfw.producer.connection import parse_target
 from pushfw.producer.contract import Action, CommandRejected, Network, Result, parse_network
@@ -29,6 +30,7 @@ from pushfw.producer.lists import (
     read_list,
     refused_with,
 )
+from pushfw.producer.ops import OPS, OpSpec
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
 
@@ -111,6 +113,7 @@ def _redis_url(ctx: click.Context, redis_url: str, url_file: Path | None) -> str
     default=None,
     help="Sign every command with this key shared with the workers (env PUSHFW_HMAC_KEY).",
 )
+@click.version_option(package_name="pushfw", prog_name="pushfw")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -126,7 +129,11 @@ def cli(
     ctx.obj = Producer.from_url(url, prefix, hmac_key=hmac_key)
 
 
-def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
+def _push_command(spec: OpSpec) -> None:
+    """``pushfw <verb> IP``: one rule op of :data:`.ops.OPS`, sent by the Producer's method
+    of that name."""
+    timed = spec.takes_ttl
+
     @click.argument("ip")
     @click.option("--target", default="*", help="Host names or labels, comma-separated.")
     @click.option("--reason", default="", help="Free text kept with the rule.")
@@ -141,7 +148,7 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
     @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def command(producer: Producer, /, ip: str, ttl: int | None = None, **opts: Any) -> None:
-        send: Callable[..., str] = getattr(producer, method)
+        send: Callable[..., str] = getattr(producer, spec.verb)
         kwargs: dict[str, Any] = {
             "target": [t for t in opts["target"].split(",") if t.strip() not in ("", "*")],
             "reason": opts["reason"],
@@ -163,13 +170,12 @@ def _push_command(name: str, method: str, timed: bool, help_text: str) -> None:
         command = click.option(
             "--ttl", type=Duration(), default=None, help="Lifetime (600, 10m, 2h)."
         )(command)
-    cli.command(name, help=help_text)(command)
+    cli.command(spec.verb, help=spec.help)(command)
 
 
-_push_command("drop", "drop", True, "Ban IP (address or network) on the targeted hosts.")
-_push_command("accept", "accept", True, "Allow IP; an allow wins over any ban.")
-_push_command("undrop", "undrop", False, "Lift a ban.")
-_push_command("unaccept", "unaccept", False, "Withdraw an allow.")
+for _spec in OPS.values():
+    if _spec.kind == "rule" and _spec.verb:
+        _push_command(_spec)
 cli.add_command(crowdsec_command)  # pushfw crowdsec: producer/crowdsec.py
 
 
@@ -651,9 +657,23 @@ def hosts_forget(producer: Producer, name: str, force: bool) -> None:
 
 @cli.command()
 @click.option("--json", "json_out", is_flag=True)
+@click.option(
+    "--check",
+    "check_mode",
+    is_flag=True,
+    help="One line and a Nagios exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+)
+@click.option(
+    "--host",
+    "wanted",
+    multiple=True,
+    help="With --check: this host must be there and healthy (repeatable) [every host].",
+)
 @click.pass_obj
-def status(producer: Producer, json_out: bool) -> None:
+def status(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[str, ...]) -> None:
     """Hosts and their health; a host that missed three heartbeats is STALE."""
+    if check_mode or wanted:
+        _check(producer, json_out, check_mode, wanted)
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
     hosts = producer.hosts()
@@ -663,11 +683,10 @@ def status(producer: Producer, json_out: bool) -> None:
         return
     for h in hosts:
         silent_ms = now_ms - h.last_seen_ms
-        state = "STALE" if is_stale(h, now_ms) else ("ok" if h.state == "running" else h.state)
         rows.append(
             {
                 "host": h.host,
-                "state": _health(h, state) if state == "ok" else state,
+                "state": host_state(h, now_ms),
                 "last_seen": _ago(silent_ms) if not json_out else h.last_seen_ms,
                 "rules": h.rules,
                 "lag": "-" if h.lag is None and not json_out else h.lag,
@@ -712,13 +731,17 @@ def status(producer: Producer, json_out: bool) -> None:
         _warn_ahead(producer)
 
 
-def _health(h: HostStatus, state: str) -> str:
-    """A running host's state: what is wrong with it first."""
-    if h.duplicate:
-        return "DUPLICATE"  # two workers split its commands: nothing else it says is whole
-    if h.ledger_lost:
-        return "LEDGER LOST"
-    return "DEGRADED" if h.problems else state
+def _check(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[str, ...]) -> None:
+    """``status --check``: one line, and the worst host's severity as the exit status."""
+    if json_out or not check_mode:
+        raise click.UsageError("--check prints one line: no --json; --host goes with --check")
+    try:
+        result = check(producer.hosts(), producer.now_ms(), wanted)
+    except (redis.RedisError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        result = Check(Severity.UNKNOWN, f"PUSHFW UNKNOWN: cannot read the hosts: {first}")
+    click.echo(result.line)
+    sys.exit(result.severity)
 
 
 def _warn_ahead(producer: Producer) -> None:

@@ -11,8 +11,8 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer import functions
-from pushfw.producer.connection import connect
-from pushfw.producer.contract import Command, Result, parse_command, signature
+from pushfw.producer.connection import connect, redis_ms
+from pushfw.producer.contract import Command, Result, parse_command, signature, targets
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.lists import ListContent, parse_list_command
 from pushfw.producer.records import HostStatus, IdsAhead, ListRecord, RuleHits, RuleRecord
@@ -98,12 +98,9 @@ def is_live(host: HostStatus, now_ms: int) -> bool:
 
 
 def reaches(target: Collection[str], host: HostStatus) -> bool:
-    """Whether a command with ``target`` is meant for ``host``, as every worker decides it.
-
-    The rule of :meth:`.contract.Command.targets`: no target means every host, else a
-    name in it is the host's name or one of its labels.
-    """
-    return not target or any(t == host.host or t in host.labels for t in target)
+    """Whether a command with ``target`` is meant for ``host``, as every worker decides it
+    (:func:`.contract.targets`)."""
+    return targets(target, host.host, host.labels)
 
 
 class Producer:
@@ -351,8 +348,7 @@ class Producer:
 
     def now_ms(self) -> int:
         """Redis's clock, which stamps entry ids and so measures every expiry."""
-        seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return redis_ms(self.client)
 
     def rules(self, host: str | None = None) -> list[RuleRecord]:
         """Active rules in the ledger (for one host if given), by network."""

@@ -9,6 +9,10 @@ topologies a single URL cannot::
 (``rediss+sentinel`` / ``rediss+cluster`` for TLS; credentials are the data nodes', the
 sentinels are reached without.) Every key pushfw uses shares one hash
 tag, so scripts and transactions stay on one cluster slot.
+
+Two helpers read what any client returns, whichever way it was made: :func:`redis_ms`,
+Redis's clock (the one clock pushfw decides time by), and :func:`text`, a reply value as
+``str`` from a client with or without ``decode_responses``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-__all__ = ["RedisTarget", "connect", "parse_target"]
+__all__ = ["RedisTarget", "connect", "parse_target", "redis_ms", "text", "time_ms"]
 
 SCHEMES = (
     "redis",
@@ -126,3 +130,25 @@ def connect(url: str, *, decode_responses: bool, **options: Any) -> redis.Redis:
         )
         return cast(redis.Redis, cluster)
     return redis.Redis.from_url(url, decode_responses=decode_responses, **options)
+
+
+def time_ms(seconds: str | bytes | int, micros: str | bytes | int) -> int:
+    """A ``TIME`` reply (seconds and microseconds, as any client returns them) in ms."""
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def redis_ms(client: redis.Redis) -> int:
+    """Redis's clock in milliseconds: entry ids are stamped with it, so expiries and
+    signature windows are measured against it, never against this host's clock.
+
+    https://redis.io/commands/time/
+    """
+    seconds, micros = client.time()
+    return time_ms(seconds, micros)
+
+
+def text(value: object) -> str:
+    """A value read from Redis as ``str``: a client without ``decode_responses`` returns
+    bytes (undecodable bytes are replaced: what Redis holds is input, never a reason to
+    crash; commands are checked strictly by :func:`.contract.decode_fields`)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

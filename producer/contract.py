@@ -3,7 +3,8 @@
 A command is a flat map of strings so that ``redis-cli XADD {pushfw}:cmd '*' op drop.insert
 ip 192.168.1.6`` is a complete producer. Parsing never trusts the bytes: every field is
 decoded strictly, bounded, and validated with :mod:`ipaddress`; the first problem becomes
-a :class:`CommandRejected` whose message names the field and the reason.
+a :class:`CommandRejected` whose message names the field and the reason. What each op
+does is its row in :data:`.ops.OPS`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pushfw.producer.connection import text
+from pushfw.producer.ops import OPS, Action, Op, is_list_op
 
 __all__ = [
     "DEFAULT_MIN_ACCEPT_PREFIX_V4",
@@ -44,6 +48,7 @@ __all__ = [
     "parse_network",
     "signature",
     "signing_payload",
+    "targets",
 ]
 
 MAX_TTL_S = 10 * 365 * 24 * 3600
@@ -80,48 +85,11 @@ class CommandRejected(ValueError):
     """A stream entry that is not a valid command; the message says why."""
 
 
-class Action(StrEnum):
-    DROP = "drop"
-    ACCEPT = "accept"
-
-
 def default_min_prefix(action: Action, version: int) -> int:
     """The default bound: the shortest prefix an ``action`` of this IP version may have."""
     if action is Action.DROP:
         return DEFAULT_MIN_DROP_PREFIX_V4 if version == 4 else DEFAULT_MIN_DROP_PREFIX_V6
     return DEFAULT_MIN_ACCEPT_PREFIX_V4 if version == 4 else DEFAULT_MIN_ACCEPT_PREFIX_V6
-
-
-class Op(StrEnum):
-    """The operations of wire format v1, spelt canonically."""
-
-    DROP_INSERT = "drop.insert"
-    DROP_DELETE = "drop.delete"
-    ACCEPT_INSERT = "accept.insert"
-    ACCEPT_DELETE = "accept.delete"
-    TTL_DROP_INSERT = "ttl.drop.insert"
-    TTL_ACCEPT_INSERT = "ttl.accept.insert"
-
-    @property
-    def action(self) -> Action:
-        return Action.DROP if "drop" in self.value else Action.ACCEPT
-
-    @property
-    def is_insert(self) -> bool:
-        return self.value.endswith(".insert")
-
-    @property
-    def needs_ttl(self) -> bool:
-        return self.value.startswith("ttl.")
-
-    @classmethod
-    def parse(cls, raw: str) -> Op:
-        """Accept the seed's spellings: any case, ``_`` for ``.`` (``TTL_DROP_INSERT``)."""
-        try:
-            return cls(raw.lower().replace("_", "."))
-        except ValueError:
-            known = ", ".join(op.value for op in cls)
-            raise ValueError(f"unknown op {raw[:40]!r} (expected one of {known})") from None
 
 
 class Status(StrEnum):
@@ -251,7 +219,7 @@ class Command(BaseModel):
     def _ttl_matches_op(self) -> Command:
         if self.op.needs_ttl and self.ttl_s is None:
             raise ValueError(f"ttl: op {self.op.value} needs a ttl")
-        if not self.op.is_insert and self.ttl_s is not None:
+        if not OPS[self.op].takes_ttl and self.ttl_s is not None:
             raise ValueError(f"ttl: op {self.op.value} takes no ttl")
         return self
 
@@ -270,7 +238,7 @@ class Command(BaseModel):
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
         """Whether a host with this name and these labels is meant by ``target``."""
-        return not self.target or any(t == host or t in labels for t in self.target)
+        return targets(self.target, host, labels)
 
     def to_fields(self) -> dict[str, str]:
         """The stream fields of this command, in canonical spelling."""
@@ -278,6 +246,15 @@ class Command(BaseModel):
         return fields | option_fields(
             self.ttl_s, self.target, self.reason, self.request_id, self.origin, self.reply
         )
+
+
+def targets(target: Collection[str], host: str, labels: Collection[str]) -> bool:
+    """Whether a command with ``target`` is meant for a host with this name and these labels.
+
+    The one rule, on every path (stream, ledger, lists, ``pushfw status``): no target means
+    every host, else a name in it is the host's name or one of its labels.
+    """
+    return not target or any(t == host or t in labels for t in target)
 
 
 def option_fields(
@@ -324,8 +301,7 @@ def decode_fields(
     """Decode the known fields strictly; unknown fields are ignored (forward compatibility)."""
     decoded: dict[str, str] = {}
     for raw_key, raw_value in fields.items():
-        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
-        key = key.lower()
+        key = text(raw_key).lower()
         if key not in wire:
             continue
         if wire[key] in decoded:
@@ -424,7 +400,7 @@ def signing_payload(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> bytes:
     """
     items = _wire_items(fields)
     lines = []
-    names = LIST_SIGNED_FIELDS if items.get(b"op", b"")[:5].lower() == b"list." else SIGNED_FIELDS
+    names = LIST_SIGNED_FIELDS if is_list_op(items.get(b"op", b"")) else SIGNED_FIELDS
     for name in names:
         value = items.get(name.encode())
         if value is None:

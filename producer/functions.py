@@ -15,6 +15,7 @@ from importlib import resources
 
 import redis
 
+from pushfw.producer.connection import text
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 
 __all__ = ["FUNCTIONS", "LIBRARY_NAME", "LIST_STORE", "install", "library_code", "store_list"]
@@ -62,7 +63,7 @@ def install(client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> str:
     reply: object = client.function_load(library_code(prefix), replace=True)
     # a cluster client answers {node: name} from every primary
     names = set(reply.values()) if isinstance(reply, dict) else {reply}
-    return ", ".join(sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names))
+    return ", ".join(sorted(text(n) for n in names))
 
 
 def _missing(exc: redis.ResponseError) -> bool:

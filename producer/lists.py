@@ -24,7 +24,6 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from itertools import islice
 from typing import Annotated
 
@@ -44,7 +43,9 @@ from pushfw.producer.contract import (
     explain,
     option_fields,
     parse_network,
+    targets,
 )
+from pushfw.producer.ops import OPS, ListOp, is_list_op
 
 __all__ = [
     "LIST_NAME",
@@ -75,18 +76,13 @@ _WIDTH = {4: 5, 6: 17}
 _VERSION = re.compile(r"[0-9a-f]{32}")
 
 
-class ListOp(StrEnum):
-    LOAD = "list.load"
-    DELETE = "list.delete"
-
-
 def is_list_entry(fields: Mapping[bytes, bytes] | None) -> bool:
     """Whether a stream entry's ``op`` is a list operation (``list.load``, ``list.delete``)."""
     if not fields:
         return False
     for key, value in fields.items():
         if key.lower() == b"op":
-            return value[:5].lower() == b"list."
+            return is_list_op(value)
     return False
 
 
@@ -542,10 +538,10 @@ class ListCommand(BaseModel):
 
     @property
     def is_insert(self) -> bool:
-        return self.op is ListOp.LOAD
+        return OPS[self.op].insert
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
-        return not self.target or any(t == host or t in labels for t in self.target)
+        return targets(self.target, host, labels)
 
     def to_fields(self) -> dict[str, str]:
         fields = {"op": self.op.value, "name": self.name}
@@ -587,6 +583,6 @@ def parse_list_command(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Lis
         raise CommandRejected(explain(exc, _LIST_WIRE)) from None
     if cmd.op is ListOp.LOAD and not cmd.version:
         raise CommandRejected("version: is missing (list.load names the content it loads)")
-    if cmd.op is ListOp.DELETE and cmd.ttl_s is not None:
-        raise CommandRejected("ttl: list.delete takes no ttl")
+    if cmd.ttl_s is not None and not OPS[cmd.op].takes_ttl:
+        raise CommandRejected(f"ttl: {cmd.op.value} takes no ttl")
     return cmd

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pushfw.producer.contract import targets
+
 __all__ = [
     "HeldList",
     "HostStatus",
@@ -76,7 +78,7 @@ class RuleRecord(BaseModel):
         return self.expired_id if self.is_expiry and self.expired_id else self.id
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
-        return not self.target or any(t == host or t in labels for t in self.target)
+        return targets(self.target, host, labels)
 
     def active_at(self, now_ms: int) -> bool:
         return not self.deleted and (self.expires_ms is None or self.expires_ms > now_ms)
@@ -107,7 +109,7 @@ class ListRecord(BaseModel):
     """As :attr:`RuleRecord.checked`: kept in ``{pushfw}:held-lists`` when replaced unverified."""
 
     def targets(self, host: str, labels: frozenset[str]) -> bool:
-        return not self.target or any(t == host or t in labels for t in self.target)
+        return targets(self.target, host, labels)
 
     def active_at(self, now_ms: int) -> bool:
         return not self.deleted and (self.expires_ms is None or self.expires_ms > now_ms)

@@ -29,12 +29,14 @@ from pushfw.producer.contract import (
     parse_command,
     parse_network,
 )
+from pushfw.producer.ops import OPS
 
 __all__ = ["ParsedCommand", "read_command", "read_network"]
 
 _ACTION = {op: op.action for op in Op}
-_INSERT = {op: op.is_insert for op in Op}
-_NEEDS_TTL = {op: op.needs_ttl for op in Op}
+_INSERT = {op: OPS[op].insert for op in Op}
+_NEEDS_TTL = {op: OPS[op].ttl == "required" for op in Op}
+_TAKES_TTL = {op: OPS[op].takes_ttl for op in Op}
 _OPS: dict[str, Op] = {op.value: op for op in Op}
 _OPS_KEPT = 256
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -102,7 +104,7 @@ def _quick(values: dict[str, str]) -> ParsedCommand:
     network = read_network(values["network"])
     ttl = values.get("ttl_s")
     ttl_s = cast(int, Command._ttl(ttl)) if ttl is not None else None
-    if (ttl_s is None and _NEEDS_TTL[op]) or (ttl_s is not None and not _INSERT[op]):
+    if (ttl_s is None and _NEEDS_TTL[op]) or (ttl_s is not None and not _TAKES_TTL[op]):
         raise ValueError("ttl does not fit op")
     target = values.get("target")
     reason = values.get("reason", "")

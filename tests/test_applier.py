@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from pushfw.producer import Action, Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.worker import Worker
 from pushfw.worker.backends.base import RuleKey
 from pushfw.worker.backends.memory import MemoryBackend
@@ -151,7 +152,7 @@ def test_command_past_its_expiry_is_reported_expired(r, redis_server):
 
 def test_late_host_applies_only_the_time_remaining(r, redis_server):
     worker = make_worker(redis_server)
-    now_ms = int(r.time()[0]) * 1000
+    now_ms = redis_ms(r)
     entry = r.xadd(
         CMD, {"op": "drop.insert", "ip": "192.0.2.1", "ttl": "3600"}, id=f"{now_ms - 600_000}-0"
     )
@@ -178,7 +179,7 @@ def test_timed_rule_is_removed_on_time(r, redis_server, producer):
         while key("drop", "192.0.2.1") in worker.backend.snapshot():
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        lag_ms = int(r.time()[0]) * 1000 + int(r.time()[1]) // 1000 - rule.expires_ms
+        lag_ms = redis_ms(r) - rule.expires_ms
         assert lag_ms < 1000, f"removed {lag_ms} ms after its expiry"
         assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.2")}
     finally:

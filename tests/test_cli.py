@@ -20,6 +20,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer import Op, parse_command
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from tests.conftest import RedisServer, Run
 
@@ -57,9 +58,7 @@ def beat(
     client: redis.Redis, host: str, labels: tuple[str, ...] = (), state: str = "running"
 ) -> None:
     """A heartbeat as a worker writes it, stamped now by Redis's clock."""
-    seconds, micros = client.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    status = HostStatus(host=host, labels=list(labels), last_seen_ms=now_ms, state=state)
+    status = HostStatus(host=host, labels=list(labels), last_seen_ms=redis_ms(client), state=state)
     client.hset(HOSTS, host, status.model_dump_json())
 
 

@@ -17,6 +17,7 @@ import redis
 
 from pushfw.producer import Producer, parse_command
 from pushfw.producer.client import is_live, reaches
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import plural
 from tests.conftest import RedisServer, Run, memory_worker, wait_for
@@ -25,11 +26,6 @@ from tests.test_cli import CMD, HOSTS, beat, entries, one_line_error
 NO_HOST = (
     "no host has reported to {pushfw}:hosts yet: is a pushfw-worker running against this Redis?"
 )
-
-
-def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def silent_host(client: redis.Redis, host: str, labels: list[str], silent_s: float) -> None:

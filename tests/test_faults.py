@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
+from pushfw.producer.connection import redis_ms
 from testbed.kernel import Firewall, chain_rules
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
 from tests.test_applier import key, results_by_cmd
@@ -184,8 +185,7 @@ def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
     """Once crashed the worker: the expiry queue compared an IPv4 with an IPv6 network."""
     worker = memory_worker(redis_server)
     worker.setup()
-    seconds, micros = r.time()
-    ms = int(seconds) * 1000 + int(micros) // 1000 + 1  # both ids in one millisecond of Redis's
+    ms = redis_ms(r) + 1  # both ids in one millisecond of Redis's
     first = r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.90", "ttl": "1"}, id=f"{ms}-1")
     second = r.xadd(CMD, {"op": "drop.insert", "ip": "2001:db8::90", "ttl": "1"}, id=f"{ms}-2")
     first, second = first.decode(), second.decode()

@@ -19,13 +19,14 @@ import pytest
 import redis
 
 from pushfw.producer import Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
 from pushfw.worker.follower import SavedPosition
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import redis_now_ms, stream_id_order
+from pushfw.worker.stream import stream_id_order
 from testbed.redis_server import free_port
 from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
 from tests.daemon import cli, worker_env
@@ -582,7 +583,7 @@ def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
         writer.config_set("replica-read-only", "no")
         forged = writer.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.66"}).decode()
         forged_ms = int(forged.partition("-")[0])
-        wait_for(lambda: redis_now_ms(r) > forged_ms, 5, "Redis's clock to pass the forgery")
+        wait_for(lambda: redis_ms(r) > forged_ms, 5, "Redis's clock to pass the forgery")
         later = producer.drop("192.0.2.2", reply=False)
         synced(r)
         assert writer.xlen(CMD) == 3, "the primary's entry reached the replica after it"

@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.lists import ListContent
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim
@@ -35,11 +36,6 @@ def status_of(producer: Producer, cmd_id: str, host: str | None = None) -> tuple
     mine = [r for r in results if host is None or r.host == host]
     assert mine, f"no result for {cmd_id}"
     return mine[0].status.value, mine[0].detail
-
-
-def redis_ms(client: Any) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def reboot(fw: Firewall, worker: WorkerProcess) -> None:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import RuleRecord, rule_id
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
@@ -28,11 +29,6 @@ LAG_BOUND_MS = 1000
 
 def ms_of(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
-
-
-def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def entry(client: redis.Redis, entry_id: str) -> Entry:

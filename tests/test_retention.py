@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.lists import ListContent
 from pushfw.producer.records import HostStatus, RuleRecord, rule_id
 from pushfw.worker import Worker, WorkerSettings
@@ -25,11 +26,6 @@ from tests.conftest import RedisServer, memory_worker, pushfw_cli
 
 KEYS = Keys()
 HOST_EXPIRY_S = 900
-
-
-def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def stream_ids(client: redis.Redis) -> list[str]:

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
@@ -60,11 +61,6 @@ def make_worker(server: RedisServer, host: str, **overrides: Any) -> Worker:
     worker = Worker(settings, backend=MemoryBackend(settings.fail_networks))
     worker.setup()
     return worker
-
-
-def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 @dataclass

@@ -11,16 +11,12 @@ from typing import Any
 import redis
 
 from pushfw.producer import Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from testbed.kernel import Firewall
 from tests.conftest import RedisServer, wait_for
 
 CMD = "{pushfw}:cmd"
-
-
-def redis_ms(r: Any) -> int:
-    seconds, micros = r.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def ttl_deletes(r: Any) -> list[str]:

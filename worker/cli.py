@@ -75,6 +75,7 @@ def _one_line_errors() -> Iterator[None]:
     envvar="PUSHFW_CONFIG",
     help=f"Settings file (TOML; default {DEFAULT_PATH} if it exists). Env PUSHFW_CONFIG.",
 )
+@click.version_option(package_name="pushfw", prog_name="pushfw-worker")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool, config: Path | None) -> None:
     """pushfw worker: applies the command stream to this host's firewall.

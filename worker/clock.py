@@ -18,20 +18,29 @@ from typing import Any
 
 import redis
 
+from pushfw.producer.connection import redis_ms, text, time_ms
 from pushfw.producer.keys import Keys
 from pushfw.worker.stream import LUA_ID_ORDER, Entry, stream_id_order
 
-__all__ = ["Clock"]
+__all__ = ["LUA_NOW_MS", "Clock"]
 
 logger = logging.getLogger(__name__)
 
+LUA_NOW_MS = """
+-- Redis's time in ms, as redis_ms() reads it from outside a script
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 STAMP = (
     LUA_ID_ORDER
+    + LUA_NOW_MS
     + """
 -- KEYS: seen, ahead; ARGV: entry ids that are ahead of the caller's clock or may be stamped
 -- Returns each entry's first-seen ms, in order.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local out = {}
 for i, id in ipairs(ARGV) do
   local stamp = redis.call('HGET', KEYS[1], id)
@@ -77,16 +86,15 @@ class Clock:
         self._newest_noted = (0, 0)
 
     def now_ms(self) -> int:
-        seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return redis_ms(self.client)
 
     def read(self, entries: Sequence[Entry]) -> tuple[int, dict[str, int]]:
         """Redis's ms now, and the first-seen ms of each entry (its id's ms unless stamped)."""
         # one script, not a pipeline: a cluster client refuses TIME in a pipeline
         seconds, micros, raw_max = self._now(keys=[self.keys.ahead])
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = time_ms(seconds, micros)
         seen = {e.id: e.ms for e in entries}
-        limit = stream_id_order(_text(raw_max)) if raw_max is not None else (0, 0)
+        limit = stream_id_order(text(raw_max)) if raw_max is not None else (0, 0)
         lookup = [e.id for e in entries if e.ms > now_ms or e.order <= limit]
         if lookup:
             stamps: list[Any] = self._stamp(keys=[self.keys.seen, self.keys.ahead], args=lookup)
@@ -108,7 +116,3 @@ class Clock:
                 ahead_ms / 1000,
                 self.stamped,
             )
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

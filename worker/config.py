@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import SecretBytes, SecretStr, ValidationError
 
+from pushfw.producer.connection import text
 from pushfw.worker.settings import RENAMED, WorkerSettings
 
 __all__ = [
@@ -184,7 +185,7 @@ def secrets_of(settings: WorkerSettings) -> list[str]:
         if isinstance(value, SecretStr | SecretBytes):
             value = value.get_secret_value()
         if is_secret(name) and value:
-            found += _pieces(str(value) if not isinstance(value, bytes) else value.decode())
+            found += _pieces(text(value))
     found += [unquote(s) for s in found]
     # Longest first, so a secret containing another is scrubbed whole.
     return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)

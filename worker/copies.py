@@ -11,10 +11,10 @@ is not its version), loads its copy and writes it back for the hosts that join l
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from pushfw.producer.lists import LIST_NAME, ListContent
+from pushfw.worker.statefile import write_state
 
 __all__ = ["ContentCopies"]
 
@@ -37,10 +37,7 @@ class ContentCopies:
         """Keep ``content`` as list ``name``'s copy (replacing the one of another version)."""
         path = self._path(name)
         try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            partial = path.with_suffix(".tmp")
-            partial.write_bytes(content.to_bytes())
-            os.replace(partial, path)
+            write_state(path, content.to_bytes(), mode=0o700)
         except OSError as exc:
             self._warn(exc)
 

@@ -530,6 +530,7 @@ class Worker:
             self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
         rules = self.backend.action_counts() if self.metrics.serving else {}
         self.metrics.heartbeat(lag, pending, self.backend.name, rules, reads)
+        self.metrics.health(self.ledger_lost, len(self._problems()), self._beat_lists)
         if self.notifier.is_ready:
             self.notifier.status(f"{self._following()}; lag {lag}, pending {pending}")
 

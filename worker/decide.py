@@ -29,17 +29,18 @@ from pushfw.producer.contract import (
     Action,
     CommandRejected,
     Status,
+    targets,
 )
 from pushfw.producer.lists import (
     ListCommand,
     ListContent,
-    ListOp,
     parse_list_command,
     record_text,
 )
 from pushfw.producer.records import ListRecord, RuleRecord
 from pushfw.producer.wire import ParsedCommand, read_command, read_network
 from pushfw.worker.backends.base import BlockList, Rule, RuleKey
+from pushfw.worker.expiry import expired, expires_at
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
@@ -189,7 +190,7 @@ class Request:
             id=entry.id,
             key=RuleKey(cmd.action, cmd.network),
             insert=cmd.is_insert,
-            expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            expires_ms=expires_at(seen_ms, cmd.ttl_s),
             target=cmd.target,
             origin=cmd.origin,
             seen_ms=seen_ms,
@@ -267,14 +268,15 @@ def decide(
     if refused is not None:
         return refused
     key = request.key
-    if request.target and not any(t == policy.host or t in policy.labels for t in request.target):
+    if not targets(request.target, policy.host, policy.labels):
         return Delete(key, Status.UNCHANGED, report=False)  # the newest command is for others
     if not request.insert:
         return Delete(key)
     unsafe = _unsafe_drop(key, policy) if key.action is Action.DROP else _wide_accept(key, policy)
     if unsafe is not None:
         return Delete(key, Status.REJECTED, f"ip: {unsafe}")
-    if request.expires_ms is not None and request.expires_ms <= now_ms:
+    if expired(request.expires_ms, now_ms):
+        assert request.expires_ms is not None
         return Delete(key, Status.EXPIRED, f"expired {now_ms - request.expires_ms} ms ago")
     return Add(Rule(key, request.expires_ms))
 
@@ -338,7 +340,7 @@ def request_from_record(record: RuleRecord) -> Request | None:
             id=record.id,
             key=key,
             insert=cmd.is_insert,
-            expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+            expires_ms=expires_at(seen_ms, cmd.ttl_s),
             target=cmd.target,
             origin=cmd.origin,
             seen_ms=seen_ms,
@@ -408,9 +410,9 @@ class ListRequest:
                 cmd.name,
                 cmd.action,
                 cmd.version,
-                seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+                expires_at(seen_ms, cmd.ttl_s),
             ),
-            load=cmd.op is ListOp.LOAD,
+            load=cmd.is_insert,
             target=cmd.target,
             seen_ms=seen_ms,
             fields=entry.fields,
@@ -482,12 +484,13 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
     if refused is not None:
         return refused
     name = request.list.name
-    if request.target and not any(t == policy.host or t in policy.labels for t in request.target):
+    if not targets(request.target, policy.host, policy.labels):
         return Unload(name, Status.UNCHANGED, report=False)
     if not request.load:
         return Unload(name)
     expires_ms = request.list.expires_ms
-    if expires_ms is not None and expires_ms <= now_ms:
+    if expired(expires_ms, now_ms):
+        assert expires_ms is not None
         return Unload(name, Status.EXPIRED, f"expired {now_ms - expires_ms} ms ago")
     return Load(request.list, request.size)
 

@@ -34,7 +34,6 @@ reconciles from the ledger.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -45,15 +44,15 @@ import redis
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
+from pushfw.producer.connection import redis_ms, text
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
-from pushfw.worker.statefile import read_state
+from pushfw.worker.statefile import read_state, write_state
 from pushfw.worker.stream import (
     Entry,
     entries_from_reply,
     is_entry_id,
     queue_answers,
-    redis_now_ms,
     stream_id_order,
 )
 
@@ -81,14 +80,10 @@ class StreamGone(redis.ResponseError):
     """
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _other_marker(found: Any, want: Any) -> str:
     """Why a replica is not read: it does not replicate the primary, or not yet."""
-    shown = "none" if found is None else _text(found)
-    return f"it holds ledger generation {shown}, the primary {_text(want or b'none')}"
+    shown = "none" if found is None else text(found)
+    return f"it holds ledger generation {shown}, the primary {text(want or b'none')}"
 
 
 def _why(exc: Exception) -> str:
@@ -102,7 +97,7 @@ def _entries_added(info: Mapping[str, Any] | None) -> int:
 
 def _newest(info: Mapping[str, Any] | None) -> str:
     """XINFO STREAM's last generated id ("0-0" for no stream)."""
-    return _text((info or {}).get("last-generated-id", "0-0"))
+    return text((info or {}).get("last-generated-id", "0-0"))
 
 
 def _ahead(newest: str, added: int, primary: Mapping[str, Any] | None) -> str | None:
@@ -177,10 +172,7 @@ class PositionFile:
     def write(self, state: SavedPosition) -> None:
         self._memory = state
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".position-tmp")
-            partial.write_text(state.model_dump_json(), encoding="utf-8")
-            os.replace(partial, self.path)
+            write_state(self.path, state.model_dump_json().encode())
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -362,9 +354,9 @@ class FollowerStream:
         removed = added - int(info.get("length", 0))
         if removed > self._position_added:
             return f"{removed - self._position_added} entries after it were trimmed"
-        newest = stream_id_order(_text(info.get("last-generated-id", "0-0")))
+        newest = stream_id_order(text(info.get("last-generated-id", "0-0")))
         if newest < stream_id_order(self._read_mark):
-            return f"the stream ends at {_text(info.get('last-generated-id'))}: a new stream"
+            return f"the stream ends at {text(info.get('last-generated-id'))}: a new stream"
         return None
 
     def _info(self, client: redis.Redis) -> dict[str, Any] | None:
@@ -375,7 +367,7 @@ class FollowerStream:
             raise
         except redis.ResponseError:
             return None
-        return {_text(k): v for k, v in dict(raw).items()}
+        return {text(k): v for k, v in dict(raw).items()}
 
     def read(self, start: str, count: int, block_ms: int | None) -> list[Entry]:
         """``>``: the replica's next entries; an id: this host's unfinished entries after it,
@@ -439,7 +431,7 @@ class FollowerStream:
                 self.name,
                 why,
             )
-            self.replica_down_ms = redis_now_ms(self.client)
+            self.replica_down_ms = redis_ms(self.client)
         self.replica_down = why
         self._probe_at = time.monotonic() + _PROBE_EVERY_S
         self._stuck = None
@@ -561,4 +553,4 @@ class FollowerStream:
         return max(0, lag), len(self._unfinished)
 
     def now_ms(self) -> int:
-        return redis_now_ms(self.client)
+        return redis_ms(self.client)

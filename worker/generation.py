@@ -17,10 +17,9 @@ begins. Each host keeps the marker it last reconciled against in a file of its o
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from pushfw.worker.statefile import read_state
+from pushfw.worker.statefile import read_state, write_state
 
 __all__ = ["GenerationFile", "trusts_ledger"]
 
@@ -56,10 +55,7 @@ class GenerationFile:
         if self._on_disk == token:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".tmp")
-            partial.write_text(token + "\n", encoding="ascii")
-            os.replace(partial, self.path)
+            write_state(self.path, (token + "\n").encode("ascii"))
             self._on_disk = token
         except OSError as exc:
             self._warn(exc)

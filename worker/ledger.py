@@ -40,13 +40,15 @@ import redis
 from pydantic_core import to_json
 from redis.typing import StreamIdT
 
+from pushfw.producer.connection import text
 from pushfw.producer.contract import LIST_SIGNED_FIELDS, SIGNED_FIELDS, CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListCommand, is_list_entry, parse_list_command
 from pushfw.producer.records import ListRecord, RuleRecord, rule_id
 from pushfw.producer.wire import ParsedCommand
-from pushfw.worker.clock import Clock
+from pushfw.worker.clock import LUA_NOW_MS, Clock
 from pushfw.worker.decide import is_signed, refused_by_every_host
+from pushfw.worker.expiry import expired, expires_at
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import (
     LUA_ID_ORDER,
@@ -60,12 +62,12 @@ logger = logging.getLogger(__name__)
 
 FOLD = (
     LUA_ID_ORDER
+    + LUA_NOW_MS
     + """
 -- KEYS: rules, expiry, tombs, held, then one marker key per record
 -- ARGV: 5 per record: rule id, entry id, record json, expires ms or '', '1' if the folding
 --       worker verified the command's signature else ''
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local changed = 0
 for i = 0, #ARGV / 5 - 1 do
   local rule, id, json, expires = ARGV[i*5+1], ARGV[i*5+2], ARGV[i*5+3], ARGV[i*5+4]
@@ -130,11 +132,12 @@ return changed
 """
 )
 
-CLAIM = """
+CLAIM = (
+    LUA_NOW_MS
+    + """
 -- KEYS: rules, expiry, cmd, tombs, then one marker key per rule id; ARGV: rule ids
 -- Returns the ids of the delete entries it added.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local emitted = {}
 for i, rule in ipairs(ARGV) do
   local score = redis.call('ZSCORE', KEYS[2], rule)
@@ -164,6 +167,7 @@ for i, rule in ipairs(ARGV) do
 end
 return emitted
 """
+)
 
 LIST_FOLD = (
     LUA_ID_ORDER
@@ -309,9 +313,8 @@ def folded(
     The JSON is :class:`RuleRecord`'s (``model_dump_json(exclude_defaults=True)``), written
     from a dict: a model per command cost the fold as much as the rest of it.
     """
-    expires_ms = seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None
-    expired = expires_ms is not None and expires_ms <= now_ms
-    deleted = expired or not cmd.is_insert
+    expires_ms = expires_at(seen_ms, cmd.ttl_s)
+    deleted = expired(expires_ms, now_ms) or not cmd.is_insert
     action = cmd.action.value
     network = str(cmd.network)
     record: dict[str, object] = {"id": entry.id, "action": action, "network": network}
@@ -360,10 +363,10 @@ def list_record_for(
         version=cmd.version,
         action=cmd.action.value,
         size=cmd.size,
-        expires_ms=seen_ms + cmd.ttl_s * 1000 if cmd.ttl_s else None,
+        expires_ms=expires_at(seen_ms, cmd.ttl_s),
         target=list(cmd.target),
         reason=cmd.reason,
-        deleted=cmd.op.value == "list.delete",
+        deleted=not cmd.is_insert,
         seen_ms=seen_ms if seen_ms != entry.ms else None,
         signed=signed,
         checked=checked and bool(signed),
@@ -417,7 +420,7 @@ class Ledger:
     def generation(self) -> str | None:
         """The marker written once when this ledger began (None: Redis lost it, or too old)."""
         raw: Any = self.client.get(self.keys.generation)
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return text(raw) if raw is not None else None
 
     def fold_own_pending(self) -> int:
         """Fold the entries this consumer read for the ledger but never folded."""
@@ -444,7 +447,7 @@ class Ledger:
             claimed: Any = self.client.xautoclaim(
                 self.keys.cmd, Keys.LEDGER_GROUP, self.consumer, idle_ms, start, self.batch_size
             )
-            start = claimed[0].decode() if isinstance(claimed[0], bytes) else str(claimed[0])
+            start = text(claimed[0])
             entries = entries_from_reply([e for e in claimed[1] if e is not None])
             self.fold(entries)
             folded += len(entries)
@@ -579,9 +582,9 @@ class Ledger:
     def _last_delivered(self) -> tuple[int, int]:
         for group in self.client.xinfo_groups(self.keys.cmd):
             name = group["name"]
-            if (name.decode() if isinstance(name, bytes) else name) == Keys.LEDGER_GROUP:
+            if text(name) == Keys.LEDGER_GROUP:
                 last = group["last-delivered-id"]
-                return stream_id_order(last.decode() if isinstance(last, bytes) else str(last))
+                return stream_id_order(text(last))
         return (0, 0)
 
     def size(self) -> int:
@@ -606,7 +609,7 @@ class Ledger:
         """The held records (the newest verified state of rules whose newest command nobody
         verified), by rule id."""
         return {
-            (k.decode() if isinstance(k, bytes) else str(k)): RuleRecord.model_validate_json(v)
+            text(k): RuleRecord.model_validate_json(v)
             for k, v in self.client.hscan_iter(self.keys.held, count=1000)
         }
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from pushfw.producer.connection import text
 from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import (
@@ -54,6 +55,7 @@ from pushfw.worker.decide import (
     refused_entries,
 )
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
+from pushfw.worker.expiry import expired
 from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.stream import Entry, stream_id_order
 
@@ -89,7 +91,7 @@ def read_records(client: redis.Redis, keys: Keys, held: bool = False) -> dict[st
     raw: Any = client.hgetall(keys.held_lists if held else keys.lists)
     records = {}
     for key, value in raw.items():
-        name = _text(key)
+        name = text(key)
         try:
             record = ListRecord.model_validate_json(value)
         except ValueError as exc:
@@ -114,7 +116,7 @@ def read_content(
             says why.
     """
     key = keys.list_content(name, version)
-    kind = _text(client.type(key))
+    kind = text(client.type(key))
     if kind == "none":
         return None
     if kind != "string":
@@ -138,10 +140,6 @@ def read_content(
         raise ValueError(f"the content stored as version {version} hashes to {content.version}")
     content.check()
     return content
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class ListKeeper:
@@ -454,11 +452,7 @@ class ListKeeper:
 
     def expire_due(self, now_ms: int) -> int:
         """Remove the lists whose expiry has passed; returns how many."""
-        due = [
-            h
-            for h in self.held.values()
-            if h.spec.expires_ms is not None and h.spec.expires_ms <= now_ms
-        ]
+        due = [h for h in self.held.values() if expired(h.spec.expires_ms, now_ms)]
         for held in due:
             outcome = self._unload(Unload(held.spec.name), held.id)
             if outcome.status is None:

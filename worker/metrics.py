@@ -13,11 +13,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
-from pushfw.producer.contract import Action, Op, Status
+from pushfw.producer.connection import text
+from pushfw.producer.contract import Action, Status
 from pushfw.producer.lists import ListCommand
+from pushfw.producer.ops import find_op
+from pushfw.producer.records import HeldList
 from pushfw.producer.wire import ParsedCommand
+from pushfw.worker.heartbeat import pushfw_version
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.stream import Entry
 
@@ -51,21 +63,28 @@ def _op_label(out: Finished) -> str:
     """The canonical op, also for a rejected entry whose op itself was valid; else ``invalid``."""
     if out.command is not None:
         return out.command.op.value
-    raw = (out.entry.fields or {}).get(b"op", b"")
-    if raw.lower() in (b"list.load", b"list.delete"):
-        return raw.lower().decode()
-    try:
-        return Op.parse(raw.decode()).value
-    except (ValueError, UnicodeDecodeError):
-        return "invalid"  # never the raw text: labels from request data would be unbounded
+    spec = find_op(text((out.entry.fields or {}).get(b"op", b"")))
+    # never the raw text: labels from request data would be unbounded
+    return spec.op if spec is not None else "invalid"
 
 
 class Metrics:
     """The ``pushfw_*`` metrics of one worker."""
 
     def __init__(self) -> None:
+        # A *_created series per counter doubles the series and tells nothing a restart's
+        # process_start_time_seconds does not; the switch is prometheus-client's, global.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
+        ProcessCollector(registry=reg)  # process_resident_memory_bytes, cpu, open fds
+        self.build_info = Gauge(
+            "pushfw_build_info",
+            "Always 1; the pushfw version this worker runs.",
+            ["version"],
+            registry=reg,
+        )
+        self.build_info.labels(pushfw_version()).set(1)
         self.commands = Counter(
             "pushfw_commands",
             "Commands this host answered, by op and result status.",
@@ -173,6 +192,31 @@ class Metrics:
             "Time the last reading of the kernel's hit counters took (one dump of every rule).",
             registry=reg,
         )
+        self.ledger_lost = Gauge(
+            "pushfw_ledger_lost",
+            "1 while the ledger is not the one this host converged with (Redis lost its data; "
+            "pushfw status: LEDGER LOST).",
+            registry=reg,
+        )
+        self.problems = Gauge(
+            "pushfw_problems",
+            "What keeps a role of this worker from doing its job, counted (pushfw status: "
+            "DEGRADED; a duplicate host name is one).",
+            registry=reg,
+        )
+        self.list_entries = Gauge(
+            "pushfw_list_entries",
+            "Entries of a named list in this host's kernel, by list (at heartbeat).",
+            ["list"],
+            registry=reg,
+        )
+        self.list_refused = Gauge(
+            "pushfw_list_refused",
+            "Entries of a named list this host's policy refused, by list (at heartbeat).",
+            ["list"],
+            registry=reg,
+        )
+        self._lists: set[str] = set()
         self._server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
         """Where ``/metrics`` is served (None: not served)."""
@@ -214,6 +258,18 @@ class Metrics:
         self.group_lag.set(float("nan") if lag is None else lag)
         for action in Action:
             self.rules.labels(backend, action.value).set(rules.get(action, 0))
+
+    def health(self, ledger_lost: bool, problems: int, lists: Mapping[str, HeldList]) -> None:
+        """What ``pushfw status`` shows of this host, at heartbeat; a removed list's series go."""
+        self.ledger_lost.set(ledger_lost)
+        self.problems.set(problems)
+        for name in self._lists - lists.keys():
+            self.list_entries.remove(name)
+            self.list_refused.remove(name)
+        for name, held in lists.items():
+            self.list_entries.labels(name).set(held.entries)
+            self.list_refused.labels(name).set(held.refused)
+        self._lists = set(lists)
 
     def hits(self, totals: Mapping[Action, tuple[int, int]], seconds: float) -> None:
         """One reading of the hit counters: (packets, bytes) per action, and its duration."""

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from pushfw.producer.client import forget_host
+from pushfw.producer.connection import text
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus, ListRecord, RuleRecord
 from pushfw.worker.heartbeat import read_hosts
@@ -34,12 +35,8 @@ logger = logging.getLogger(__name__)
 _PAGE = 1000
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _before(entry_id: Any, limit: tuple[int, int]) -> bool:
-    return stream_id_order(_text(entry_id)) < limit
+    return stream_id_order(text(entry_id)) < limit
 
 
 def _next_id(entry_id: str) -> str:
@@ -67,13 +64,13 @@ def trim_point(
     needed: list[tuple[int, int]] = []
     groups: Any = client.xinfo_groups(keys.cmd)
     for group in groups:
-        name = _text(group["name"])
+        name = text(group["name"])
         if name != Keys.LEDGER_GROUP and name.removeprefix("host:") not in live:
             continue
-        after_last = stream_id_order(_next_id(_text(group["last-delivered-id"])))
+        after_last = stream_id_order(_next_id(text(group["last-delivered-id"])))
         summary: Any = client.xpending(keys.cmd, name) if int(group["pending"]) > 0 else {}
         oldest = summary.get("min")  # None if the pending entries were acked meanwhile
-        needed.append(stream_id_order(_text(oldest)) if oldest is not None else after_last)
+        needed.append(stream_id_order(text(oldest)) if oldest is not None else after_last)
     needed += (
         stream_id_order(_next_id(h.position)) for h in hosts if h.position and h.host in live
     )
@@ -113,7 +110,7 @@ def _index_tombstones(ledger: Ledger) -> None:
     for field, raw in client.hscan_iter(keys.rules, count=_PAGE):
         record = RuleRecord.model_validate_json(raw)
         if record.deleted:
-            pipe.zadd(keys.tombs, {_text(field): stream_id_order(record.id)[0]})
+            pipe.zadd(keys.tombs, {text(field): stream_id_order(record.id)[0]})
             indexed += 1
     pipe.set(keys.tombs_indexed, "1")
     pipe.execute()

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from pushfw.producer.connection import untyped
+from pushfw.producer.connection import redis_ms, text, untyped
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
 from pushfw.worker.ledger import claim_script
@@ -80,12 +80,11 @@ class Scheduler:
 
     def due(self, limit: int = 500) -> tuple[list[str], float | None]:
         """Rule ids due now, and seconds until the next one after them (None if none)."""
-        seconds, micros = self.client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = redis_ms(self.client)
         rows: Any = self.client.zrangebyscore(
             self.keys.expiry, "-inf", "+inf", start=0, num=limit + 1, withscores=True
         )
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m, s in rows if s <= now_ms]
+        ids = [text(m) for m, s in rows if s <= now_ms]
         later = [s for _, s in rows if s > now_ms]
         return ids[:limit], (later[0] - now_ms) / 1000 if later else None
 

@@ -1,21 +1,23 @@
-"""Reading the worker's own files in ``state_dir`` without trusting them.
+"""The worker's own files in ``state_dir``: written whole, read without trusting them.
 
 A state file may be cut short by a full disk, edited by hand, left by another version, or
 not be pushfw's at all. None of that may stop a worker at every start: a file that cannot
 be read, or whose content its reader refuses, counts as missing. The worker says so once,
-with the reason, and starts as a host without that file does (from the ledger).
+with the reason, and starts as a host without that file does (from the ledger). A write
+goes to a temporary file that then replaces the old one, so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
-__all__ = ["MAX_STATE_BYTES", "read_state"]
+__all__ = ["MAX_STATE_BYTES", "read_state", "write_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,18 @@ def read_state(path: Path, parse: Callable[[bytes], T], what: str) -> T | None:
     except ValueError as exc:
         logger.warning("ignoring the %s in %s: %s", what, path, _why(exc))
         return None
+
+
+def write_state(path: Path, content: bytes, mode: int = 0o777) -> None:
+    """Replace ``path`` with ``content`` whole (its directory made with ``mode`` if missing).
+
+    Not fsynced: these files matter only while the kernel's rules do, and a reboot empties
+    both. Raises OSError; callers keep the state in memory then and warn once.
+    """
+    path.parent.mkdir(mode=mode, parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_bytes(content)
+    os.replace(partial, path)
 
 
 def _why(exc: ValueError) -> str:

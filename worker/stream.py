@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import redis
 from redis.typing import EncodableT, FieldT
 
+from pushfw.producer.connection import redis_ms, text
 from pushfw.producer.contract import CommandRejected
 from pushfw.producer.keys import Keys
 from pushfw.producer.wire import ParsedCommand, read_command
@@ -78,7 +79,7 @@ def stream_id_order(entry_id: str) -> tuple[int, int]:
 def entries_from_reply(raw: Sequence[Any]) -> list[Entry]:
     return [
         Entry(
-            entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+            text(entry_id),
             fields if fields is None or isinstance(fields, dict) else dict(fields),
         )
         for entry_id, fields in raw
@@ -161,7 +162,7 @@ class CommandStream:
         reply = self.client.xautoclaim(
             self.keys.cmd, self.group, self.consumer, min_idle_ms, start, count=count
         )
-        next_start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        next_start = text(reply[0])
         claimed = [e for e in reply[1] if e is not None]
         return next_start, entries_from_reply(claimed)
 
@@ -201,10 +202,7 @@ class CommandStream:
             rows: Any = self.client.xinfo_groups(self.keys.cmd)
         except redis.ResponseError:
             return False
-        return any(
-            (r["name"].decode() if isinstance(r["name"], bytes) else r["name"]) == self.group
-            for r in rows
-        )
+        return any(text(r["name"]) == self.group for r in rows)
 
     def head(self) -> str:
         """The id of the newest entry in the stream ("0-0" if it is empty)."""
@@ -212,7 +210,7 @@ class CommandStream:
         if not rows:
             return "0-0"
         first = rows[0][0]
-        return first.decode() if isinstance(first, bytes) else str(first)
+        return text(first)
 
     def last_delivered(self) -> str:
         """The group's last-delivered id: this host has read everything up to it.
@@ -225,10 +223,10 @@ class CommandStream:
             self._raise_if_gone(exc)
             raise
         for row in rows:
-            name = row["name"].decode() if isinstance(row["name"], bytes) else str(row["name"])
+            name = text(row["name"])
             if name == self.group:
                 last = row["last-delivered-id"]
-                return last.decode() if isinstance(last, bytes) else str(last)
+                return text(last)
         return "0-0"
 
     def _raise_if_gone(self, exc: redis.ResponseError) -> None:
@@ -247,7 +245,7 @@ class CommandStream:
         except redis.ResponseError:  # no stream yet
             return None, 0
         for row in rows:
-            name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
+            name = text(row["name"])
             if name == self.group:
                 lag = row.get("lag")
                 return (int(lag) if lag is not None else None), int(row["pending"])
@@ -255,7 +253,7 @@ class CommandStream:
 
     def now_ms(self) -> int:
         """Redis's clock: expiry is measured against the clock that stamped the entry ids."""
-        return redis_now_ms(self.client)
+        return redis_ms(self.client)
 
 
 def queue_answers(
@@ -271,11 +269,6 @@ def queue_answers(
         pipe.xadd(keys.results, dict(fields), maxlen=results_maxlen, approximate=True)
     for fields in dead:
         pipe.xadd(keys.dead, dict(fields), maxlen=dead_maxlen, approximate=True)
-
-
-def redis_now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 class ParsedEntries:

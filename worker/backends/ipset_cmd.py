@@ -20,6 +20,7 @@ from typing import IO, NamedTuple, NoReturn
 
 from pushfw.producer.contract import Network
 from pushfw.worker.errors import BackendError, PermanentBackendError
+from pushfw.worker.expiry import kernel_timeout_s as timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +91,12 @@ class Element(NamedTuple):
 
 
 def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:
-    """The element timeout for an expiry: seconds remaining rounded up, plus one.
+    """The element timeout for an expiry (:func:`.expiry.kernel_timeout_s`).
 
-    The worker deletes the element at the exact millisecond; the kernel's timeout is the
-    backstop for a worker that is down. The extra second keeps the kernel from removing an
-    element first whenever the worker is late by a fraction of a second: the heartbeat's
-    count check (:meth:`IpsetBackend.intact`) would take that for a hand flush and reconcile.
     Past ipset's limit the element is permanent in the kernel (0) and only the worker's own
     delete ends it: a ban must never end early.
     """
-    remaining_s = max(1, -(-(expires_ms - now_ms) // 1000)) + 1
+    remaining_s = timeout_s(expires_ms, now_ms)
     return remaining_s if remaining_s <= MAX_TIMEOUT_S else 0
 
 

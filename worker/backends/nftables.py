@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import json
 import logging
-import math
 import re
 import struct
 from collections import Counter
@@ -28,6 +27,7 @@ from pushfw.worker.backends.index import IndexedBackend, RuleIndex
 from pushfw.worker.backends.netlink import rule_lookups, set_is_empty, set_names
 from pushfw.worker.backends.nft_lists import UNION, NftLists, mark_name, union_set_name
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
+from pushfw.worker.expiry import kernel_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -343,8 +343,8 @@ class NftablesBackend(NftLists, IndexedBackend):
         return self._t(name=set_name(key), elem=[{"elem": elem}])
 
     def _timeout_s(self, expires_ms: int) -> int:
-        """The kernel timeout for an expiry: seconds remaining, rounded up, plus one."""
-        return max(1, math.ceil((expires_ms - self.clock()) / 1000)) + 1
+        """The kernel timeout for an expiry (:func:`.expiry.kernel_timeout_s`)."""
+        return kernel_timeout_s(expires_ms, self.clock())
 
     def _batch(self, undo: list[tuple[RuleKey, Rule | None]]) -> tuple[list[Json], set[str]]:
         """The transaction for the staged changes; updates the index, noting how to undo it."""
