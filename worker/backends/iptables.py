@@ -13,12 +13,13 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.index import IndexedBackend
 from pushfw.worker.backends.xtables import (
     CHECK_LOCK_TIMEOUT_S,
     blank_rule,
@@ -125,15 +126,13 @@ class _RuleCodec:
 
 @dataclass
 class _Family:
-    """One address family's table, chain and index of managed rules."""
+    """One address family's table and chain; its rules are in the backend's packed index."""
 
     version: int
     iptc: Any
     codec: _RuleCodec
-    index: dict[RuleKey, Rule] = field(default_factory=dict)
-    staged: list[tuple[RuleKey, Rule | None]] = field(default_factory=list)
-    """``(key, rule)`` to add or replace, ``(key, None)`` to delete: the shape of
-    :class:`~pushfw.worker.backends.base.IndexedBackend`'s staged changes."""
+    size: int = 0
+    """How many of the backend's index entries are of this family."""
     extra: int = 0
     """Entries of the chain beyond the index (rules pushfw did not write, duplicates)."""
 
@@ -141,7 +140,7 @@ class _Family:
         return filter_table(self.iptc, self.version)
 
 
-class IptablesBackend(Backend):
+class IptablesBackend(IndexedBackend):
     """Managed chains in the legacy filter table, one commit per family and batch."""
 
     name = "iptables"
@@ -154,6 +153,7 @@ class IptablesBackend(Backend):
     ) -> None:
         import iptc  # deferred: loading libiptc needs the iptables libraries installed
 
+        super().__init__()
         self.chain = chain
         self.hooks = tuple(hooks)
         self.lock_timeout_s = lock_timeout_s
@@ -173,12 +173,17 @@ class IptablesBackend(Backend):
                 table.refresh()
                 self._ensure_chain(fam, table)
                 self._commit_table(table)
-                fam.index = self._read_index(fam, table)
+                found = self._read_index(fam, table)
+            for key in [k for k in self._index if k.network.version == fam.version]:
+                del self._index[key]
+            for key, rule in found.items():
+                self._index[key] = rule
+            fam.size = len(found)
         logger.info(
             "iptables chains ready: %s rules (IPv4 %d, IPv6 %d)",
             self.chain,
-            len(self._families[4].index),
-            len(self._families[6].index),
+            self._families[4].size,
+            self._families[6].size,
         )
 
     def _ensure_chain(self, fam: _Family, table: Any) -> None:
@@ -208,23 +213,11 @@ class IptablesBackend(Backend):
             )
         return index
 
-    def close(self) -> None:
-        self.discard()
-
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return {**self._families[4].index, **self._families[6].index}
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._families[key.network.version].index.get(key)
-
-    def size(self) -> int:
-        return sum(len(fam.index) for fam in self._families.values())
-
     def intact(self) -> bool:
         """Per family: the chain, each hook's jump, and as many entries as the index explains."""
         counts = count_entries(self._iptc, self.chain, self.hooks)
         return counts is None or all(
-            counts[version] == len(fam.index) + fam.extra for version, fam in self._families.items()
+            counts[version] == fam.size + fam.extra for version, fam in self._families.items()
         )
 
     def hits(self) -> dict[RuleKey, tuple[int, int]]:
@@ -249,42 +242,52 @@ class IptablesBackend(Backend):
                 entry = table.next_rule(entry)
         return found
 
-    def add(self, rule: Rule) -> None:
-        self._families[rule.key.network.version].staged.append((rule.key, rule))
-
-    def delete(self, key: RuleKey) -> None:
-        self._families[key.network.version].staged.append((key, None))
-
-    def discard(self) -> None:
-        for fam in self._families.values():
-            fam.staged.clear()
-
     def commit(self) -> None:
         try:
             for fam in self._families.values():
-                if fam.staged:
-                    self._commit_family(fam)
+                staged = [(k, r) for k, r in self._staged if k.network.version == fam.version]
+                if staged:
+                    self._commit_family(fam, staged)
         finally:
             self.discard()
 
-    def _commit_family(self, fam: _Family) -> None:
-        index = dict(fam.index)
-        with self._locked():
-            table = fam.table()
-            table.refresh()
-            try:
-                self._stage_entries(table, fam, index)
-            except self._iptc.IPTCError as exc:  # the chain vanished (iptables -X by hand)
-                with contextlib.suppress(self._iptc.IPTCError):
-                    table.refresh()
-                raise BackendError(f"iptables: {exc} (chain {self.chain})") from exc
-            self._commit_table(table)
-        fam.index = index
+    def _commit_family(self, fam: _Family, staged: list[tuple[RuleKey, Rule | None]]) -> None:
+        """One family's changes in one table commit; the index is changed in place, and put
+        back as it was if the commit fails."""
+        undo: list[tuple[RuleKey, Rule | None]] = []
+        try:
+            with self._locked():
+                table = fam.table()
+                table.refresh()
+                try:
+                    self._stage_entries(table, fam, staged, undo)
+                except self._iptc.IPTCError as exc:  # the chain vanished (iptables -X by hand)
+                    with contextlib.suppress(self._iptc.IPTCError):
+                        table.refresh()
+                    raise BackendError(f"iptables: {exc} (chain {self.chain})") from exc
+                self._commit_table(table)
+        except BaseException:
+            for key, old in reversed(undo):
+                if old is None:
+                    self._index.pop(key, None)
+                else:
+                    self._index[key] = old
+            raise
+        fam.size += sum(
+            (key in self._index) - (old is not None) for key, old in _first_of_each(undo)
+        )
 
-    def _stage_entries(self, table: Any, fam: _Family, index: dict[RuleKey, Rule]) -> None:
+    def _stage_entries(
+        self,
+        table: Any,
+        fam: _Family,
+        staged: list[tuple[RuleKey, Rule | None]],
+        undo: list[tuple[RuleKey, Rule | None]],
+    ) -> None:
         codec = fam.codec
-        for key, rule in fam.staged:
-            old = index.pop(key, None)
+        for key, rule in staged:
+            old = self._index.pop(key, None)
+            undo.append((key, old))
             if old is not None:
                 with contextlib.suppress(self._iptc.IPTCError):
                     table.delete_entry(self.chain, codec.encode(old), codec.mask(old.key.action))
@@ -293,7 +296,7 @@ class IptablesBackend(Backend):
                     table.insert_entry(self.chain, codec.encode(rule), 0)
                 else:
                     table.append_entry(self.chain, codec.encode(rule))
-                index[rule.key] = rule
+                self._index[rule.key] = rule
 
     def _commit_table(self, table: Any) -> None:
         commit_table(self._iptc, table)
@@ -311,5 +314,17 @@ class IptablesBackend(Backend):
                 if remove_chain(self._iptc, table, self.chain, self.hooks):
                     found.append(f"IPv{fam.version}")
                 self._commit_table(table)
-            fam.index = {}
+            fam.size = 0
+        self._index.clear()
         return chain_removed(self.chain, found)
+
+
+def _first_of_each(
+    undo: list[tuple[RuleKey, Rule | None]],
+) -> Iterator[tuple[RuleKey, Rule | None]]:
+    """Each key's state before the batch: its first undo entry."""
+    seen: set[RuleKey] = set()
+    for key, old in undo:
+        if key not in seen:
+            seen.add(key)
+            yield key, old
