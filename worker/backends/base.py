@@ -60,6 +60,19 @@ class BlockList:
     expires_ms: int | None = None
 
 
+class PackedRules(Protocol):
+    """The committed rules as integers (:class:`~.index.RuleIndex` is one), for a
+    reconcile that compares a million rules without building one object per rule."""
+
+    def packed_of(self, action: Action) -> Iterator[tuple[int, int, int]]:
+        """``(version, packed network, expiry or 0)`` of each rule of ``action``."""
+        ...
+
+    def expiry_of(self, action: Action, version: int, packed: int) -> int | None:
+        """The rule's expiry (0: none), or None when no such rule is held."""
+        ...
+
+
 class Backend(abc.ABC):
     """A kernel firewall that pushfw manages, changed in batches.
 
@@ -133,6 +146,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def discard(self) -> None:
         """Forget the staged changes."""
+
+    @abc.abstractmethod
+    def committed_index(self) -> PackedRules:
+        """The committed rules packed (the index :meth:`snapshot` reads), for a reconcile
+        that compares integers. Read-only for callers: only :meth:`commit` changes it."""
 
     def get(self, key: RuleKey) -> Rule | None:
         """The committed rule with this key, answered from the index without a kernel call."""
