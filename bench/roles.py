@@ -33,7 +33,7 @@ STEPS = (
     ("ledger", "_fold", "  of which the Lua fold's round trip"),
     ("applier", "process", "applier: decide, apply, answer a batch"),
     ("applier", "_apply", "  of which plan and commit"),
-    ("applier", "_finish", "  of which results and XACK"),
+    ("answers", "finish", "  of which results and XACK"),
     ("stream", "read", "applier: read a batch (XREADGROUP)"),
 )
 
@@ -65,8 +65,8 @@ def measure(commands: int) -> dict[str, float]:
             Worker(settings, backend=MemoryBackend()).run(burst=True)  # the groups, at 0
             fill_drops(client, commands)
             worker = Worker(settings, backend=MemoryBackend())
-            owners = {"ledger": worker.ledger, "applier": worker.applier}
-            owners["stream"] = worker.applier.stream
+            owners = {"ledger": worker.ledger, "applier": worker.applier, "stream": worker.stream}
+            owners["answers"] = worker.applier.answers
             totals = {label: 0.0 for _, _, label in STEPS}
             for owner, name, label in STEPS:
                 _timed(owners[owner], name, totals, label)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import click
 import redis
 from click.core import ParameterSource
 
+import pushfw.producer.why as explain_why
 from pushfw.producer import acl, functions
 from pushfw.producer.check import Check, Severity, check, host_state
 from pushfw.producer.client import Producer, forget_host, is_live, is_stale, reaches
@@ -33,6 +36,8 @@ from pushfw.producer.lists import (
 from pushfw.producer.ops import OPS, OpSpec
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, as_table, plural
+from pushfw.producer.selection import FEW, Selection, selection_options
+from pushfw.producer.selection import rows as selection_rows
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -333,9 +338,15 @@ def _span(ms: int) -> str:
 @click.option(
     "--top", type=click.IntRange(1, 100_000), default=None, help="With --hits: rows shown [20]."
 )
+@selection_options(inside=True)
 @click.pass_obj
 def list_rules(
-    producer: Producer, host: str | None, json_out: bool, hits: bool, top: int | None
+    producer: Producer,
+    host: str | None,
+    json_out: bool,
+    hits: bool,
+    top: int | None,
+    selection: Selection,
 ) -> None:
     """Active rules in the ledger, with time remaining, reason and origin.
 
@@ -344,12 +355,14 @@ def list_rules(
     """
     if top is not None and not hits:
         raise click.UsageError("--top goes with --hits")
+    if hits and selection != Selection():
+        raise click.UsageError("the filters go without --hits (--host and --top go with it)")
     if hits:
         _list_hits(producer, host, top or 20, json_out)
         return
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
-    for rec in producer.rules(host):
+    for rec in selection.apply(producer.rules(host)):
         left = None if rec.expires_ms is None else max(0, rec.expires_ms - now_ms)
         rows.append(
             {
@@ -404,6 +417,76 @@ def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -
             " (hosts read them every 12 heartbeats: once a minute by default)",
             err=True,
         )
+
+
+@cli.command()
+@click.argument("address")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def why(producer: Producer, address: str, json_out: bool) -> None:
+    """Every rule and list entry covering ADDRESS, which one wins, and each host's part.
+
+    Accept wins over drop. Per host: holds (carried out, no refusal reported), refused
+    (with the host's reason), not targeted, or not yet. A host reports how many entries of
+    a list it refused, not which: that count is shown with the list.
+    """
+    try:
+        addr = explain_why.parse_address(address)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    answer = explain_why.why(producer, addr)
+    if json_out:
+        click.echo(json.dumps(explain_why.as_data(answer), indent=2))
+    else:
+        click.echo(explain_why.text(answer, _span, _when, producer.now_ms()))
+    for problem in answer.problems:
+        click.echo(f"warning: {problem}", err=True)
+
+
+@cli.command(name="remove")
+@selection_options(inside=True, limit=False)
+@click.option("--dry-run", is_flag=True, help="Show the rules that would go; send nothing.")
+@click.option("--yes", is_flag=True, help=f"Do not ask, even for more than {FEW} rules.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def remove_rules(
+    producer: Producer, selection: Selection, dry_run: bool, yes: bool, json_out: bool
+) -> None:
+    """Remove every rule the filters select, from every host: drops, or accepts with
+    --action accept. Name the rules (--origin, --reason, --inside, --ip); more than a few
+    ask for confirmation. Lists are removed with 'pushfw lists remove'.
+    """
+    if not selection.narrows:
+        raise click.UsageError("say which rules: --origin, --reason, --inside or --ip")
+    if selection.action is None:
+        selection = dataclasses.replace(selection, action="drop")
+    found = selection.apply(producer.rules())
+    if dry_run or not json_out:
+        _show(selection_rows(found), ["action", "network", "target", "reason", "origin"], json_out)
+    if dry_run:
+        if not json_out:
+            click.echo(f"would remove {plural(len(found), 'rule')} (dry run)", err=True)
+        return
+    if len(found) > FEW and not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError(
+                f"{len(found)} rules match; add --yes to remove them (--dry-run lists them)"
+            )
+        if not click.confirm(f"remove these {len(found)} rules from every host?"):
+            click.echo("nothing removed", err=True)
+            sys.exit(1)
+    sent = [
+        (producer.undrop if rec.action == "drop" else producer.unaccept)(rec.network, reply=False)
+        for rec in found
+    ]
+    if json_out:
+        click.echo(
+            as_json(
+                [row | {"cmd": cmd} for row, cmd in zip(selection_rows(found), sent, strict=True)]
+            )
+        )
+    else:
+        click.echo(f"removed {plural(len(sent), 'rule')}: {plural(len(sent), 'command')} sent")
 
 
 _IMPORT_ERRORS_SHOWN = 5

@@ -285,19 +285,28 @@ class Producer:
         if cmd_id is None:
             rows = cast(list[Any], self.client.xrevrange(self.keys.results, count=count))
             return [Result.from_entry(eid, fields) for eid, fields in rows]
-        start = cmd_id if _order(cmd_id)[0] <= self.now_ms() else "-"  # "-": an id ahead
+        return self.results_of([cmd_id])[::-1][:count]
+
+    def results_of(self, cmd_ids: Collection[str]) -> list[Result]:
+        """Every result of these commands, oldest first, in one pass over the results
+        stream from the oldest command on (``pushfw why`` asks for several at once)."""
+        if not cmd_ids:
+            return []
+        oldest = min(cmd_ids, key=_order)
+        start = oldest if _order(oldest)[0] <= self.now_ms() else "-"  # "-": an id ahead
+        wanted = set(cmd_ids)
         found: list[Result] = []
         while True:
             page = cast(list[Any], self.client.xrange(self.keys.results, start, "+", 1000))
             found.extend(
                 Result.from_entry(eid, fields)
                 for eid, fields in page
-                if fields.get("cmd") == cmd_id
+                if fields.get("cmd") in wanted
             )
             if len(page) < 1000:
                 break
             start = f"({page[-1][0]}"
-        return found[::-1][:count]
+        return found
 
     def progress(self, cmd_id: str) -> dict[str, str]:
         """Where each host's group stands with ``cmd_id``: ``done``, ``pending`` or ``not read``.

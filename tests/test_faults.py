@@ -193,7 +193,7 @@ def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
     worker.run(burst=True)
     assert len(worker.backend.snapshot()) == 2
     due_ms = int(first.split("-")[0]) + 1000
-    wait_for(lambda: worker.applier.now_ms() > due_ms, 5, "the expiry")
+    wait_for(lambda: worker.applier.clock.now_ms() > due_ms, 5, "the expiry")
     assert worker.applier.expire_due() == 2
     assert worker.backend.snapshot() == {}
 

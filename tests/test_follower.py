@@ -123,7 +123,7 @@ def _inject_kills(worker: Worker, rng: random.Random, calls_left: list[int]) -> 
 
     The wrappers are attributes of the instances; the kernel outlives the worker, so
     the caller takes its wrapper off (``del kernel.commit``) before the next worker."""
-    stream: Any = worker.applier.stream
+    stream: Any = worker.stream
     targets: list[tuple[Any, str]] = [
         (stream, "read"),
         (stream, "finish"),
@@ -222,11 +222,11 @@ def test_trimming_keeps_what_a_live_follower_needs(
     for i in range(2, 6):
         producer.drop(f"192.0.2.{i}", reply=False)
     worker.heartbeat()
-    ledger = Ledger(r, worker.keys, "trimmer")
+    ledger = Ledger(r, worker.stream.keys, "trimmer")
     ledger.fold_new()
-    now_ms = worker.applier.now_ms()
+    now_ms = worker.applier.clock.now_ms()
     ms, seq = first.split("-")
-    assert trim_point(r, worker.keys, now_ms, 60) == f"{ms}-{int(seq) + 1}"
+    assert trim_point(r, worker.stream.keys, now_ms, 60) == f"{ms}-{int(seq) + 1}"
 
 
 def test_a_follower_whose_position_was_trimmed_past_starts_from_the_ledger(
@@ -246,10 +246,10 @@ def test_a_follower_whose_position_was_trimmed_past_starts_from_the_ledger(
     producer.undrop("192.0.2.1", reply=False)  # while it is away
     for i in range(3, 300):
         producer.drop(f"10.0.{i // 250}.{i % 250 + 1}", ttl_s=3600, reply=False)
-    ledger = Ledger(r, worker.keys, "trimmer")
+    ledger = Ledger(r, worker.stream.keys, "trimmer")
     while ledger.fold_new():
         pass
-    far_future = worker.applier.now_ms() + 3_600_000  # the follower looks silent by then
+    far_future = worker.applier.clock.now_ms() + 3_600_000  # the follower looks silent by then
     assert trim(ledger, far_future, host_expiry_s=60) > 0
     synced(r)
     with caplog.at_level(logging.WARNING):
@@ -272,7 +272,7 @@ def test_a_follower_starts_again_when_the_stream_no_longer_reaches_its_position(
     r.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.1"}, id="1999999999999-0")
     synced(r)
     worker.iteration()
-    assert worker.applier.stream.last_delivered() == "1999999999999-0"
+    assert worker.stream.last_delivered() == "1999999999999-0"
     r.flushall()
     producer.drop("192.0.2.2", reply=False)
     synced(r)
@@ -471,16 +471,16 @@ def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
         producer.drop("192.0.2.1", reply=False)
         worker.run(burst=True)
         assert key("drop", "192.0.2.1") in set(worker.backend.snapshot())
-        [problem] = [p for p in worker._problems() if p.startswith("replica ")]
+        [problem] = [p for p in worker.heart.problems() if p.startswith("replica ")]
         assert "reading on the primary" in problem and "***" in problem, problem
 
         admin.execute_command("ACL", "SETUSER", user, *rules, "-xread")  # a narrower ACL
-        stream: Any = worker.applier.stream
+        stream: Any = worker.stream
         stream._probe_at = 0.0  # ask the replica again now
         producer.drop("192.0.2.2", reply=False)
         worker.run(burst=True)
         assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
-        [problem] = [p for p in worker._problems() if p.startswith("replica ")]
+        [problem] = [p for p in worker.heart.problems() if p.startswith("replica ")]
         assert "xread" in problem.lower(), problem
     finally:
         r.execute_command("ACL", "DELUSER", user)
@@ -593,7 +593,7 @@ def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
         again.setup()
         again.run(burst=True)
         assert set(again.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (1, 2)}
-        [problem] = [p for p in again._problems() if p.startswith("replica ")]
+        [problem] = [p for p in again.heart.problems() if p.startswith("replica ")]
         assert "it holds entries the primary never generated (3 ever added" in problem, problem
         assert beat(producer, "f1").reads == "primary"
     finally:

@@ -192,7 +192,7 @@ def test_item2_a_bad_list_stalls_no_host_and_a_restarted_worker_becomes_ready(
     r.hset(KEYS.lists, "badid", '{"id": "x-y", "name": "badid", "version": "' + "0" * 32 + '"}')
     restarted = memory_worker(redis_server, backend=backend)
     restarted.setup()
-    assert restarted.reconcile_error is None
+    assert restarted.house.converger.error is None
     assert held(restarted, "good") == {"198.51.100.0/24"}, "the valid list is still held"
     later = as_producer.drop("192.0.2.53")
     restarted.run(burst=True)
@@ -273,3 +273,16 @@ def wait_answer(producer: Producer, cmd_id: str, host: str) -> Any:
     [res] = producer.wait(cmd_id, timeout_s=30)
     assert res.host == host
     return res
+
+
+def test_item1_the_check_sees_a_duplicate_across_its_chunks():
+    """The check runs over chunks of records (bounded memory): an order broken exactly where
+    one chunk ends and the next begins is found as surely as inside one."""
+    from pushfw.producer.lists import _CHECK_CHUNK
+
+    start = struct.unpack(">I", bytes((198, 18, 0, 0)))[0]
+    good = [struct.pack(">IB", start + i, 32) for i in range(_CHECK_CHUNK + 2)]
+    ListContent(b"".join(good)).check()
+    broken = [*good[:_CHECK_CHUNK], good[_CHECK_CHUNK - 1], *good[_CHECK_CHUNK + 1 :]]
+    with pytest.raises(ValueError, match=f"record {_CHECK_CHUNK + 1} .* is not after"):
+        ListContent(b"".join(broken)).check()

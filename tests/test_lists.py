@@ -221,7 +221,7 @@ def test_a_timed_list_ends_at_its_expiry(r: Any, redis_server: RedisServer, prod
     worker.run(burst=True)
     assert held(worker, "brief") == {"192.0.2.5/32"}
     expires_ms = int(cmd.split("-")[0]) + 1000
-    wait_for(lambda: worker.applier.now_ms() > expires_ms, 5, "the list's expiry")
+    wait_for(lambda: worker.applier.clock.now_ms() > expires_ms, 5, "the list's expiry")
     worker.run(burst=True)
     assert held(worker, "brief") is None
     assert producer.lists() == []

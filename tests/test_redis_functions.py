@@ -146,8 +146,9 @@ def test_each_seed_command_appends_the_equivalent_entry(
     assert rules[key("drop", "192.168.1.8")].expires_ms == ms(ids["ttl_drop"]) + 600_000
     assert rules[key("drop", "192.168.1.9")].expires_ms == ms(ids["ttl_drop_seed"]) + 600_000
     assert rules[key("accept", "2001:db8::8")].expires_ms == ms(ids["ttl_accept"]) + 3_600_000
-    assert worker.applier.done_id == max(ids.values(), key=stream_id_order)
-    assert worker.applier.counts == {"applied": len(ids)}, "the seed's commands ask no result"
+    answers = worker.applier.answers
+    assert answers.done_id == max(ids.values(), key=stream_id_order)
+    assert answers.counts == {"applied": len(ids)}, "the seed's commands ask no result"
     assert results_by_cmd(r) == {}
 
 

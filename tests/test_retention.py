@@ -91,7 +91,7 @@ def consume(worker: Worker) -> None:
     """Fold and apply everything in the stream (no housekeeping: its timers are not due)."""
     while worker.iteration():
         pass
-    assert worker.applier.idle()
+    assert worker.reader.idle()
 
 
 def test_trim_removes_what_every_live_group_has_done(r, producer: Producer, make_worker):
@@ -321,7 +321,7 @@ def test_one_worker_of_the_fleet_trims_per_interval(r, redis_server: RedisServer
         worker.setup()
     r.config_resetstat()
     for worker in (first, second):
-        worker._trim()
+        worker.house.trim()
     assert commandstats(r).get("xinfo|groups", 0) == 1, "the second worker waits its turn"
     assert r.get(KEYS.trimming) == first.settings.consumer_name.encode()
 

@@ -186,8 +186,8 @@ def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_serv
     assert b"sig" not in fields, "the scheduler's delete comes from Lua, unsigned"
     # process the delete before this host's own timer removes the rule: the delete does it
     assert key("drop", "198.51.100.8") in worker.backend.snapshot()
-    worker.applier.process(worker.applier.stream.read(">", 10, None))
-    assert worker.applier.counts["applied"] == 3, "the ban, the timed one and its expiry"
+    worker.applier.process(worker.stream.read(">", 10, None))
+    assert worker.applier.answers.counts["applied"] == 3, "the ban, the timed one and its expiry"
     assert expiry not in results_by_cmd(r), "the scheduler's deletes ask no result"
     assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}
     assert [rec.network for rec in producer.rules()] == ["198.51.100.7/32"]

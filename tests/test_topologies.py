@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import trustme
 
 from pushfw.producer import Producer
 from pushfw.producer.connection import connect, parse_target
+from pushfw.producer.lists import ListContent
 from pushfw.worker import Worker, WorkerSettings
 from pushfw.worker.backends.memory import MemoryBackend
 from tests.conftest import REDIS_SERVER, need, wait_for
@@ -88,6 +90,19 @@ def exercise(url: str) -> None:
             check=True,
         )
         assert "192.0.2.1/32" in out.stdout and "192.0.2.2" not in out.stdout
+
+        # list content read raw by a producer's decoding client, on every topology
+        feed = producer.load_list("feed", ListContent.of(["198.51.100.0/24"]))
+        assert [r.status.value for r in producer.wait(feed)] == ["applied"]
+        why_cmd = ["why", "198.51.100.7", "--json"]
+        why = subprocess.run(
+            [sys.executable, "-m", "pushfw.producer", "--redis-url", url, *why_cmd],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        covers = [(c["kind"], c["network"]) for c in json.loads(why.stdout)["covers"]]
+        assert covers == [("list", "198.51.100.0/24")], why.stderr
     finally:
         worker.request_stop()
         thread.join(timeout=15)

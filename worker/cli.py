@@ -145,7 +145,7 @@ def reconcile_once(force: bool) -> None:
     with _one_line_errors():
         worker = Worker(settings)
         worker.ledger.ensure_group()
-        worker.applier.setup(worker.applier.stream.head())
+        worker.applier.setup(worker.stream.head())
         drift = worker.reconcile(force=force)
     if drift is None:
         sys.exit(1)

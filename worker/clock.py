@@ -13,6 +13,7 @@ nothing beyond the ``TIME`` each batch already needs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from pushfw.producer.connection import redis_ms, text, time_ms
 from pushfw.producer.keys import Keys
 from pushfw.worker.stream import LUA_ID_ORDER, Entry, stream_id_order
 
-__all__ = ["LUA_NOW_MS", "Clock"]
+__all__ = ["LUA_NOW_MS", "Clock", "SyncedClock"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +117,20 @@ class Clock:
                 ahead_ms / 1000,
                 self.stamped,
             )
+
+
+class SyncedClock:
+    """Redis's clock, estimated locally so expiry keeps working while Redis is away.
+
+    Each batch's ``TIME`` resyncs it; every role and the backend read the one the worker
+    builds, so all of them agree on when a timed rule ends.
+    """
+
+    def __init__(self) -> None:
+        self._offset_ms = 0
+
+    def sync(self, redis_ms: int) -> None:
+        self._offset_ms = redis_ms - int(time.time() * 1000)
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000) + self._offset_ms

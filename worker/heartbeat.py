@@ -20,16 +20,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from pushfw.producer.client import STALE_AFTER_BEATS, is_stale
 from pushfw.producer.keys import Keys
-from pushfw.producer.records import HostStatus
+from pushfw.producer.records import HeldList, HostStatus
+from pushfw.producer.render import plural
+from pushfw.worker.config import mask_url
+from pushfw.worker.errors import HostNameTaken
+from pushfw.worker.follower import FollowerStream
+from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.supervisor import Supervisor, clock_text
+
+if TYPE_CHECKING:  # the roles import metrics, which imports this module's pushfw_version
+    from pushfw.worker.answers import Answerer
+    from pushfw.worker.backends.base import Backend
+    from pushfw.worker.clock import SyncedClock
+    from pushfw.worker.converge import Converger
+    from pushfw.worker.ledger import Ledger
+    from pushfw.worker.lists import ListKeeper
+    from pushfw.worker.metrics import Metrics
+    from pushfw.worker.stream import HostStream
 
 __all__ = [
+    "Heart",
     "Instance",
+    "Registration",
     "Twins",
     "beat",
     "live_twin",
@@ -45,6 +63,8 @@ _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _WATCH_MAX_S = 30.0
 """The longest a starting worker watches another instance's heartbeat for a new beat."""
 _WATCH_STEP_S = 0.1
+_CHANGED_BEAT_GAP_S = 0.25
+"""The least time between two heartbeats brought forward by changed rules."""
 
 
 def pushfw_version() -> str:
@@ -220,3 +240,194 @@ class Twins:
             f"duplicate: another worker named {self.host} is live "
             f"({twin_text(self.twin, self.me)}); give one of them another host_name"
         )
+
+
+class Registration:
+    """This worker under its host name: refuse to start beside a live twin, or take over.
+
+    Args:
+        client: the primary.
+        settings: the host name and key prefix.
+        now_ms: Redis's clock (the heartbeats carry it, not this host's).
+        take_over: start anyway; both then say so while both run.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: WorkerSettings,
+        now_ms: Callable[[], int],
+        take_over: bool = False,
+    ) -> None:
+        self.client = client
+        self.keys = Keys(settings.key_prefix)
+        self.host = settings.host_name
+        self.now_ms = now_ms
+        self.take_over = take_over
+        self.instance = Instance.new()
+        self.twins = Twins(self.host, self.instance)
+        self.refused = False
+        """It refused to start: the heartbeat under its name is the live twin's."""
+        self._checked = False
+
+    def check(self) -> None:
+        """Refuse to start beside a live worker of the same host name (once, at start)."""
+        if self._checked:
+            return
+        twin = live_twin(self.client, self.keys, self.host, self.instance, self.now_ms)
+        self._checked = True
+        if twin is None:
+            return
+        if self.take_over:
+            logger.warning(
+                "taking over host name %s from a live worker (%s)",
+                self.host,
+                twin_text(twin, self.instance),
+            )
+            return
+        self.refused = True
+        raise HostNameTaken(
+            f"host name {self.host} is taken: another worker beats under it "
+            f"({twin_text(twin, self.instance)}); give this host another host_name (a cloned "
+            "VM keeps its name), or start with --take-over"
+        )
+
+
+class Heart:
+    """Assembles this host's heartbeat from the roles and writes it (see :func:`beat`).
+
+    Args:
+        settings: host name, labels, interval, the replica's address.
+        backend: the rules it holds.
+        ledger: entries stamped ahead of Redis's clock.
+        answers: what this host answered.
+        lists: the lists it holds and their problems.
+        supervisor: each role's state.
+        converger: a lost ledger, a failed reconcile.
+        registration: this instance, and a live twin.
+        metrics: the gauges the heartbeat refreshes.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: redis.Redis,
+        settings: WorkerSettings,
+        backend: Backend,
+        stream: HostStream,
+        clock: SyncedClock,
+        ledger: Ledger,
+        answers: Answerer,
+        lists: ListKeeper,
+        supervisor: Supervisor,
+        converger: Converger,
+        registration: Registration,
+        metrics: Metrics,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.backend = backend
+        self.stream = stream
+        self.clock = clock
+        self.ledger = ledger
+        self.answers = answers
+        self.lists = lists
+        self.supervisor = supervisor
+        self.converger = converger
+        self.registration = registration
+        self.metrics = metrics
+        self.started_ms = int(time.time() * 1000)
+        self._last: tuple[float, int, dict[str, HeldList]] = (float("-inf"), 0, {})
+        """When the last heartbeat was written, and the rules and lists it said."""
+
+    def beat(self, state: str = "running") -> tuple[int | None, int]:
+        """Write the heartbeat; returns the lag and pending it said."""
+        rules, held = self.backend.size(), self.lists.status()
+        self._last = (time.monotonic(), rules, held)
+        lag, pending = self.stream.progress()
+        reads = self.reads()
+        settings, registration = self.settings, self.registration
+        me, twin = registration.instance, registration.twins.twin
+        previous = beat(
+            self.client,
+            self.stream.keys,
+            HostStatus(
+                host=settings.host_name,
+                labels=sorted(settings.labels),
+                version=pushfw_version(),
+                backend=self.backend.name,
+                last_seen_ms=self.clock.now_ms(),
+                started_ms=self.started_ms,
+                rules=rules,
+                lag=lag,
+                pending=pending,
+                interval_s=settings.heartbeat_interval_s,
+                state=state,
+                ledger_lost=self.converger.ledger_lost,
+                problems=self.problems(),
+                ids_ahead=self.ledger.clock.stamped,
+                roles=self.supervisor.states(),
+                done_id=self.answers.done_id,
+                position=self.stream.position,
+                reads=reads,
+                counts=dict(self.answers.counts),
+                lists=held,
+                instance=me.id,
+                boot_id=me.boot_id,
+                pid=me.pid,
+                duplicate=twin.instance if twin is not None else "",
+            ),
+        )
+        registration.twins.replaced(previous, settings.heartbeat_interval_s)
+        self._refresh_metrics(lag, pending, reads)
+        # after replaced(): a twin found by this beat counts at once
+        self.metrics.health(self.converger.ledger_lost, len(self.problems()), held)
+        return lag, pending
+
+    def _refresh_metrics(self, lag: int | None, pending: int, reads: str) -> None:
+        for role, health in self.supervisor.roles.items():
+            self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
+        rules = self.backend.action_counts() if self.metrics.serving else {}
+        self.metrics.heartbeat(lag, pending, self.backend.name, rules, reads)
+
+    def problems(self) -> list[str]:
+        found = self.supervisor.problems()
+        twin = self.registration.twins.problem()
+        if twin is not None:
+            found.append(twin)
+        if self.converger.error is not None:
+            found.append(f"reconcile: {self.converger.error}")
+        found += self.lists.problems.values()
+        stream = self.stream
+        if isinstance(stream, FollowerStream) and stream.replica_down is not None:
+            found.append(
+                f"replica {mask_url(self.settings.read_url)}: {stream.replica_down}; reading "
+                f"on the primary since {clock_text(stream.replica_down_ms)}"
+            )
+        return found
+
+    def reads(self) -> str:
+        stream = self.stream
+        if not isinstance(stream, FollowerStream):
+            return "group"
+        return "replica" if stream.replica_down is None else "primary"
+
+    def following(self) -> str:
+        """What this worker does, for systemd's status line and the log."""
+        read_url = self.settings.read_url
+        via = f" via {mask_url(read_url)}" if read_url else ""
+        return (
+            f"following {self.stream.keys.cmd} as {self.stream.group}{via}: "
+            f"{plural(self.backend.size(), 'rule')} ({self.backend.name})"
+        )
+
+    def soon(self) -> float | None:
+        """When to beat if the rules changed since the last heartbeat (None: unchanged).
+
+        ``pushfw status`` then agrees with ``pushfw list`` a moment after a batch, at most
+        a few heartbeats a second however busy the stream is.
+        """
+        at, rules, held = self._last
+        if self.backend.size() == rules and self.lists.status() == held:
+            return None
+        return max(time.monotonic(), at + _CHANGED_BEAT_GAP_S)

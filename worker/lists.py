@@ -31,11 +31,11 @@ from pushfw.producer.connection import text
 from pushfw.producer.contract import CommandRejected, Status
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import (
-    MAX_LIST_ENTRIES,
     ListCommand,
     ListContent,
     difference,
     parse_list_command,
+    read_content,
 )
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
@@ -104,44 +104,6 @@ def read_records(client: redis.Redis, keys: Keys, held: bool = False) -> dict[st
     return records
 
 
-def read_content(
-    client: redis.Redis, keys: Keys, name: str, version: str, size: int
-) -> ListContent | None:
-    """One version of a list's entries (None: gone), checked as strictly as a command: a
-    string of the length ``size`` entries take (asked before the value is read), in the
-    importer's format, holding ``size`` entries, hashing to ``version``.
-
-    Raises:
-        ValueError: the content is not what the importer would have written; the message
-            says why.
-    """
-    key = keys.list_content(name, version)
-    kind = text(client.type(key))
-    if kind == "none":
-        return None
-    if kind != "string":
-        raise ValueError(f"{key} is a {kind}, not a list's content")
-    if not 0 <= size <= MAX_LIST_ENTRIES:
-        raise ValueError(f"size {size} is beyond the {MAX_LIST_ENTRIES:,} entries a list may have")
-    length: Any = client.strlen(key)
-    shortest, longest = ListContent.stored_length(size, 0), ListContent.stored_length(0, size)
-    if not shortest <= length <= longest:
-        raise ValueError(
-            f"the content is {length:,} bytes, and {size:,} entries take {shortest:,} to "
-            f"{longest:,}: the command's size (the entry count) is not the content's"
-        )
-    raw: Any = client.get(key)
-    if raw is None:
-        return None
-    content = ListContent.from_bytes(raw)
-    if content.size != size:
-        raise ValueError(f"the content holds {content.size:,} entries, the command says {size:,}")
-    if content.version != version:
-        raise ValueError(f"the content stored as version {version} hashes to {content.version}")
-    content.check()
-    return content
-
-
 class ListKeeper:
     """The named lists of one host's kernel.
 
@@ -153,6 +115,7 @@ class ListKeeper:
         kernel: wraps kernel work, as the applier's does (the expiry alarm waits for it).
         copies: where a host with ``require_signature`` keeps the content it loads
             (:mod:`pushfw.worker.copies`); None: nowhere.
+        alive: called before each large kernel call: the worker pings systemd's watchdog.
     """
 
     def __init__(
@@ -163,6 +126,7 @@ class ListKeeper:
         policy: Policy,
         kernel: Callable[[], AbstractContextManager[None]],
         copies: ContentCopies | None = None,
+        alive: Callable[[], None] = lambda: None,
     ) -> None:
         self.copies = copies
         self.client = client
@@ -172,7 +136,7 @@ class ListKeeper:
         self._backend_name = backend.name
         self.policy = policy
         self.kernel = kernel
-        self.alive: Callable[[], None] = lambda: None
+        self.alive = alive
         """Called before each large kernel call: the worker pings systemd's watchdog."""
         self.held: dict[str, Held] = {}
         self._removed: dict[str, str] = {}

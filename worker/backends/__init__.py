@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pushfw.producer.contract import Network
 from pushfw.worker.backends.base import Backend, Rule, RuleKey
@@ -56,8 +56,31 @@ def make_backend(
     hooks: Sequence[str] = ("INPUT",),
     memory_fail: Iterable[Network] = (),
     set_size: int = 1_000_000,
+    clock: Callable[[], int] | None = None,
+    lock_waited: Callable[[float], None] | None = None,
 ) -> Backend:
-    """Build the backend called ``name`` (not yet opened); ``auto`` picks one."""
+    """Build the backend called ``name`` (not yet opened); ``auto`` picks one.
+
+    ``clock`` is Redis's clock in ms (kernel timeouts are counted from it); ``lock_waited``
+    is told each wait for a lock another process held. Both are part of building the
+    backend: nothing sets them on it later.
+    """
+    backend = _make(name, chain=chain, hooks=hooks, memory_fail=memory_fail, set_size=set_size)
+    if clock is not None:
+        backend.clock = clock
+    if lock_waited is not None:
+        backend.lock_waited = lock_waited
+    return backend
+
+
+def _make(
+    name: str,
+    *,
+    chain: str,
+    hooks: Sequence[str],
+    memory_fail: Iterable[Network],
+    set_size: int,
+) -> Backend:
     if name == "auto":
         name = choose_backend()
     match name:
