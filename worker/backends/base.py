@@ -85,8 +85,9 @@ class Backend(abc.ABC):
       :meth:`delete`, :meth:`commit` (whose docstring says what holds after it),
       :meth:`discard` and :meth:`snapshot`;
     - views of the committed rules, answered from the backend's index without a kernel
-      call (:meth:`get`, :meth:`committed`, :meth:`timed`, :meth:`size`,
-      :meth:`action_counts`): derived from :meth:`snapshot` here, faster in
+      call (:meth:`committed_index`, which every backend keeps packed, and :meth:`get`,
+      :meth:`committed`, :meth:`timed`, :meth:`size`, :meth:`action_counts`): derived
+      from :meth:`snapshot` here, faster in
       :class:`~pushfw.worker.backends.index.IndexedBackend`;
     - the kernel's health: :meth:`intact`, :meth:`hits`, :meth:`uninstall`, with harmless
       defaults for a backend that has no kernel.
