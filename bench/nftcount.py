@@ -12,7 +12,7 @@ import json
 import re
 import sys
 
-from pushfw.worker.backends.nftables import set_element_count, set_names
+from pushfw.worker.backends.netlink import set_element_count, set_names
 
 
 def main(argv: list[str]) -> int:

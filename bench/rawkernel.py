@@ -77,7 +77,7 @@ def ipset_batch(n: int) -> dict[str, Any]:
 def nft_batch(n: int) -> dict[str, Any]:
     import nftables  # the system's libnftables, as the worker loads it
 
-    from pushfw.worker.backends.nftables import set_element_count
+    from pushfw.worker.backends.netlink import set_element_count
 
     nft = nftables.Nftables()
     nft.set_json_output(True)

@@ -295,7 +295,7 @@ def test_top_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: 
 
 
 def test_ipset_save_with_counters_is_parsed():
-    from pushfw.worker.backends.ipset import Element, parse_save
+    from pushfw.worker.backends.ipset_cmd import Element, parse_save
 
     text = """create pushfw-drop4 hash:net family inet maxelem 4 timeout 0 counters comment
 add pushfw-drop4 192.0.2.1 timeout 599 packets 12 bytes 1008 comment "exp=1795783706829"

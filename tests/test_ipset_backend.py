@@ -299,7 +299,7 @@ def test_ten_thousand_adds_in_one_batch(ns: Netns):
 
 
 def test_kernel_timeout_is_the_time_remaining_rounded_up_plus_one():
-    from pushfw.worker.backends.ipset import MAX_TIMEOUT_S, kernel_timeout_s
+    from pushfw.worker.backends.ipset_cmd import MAX_TIMEOUT_S, kernel_timeout_s
 
     assert kernel_timeout_s(10_001, 10_000) == 2, "rounded up, and the backstop's second"
     assert kernel_timeout_s(11_000, 10_000) == 2
@@ -310,7 +310,7 @@ def test_kernel_timeout_is_the_time_remaining_rounded_up_plus_one():
 
 
 def test_save_output_is_parsed_into_networks():
-    from pushfw.worker.backends.ipset import Element, parse_save
+    from pushfw.worker.backends.ipset_cmd import Element, parse_save
 
     text = """create pushfw-drop4 hash:net family inet hashsize 1024 maxelem 4 timeout 0 comment
 add pushfw-drop4 192.0.2.1 timeout 599 comment "exp=1795783706829"
@@ -352,7 +352,7 @@ def test_a_restore_that_stops_reading_is_ended_at_the_bound(
 ) -> None:
     """The input is streamed from a thread, so a restore that never reads it (here a stand-in
     that only sleeps) is killed at the bound instead of blocking the worker's write."""
-    from pushfw.worker.backends import ipset
+    from pushfw.worker.backends import ipset, ipset_cmd
     from pushfw.worker.errors import BackendError
 
     stand_in = tmp_path / "ipset"
@@ -360,7 +360,7 @@ def test_a_restore_that_stops_reading_is_ended_at_the_bound(
     stand_in.chmod(0o755)
     backend = ipset.IpsetBackend()
     backend._exe = str(stand_in)
-    monkeypatch.setattr(ipset, "_RUN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(ipset_cmd, "_RUN_TIMEOUT_S", 0.5)
     lines = (f"add pushfw-drop4 10.0.{i >> 8 & 255}.{i & 255}\n" for i in range(10**6))
     with pytest.raises(BackendError, match="no end within"):
         backend._restore(lines)

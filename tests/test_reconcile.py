@@ -1,8 +1,8 @@
 """``reconcile`` against a model: random kernels and random desired states, on the memory
 backend, with a change the kernel refuses among them. The final rules and the drift's
-counts must be what the rules of reconciliation say, rule by rule, whether the kernel is
-compared packed or rule by rule, in one commit or in small chunks; and the commits must come
-in the order that never drops what the end state accepts."""
+counts must be what the rules of reconciliation say, rule by rule, whether the changes go
+in one commit or in small chunks (every backend's index is packed: one path); and the
+commits must come in the order that never drops what the end state accepts."""
 
 from __future__ import annotations
 
@@ -91,18 +91,9 @@ def _logged(backend: MemoryBackend) -> list[list[tuple[RuleKey, Rule | None]]]:
     return made
 
 
-class _NotIndexed:
-    """Stands in for IndexedBackend in ``isinstance``: reconcile then reads rule by rule."""
-
-
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rule-by-rule"])
 @pytest.mark.parametrize("chunk", [50_000, 7])
-def test_reconcile_makes_the_kernel_what_the_model_says_and_counts_it(
-    packed: bool, chunk: int, monkeypatch: Any
-):
+def test_reconcile_makes_the_kernel_what_the_model_says_and_counts_it(chunk: int, monkeypatch: Any):
     monkeypatch.setattr("pushfw.worker.reconcile._COMMIT_CHUNK", chunk)
-    if not packed:
-        monkeypatch.setattr("pushfw.worker.reconcile.IndexedBackend", _NotIndexed)
     rng = random.Random(11)
     for trial in range(150):
         failing = trial % 3 == 0

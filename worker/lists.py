@@ -39,7 +39,7 @@ from pushfw.producer.lists import (
 )
 from pushfw.producer.records import HeldList, ListRecord
 from pushfw.producer.render import plural
-from pushfw.worker.backends.base import Backend, BlockList
+from pushfw.worker.backends.base import Backend, BlockList, ListBackend, lists_of
 from pushfw.worker.copies import ContentCopies
 from pushfw.worker.decide import (
     ListDecision,
@@ -131,7 +131,9 @@ class ListKeeper:
         self.copies = copies
         self.client = client
         self.keys = keys
-        self.backend = backend
+        self.backend = lists_of(backend)
+        """The backend's lists, asked once; None: it keeps no sets (iptables)."""
+        self._backend_name = backend.name
         self.policy = policy
         self.kernel = kernel
         self.alive = alive
@@ -196,7 +198,7 @@ class ListKeeper:
         if present:
             try:
                 with self.kernel():
-                    self.backend.remove_list(name)
+                    self._sets().remove_list(name)
             except BackendError as exc:
                 return _failed(exc)
             self.held.pop(name, None)
@@ -210,20 +212,26 @@ class ListKeeper:
         detail = decision.detail or ("removed" if present else "not held here")
         return Outcome(status, detail, decision.report)
 
+    def _no_sets(self) -> str:
+        return f"the {self._backend_name} backend keeps no sets: lists need ipset or nftables"
+
+    def _sets(self) -> ListBackend:
+        """The backend's lists; one without them refuses as its kernel would."""
+        if self.backend is None:
+            raise PermanentBackendError(self._no_sets())
+        return self.backend
+
     def _kernel_names(self) -> set[str]:
         try:
             with self.kernel():
-                return self.backend.list_names()
+                return self._sets().list_names()
         except BackendError:
             return set()
 
     def _load(self, decision: Load, entry_id: str) -> Outcome:
         spec = decision.list
-        if not self.backend.supports_lists:
-            return Outcome(
-                Status.REJECTED,
-                f"the {self.backend.name} backend keeps no sets: lists need ipset or nftables",
-            )
+        if self.backend is None:
+            return Outcome(Status.REJECTED, self._no_sets())
         content = over_list_cap(spec.name, self.held, self.policy) or self._read(
             spec, decision.size
         )
@@ -310,7 +318,7 @@ class ListKeeper:
             if not added and not removed:
                 return False, f"{plural(kept.size, 'entry', 'entries')} held already"
             with self.kernel():
-                self.backend.change_list(spec, added, removed)
+                self._sets().change_list(spec, added, removed)
             logger.info(
                 "list %s: version %s, %d added, %d removed",
                 spec.name,
@@ -320,7 +328,7 @@ class ListKeeper:
             )
             return True, f"{len(added)} added, {len(removed)} removed: {kept.size} entries"
         with self.kernel():
-            self.backend.load_list(spec, kept.networks())
+            self._sets().load_list(spec, kept.networks())
         logger.info(
             "list %s: version %s loaded, %s",
             spec.name,
@@ -395,7 +403,7 @@ class ListKeeper:
             _, removed = difference(held.content, kept)
             try:
                 with self.kernel():
-                    self.backend.change_list(held.spec, [], removed)
+                    self._sets().change_list(held.spec, [], removed)
             except BackendError as exc:
                 self.problems[name] = f"list {name}: could not lift {refused[0]}: {exc}"
                 continue

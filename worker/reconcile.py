@@ -18,8 +18,8 @@ from itertools import chain, islice
 from pushfw.producer.contract import Action
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
-from pushfw.worker.backends.index import IndexedBackend, RuleIndex, unpacked
+from pushfw.worker.backends.base import Backend, PackedRules, Rule, RuleKey
+from pushfw.worker.backends.index import RuleIndex, unpacked
 from pushfw.worker.decide import Add, Delete, Policy, decide_record
 from pushfw.worker.errors import BackendError, TransientBackendError
 
@@ -160,49 +160,31 @@ def _changes(backend: Backend, desired: Desired, remove_extras: bool) -> Iterato
     """What the kernel lacks or must lose, made as it is read: accepts added or renewed
     first, then drops removed, drops added, and accepts removed last, so that no packet
     the end state accepts meets a drop between two chunks."""
-    index = backend.committed_index() if isinstance(backend, IndexedBackend) else None
+    index = backend.committed_index()
     for action, adding in ((ACCEPT, True), (DROP, False), (DROP, True), (ACCEPT, False)):
         if adding:
-            yield from _missing(backend, index, desired, action)
+            yield from _missing(index, desired, action)
         else:
-            yield from _extras(backend, index, desired, action, remove_extras)
+            yield from _extras(index, desired, action, remove_extras)
 
 
-def _missing(
-    backend: Backend, index: RuleIndex | None, desired: Desired, action: Action
-) -> Iterator[_Change]:
+def _missing(index: PackedRules, desired: Desired, action: Action) -> Iterator[_Change]:
     for version, packed, expiry in desired.present.packed_of(action):
-        if index is not None:
-            have = index.expiry_of(action, version, packed)
-            if have != expiry:
-                rule = unpacked(action, version, packed, expiry)
-                yield rule.key, rule, have is not None
-            continue
-        rule = unpacked(action, version, packed, expiry)
-        held = backend.get(rule.key)
-        if held != rule:
-            yield rule.key, rule, held is not None
+        have = index.expiry_of(action, version, packed)
+        if have != expiry:
+            rule = unpacked(action, version, packed, expiry)
+            yield rule.key, rule, have is not None
 
 
 def _extras(
-    backend: Backend,
-    index: RuleIndex | None,
-    desired: Desired,
-    action: Action,
-    remove_extras: bool,
+    index: PackedRules, desired: Desired, action: Action, remove_extras: bool
 ) -> Iterator[_Change]:
     """The kernel's rules of ``action`` the ledger does not hold, one at a time."""
-    keys: Iterable[RuleKey]
-    if index is not None:
-        keys = (
-            unpacked(action, version, packed, expiry).key
-            for version, packed, expiry in index.packed_of(action)
-            if desired.present.expiry_of(action, version, packed) is None
-        )
-    else:
-        keys = (
-            k for k, _ in backend.committed() if k.action is action and k not in desired.present
-        )
+    keys = (
+        unpacked(action, version, packed, expiry).key
+        for version, packed, expiry in index.packed_of(action)
+        if desired.present.expiry_of(action, version, packed) is None
+    )
     for key in keys:
         if key in desired.held:
             continue

@@ -7,10 +7,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from pushfw.producer.contract import Action, Network
 from pushfw.producer.records import rule_id
-from pushfw.worker.errors import PermanentBackendError
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -60,11 +60,40 @@ class BlockList:
     expires_ms: int | None = None
 
 
+class PackedRules(Protocol):
+    """The committed rules as integers (:class:`~.index.RuleIndex` is one), for a
+    reconcile that compares a million rules without building one object per rule."""
+
+    def packed_of(self, action: Action) -> Iterator[tuple[int, int, int]]:
+        """``(version, packed network, expiry or 0)`` of each rule of ``action``."""
+        ...
+
+    def expiry_of(self, action: Action, version: int, packed: int) -> int | None:
+        """The rule's expiry (0: none), or None when no such rule is held."""
+        ...
+
+
 class Backend(abc.ABC):
     """A kernel firewall that pushfw manages, changed in batches.
 
     A backend owns its chains/sets/table and touches nothing else. Changes are staged with
     :meth:`add` and :meth:`delete` and reach the kernel only on :meth:`commit`.
+
+    The contract, in three parts:
+
+    - the core every backend implements: :meth:`open`, :meth:`close`, :meth:`add`,
+      :meth:`delete`, :meth:`commit` (whose docstring says what holds after it),
+      :meth:`discard` and :meth:`snapshot`;
+    - views of the committed rules, answered from the backend's index without a kernel
+      call (:meth:`committed_index`, which every backend keeps packed, and :meth:`get`,
+      :meth:`committed`, :meth:`timed`, :meth:`size`, :meth:`action_counts`): derived
+      from :meth:`snapshot` here, faster in
+      :class:`~pushfw.worker.backends.index.IndexedBackend`;
+    - the kernel's health: :meth:`intact`, :meth:`hits`, :meth:`uninstall`, with harmless
+      defaults for a backend that has no kernel.
+
+    Named lists are an optional capability, :class:`ListBackend`, asked for once with
+    :func:`lists_of`. Implementations give their methods one-line docstrings.
     """
 
     name: str = "backend"
@@ -119,6 +148,11 @@ class Backend(abc.ABC):
     def discard(self) -> None:
         """Forget the staged changes."""
 
+    @abc.abstractmethod
+    def committed_index(self) -> PackedRules:
+        """The committed rules packed (the index :meth:`snapshot` reads), for a reconcile
+        that compares integers. Read-only for callers: only :meth:`commit` changes it."""
+
     def get(self, key: RuleKey) -> Rule | None:
         """The committed rule with this key, answered from the index without a kernel call."""
         return self.snapshot().get(key)
@@ -165,14 +199,29 @@ class Backend(abc.ABC):
         """Remove everything this backend created in the kernel; say what, in a few words."""
         return "nothing to remove"
 
-    # --- named lists (``pushfw import``): kernel objects of their own, apart from rules ---
+    def size(self) -> int:
+        """How many managed rules are committed."""
+        return len(self.snapshot())
 
-    supports_lists: bool = False
-    """Whether :meth:`load_list` and the others work here (set backends); else they raise."""
+    def action_counts(self) -> dict[Action, int]:
+        """How many managed rules of each action are committed."""
+        return dict(Counter(key.action for key in self.snapshot()))
+
+
+@runtime_checkable
+class ListBackend(Protocol):
+    """A backend that holds named lists (``pushfw import``): kernel objects of their own,
+    apart from rules. ipset, nftables and memory have them; iptables keeps no sets.
+
+    An optional capability: ask :func:`lists_of` once, where the list keeper is built,
+    rather than probing a backend in each caller.
+    """
+
+    name: str
 
     def list_names(self) -> set[str]:
         """The names of the lists whose kernel objects exist now (read from the kernel)."""
-        return set()
+        ...
 
     def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
         """Make the kernel hold exactly ``networks`` as list ``spec.name``, in one transaction.
@@ -187,12 +236,10 @@ class Backend(abc.ABC):
         plus a second), so a timed list ends even while the worker is away.
 
         Raises:
-            TransientBackendError, PermanentBackendError, BackendError: as :meth:`commit`;
-            on any failure the kernel keeps what it held before.
+            TransientBackendError, PermanentBackendError, BackendError: as
+            :meth:`Backend.commit`; on any failure the kernel keeps what it held before.
         """
-        raise PermanentBackendError(
-            f"the {self.name} backend keeps no sets: lists need ipset or nftables"
-        )
+        ...
 
     def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
         """Apply a difference to a list the kernel holds, in one transaction.
@@ -203,18 +250,13 @@ class Backend(abc.ABC):
         Raises:
             as :meth:`load_list`; on any failure the kernel keeps what it held before.
         """
-        raise PermanentBackendError(
-            f"the {self.name} backend keeps no sets: lists need ipset or nftables"
-        )
+        ...
 
     def remove_list(self, name: str) -> None:
         """Remove the list's kernel objects and the rule matching them; absent is harmless."""
-        return None  # a backend without lists holds none
+        ...
 
-    def size(self) -> int:
-        """How many managed rules are committed."""
-        return len(self.snapshot())
 
-    def action_counts(self) -> dict[Action, int]:
-        """How many managed rules of each action are committed."""
-        return dict(Counter(key.action for key in self.snapshot()))
+def lists_of(backend: Backend) -> ListBackend | None:
+    """The backend's list capability, or None when it keeps no sets (iptables)."""
+    return backend if isinstance(backend, ListBackend) else None

@@ -10,26 +10,29 @@ docs/internals.md, "Kernel layouts".
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import re
 import shutil
-import socket
-import subprocess
-import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain
-from typing import IO, Any, NamedTuple, NoReturn
+from typing import Any
 
-from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import BlockList, Rule, RuleKey
-from pushfw.worker.backends.entries import gc_paused, list_entries
+from pushfw.producer.contract import Action
+from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.entries import gc_paused
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
-from pushfw.worker.backends.iptables import (
+from pushfw.worker.backends.ipset_cmd import (
+    SET_NAME_MAX,
+    add_line,
+    kernel_timeout_s,
+    parse_save,
+    restore,
+    run,
+)
+from pushfw.worker.backends.ipset_lists import LIST_ACTIONS, LIST_NAME, IpsetLists
+from pushfw.worker.backends.xtables import (
     blank_rule,
     chain_entries,
     chain_removed,
@@ -41,127 +44,14 @@ from pushfw.worker.backends.iptables import (
     remove_chain,
     xtables_lock,
 )
-from pushfw.worker.backends.union import (
-    ABSENT,
-    Group,
-    Held,
-    Op,
-    changed,
-    element_ops,
-    groups_of,
-    union,
-)
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
-from pushfw.worker.expiry import kernel_timeout_s as timeout_s
 
 logger = logging.getLogger(__name__)
 
-MAX_TIMEOUT_S = 2_147_483
-"""The largest element timeout ipset accepts (about 24.8 days)."""
 
-_RUN_TIMEOUT_S = 300.0
 _RESIZE_SUFFIX = "-resize"
-_SET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
-_SAVED = re.compile(  # one line of ``ipset save``, in the order ipset prints the options
-    r"^add (?P<set>\S+) (?P<addr>[^\s/]+)(?:/(?P<prefix>\d{1,3}))?"
-    r"(?: timeout (?P<timeout>\d+))?(?: packets (?P<packets>\d+) bytes (?P<bytes>\d+))?"
-    r'(?: comment "(?:exp=(?P<exp>\d{1,19})|[^"]*)")?(?P<rest>.*)$',
-    re.MULTILINE,
-)
-_FAMILIES: dict[int, tuple[socket.AddressFamily, type[Network], int]] = {
-    4: (socket.AF_INET, ipaddress.IPv4Network, 32),
-    6: (socket.AF_INET6, ipaddress.IPv6Network, 128),
-}
 _TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
-_LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
-_LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
-_LIST_MAXELEM_MIN = 65536
-
-
-_CHUNK = 1 << 16
-"""Bytes of restore input written at a time."""
-
-
-def _feed(stdin: IO[bytes], lines: Iterable[str], failed: list[BaseException]) -> None:
-    """Write ``lines`` to a restore in chunks, then close its input; a restore that stopped
-    at a refused line closes the pipe, and its exit status and message tell why. Anything
-    else that goes wrong is put in ``failed`` for the caller (this runs in a thread)."""
-    chunk: list[str] = []
-    size = 0
-    try:
-        for line in lines:
-            chunk.append(line)
-            size += len(line)
-            if size >= _CHUNK:
-                stdin.write("".join(chunk).encode())
-                chunk, size = [], 0
-        stdin.write("".join(chunk).encode())
-    except BrokenPipeError:
-        pass
-    except BaseException as exc:  # handed to the caller, which raises it
-        failed.append(exc)
-    finally:
-        with contextlib.suppress(BrokenPipeError, OSError):
-            stdin.close()
-
-
-def _cidrs(by_prefix: Mapping[int, Sequence[str]]) -> Iterator[str]:
-    """``address/prefix`` strings, made as they are read (a million is 70 MB held at once)."""
-    for prefixlen, addresses in by_prefix.items():
-        for address in addresses:
-            yield f"{address}/{prefixlen}"
-
-
-def _adds(name: str, entries: Iterable[str], timeout_s: int) -> Iterator[str]:
-    """The restore lines adding ``entries`` to set ``name``, made as they are read."""
-    for entry in entries:
-        yield f"add {name} {entry} timeout {timeout_s}\n"
-
-
-class Element(NamedTuple):
-    """One element as ``ipset save`` prints it."""
-
-    network: Network
-    timeout_s: int
-    expires_ms: int | None
-    counters: tuple[int, int] | None = None
-    """(packets, bytes) in a set created with ``counters``."""
-
-
-def kernel_timeout_s(expires_ms: int, now_ms: int) -> int:
-    """The element timeout for an expiry (:func:`.expiry.kernel_timeout_s`).
-
-    Past ipset's limit the element is permanent in the kernel (0) and only the worker's own
-    delete ends it: a ban must never end early.
-    """
-    remaining_s = timeout_s(expires_ms, now_ms)
-    return remaining_s if remaining_s <= MAX_TIMEOUT_S else 0
-
-
-def parse_save(text: str, set_name: str, version: int) -> Iterator[Element]:
-    """The elements of ``set_name`` in ``ipset save`` output (which prints /32 and /128 bare).
-
-    Fast enough for a million elements: the addresses go through ``inet_pton``, not the much
-    slower ``ipaddress`` string parser.
-    """
-    family, network_type, max_prefixlen = _FAMILIES[version]
-    for found in _SAVED.finditer(text):
-        if found["set"] != set_name:
-            continue
-        if found["rest"].strip():  # nomatch, counters...: not an element pushfw writes
-            logger.warning("set %s holds %s, not written by pushfw", set_name, found[0][:80])
-            continue
-        try:
-            address = int.from_bytes(socket.inet_pton(family, found["addr"]))
-            prefixlen = int(found["prefix"] or max_prefixlen)
-            network = network_type((address, prefixlen), strict=False)
-        except (OSError, ValueError):
-            logger.warning("set %s holds %s, not a network", set_name, found[0][:80])
-            continue
-        exp, packets = found["exp"], found["packets"]
-        counters = (int(packets), int(found["bytes"])) if packets is not None else None
-        yield Element(network, int(found["timeout"] or 0), int(exp) if exp else None, counters)
 
 
 @dataclass(frozen=True)
@@ -181,7 +71,7 @@ class _Set:
         return [name, "hash:net", *options]
 
 
-class IpsetBackend(IndexedBackend):
+class IpsetBackend(IpsetLists, IndexedBackend):
     """Four ``hash:net`` sets matched from the managed chain; one ``ipset restore`` per batch."""
 
     name = "ipset"
@@ -198,7 +88,7 @@ class IpsetBackend(IndexedBackend):
 
         super().__init__()
 
-        prefix_max = _SET_NAME_MAX - len(f"-accept6{_RESIZE_SUFFIX}")
+        prefix_max = SET_NAME_MAX - len(f"-accept6{_RESIZE_SUFFIX}")
         if not _PREFIX.fullmatch(set_prefix) or len(set_prefix) > prefix_max:
             raise ConfigError(
                 f"set prefix {set_prefix!r}: use 1 to {prefix_max} letters, digits, '-', '_', '.'"
@@ -221,23 +111,16 @@ class IpsetBackend(IndexedBackend):
         self._chain_entries: dict[int, int | None] = {}
         self._list_set = re.compile(  # a list's own set, before lists shared sets
             rf"{re.escape(set_prefix)}-(?P<action>[ad])(?P<version>[46])(?P<temp>[-+])"
-            rf"(?P<name>{_LIST_NAME})"
+            rf"(?P<name>{LIST_NAME})"
         )
-        self._mark = re.compile(
-            rf"{re.escape(set_prefix)}-m(?P<action>[ad])-(?P<name>{_LIST_NAME})"
-        )
+        self._mark = re.compile(rf"{re.escape(set_prefix)}-m(?P<action>[ad])-(?P<name>{LIST_NAME})")
         self._lists_sets = {
-            (action, version): f"{set_prefix}-lists-{_LIST_ACTIONS[action]}{version}"
+            (action, version): f"{set_prefix}-lists-{LIST_ACTIONS[action]}{version}"
             for version in (4, 6)
             for action in (Action.ACCEPT, Action.DROP)
         }
         """Per action and family, the ``hash:net`` set the lists of that action share."""
-        self._held: dict[str, Held] = {}
-        """The entries of each list loaded since this start."""
-        self._marks: dict[str, Action] = {}
-        """The lists whose marker set is in the kernel, and their action."""
-        self._unknown: set[str] = set()
-        """Lists the kernel held at start that have not been loaded again since."""
+        self._forget_lists()
 
     def open(self) -> None:
         if iptables_variant() == "nf_tables":
@@ -312,7 +195,7 @@ class IpsetBackend(IndexedBackend):
         try:
             elements = parse_save(self._run("save", ipset.name), ipset.name, ipset.version)
             now_ms = self.clock()
-            lines = (_add_line(temp, e, now_ms) for e in elements)
+            lines = (add_line(temp, e, now_ms) for e in elements)
             self._run("-exist", "restore", stdin="".join(lines))
             self._run("swap", ipset.name, temp)  # atomic: rules matching the set keep working
         finally:
@@ -505,303 +388,16 @@ class IpsetBackend(IndexedBackend):
         return f'add {name} {net} timeout {timeout_s} comment "exp={expires_ms}"\n'
 
     def _restore(self, lines: Iterable[str]) -> None:
-        """``ipset -exist restore``, fed ``lines`` as they come (no shell).
-
-        -exist: an add of a present element renews its timeout and comment, a del of an
-        absent one is a no-op, so a replayed batch has the effect of one. The input is
-        streamed in chunks: a million-entry list was a 50 MB string, plus its lines, in the
-        worker's memory at once.
-        """
+        """``ipset -exist restore`` fed ``lines`` (see :func:`.ipset_cmd.restore`)."""
         if self._exe is None:
             raise ConfigError("the ipset command is not installed")
-        deadline = time.monotonic() + _RUN_TIMEOUT_S
-        with tempfile.TemporaryFile() as errors:
-            try:
-                proc = subprocess.Popen(
-                    [self._exe, "-exist", "restore"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=errors,
-                )
-            except OSError as exc:
-                raise BackendError(f"ipset restore: {exc}") from exc
-            assert proc.stdin is not None
-            failed: list[BaseException] = []
-            feeder = threading.Thread(
-                target=_feed, args=(proc.stdin, lines, failed), name="pushfw-ipset-restore"
-            )
-            try:
-                feeder.start()  # a thread: a restore that stops reading cannot outlast the bound
-                feeder.join(timeout=max(0.1, deadline - time.monotonic()))
-                if feeder.is_alive() or failed:
-                    raise failed[0] if failed else subprocess.TimeoutExpired(proc.args, 0)
-                returncode = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise BackendError(f"ipset restore: no end within {_RUN_TIMEOUT_S:.0f} s") from None
-            finally:
-                if proc.poll() is None:  # only a failure leaves it running: end it, and the feed
-                    proc.kill()
-                proc.wait()
-                feeder.join()
-            errors.seek(0)
-            stderr = errors.read().decode("utf-8", "replace")
-        if returncode != 0:
-            self._refused("restore", stderr, returncode)
+        restore(self._exe, lines)
 
     def _run(self, *args: str, stdin: str | None = None) -> str:
         """Run ``ipset`` with these arguments (no shell); its refusal becomes a BackendError."""
         if self._exe is None:
             raise ConfigError("the ipset command is not installed")
-        command = next(a for a in args if not a.startswith("-"))
-        try:
-            proc = subprocess.run(
-                [self._exe, *args],
-                input=stdin,
-                capture_output=True,
-                text=True,
-                timeout=_RUN_TIMEOUT_S,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise BackendError(f"ipset {command}: {exc}") from exc
-        if proc.returncode == 0:
-            return proc.stdout
-        self._refused(command, proc.stderr, proc.returncode)
-
-    @staticmethod
-    def _refused(command: str, stderr: str, returncode: int) -> NoReturn:
-        message = " ".join(stderr.split())[:300] or f"exit status {returncode}"
-        # ipset reports errors only as text, so a full set can only be told by its words
-        # ("Hash is full, cannot add more elements"); the lines we send carry no free text
-        # that could fake them. Adding to a full set never succeeds by retrying.
-        if command == "restore" and "is full" in message:
-            raise PermanentBackendError(f"ipset {command}: {message}")
-        raise BackendError(f"ipset {command}: {message}")
-
-    # --- named lists ---
-
-    supports_lists = True
-
-    list_chunk = 50_000
-    """A change of more elements refills the action's shared sets (a temporary set filled
-    in one streamed restore, then swapped in) instead of adding and deleting in place."""
-
-    def _mark_name(self, action: Action, name: str) -> str:
-        """The empty set whose name says that list ``name`` of ``action`` is loaded."""
-        if not re.fullmatch(_LIST_NAME, name):
-            raise PermanentBackendError(f"list name {name[:40]!r}: use {_LIST_NAME}")
-        mark = f"{self.set_prefix}-m{_LIST_ACTIONS[action]}-{name}"
-        if len(mark) > _SET_NAME_MAX:
-            raise PermanentBackendError(
-                f"ipset name {mark} is longer than {_SET_NAME_MAX} characters: "
-                f"shorten the set prefix {self.set_prefix!r} or the list's name"
-            )
-        return mark
-
-    def _marks_in(self, set_names: Iterable[str]) -> dict[str, Action]:
-        found = (self._mark.fullmatch(n) for n in set_names)
-        return {p["name"]: Action.ACCEPT if p["action"] == "a" else Action.DROP for p in found if p}
-
-    def list_names(self) -> set[str]:
-        """The lists whose marker set exists, less those with entries in a shared set that
-        holds nothing now (flushed by hand): each is a list to load again."""
-        held = self._headers()
-        emptied = self._emptied(held)
-        return {
-            name
-            for name, action in self._marks_in(held).items()
-            if not any(
-                (action, version) in emptied
-                for h in [self._held.get(name)]
-                if h is not None
-                for version, _ in h.groups
-            )
-        }
-
-    def _emptied(self, held: Mapping[str, int]) -> set[tuple[Action, int]]:
-        """The shared sets the loaded lists fill that hold no entry in the kernel."""
-        return {
-            (action, version)
-            for action in Action
-            for version, _ in groups_of(self._held.values(), action)
-            if held.get(self._lists_sets[(action, version)], 0) == 0
-        }
-
-    def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
-        """The list's entries into its action's shared sets, what only its old content held
-        out, and its marker set made."""
-        self._mark_name(spec.action, spec.name)
-        started = time.monotonic()
-        held = Held.of(spec.action, spec.expires_ms, list_entries(networks))
-        self._change(spec.name, {**self._held, spec.name: held}, spec.action, held)
-        logger.info(
-            "ipset list %s (%s): %d entries loaded in %.2f s",
-            spec.name,
-            spec.action.value,
-            held.size(),
-            time.monotonic() - started,
-        )
-
-    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
-        """The list's new content is its old one, less ``remove``, plus ``add``."""
-        old = self._held.get(spec.name)
-        if self._marks.get(spec.name) is not spec.action or old is None:
-            raise PermanentBackendError(
-                f"list {spec.name} is not loaded as {spec.action.value} by this worker: "
-                "load it first"
-            )
-        held = changed(
-            spec.action, spec.expires_ms, old.groups, list_entries(add), list_entries(remove)
-        )
-        self._change(spec.name, {**self._held, spec.name: held}, spec.action, held)
-
-    def remove_list(self, name: str) -> None:
-        """Its entries out of the shared sets (those no other list holds), its marker gone."""
-        if name not in self._marks and name not in self._held:
-            return
-        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
-
-    def _change(
-        self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
-    ) -> None:
-        """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
-        marks = {n: a for n, a in self._marks.items() if n != name}
-        if action is not None:
-            marks[name] = action
-            present = set(self._run("list", "-n").split())
-            self._restore(  # the shared sets, made with the action's first list
-                f"create {shared} hash:net family {family} "
-                f"timeout 0 counters maxelem {_LIST_MAXELEM_MIN}\n"
-                for version, family in ((4, "inet"), (6, "inet6"))
-                if (shared := self._lists_sets[(action, version)]) not in present
-            )
-        rebuild: set[Action] = set()
-        ops: dict[Action, list[Op]] = {}
-        if self._unknown - {name}:  # what the other lists held before this start is unknown
-            if added is not None:
-                self._add_only(added)
-        elif name in self._unknown:  # the last list held before this start: settle
-            rebuild = set(Action)
-        else:
-            touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
-            emptied = {a for a, _ in self._emptied(self._headers())}
-            rebuild = {h.action for h in touched} & emptied
-            for act in {h.action for h in touched} - rebuild:
-                found = element_ops(
-                    act, self._held.values(), lists.values(), touched, self.list_chunk
-                )
-                if found is None or not self._has_room(act, found):
-                    rebuild.add(act)
-                elif found:
-                    ops[act] = found
-        for act in sorted(rebuild):
-            self._refill(act, lists)
-        self._commit_lists(lists, marks, ops)
-        self._unknown.discard(name)
-
-    def _add_only(self, added: Held) -> None:
-        """Add the list's entries to the live shared sets and delete nothing: lists held
-        before this start may hold anything there until each is loaded again."""
-        now_ms = self.clock()
-        timeout_s = 0 if added.expires_ms is None else kernel_timeout_s(added.expires_ms, now_ms)
-        for version in (4, 6):
-            target = self._lists_sets[(added.action, version)]
-            groups = {g: p for g, p in added.groups.items() if g[0] == version}
-            count = sum(len(p) // _WIDTH[version] for p in groups.values())
-            if count and not self._room(target, count):
-                raise PermanentBackendError(
-                    f"set {target} is full until every list held before this start is loaded again"
-                )
-            self._restore(
-                f"add {target} {_address(g, key)}/{g[1]} timeout {timeout_s}\n"
-                for g, packed in sorted(groups.items())
-                for key in _keys(packed, _WIDTH[version])
-            )
-
-    def _has_room(self, action: Action, ops: list[Op]) -> bool:
-        """Can the live shared sets take these changes without passing their ``maxelem``?"""
-        for version in (4, 6):
-            adds = sum(1 for g, _, before, _a in ops if g[0] == version and before == ABSENT)
-            if adds and not self._room(self._lists_sets[(action, version)], adds):
-                return False
-        return True
-
-    def _room(self, set_name: str, adding: int) -> bool:
-        header = self._run("list", "-t", set_name)
-        words = dict(re.findall(r"^(Header|Number of entries): (.*)$", header, re.MULTILINE))
-        options = words.get("Header", "").split()
-        maxelem = int(options[options.index("maxelem") + 1]) if "maxelem" in options else 0
-        return int(words.get("Number of entries", "0")) + adding <= maxelem
-
-    def _commit_lists(
-        self,
-        lists: dict[str, Held],
-        marks: dict[str, Action],
-        ops: dict[Action, list[Op]],
-    ) -> None:
-        """One restore: markers made, element changes in the live shared sets; then the
-        chain's rules for the actions that have lists, and markers deleted."""
-        now_ms = self.clock()
-        lines = [
-            f"create {self._mark_name(a, n)} hash:net family inet maxelem 1\n"
-            for n, a in sorted(marks.items())
-            if self._marks.get(n) is not a
-        ]
-        for action, found in ops.items():
-            for group, key, _before, after in found:
-                target = self._lists_sets[(action, group[0])]
-                entry = f"{_address(group, key)}/{group[1]}"
-                if after == ABSENT:
-                    lines.append(f"del {target} {entry}\n")
-                    continue
-                timeout_s = 0 if after is None else kernel_timeout_s(after, now_ms)
-                lines.append(f"add {target} {entry} timeout {timeout_s}\n")  # -exist: renews
-        self._restore(lines)
-        before = dict(self._marks)
-        self._held, self._marks = lists, marks
-        if set(before.values()) != set(marks.values()):
-            self._write_rules()
-        for n, a in sorted(before.items()):
-            if marks.get(n) is not a:
-                self._run("-exist", "destroy", self._mark_name(a, n))
-
-    def _refill(self, action: Action, lists: dict[str, Held]) -> None:
-        """Fill temporary sets with exactly the union of the lists of ``action`` in one
-        streamed restore and swap them in: packets meet the old content or the new."""
-        now_ms = self.clock()
-        present = set(self._run("list", "-n").split())
-        fill: list[Iterable[str]] = []
-        swap: list[str] = []
-        for version in (4, 6):
-            live = self._lists_sets[(action, version)]
-            temp = f"{live}+"
-            groups = sorted(g for g in groups_of(lists.values(), action) if g[0] == version)
-            count = sum(
-                len(h.groups.get(g, b"")) // _WIDTH[version]
-                for h in lists.values()
-                if h.action is action
-                for g in groups
-            )
-            maxelem = max(_LIST_MAXELEM_MIN, 1 << (2 * count - 1).bit_length())
-            family = "inet" if version == 4 else "inet6"
-            fill.append(
-                f"create {temp} hash:net family {family} timeout 0 counters maxelem {maxelem}\n"
-            )
-            fill.append(_union_lines(temp, lists, action, groups, now_ms))
-            swap.append(
-                f"swap {temp} {live}\ndestroy {temp}\n"
-                if live in present
-                else f"rename {temp} {live}\n"
-            )
-        for version in (4, 6):
-            self._run("-exist", "destroy", f"{self._lists_sets[(action, version)]}+")
-        try:
-            self._restore(chain(*fill, swap))
-        except BackendError:
-            for version in (4, 6):
-                with contextlib.suppress(BackendError):
-                    self._run("-exist", "destroy", f"{self._lists_sets[(action, version)]}+")
-            raise
+        return run(self._exe, *args, stdin=stdin)
 
     def uninstall(self) -> str:
         """Remove the jumps, the managed chain and pushfw's sets; other rules and sets stay."""
@@ -822,45 +418,10 @@ class IpsetBackend(IndexedBackend):
         ours += [s.name for s in self._sets.values()]
         ours += [f"{s.name}{_RESIZE_SUFFIX}" for s in self._sets.values()]
         ours += sorted(name for name in present if self._list_set.fullmatch(name))
-        self._held, self._marks, self._unknown = {}, {}, set()
+        self._forget_lists()
         removed = [name for name in ours if name in present]
         for name in removed:
             self._run("destroy", name)
         self._index.clear()
         sets = ", ".join(removed) if removed else "none present"
         return f"{chain_removed(self.chain, found)}; sets: {sets}"
-
-
-def _add_line(set_name: str, element: Element, now_ms: int) -> str:
-    """An element copied to another set; ``save`` rounds timeouts down, so recompute them."""
-    timeout_s = element.timeout_s
-    if element.expires_ms is not None and timeout_s:
-        timeout_s = kernel_timeout_s(element.expires_ms, now_ms)
-    line = f"add {set_name} {element.network} timeout {int(timeout_s)}"
-    if element.counters is not None:
-        line += f" packets {int(element.counters[0])} bytes {int(element.counters[1])}"
-    if element.expires_ms is not None:
-        line += f' comment "exp={int(element.expires_ms)}"'
-    return line + "\n"
-
-
-_WIDTH = {4: 4, 6: 16}
-
-
-def _keys(packed: bytes, width: int) -> Iterator[bytes]:
-    for start in range(0, len(packed), width):
-        yield packed[start : start + width]
-
-
-def _address(group: Group, key: bytes) -> str:
-    return socket.inet_ntop(_FAMILIES[group[0]][0], key)
-
-
-def _union_lines(
-    set_name: str, lists: dict[str, Held], action: Action, groups: list[Group], now_ms: int
-) -> Iterator[str]:
-    """The restore lines adding the union of the lists' groups, made as they are read."""
-    for group in groups:
-        for key, expires_ms in union(lists.values(), action, group):
-            timeout_s = 0 if expires_ms is None else kernel_timeout_s(expires_ms, now_ms)
-            yield f"add {set_name} {_address(group, key)}/{group[1]} timeout {timeout_s}\n"

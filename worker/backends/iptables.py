@@ -11,189 +11,33 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import ipaddress
 import logging
-import os
-import shutil
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
-from pushfw.worker.errors import BackendError, ConfigError, TransientBackendError
+from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.index import IndexedBackend
+from pushfw.worker.backends.xtables import (
+    CHECK_LOCK_TIMEOUT_S,
+    blank_rule,
+    chain_removed,
+    commit_table,
+    count_entries,
+    ensure_chain,
+    filter_table,
+    iptables_variant,
+    remove_chain,
+    xtables_lock,
+)
+from pushfw.worker.backends.xtables import XTABLES_LOCK as XTABLES_LOCK
+from pushfw.worker.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
 COMMENT = "pushfw"
-XTABLES_LOCK = "/run/xtables.lock"
-_CHECK_LOCK_TIMEOUT_S = 0.5  # a heartbeat's check skips a busy table rather than wait as commits do
-_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR})
-_libc = ctypes.CDLL(None)
-_libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
-
-
-def _c_errno() -> int:
-    """The C errno libiptc left behind; python-iptables only reports it as text."""
-    return int(_libc.__errno_location()[0])
-
-
-def iptables_variant() -> str:
-    """``nf_tables`` or ``legacy``: which x_tables the host's ``iptables`` command edits."""
-    path = shutil.which("iptables")
-    if path and "nft" in os.path.basename(os.path.realpath(path)):
-        return "nf_tables"
-    return "legacy"
-
-
-def filter_table(iptc: Any, version: int) -> Any:
-    """One family's filter table with autocommit off (one commit per batch)."""
-    cls = iptc.Table if version == 4 else iptc.Table6
-    table = cls(cls.FILTER)
-    table.autocommit = False
-    return table
-
-
-def blank_rule(iptc: Any, version: int) -> Any:
-    """An empty rule of one family."""
-    return iptc.Rule() if version == 4 else iptc.Rule6()
-
-
-@contextlib.contextmanager
-def xtables_lock(timeout_s: float, waited: Callable[[float], None] | None = None) -> Iterator[None]:
-    """Hold the xtables lock that iptables-legacy binaries take, so we never race them.
-
-    ``waited`` hears how long another holder kept us waiting (also when we gave up).
-    """
-    try:
-        fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    except OSError:
-        yield
-        return
-    try:
-        started = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - started > timeout_s:
-                    if waited is not None:
-                        waited(time.monotonic() - started)
-                    raise TransientBackendError("xtables lock is held by another process") from None
-                time.sleep(0.01)
-        if waited is not None and time.monotonic() - started >= 0.01:
-            waited(time.monotonic() - started)
-        yield
-    finally:
-        os.close(fd)
-
-
-def commit_table(iptc: Any, table: Any) -> None:
-    """Commit ``table``; a concurrent writer (EAGAIN, EBUSY, EINTR) is a transient error."""
-    try:
-        table.commit()
-    except iptc.IPTCError as exc:
-        code = _c_errno()
-        with contextlib.suppress(iptc.IPTCError):
-            table.refresh()
-        if code in _TRANSIENT_ERRNOS:
-            raise TransientBackendError(f"iptables commit: {exc}") from exc
-        raise BackendError(f"iptables commit: {exc}") from exc
-
-
-def ensure_chain(iptc: Any, table: Any, version: int, chain: str, hooks: Sequence[str]) -> None:
-    """Create ``chain`` if missing and jump to it once from the top of each hook chain."""
-    if not table.is_chain(chain):
-        table.create_chain(chain)
-    for hook in hooks:
-        if not table.is_chain(hook):
-            raise ConfigError(
-                f"hooks: chain {hook} does not exist in the legacy iptables filter table that "
-                "this backend writes (a chain Docker made with iptables-nft lives in nf_tables); "
-                "create it there, or use PUSHFW_BACKEND=nftables with PUSHFW_HOOKS=FORWARD"
-            )
-        hook_chain = iptc.Chain(table, hook)
-        if not any(r.target.name == chain for r in hook_chain.rules):
-            jump = blank_rule(iptc, version)
-            jump.create_target(chain)
-            hook_chain.insert_rule(jump)
-
-
-def _jumps_to(table: Any, hook: str, chain: str) -> bool:
-    target = chain.encode()
-    entry = table.first_rule(hook)
-    while entry:
-        if table.get_target(entry) == target:
-            return True
-        entry = table.next_rule(entry)
-    return False
-
-
-def chain_entries(table: Any, chain: str, hooks: Sequence[str]) -> int | None:
-    """How many entries ``chain`` holds; None if it, or a hook chain's jump to it, is gone.
-
-    Walks libiptc's copy of the table entry by entry, building no python-iptables Rule
-    (about 0.3 ms each): a few milliseconds for 10k entries.
-    """
-    if not table.is_chain(chain) or not all(_jumps_to(table, hook, chain) for hook in hooks):
-        return None
-    count = 0
-    entry = table.first_rule(chain)
-    while entry:
-        count += 1
-        entry = table.next_rule(entry)
-    return count
-
-
-def count_entries(iptc: Any, chain: str, hooks: Sequence[str]) -> dict[int, int | None] | None:
-    """:func:`chain_entries` per family, read now; None when the kernel cannot be read now.
-
-    Waits for the xtables lock only briefly: a busy table is checked at the next heartbeat.
-    """
-    counts: dict[int, int | None] = {}
-    for version in (4, 6):
-        try:
-            with xtables_lock(_CHECK_LOCK_TIMEOUT_S):
-                table = filter_table(iptc, version)
-                table.refresh()
-                counts[version] = chain_entries(table, chain, hooks)
-        except (TransientBackendError, iptc.IPTCError) as exc:
-            logger.debug("IPv%d filter table not checked: %s", version, exc)
-            return None
-    return counts
-
-
-def remove_chain(iptc: Any, table: Any, chain: str, hooks: Sequence[str]) -> bool:
-    """Delete the jumps to ``chain`` from the hook chains, then the chain with its rules.
-
-    Returns whether there was anything of pushfw's to remove.
-    """
-    found = False
-    for hook in hooks:
-        if not table.is_chain(hook):
-            continue
-        hook_chain = iptc.Chain(table, hook)
-        for ipt_rule in list(hook_chain.rules):
-            if ipt_rule.target.name == chain:
-                hook_chain.delete_rule(ipt_rule)
-                found = True
-    if table.is_chain(chain):
-        managed = iptc.Chain(table, chain)
-        managed.flush()
-        managed.delete()
-        found = True
-    return found
-
-
-def chain_removed(chain: str, families: Sequence[str]) -> str:
-    """What an uninstall says it did with the managed chain, for the families that had it."""
-    if not families:
-        return f"no chain {chain} or jump to it was present"
-    return f"removed chain {chain} and its jumps ({' and '.join(families)})"
 
 
 def _comment(rule: Rule) -> str:
@@ -282,15 +126,13 @@ class _RuleCodec:
 
 @dataclass
 class _Family:
-    """One address family's table, chain and index of managed rules."""
+    """One address family's table and chain; its rules are in the backend's packed index."""
 
     version: int
     iptc: Any
     codec: _RuleCodec
-    index: dict[RuleKey, Rule] = field(default_factory=dict)
-    staged: list[tuple[RuleKey, Rule | None]] = field(default_factory=list)
-    """``(key, rule)`` to add or replace, ``(key, None)`` to delete: the shape of
-    :class:`~pushfw.worker.backends.base.IndexedBackend`'s staged changes."""
+    size: int = 0
+    """How many of the backend's index entries are of this family."""
     extra: int = 0
     """Entries of the chain beyond the index (rules pushfw did not write, duplicates)."""
 
@@ -298,7 +140,7 @@ class _Family:
         return filter_table(self.iptc, self.version)
 
 
-class IptablesBackend(Backend):
+class IptablesBackend(IndexedBackend):
     """Managed chains in the legacy filter table, one commit per family and batch."""
 
     name = "iptables"
@@ -311,6 +153,7 @@ class IptablesBackend(Backend):
     ) -> None:
         import iptc  # deferred: loading libiptc needs the iptables libraries installed
 
+        super().__init__()
         self.chain = chain
         self.hooks = tuple(hooks)
         self.lock_timeout_s = lock_timeout_s
@@ -330,12 +173,17 @@ class IptablesBackend(Backend):
                 table.refresh()
                 self._ensure_chain(fam, table)
                 self._commit_table(table)
-                fam.index = self._read_index(fam, table)
+                found = self._read_index(fam, table)
+            for key in [k for k in self._index if k.network.version == fam.version]:
+                del self._index[key]
+            for key, rule in found.items():
+                self._index[key] = rule
+            fam.size = len(found)
         logger.info(
             "iptables chains ready: %s rules (IPv4 %d, IPv6 %d)",
             self.chain,
-            len(self._families[4].index),
-            len(self._families[6].index),
+            self._families[4].size,
+            self._families[6].size,
         )
 
     def _ensure_chain(self, fam: _Family, table: Any) -> None:
@@ -365,23 +213,11 @@ class IptablesBackend(Backend):
             )
         return index
 
-    def close(self) -> None:
-        self.discard()
-
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return {**self._families[4].index, **self._families[6].index}
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._families[key.network.version].index.get(key)
-
-    def size(self) -> int:
-        return sum(len(fam.index) for fam in self._families.values())
-
     def intact(self) -> bool:
         """Per family: the chain, each hook's jump, and as many entries as the index explains."""
         counts = count_entries(self._iptc, self.chain, self.hooks)
         return counts is None or all(
-            counts[version] == len(fam.index) + fam.extra for version, fam in self._families.items()
+            counts[version] == fam.size + fam.extra for version, fam in self._families.items()
         )
 
     def hits(self) -> dict[RuleKey, tuple[int, int]]:
@@ -389,7 +225,7 @@ class IptablesBackend(Backend):
         found: dict[RuleKey, tuple[int, int]] = {}
         for fam in self._families.values():
             try:
-                with xtables_lock(_CHECK_LOCK_TIMEOUT_S, self.lock_waited):
+                with xtables_lock(CHECK_LOCK_TIMEOUT_S, self.lock_waited):
                     table = fam.table()
                     table.refresh()
             except self._iptc.IPTCError as exc:
@@ -406,42 +242,52 @@ class IptablesBackend(Backend):
                 entry = table.next_rule(entry)
         return found
 
-    def add(self, rule: Rule) -> None:
-        self._families[rule.key.network.version].staged.append((rule.key, rule))
-
-    def delete(self, key: RuleKey) -> None:
-        self._families[key.network.version].staged.append((key, None))
-
-    def discard(self) -> None:
-        for fam in self._families.values():
-            fam.staged.clear()
-
     def commit(self) -> None:
         try:
             for fam in self._families.values():
-                if fam.staged:
-                    self._commit_family(fam)
+                staged = [(k, r) for k, r in self._staged if k.network.version == fam.version]
+                if staged:
+                    self._commit_family(fam, staged)
         finally:
             self.discard()
 
-    def _commit_family(self, fam: _Family) -> None:
-        index = dict(fam.index)
-        with self._locked():
-            table = fam.table()
-            table.refresh()
-            try:
-                self._stage_entries(table, fam, index)
-            except self._iptc.IPTCError as exc:  # the chain vanished (iptables -X by hand)
-                with contextlib.suppress(self._iptc.IPTCError):
-                    table.refresh()
-                raise BackendError(f"iptables: {exc} (chain {self.chain})") from exc
-            self._commit_table(table)
-        fam.index = index
+    def _commit_family(self, fam: _Family, staged: list[tuple[RuleKey, Rule | None]]) -> None:
+        """One family's changes in one table commit; the index is changed in place, and put
+        back as it was if the commit fails."""
+        undo: list[tuple[RuleKey, Rule | None]] = []
+        try:
+            with self._locked():
+                table = fam.table()
+                table.refresh()
+                try:
+                    self._stage_entries(table, fam, staged, undo)
+                except self._iptc.IPTCError as exc:  # the chain vanished (iptables -X by hand)
+                    with contextlib.suppress(self._iptc.IPTCError):
+                        table.refresh()
+                    raise BackendError(f"iptables: {exc} (chain {self.chain})") from exc
+                self._commit_table(table)
+        except BaseException:
+            for key, old in reversed(undo):
+                if old is None:
+                    self._index.pop(key, None)
+                else:
+                    self._index[key] = old
+            raise
+        fam.size += sum(
+            (key in self._index) - (old is not None) for key, old in _first_of_each(undo)
+        )
 
-    def _stage_entries(self, table: Any, fam: _Family, index: dict[RuleKey, Rule]) -> None:
+    def _stage_entries(
+        self,
+        table: Any,
+        fam: _Family,
+        staged: list[tuple[RuleKey, Rule | None]],
+        undo: list[tuple[RuleKey, Rule | None]],
+    ) -> None:
         codec = fam.codec
-        for key, rule in fam.staged:
-            old = index.pop(key, None)
+        for key, rule in staged:
+            old = self._index.pop(key, None)
+            undo.append((key, old))
             if old is not None:
                 with contextlib.suppress(self._iptc.IPTCError):
                     table.delete_entry(self.chain, codec.encode(old), codec.mask(old.key.action))
@@ -450,7 +296,7 @@ class IptablesBackend(Backend):
                     table.insert_entry(self.chain, codec.encode(rule), 0)
                 else:
                     table.append_entry(self.chain, codec.encode(rule))
-                index[rule.key] = rule
+                self._index[rule.key] = rule
 
     def _commit_table(self, table: Any) -> None:
         commit_table(self._iptc, table)
@@ -468,5 +314,17 @@ class IptablesBackend(Backend):
                 if remove_chain(self._iptc, table, self.chain, self.hooks):
                     found.append(f"IPv{fam.version}")
                 self._commit_table(table)
-            fam.index = {}
+            fam.size = 0
+        self._index.clear()
         return chain_removed(self.chain, found)
+
+
+def _first_of_each(
+    undo: list[tuple[RuleKey, Rule | None]],
+) -> Iterator[tuple[RuleKey, Rule | None]]:
+    """Each key's state before the batch: its first undo entry."""
+    seen: set[RuleKey] = set()
+    for key, old in undo:
+        if key not in seen:
+            seen.add(key)
+            yield key, old

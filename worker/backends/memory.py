@@ -38,8 +38,6 @@ class MemoryBackend(IndexedBackend):
                 self._index[key] = rule
         self.commits += 1
 
-    supports_lists = True
-
     def list_names(self) -> set[str]:
         return set(self.lists)
 

@@ -15,29 +15,17 @@ import errno
 import ipaddress
 import json
 import logging
-import os
 import re
-import socket
 import struct
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import BlockList, Rule, RuleKey
-from pushfw.worker.backends.entries import list_entries
+from pushfw.worker.backends.base import Rule, RuleKey
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
-from pushfw.worker.backends.union import (
-    ABSENT,
-    Group,
-    Held,
-    Op,
-    changed,
-    element_ops,
-    groups_of,
-    union,
-)
+from pushfw.worker.backends.netlink import rule_lookups, set_is_empty, set_names
+from pushfw.worker.backends.nft_lists import UNION, NftLists, mark_name, union_set_name
 from pushfw.worker.errors import BackendError, ConfigError, PermanentBackendError
 from pushfw.worker.expiry import kernel_timeout_s
 
@@ -46,25 +34,8 @@ logger = logging.getLogger(__name__)
 _HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
 _PRIORITY = -10
 _SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
-_LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
-_UNION = re.compile(
-    r"lists_(?P<action>drop|accept)(?P<version>[46])_(?P<prefix>\d{1,3})(?P<slot>b?)"
-)
-_MARK = re.compile(rf"mark_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})")
-_LIST_SET = re.compile(  # a list's own set, before lists shared sets: removed at open
-    rf"list_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])"
-    rf"_(?P<prefix>\d{{1,3}})(?P<slot>b?)"
-)
 _MAX_PREFIXLEN = {4: 32, 6: 128}
 Json = dict[str, Any]
-
-_NETLINK_NETFILTER = 12
-_NFT_GETRULE, _NFT_GETSET, _NFT_GETSETELEM = 7, 10, 13  # enum nf_tables_msg_types
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_DUMP_INTR = 0x10  # the ruleset changed during the dump: its replies may disagree
-_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
-_NFPROTO_INET = 1
-_NETLINK_TIMEOUT_S = 2.0
 
 
 def set_name(key: RuleKey) -> str:
@@ -92,146 +63,23 @@ def _parse_elem(raw: Any) -> tuple[Network, str]:
     return ipaddress.ip_network(str(value)), str(elem.get("comment", ""))
 
 
-def _nla(kind: int, text: str) -> bytes:
-    """One netlink string attribute, padded to 4 bytes."""
-    payload = text.encode() + b"\0"
-    return struct.pack("=HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
-
-
-def _nlas(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The netlink attributes in ``data``: (type without its flag bits, payload)."""
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & 0x3FFF, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _text(payload: bytes) -> str:
-    return payload.rstrip(b"\0").decode(errors="replace")
-
-
-def _lookups(expressions: bytes) -> Iterator[str]:
-    """The sets a rule's expressions (NFTA_RULE_EXPRESSIONS) look up, by name."""
-    for _, element in _nlas(expressions):
-        expression = dict(_nlas(element))  # NFTA_EXPR_NAME 1, NFTA_EXPR_DATA 2
-        if _text(expression.get(1, b"")) == "lookup":
-            yield _text(dict(_nlas(expression.get(2, b""))).get(1, b""))  # NFTA_LOOKUP_SET
-
-
-def _dump(message: int, attributes: bytes, first_only: bool = False) -> list[bytes]:
-    """The replies of one nf_tables netlink dump (``inet`` family), as attribute bytes.
-
-    With ``first_only`` the dump stops after one reply: the kernel fills its replies as they
-    are read, so a set of a million elements costs no more than an empty one.
-
-    Raises:
-        OSError: the kernel's refusal (``ENOENT``: no such table or set), an interrupted
-            dump (``EINTR``), or no answer in time.
-    """
-    kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
-    with socket.socket(socket.AF_NETLINK, kind, _NETLINK_NETFILTER) as sock:
-        sock.settimeout(_NETLINK_TIMEOUT_S)
-        body = struct.pack("=BBH", _NFPROTO_INET, 0, 0) + attributes  # struct nfgenmsg
-        header = struct.pack("=IHHII", 16 + len(body), 10 << 8 | message, _DUMP_REQUEST, 1, 0)
-        sock.send(header + body)
-        replies: list[bytes] = []
-        while True:
-            data, offset = sock.recv(1 << 16), 0
-            while offset + 16 <= len(data):  # struct nlmsghdr, then the payload
-                length, reply, flags = struct.unpack_from("=IHH", data, offset)
-                payload = data[offset + 16 : offset + length]
-                offset += (length + 3) & ~3
-                if reply == _NLMSG_ERROR and (code := struct.unpack_from("=i", payload)[0]):
-                    raise OSError(-code, os.strerror(-code))
-                if flags & _NLM_F_DUMP_INTR:
-                    raise OSError(errno.EINTR, "the ruleset changed during the dump")
-                if reply in (_NLMSG_ERROR, _NLMSG_DONE):
-                    return replies
-                replies.append(payload[4:])  # after struct nfgenmsg
-                if first_only:
-                    return replies
-
-
-def set_names(table: str) -> set[str]:
-    """The names of the sets of ``inet table``, from one netlink dump that fetches no element.
-
-    Raises:
-        OSError: as :func:`_dump` (``ENOENT``: no such table).
-    """
-    return {_text(dict(_nlas(r)).get(2, b"")) for r in _dump(_NFT_GETSET, _nla(1, table))}
-
-
-def set_element_count(table: str, set_name: str) -> int:
-    """How many elements the kernel's set ``inet table set_name`` holds, read over netlink.
-
-    ``nft list`` takes minutes for a million elements; this dump reads the kernel's own
-    replies and counts them (tools and benchmarks check the kernel with it).
-
-    Raises:
-        OSError: as :func:`_dump`.
-    """
-    replies = _dump(_NFT_GETSETELEM, _nla(1, table) + _nla(2, set_name))
-    return sum(
-        sum(1 for _ in _nlas(value))
-        for reply in replies
-        for kind, value in _nlas(reply)
-        if kind == 3
-    )
-
-
 def _version(name: str) -> int:
-    parsed = _SET_NAME.fullmatch(name) or _UNION.fullmatch(name)
+    parsed = _SET_NAME.fullmatch(name) or UNION.fullmatch(name)
     return int(parsed["version"]) if parsed else 4
-
-
-def union_set_name(action: Action, version: int, prefixlen: int, slot: str = "") -> str:
-    """The shared set holding the /``prefixlen`` entries of one family of the lists of
-    ``action``; ``slot`` ("" or "b") alternates between refills."""
-    return f"lists_{action.value}{version}_{prefixlen}{slot}"
-
-
-def mark_name(action: Action, name: str) -> str:
-    """The empty set whose name says that list ``name`` of ``action`` is loaded."""
-    return f"mark_{action.value}_{name}"
-
-
-def _marks_in(set_names: Iterable[str]) -> dict[str, Action]:
-    found = (_MARK.fullmatch(n) for n in set_names)
-    return {p["name"]: Action(p["action"]) for p in found if p}
-
-
-def _action_of(name: str) -> Action:
-    parsed = _UNION.fullmatch(name)
-    assert parsed is not None
-    return Action(parsed["action"])
 
 
 def _source(name: str) -> Json:
     """What a rule looks up in set ``name``: the source address, masked for a list's prefix."""
     version = _version(name)
     saddr: Json = {"payload": {"protocol": "ip6" if version == 6 else "ip", "field": "saddr"}}
-    parsed = _UNION.fullmatch(name)
+    parsed = UNION.fullmatch(name)
     if parsed is None or int(parsed["prefix"]) == _MAX_PREFIXLEN[version]:
         return saddr
     mask = ipaddress.ip_network(f"{'::' if version == 6 else '0.0.0.0'}/{parsed['prefix']}")
     return {"&": [saddr, str(mask.netmask)]}
 
 
-def _rule_lookups(reply: bytes) -> Iterator[str]:
-    """The sets one rule of a netlink rule dump looks up (NFTA_RULE_EXPRESSIONS is 4)."""
-    return _lookups(dict(_nlas(reply)).get(4, b""))
-
-
-def _checked_list_name(name: str) -> str:
-    if not _LIST_NAME.fullmatch(name):
-        raise PermanentBackendError(f"list name {name[:40]!r}: use {_LIST_NAME.pattern}")
-    return name
-
-
-class NftablesBackend(IndexedBackend):
+class NftablesBackend(NftLists, IndexedBackend):
     """Sets in ``inet <table>``; one nft transaction per batch."""
 
     name = "nftables"
@@ -255,15 +103,7 @@ class NftablesBackend(IndexedBackend):
         self._counts: Counter[str] = Counter()  # elements per set, as the index has them
         self._uncounted: set[str] = set()  # sets made before counters, moved at open
         self._chains: set[str] = set()
-        self._held: dict[str, Held] = {}
-        """The entries of each list loaded since this start."""
-        self._marks: dict[str, Action] = {}
-        """The lists whose marker set is in the kernel, and their action."""
-        self._unknown: set[str] = set()
-        """Lists the kernel held at start that have not been loaded again since."""
-        self._slot: dict[Action, str] = dict.fromkeys(Action, "")
-        self._union: dict[Action, set[Group]] = {a: set() for a in Action}
-        """Per action, the groups whose shared set (in its live slot) the rules match."""
+        self._forget_lists()
         self.readd_renews: bool | None = None
 
     def _run(self, commands: list[Json]) -> Any:
@@ -298,43 +138,10 @@ class NftablesBackend(IndexedBackend):
             "renews" if self.readd_renews else "does not renew",
         )
 
-    def _open_lists(self, names: set[str]) -> list[str]:
-        """Take the lists' state from the set names; returns the list sets to delete: a
-        slot no rule matches (a refill cut short), and sets of one list each (before lists
-        shared sets: those lists are loaded again, as after a reboot)."""
-        self._marks = _marks_in(names)
-        self._held = {  # an open again (a reconcile) keeps what this process loaded
-            n: held for n, held in self._held.items() if self._marks.get(n) is held.action
-        }
-        self._unknown = set(self._marks) - set(self._held)
-        slots: dict[tuple[Action, str], set[Group]] = {}
-        for name in names:
-            if parsed := _UNION.fullmatch(name):
-                group = (int(parsed["version"]), int(parsed["prefix"]))
-                slots.setdefault((Action(parsed["action"]), parsed["slot"]), set()).add(group)
-        matched: set[str] | None = None
-        stale = sorted(n for n in names if _LIST_SET.fullmatch(n))
-        for action in Action:
-            found = [slot for slot in ("", "b") if (action, slot) in slots]
-            live = found[0] if found else ""
-            if len(found) == 2:
-                if matched is None:
-                    matched = self._matched_sets()
-                if any(union_set_name(action, *g, "b") in matched for g in slots[(action, "b")]):
-                    live = "b"
-                gone = "" if live == "b" else "b"
-                stale += sorted(union_set_name(action, *g, gone) for g in slots[(action, gone)])
-            self._slot[action] = live
-            self._union[action] = slots.get((action, live), set())
-            if action not in self._marks.values():  # entries of no list that is held
-                stale += sorted(union_set_name(action, *g, live) for g in self._union[action])
-                self._union[action] = set()
-        return stale
-
     def _matched_sets(self) -> set[str]:
         """The sets the table's rules look up (none known if the rules cannot be read)."""
         try:
-            return {n for reply in self._dump(_NFT_GETRULE) for n in _rule_lookups(reply)}
+            return {n for found in rule_lookups(self.table).values() for n in found}
         except (OSError, struct.error, ValueError) as exc:
             logger.debug("nftables: rules not read: %s", exc)
             return set()
@@ -435,14 +242,12 @@ class NftablesBackend(IndexedBackend):
 
     def intact(self) -> bool:
         """The sets, each hook chain's rules matching them, and an element in every set the
-        index fills, read with small netlink dumps (:func:`_dump`); cost is independent of
+        index fills, read with small netlink dumps (:mod:`.netlink`); cost is independent of
         how many elements the sets hold. Elements are not counted: nf_tables keeps no count."""
         try:
-            sets = {_text(dict(_nlas(r)).get(2, b"")) for r in self._dump(_NFT_GETSET)}
-            lookups: dict[str, list[str]] = {hook: [] for hook in self.hooks}
-            for reply in self._dump(_NFT_GETRULE):
-                rule = dict(_nlas(reply))  # NFTA_RULE_CHAIN 2, NFTA_RULE_EXPRESSIONS 4
-                lookups.setdefault(_text(rule.get(2, b"")), []).extend(_lookups(rule.get(4, b"")))
+            sets = set_names(self.table)
+            found = rule_lookups(self.table)
+            lookups = {hook: found.get(hook, []) for hook in self.hooks}
             emptied = [n for n in sorted(self._sets) if self._counts[n] > 0 and self._empty(n)]
             emptied += [str(g) for g in sorted(self._emptied_groups(), key=str)]
         except OSError as exc:
@@ -459,15 +264,9 @@ class NftablesBackend(IndexedBackend):
         marks = {mark_name(a, n) for n, a in self._marks.items()}
         return matched | marks <= sets and hooked and not emptied
 
-    def _dump(self, message: int, of_set: str | None = None) -> list[bytes]:
-        """A dump of this table's sets or rules, or the first reply of one set's elements."""
-        attributes = _nla(1, self.table) + (_nla(2, of_set) if of_set else b"")
-        return _dump(message, attributes, first_only=of_set is not None)
-
     def _empty(self, name: str) -> bool:
         """Does the kernel's set hold no element? Only the dump's first reply is read."""
-        replies = self._dump(_NFT_GETSETELEM, name)
-        return not any(kind == 3 and value for r in replies for kind, value in _nlas(r))
+        return set_is_empty(self.table, name)
 
     def _schema_commands(
         self, sets: set[str], unions: dict[Action, list[str]] | None = None
@@ -607,248 +406,6 @@ class NftablesBackend(IndexedBackend):
             raise
         self._sets |= new_sets
 
-    # --- named lists ---
-
-    supports_lists = True
-
-    list_chunk = 50_000
-    """A change of more elements refills the action's shared sets in the other slot, a
-    transaction of this many at a time, and swaps them in with one more: libnftables holds
-    a whole transaction in the worker's memory (a million elements in one took 581 MB)."""
-
-    def list_names(self) -> set[str]:
-        """The lists whose marker set exists, less those with entries in a shared set that
-        holds nothing now (flushed by hand): each is a list to load again."""
-        try:
-            emptied = self._emptied_groups()
-        except OSError as exc:
-            logger.debug("nftables list sets not checked for elements: %s", exc)
-            emptied = set()
-        return {
-            name
-            for name, action in _marks_in(self._set_names()).items()
-            if not any(
-                (held.action, group) in emptied
-                for held in [self._held.get(name)]
-                if held is not None and held.action is action
-                for group in held.groups
-            )
-        }
-
-    def _emptied_groups(self) -> set[tuple[Action, Group]]:
-        """The live shared sets the loaded lists fill that hold no element in the kernel."""
-        wanted = {(a, g) for a in Action for g in groups_of(self._held.values(), a)}
-        return {
-            (action, group)
-            for action, group in sorted(wanted & self._live_groups())
-            if self._empty(union_set_name(action, *group, self._slot[action]))
-        }
-
-    def _live_groups(self) -> set[tuple[Action, Group]]:
-        return {(a, g) for a, groups in self._union.items() for g in groups}
-
-    def load_list(self, spec: BlockList, networks: Iterable[str]) -> None:
-        """The list's entries into its action's shared sets, what only its old content held
-        out, and its marker set made: one transaction as packets see it (a change of more
-        than :attr:`list_chunk` elements refills the shared sets in the other slot)."""
-        name = _checked_list_name(spec.name)
-        started = time.monotonic()
-        held = Held.of(spec.action, spec.expires_ms, list_entries(networks))
-        self._change(name, {**self._held, name: held}, spec.action, held)
-        logger.info(
-            "nftables list %s (%s): %d entries loaded in %.2f s",
-            name,
-            spec.action.value,
-            held.size(),
-            time.monotonic() - started,
-        )
-
-    def change_list(self, spec: BlockList, add: Sequence[str], remove: Sequence[str]) -> None:
-        """The list's new content is its old one, less ``remove``, plus ``add``."""
-        name = _checked_list_name(spec.name)
-        loaded = self._marks.get(name)
-        if loaded is not None and loaded is not spec.action:
-            raise PermanentBackendError(
-                f"list {name} is loaded as {loaded.value}, not {spec.action.value}: "
-                "load it again to change its action"
-            )
-        old = self._held.get(name)
-        if old is None and loaded is not None:
-            raise PermanentBackendError(f"list {name} was loaded before this start: load it whole")
-        base = old.groups if old is not None else {}
-        held = changed(spec.action, spec.expires_ms, base, list_entries(add), list_entries(remove))
-        self._change(name, {**self._held, name: held}, spec.action, held)
-
-    def remove_list(self, name: str) -> None:
-        """Its entries out of the shared sets (those no other list holds), its marker deleted."""
-        if name not in self._marks and name not in self._held:
-            return
-        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
-
-    def _change(
-        self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
-    ) -> None:
-        """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
-        marks = {n: a for n, a in self._marks.items() if n != name}
-        if action is not None:
-            marks[name] = action
-        ops: dict[Action, list[Op] | None] = {}
-        if self._unknown - {name}:  # what the other lists held before this start is unknown
-            self._add_only(name, lists, marks, added)
-            self._unknown.discard(name)
-            return
-        if name in self._unknown:  # the last list held before this start: settle
-            rebuild = set(Action)
-        else:
-            touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
-            emptied = {a for a, _ in self._emptied_groups()}
-            rebuild = {h.action for h in touched} & emptied
-            for act in {h.action for h in touched} - rebuild:
-                ops[act] = element_ops(
-                    act, self._held.values(), lists.values(), touched, self.list_chunk
-                )
-            rebuild |= {a for a, found in ops.items() if found is None}
-        slots = {a: self._fill(a, lists) for a in sorted(rebuild)}
-        changes = {a: o for a, o in ops.items() if o and a not in rebuild}
-        try:
-            self._commit_lists(lists, marks, changes, slots)
-        except BackendError as exc:
-            if not changes:
-                raise
-            # an element deleted by hand (or timed out) fails the whole transaction: refill
-            logger.warning("nftables lists: change refused (%s); refilling the sets", exc)
-            slots = {a: self._fill(a, lists) for a in sorted(set(changes) | set(slots))}
-            self._commit_lists(lists, marks, {}, slots)
-        self._unknown.discard(name)
-
-    def _add_only(
-        self, name: str, lists: dict[str, Held], marks: dict[str, Action], added: Held | None
-    ) -> None:
-        """Add the list's entries to the live shared sets and delete nothing: lists held
-        before this start may hold anything there until each is loaded again."""
-        self._commit_lists(lists, marks, {}, {}, keep_sets=True)  # sets, rules, marker
-        if added is None:
-            return
-        for group, packed in sorted(added.groups.items()):
-            target = union_set_name(added.action, *group, self._slot[added.action])
-            width = 4 if group[0] == 4 else 16
-            step = self.list_chunk * width  # a chunk per transaction, its strings made then
-            for first in range(0, len(packed), step):
-                elems = [
-                    self._list_elem(group, packed[i : i + width], added.expires_ms)
-                    for i in range(first, min(first + step, len(packed)), width)
-                ]
-                self._run([{"add": {"element": self._t(name=target, elem=elems)}}])
-
-    def _fill(self, action: Action, lists: dict[str, Held]) -> str:
-        """Fill the shared sets of ``action`` in the slot no rule matches, a chunk per
-        transaction; returns that slot. On a refusal they are deleted and the live slot stays."""
-        slot = "" if self._slot[action] else "b"
-        stale = sorted(
-            n
-            for n in self._set_names()
-            if (p := _UNION.fullmatch(n)) and p["action"] == action.value and p["slot"] == slot
-        )
-        groups = sorted(groups_of(lists.values(), action))
-        names = [union_set_name(action, *g, slot) for g in groups]
-        try:
-            cmds = [{"delete": {"set": self._t(name=n)}} for n in stale]
-            self._run(cmds + [{"add": {"set": self._list_set(n)}} for n in names])
-            for group, set_name_ in zip(groups, names, strict=True):
-                chunk: list[Any] = []
-                for key, expires in union(lists.values(), action, group):
-                    chunk.append(self._list_elem(group, key, expires))
-                    if len(chunk) >= self.list_chunk:
-                        self._run([{"add": {"element": self._t(name=set_name_, elem=chunk)}}])
-                        chunk = []
-                if chunk:
-                    self._run([{"add": {"element": self._t(name=set_name_, elem=chunk)}}])
-        except BackendError:
-            with contextlib.suppress(BackendError):
-                self._run([{"delete": {"set": self._t(name=n)}} for n in names])
-            raise
-        return slot
-
-    def _list_elem(self, group: Group, key: bytes, expires_ms: int | None) -> Any:
-        address = socket.inet_ntop(socket.AF_INET if group[0] == 4 else socket.AF_INET6, key)
-        if expires_ms is None:
-            return address
-        return {"elem": {"val": address, "timeout": self._timeout_s(expires_ms)}}
-
-    def _commit_lists(
-        self,
-        lists: dict[str, Held],
-        marks: dict[str, Action],
-        ops: dict[Action, list[Op]],
-        slots: dict[Action, str],
-        keep_sets: bool = False,
-    ) -> None:
-        """One transaction: element changes in the live sets, the shared sets of each action
-        in ``slots`` swapped in, markers made and deleted, and the rules written again."""
-        union_groups = {
-            a: (self._union[a] if keep_sets else set()) | groups_of(lists.values(), a)
-            for a in Action
-        }
-        new_slot = {a: slots.get(a, self._slot[a]) for a in Action}
-        live = {union_set_name(a, *g, self._slot[a]) for a, g in self._live_groups()}
-        wanted = {union_set_name(a, *g, new_slot[a]) for a, gs in union_groups.items() for g in gs}
-        cmds: list[Json] = [{"add": {"table": {"family": "inet", "name": self.table}}}]
-        cmds += [  # a rebuilt slot's sets were made by its fill
-            {"add": {"set": self._list_set(n)}}
-            for n in sorted(wanted - live)
-            if _action_of(n) not in slots
-        ]
-        deletes: dict[str, list[Any]] = {}
-        adds: dict[str, list[Any]] = {}  # one command per set: thousands stay a few commands
-        for action, found in ops.items():
-            for group, key, before, after in found:
-                target = union_set_name(action, *group, self._slot[action])
-                if target not in wanted:
-                    continue  # the set goes: its elements with it
-                if before != ABSENT:
-                    deletes.setdefault(target, []).append(self._list_elem(group, key, None))
-                if after != ABSENT:
-                    adds.setdefault(target, []).append(self._list_elem(group, key, after))
-        cmds += [  # deletes first: a changed expiry is a delete and an add
-            {"delete": {"element": self._t(name=n, elem=e)}} for n, e in sorted(deletes.items())
-        ]
-        cmds += [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(adds.items())]
-        cmds += self._hook_commands()  # no rule may hold a set while it is deleted
-        cmds += [
-            {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
-        ]
-        cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(live - wanted)]
-        cmds += [
-            {"add": {"set": self._t(name=mark_name(a, n), type="ipv4_addr")}}
-            for n, a in sorted(marks.items())
-            if self._marks.get(n) is not a
-        ]
-        cmds += [
-            {"delete": {"set": self._t(name=mark_name(a, n))}}
-            for n, a in sorted(self._marks.items())
-            if marks.get(n) is not a
-        ]
-        unions = {
-            a: sorted(union_set_name(a, *g, new_slot[a]) for g in gs)
-            for a, gs in union_groups.items()
-        }
-        try:
-            self._run(cmds + self._schema_commands(self._sets, unions))
-        except BackendError:
-            for action in slots:  # the filled slot: no rule matches it
-                with contextlib.suppress(BackendError):
-                    self._run([{"delete": {"set": self._t(name=n)}} for n in unions[action]])
-            raise
-        self._held, self._marks = lists, marks
-        self._slot = new_slot
-        self._union = union_groups
-
-    def _list_set(self, name: str) -> Json:
-        """A shared list set: addresses with a timeout and a counter each."""
-        spec = self._t(name=name, type=f"ipv{_version(name)}_addr", flags=["timeout"])
-        spec["stmt"] = [{"counter": None}]
-        return spec
-
     def uninstall(self) -> str:
         """Delete pushfw's table (its sets and chains); nothing else is touched."""
         try:
@@ -858,6 +415,5 @@ class NftablesBackend(IndexedBackend):
                 raise
             return f"no table inet {self.table}"
         self._read(None)
-        self._held, self._marks, self._unknown = {}, {}, set()
-        self._slot, self._union = dict.fromkeys(Action, ""), {a: set() for a in Action}
+        self._forget_lists()
         return f"removed table inet {self.table}"
