@@ -217,6 +217,39 @@ def cli(
     ctx.obj = Producer.from_url(url, prefix, hmac_key=hmac_key)
 
 
+def _wait_options(
+    wait_help: str = "Wait for the hosts' results.", timeout: str = "10"
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--wait``, ``--expect``, ``--timeout`` and ``--json``: every command that sends one."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(
+            (
+                click.option("--wait", is_flag=True, help=wait_help),
+                click.option(
+                    "--expect",
+                    type=click.IntRange(0, 100_000),
+                    default=1,
+                    show_default=True,
+                    help="With --wait: results to wait for (one per host).",
+                ),
+                click.option(
+                    "--timeout",
+                    "timeout_s",
+                    type=Duration(),
+                    default=timeout,
+                    show_default=True,
+                    help=f"With --wait: how long to wait ({timeout}, 30s, 2m).",
+                ),
+                click.option("--json", "json_out", is_flag=True, help="Machine-readable output."),
+            )
+        ):
+            command = option(command)
+        return command
+
+    return apply
+
+
 def _push_command(spec: OpSpec) -> None:
     """``pushfw <verb> IP``: one rule op of :data:`.ops.OPS`, sent by the Producer's method
     of that name."""
@@ -226,27 +259,9 @@ def _push_command(spec: OpSpec) -> None:
     @click.option("--target", default="*", help="Host names or labels, comma-separated.")
     @click.option("--reason", default="", help="Free text kept with the rule.")
     @click.option("--request-id", default="", help="Your correlation id, echoed in results.")
-    @click.option(
-        "--wait",
-        is_flag=True,
-        help="Wait for the hosts' results (exit 3 at once if no live host matches the target).",
+    @_wait_options(
+        wait_help="Wait for the hosts' results (exit 3 at once if no live host matches the target)."
     )
-    @click.option(
-        "--expect",
-        type=click.IntRange(0, 100_000),
-        default=1,
-        show_default=True,
-        help="With --wait: results to wait for (one per host).",
-    )
-    @click.option(
-        "--timeout",
-        "timeout_s",
-        type=Duration(),
-        default="10",
-        show_default=True,
-        help="With --wait: how long to wait (10, 30s, 2m).",
-    )
-    @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     def command(producer: Producer, /, ip: str, ttl: int | None = None, **opts: Any) -> None:
         send: Callable[..., str] = getattr(producer, spec.verb)
@@ -687,23 +702,7 @@ _IMPORT_ERRORS_SHOWN = 5
     help="The hosts' protect setting (networks, comma-separated): private, CGNAT and "
     "link-local space a drop list covers outside it is warned about.",
 )
-@click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
-@click.option(
-    "--expect",
-    type=click.IntRange(0, 100_000),
-    default=1,
-    show_default=True,
-    help="With --wait: results to wait for (one per host).",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=Duration(),
-    default="60",
-    show_default=True,
-    help="With --wait: how long to wait (60, 30s, 2m).",
-)
-@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@_wait_options(timeout="60")
 @click.pass_obj
 def import_list(producer: Producer, /, file: Any, **opts: Any) -> None:
     """Import a blocklist FILE (- for stdin) as one named list on every targeted host.
@@ -884,23 +883,7 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
 
 @lists_group.command(name="remove")
 @click.argument("name")
-@click.option("--wait", is_flag=True, help="Wait for the hosts' results.")
-@click.option(
-    "--expect",
-    type=click.IntRange(0, 100_000),
-    default=1,
-    show_default=True,
-    help="With --wait: results to wait for (one per host).",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=Duration(),
-    default="10",
-    show_default=True,
-    help="With --wait: how long to wait (10, 30s, 2m).",
-)
-@click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
+@_wait_options()
 @click.pass_obj
 def lists_remove(producer: Producer, /, name: str, **opts: Any) -> None:
     """Remove list NAME from every host that holds it."""
