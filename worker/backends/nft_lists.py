@@ -25,6 +25,7 @@ from pushfw.worker.backends.union import (
     Group,
     Held,
     Op,
+    SharedLists,
     changed,
     element_ops,
     groups_of,
@@ -75,7 +76,7 @@ def _checked_list_name(name: str) -> str:
     return name
 
 
-class NftLists:
+class NftLists(SharedLists):
     """The list half of :class:`~.nftables.NftablesBackend`: its shared sets and markers."""
 
     table: str
@@ -230,19 +231,11 @@ class NftLists:
         held = changed(spec.action, spec.expires_ms, base, list_entries(add), list_entries(remove))
         self._change(name, {**self._held, name: held}, spec.action, held)
 
-    def remove_list(self, name: str) -> None:
-        """Its entries out of the shared sets (those no other list holds), its marker deleted."""
-        if name not in self._marks and name not in self._held:
-            return
-        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
-
     def _change(
         self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
     ) -> None:
         """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
-        marks = {n: a for n, a in self._marks.items() if n != name}
-        if action is not None:
-            marks[name] = action
+        marks = self._marks_after(name, action)
         if self._unknown - {name}:  # what the other lists held before this start is unknown
             self._add_only(name, lists, marks, added)
         elif name in self._unknown:  # the last list held before this start: settle
