@@ -556,13 +556,14 @@ def list_rules(
 def _warn_unfolded(producer: Producer) -> None:
     """``list`` and ``lists`` read the ledger, which only a running worker fills: say when
     commands sent are not in it yet, so an empty table is not taken for no rules."""
-    user = producer.client.connection_pool.connection_kwargs.get("username")
+    pool = getattr(producer.client, "connection_pool", None)  # a cluster client has none
+    user = pool.connection_kwargs.get("username") if pool is not None else None
     if user == acl.PRODUCER_USER:
         return  # its ACL grants no XINFO (producer/acl.py): asking would only log a denial
     try:
         waiting = producer.unfolded()
-    except redis.exceptions.NoPermissionError:
-        waiting = None  # a producer user may not run XINFO: say nothing rather than guess
+    except redis.exceptions.RedisError:
+        waiting = None  # a hint only: a user who may not XINFO, a topology that refuses it
     if waiting:
         click.echo(
             f"pushfw: {plural(waiting, 'command')} not yet folded into the ledger, so not "

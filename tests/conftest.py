@@ -79,8 +79,11 @@ def replica_server(redis_server: RedisServer) -> Iterator[RedisServer]:
 
 
 def synced(primary: redis.Redis) -> None:
-    """Wait until the replica holds everything written to ``primary`` so far."""
-    assert primary.wait(1, 10_000) >= 1, "the replica did not acknowledge the writes"
+    """Wait until every connected replica holds everything written to ``primary`` so far
+    (``WAIT 1`` would return on the session's replica while a test's own one still lags)."""
+    replicas = max(1, int(primary.info("replication")["connected_slaves"]))
+    acked = primary.wait(replicas, 10_000)
+    assert acked >= replicas, f"{acked} of {replicas} replicas acknowledged the writes"
 
 
 @pytest.fixture

@@ -75,7 +75,10 @@ def exercise(url: str) -> None:
         timed = producer.drop("192.0.2.2", ttl_s=1)
         assert [r.status.value for r in producer.wait(drop)] == ["applied"]
         assert [r.status.value for r in producer.wait(timed)] == ["applied"]
-        assert {r.network for r in producer.rules()} >= {"192.0.2.1/32"}
+        wait_for(  # the ledger folds after the applier answers: it follows, it does not lead
+            lambda: {r.network for r in producer.rules()} >= {"192.0.2.1/32"},
+            what="the ledger to fold the drop",
+        )
 
         def expired_by_scheduler() -> bool:
             rows: Any = producer.client.xrange(producer.keys.cmd)
