@@ -8,6 +8,7 @@ runs only as root, one at a time (a lock file), and only when no pushfw package 
 from __future__ import annotations
 
 import fcntl
+import gzip
 import os
 import shutil
 import subprocess
@@ -101,8 +102,11 @@ def test_the_package_installs_runs_in_a_namespace_and_purges(
             ["dpkg-query", "-W", "-f", "${Conffiles}", "pushfw"], capture_output=True, text=True
         )
         assert str(config) in conffiles.stdout
-        for page in ("pushfw", "pushfw-worker"):
-            assert Path(f"/usr/share/man/man1/{page}.1.gz").stat().st_size > 0
+        for page, command in (("pushfw", "drop"), ("pushfw-worker", "check-config")):
+            with gzip.open(f"/usr/share/man/man1/{page}.1.gz", "rt") as man:
+                roff = man.read()
+            assert roff.startswith(f".TH {page.upper()} 1 ")
+            assert f".SS {command}\n" in roff, "each subcommand has its section"
             completion = Path(f"/usr/share/bash-completion/completions/{page}").read_text()
             assert "complete " in completion
         where = subprocess.run(
@@ -113,7 +117,29 @@ def test_the_package_installs_runs_in_a_namespace_and_purges(
         )
         assert where.stdout.startswith(f"{PREFIX}/lib/"), where.stdout + where.stderr
 
-        # check-config from the installed files
+        analyze = shutil.which("systemd-analyze")
+        if analyze is not None:  # test_systemd verifies the repository's copy under CI
+            verified = subprocess.run(
+                [analyze, "verify", "/lib/systemd/system/pushfw-worker.service"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert verified.returncode == 0, verified.stderr
+            assert verified.stderr.strip() == "", "the packaged unit verifies clean"
+
+        # check-config from the installed files: the shipped worker.toml as it is, then the
+        # settings the tests use
+        shipped = env_for(tmp_path)
+        del shipped["PUSHFW_CONFIG"]
+        as_shipped = subprocess.run(
+            ["/usr/bin/pushfw-worker", "check-config"],
+            env=shipped,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert as_shipped.returncode == 0, as_shipped.stdout + as_shipped.stderr
         checked = subprocess.run(
             [str(WORKER), "check-config"],
             env=env_for(tmp_path, redis_url=redis_server.url),
