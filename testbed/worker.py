@@ -37,6 +37,9 @@ class WorkerProcess:
     xtables_lock: Path | None = None
     """A file bind-mounted over /run/xtables.lock in the worker's own mount namespace, so a
     caller holds the worker's lock without holding the one of the machine it runs on."""
+    program: tuple[str, ...] = ()
+    """The ``pushfw-worker`` to run (an installed one); by default this checkout's, run by
+    the test's own interpreter."""
     proc: subprocess.Popen[bytes] | None = None
     started_ms: int = 0
     _run_offset: int = 0
@@ -48,7 +51,8 @@ class WorkerProcess:
     def start(self, *extra: str, wait: bool = True, timeout: float = 20) -> WorkerProcess:
         """Start ``pushfw-worker run``; by default wait until it follows the stream."""
         self.started_ms = int(time.time() * 1000)
-        argv = [sys.executable, "-m", "pushfw.worker", "run", *extra]
+        program = self.program or (sys.executable, "-m", "pushfw.worker")
+        argv = [*program, "run", *extra]
         if self.xtables_lock is not None:
             argv = [
                 *("unshare", "--mount", "--propagation", "private", "--"),

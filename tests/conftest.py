@@ -322,6 +322,7 @@ _SLOW_MODULES = frozenset(
         "test_fail2ban",  # the real fail2ban-server, 5,000 bans
         "test_follower",  # a replica and follower processes
         "test_ipset_backend",  # the ipset tool in mount namespaces
+        "test_package",  # scripts/package builds a .deb; dpkg installs and purges it
         "test_topologies",  # TLS, Sentinel and Cluster servers
     }
 )
