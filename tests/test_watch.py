@@ -1,0 +1,68 @@
+"""Shadow mode: a watch rule counts real packets over a veth and lets them through.
+
+An operator tries an address (or a list) as ``watch`` first, reads its hits in ``pushfw
+list --hits``, then sends it again as a drop. Backends that cannot watch refuse it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pushfw.producer import Producer
+from pushfw.worker.hits import EVERY_BEATS
+from tests.conftest import Netns, RedisServer, wait_for
+from tests.test_hits import BEAT_S, hit_rows
+from tests.test_packets import CLIENT_IP, can_connect, listening_peer
+
+WATCHING = ("nftables",)
+"""The kernel backends that hold watch rules; the others refuse them."""
+
+
+def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker,
+    producer: Producer,
+    redis_server: RedisServer,
+):
+    server, client = make_netns(), make_netns()
+    with listening_peer(server, client, tag="w"):
+        spawn_worker(server, backend=backend, heartbeat_interval_s=str(BEAT_S)).start()
+        results = producer.wait(producer.watch(CLIENT_IP, reason="shadow"), timeout_s=15)
+        if backend not in WATCHING:
+            assert [(r.status.value, r.detail) for r in results] == [
+                ("rejected", f"action: the {backend} backend cannot watch (nftables can)")
+            ]
+            assert can_connect(client)
+            return
+        assert [r.status.value for r in results] == ["applied"]
+        for _ in range(3):
+            assert can_connect(client), "a watch must neither drop nor end evaluation"
+
+        def watched() -> dict[str, Any] | None:
+            rows = [
+                r
+                for r in hit_rows(redis_server)
+                if r["network"] == f"{CLIENT_IP}/32" and r["action"] == "watch"
+            ]
+            return rows[0] if rows and rows[0]["packets"] >= 3 else None
+
+        wait_for(watched, timeout=EVERY_BEATS * BEAT_S * 10, what="the watched packets counted")
+        first = watched()
+        assert first is not None and first["bytes"] > 0
+
+        results = producer.wait(producer.drop(CLIENT_IP, reason="shadow over"), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert not can_connect(client), "the same address as a drop must block it"
+
+        def grew() -> bool:
+            row = watched()
+            return row is not None and row["packets"] > first["packets"]
+
+        # The dropped SYNs still pass the watch rule first: it sees every packet.
+        wait_for(grew, timeout=EVERY_BEATS * BEAT_S * 10, what="the watch to count the drops")
+
+        results = producer.wait(producer.unwatch(CLIENT_IP), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert not can_connect(client), "removing the watch leaves the drop"
