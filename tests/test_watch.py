@@ -7,11 +7,13 @@ list --hits``, then sends it again as a drop. Backends that cannot watch refuse 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pushfw.producer import Producer
 from pushfw.worker.hits import EVERY_BEATS
-from tests.conftest import Netns, RedisServer, wait_for
+from testbed.kernel import Firewall
+from tests.conftest import Netns, RedisServer, pushfw_cli, wait_for
 from tests.test_hits import BEAT_S, hit_rows
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
@@ -66,3 +68,35 @@ def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
         results = producer.wait(producer.unwatch(CLIENT_IP), timeout_s=15)
         assert [r.status.value for r in results] == ["applied"]
         assert not can_connect(client), "removing the watch leaves the drop"
+
+
+def test_a_list_imported_as_watch_lets_traffic_through_then_as_drop_blocks_it(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker,
+    producer: Producer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+):
+    server, client = make_netns(), make_netns()
+    path = tmp_path / "level1.netset"
+    path.write_text("# a feed that covers the client's own network\n10.213.0.0/24\n198.18.0.0/15\n")
+    with listening_peer(server, client, tag="l"):
+        spawn_worker(server, backend=backend).start()
+        shadow = pushfw_cli(
+            redis_server, "import", str(path), "--name", "level1", "--action", "watch", "--wait"
+        )
+        if backend not in WATCHING:
+            assert f"the {backend} backend cannot watch" in shadow.stdout + shadow.stderr
+            assert can_connect(client)
+            return
+        assert "applied" in shadow.stdout, shadow.stdout
+        assert sorted(Firewall(server, backend).list_entries("level1")) == [
+            "10.213.0.0/24",
+            "198.18.0.0/15",
+        ]
+        assert can_connect(client), "a watch list must let its entries' traffic through"
+
+        drop = pushfw_cli(redis_server, "import", str(path), "--name", "level1", "--wait")
+        assert "applied" in drop.stdout, drop.stdout
+        assert not can_connect(client), "the same list as a drop must block the client"
