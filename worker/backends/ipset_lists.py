@@ -26,6 +26,7 @@ from pushfw.worker.backends.union import (
     Group,
     Held,
     Op,
+    SharedLists,
     changed,
     element_ops,
     groups_of,
@@ -40,7 +41,7 @@ LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
 LIST_MAXELEM_MIN = 65536
 
 
-class IpsetLists:
+class IpsetLists(SharedLists):
     """The list half of :class:`~.ipset.IpsetBackend`: its shared sets and markers."""
 
     set_prefix: str
@@ -147,19 +148,12 @@ class IpsetLists:
         )
         self._change(spec.name, {**self._held, spec.name: held}, spec.action, held)
 
-    def remove_list(self, name: str) -> None:
-        """Its entries out of the shared sets (those no other list holds), its marker gone."""
-        if name not in self._marks and name not in self._held:
-            return
-        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
-
     def _change(
         self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
     ) -> None:
         """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
-        marks = {n: a for n, a in self._marks.items() if n != name}
+        marks = self._marks_after(name, action)
         if action is not None:
-            marks[name] = action
             present = set(self._run("list", "-n").split())
             self._restore(  # the shared sets, made with the action's first list
                 f"create {shared} hash:net family {family} "

@@ -25,6 +25,7 @@ from pushfw.worker.backends.union import (
     Group,
     Held,
     Op,
+    SharedLists,
     changed,
     element_ops,
     groups_of,
@@ -75,7 +76,7 @@ def _checked_list_name(name: str) -> str:
     return name
 
 
-class NftLists:
+class NftLists(SharedLists):
     """The list half of :class:`~.nftables.NftablesBackend`: its shared sets and markers."""
 
     table: str
@@ -230,35 +231,44 @@ class NftLists:
         held = changed(spec.action, spec.expires_ms, base, list_entries(add), list_entries(remove))
         self._change(name, {**self._held, name: held}, spec.action, held)
 
-    def remove_list(self, name: str) -> None:
-        """Its entries out of the shared sets (those no other list holds), its marker deleted."""
-        if name not in self._marks and name not in self._held:
-            return
-        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
-
     def _change(
         self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
     ) -> None:
         """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
-        marks = {n: a for n, a in self._marks.items() if n != name}
-        if action is not None:
-            marks[name] = action
-        ops: dict[Action, list[Op] | None] = {}
+        marks = self._marks_after(name, action)
         if self._unknown - {name}:  # what the other lists held before this start is unknown
             self._add_only(name, lists, marks, added)
-            self._unknown.discard(name)
-            return
-        if name in self._unknown:  # the last list held before this start: settle
-            rebuild = set(Action)
+        elif name in self._unknown:  # the last list held before this start: settle
+            self._apply(lists, marks, set(Action), {})
         else:
-            touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
-            emptied = {a for a, _ in self._emptied_groups()}
-            rebuild = {h.action for h in touched} & emptied
-            for act in {h.action for h in touched} - rebuild:
-                ops[act] = element_ops(
-                    act, self._held.values(), lists.values(), touched, self.list_chunk
-                )
-            rebuild |= {a for a, found in ops.items() if found is None}
+            self._apply(lists, marks, *self._plan(name, lists))
+        self._unknown.discard(name)
+
+    def _plan(
+        self, name: str, lists: dict[str, Held]
+    ) -> tuple[set[Action], dict[Action, list[Op] | None]]:
+        """The actions whose shared sets are refilled, and the element changes of the others
+        (None: too many, refilled too); a set emptied by hand is refilled."""
+        touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
+        emptied = {a for a, _ in self._emptied_groups()}
+        rebuild = {h.action for h in touched} & emptied
+        ops: dict[Action, list[Op] | None] = {}
+        for act in {h.action for h in touched} - rebuild:
+            ops[act] = element_ops(
+                act, self._held.values(), lists.values(), touched, self.list_chunk
+            )
+        rebuild |= {a for a, found in ops.items() if found is None}
+        return rebuild, ops
+
+    def _apply(
+        self,
+        lists: dict[str, Held],
+        marks: dict[str, Action],
+        rebuild: set[Action],
+        ops: dict[Action, list[Op] | None],
+    ) -> None:
+        """Refill the actions of ``rebuild``, change the elements of the others and commit;
+        a refused change refills its action's sets instead."""
         slots = {a: self._fill(a, lists) for a in sorted(rebuild)}
         changes = {a: o for a, o in ops.items() if o and a not in rebuild}
         try:
@@ -270,7 +280,6 @@ class NftLists:
             logger.warning("nftables lists: change refused (%s); refilling the sets", exc)
             slots = {a: self._fill(a, lists) for a in sorted(set(changes) | set(slots))}
             self._commit_lists(lists, marks, {}, slots)
-        self._unknown.discard(name)
 
     def _add_only(
         self, name: str, lists: dict[str, Held], marks: dict[str, Action], added: Held | None
@@ -349,36 +358,13 @@ class NftLists:
             for n in sorted(wanted - live)
             if _action_of(n) not in slots
         ]
-        deletes: dict[str, list[Any]] = {}
-        adds: dict[str, list[Any]] = {}  # one command per set: thousands stay a few commands
-        for action, found in ops.items():
-            for group, key, before, after in found:
-                target = union_set_name(action, *group, self._slot[action])
-                if target not in wanted:
-                    continue  # the set goes: its elements with it
-                if before != ABSENT:
-                    deletes.setdefault(target, []).append(self._list_elem(group, key, None))
-                if after != ABSENT:
-                    adds.setdefault(target, []).append(self._list_elem(group, key, after))
-        cmds += [  # deletes first: a changed expiry is a delete and an add
-            {"delete": {"element": self._t(name=n, elem=e)}} for n, e in sorted(deletes.items())
-        ]
-        cmds += [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(adds.items())]
+        cmds += self._element_commands(ops, wanted)
         cmds += self._hook_commands()  # no rule may hold a set while it is deleted
         cmds += [
             {"flush": {"chain": self._t(name=c)}} for c in sorted(self._chains - set(self.hooks))
         ]
         cmds += [{"delete": {"set": self._t(name=n)}} for n in sorted(live - wanted)]
-        cmds += [
-            {"add": {"set": self._t(name=mark_name(a, n), type="ipv4_addr")}}
-            for n, a in sorted(marks.items())
-            if self._marks.get(n) is not a
-        ]
-        cmds += [
-            {"delete": {"set": self._t(name=mark_name(a, n))}}
-            for n, a in sorted(self._marks.items())
-            if marks.get(n) is not a
-        ]
+        cmds += self._marker_commands(marks)
         unions = {
             a: sorted(union_set_name(a, *g, new_slot[a]) for g in gs)
             for a, gs in union_groups.items()
@@ -393,6 +379,36 @@ class NftLists:
         self._held, self._marks = lists, marks
         self._slot = new_slot
         self._union = union_groups
+
+    def _element_commands(self, ops: dict[Action, list[Op]], wanted: set[str]) -> list[Json]:
+        """The element changes in the live sets that stay: one command per set and verb, so
+        thousands stay a few commands; deletes first (a changed expiry is a delete and an add)."""
+        deletes: dict[str, list[Any]] = {}
+        adds: dict[str, list[Any]] = {}
+        for action, found in ops.items():
+            for group, key, before, after in found:
+                target = union_set_name(action, *group, self._slot[action])
+                if target not in wanted:
+                    continue  # the set goes: its elements with it
+                if before != ABSENT:
+                    deletes.setdefault(target, []).append(self._list_elem(group, key, None))
+                if after != ABSENT:
+                    adds.setdefault(target, []).append(self._list_elem(group, key, after))
+        return [
+            {"delete": {"element": self._t(name=n, elem=e)}} for n, e in sorted(deletes.items())
+        ] + [{"add": {"element": self._t(name=n, elem=e)}} for n, e in sorted(adds.items())]
+
+    def _marker_commands(self, marks: dict[str, Action]) -> list[Json]:
+        """The marker sets of ``marks`` made, and those of lists no longer held so deleted."""
+        return [
+            {"add": {"set": self._t(name=mark_name(a, n), type="ipv4_addr")}}
+            for n, a in sorted(marks.items())
+            if self._marks.get(n) is not a
+        ] + [
+            {"delete": {"set": self._t(name=mark_name(a, n))}}
+            for n, a in sorted(self._marks.items())
+            if marks.get(n) is not a
+        ]
 
     def _list_set(self, name: str) -> Json:
         """A shared list set: addresses with a timeout and a counter each."""

@@ -10,6 +10,7 @@ no dict or set of a million objects is ever built.
 
 from __future__ import annotations
 
+import abc
 import heapq
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
@@ -49,6 +50,32 @@ class Held:
 
     def size(self) -> int:
         return sum(len(packed) // _WIDTH[v] for (v, _), packed in self.groups.items())
+
+
+class SharedLists:
+    """What the list halves of the backends with shared sets (nftables, ipset) do alike."""
+
+    _held: dict[str, Held]
+    _marks: dict[str, Action]
+
+    @abc.abstractmethod
+    def _change(
+        self, name: str, lists: dict[str, Held], action: Action | None, added: Held | None
+    ) -> None:
+        """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
+
+    def remove_list(self, name: str) -> None:
+        """Its entries out of the shared sets (those no other list holds), its marker gone."""
+        if name not in self._marks and name not in self._held:
+            return
+        self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
+
+    def _marks_after(self, name: str, action: Action | None) -> dict[str, Action]:
+        """The markers once list ``name`` is of ``action`` (None: removed)."""
+        marks = {n: a for n, a in self._marks.items() if n != name}
+        if action is not None:
+            marks[name] = action
+        return marks
 
 
 def _sorted(packed: bytes, width: int) -> bytes:
