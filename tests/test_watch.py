@@ -100,3 +100,19 @@ def test_a_list_imported_as_watch_lets_traffic_through_then_as_drop_blocks_it(
         drop = pushfw_cli(redis_server, "import", str(path), "--name", "level1", "--wait")
         assert "applied" in drop.stdout, drop.stdout
         assert not can_connect(client), "the same list as a drop must block the client"
+
+
+def test_the_cli_warns_of_a_watch_wider_than_the_accept_bound_and_lists_watches(
+    redis_server: RedisServer,
+):
+    wide = pushfw_cli(redis_server, "watch", "0.0.0.0/4", "--reason", "too wide")
+    assert wide.returncode == 0, wide.stderr
+    assert (
+        "0.0.0.0/4 is wider than /8, the widest network a watch may cover by default "
+        "(min_accept_prefix_v4)" in wide.stderr
+    ), wide.stderr
+    assert "protected" not in wide.stderr
+    helped = pushfw_cli(redis_server, "list", "--help")
+    assert "watch" in helped.stdout, "list --action takes watch"
+    shown = pushfw_cli(redis_server, "list", "--action", "watch")
+    assert shown.returncode == 0, shown.stderr
