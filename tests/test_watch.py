@@ -116,3 +116,15 @@ def test_the_cli_warns_of_a_watch_wider_than_the_accept_bound_and_lists_watches(
     assert "watch" in helped.stdout, "list --action takes watch"
     shown = pushfw_cli(redis_server, "list", "--action", "watch")
     assert shown.returncode == 0, shown.stderr
+
+
+def test_a_watch_in_the_ledger_reaches_the_kernel_at_the_workers_start(
+    netns: Netns, backend: str, spawn_worker, producer: Producer
+):
+    producer.watch("192.0.2.9", reply=False)
+    producer.drop("192.0.2.10", reply=False)
+    spawn_worker(netns, backend=backend).start()
+    held = {("drop", "192.0.2.10/32"): None}
+    if backend in WATCHING:
+        held[("watch", "192.0.2.9/32")] = None
+    wait_for(lambda: Firewall(netns, backend).rules() == held, what="the reconciled rules")
