@@ -686,10 +686,10 @@ _IMPORT_ERRORS_SHOWN = 5
 )
 @click.option(
     "--action",
-    type=click.Choice(["drop", "accept"]),
+    type=click.Choice([a.value for a in Action]),
     default="drop",
     show_default=True,
-    help="What every entry of the list does on the hosts.",
+    help="What every entry of the list does on the hosts (watch: count only, shadow mode).",
 )
 @click.option("--ttl", type=Duration(), default=None, help="Lifetime of the whole list (2d).")
 @click.option("--reason", default="", help="Free text kept with the list.")

@@ -252,6 +252,31 @@ class Producer:
         """Withdraw an allow."""
         return self._command("accept.delete", ip, None, target, reason, request_id, reply)
 
+    def watch(
+        self,
+        ip: str,
+        *,
+        ttl_s: int | None = None,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+        reply: bool = True,
+    ) -> str:
+        """Count ``ip``'s packets without dropping or accepting them (shadow mode)."""
+        return self._command("watch.insert", ip, ttl_s, target, reason, request_id, reply)
+
+    def unwatch(
+        self,
+        ip: str,
+        *,
+        target: Iterable[str] = (),
+        reason: str = "",
+        request_id: str = "",
+        reply: bool = True,
+    ) -> str:
+        """Stop watching ``ip``."""
+        return self._command("watch.delete", ip, None, target, reason, request_id, reply)
+
     def wait(self, cmd_id: str, expect: int = 1, timeout_s: float = 10.0) -> list[Result]:
         """Block until ``expect`` hosts reported on ``cmd_id`` or the timeout passes."""
         found: dict[str, Result] = {}

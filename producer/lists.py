@@ -150,8 +150,9 @@ def _refused_everywhere(
     if rec[-1] < widest:
         return (
             f"{record_text(rec)} is wider than /{widest}, the widest network a"
-            f"{'n accept' if action is Action.ACCEPT else ' drop'} may cover by default "
-            f"(min_{action.value}_prefix_v{family}); hosts refuse it{lost}"
+            f"{'n' if action is Action.ACCEPT else ''} {action.value} may cover by default "
+            f"(min_{'drop' if action is Action.DROP else 'accept'}_prefix_v{family}); "
+            f"hosts refuse it{lost}"
         )
     if action is Action.DROP:
         low, high = _LOOPBACK_SPANS[family]

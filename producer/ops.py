@@ -32,6 +32,8 @@ class Action(StrEnum):
 
     DROP = "drop"
     ACCEPT = "accept"
+    WATCH = "watch"
+    """Shadow mode: match and count, neither drop nor accept (try a list before it drops)."""
 
 
 class Op(StrEnum):
@@ -43,6 +45,9 @@ class Op(StrEnum):
     ACCEPT_DELETE = "accept.delete"
     TTL_DROP_INSERT = "ttl.drop.insert"
     TTL_ACCEPT_INSERT = "ttl.accept.insert"
+    WATCH_INSERT = "watch.insert"
+    WATCH_DELETE = "watch.delete"
+    TTL_WATCH_INSERT = "ttl.watch.insert"
 
     @property
     def action(self) -> Action:
@@ -132,8 +137,19 @@ _ROWS = (
     OpSpec(
         Op.ACCEPT_DELETE, "rule", Action.ACCEPT, False, "refused", "unaccept", "Withdraw an allow."
     ),
+    OpSpec(
+        Op.WATCH_INSERT,
+        "rule",
+        Action.WATCH,
+        True,
+        "allowed",
+        "watch",
+        "Count IP's packets without dropping or accepting them (shadow mode).",
+    ),
+    OpSpec(Op.WATCH_DELETE, "rule", Action.WATCH, False, "refused", "unwatch", "Stop watching."),
     OpSpec(Op.TTL_DROP_INSERT, "rule", Action.DROP, True, "required"),
     OpSpec(Op.TTL_ACCEPT_INSERT, "rule", Action.ACCEPT, True, "required"),
+    OpSpec(Op.TTL_WATCH_INSERT, "rule", Action.WATCH, True, "required"),
     OpSpec(ListOp.LOAD, "list", None, True, "allowed", "import", "Load a named list."),
     OpSpec(ListOp.DELETE, "list", None, False, "refused", "lists remove", "Remove a named list."),
 )

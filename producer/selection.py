@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from pushfw.producer.contract import CommandRejected, Network, parse_network
+from pushfw.producer.ops import Action
 from pushfw.producer.records import RuleRecord
 
 __all__ = ["FEW", "NetworkParam", "Selection", "selection_options"]
@@ -121,7 +122,7 @@ def selection_options(*, inside: bool = False, limit: bool = True) -> Callable[[
             click.option(
                 "--action",
                 "sel_action",
-                type=click.Choice(["drop", "accept"]),
+                type=click.Choice([a.value for a in Action]),
                 default=None,
                 help="Only rules with this action.",
             ),

@@ -12,8 +12,8 @@ from typing import Any
 from testbed.netns import Netns
 
 BACKENDS = ("iptables", "nftables", "ipset")
-_NFT_SET = re.compile(r"(drop|accept)([46])(_\d+)?")
-_NFT_LIST_SET = re.compile(r"lists_(?P<action>drop|accept)[46]_(?P<prefix>\d+)b?")
+_NFT_SET = re.compile(r"(drop|accept|watch)([46])(_\d+)?")
+_NFT_LIST_SET = re.compile(r"lists_(?P<action>drop|accept|watch)[46]_(?P<prefix>\d+)b?")
 _IPSET_LIST_LINE = re.compile(r"add pushfw-lists-(?P<action>[ad])[46] (?P<net>\S+)")
 _IPSET_LINE = re.compile(
     r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"

@@ -383,7 +383,10 @@ def test_help_as_the_operator_reads_it(pushfw: Run) -> None:
     proc = pushfw("import", "--help")
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    assert "--action [drop|accept] What every entry of the list does on the hosts." in text
+    assert (
+        "--action [drop|accept|watch] What every entry of the list does on the hosts "
+        "(watch: count only, shadow mode)." in text
+    )
     assert "--timeout DURATION With --wait: how long to wait" in text
 
 

@@ -112,6 +112,9 @@ def test_op_properties() -> None:
         (Action.ACCEPT, False, False),
         (Action.DROP, True, True),
         (Action.ACCEPT, True, True),
+        (Action.WATCH, True, False),
+        (Action.WATCH, False, False),
+        (Action.WATCH, True, True),
     ]
 
 

@@ -177,14 +177,19 @@ def test_the_busiest_rules_come_first_and_totals_are_per_action():
         key("drop", "2001:db8::1"): (5, 700),
         key("drop", "192.0.2.0/24"): (0, 0),
         key("accept", "198.51.100.1"): (9, 900),
+        key("watch", "203.0.113.0/24"): (2, 80),
     }
     assert [str(k) for k, _ in busiest(hits, 3)] == [
         "accept 198.51.100.1/32",
         "drop 2001:db8::1/128",
         "drop 192.0.2.1/32",
     ]
-    assert totals(hits) == {Action.DROP: (10, 1200), Action.ACCEPT: (9, 900)}
-    assert totals({}) == {Action.DROP: (0, 0), Action.ACCEPT: (0, 0)}
+    assert totals(hits) == {
+        Action.DROP: (10, 1200),
+        Action.ACCEPT: (9, 900),
+        Action.WATCH: (2, 80),
+    }
+    assert totals({}) == {Action.DROP: (0, 0), Action.ACCEPT: (0, 0), Action.WATCH: (0, 0)}
     assert MemoryBackend().hits() == {}, "no kernel, no counts"
 
 

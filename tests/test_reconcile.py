@@ -71,7 +71,10 @@ def _kernel(rng: random.Random, failing: bool) -> tuple[dict[RuleKey, Rule], Mem
 
 
 def _phase(key: RuleKey, rule: Rule | None) -> int:
-    """Accepts set, drops removed, drops set, accepts removed: the order of the commits."""
+    """Accepts set, drops removed, drops set, accepts removed, then watches set and
+    removed: the order of the commits."""
+    if key.action is Action.WATCH:
+        return 4 if rule is not None else 5
     if key.action is Action.ACCEPT:
         return 0 if rule is not None else 3
     return 1 if rule is None else 2

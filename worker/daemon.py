@@ -91,7 +91,7 @@ class Worker:
             lock_waited=LockWaits(metrics).waited,
         )
         protection = make_protection(settings)
-        policy = make_policy(settings, protection)
+        policy = make_policy(settings, protection, backend)
         self.ledger = ledger = Ledger(
             client,
             keys,

@@ -144,6 +144,9 @@ class Policy:
         min_accept_prefix_v6: the widest IPv6 network an accept may cover.
         list_bounds: the address space lists may cover, one list and all of one action.
         max_lists: the most named lists the host holds at once.
+        actions: the actions this host's backend can hold (a backend that cannot watch
+            refuses a watch here, with ``backend`` named in the reason).
+        backend: the backend's name, for that reason.
     """
 
     host: str
@@ -156,6 +159,8 @@ class Policy:
     min_accept_prefix_v6: int = DEFAULT_MIN_ACCEPT_PREFIX_V6
     list_bounds: ListBounds = field(default_factory=ListBounds.from_settings)
     max_lists: int = 64
+    actions: frozenset[Action] = frozenset(Action)
+    backend: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,13 +277,22 @@ def decide(
         return Delete(key, Status.UNCHANGED, report=False)  # the newest command is for others
     if not request.insert:
         return Delete(key)
-    unsafe = _unsafe_drop(key, policy) if key.action is Action.DROP else _wide_accept(key, policy)
+    if key.action not in policy.actions:
+        return Delete(key, Status.REJECTED, cannot_hold(key.action, policy))
+    unsafe = _unsafe_drop(key, policy) if key.action is Action.DROP else _too_wide(key, policy)
     if unsafe is not None:
         return Delete(key, Status.REJECTED, f"ip: {unsafe}")
     if expired(request.expires_ms, now_ms):
         assert request.expires_ms is not None
         return Delete(key, Status.EXPIRED, f"expired {now_ms - request.expires_ms} ms ago")
     return Add(Rule(key, request.expires_ms))
+
+
+def cannot_hold(action: Action, policy: Policy) -> str:
+    """Why this host refuses every rule or list of ``action``."""
+    return (
+        f"action: the {policy.backend or 'configured'} backend cannot {action.value} (nftables can)"
+    )
 
 
 def _authentic(request: Request, policy: Policy) -> Report | None:
@@ -296,11 +310,17 @@ def _unsafe_drop(key: RuleKey, policy: Policy) -> str | None:
     return None
 
 
-def _wide_accept(key: RuleKey, policy: Policy) -> str | None:
+def _too_wide(key: RuleKey, policy: Policy) -> str | None:
+    """An accept's or a watch's bound. A watch blocks nothing, so no protected network
+    refuses it, but it shares the accept bounds: a watch of 0.0.0.0/0 counts nothing useful
+    and would fill the sets an operator reads."""
     network = key.network
     widest = policy.min_accept_prefix_v4 if network.version == 4 else policy.min_accept_prefix_v6
     if network.prefixlen < widest:
-        return f"{network} is wider than /{widest}, the widest network an accept may cover here"
+        return (
+            f"{network} is wider than /{widest}, the widest network "
+            f"a{'n' if key.action is Action.ACCEPT else ''} {key.action.value} may cover here"
+        )
     return None
 
 
@@ -488,6 +508,8 @@ def decide_list(request: ListRequest, policy: Policy, now_ms: int) -> ListDecisi
         return Unload(name, Status.UNCHANGED, report=False)
     if not request.load:
         return Unload(name)
+    if request.list.action not in policy.actions:
+        return Unload(name, Status.REJECTED, cannot_hold(request.list.action, policy))
     expires_ms = request.list.expires_ms
     if expired(expires_ms, now_ms):
         assert expires_ms is not None
@@ -543,7 +565,7 @@ def refused_entries(
         for rec in content.narrower_than(version, widest):
             refused[version][rec] = (
                 f"{record_text(rec)} is wider than /{widest}, the widest network "
-                f"a{'n accept' if action is Action.ACCEPT else ' drop'} may cover here"
+                f"a{'n' if action is Action.ACCEPT else ''} {action.value} may cover here"
             )
     if action is Action.DROP:
         for protected in policy.protection.networks:

@@ -25,7 +25,7 @@ from pushfw.worker.errors import BackendError, TransientBackendError
 
 logger = logging.getLogger(__name__)
 
-ACCEPT, DROP = Action.ACCEPT, Action.DROP
+ACCEPT, DROP, WATCH = Action.ACCEPT, Action.DROP, Action.WATCH
 _COMMIT_CHUNK = 50_000
 """Changes per kernel commit. A reboot's million adds in one nftables transaction would
 hold the whole transaction in the worker's memory (libnftables), as a list load did."""
@@ -158,10 +158,11 @@ _Change = tuple[RuleKey, Rule | None, bool]
 
 def _changes(backend: Backend, desired: Desired, remove_extras: bool) -> Iterator[_Change]:
     """What the kernel lacks or must lose, made as it is read: accepts added or renewed
-    first, then drops removed, drops added, and accepts removed last, so that no packet
-    the end state accepts meets a drop between two chunks."""
+    first, then drops removed, drops added, and accepts removed, so that no packet the
+    end state accepts meets a drop between two chunks; watches (no verdict) come last."""
     index = backend.committed_index()
-    for action, adding in ((ACCEPT, True), (DROP, False), (DROP, True), (ACCEPT, False)):
+    phases = ((ACCEPT, True), (DROP, False), (DROP, True), (ACCEPT, False))
+    for action, adding in (*phases, (WATCH, True), (WATCH, False)):
         if adding:
             yield from _missing(index, desired, action)
         else:

@@ -16,6 +16,8 @@ from redis.retry import Retry
 
 from pushfw.producer.connection import connect as redis_connect
 from pushfw.producer.keys import Keys
+from pushfw.producer.ops import Action
+from pushfw.worker.backends.base import Backend
 from pushfw.worker.config import mask_url
 from pushfw.worker.decide import ListBounds, Policy
 from pushfw.worker.follower import FollowerStream
@@ -98,8 +100,10 @@ def make_protection(settings: WorkerSettings) -> Protection:
     )
 
 
-def make_policy(settings: WorkerSettings, protection: Protection) -> Policy:
-    """The gate's view of this host, from its settings."""
+def make_policy(
+    settings: WorkerSettings, protection: Protection, backend: Backend | None = None
+) -> Policy:
+    """The gate's view of this host, from its settings (and what its backend can hold)."""
     return Policy(
         host=settings.host_name,
         labels=settings.labels,
@@ -111,6 +115,8 @@ def make_policy(settings: WorkerSettings, protection: Protection) -> Policy:
         min_accept_prefix_v6=settings.min_accept_prefix_v6,
         list_bounds=ListBounds.from_settings(settings),
         max_lists=settings.max_lists,
+        actions=backend.actions if backend is not None else frozenset(Action),
+        backend=backend.name if backend is not None else "",
     )
 
 

@@ -97,6 +97,8 @@ class Backend(abc.ABC):
     """
 
     name: str = "backend"
+    actions: frozenset[Action] = frozenset(Action)
+    """The actions this backend can hold; the gate refuses the others (:class:`.Policy`)."""
     clock: Callable[[], int] = staticmethod(lambda: int(time.time() * 1000))
     """Milliseconds on Redis's clock; the worker replaces it with its Redis-synced clock.
 

@@ -75,6 +75,7 @@ class IpsetBackend(IpsetLists, IndexedBackend):
     """Four ``hash:net`` sets matched from the managed chain; one ``ipset restore`` per batch."""
 
     name = "ipset"
+    actions = frozenset({Action.ACCEPT, Action.DROP})  # no watch (shadow) rules yet
 
     def __init__(
         self,

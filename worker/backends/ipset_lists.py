@@ -37,6 +37,7 @@ from pushfw.worker.errors import BackendError, PermanentBackendError
 logger = logging.getLogger(__name__)
 
 LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
+"""The actions with shared sets: no watch (the gate refuses it on an ipset host)."""
 LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
 LIST_MAXELEM_MIN = 65536
 
@@ -115,7 +116,7 @@ class IpsetLists(SharedLists):
         """The shared sets the loaded lists fill that hold no entry in the kernel."""
         return {
             (action, version)
-            for action in Action
+            for action in LIST_ACTIONS
             for version, _ in groups_of(self._held.values(), action)
             if held.get(self._lists_sets[(action, version)], 0) == 0
         }
@@ -167,7 +168,7 @@ class IpsetLists(SharedLists):
             if added is not None:
                 self._add_only(added)
         elif name in self._unknown:  # the last list held before this start: settle
-            rebuild = set(Action)
+            rebuild = set(LIST_ACTIONS)  # the actions it has sets for
         else:
             touched = [h for h in (self._held.get(name), lists.get(name)) if h is not None]
             emptied = {a for a, _ in self._emptied(self._headers())}

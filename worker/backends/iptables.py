@@ -144,6 +144,7 @@ class IptablesBackend(IndexedBackend):
     """Managed chains in the legacy filter table, one commit per family and batch."""
 
     name = "iptables"
+    actions = frozenset({Action.ACCEPT, Action.DROP})  # no watch (shadow) rules yet
 
     def __init__(
         self,

@@ -39,11 +39,11 @@ Json = dict[str, Any]
 
 _LIST_NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
 UNION = re.compile(
-    r"lists_(?P<action>drop|accept)(?P<version>[46])_(?P<prefix>\d{1,3})(?P<slot>b?)"
+    r"lists_(?P<action>drop|accept|watch)(?P<version>[46])_(?P<prefix>\d{1,3})(?P<slot>b?)"
 )
-_MARK = re.compile(rf"mark_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})")
+_MARK = re.compile(rf"mark_(?P<action>drop|accept|watch)_(?P<name>{_LIST_NAME.pattern})")
 LIST_SET = re.compile(  # a list's own set, before lists shared sets: removed at open
-    rf"list_(?P<action>drop|accept)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])"
+    rf"list_(?P<action>drop|accept|watch)_(?P<name>{_LIST_NAME.pattern})(?P<version>[46])"
     rf"_(?P<prefix>\d{{1,3}})(?P<slot>b?)"
 )
 

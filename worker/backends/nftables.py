@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 _HOOKS = {"INPUT": "input", "FORWARD": "forward", "DOCKER-USER": "forward"}
 _PRIORITY = -10
-_SET_NAME = re.compile(r"(?P<action>drop|accept)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
+_SET_NAME = re.compile(r"(?P<action>drop|accept|watch)(?P<version>[46])(?:_(?P<prefix>\d{1,3}))?")
 _MAX_PREFIXLEN = {4: 32, 6: 128}
 Json = dict[str, Any]
 
@@ -271,8 +271,9 @@ class NftablesBackend(NftLists, IndexedBackend):
     def _schema_commands(
         self, sets: set[str], unions: dict[Action, list[str]] | None = None
     ) -> list[Json]:
-        """Rule sets, base chains and their rules, rewritten as one transaction: accept rules,
-        accept lists, drop rules, drop lists. Lists' shared sets must exist already."""
+        """Rule sets, base chains and their rules, rewritten as one transaction: watch rules
+        and lists (no verdict, so first), accept rules, accept lists, drop rules, drop lists.
+        Lists' shared sets must exist already."""
         cmds: list[Json] = []
         for name in sorted(sets):
             version = _version(name)
@@ -289,14 +290,16 @@ class NftablesBackend(NftLists, IndexedBackend):
                 for a, gs in self._union.items()
             }
         ordered: list[tuple[str, Action]] = []
-        for action in (Action.ACCEPT, Action.DROP):
+        for action in (Action.WATCH, Action.ACCEPT, Action.DROP):  # watch sees every packet
             ordered += [(n, action) for n in sorted(sets) if n.startswith(action.value)]
             ordered += [(n, action) for n in unions.get(action, [])]
         cmds += self._hook_commands()
         for hook in self.hooks:
             for name, action in ordered:
                 match = {"op": "==", "left": _source(name), "right": f"@{name}"}
-                rule = self._t(chain=hook, expr=[{"match": match}, {action.value: None}])
+                # A watch has no verdict: its element counter counts, evaluation goes on.
+                verdict = [] if action is Action.WATCH else [{action.value: None}]
+                rule = self._t(chain=hook, expr=[{"match": match}, *verdict])
                 cmds.append({"add": {"rule": rule}})
         return cmds
 

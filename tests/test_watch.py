@@ -1,0 +1,130 @@
+"""Shadow mode: a watch rule counts real packets over a veth and lets them through.
+
+An operator tries an address (or a list) as ``watch`` first, reads its hits in ``pushfw
+list --hits``, then sends it again as a drop. Backends that cannot watch refuse it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pushfw.producer import Producer
+from pushfw.worker.hits import EVERY_BEATS
+from testbed.kernel import Firewall
+from tests.conftest import Netns, RedisServer, pushfw_cli, wait_for
+from tests.test_hits import BEAT_S, hit_rows
+from tests.test_packets import CLIENT_IP, can_connect, listening_peer
+
+WATCHING = ("nftables",)
+"""The kernel backends that hold watch rules; the others refuse them."""
+
+
+def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker,
+    producer: Producer,
+    redis_server: RedisServer,
+):
+    server, client = make_netns(), make_netns()
+    with listening_peer(server, client, tag="w"):
+        spawn_worker(server, backend=backend, heartbeat_interval_s=str(BEAT_S)).start()
+        results = producer.wait(producer.watch(CLIENT_IP, reason="shadow"), timeout_s=15)
+        if backend not in WATCHING:
+            assert [(r.status.value, r.detail) for r in results] == [
+                ("rejected", f"action: the {backend} backend cannot watch (nftables can)")
+            ]
+            assert can_connect(client)
+            return
+        assert [r.status.value for r in results] == ["applied"]
+        for _ in range(3):
+            assert can_connect(client), "a watch must neither drop nor end evaluation"
+
+        def watched() -> dict[str, Any] | None:
+            rows = [
+                r
+                for r in hit_rows(redis_server)
+                if r["network"] == f"{CLIENT_IP}/32" and r["action"] == "watch"
+            ]
+            return rows[0] if rows and rows[0]["packets"] >= 3 else None
+
+        wait_for(watched, timeout=EVERY_BEATS * BEAT_S * 10, what="the watched packets counted")
+        first = watched()
+        assert first is not None and first["bytes"] > 0
+
+        results = producer.wait(producer.drop(CLIENT_IP, reason="shadow over"), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert not can_connect(client), "the same address as a drop must block it"
+
+        def grew() -> bool:
+            row = watched()
+            return row is not None and row["packets"] > first["packets"]
+
+        # The dropped SYNs still pass the watch rule first: it sees every packet.
+        wait_for(grew, timeout=EVERY_BEATS * BEAT_S * 10, what="the watch to count the drops")
+
+        results = producer.wait(producer.unwatch(CLIENT_IP), timeout_s=15)
+        assert [r.status.value for r in results] == ["applied"]
+        assert not can_connect(client), "removing the watch leaves the drop"
+
+
+def test_a_list_imported_as_watch_lets_traffic_through_then_as_drop_blocks_it(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker,
+    producer: Producer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+):
+    server, client = make_netns(), make_netns()
+    path = tmp_path / "level1.netset"
+    path.write_text("# a feed that covers the client's own network\n10.213.0.0/24\n198.18.0.0/15\n")
+    with listening_peer(server, client, tag="l"):
+        spawn_worker(server, backend=backend).start()
+        shadow = pushfw_cli(
+            redis_server, "import", str(path), "--name", "level1", "--action", "watch", "--wait"
+        )
+        if backend not in WATCHING:
+            assert f"the {backend} backend cannot watch" in shadow.stdout + shadow.stderr
+            assert can_connect(client)
+            return
+        assert "applied" in shadow.stdout, shadow.stdout
+        assert sorted(Firewall(server, backend).list_entries("level1")) == [
+            "10.213.0.0/24",
+            "198.18.0.0/15",
+        ]
+        assert can_connect(client), "a watch list must let its entries' traffic through"
+
+        drop = pushfw_cli(redis_server, "import", str(path), "--name", "level1", "--wait")
+        assert "applied" in drop.stdout, drop.stdout
+        assert not can_connect(client), "the same list as a drop must block the client"
+
+
+def test_the_cli_warns_of_a_watch_wider_than_the_accept_bound_and_lists_watches(
+    redis_server: RedisServer,
+):
+    wide = pushfw_cli(redis_server, "watch", "0.0.0.0/4", "--reason", "too wide")
+    assert wide.returncode == 0, wide.stderr
+    assert (
+        "0.0.0.0/4 is wider than /8, the widest network a watch may cover by default "
+        "(min_accept_prefix_v4)" in wide.stderr
+    ), wide.stderr
+    assert "protected" not in wide.stderr
+    helped = pushfw_cli(redis_server, "list", "--help")
+    assert "watch" in helped.stdout, "list --action takes watch"
+    shown = pushfw_cli(redis_server, "list", "--action", "watch")
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_a_watch_in_the_ledger_reaches_the_kernel_at_the_workers_start(
+    netns: Netns, backend: str, spawn_worker, producer: Producer
+):
+    producer.watch("192.0.2.9", reply=False)
+    producer.drop("192.0.2.10", reply=False)
+    spawn_worker(netns, backend=backend).start()
+    held = {("drop", "192.0.2.10/32"): None}
+    if backend in WATCHING:
+        held[("watch", "192.0.2.9/32")] = None
+    wait_for(lambda: Firewall(netns, backend).rules() == held, what="the reconciled rules")
