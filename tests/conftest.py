@@ -318,6 +318,8 @@ _SLOW_MODULES = frozenset(
         "test_backend_lists",  # the same for lists, with a 120k-entry load
         "test_bench",  # the quick benchmark
         "test_chaos",  # kill -9 under load
+        "test_duplicate_hosts",  # pairs of worker processes that wait out each other's beats
+        "test_outages",  # a redis-server stopped, frozen and emptied under a worker
         "test_crowdsec",  # a LAPI and the bridge's processes
         "test_fail2ban",  # the real fail2ban-server, 5,000 bans
         "test_follower",  # a replica and follower processes

@@ -203,6 +203,7 @@ def test_import_from_stdin_needs_a_name(redis_server: RedisServer, r: redis.Redi
     assert fields[b"name"] == b"cron_a"
 
 
+@pytest.mark.slow  # worker threads and 28 CLI processes: the full tier
 def test_wait_names_the_host_that_did_not_answer(
     pushfw: Run, r: redis.Redis, redis_server: RedisServer
 ) -> None:
@@ -347,6 +348,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, ...]]:
     ]
 
 
+@pytest.mark.slow  # worker threads and 28 CLI processes: the full tier
 def test_bad_input_exits_2_in_every_command(pushfw: Run, r: redis.Redis, tmp_path: Path) -> None:
     """docs/producers.md, exit status: bad input is 2 whatever the command, one line, and
     nothing is sent."""
