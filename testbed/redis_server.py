@@ -39,6 +39,8 @@ class RedisServer:
     bind: str = "127.0.0.1"
     replica_of: int | None = None
     """A port on 127.0.0.1 whose Redis this one replicates (``--replicaof``)."""
+    started: bool = False
+    """It answered once: a restart keeps its port, which the caller's URLs name."""
 
     @property
     def socket_path(self) -> Path:
@@ -54,10 +56,26 @@ class RedisServer:
         return f"unix://{self.socket_path}?db=0"
 
     def start(self, timeout_s: float = 10) -> None:
-        """Start it and wait until it answers PING.
+        """Start it and wait until it answers PING. A first start whose port another test
+        process took meanwhile (``free_port`` cannot reserve it) moves to a new port.
 
         Raises:
             RuntimeError: it exited or did not answer within ``timeout_s``.
+        """
+        for _ in range(3):
+            if self._launch(timeout_s):
+                self.started = True
+                return
+            if self.started:
+                break
+            self.port = free_port()
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def _launch(self, timeout_s: float) -> bool:
+        """Run redis-server; True once it answers, False if it exits first.
+
+        Raises:
+            RuntimeError: it neither answered nor exited within ``timeout_s``.
         """
         args = [
             REDIS_SERVER,
@@ -78,11 +96,13 @@ class RedisServer:
             while True:
                 try:
                     if client.ping():
-                        return
+                        return True
                 except redis.exceptions.BusyLoadingError:
                     pass
                 except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                    if self.proc.poll() is not None:
+                        return False
+                    if time.monotonic() > deadline:
                         raise RuntimeError(
                             f"redis-server on port {self.port} did not start"
                         ) from None

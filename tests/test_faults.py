@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from pushfw.producer import Producer
@@ -179,6 +180,7 @@ def test_a_worker_started_while_the_xtables_lock_is_held_waits_for_it(
     )
 
 
+@pytest.mark.alone
 def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
     r: Any, redis_server: RedisServer
 ):
@@ -217,6 +219,7 @@ def test_i1_entries_a_crashed_ledger_consumer_read_are_folded(
     assert r.xpending(CMD, "ledger")["pending"] == 0
 
 
+@pytest.mark.alone
 def test_i5_timely_expiry_while_redis_is_down(
     netns: Netns, backend: str, spawn_worker: Callable[..., WorkerProcess], aof_redis: RedisServer
 ):
@@ -323,6 +326,7 @@ def test_i4_convergent_a_hand_flush_is_put_back_at_the_next_heartbeat(
     assert worker.log.count("the kernel lost pushfw's rules or hooks") == 2, "once per flush"
 
 
+@pytest.mark.alone
 def test_i5_timely_expiry_while_redis_is_frozen(
     netns: Netns, backend: str, spawn_worker: Callable[..., WorkerProcess], aof_redis: RedisServer
 ):

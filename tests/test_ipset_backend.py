@@ -169,6 +169,7 @@ def test_readding_renews_the_kernel_timeout(ns: Netns):
     assert saved(ns)[("pushfw-drop4", "192.0.2.5/32")] == (0, None), "permanent from now on"
 
 
+@pytest.mark.alone
 def test_timed_element_leaves_the_kernel_by_itself(ns: Netns):
     expires_ms = now_ms() + 3000  # room for the driver's start on a loaded machine
     drive(ns, ["open"], ["add", "drop", "192.0.2.9", expires_ms], ["commit"])

@@ -245,6 +245,7 @@ def emission_lags(r: redis.Redis, rules: dict[str, tuple[str, int]]) -> list[int
     return lags
 
 
+@pytest.mark.alone
 def test_two_racing_schedulers_emit_each_expiry_once(
     r, producer, ledger, keyspace_events, start_scheduler
 ):
@@ -275,6 +276,7 @@ def test_two_racing_schedulers_emit_each_expiry_once(
     assert expiry_state(r) == before
 
 
+@pytest.mark.alone
 def test_scheduler_meets_the_bound_on_its_timer_alone(
     r, producer, ledger, keyspace_events, start_scheduler
 ):
@@ -296,6 +298,7 @@ def test_scheduler_meets_the_bound_on_its_timer_alone(
     print(f"\none scheduler, events off: {lag_summary(lags)}")
 
 
+@pytest.mark.alone
 def test_extended_ban_is_not_cut_short(r, producer, ledger, start_scheduler):
     scheduler = start_scheduler()
     rid = rule_id("drop", "192.0.2.8/32")

@@ -27,6 +27,8 @@ PREFIX = Path("/opt/pushfw")
 WORKER = PREFIX / "bin" / "pushfw-worker"
 LOCK = Path("/run/lock/pushfw-package-test.lock")
 
+pytestmark = pytest.mark.alone  # /etc/pushfw/worker.toml would reach every worker started meanwhile
+
 
 def installed_status() -> str:
     """dpkg's status of the pushfw package ('' when dpkg never heard of it)."""

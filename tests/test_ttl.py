@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+import pytest
 import redis
 
 from pushfw.producer import Producer
@@ -32,6 +33,7 @@ def address(i: int) -> str:
     return f"198.18.{i // 250}.{i % 250 + 1}"
 
 
+@pytest.mark.alone
 def test_thousand_timed_rules_leave_the_kernel_within_a_second(netns, backend, spawn_worker, r):
     fw = Firewall(netns, backend)
     spawn_worker(netns, backend=backend).start()
