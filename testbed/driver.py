@@ -96,7 +96,7 @@ def _backend_step(backend: Any, verb: str, args: list[Any]) -> Any:
         case "commit" | "timed_commit":
             return _commit(backend, timed=verb == "timed_commit")
         case "snapshot":
-            rules = backend.snapshot().values()
+            rules = (rule for _, rule in backend.committed().pairs())
             return sorted([r.key.action.value, str(r.key.network), r.expires_ms] for r in rules)
         case _:
             raise ValueError(f"unknown step {verb!r}")
