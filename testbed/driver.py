@@ -56,7 +56,13 @@ def _build(name: str, options: dict[str, Any]) -> Any:
     from pushfw.worker.backends import make_backend
 
     fail = [ipaddress.ip_network(n) for n in options.get("memory_fail", [])]
-    backend = make_backend(name, memory_fail=fail, set_size=options.get("set_size", 1_000_000))
+    offset_ms = options.get("clock_offset_ms", 0)  # Redis's clock, this far from the machine's
+    backend = make_backend(
+        name,
+        memory_fail=fail,
+        set_size=options.get("set_size", 1_000_000),
+        clock=lambda: int(time.time() * 1000) + offset_ms,
+    )
     if "lock_timeout_s" in options:
         backend.lock_timeout_s = options["lock_timeout_s"]  # type: ignore[attr-defined]
     if "list_chunk" in options:

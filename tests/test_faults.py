@@ -179,6 +179,7 @@ def test_a_worker_started_while_the_xtables_lock_is_held_waits_for_it(
     assert "the kernel is busy (xtables lock is held by another process); trying again" in (
         worker.log
     )
+    assert "s for the xtables lock another process holds" in worker.log, "the wait went untold"
 
 
 def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
