@@ -82,7 +82,11 @@ def measure(rules: int, reboot: bool = False) -> dict[str, Any]:
             worker.scheduler.close()
             assert drift is not None, "the reconcile did not run"
             if reboot:
-                assert (drift.added, drift.changed, backend.size()) == (rules, rules, rules), drift
+                assert (drift.added, drift.changed, len(backend.committed())) == (
+                    rules,
+                    rules,
+                    rules,
+                ), drift
             else:
                 assert drift.kept == rules and not drift.changed, drift
             return {

@@ -56,7 +56,13 @@ def _build(name: str, options: dict[str, Any]) -> Any:
     from pushfw.worker.backends import make_backend
 
     fail = [ipaddress.ip_network(n) for n in options.get("memory_fail", [])]
-    backend = make_backend(name, memory_fail=fail, set_size=options.get("set_size", 1_000_000))
+    offset_ms = options.get("clock_offset_ms", 0)  # Redis's clock, this far from the machine's
+    backend = make_backend(
+        name,
+        memory_fail=fail,
+        set_size=options.get("set_size", 1_000_000),
+        clock=lambda: int(time.time() * 1000) + offset_ms,
+    )
     if "lock_timeout_s" in options:
         backend.lock_timeout_s = options["lock_timeout_s"]  # type: ignore[attr-defined]
     if "list_chunk" in options:
@@ -96,7 +102,7 @@ def _backend_step(backend: Any, verb: str, args: list[Any]) -> Any:
         case "commit" | "timed_commit":
             return _commit(backend, timed=verb == "timed_commit")
         case "snapshot":
-            rules = backend.snapshot().values()
+            rules = (rule for _, rule in backend.committed().pairs())
             return sorted([r.key.action.value, str(r.key.network), r.expires_ms] for r in rules)
         case _:
             raise ValueError(f"unknown step {verb!r}")

@@ -47,7 +47,7 @@ def test_commands_sent_before_first_start_are_applied(r, redis_server, producer:
     c = producer.accept("198.51.100.0/24")
     worker.run(burst=True)
 
-    rules = worker.backend.snapshot()
+    rules = dict(worker.backend.committed().pairs())
     assert set(rules) == {
         key("drop", "192.0.2.1"),
         key("drop", "2001:db8::/32"),
@@ -75,7 +75,7 @@ def test_repeat_insert_is_unchanged_and_delete_removes(r, redis_server, producer
         "applied",
         "unchanged",
     ]
-    assert worker.backend.snapshot() == {}
+    assert dict(worker.backend.committed().pairs()) == {}
 
 
 def test_one_commit_per_batch(r, redis_server, producer):
@@ -84,7 +84,7 @@ def test_one_commit_per_batch(r, redis_server, producer):
         producer.drop(f"192.0.2.{i}")
     worker.run(burst=True)
     assert isinstance(worker.backend, MemoryBackend)
-    assert len(worker.backend.snapshot()) == 200
+    assert len(worker.backend.committed()) == 200
     assert worker.backend.commits == 1
 
 
@@ -105,7 +105,7 @@ def test_invalid_entries_are_rejected_and_acked_without_harm(r, redis_server, pr
     assert "whitespace" in results[bad[0].decode()]["detail"]
     assert "UTF-8" in results[bad[1].decode()]["detail"]
     assert results[good]["status"] == "applied"
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.9")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.9")}
     assert pending(r) == 0
 
 
@@ -122,7 +122,7 @@ def test_protected_networks_are_never_dropped(r, redis_server, producer):
         assert results[entry_id]["status"] == "rejected"
         assert "protected" in results[entry_id]["detail"]
     assert results[allowed]["status"] == "applied"
-    assert set(worker.backend.snapshot()) == {key("accept", "127.0.0.1")}
+    assert set(worker.backend.committed()) == {key("accept", "127.0.0.1")}
 
 
 def test_target_selects_hosts_by_name_or_label(r, redis_server, producer):
@@ -132,7 +132,7 @@ def test_target_selects_hosts_by_name_or_label(r, redis_server, producer):
     other = producer.drop("192.0.2.3", target=["h2", "db"])
     worker.run(burst=True)
 
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1"), key("drop", "192.0.2.2")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.1"), key("drop", "192.0.2.2")}
     results = results_by_cmd(r)
     assert results[mine]["status"] == results[by_label]["status"] == "applied"
     assert other not in results, "a host that is not targeted reports nothing"
@@ -147,7 +147,7 @@ def test_command_past_its_expiry_is_reported_expired(r, redis_server):
     )
     worker.run(burst=True)
     assert results_by_cmd(r)[old.decode()]["status"] == "expired"
-    assert worker.backend.snapshot() == {}
+    assert dict(worker.backend.committed().pairs()) == {}
 
 
 def test_late_host_applies_only_the_time_remaining(r, redis_server):
@@ -157,7 +157,7 @@ def test_late_host_applies_only_the_time_remaining(r, redis_server):
         CMD, {"op": "drop.insert", "ip": "192.0.2.1", "ttl": "3600"}, id=f"{now_ms - 600_000}-0"
     )
     worker.run(burst=True)
-    rule = worker.backend.get(key("drop", "192.0.2.1"))
+    rule = worker.backend.committed().get(key("drop", "192.0.2.1"))
     assert rule is not None
     assert rule.expires_ms == int(entry.decode().split("-")[0]) + 3_600_000
 
@@ -171,17 +171,17 @@ def test_timed_rule_is_removed_on_time(r, redis_server, producer):
     thread.start()
     try:
         deadline = time.monotonic() + 10
-        while key("drop", "192.0.2.1") not in worker.backend.snapshot():
+        while key("drop", "192.0.2.1") not in worker.backend.committed():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        rule = worker.backend.get(key("drop", "192.0.2.1"))
+        rule = worker.backend.committed().get(key("drop", "192.0.2.1"))
         assert rule is not None and rule.expires_ms is not None
-        while key("drop", "192.0.2.1") in worker.backend.snapshot():
+        while key("drop", "192.0.2.1") in worker.backend.committed():
             assert time.monotonic() < deadline
             time.sleep(0.005)
         lag_ms = redis_ms(r) - rule.expires_ms
         assert lag_ms < 1000, f"removed {lag_ms} ms after its expiry"
-        assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.2")}
+        assert set(worker.backend.committed()) == {key("drop", "192.0.2.2")}
     finally:
         stop.set()
         worker.request_stop()
@@ -195,7 +195,7 @@ def test_failing_command_goes_to_dead_letters_and_blocks_nothing(r, redis_server
     after = producer.drop("192.0.2.2")
     worker.run(burst=True)
 
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1"), key("drop", "192.0.2.2")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.1"), key("drop", "192.0.2.2")}
     results = results_by_cmd(r)
     assert results[before]["status"] == results[after]["status"] == "applied"
     assert results[poison]["status"] == "failed"
@@ -223,7 +223,7 @@ def test_entries_left_by_a_dead_consumer_are_reclaimed(r, redis_server, producer
     time.sleep(0.25)
     worker = make_worker(redis_server, claim_idle_ms=200)
     worker.run(burst=True)
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.7")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.7")}
     # reconcile at start already converged on the ledger, which folded the orphan too
     answer = results_by_cmd(r)[orphan]
     assert (answer["status"], answer["detail"]) == ("unchanged", "already present")
@@ -238,7 +238,7 @@ def test_in_stream_order_last_write_wins(r, redis_server, producer):
     producer.drop("192.0.2.2", ttl_s=600)
     producer.drop("192.0.2.2")
     worker.run(burst=True)
-    rules = worker.backend.snapshot()
+    rules = dict(worker.backend.committed().pairs())
     assert rules[key("drop", "192.0.2.1")].expires_ms is not None
     assert rules[key("drop", "192.0.2.2")].expires_ms is None
 
@@ -250,12 +250,12 @@ def test_retargeting_a_rule_removes_it_from_hosts_no_longer_named(r, redis_serve
     producer.drop("192.0.2.1")
     web.run(burst=True)
     db.run(burst=True)
-    assert key("drop", "192.0.2.1") in web.backend.snapshot()
-    assert key("drop", "192.0.2.1") in db.backend.snapshot()
+    assert key("drop", "192.0.2.1") in web.backend.committed()
+    assert key("drop", "192.0.2.1") in db.backend.committed()
 
     producer.drop("192.0.2.1", target=["db1"])
     web.run(burst=True)
     db.run(burst=True)
-    assert web.backend.snapshot() == {}
-    assert set(db.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert dict(web.backend.committed().pairs()) == {}
+    assert set(db.backend.committed()) == {key("drop", "192.0.2.1")}
     assert pending(r, "web1") == pending(r, "db1") == 0

@@ -2,7 +2,7 @@
 
 What :meth:`Backend.commit` and its friends promise: add and delete are idempotent, a batch
 is all-or-nothing per table and address family, a failed batch and :meth:`Backend.discard`
-forget the staged changes, :meth:`Backend.snapshot` describes the kernel (expiry ms
+forget the staged changes, :meth:`Backend.committed` describes the kernel (expiry ms
 included), :meth:`Backend.open` may be called again and re-reads the kernel, and
 :meth:`Backend.uninstall` leaves every other rule alone.
 
@@ -78,7 +78,7 @@ def agrees(snapshot: list[Any], kernel: dict[str, Any] | None) -> None:
     """The snapshot lists exactly what the kernel holds, expiry ms included, once each."""
     if kernel is None:
         return  # memory: its dict is all there is
-    assert snapshot == kernel["rules"], "snapshot() differs from the kernel"
+    assert snapshot == kernel["rules"], "committed() differs from the kernel"
     assert kernel["entries"] == len(kernel["rules"]), "the kernel holds a rule twice"
 
 
@@ -320,7 +320,7 @@ def test_a_refused_batch_changes_nothing_and_is_forgotten(
     r = subject.run(s, **refusal.options)
     assert r[setup]["error"] is None
     assert r[failed]["error"] == refusal.error, r[failed]
-    assert r[after] == r[before], "a failed batch changed snapshot()"
+    assert r[after] == r[before], "a failed batch changed committed()"
     if subject.kernel:
         assert r[kern_after] == r[kern_before], "a failed batch changed the kernel"
     agrees(r[after], r[kern_after])
@@ -491,6 +491,6 @@ def test_uninstall_leaves_other_rules_alone(subject: Subject):
 
     r = subject.run(s)
     assert r[committed]["error"] is None
-    assert r[snap] == [], "snapshot() lists rules uninstall() removed"
+    assert r[snap] == [], "committed() lists rules uninstall() removed"
     assert isinstance(r[twice], str), "uninstall twice is harmless"
     assert kernel_view(ns, subject.name, dump=True) == before

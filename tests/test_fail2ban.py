@@ -495,7 +495,7 @@ def test_signing_key_from_fail2bans_environment(
     (_, fields), *_ = cast(list[Any], r.xrange(CMD))
     assert {b"ts", b"sig"} <= set(fields)
     worker.run(burst=True)  # requires a valid signature
-    assert set(worker.backend.snapshot()) == {key("drop", BANNED)}, results_by_cmd(r)
+    assert set(worker.backend.committed()) == {key("drop", BANNED)}, results_by_cmd(r)
 
 
 # The Python action (pushfw_redis.py), inside fail2ban's own process
@@ -598,7 +598,7 @@ def test_python_action_signs_with_fail2bans_key(
     (_, fields), *_ = cast(list[Any], r.xrange(CMD))
     assert {b"ts", b"sig"} <= set(fields)
     worker.run(burst=True)
-    assert set(worker.backend.snapshot()) == {key("drop", BANNED)}, results_by_cmd(r)
+    assert set(worker.backend.committed()) == {key("drop", BANNED)}, results_by_cmd(r)
 
 
 # At scale: 5,000 addresses at once, then `fail2ban-client stop`
@@ -643,7 +643,7 @@ def test_5000_bans_at_once_in_each_of_two_jails_then_stop(
 
         worker = make_worker(redis_server)
         worker.run(burst=True)
-        rules = worker.backend.snapshot()
+        rules = dict(worker.backend.committed().pairs())
         assert len(rules) == total
         assert all(rule.expires_ms is not None for rule in rules.values())
 
@@ -653,7 +653,7 @@ def test_5000_bans_at_once_in_each_of_two_jails_then_stop(
     deletes = [c["ip"] for c in commands(r) if c["op"] == "drop.delete"]
     assert sorted(deletes) == sorted(jails["py-scale-unban"]), "one drop.delete per ban"
     worker.run(burst=True)
-    kept = {str(rule_key.network.network_address) for rule_key in worker.backend.snapshot()}
+    kept = {str(rule_key.network.network_address) for rule_key in worker.backend.committed()}
     assert kept == set(jails["py-scale"]), "a stop leaves the default jail's bans alone"
 
 

@@ -60,15 +60,17 @@ def test_i3_ordered_two_commands_for_one_rule_in_one_batch_meant_for_other_hosts
     worker.setup()
     producer.drop("192.0.2.60")
     worker.run(burst=True)
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.60")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.60")}
     pipe = r.pipeline(transaction=False)
     pipe.xadd(CMD, {"op": "drop.insert", "ip": "192.0.2.60", "target": "h2"})
     pipe.xadd(CMD, {"op": "drop.delete", "ip": "192.0.2.60", "target": "h2"})
     pipe.execute()
     worker.run(burst=True)
-    assert worker.backend.snapshot() == {}, "the rule stayed on a host it should have left"
+    assert dict(worker.backend.committed().pairs()) == {}, (
+        "the rule stayed on a host it should have left"
+    )
     worker.reconcile()
-    assert worker.backend.snapshot() == {}, "the stream and the ledger agree"
+    assert dict(worker.backend.committed().pairs()) == {}, "the stream and the ledger agree"
 
 
 def test_i1_a_held_xtables_lock_never_yields_an_applied_rule_the_kernel_lacks(
@@ -178,6 +180,7 @@ def test_a_worker_started_while_the_xtables_lock_is_held_waits_for_it(
     assert "the kernel is busy (xtables lock is held by another process); trying again" in (
         worker.log
     )
+    assert "s for the xtables lock another process holds" in worker.log, "the wait went untold"
 
 
 @pytest.mark.alone
@@ -193,11 +196,11 @@ def test_i5_timely_expiry_an_ipv4_and_an_ipv6_rule_due_in_the_same_millisecond(
     first, second = first.decode(), second.decode()
     assert first.split("-")[0] == second.split("-")[0]
     worker.run(burst=True)
-    assert len(worker.backend.snapshot()) == 2
+    assert len(worker.backend.committed()) == 2
     due_ms = int(first.split("-")[0]) + 1000
     wait_for(lambda: worker.applier.clock.now_ms() > due_ms, 5, "the expiry")
     assert worker.applier.expire_due() == 2
-    assert worker.backend.snapshot() == {}
+    assert dict(worker.backend.committed().pairs()) == {}
 
 
 def test_i1_entries_a_crashed_ledger_consumer_read_are_folded(

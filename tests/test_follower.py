@@ -100,7 +100,7 @@ def test_a_follower_reads_on_the_replica_and_answers_on_the_primary(
     synced(r)
     worker.run(burst=True)
 
-    assert set(worker.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (2, 3, 4, 5, 7)}
+    assert set(worker.backend.committed()) == {key("drop", f"192.0.2.{i}") for i in (2, 3, 4, 5, 7)}
     results = {f[b"cmd"].decode(): f[b"status"].decode() for _, f in r.xrange("{pushfw}:results")}
     assert results == {asked: "applied", bad: "rejected"}
     assert groups(r) == {"ledger"}, "a follower has no consumer group on the primary"
@@ -187,7 +187,7 @@ def test_a_follower_killed_at_random_steps_ends_where_the_stream_says(
     survivor.run(burst=True)
     want = {key("drop", a) for a, present in expected.items() if present}
     assert kills >= 15, f"only {kills} kills: the test did not try hard"
-    assert set(kernel.snapshot()) == want
+    assert set(kernel.committed()) == want
     assert r.xlen("{pushfw}:dead") == 0
     answered = {f[b"cmd"].decode() for _, f in r.xrange("{pushfw}:results")}
     assert not set(sent[24:]) - answered, "commands read by a follower and never answered"
@@ -204,7 +204,7 @@ def test_a_refused_command_is_retried_and_dead_lettered_while_the_rest_goes_on(
     after = producer.drop("192.0.2.10", reply=False)
     synced(r)
     worker.run(burst=True)
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.10")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.10")}
     [(_, dead)] = r.xrange("{pushfw}:dead")
     assert (dead[b"cmd"].decode(), dead[b"deliveries"]) == (refused, b"3")
     assert beat(producer, "f1").position == after
@@ -258,7 +258,7 @@ def test_a_follower_whose_position_was_trimmed_past_starts_from_the_ledger(
     assert "follower position" in caplog.text and "trimmed" in caplog.text
     want = {key("drop", f"10.0.{i // 250}.{i % 250 + 1}") for i in range(3, 300)}
     want.add(key("drop", "192.0.2.2"))
-    assert set(kernel.snapshot()) == want
+    assert set(kernel.committed()) == want
 
 
 def test_a_follower_starts_again_when_the_stream_no_longer_reaches_its_position(
@@ -277,7 +277,7 @@ def test_a_follower_starts_again_when_the_stream_no_longer_reaches_its_position(
     producer.drop("192.0.2.2", reply=False)
     synced(r)
     worker.run(burst=True)
-    assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
+    assert key("drop", "192.0.2.2") in set(worker.backend.committed())
 
 
 def test_a_read_url_that_is_no_replica_of_the_primary_is_read_around_and_named(
@@ -295,7 +295,7 @@ def test_a_read_url_that_is_no_replica_of_the_primary_is_read_around_and_named(
     worker.setup()
     producer.drop("192.0.2.1", reply=False)
     worker.run(burst=True)
-    assert key("drop", "192.0.2.1") in set(worker.backend.snapshot())
+    assert key("drop", "192.0.2.1") in set(worker.backend.committed())
     status = beat(producer, "f1")
     assert status.reads == "primary"
     assert [p for p in status.problems if "holds ledger generation none, the primary " in p]
@@ -381,7 +381,7 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
     def done(address: str) -> bool:
         drop = producer.drop(address, reply=False)
         wait_for(lambda: producer.progress(drop)["f1"] == "done", 30, f"{address} done")
-        return key("drop", address) in set(worker.backend.snapshot())
+        return key("drop", address) in set(worker.backend.committed())
 
     def reads(server: RedisServer) -> int:
         client = redis.Redis.from_url(server.url)
@@ -439,7 +439,7 @@ def test_a_follower_reads_on_the_primary_while_its_replica_is_dead_frozen_or_sta
             reads_on_the_replica_again()
     finally:
         replica.stop()
-    assert {key("drop", f"192.0.2.{i}") for i in (1, 2, 3, 4)} == set(worker.backend.snapshot())
+    assert {key("drop", f"192.0.2.{i}") for i in (1, 2, 3, 4)} == set(worker.backend.committed())
 
 
 def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
@@ -470,7 +470,7 @@ def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
         worker.setup()  # the replica knows no such user
         producer.drop("192.0.2.1", reply=False)
         worker.run(burst=True)
-        assert key("drop", "192.0.2.1") in set(worker.backend.snapshot())
+        assert key("drop", "192.0.2.1") in set(worker.backend.committed())
         [problem] = [p for p in worker.heart.problems() if p.startswith("replica ")]
         assert "reading on the primary" in problem and "***" in problem, problem
 
@@ -479,7 +479,7 @@ def test_a_replica_whose_acl_refuses_the_worker_is_named_and_read_around(
         stream._probe_at = 0.0  # ask the replica again now
         producer.drop("192.0.2.2", reply=False)
         worker.run(burst=True)
-        assert key("drop", "192.0.2.2") in set(worker.backend.snapshot())
+        assert key("drop", "192.0.2.2") in set(worker.backend.committed())
         [problem] = [p for p in worker.heart.problems() if p.startswith("replica ")]
         assert "xread" in problem.lower(), problem
     finally:
@@ -507,7 +507,7 @@ def test_an_entry_only_the_replica_holds_is_never_applied_and_read_around(
     def done(address: str) -> bool:
         drop = producer.drop(address, reply=False)
         wait_for(lambda: producer.progress(drop)["f1"] == "done", 30, f"{address} done")
-        return key("drop", address) in set(worker.backend.snapshot())
+        return key("drop", address) in set(worker.backend.committed())
 
     def problems() -> list[str]:
         return [p for p in beat(producer, "f1").problems if p.startswith("replica ")]
@@ -546,7 +546,7 @@ def test_an_entry_only_the_replica_holds_is_never_applied_and_read_around(
             before = commandstats(writer).get("xread", 0)
             assert done("192.0.2.4") and commandstats(writer).get("xread", 0) > before
 
-        assert set(worker.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in range(1, 5)}
+        assert set(worker.backend.committed()) == {key("drop", f"192.0.2.{i}") for i in range(1, 5)}
         answered = {f[b"cmd"] for _, f in r.xrange("{pushfw}:results")}
         assert not answered & set(forged), "a forged entry was answered"
         assert not r.xrange(CMD, forged[0], forged[0]), "the primary holds no forged entry"
@@ -592,7 +592,7 @@ def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
         again = follower(redis_server, replica, tmp_path, kernel, batch_size=1)
         again.setup()
         again.run(burst=True)
-        assert set(again.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in (1, 2)}
+        assert set(again.backend.committed()) == {key("drop", f"192.0.2.{i}") for i in (1, 2)}
         [problem] = [p for p in again.heart.problems() if p.startswith("replica ")]
         assert "it holds entries the primary never generated (3 ever added" in problem, problem
         assert beat(producer, "f1").reads == "primary"

@@ -169,6 +169,20 @@ def test_readding_renews_the_kernel_timeout(ns: Netns):
     assert saved(ns)[("pushfw-drop4", "192.0.2.5/32")] == (0, None), "permanent from now on"
 
 
+def test_the_kernel_timeout_counts_from_the_clock_the_backend_was_built_with(ns: Netns):
+    """The worker builds its backend with Redis's clock: an expiry 10 minutes past Redis's
+    now stays 10 minutes in the kernel, however far the machine's own clock is off."""
+    behind_ms = 3_600_000  # Redis's clock an hour behind this machine's
+    started = now_ms()
+    exp = started - behind_ms + 600_000  # an hour ago by the machine's clock
+    spec = _spec((["open"], ["add", "drop", "192.0.2.6", exp], ["commit"]), None)
+    spec["options"]["clock_offset_ms"] = -behind_ms
+    assert run(spec, ns)[2]["error"] is None
+    timeout, comment = saved(ns)[("pushfw-drop4", "192.0.2.6/32")]
+    low, high = timeout_between(exp + behind_ms, started)
+    assert low <= timeout <= high and comment == f"exp={exp}"
+
+
 @pytest.mark.alone
 def test_timed_element_leaves_the_kernel_by_itself(ns: Netns):
     expires_ms = now_ms() + 3000  # room for the driver's start on a loaded machine

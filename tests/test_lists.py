@@ -119,7 +119,7 @@ def test_a_list_is_loaded_then_only_its_change_is_applied(
     assert (record.name, record.size, record.id) == ("feed", 3, same)
     beat = {h.host: h for h in producer.hosts()}["h1"]
     assert beat.lists["feed"].version == record.version and beat.lists["feed"].entries == 3
-    assert len(worker.backend.snapshot()) == 0, "a list is not single rules"
+    assert len(worker.backend.committed()) == 0, "a list is not single rules"
 
 
 def test_a_drop_list_never_covers_a_protected_network_or_goes_wider_than_the_bounds(

@@ -133,7 +133,7 @@ def test_each_seed_command_appends_the_equivalent_entry(
         parse_command(fields)  # every entry is a valid v1 command
 
     worker.run(burst=True)
-    rules = worker.backend.snapshot()
+    rules = dict(worker.backend.committed().pairs())
     assert set(rules) == {
         key("drop", "192.168.1.6"),
         key("drop", "192.168.1.7"),
@@ -192,7 +192,7 @@ def test_values_are_validated_by_the_worker_not_the_function(
     assert results[bad_ip]["status"] == results[bad_ttl]["status"] == "rejected"
     assert "whitespace" in results[bad_ip]["detail"]
     assert results[bad_ttl]["detail"].startswith("ttl:")
-    assert worker.backend.snapshot() == {}
+    assert dict(worker.backend.committed().pairs()) == {}
 
 
 def test_show_prints_the_library_and_a_prefix_moves_the_default_stream(

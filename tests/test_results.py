@@ -42,7 +42,7 @@ def test_only_commands_that_ask_get_result_entries_and_progress_is_in_the_heartb
     assert by_cmd == {asked: {"h1", "h2"}, with_id: {"h1", "h2"}, bad: {"h1", "h2"}}
     assert results_by_cmd(r)[bad]["status"] == "rejected"
     for worker in hosts:
-        assert set(worker.backend.snapshot()) == {key("drop", f"192.0.2.{i}") for i in range(1, 9)}
+        assert set(worker.backend.committed()) == {key("drop", f"192.0.2.{i}") for i in range(1, 9)}
 
     beats = beats_of(producer)
     for name in ("h1", "h2"):
@@ -95,4 +95,4 @@ def test_a_bad_reply_field_rejects_the_command(r: Any, redis_server: RedisServer
     result = results_by_cmd(r)[cmd]
     assert result["status"] == "rejected"
     assert result["detail"] == "reply: 'maybe' is not 1/yes/true or 0/no/false"
-    assert worker.backend.snapshot() == {}
+    assert dict(worker.backend.committed().pairs()) == {}

@@ -109,7 +109,7 @@ def test_trim_removes_what_every_live_group_has_done(r, producer: Producer, make
     # the trimmed stream still works: a new command is folded and applied
     producer.drop("198.51.100.1")
     consume(worker)
-    assert len(worker.backend.snapshot()) == 61
+    assert len(worker.backend.committed()) == 61
     assert len(ledger_rules(r)) == 61
 
 
@@ -348,7 +348,7 @@ def test_hosts_forget_retires_a_stopped_host_and_refuses_a_live_one(
     producer.drop("192.0.2.5", reply=False)
     back = memory_worker(redis_server, "web9")
     back.run(burst=True)  # a new group at the stream's head: the rule comes from the ledger
-    assert [str(k.network) for k in back.backend.snapshot()] == ["192.0.2.5/32"]
+    assert [str(k.network) for k in back.backend.committed()] == ["192.0.2.5/32"]
 
 
 def test_removed_and_expired_lists_are_forgotten_once_trimmed_past(

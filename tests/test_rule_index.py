@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections import Counter
 
 import pytest
 
@@ -52,6 +53,9 @@ def test_the_packed_index_answers_as_a_dict_under_random_changes(
     assert {a: index.count(a) for a in Action} == {
         a: sum(k.action is a for k in model) for a in Action
     }
+    assert index.counts() == {a: sum(k.action is a for k in model) for a in Action}
+    timed = Counter(r for r in model.values() if r.expires_ms is not None)
+    assert Counter(index.timed()) == timed, "timed() lists each timed rule once, no other"
     index.clear()
     assert len(index) == 0 and dict(index.pairs()) == {}
 

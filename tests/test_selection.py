@@ -45,7 +45,7 @@ def _networks(out: str) -> list[str]:
 def kernel(worker: Worker) -> set[str]:
     backend = worker.backend
     assert isinstance(backend, MemoryBackend)
-    return {f"{rule.action} {rule.network}" for rule in backend.snapshot()}
+    return {f"{rule.action} {rule.network}" for rule in backend.committed()}
 
 
 def test_list_filters_select_what_an_operator_names(

@@ -125,12 +125,12 @@ def test_required_signature_applies_signed_and_rejects_the_rest(r, redis_server)
     assert status(r, stale.decode())[1].startswith("ts: outside the 300 s window")
     assert status(r, future.decode())[1].startswith("ts: outside the 300 s window")
     assert status(r, other_key.decode()) == ("rejected", "sig: does not match")
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.1")}
     # the ledger records every valid command, with what a strict host needs to verify it
     [good_record] = [rec for rec in producer.rules() if rec.network == "192.0.2.1/32"]
     assert good_record.signed["sig"] and good_record.signed["ip"] == "192.0.2.1"
     worker.reconcile()
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}, (
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.1")}, (
         "reconcile installs only what this strict host can verify"
     )
     producer.client.close()
@@ -147,7 +147,7 @@ def test_a_key_without_require_takes_unsigned_but_not_badly_signed(r, redis_serv
     assert status(r, unsigned) == ("applied", "inserted")
     assert status(r, bad.decode()) == ("rejected", "sig: does not match")
     assert status(r, stale.decode())[1].startswith("ts: outside the 60 s window")
-    assert set(worker.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert set(worker.backend.committed()) == {key("drop", "192.0.2.1")}
 
 
 def test_no_key_ignores_signatures(r, redis_server):
@@ -175,7 +175,7 @@ def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_serv
     ).decode()
     worker.run(burst=True)
     assert status(r, forged) == ("rejected", FORGED_EXPIRY)
-    assert key("drop", "198.51.100.7") in worker.backend.snapshot()
+    assert key("drop", "198.51.100.7") in worker.backend.committed()
     assert [rec.network for rec in producer.rules()] == ["198.51.100.7/32", "198.51.100.8/32"]
 
     wait_for(lambda: producer.now_ms() > int(timed.split("-")[0]) + 1000, 5, "the ttl to pass")
@@ -185,15 +185,15 @@ def test_forged_expiry_is_rejected_and_the_schedulers_own_is_taken(r, redis_serv
     ]
     assert b"sig" not in fields, "the scheduler's delete comes from Lua, unsigned"
     # process the delete before this host's own timer removes the rule: the delete does it
-    assert key("drop", "198.51.100.8") in worker.backend.snapshot()
+    assert key("drop", "198.51.100.8") in worker.backend.committed()
     worker.applier.process(worker.stream.read(">", 10, None))
     assert worker.applier.answers.counts["applied"] == 3, "the ban, the timed one and its expiry"
     assert expiry not in results_by_cmd(r), "the scheduler's deletes ask no result"
-    assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}
+    assert set(worker.backend.committed()) == {key("drop", "198.51.100.7")}
     assert [rec.network for rec in producer.rules()] == ["198.51.100.7/32"]
 
     worker.reconcile()
-    assert set(worker.backend.snapshot()) == {key("drop", "198.51.100.7")}, "the ledger kept it"
+    assert set(worker.backend.committed()) == {key("drop", "198.51.100.7")}, "the ledger kept it"
     producer.client.close()
 
 
@@ -331,12 +331,12 @@ def test_signed_state_outlives_unsigned_commands_on_strict_hosts_only(r, redis_s
 
     strict = memory_worker(redis_server, "h2", hmac_key=KEY, require_signature=True)
     strict.setup()
-    assert set(strict.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert set(strict.backend.committed()) == {key("drop", "192.0.2.1")}
     assert isinstance(strict.backend, MemoryBackend)
     assert strict.backend.lists["feed"][1] == {"198.51.100.0/24"}
     lax = memory_worker(redis_server, "h3", hmac_key=KEY)
     lax.setup()
-    assert set(lax.backend.snapshot()) == set()
+    assert set(lax.backend.committed()) == set()
     assert isinstance(lax.backend, MemoryBackend) and "feed" not in lax.backend.lists
     version = ListContent.of(["198.51.100.0/24"]).version
     assert r.pttl(f"{{pushfw}}:list:feed:{version}") == -1, "held content does not expire"
@@ -346,7 +346,7 @@ def test_signed_state_outlives_unsigned_commands_on_strict_hosts_only(r, redis_s
     r.hdel("{pushfw}:lists", "feed")
     late = memory_worker(redis_server, "h4", hmac_key=KEY, require_signature=True)
     late.setup()
-    assert set(late.backend.snapshot()) == {key("drop", "192.0.2.1")}
+    assert set(late.backend.committed()) == {key("drop", "192.0.2.1")}
     assert isinstance(late.backend, MemoryBackend) and "feed" in late.backend.lists
     producer.client.close()
 

@@ -104,7 +104,7 @@ def test_a_bug_in_one_role_costs_that_role_a_pass_not_the_worker(
         broken = _break(worker, 3)
         drop = producer.drop("192.0.2.41")
         assert [x.status.value for x in producer.wait(drop)] == ["applied"]
-        assert key("drop", "192.0.2.41") in worker.backend.snapshot()
+        assert key("drop", "192.0.2.41") in worker.backend.committed()
         wait_for(lambda: not broken["left"], 20, "the fold to have failed three times")
         wait_for(lambda: producer.rules(), 20, "the ledger to fold the drop once fixed")
         assert [rule.network for rule in producer.rules()] == ["192.0.2.41/32"]
@@ -129,7 +129,7 @@ def test_a_start_that_fails_is_retried_and_says_why_meanwhile(
     with running(worker):
         wait_for(failed_twice, 20, "the start to fail twice")
         wait_for(lambda: [h.state for h in producer.hosts()] == ["running"], 20, "the start")
-        assert key("drop", "192.0.2.42") in worker.backend.snapshot()
+        assert key("drop", "192.0.2.42") in worker.backend.committed()
     assert failures(worker, "startup") == 2
     assert any(p and p[0].startswith("startup: failing since ") for p in seen), seen
 

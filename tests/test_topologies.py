@@ -85,7 +85,7 @@ def exercise(url: str) -> None:
             return any(f.get("origin") == "ttl" for _, f in rows)
 
         wait_for(expired_by_scheduler, timeout=10, what="the scheduler's ttl delete")
-        wait_for(lambda: len(worker.backend.snapshot()) == 1, what="the local expiry")
+        wait_for(lambda: len(worker.backend.committed()) == 1, what="the local expiry")
         out = subprocess.run(
             [sys.executable, "-m", "pushfw.producer", "--redis-url", url, "list", "--json"],
             capture_output=True,

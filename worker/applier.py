@@ -113,7 +113,7 @@ class Applier:
     def rebuild_expiry(self) -> None:
         """Queue every timed rule the backend holds (after open or a reconcile)."""
         with self.kernel():
-            self.expiry.rebuild(self.backend.timed())
+            self.expiry.rebuild(self.backend.committed().timed())
 
     def expire_due(self) -> int:
         """Remove the timed rules whose expiry has passed (see :mod:`pushfw.worker.expiry`)."""
@@ -122,7 +122,7 @@ class Applier:
 
     def _expire_due(self) -> int:
         now = self.clock.now_ms()
-        due = self.expiry.pop_due(now, self.backend.get)
+        due = self.expiry.pop_due(now, self.backend.committed().get)
         if not due:
             return 0
         error = self._commit([Step(Status.APPLIED, "expired", delete=rule.key) for rule in due])
@@ -248,7 +248,7 @@ class Applier:
     def _plan(self, decided: list[Decided]) -> None:
         """Each decision's step, planned against the index plus the batch's earlier steps."""
         view: dict[RuleKey, Rule | None] = {}
-        get = self.backend.get
+        get = self.backend.committed().get
         for item in decided:
             key = item.key
             step = plan(item.decision, view[key] if key in view else get(key))
@@ -304,21 +304,21 @@ class Applier:
         the batch is retried against the kernel as it is; a changed index asks the worker to
         reconcile at once instead of at the next interval.
         """
-        before = self.backend.snapshot()
+        before = dict(self.backend.committed().pairs())
         try:
             with self.kernel():
                 self.backend.open()
         except BackendError as exc:
             logger.error("could not re-open the firewall after a refused batch: %s", exc)
             return
-        if self.backend.snapshot() != before:
+        if dict(self.backend.committed().pairs()) != before:
             logger.warning("the kernel's managed rules changed behind pushfw's back: reconciling")
             self.drifted = True
             self.rebuild_expiry()
 
     def _apply_alone(self, item: Decided) -> Step | BackendError:
         """Re-plan one decision against the kernel as it now stands and commit it alone."""
-        step = plan(item.decision, self.backend.get(item.key))
+        step = plan(item.decision, self.backend.committed().get(item.key))
         if not step.changes:
             return step
         error = self._commit([step])

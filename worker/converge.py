@@ -80,7 +80,7 @@ class Converger:
         desired = desired_rules(ledger.records(), self.policy, now_ms, verified)
         marker = ledger.generation()
         trusted = force or trusts_ledger(
-            marker, self.generation.read(), ledger.size(), backend.size()
+            marker, self.generation.read(), ledger.size(), len(backend.committed())
         )
         self._say_lost(trusted)
         try:
@@ -96,7 +96,10 @@ class Converger:
             return None
         finally:
             self.applier.rebuild_expiry()
-            if len(desired.present) + len(desired.absent) >= LARGE or backend.size() >= LARGE:
+            if (
+                len(desired.present) + len(desired.absent) >= LARGE
+                or len(backend.committed()) >= LARGE
+            ):
                 give_back_memory()  # the ledger's records and the kernel's rules, built whole
         self.error = _refused_text(self.last_drift)
         self.lists.reconcile(now_ms, remove_extras=trusted)
@@ -108,7 +111,7 @@ class Converger:
                 "the ledger is not the one this host converged with (did Redis lose its data?): "
                 "keeping the %d applied rules it does not hold; "
                 "'pushfw-worker reconcile --force' adopts it and removes them",
-                self.backend.size(),
+                len(self.backend.committed()),
             )
         self.ledger_lost = not trusted
 

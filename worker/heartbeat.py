@@ -342,7 +342,7 @@ class Heart:
 
     def beat(self, state: str = "running") -> tuple[int | None, int]:
         """Write the heartbeat; returns the lag and pending it said."""
-        rules, held = self.backend.size(), self.lists.status()
+        rules, held = len(self.backend.committed()), self.lists.status()
         self._last = (time.monotonic(), rules, held)
         lag, pending = self.stream.progress()
         reads = self.reads()
@@ -387,7 +387,7 @@ class Heart:
     def _refresh_metrics(self, lag: int | None, pending: int, reads: str) -> None:
         for role, health in self.supervisor.roles.items():
             self.metrics.role_failing.labels(role).set(health.failing_since_ms is not None)
-        rules = self.backend.action_counts() if self.metrics.serving else {}
+        rules = self.backend.committed().counts() if self.metrics.serving else {}
         self.metrics.heartbeat(lag, pending, self.backend.name, rules, reads)
 
     def problems(self) -> list[str]:
@@ -418,7 +418,7 @@ class Heart:
         via = f" via {mask_url(read_url)}" if read_url else ""
         return (
             f"following {self.stream.keys.cmd} as {self.stream.group}{via}: "
-            f"{plural(self.backend.size(), 'rule')} ({self.backend.name})"
+            f"{plural(len(self.backend.committed()), 'rule')} ({self.backend.name})"
         )
 
     def soon(self) -> float | None:
@@ -428,6 +428,6 @@ class Heart:
         a few heartbeats a second however busy the stream is.
         """
         at, rules, held = self._last
-        if self.backend.size() == rules and self.lists.status() == held:
+        if len(self.backend.committed()) == rules and self.lists.status() == held:
             return None
         return max(time.monotonic(), at + _CHANGED_BEAT_GAP_S)

@@ -169,7 +169,7 @@ class HitsReader:
     def publish(self, now_ms: int) -> int | None:
         """Read and publish now (see :func:`publish_hits`), unless the backend holds more
         than ``max_rules``: then None, and the host's hash is removed, not left to age."""
-        rules = self.backend.size()
+        rules = len(self.backend.committed())
         if rules > self.max_rules:
             if not self._skipping:
                 logger.info(

@@ -172,7 +172,7 @@ class Housekeeping:
             return
         covering = [
             key
-            for key, _ in self.heart.backend.committed()
+            for key in self.heart.backend.committed()
             if key.action is Action.DROP and self.protection.covering(key.network) is not None
         ]
         logger.warning(

@@ -18,7 +18,7 @@ from itertools import chain, islice
 from pushfw.producer.contract import Action
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
-from pushfw.worker.backends.base import Backend, PackedRules, Rule, RuleKey
+from pushfw.worker.backends.base import Backend, CommittedRules, Rule, RuleKey
 from pushfw.worker.backends.index import RuleIndex, unpacked
 from pushfw.worker.decide import Add, Delete, Policy, decide_record
 from pushfw.worker.errors import BackendError, TransientBackendError
@@ -114,7 +114,7 @@ def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) ->
             were made, nothing of it.
     """
     started = time.perf_counter()
-    held_before = backend.size()
+    held_before = len(backend.committed())
     made: Counter[str] = Counter()
     refused: list[tuple[RuleKey, BackendError]] = []
     for chunk in _batched(_changes(backend, desired, remove_extras), _COMMIT_CHUNK):
@@ -160,7 +160,7 @@ def _changes(backend: Backend, desired: Desired, remove_extras: bool) -> Iterato
     """What the kernel lacks or must lose, made as it is read: accepts added or renewed
     first, then drops removed, drops added, and accepts removed, so that no packet the
     end state accepts meets a drop between two chunks; watches (no verdict) come last."""
-    index = backend.committed_index()
+    index = backend.committed()
     phases = ((ACCEPT, True), (DROP, False), (DROP, True), (ACCEPT, False))
     for action, adding in (*phases, (WATCH, True), (WATCH, False)):
         if adding:
@@ -169,7 +169,7 @@ def _changes(backend: Backend, desired: Desired, remove_extras: bool) -> Iterato
             yield from _extras(index, desired, action, remove_extras)
 
 
-def _missing(index: PackedRules, desired: Desired, action: Action) -> Iterator[_Change]:
+def _missing(index: CommittedRules, desired: Desired, action: Action) -> Iterator[_Change]:
     for version, packed, expiry in desired.present.packed_of(action):
         have = index.expiry_of(action, version, packed)
         if have != expiry:
@@ -178,7 +178,7 @@ def _missing(index: PackedRules, desired: Desired, action: Action) -> Iterator[_
 
 
 def _extras(
-    index: PackedRules, desired: Desired, action: Action, remove_extras: bool
+    index: CommittedRules, desired: Desired, action: Action, remove_extras: bool
 ) -> Iterator[_Change]:
     """The kernel's rules of ``action`` the ledger does not hold, one at a time."""
     keys = (

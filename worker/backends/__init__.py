@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 
 from pushfw.producer.contract import Network
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.base import Backend, Rule, RuleKey, no_wait_told, wall_ms
 from pushfw.worker.errors import ConfigError
 
 __all__ = ["Backend", "Rule", "RuleKey", "choose_backend", "make_backend"]
@@ -56,31 +56,15 @@ def make_backend(
     hooks: Sequence[str] = ("INPUT",),
     memory_fail: Iterable[Network] = (),
     set_size: int = 1_000_000,
-    clock: Callable[[], int] | None = None,
-    lock_waited: Callable[[float], None] | None = None,
+    clock: Callable[[], int] = wall_ms,
+    lock_waited: Callable[[float], None] = no_wait_told,
 ) -> Backend:
     """Build the backend called ``name`` (not yet opened); ``auto`` picks one.
 
     ``clock`` is Redis's clock in ms (kernel timeouts are counted from it); ``lock_waited``
-    is told each wait for a lock another process held. Both are part of building the
-    backend: nothing sets them on it later.
+    is told each wait for a lock another process held. Both go to the backend's
+    constructor: nothing sets them on it later.
     """
-    backend = _make(name, chain=chain, hooks=hooks, memory_fail=memory_fail, set_size=set_size)
-    if clock is not None:
-        backend.clock = clock
-    if lock_waited is not None:
-        backend.lock_waited = lock_waited
-    return backend
-
-
-def _make(
-    name: str,
-    *,
-    chain: str,
-    hooks: Sequence[str],
-    memory_fail: Iterable[Network],
-    set_size: int,
-) -> Backend:
     if name == "auto":
         name = choose_backend()
     match name:
@@ -91,15 +75,17 @@ def _make(
         case "iptables":
             from pushfw.worker.backends.iptables import IptablesBackend
 
-            return IptablesBackend(chain=chain, hooks=hooks)
+            return IptablesBackend(chain=chain, hooks=hooks, clock=clock, lock_waited=lock_waited)
         case "ipset":
             from pushfw.worker.backends.ipset import IpsetBackend
 
-            return IpsetBackend(chain=chain, hooks=hooks, maxelem=set_size)
+            return IpsetBackend(
+                chain=chain, hooks=hooks, maxelem=set_size, clock=clock, lock_waited=lock_waited
+            )
         case "nftables":
             from pushfw.worker.backends.nftables import NftablesBackend
 
-            return NftablesBackend(table=chain.lower(), hooks=hooks, set_size=set_size)
+            return NftablesBackend(table=chain.lower(), hooks=hooks, set_size=set_size, clock=clock)
         case _:
             raise ConfigError(
                 f"unknown backend {name!r} (expected auto, nftables, ipset, iptables or memory)"

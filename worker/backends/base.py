@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -60,9 +59,48 @@ class BlockList:
     expires_ms: int | None = None
 
 
-class PackedRules(Protocol):
-    """The committed rules as integers (:class:`~.index.RuleIndex` is one), for a
-    reconcile that compares a million rules without building one object per rule."""
+def wall_ms() -> int:
+    """Milliseconds on this machine's clock: a backend's clock when none is given."""
+    return int(time.time() * 1000)
+
+
+def no_wait_told(seconds: float) -> None:
+    """A backend's lock accounting when none is given: the waits go untold."""
+
+
+class CommittedRules(Protocol):
+    """The rules a backend committed, as its packed index answers for them (read-only).
+
+    :class:`~.index.RuleIndex` is the one implementation: it keeps a rule in integers and
+    builds a :class:`RuleKey` or :class:`Rule` only when asked for one, so counting,
+    looking up and comparing a million rules builds no object per rule.
+    """
+
+    def get(self, key: RuleKey) -> Rule | None:
+        """The committed rule with this key, or None."""
+        ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __len__(self) -> int:
+        """How many rules are committed."""
+        ...
+
+    def __iter__(self) -> Iterator[RuleKey]:
+        """Every committed rule's key, built as it goes."""
+        ...
+
+    def pairs(self) -> Iterator[tuple[RuleKey, Rule]]:
+        """Every committed rule with its key, built as it goes: a pass without a dict."""
+        ...
+
+    def timed(self) -> Iterator[Rule]:
+        """The rules that expire, one by one; permanent ones are skipped as integers."""
+        ...
+
+    def counts(self) -> dict[Action, int]:
+        """How many rules of each action are committed, counted without building them."""
+        ...
 
     def packed_of(self, action: Action) -> Iterator[tuple[int, int, int]]:
         """``(version, packed network, expiry or 0)`` of each rule of ``action``."""
@@ -79,19 +117,19 @@ class Backend(abc.ABC):
     A backend owns its chains/sets/table and touches nothing else. Changes are staged with
     :meth:`add` and :meth:`delete` and reach the kernel only on :meth:`commit`.
 
-    The contract, in three parts:
+    The interface:
 
-    - the core every backend implements: :meth:`open`, :meth:`close`, :meth:`add`,
-      :meth:`delete`, :meth:`commit` (whose docstring says what holds after it),
-      :meth:`discard` and :meth:`snapshot`;
-    - views of the committed rules, answered from the backend's index without a kernel
-      call (:meth:`committed_index`, which every backend keeps packed, and :meth:`get`,
-      :meth:`committed`, :meth:`timed`, :meth:`size`, :meth:`action_counts`): derived
-      from :meth:`snapshot` here, faster in
-      :class:`~pushfw.worker.backends.index.IndexedBackend`;
+    - what it is: :attr:`name`, and the :attr:`actions` it can hold;
+    - its lifecycle: :meth:`open` and :meth:`close`;
+    - a batch: :meth:`add`, :meth:`delete`, then :meth:`commit` (whose docstring says what
+      holds after it) or :meth:`discard`;
+    - what it holds: :meth:`committed`, one read-only view of the committed rules answered
+      from the backend's packed index without a kernel call (look-up, count, the timed
+      rules, a pass over all of them, integers for reconcile);
     - the kernel's health: :meth:`intact`, :meth:`hits`, :meth:`uninstall`, with harmless
       defaults for a backend that has no kernel.
 
+    The clock and the lock accounting are given to the constructor, never set later.
     Named lists are an optional capability, :class:`ListBackend`, asked for once with
     :func:`lists_of`. Implementations give their methods one-line docstrings.
     """
@@ -99,12 +137,23 @@ class Backend(abc.ABC):
     name: str = "backend"
     actions: frozenset[Action] = frozenset(Action)
     """The actions this backend can hold; the gate refuses the others (:class:`.Policy`)."""
-    clock: Callable[[], int] = staticmethod(lambda: int(time.time() * 1000))
-    """Milliseconds on Redis's clock; the worker replaces it with its Redis-synced clock.
 
-    Backends with kernel timeouts use it to turn an absolute expiry into time remaining."""
-    lock_waited: Callable[[float], None] = staticmethod(lambda seconds: None)
-    """Told how long a change waited for a lock another process held (the xtables lock)."""
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], int] = wall_ms,
+        lock_waited: Callable[[float], None] = no_wait_told,
+    ) -> None:
+        """Keep what the backend is given to work with; nothing sets it later.
+
+        Args:
+            clock: milliseconds on Redis's clock (the worker's Redis-synced clock); backends
+                with kernel timeouts turn an absolute expiry into time remaining with it.
+            lock_waited: told how long a change waited for a lock another process held
+                (the xtables lock).
+        """
+        self.clock = clock
+        self.lock_waited = lock_waited
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -113,10 +162,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release handles. Never removes a rule: bans stay in force while the worker is down."""
-
-    @abc.abstractmethod
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        """The managed rules as last committed (from the in-memory index, not the kernel)."""
 
     @abc.abstractmethod
     def add(self, rule: Rule) -> None:
@@ -132,12 +177,12 @@ class Backend(abc.ABC):
 
         What holds after ``commit()`` returns:
 
-        - every staged change is in the kernel, and :meth:`snapshot` reflects it;
+        - every staged change is in the kernel, and :meth:`committed` reflects it;
         - ``add`` of a rule already present and ``delete`` of a rule absent are harmless
           (idempotent), so a replayed batch has the effect of one;
         - per table and address family the batch is all-or-nothing.
 
-        On failure the staged changes are discarded, :meth:`snapshot` still describes the
+        On failure the staged changes are discarded, :meth:`committed` still describes the
         kernel, and the error says whether retrying can help.
 
         Raises:
@@ -151,21 +196,13 @@ class Backend(abc.ABC):
         """Forget the staged changes."""
 
     @abc.abstractmethod
-    def committed_index(self) -> PackedRules:
-        """The committed rules packed (the index :meth:`snapshot` reads), for a reconcile
-        that compares integers. Read-only for callers: only :meth:`commit` changes it."""
+    def committed(self) -> CommittedRules:
+        """The managed rules as last committed (from the in-memory index, not the kernel).
 
-    def get(self, key: RuleKey) -> Rule | None:
-        """The committed rule with this key, answered from the index without a kernel call."""
-        return self.snapshot().get(key)
-
-    def committed(self) -> Iterator[tuple[RuleKey, Rule]]:
-        """The committed rules one by one: a pass over all of them without a dict of them."""
-        return iter(self.snapshot().items())
-
-    def timed(self) -> Iterator[Rule]:
-        """The committed rules that expire, one by one (the expiry queue is rebuilt from them)."""
-        return (rule for _, rule in self.committed() if rule.expires_ms is not None)
+        A live, read-only view: :meth:`commit` and :meth:`open` change what it answers, so
+        a caller that compares before and after copies it (``dict(view.pairs())``), and asks
+        for it again after :meth:`open`.
+        """
 
     def intact(self) -> bool:
         """Does the kernel still hold what the index says, as far as a cheap look can tell?
@@ -200,14 +237,6 @@ class Backend(abc.ABC):
     def uninstall(self) -> str:
         """Remove everything this backend created in the kernel; say what, in a few words."""
         return "nothing to remove"
-
-    def size(self) -> int:
-        """How many managed rules are committed."""
-        return len(self.snapshot())
-
-    def action_counts(self) -> dict[Action, int]:
-        """How many managed rules of each action are committed."""
-        return dict(Counter(key.action for key in self.snapshot()))
 
 
 @runtime_checkable

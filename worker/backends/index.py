@@ -10,10 +10,17 @@ from __future__ import annotations
 import ipaddress
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import Backend, Rule, RuleKey
+from pushfw.worker.backends.base import (
+    Backend,
+    CommittedRules,
+    Rule,
+    RuleKey,
+    no_wait_told,
+    wall_ms,
+)
 
 __all__ = ["IndexedBackend", "RuleIndex", "unpacked"]
 
@@ -80,7 +87,10 @@ class _Run:
 
 
 class RuleIndex(MutableMapping[RuleKey, Rule]):
-    """What the kernel holds, rule by rule, as a mapping from key to rule (see the module)."""
+    """What the kernel holds, rule by rule, as a mapping from key to rule (see the module).
+
+    A backend hands it out read-only, as :class:`~.base.CommittedRules`.
+    """
 
     def __init__(self) -> None:
         self._v4 = {action: _Run() for action in Action}
@@ -166,6 +176,18 @@ class RuleIndex(MutableMapping[RuleKey, Rule]):
         """How many rules of ``action`` it holds, without building them."""
         return self._v4[action].size + len(self._v6[action])
 
+    def counts(self) -> dict[Action, int]:
+        """How many rules of each action it holds: a million rules are never built to be
+        counted (the rules gauge reads this at every heartbeat)."""
+        return {action: self.count(action) for action in Action}
+
+    def timed(self) -> Iterator[Rule]:
+        """Only the timed rules are built: permanent ones are skipped as integers."""
+        for action in Action:
+            for version, packed, expiry in self.packed_of(action):
+                if expiry:
+                    yield unpacked(action, version, packed, expiry)
+
     def packed_of(self, action: Action) -> Iterator[tuple[int, int, int]]:
         """``(version, packed key, expiry or 0)`` of every rule of ``action``, none built:
         a pass over a million rules compares integers, not networks."""
@@ -193,7 +215,13 @@ class IndexedBackend(Backend):
     (``(key, rule)`` to add or replace, ``(key, None)`` to delete) and update ``_index``.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], int] = wall_ms,
+        lock_waited: Callable[[float], None] = no_wait_told,
+    ) -> None:
+        super().__init__(clock=clock, lock_waited=lock_waited)
         self._index = RuleIndex()
         self._staged: list[tuple[RuleKey, Rule | None]] = []
 
@@ -201,33 +229,9 @@ class IndexedBackend(Backend):
         """Forget staged changes; never touch the kernel."""
         self.discard()
 
-    def snapshot(self) -> dict[RuleKey, Rule]:
-        return dict(self._index.pairs())
-
-    def committed(self) -> Iterator[tuple[RuleKey, Rule]]:
-        """Built from the packed index as they are read."""
-        return self._index.pairs()
-
-    def timed(self) -> Iterator[Rule]:
-        """Only the timed rules are built: permanent ones are skipped as integers."""
-        for action in Action:
-            for version, packed, expiry in self._index.packed_of(action):
-                if expiry:
-                    yield unpacked(action, version, packed, expiry)
-
-    def committed_index(self) -> RuleIndex:
-        """The committed rules packed, for a reconcile that compares integers."""
+    def committed(self) -> CommittedRules:
+        """The packed index itself, read-only for the caller."""
         return self._index
-
-    def get(self, key: RuleKey) -> Rule | None:
-        return self._index.get(key)
-
-    def size(self) -> int:
-        return len(self._index)
-
-    def action_counts(self) -> dict[Action, int]:
-        """Counted from the packed index: a million rules are never built to be counted."""
-        return {action: self._index.count(action) for action in Action}
 
     def add(self, rule: Rule) -> None:
         self._staged.append((rule.key, rule))

@@ -15,12 +15,12 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action
-from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.base import Rule, RuleKey, no_wait_told, wall_ms
 from pushfw.worker.backends.entries import gc_paused
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
 from pushfw.worker.backends.ipset_cmd import (
@@ -84,10 +84,13 @@ class IpsetBackend(IpsetLists, IndexedBackend):
         set_prefix: str = "pushfw",
         maxelem: int = 1_000_000,
         lock_timeout_s: float = 5.0,
+        *,
+        clock: Callable[[], int] = wall_ms,
+        lock_waited: Callable[[float], None] = no_wait_told,
     ) -> None:
         import iptc  # deferred: loading libiptc needs the iptables libraries installed
 
-        super().__init__()
+        super().__init__(clock=clock, lock_waited=lock_waited)
 
         prefix_max = SET_NAME_MAX - len(f"-accept6{_RESIZE_SUFFIX}")
         if not _PREFIX.fullmatch(set_prefix) or len(set_prefix) > prefix_max:

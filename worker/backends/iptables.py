@@ -13,12 +13,12 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pushfw.producer.contract import Action
-from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.base import Rule, RuleKey, no_wait_told, wall_ms
 from pushfw.worker.backends.index import IndexedBackend
 from pushfw.worker.backends.xtables import (
     CHECK_LOCK_TIMEOUT_S,
@@ -151,10 +151,13 @@ class IptablesBackend(IndexedBackend):
         chain: str = "PUSHFW",
         hooks: Sequence[str] = ("INPUT",),
         lock_timeout_s: float = 5.0,
+        *,
+        clock: Callable[[], int] = wall_ms,
+        lock_waited: Callable[[float], None] = no_wait_told,
     ) -> None:
         import iptc  # deferred: loading libiptc needs the iptables libraries installed
 
-        super().__init__()
+        super().__init__(clock=clock, lock_waited=lock_waited)
         self.chain = chain
         self.hooks = tuple(hooks)
         self.lock_timeout_s = lock_timeout_s

@@ -12,7 +12,8 @@ from pushfw.worker.errors import BackendError
 
 
 class MemoryBackend(IndexedBackend):
-    """Rules in a dict; ``fail_networks`` makes every batch touching them fail (fault injection)."""
+    """Rules in the packed index the kernel backends keep; ``fail_networks`` makes every batch
+    touching them fail (fault injection)."""
 
     name = "memory"
 

@@ -18,11 +18,11 @@ import logging
 import re
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pushfw.producer.contract import Action, Network
-from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.base import Rule, RuleKey, wall_ms
 from pushfw.worker.backends.index import IndexedBackend, RuleIndex
 from pushfw.worker.backends.netlink import rule_lookups, set_is_empty, set_names
 from pushfw.worker.backends.nft_lists import UNION, NftLists, mark_name, union_set_name
@@ -85,11 +85,16 @@ class NftablesBackend(NftLists, IndexedBackend):
     name = "nftables"
 
     def __init__(
-        self, table: str = "pushfw", hooks: Sequence[str] = ("INPUT",), set_size: int = 1_000_000
+        self,
+        table: str = "pushfw",
+        hooks: Sequence[str] = ("INPUT",),
+        set_size: int = 1_000_000,
+        *,
+        clock: Callable[[], int] = wall_ms,
     ) -> None:
         import nftables  # deferred: loads the system's libnftables
 
-        super().__init__()
+        super().__init__(clock=clock)
 
         unknown = [h for h in hooks if h.upper() not in _HOOKS]
         if unknown:
