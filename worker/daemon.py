@@ -62,12 +62,72 @@ class ForceStop(Exception):
     """A second stop signal: abandon the batch in hand."""
 
 
+class Links:
+    """The worker's own connections to Redis: the primary, and the replica it may read from.
+
+    Args:
+        client: the primary (the ledger, results, heartbeat; the stream unless a replica).
+        replica: where a follower reads the stream, or None.
+    """
+
+    def __init__(self, client: redis.Redis, replica: redis.Redis | None) -> None:
+        self.client = client
+        self.replica = replica
+
+    def drop(self) -> None:
+        """Forget every open connection (their state is unknown); the next call reconnects."""
+        self.client.connection_pool.disconnect()
+        if self.replica is not None:
+            self.replica.connection_pool.disconnect()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.replica is not None:
+            self.replica.close()
+
+
+class Signals:
+    """What the process's signals do to the loop.
+
+    The first SIGTERM/SIGINT stops reading (the batch in hand finishes), a second one raises
+    :class:`ForceStop`; SIGALRM (:class:`~pushfw.worker.alarm.ExpiryAlarm`) cuts a Redis
+    call short when a timed rule falls due.
+    """
+
+    def __init__(self, reader: Reader, alarm: ExpiryAlarm) -> None:
+        self.reader = reader
+        self.alarm = alarm
+        self._stops = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        self.alarm.install()
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stops += 1
+        if self._stops > 1:
+            logger.warning(
+                "second %s: stopping now", signal.Signals(signum).name, extra={"state": "aborting"}
+            )
+            raise ForceStop
+        logger.info(
+            "%s: finishing the batch in hand, then stopping",
+            signal.Signals(signum).name,
+            extra={"state": "stopping"},
+        )
+        self.reader.stopping = True
+        if self.reader.blocking:
+            raise StopRequested
+
+
 class Worker:
     """One host's daemon: applier, ledger, scheduler and housekeeping, with graceful stop.
 
     The constructor is the one place that builds what the roles share (Redis's clock, the
     metrics, the stream, the expiry queue, the list keeper) and hands each role what it
     needs: no role is changed after it is built. A ``backend`` passed in is used as built.
+    It keeps only what its loop drives; the heartbeat and the scheduler are housekeeping's.
     """
 
     def __init__(
@@ -76,11 +136,12 @@ class Worker:
         self.notifier = Notifier()
         self.settings = settings = fit_watchdog(settings, self.notifier)
         keys = Keys(settings.key_prefix)
-        self.client = client = connect(settings)
-        self.replica = connect(settings, settings.read_url) if settings.read_url else None
+        client = connect(settings)
+        replica = connect(settings, settings.read_url) if settings.read_url else None
+        self.links = Links(client, replica)
         clock = SyncedClock()
         self.metrics = metrics = Metrics()
-        self.alarm = alarm = ExpiryAlarm()
+        alarm = ExpiryAlarm()
         self.backend = backend = backend or make_backend(
             settings.backend,
             chain=settings.chain,
@@ -100,8 +161,8 @@ class Worker:
             clock=Clock(client, keys),
             signing=policy.signing,
         )
-        self.fold = FoldPace(ledger, follower=self.replica is not None)
-        self.stream = stream = host_stream(settings, client, self.replica, keys)
+        self.fold = FoldPace(ledger, follower=replica is not None)
+        self.stream = stream = host_stream(settings, client, replica, keys)
         expiry = ExpiryQueue()
         self.supervisor = supervisor = Supervisor(
             _handled_by_the_loop, lambda role: metrics.role_failures.labels(role).inc()
@@ -150,7 +211,7 @@ class Worker:
             kernel=alarm.kernel,
         )
         registration = Registration(client, settings, stream.now_ms, take_over)
-        self.heart = Heart(
+        heart = Heart(
             client=client,
             settings=settings,
             backend=backend,
@@ -164,7 +225,7 @@ class Worker:
             registration=registration,
             metrics=metrics,
         )
-        self.scheduler = Scheduler(
+        scheduler = Scheduler(
             connect(settings), keys, settings.scheduler_poll_s, metrics, supervisor["scheduler"]
         )
         hits = HitsReader(
@@ -186,35 +247,30 @@ class Worker:
             lists=lists,
             protection=protection,
             converger=converger,
-            heart=self.heart,
-            scheduler=self.scheduler,
+            heart=heart,
+            scheduler=scheduler,
             hits=hits,
             supervisor=supervisor,
             notifier=self.notifier,
         )
         self.outage = Outage(self.notifier, metrics, logger)
-        self._signals = 0
+        self.signals = Signals(reader, alarm)
+
+    @property
+    def client(self) -> redis.Redis:
+        """The primary."""
+        return self.links.client
+
+    @property
+    def heart(self) -> Heart:
+        return self.house.heart
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.house.scheduler
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        self.alarm.install()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            logger.warning(
-                "second %s: stopping now", signal.Signals(signum).name, extra={"state": "aborting"}
-            )
-            raise ForceStop
-        logger.info(
-            "%s: finishing the batch in hand, then stopping",
-            signal.Signals(signum).name,
-            extra={"state": "stopping"},
-        )
-        self.request_stop()
-        if self.reader.blocking:
-            raise StopRequested
+        self.signals.install()
 
     def request_stop(self) -> None:
         self.reader.stopping = True
@@ -238,7 +294,7 @@ class Worker:
             start_id = self.stream.head()
             self.ledger.catch_up(start_id)
         self.applier.setup(start_id)
-        if self.replica is not None:
+        if self.links.replica is not None:
             self.heartbeat("starting")  # the position it starts at: no trim runs past it
         if self.settings.expiry_events:
             enable_expiry_events(self.client)
@@ -296,7 +352,7 @@ class Worker:
             while not self.reader.stopping:
                 self.notifier.alive()
                 try:
-                    with self.alarm.watch(self.applier.ms_until_expiry()):
+                    with self.signals.alarm.watch(self.applier.ms_until_expiry()):
                         ready = self._resume(ready, burst)
                         processed = self.iteration() if ready else self._wait_to_start()
                     if self.outage.ended():
@@ -324,17 +380,13 @@ class Worker:
         self.metrics.close()
         self.scheduler.close()
         self.backend.close()
-        self.client.close()
-        if self.replica is not None:
-            self.replica.close()
+        self.links.close()
 
     def _cut_short(self) -> None:
         """A Redis call outlived the next expiry: drop the connections (their state is
         unknown), remove what is due, and re-read our pending entries on the next pass."""
         self.outage.cut_short()
-        self.client.connection_pool.disconnect()
-        if self.replica is not None:
-            self.replica.connection_pool.disconnect()
+        self.links.drop()
         self.reader.reset_reads()
         self.fold.again()  # a fold may have been cut between its read and its script
         self.applier.expire_due()
