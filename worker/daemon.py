@@ -12,9 +12,7 @@ its loop: also while Redis is away, since the loop still expires rules in the ke
 from __future__ import annotations
 
 import logging
-import signal
 import time
-from types import FrameType
 
 import redis
 
@@ -45,8 +43,10 @@ from pushfw.worker.reader import Reader, StopRequested
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.signals import ForceStop, Signals
 from pushfw.worker.supervisor import Supervisor
 from pushfw.worker.wiring import (
+    Links,
     LockWaits,
     connect,
     fit_watchdog,
@@ -56,69 +56,6 @@ from pushfw.worker.wiring import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class ForceStop(Exception):
-    """A second stop signal: abandon the batch in hand."""
-
-
-class Links:
-    """The worker's own connections to Redis: the primary, and the replica it may read from.
-
-    Args:
-        client: the primary (the ledger, results, heartbeat; the stream unless a replica).
-        replica: where a follower reads the stream, or None.
-    """
-
-    def __init__(self, client: redis.Redis, replica: redis.Redis | None) -> None:
-        self.client = client
-        self.replica = replica
-
-    def drop(self) -> None:
-        """Forget every open connection (their state is unknown); the next call reconnects."""
-        self.client.connection_pool.disconnect()
-        if self.replica is not None:
-            self.replica.connection_pool.disconnect()
-
-    def close(self) -> None:
-        self.client.close()
-        if self.replica is not None:
-            self.replica.close()
-
-
-class Signals:
-    """What the process's signals do to the loop.
-
-    The first SIGTERM/SIGINT stops reading (the batch in hand finishes), a second one raises
-    :class:`ForceStop`; SIGALRM (:class:`~pushfw.worker.alarm.ExpiryAlarm`) cuts a Redis
-    call short when a timed rule falls due.
-    """
-
-    def __init__(self, reader: Reader, alarm: ExpiryAlarm) -> None:
-        self.reader = reader
-        self.alarm = alarm
-        self._stops = 0
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        self.alarm.install()
-
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self._stops += 1
-        if self._stops > 1:
-            logger.warning(
-                "second %s: stopping now", signal.Signals(signum).name, extra={"state": "aborting"}
-            )
-            raise ForceStop
-        logger.info(
-            "%s: finishing the batch in hand, then stopping",
-            signal.Signals(signum).name,
-            extra={"state": "stopping"},
-        )
-        self.reader.stopping = True
-        if self.reader.blocking:
-            raise StopRequested
 
 
 class Worker:
@@ -254,7 +191,7 @@ class Worker:
             notifier=self.notifier,
         )
         self.outage = Outage(self.notifier, metrics, logger)
-        self.signals = Signals(reader, alarm)
+        self.signals = Signals(reader, alarm, logger)
 
     @property
     def client(self) -> redis.Redis:
