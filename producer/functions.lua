@@ -8,9 +8,9 @@ and returns the entry id; the pushfw workers validate and apply it like any othe
   FCALL drop_insert 0 192.168.1.6                               the seed's form: {pushfw}:cmd
   FCALL ttl_drop_insert 1 {pushfw}:cmd 192.168.1.6 600 "ssh brute force"
 
-  drop_insert       <ip> [reason]        accept_insert       <ip> [reason]
-  drop_delete       <ip> [reason]        accept_delete       <ip> [reason]
-  ttl_drop_insert   <ip> <ttl> [reason]  ttl_accept_insert   <ip> <ttl> [reason]
+Each op marked fcall in pushfw.producer.ops is a function named as the seed spelt it
+(drop_insert, accept_delete, ttl_drop_insert, ...): a ttl op takes <ip> <ttl> [reason],
+the others <ip> [reason].
 
 Only the argument count, the stream key's name and that ttl is digits are checked here:
 everything else (the address, the ttl's range, the reason) is the workers' job, which
@@ -20,14 +20,9 @@ report a bad command as "rejected" in the results stream. Installed and replaced
 
 local DEFAULT_STREAM = '{pushfw}:cmd'
 
-local COMMANDS = {
-    {name = 'drop_insert', op = 'drop.insert', timed = false},
-    {name = 'drop_delete', op = 'drop.delete', timed = false},
-    {name = 'accept_insert', op = 'accept.insert', timed = false},
-    {name = 'accept_delete', op = 'accept.delete', timed = false},
-    {name = 'ttl_drop_insert', op = 'ttl.drop.insert', timed = true},
-    {name = 'ttl_accept_insert', op = 'ttl.accept.insert', timed = true},
-}
+-- one row per op with fcall=True in pushfw.producer.ops, rendered by functions.py at load:
+-- {name = "drop_insert", op = "drop.insert", timed = false}, ...
+local COMMANDS = {}
 
 local function usage(spec)
     local args = spec.timed and '<ip> <ttl> [reason]' or '<ip> [reason]'

@@ -4,6 +4,8 @@ RedisPushIptables users call ``drop_insert 1.2.3.4`` and ``ttl_drop_insert 1.2.3
 inside Redis. The library in ``functions.lua`` (Redis >= 7, ``FUNCTION LOAD``) keeps those
 names working: each function appends the equivalent command to the command stream and
 returns its entry id. It builds stream fields and nothing else; the workers validate.
+Which ops have a function is said once, in :data:`~.ops.OPS` (``fcall``): the library's
+table of them is rendered from there when the library is loaded.
 
 ``list_store`` is the producer's only write on list content (:func:`store_list`): a string,
 once, with no expiry, so a producer's ACL needs no ``SET`` there (see :mod:`.acl`).
@@ -17,21 +19,18 @@ import redis
 
 from pushfw.producer.connection import text
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
+from pushfw.producer.ops import OPS
 
 __all__ = ["FUNCTIONS", "LIBRARY_NAME", "LIST_STORE", "install", "library_code", "store_list"]
 
 LIBRARY_NAME = "pushfw"
-FUNCTIONS = (
-    "drop_insert",
-    "drop_delete",
-    "accept_insert",
-    "accept_delete",
-    "ttl_drop_insert",
-    "ttl_accept_insert",
-)
+_SEED_OPS = tuple(row for row in OPS.values() if row.fcall)
+FUNCTIONS = tuple(row.function for row in _SEED_OPS)
+"""The seed's commands, each a Redis Function (``drop_insert``, ``ttl_drop_insert``...)."""
 LIST_STORE = "list_store"
 
 _DEFAULT_STREAM_LINE = "local DEFAULT_STREAM = '{pushfw}:cmd'"
+_COMMANDS_LINE = "local COMMANDS = {}\n"
 
 
 def _lua_string(text: str) -> str:
@@ -43,11 +42,23 @@ def _lua_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def _commands_table() -> str:
+    """The library's ``COMMANDS`` table, one row per op with a function (from code only)."""
+    rows = (
+        f"    {{name = {_lua_string(row.function)}, op = {_lua_string(row.op)}, "
+        f"timed = {'true' if row.ttl == 'required' else 'false'}}},\n"
+        for row in _SEED_OPS
+    )
+    return "local COMMANDS = {\n" + "".join(rows) + "}\n"
+
+
 def library_code(prefix: str = DEFAULT_PREFIX) -> str:
     """The library's Lua source; with another prefix, numkeys 0 means that prefix's stream."""
     code = resources.files("pushfw.producer").joinpath("functions.lua").read_text("utf-8")
-    if _DEFAULT_STREAM_LINE not in code:  # pragma: no cover - guards edits of functions.lua
-        raise RuntimeError("functions.lua lost its DEFAULT_STREAM line")
+    for line in (_DEFAULT_STREAM_LINE, _COMMANDS_LINE):
+        if line not in code:  # pragma: no cover - guards edits of functions.lua
+            raise RuntimeError(f"functions.lua lost its line {line.strip()!r}")
+    code = code.replace(_COMMANDS_LINE, _commands_table(), 1)
     if prefix == DEFAULT_PREFIX:
         return code
     line = f"local DEFAULT_STREAM = {_lua_string(Keys(prefix).cmd)}"

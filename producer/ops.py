@@ -4,8 +4,9 @@
 (:mod:`.contract`, :mod:`.wire`, :mod:`.lists`), the ``pushfw`` CLI and the worker
 (ledger, gate, metrics) read these rows instead of spelling an op's properties again, so
 a new op starts here: a member of :class:`Op` (or :class:`ListOp`), its row in
-:data:`OPS`, and, for a new kind of rule, a member of :class:`Action`. See
-docs/internals.md ("Where do I change X") for what else a new action touches.
+:data:`OPS` (``fcall=True`` gives it a Redis Function too), and, for a new kind of
+rule, a member of :class:`Action`. See docs/internals.md ("Where do I change X") for
+what else a new action touches.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class OpSpec:
         verb: the ``pushfw`` command that sends it (for a rule op, also the
             :class:`~.client.Producer` method); empty for a spelling kept for the seed.
         help: the verb's one-line help.
+        fcall: the seed had it as a Redis command: a Redis Function of the same name
+            (:attr:`function`, in :mod:`.functions`) appends it to the stream.
     """
 
     op: str
@@ -108,10 +111,16 @@ class OpSpec:
     ttl: Literal["required", "allowed", "refused"]
     verb: str = ""
     help: str = ""
+    fcall: bool = False
 
     @property
     def takes_ttl(self) -> bool:
         return self.ttl != "refused"
+
+    @property
+    def function(self) -> str:
+        """The seed's name of the op (``ttl_drop_insert``), its Redis Function's name."""
+        return self.op.replace(".", "_")
 
 
 _ROWS = (
@@ -123,6 +132,7 @@ _ROWS = (
         "allowed",
         "drop",
         "Ban IP (address or network) on the targeted hosts.",
+        fcall=True,
     ),
     OpSpec(
         Op.ACCEPT_INSERT,
@@ -132,10 +142,20 @@ _ROWS = (
         "allowed",
         "accept",
         "Allow IP; an allow wins over any ban.",
+        fcall=True,
     ),
-    OpSpec(Op.DROP_DELETE, "rule", Action.DROP, False, "refused", "undrop", "Lift a ban."),
     OpSpec(
-        Op.ACCEPT_DELETE, "rule", Action.ACCEPT, False, "refused", "unaccept", "Withdraw an allow."
+        Op.DROP_DELETE, "rule", Action.DROP, False, "refused", "undrop", "Lift a ban.", fcall=True
+    ),
+    OpSpec(
+        Op.ACCEPT_DELETE,
+        "rule",
+        Action.ACCEPT,
+        False,
+        "refused",
+        "unaccept",
+        "Withdraw an allow.",
+        fcall=True,
     ),
     OpSpec(
         Op.WATCH_INSERT,
@@ -147,8 +167,8 @@ _ROWS = (
         "Count IP's packets without dropping or accepting them (shadow mode).",
     ),
     OpSpec(Op.WATCH_DELETE, "rule", Action.WATCH, False, "refused", "unwatch", "Stop watching."),
-    OpSpec(Op.TTL_DROP_INSERT, "rule", Action.DROP, True, "required"),
-    OpSpec(Op.TTL_ACCEPT_INSERT, "rule", Action.ACCEPT, True, "required"),
+    OpSpec(Op.TTL_DROP_INSERT, "rule", Action.DROP, True, "required", fcall=True),
+    OpSpec(Op.TTL_ACCEPT_INSERT, "rule", Action.ACCEPT, True, "required", fcall=True),
     OpSpec(Op.TTL_WATCH_INSERT, "rule", Action.WATCH, True, "required"),
     OpSpec(ListOp.LOAD, "list", None, True, "allowed", "import", "Load a named list."),
     OpSpec(ListOp.DELETE, "list", None, False, "refused", "lists remove", "Remove a named list."),

@@ -78,6 +78,8 @@ def test_library_has_the_seed_commands(installed: redis.Redis) -> None:
         dict(zip(f[::2], f[1::2], strict=True))[b"name"].decode() for f in library[b"functions"]
     }
     assert names == {*FUNCTIONS, LIST_STORE}
+    seed = {"drop_insert", "drop_delete", "accept_insert", "accept_delete"}
+    assert set(FUNCTIONS) == seed | {"ttl_drop_insert", "ttl_accept_insert"}
 
 
 def test_each_seed_command_appends_the_equivalent_entry(
@@ -201,7 +203,13 @@ def test_show_prints_the_library_and_a_prefix_moves_the_default_stream(
     packaged = resources.files("pushfw.producer").joinpath("functions.lua").read_text("utf-8")
     shown = pushfw_cli(redis_server, "redis-functions", "show", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout == packaged
+    # the packaged source, its table of the seed's commands rendered from pushfw.producer.ops
+    head, _, rest = shown.stdout.partition("local COMMANDS = {\n")
+    rows, _, tail = rest.partition("}\n")
+    assert head + "local COMMANDS = {}\n" + tail == packaged
+    assert '    {name = "drop_delete", op = "drop.delete", timed = false},' in rows.splitlines()
+    assert '    {name = "ttl_drop_insert", op = "ttl.drop.insert", timed = true},' in rows
+    assert len(rows.splitlines()) == len(FUNCTIONS)
     assert shown.stdout.startswith(f"#!lua name={LIBRARY_NAME}\n")
 
     other = pushfw_cli(redis_server, "--prefix", "{acme}", "redis-functions", "show", cwd=tmp_path)

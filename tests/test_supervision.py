@@ -7,13 +7,17 @@ worker (a bug), never a fake Redis or kernel.
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+
 from pushfw.producer import Producer
 from pushfw.worker import Worker
 from pushfw.worker.backoff import Backoff
+from pushfw.worker.signals import ForceStop
 from testbed.kernel import Firewall
 from tests.conftest import Netns, RedisServer, WorkerProcess, memory_worker, pushfw_cli, wait_for
 from tests.test_applier import key
@@ -141,3 +145,18 @@ def test_retry_delays_double_within_their_upper_half_up_to_the_cap():
     assert all(c / 2 <= d <= c for c, d in zip(ceilings, delays, strict=True)), delays
     backoff.reset()
     assert 0.05 <= backoff.next_delay_s() <= 0.1
+
+
+def test_a_first_stop_signal_stops_reading_and_a_second_aborts(redis_server: RedisServer) -> None:
+    """Two-stage stop: SIGTERM lets the batch in hand finish; SIGINT after it abandons it."""
+    worker = memory_worker(redis_server)
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    try:
+        worker.install_signal_handlers()
+        signal.raise_signal(signal.SIGTERM)
+        assert worker.reader.stopping, "the first signal stops reading"
+        with pytest.raises(ForceStop):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)

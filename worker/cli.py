@@ -17,9 +17,10 @@ from pushfw.producer.render import as_table
 from pushfw.worker import log
 from pushfw.worker.backends import make_backend
 from pushfw.worker.config import DEFAULT_PATH, ConfigInvalid, Loaded, load, masked, secrets_of
-from pushfw.worker.daemon import ForceStop, Worker
+from pushfw.worker.daemon import Worker
 from pushfw.worker.errors import HostNameTaken, PushfwError
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.signals import ForceStop
 
 logger = logging.getLogger("pushfw.worker")
 

@@ -12,9 +12,7 @@ its loop: also while Redis is away, since the loop still expires rules in the ke
 from __future__ import annotations
 
 import logging
-import signal
 import time
-from types import FrameType
 
 import redis
 
@@ -45,8 +43,10 @@ from pushfw.worker.reader import Reader, StopRequested
 from pushfw.worker.reconcile import Drift
 from pushfw.worker.scheduler import Scheduler, enable_expiry_events
 from pushfw.worker.settings import WorkerSettings
+from pushfw.worker.signals import ForceStop, Signals
 from pushfw.worker.supervisor import Supervisor
 from pushfw.worker.wiring import (
+    Links,
     LockWaits,
     connect,
     fit_watchdog,
@@ -58,16 +58,13 @@ from pushfw.worker.wiring import (
 logger = logging.getLogger(__name__)
 
 
-class ForceStop(Exception):
-    """A second stop signal: abandon the batch in hand."""
-
-
 class Worker:
     """One host's daemon: applier, ledger, scheduler and housekeeping, with graceful stop.
 
     The constructor is the one place that builds what the roles share (Redis's clock, the
     metrics, the stream, the expiry queue, the list keeper) and hands each role what it
     needs: no role is changed after it is built. A ``backend`` passed in is used as built.
+    It keeps only what its loop drives; the heartbeat and the scheduler are housekeeping's.
     """
 
     def __init__(
@@ -76,11 +73,12 @@ class Worker:
         self.notifier = Notifier()
         self.settings = settings = fit_watchdog(settings, self.notifier)
         keys = Keys(settings.key_prefix)
-        self.client = client = connect(settings)
-        self.replica = connect(settings, settings.read_url) if settings.read_url else None
+        client = connect(settings)
+        replica = connect(settings, settings.read_url) if settings.read_url else None
+        self.links = Links(client, replica)
         clock = SyncedClock()
         self.metrics = metrics = Metrics()
-        self.alarm = alarm = ExpiryAlarm()
+        alarm = ExpiryAlarm()
         self.backend = backend = backend or make_backend(
             settings.backend,
             chain=settings.chain,
@@ -100,8 +98,8 @@ class Worker:
             clock=Clock(client, keys),
             signing=policy.signing,
         )
-        self.fold = FoldPace(ledger, follower=self.replica is not None)
-        self.stream = stream = host_stream(settings, client, self.replica, keys)
+        self.fold = FoldPace(ledger, follower=replica is not None)
+        self.stream = stream = host_stream(settings, client, replica, keys)
         expiry = ExpiryQueue()
         self.supervisor = supervisor = Supervisor(
             _handled_by_the_loop, lambda role: metrics.role_failures.labels(role).inc()
@@ -150,7 +148,7 @@ class Worker:
             kernel=alarm.kernel,
         )
         registration = Registration(client, settings, stream.now_ms, take_over)
-        self.heart = Heart(
+        heart = Heart(
             client=client,
             settings=settings,
             backend=backend,
@@ -164,7 +162,7 @@ class Worker:
             registration=registration,
             metrics=metrics,
         )
-        self.scheduler = Scheduler(
+        scheduler = Scheduler(
             connect(settings), keys, settings.scheduler_poll_s, metrics, supervisor["scheduler"]
         )
         hits = HitsReader(
@@ -186,35 +184,30 @@ class Worker:
             lists=lists,
             protection=protection,
             converger=converger,
-            heart=self.heart,
-            scheduler=self.scheduler,
+            heart=heart,
+            scheduler=scheduler,
             hits=hits,
             supervisor=supervisor,
             notifier=self.notifier,
         )
         self.outage = Outage(self.notifier, metrics, logger)
-        self._signals = 0
+        self.signals = Signals(reader, alarm, logger)
+
+    @property
+    def client(self) -> redis.Redis:
+        """The primary."""
+        return self.links.client
+
+    @property
+    def heart(self) -> Heart:
+        return self.house.heart
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.house.scheduler
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        self.alarm.install()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            logger.warning(
-                "second %s: stopping now", signal.Signals(signum).name, extra={"state": "aborting"}
-            )
-            raise ForceStop
-        logger.info(
-            "%s: finishing the batch in hand, then stopping",
-            signal.Signals(signum).name,
-            extra={"state": "stopping"},
-        )
-        self.request_stop()
-        if self.reader.blocking:
-            raise StopRequested
+        self.signals.install()
 
     def request_stop(self) -> None:
         self.reader.stopping = True
@@ -238,7 +231,7 @@ class Worker:
             start_id = self.stream.head()
             self.ledger.catch_up(start_id)
         self.applier.setup(start_id)
-        if self.replica is not None:
+        if self.links.replica is not None:
             self.heartbeat("starting")  # the position it starts at: no trim runs past it
         if self.settings.expiry_events:
             enable_expiry_events(self.client)
@@ -296,7 +289,7 @@ class Worker:
             while not self.reader.stopping:
                 self.notifier.alive()
                 try:
-                    with self.alarm.watch(self.applier.ms_until_expiry()):
+                    with self.signals.alarm.watch(self.applier.ms_until_expiry()):
                         ready = self._resume(ready, burst)
                         processed = self.iteration() if ready else self._wait_to_start()
                     if self.outage.ended():
@@ -324,17 +317,13 @@ class Worker:
         self.metrics.close()
         self.scheduler.close()
         self.backend.close()
-        self.client.close()
-        if self.replica is not None:
-            self.replica.close()
+        self.links.close()
 
     def _cut_short(self) -> None:
         """A Redis call outlived the next expiry: drop the connections (their state is
         unknown), remove what is due, and re-read our pending entries on the next pass."""
         self.outage.cut_short()
-        self.client.connection_pool.disconnect()
-        if self.replica is not None:
-            self.replica.connection_pool.disconnect()
+        self.links.drop()
         self.reader.reset_reads()
         self.fold.again()  # a fold may have been cut between its read and its script
         self.applier.expire_due()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -24,16 +23,14 @@ from prometheus_client import (
 )
 
 from pushfw.producer.connection import text
-from pushfw.producer.contract import Action, Status
-from pushfw.producer.lists import ListCommand
+from pushfw.producer.contract import Action
 from pushfw.producer.ops import find_op
 from pushfw.producer.records import HeldList
-from pushfw.producer.wire import ParsedCommand
+from pushfw.worker.batch import Answer
 from pushfw.worker.heartbeat import pushfw_version
 from pushfw.worker.reconcile import Drift
-from pushfw.worker.stream import Entry
 
-__all__ = ["Finished", "Metrics"]
+__all__ = ["Metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +40,7 @@ _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 _SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-class Finished(Protocol):
-    """What the metrics read of one processed entry (the applier's ``Outcome``)."""
-
-    @property
-    def entry(self) -> Entry: ...
-
-    @property
-    def status(self) -> Status | None: ...
-
-    @property
-    def command(self) -> ParsedCommand | ListCommand | None: ...
-
-    @property
-    def skip(self) -> bool: ...
-
-
-def _op_label(out: Finished) -> str:
+def _op_label(out: Answer) -> str:
     """The canonical op, also for a rejected entry whose op itself was valid; else ``invalid``."""
     if out.command is not None:
         return out.command.op.value
@@ -221,7 +202,7 @@ class Metrics:
         self.address: tuple[str, int] | None = None
         """Where ``/metrics`` is served (None: not served)."""
 
-    def batch(self, outcomes: Sequence[Finished], seconds: float, now_ms: int) -> None:
+    def batch(self, outcomes: Sequence[Answer], seconds: float, now_ms: int) -> None:
         """One processed batch: its size, its duration, and each answered command."""
         self.batch_size.observe(len(outcomes))
         self.apply_seconds.observe(seconds)

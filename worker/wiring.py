@@ -28,7 +28,15 @@ from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import CommandStream, HostStream
 
-__all__ = ["LockWaits", "connect", "fit_watchdog", "host_stream", "make_policy", "make_protection"]
+__all__ = [
+    "Links",
+    "LockWaits",
+    "connect",
+    "fit_watchdog",
+    "host_stream",
+    "make_policy",
+    "make_protection",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +126,30 @@ def make_policy(
         actions=backend.actions if backend is not None else frozenset(Action),
         backend=backend.name if backend is not None else "",
     )
+
+
+class Links:
+    """The worker's own connections to Redis: the primary, and the replica it may read from.
+
+    Args:
+        client: the primary (the ledger, results, heartbeat; the stream unless a replica).
+        replica: where a follower reads the stream, or None.
+    """
+
+    def __init__(self, client: redis.Redis, replica: redis.Redis | None) -> None:
+        self.client = client
+        self.replica = replica
+
+    def drop(self) -> None:
+        """Forget every open connection (their state is unknown); the next call reconnects."""
+        self.client.connection_pool.disconnect()
+        if self.replica is not None:
+            self.replica.connection_pool.disconnect()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.replica is not None:
+            self.replica.close()
 
 
 class LockWaits:
