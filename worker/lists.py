@@ -398,10 +398,11 @@ class ListKeeper:
         the ledger does not give this host are removed, unless ``remove_extras`` is False (a
         ledger this host does not trust: Redis may have lost its data, see
         :mod:`pushfw.worker.generation`). What fails is in :attr:`problems`, what the kernel
-        held of that list stays.
+        held of that list stays until the keeper knows it will not be loaded (:meth:`_settle`).
         """
         self.recheck()
         done: Counter[str] = Counter()
+        unsure: set[str] = set()  # lists a refused record or a retry may still bring back
         wanted: set[str] = set()
         in_kernel = self._kernel_names()
         present = in_kernel | set(self.held)
@@ -415,15 +416,39 @@ class ListKeeper:
             if request is None or decision is None or isinstance(decision, Report):
                 if name in present:
                     wanted.add(name)  # held: a record this host refuses changes nothing here
+                    unsure.add(name)
                 continue
             if isinstance(decision, Load):
                 wanted.add(name)
-                done[self._reconcile_one(decision, request.id, name in in_kernel)] += 1
+                label = self._reconcile_one(decision, request.id, name in in_kernel)
+                if label == "retried":
+                    unsure.add(name)
+                done["refused" if label == "retried" else label] += 1
         if remove_extras:
             for name in present - wanted:
                 outcome = self._unload(Unload(name), self._removed.get(name, "0-0"))
                 done["removed" if outcome.status is not None else "refused"] += 1
+            self._settle(unsure - set(self.held))
         return ListDrift(**done)
+
+    def _settle(self, unsure: set[str]) -> None:
+        """Once no list the kernel held before this start can still be loaded again but
+        those whose content is gone or refused, let the backend forget them: until then it
+        deletes no entry (shared sets), so entries other lists drop would stay."""
+        if unsure or self.backend is None:
+            return  # a refused record or a retry may still bring the kernel's list back
+        try:
+            with self.kernel():
+                gone = self.backend.settle()
+        except BackendError as exc:
+            logger.warning("lists: could not settle the shared sets: %s", exc)
+            return
+        if gone:
+            logger.warning(
+                "lists %s: held before this start, not loaded again (see the problems): "
+                "removed, with every entry no loaded list holds",
+                ", ".join(sorted(gone)),
+            )
 
     def _reconcile_one(self, decision: Load, entry_id: str, in_kernel: bool) -> str:
         """Load one list of the ledger unless the kernel holds it as it says; which
@@ -435,6 +460,8 @@ class ListKeeper:
             self._keep_in_redis(decision.list)
             return "kept"
         outcome = self._guarded(name, partial(self._load, decision, entry_id))
+        if outcome.status is None and not outcome.permanent:
+            return "retried"
         if outcome.status not in (Status.APPLIED, Status.UNCHANGED):
             return "refused"
         if not in_kernel:
