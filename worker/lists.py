@@ -432,9 +432,10 @@ class ListKeeper:
         return ListDrift(**done)
 
     def _settle(self, unsure: set[str]) -> None:
-        """Once no list the kernel held before this start can still be loaded again but
-        those whose content is gone or refused, let the backend forget them: until then it
-        deletes no entry (shared sets), so entries other lists drop would stay."""
+        """Let the backend forget the lists the kernel held before this start that were not
+        loaded again (content gone, or refused): until then a set backend deletes no entry,
+        and one another list drops would stay. Not while one may still come back (``unsure``:
+        a refused newest command, a load to retry)."""
         if unsure or self.backend is None:
             return  # a refused record or a retry may still bring the kernel's list back
         try:
@@ -454,11 +455,11 @@ class ListKeeper:
         """Load one list of the ledger unless the kernel holds it as it says; which
         :class:`ListDrift` count that is."""
         name = decision.list.name
-        held = self.held.pop(name, None)  # the kernel may hold anything: load it whole
+        held = self.held.get(name)
         if held is not None and (held.spec, held.id) == (decision.list, entry_id) and in_kernel:
-            self.held[name] = held  # not gone in a hand flush
-            self._keep_in_redis(decision.list)
+            self._keep_in_redis(decision.list)  # in_kernel: not gone in a hand flush
             return "kept"
+        self.held.pop(name, None)  # the kernel may hold anything: load it whole
         outcome = self._guarded(name, partial(self._load, decision, entry_id))
         if outcome.status is None and not outcome.permanent:
             return "retried"
