@@ -5,6 +5,8 @@ had committed. Real worker processes, redis-server and nftables in a network nam
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import Callable
 
 import redis
@@ -51,6 +53,12 @@ def test_a_new_hosts_first_load_is_info_and_a_hand_flush_at_restart_is_drift(
     assert without_time(summary(worker.last_run_log)) == [
         ("INFO", "reconcile: kernel matches the ledger (2 rules), lists: 1 reloaded")
     ]
+    settings = [f"{k}={v}" for k, v in worker.env.items() if k.startswith("PUSHFW_")]
+    once = netns.run("env", *settings, sys.executable, "-m", "pushfw.worker", "reconcile")
+    assert re.fullmatch(
+        r"added 0, removed 0, expiry fixed 0, kept 2 in \d+\.\d{3} s; lists: 1 reloaded\n",
+        once.stdout,
+    )
 
     fw.wipe()  # a hand flush (or a reboot) while the worker was away
     worker.start()

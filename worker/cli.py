@@ -200,9 +200,10 @@ def reconcile_once(force: bool) -> None:
         drift = worker.reconcile(force=force)
     if drift is None:
         sys.exit(1)
+    lists = worker.house.converger.last_lists
     click.echo(
         f"added {drift.added}, removed {drift.removed}, expiry fixed {drift.updated}, "
-        f"kept {drift.kept} in {drift.seconds:.3f} s"
+        f"kept {drift.kept} in {drift.seconds:.3f} s; {lists or 'no lists'}"
     )
 
 

@@ -70,6 +70,8 @@ class Converger:
         self.error: str | None = None
         """Why the last reconcile did not converge (the heartbeat's problems), or None."""
         self.last_drift: Drift | None = None
+        self.last_lists: ListDrift | None = None
+        """What the last reconcile did to the lists (None: it did not get that far)."""
 
     def reconcile(self, force: bool = False) -> Drift | None:
         """Make the managed rules equal what the ledger holds for this host, through the gate."""
@@ -99,7 +101,7 @@ class Converger:
             if len(desired.present) + len(desired.absent) >= LARGE or backend.size() >= LARGE:
                 give_back_memory()  # the ledger's records and the kernel's rules, built whole
         self.error = _refused_text(self.last_drift)
-        lists = self.lists.reconcile(now_ms, remove_extras=trusted)
+        self.last_lists = lists = self.lists.reconcile(now_ms, remove_extras=trusted)
         initial = known is None and _initial_load(self.last_drift, lists)
         if not initial:  # a new host's first load is not drift: no alert counts it
             self.metrics.reconciled(self.last_drift)
