@@ -47,8 +47,9 @@ COVER_COLUMNS = [
     "origin",
     "expires_in",
     "target",
-    "set_at",
+    "set_at_utc",
 ]
+"""The covers' table; a time says its zone (UTC) in its header, as ``pushfw list``'s do."""
 HOST_COLUMNS = ["host", "verdict", "cover", "state", "detail"]
 HOLDS = "holds"
 REFUSED = "refused"
@@ -352,7 +353,7 @@ def cover_rows(
             "origin": c.origin,
             "expires_in": "never" if c.expires_ms is None else span(c.expires_ms - now_ms),
             "target": ",".join(c.target) or "*",
-            "set_at": when(c.set_by),
+            "set_at_utc": when(c.set_by),
         }
         for c in answer.covers
     ]

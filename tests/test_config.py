@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+import redis
 
 from pushfw.worker import config
+from pushfw.worker.backends import choose_backend
 from pushfw.worker.config import ConfigInvalid, load, mask_url, masked, secrets_of
 from pushfw.worker.settings import WorkerSettings
+from tests.conftest import RedisServer
 from tests.daemon import cli, worker_env
 
 EXAMPLE = Path(__file__).parent.parent / "systemd" / "worker.toml.example"
@@ -219,3 +225,71 @@ def test_settings_renamed_with_their_unit_still_work_under_the_old_names(tmp_pat
     )
     assert "PUSHFW_TRIM_INTERVAL is now PUSHFW_TRIM_INTERVAL_S" in result.stderr
     assert "unknown key" not in result.stderr
+
+
+def test_check_config_names_the_backend_auto_picks_here_as_the_worker_does(
+    tmp_path: Path,
+) -> None:
+    env = worker_env(write(tmp_path / "worker.toml", ""), host_name="web1")
+    picked, why = choose_backend()
+    table = cli("check-config", env=env)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[-1] == f"# backend auto: {picked} ({why})"
+    if os.geteuid() == 0 and shutil.which("nft"):
+        assert picked == "nftables" and why == "libnftables works here"
+    as_json = json.loads(cli("check-config", "--json", env=env).stdout)
+    assert as_json["backend"] == {"name": picked, "why": why}
+    assert "redis" not in as_json, "no connection is tried without --connect"
+
+    explicit = cli("check-config", env={**env, "PUSHFW_BACKEND": "ipset"})
+    assert explicit.stdout.splitlines()[-1] == "# backend: ipset (configured)"
+
+
+def test_check_config_connect_reaches_redis_or_says_why_and_exits_1(
+    tmp_path: Path, redis_server: RedisServer, r: redis.Redis
+) -> None:
+    def check(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+        path = write(tmp_path / "worker.toml", f'redis_url = "{url}"\n')
+        return cli("check-config", "--connect", *args, env=worker_env(path, host_name="web1"))
+
+    reached = check(redis_server.url)
+    assert reached.returncode == 0, reached.stderr
+    assert reached.stdout.splitlines()[-1] == f"# redis: {redis_server.url} answers PING"
+    doc = json.loads(check(redis_server.url, "--json").stdout)
+    assert doc["redis"] == {"reachable": True, "error": None}
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = check(f"redis://127.0.0.1:{port}/0")
+    assert down.returncode == 1
+    assert down.stderr.strip() == (
+        f"pushfw-worker: redis: cannot reach redis://127.0.0.1:{port}/0: "
+        f"Error 111 connecting to 127.0.0.1:{port}. Connection refused."
+    )
+    assert "# redis:" not in down.stdout, "the settings are printed, no success line"
+
+    r.acl_setuser("checker", enabled=True, passwords=["+right-pw"], commands=["+@all"], keys=["*"])
+    try:
+        wrong = f"redis://checker:wrong-pw@127.0.0.1:{redis_server.port}/0"
+        refused = check(wrong, "--json")
+        assert refused.returncode == 1
+        assert json.loads(refused.stdout)["redis"] == {
+            "reachable": False,
+            "error": "invalid username-password pair or user is disabled.",
+        }
+        assert refused.stderr.strip() == (
+            f"pushfw-worker: redis: cannot reach redis://checker:***@127.0.0.1:"
+            f"{redis_server.port}/0: invalid username-password pair or user is disabled."
+        )
+        assert "wrong-pw" not in refused.stdout + refused.stderr
+        right = check(f"redis://checker:right-pw@127.0.0.1:{redis_server.port}/0")
+        assert right.returncode == 0, right.stderr
+
+        # a bad setting beside it: 2, and no connection is tried
+        path = write(tmp_path / "worker.toml", f'redis_url = "{wrong}"\nbatch_size = 0\n')
+        bad = cli("check-config", "--connect", env=worker_env(path, host_name="web1"))
+        assert bad.returncode == 2 and "batch_size" in bad.stderr
+        assert "cannot reach" not in bad.stderr
+    finally:
+        r.acl_deluser("checker")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -139,3 +142,48 @@ def test_python_example_gets_a_result(
             value.close()
     assert "docs1" in out.getvalue()
     assert "applied" in out.getvalue()
+
+
+def completion_block() -> str:
+    """The commands docs/operating.md gives for shell completion (its fenced block)."""
+    section = (ROOT / "docs" / "operating.md").read_text().split("### Shell completion", 1)[1]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_completion_commands_write_scripts_that_complete(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent  # where pushfw and pushfw-worker are installed
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-euc", completion_block()], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    bash_dir = tmp_path / ".local/share/bash-completion/completions"
+    for command, typed, expected in (
+        ("pushfw", "dr", "drop"),
+        ("pushfw-worker", "check-c", "check-config"),
+        ("pushfw-worker check-config", "--con", "--connect"),
+    ):
+        program = command.split()[0]
+        script = bash_dir / program
+        # what bash does on TAB: the script's function, with the words typed so far
+        words = f"{command} {typed}"
+        completed = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f'source "$0"; COMP_WORDS=({words}); COMP_CWORD={len(words.split()) - 1}; '
+                f"_{program.replace('-', '_')}_completion {program}; "
+                'printf "%s\\n" "${COMPREPLY[@]}"',
+                str(script),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.split() == [expected], words
+    for program in ("pushfw", "pushfw-worker"):
+        zsh = (tmp_path / ".zfunc" / f"_{program}").read_text()
+        assert zsh.startswith(f"#compdef {program}\n")
+        assert f"compdef _{program.replace('-', '_')}_completion {program}" in zsh

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pushfw.producer import Producer
+from pushfw.producer.keys import Keys
 from pushfw.producer.lists import ListContent
+from pushfw.worker.ledger import Ledger
 from testbed.kernel import Firewall
 from tests.conftest import Netns, WorkerProcess, pushfw_cli, wait_for
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
@@ -220,3 +222,71 @@ def test_item6_entries_under_a_refused_wide_entry_stay_in_the_kernel_and_block(
         held = set(fw.list_entries("feed"))
         assert held == {*(f"{a}/32" for a in under), f"{CLIENT_IP}/32", "2001:db8::/32"}
         assert not can_connect(client), "an entry under the wide one blocks real traffic"
+
+
+def test_a_list_that_cannot_come_back_after_a_restart_no_longer_keeps_dropped_entries(
+    netns: Netns,
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    r: Any,
+):
+    """After a restart the shared sets delete nothing until every list the kernel held is
+    loaded again (their entries cannot be told apart). A list whose content left Redis never
+    is: once reconcile knows it, the worker lets it go, and an entry another list drops then
+    leaves the kernel instead of staying banned."""
+    fw = Firewall(netns, set_backend)
+    worker = spawn_worker(netns, backend=set_backend).start()
+    assert answer(producer, producer.load_list("keep", feed(10, "203.0.113.5")))[0] == "applied"
+    assert answer(producer, producer.load_list("lost", feed(0, "198.51.100.0/24")))[0] == "applied"
+    assert worker.stop() == 0
+    [lost] = [record for record in producer.lists() if record.name == "lost"]
+    assert r.delete(producer.keys.list_content("lost", lost.version)) == 1
+
+    worker.start()
+    assert fw.list_entries("lost") == [], "nothing vouches for the entries of a list gone"
+    assert "198.51.100.0/24" not in fw.list_entries("keep")
+    assert len(fw.list_entries("keep")) == 11
+    smaller = producer.load_list("keep", feed(10))
+    assert answer(producer, smaller) == ("applied", "0 added, 1 removed: 10 entries")
+    assert "203.0.113.5/32" not in fw.list_entries("keep"), "an entry dropped stays banned"
+    assert len(fw.list_entries("keep")) == 10
+    [beat] = producer.hosts()
+    assert [p for p in beat.problems if p.startswith("list lost: ")] == [
+        f"list lost: version {lost.version} of list lost is not in Redis; import the list again"
+    ]
+    assert worker.stop() == 0
+    assert (
+        "lists lost: held before this start, not loaded again (see the problems): removed, "
+        "with every entry no loaded list holds"
+    ) in worker.last_run_log
+
+
+def test_a_forged_command_for_a_list_held_before_a_restart_does_not_unban_it(
+    netns: Netns,
+    set_backend: str,
+    spawn_worker: Callable[..., WorkerProcess],
+    producer: Producer,
+    redis_server: Any,
+    r: Any,
+):
+    """The one case the worker does not let a list it cannot load again go: its newest
+    command is one this host refuses (a bad signature). Its entries stay in the kernel."""
+    fw = Firewall(netns, set_backend)
+    key = "k" * 16 + "-lists"
+    worker = spawn_worker(netns, backend=set_backend, hmac_key=key).start()
+    signed = Producer.from_url(redis_server.url, hmac_key=key)
+    assert answer(signed, signed.load_list("held", feed(0, "198.51.100.0/24")))[0] == "applied"
+    assert worker.stop() == 0
+    forger = Producer.from_url(redis_server.url, hmac_key="f" * 16 + "-forged")
+    forged = forger.load_list("held", feed(0, "192.0.2.1"))
+    Ledger(r, Keys(), "the-fleet").fold_new()  # the ledger's newest record is the forged one
+
+    worker.start()
+    status, detail = answer(producer, forged)
+    assert (status, detail.split(":")[0]) == ("rejected", "sig")
+    assert fw.list_entries("held") == ["198.51.100.0/24"]
+    assert worker.stop() == 0
+    assert "not loaded again" not in worker.last_run_log
+    signed.client.close()
+    forger.client.close()

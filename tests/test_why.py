@@ -7,6 +7,7 @@ redis-server; the CLI then says what covers an address and what each host did wi
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -66,9 +67,11 @@ def test_why_names_every_cover_the_winner_and_each_hosts_part(
         "ORIGIN",
         "EXPIRES_IN",
         "TARGET",
-        "SET_AT",
+        "SET_AT_UTC",
     ]
     covers = [line.split()[:8] for line in lines[2:5]]
+    set_at = datetime.fromtimestamp(int(ids["accept"].split("-")[0]) / 1000, UTC)
+    assert lines[2].split()[8:] == set_at.strftime("%Y-%m-%d %H:%M:%S").split()
     assert covers == [
         ["rule", "-", "203.0.113.9/32", "accept", "monitoring", "producer", "never", "web"],
         ["list", "feed", "203.0.113.0/25", "drop", "firehol", "list", "never", "*"],

@@ -15,12 +15,21 @@ import redis
 
 from pushfw.producer.render import as_table
 from pushfw.worker import log
-from pushfw.worker.backends import make_backend
-from pushfw.worker.config import DEFAULT_PATH, ConfigInvalid, Loaded, load, masked, secrets_of
+from pushfw.worker.backends import choose_backend, make_backend
+from pushfw.worker.config import (
+    DEFAULT_PATH,
+    ConfigInvalid,
+    Loaded,
+    load,
+    mask_url,
+    masked,
+    secrets_of,
+)
 from pushfw.worker.daemon import Worker
 from pushfw.worker.errors import HostNameTaken, PushfwError
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signals import ForceStop
+from pushfw.worker.wiring import connect
 
 logger = logging.getLogger("pushfw.worker")
 
@@ -88,24 +97,66 @@ def main(ctx: click.Context, verbose: bool, config: Path | None) -> None:
 
 @main.command(name="check-config")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check_config(as_json: bool) -> None:
-    """Validate the settings and print the effective ones (secrets masked); exit 2 if invalid."""
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also connect to redis_url as the worker would and PING it; exit 1 if that fails.",
+)
+def check_config(as_json: bool, connect: bool) -> None:
+    """Validate the settings and print the effective ones (secrets masked) and the backend
+    `auto` picks here; exit 2 if invalid, 1 if --connect cannot reach Redis."""
     loaded = _load()
-    values = masked(loaded.settings)
+    settings = loaded.settings
+    values = masked(settings)
+    backend = _backend_in_use(settings.backend)
+    redis_error = _reach(settings) if connect else None
     if as_json:
-        doc = {
+        doc: dict[str, object] = {
             "file": str(loaded.path) if loaded.path else None,
             "settings": values,
             "sources": {name: loaded.source(name) for name in values},
+            "backend": {"name": backend[0], "why": backend[1]},
         }
+        if connect:
+            doc["redis"] = {"reachable": redis_error is None, "error": redis_error}
         click.echo(json.dumps(doc, indent=2))
-        return
-    click.echo(f"# config file: {loaded.path or f'none ({DEFAULT_PATH} does not exist)'}")
-    rows = [
-        {"key": name, "value": _show(value), "source": loaded.source(name)}
-        for name, value in values.items()
-    ]
-    click.echo(as_table(rows, ["key", "value", "source"]))
+    else:
+        click.echo(f"# config file: {loaded.path or f'none ({DEFAULT_PATH} does not exist)'}")
+        rows = [
+            {"key": name, "value": _show(value), "source": loaded.source(name)}
+            for name, value in values.items()
+        ]
+        click.echo(as_table(rows, ["key", "value", "source"]))
+        label = "backend auto" if settings.backend == "auto" else "backend"
+        click.echo(f"# {label}: {backend[0]} ({backend[1]})")
+        if connect and redis_error is None:
+            click.echo(f"# redis: {mask_url(settings.redis_url)} answers PING")
+    if redis_error is not None:
+        text = f"pushfw-worker: redis: cannot reach {mask_url(settings.redis_url)}: {redis_error}"
+        click.echo(log.error_line(text), err=True)
+        sys.exit(1)
+
+
+def _backend_in_use(setting: str) -> tuple[str, str]:
+    """The backend the worker would drive with ``setting``, and why (``auto``: this host's
+    pick, by the very function the worker uses)."""
+    return choose_backend() if setting == "auto" else (setting, "configured")
+
+
+def _reach(settings: WorkerSettings) -> str | None:
+    """Connect as the worker does and PING; why that failed, secrets masked (None: it worked)."""
+    try:
+        client = connect(settings)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as exc:
+        error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        for secret in filter(None, secrets_of(settings)):
+            error = error.replace(secret, "***")
+        return error
+    return None
 
 
 def _show(value: object) -> str:
@@ -150,9 +201,10 @@ def reconcile_once(force: bool) -> None:
         drift = worker.reconcile(force=force)
     if drift is None:
         sys.exit(1)
+    lists = worker.house.converger.last_lists
     click.echo(
         f"added {drift.added}, removed {drift.removed}, expiry fixed {drift.updated}, "
-        f"kept {drift.kept} in {drift.seconds:.3f} s"
+        f"kept {drift.kept} in {drift.seconds:.3f} s; {lists or 'no lists'}"
     )
 
 

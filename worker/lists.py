@@ -19,6 +19,7 @@ even while the worker is away, and is removed by the keeper at its expiry.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -71,6 +72,48 @@ class Outcome:
     report: bool = True
     permanent: bool = False
     busy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListDrift:
+    """What a reconcile did to the lists, a count of lists each: the summary's second half."""
+
+    loaded: int = 0
+    """Loaded where the kernel held no such list (new, or gone in a hand flush)."""
+    changed: int = 0
+    """Loaded over another version (action, expiry) of it that this worker held."""
+    reloaded: int = 0
+    """Loaded whole again over what the kernel held from before this worker started: the
+    kernel's sets are not read back, so each start reloads every list. Not drift."""
+    kept: int = 0
+    removed: int = 0
+    refused: int = 0
+    """Lists the gate or the kernel refused here (their reasons are the host's problems)."""
+
+    @property
+    def found(self) -> int:
+        """Lists the kernel or this worker held before the reconcile."""
+        return self.changed + self.reloaded + self.kept + self.removed
+
+    @property
+    def drifted(self) -> bool:
+        """Whether the kernel's lists were not what this host had committed."""
+        return bool(self.loaded or self.changed or self.removed)
+
+    def __str__(self) -> str:
+        counts = [
+            f"{count} {what}"
+            for what, count in (
+                ("loaded", self.loaded),
+                ("changed", self.changed),
+                ("reloaded", self.reloaded),
+                ("kept", self.kept),
+                ("removed", self.removed),
+                ("refused", self.refused),
+            )
+            if count
+        ]
+        return "lists: " + ", ".join(counts) if counts else "no lists"
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,17 +390,19 @@ class ListKeeper:
             f"version {spec.version} of list {spec.name} is not in Redis; import the list again",
         )
 
-    def reconcile(self, now_ms: int, remove_extras: bool = True) -> None:
-        """Make the kernel's lists exactly the ledger's lists for this host.
+    def reconcile(self, now_ms: int, remove_extras: bool = True) -> ListDrift:
+        """Make the kernel's lists exactly the ledger's lists for this host; what it did.
 
         A list held at the ledger's version, action and expiry is only put through the gate
         again (:meth:`recheck`); every other one is loaded whole; lists the kernel holds that
         the ledger does not give this host are removed, unless ``remove_extras`` is False (a
         ledger this host does not trust: Redis may have lost its data, see
         :mod:`pushfw.worker.generation`). What fails is in :attr:`problems`, what the kernel
-        held of that list stays.
+        held of that list stays until the keeper knows it will not be loaded (:meth:`_settle`).
         """
         self.recheck()
+        done: Counter[str] = Counter()
+        unsure: set[str] = set()  # lists a refused record or a retry may still bring back
         wanted: set[str] = set()
         in_kernel = self._kernel_names()
         present = in_kernel | set(self.held)
@@ -371,22 +416,58 @@ class ListKeeper:
             if request is None or decision is None or isinstance(decision, Report):
                 if name in present:
                     wanted.add(name)  # held: a record this host refuses changes nothing here
+                    unsure.add(name)
                 continue
             if isinstance(decision, Load):
                 wanted.add(name)
-                held = self.held.get(name)
-                if (
-                    held is not None
-                    and (held.spec, held.id) == (decision.list, request.id)
-                    and name in in_kernel  # not gone in a hand flush
-                ):
-                    self._keep_in_redis(decision.list)
-                    continue
-                self.held.pop(name, None)  # the kernel may hold anything: load it whole
-                self._guarded(name, partial(self._load, decision, request.id))
+                label = self._reconcile_one(decision, request.id, name in in_kernel)
+                if label == "retried":
+                    unsure.add(name)
+                done["refused" if label == "retried" else label] += 1
         if remove_extras:
             for name in present - wanted:
-                self._unload(Unload(name), self._removed.get(name, "0-0"))
+                outcome = self._unload(Unload(name), self._removed.get(name, "0-0"))
+                done["removed" if outcome.status is not None else "refused"] += 1
+            self._settle(unsure - set(self.held))
+        return ListDrift(**done)
+
+    def _settle(self, unsure: set[str]) -> None:
+        """Let the backend forget the lists the kernel held before this start that were not
+        loaded again (content gone, or refused): until then a set backend deletes no entry,
+        and one another list drops would stay. Not while one may still come back (``unsure``:
+        a refused newest command, a load to retry)."""
+        if unsure or self.backend is None:
+            return  # a refused record or a retry may still bring the kernel's list back
+        try:
+            with self.kernel():
+                gone = self.backend.settle()
+        except BackendError as exc:
+            logger.warning("lists: could not settle the shared sets: %s", exc)
+            return
+        if gone:
+            logger.warning(
+                "lists %s: held before this start, not loaded again (see the problems): "
+                "removed, with every entry no loaded list holds",
+                ", ".join(sorted(gone)),
+            )
+
+    def _reconcile_one(self, decision: Load, entry_id: str, in_kernel: bool) -> str:
+        """Load one list of the ledger unless the kernel holds it as it says; which
+        :class:`ListDrift` count that is."""
+        name = decision.list.name
+        held = self.held.get(name)
+        if held is not None and (held.spec, held.id) == (decision.list, entry_id) and in_kernel:
+            self._keep_in_redis(decision.list)  # in_kernel: not gone in a hand flush
+            return "kept"
+        self.held.pop(name, None)  # the kernel may hold anything: load it whole
+        outcome = self._guarded(name, partial(self._load, decision, entry_id))
+        if outcome.status is None and not outcome.permanent:
+            return "retried"
+        if outcome.status not in (Status.APPLIED, Status.UNCHANGED):
+            return "refused"
+        if not in_kernel:
+            return "loaded"
+        return "reloaded" if held is None else "changed"
 
     def recheck(self) -> int:
         """Put every held list through the gate again with this host's policy as it is now,

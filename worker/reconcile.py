@@ -17,7 +17,6 @@ from itertools import chain, islice
 
 from pushfw.producer.contract import Action
 from pushfw.producer.records import RuleRecord
-from pushfw.producer.render import plural
 from pushfw.worker.backends.base import Backend, CommittedRules, Rule, RuleKey
 from pushfw.worker.backends.index import RuleIndex, unpacked
 from pushfw.worker.decide import Add, Delete, Policy, decide_record
@@ -134,21 +133,6 @@ def reconcile(backend: Backend, desired: Desired, remove_extras: bool = True) ->
     )
     for key, error in drift.refused[:10]:
         logger.error("reconcile: the kernel refused %s: %s", key, error)
-    if drift.changed:
-        logger.warning(
-            "reconcile repaired drift: %d added, %d removed, %d expiry fixed (%d kept) in %.2f s",
-            added,
-            removed,
-            updated,
-            drift.kept,
-            drift.seconds,
-        )
-    else:
-        logger.info(
-            "reconcile: kernel matches the ledger (%s) in %.2f s",
-            plural(drift.kept, "rule"),
-            drift.seconds,
-        )
     return drift
 
 

@@ -35,18 +35,16 @@ def _ipset_usable() -> str | None:
     return None if probe.returncode == 0 else f"ipset refused ({probe.stderr.strip()[:120]})"
 
 
-def choose_backend() -> str:
-    """``auto``: nftables where usable, else ipset, else iptables; says why in one line."""
+def choose_backend() -> tuple[str, str]:
+    """What ``auto`` picks on this host, and why: nftables where usable, else ipset, else
+    iptables. The worker logs it at start; ``pushfw-worker check-config`` prints it."""
     why_not_nft = _nftables_usable()
     if why_not_nft is None:
-        logger.info("backend auto: nftables (libnftables works here)")
-        return "nftables"
+        return "nftables", "libnftables works here"
     why_not_ipset = _ipset_usable()
     if why_not_ipset is None:
-        logger.info("backend auto: ipset, because %s", why_not_nft)
-        return "ipset"
-    logger.info("backend auto: iptables, because %s and %s", why_not_nft, why_not_ipset)
-    return "iptables"
+        return "ipset", f"not nftables: {why_not_nft}"
+    return "iptables", f"not nftables: {why_not_nft}; not ipset: {why_not_ipset}"
 
 
 def make_backend(
@@ -66,7 +64,8 @@ def make_backend(
     constructor: nothing sets them on it later.
     """
     if name == "auto":
-        name = choose_backend()
+        name, why = choose_backend()
+        logger.info("backend auto: %s (%s)", name, why)
     match name:
         case "memory":
             from pushfw.worker.backends.memory import MemoryBackend

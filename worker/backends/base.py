@@ -287,6 +287,20 @@ class ListBackend(Protocol):
         """Remove the list's kernel objects and the rule matching them; absent is harmless."""
         ...
 
+    def settle(self) -> set[str]:
+        """The lists loaded since this start are all there are: forget the others.
+
+        Shared kernel objects cannot tell the entries of a list the kernel held before this
+        start from those of other lists, so changes delete nothing while such a list is not
+        loaded again. The list keeper calls this once it knows those lists will not be
+        (their content is gone, or refused): their objects go, and the shared ones hold
+        exactly the loaded lists. Returns the names forgotten.
+
+        Raises:
+            as :meth:`load_list`; on any failure the kernel keeps what it held before.
+        """
+        ...
+
 
 def lists_of(backend: Backend) -> ListBackend | None:
     """The backend's list capability, or None when it keeps no sets (iptables)."""

@@ -186,6 +186,12 @@ class IpsetLists(SharedLists):
         self._commit_lists(lists, marks, ops)
         self._unknown.discard(name)
 
+    def _settle(self, marks: dict[str, Action]) -> None:
+        lists = dict(self._held)
+        for act in sorted(LIST_ACTIONS):
+            self._refill(act, lists)
+        self._commit_lists(lists, marks, {})
+
     def _add_only(self, added: Held) -> None:
         """Add the list's entries to the live shared sets and delete nothing: lists held
         before this start may hold anything there until each is loaded again."""

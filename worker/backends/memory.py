@@ -55,6 +55,10 @@ class MemoryBackend(IndexedBackend):
     def remove_list(self, name: str) -> None:
         self.lists.pop(name, None)
 
+    def settle(self) -> set[str]:
+        """Nothing to settle: each list is an object of its own."""
+        return set()
+
     def uninstall(self) -> str:
         removed = f"{len(self._index)} rules and {len(self.lists)} lists"
         self._index.clear()

@@ -244,6 +244,9 @@ class NftLists(SharedLists):
             self._apply(lists, marks, *self._plan(name, lists))
         self._unknown.discard(name)
 
+    def _settle(self, marks: dict[str, Action]) -> None:
+        self._apply(dict(self._held), marks, set(Action), {})
+
     def _plan(
         self, name: str, lists: dict[str, Held]
     ) -> tuple[set[Action], dict[Action, list[Op] | None]]:

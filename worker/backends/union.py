@@ -64,6 +64,22 @@ class SharedLists:
     ) -> None:
         """Make the kernel hold ``lists`` (``name`` changed, now of ``action``, or removed)."""
 
+    _unknown: set[str]
+
+    @abc.abstractmethod
+    def _settle(self, marks: dict[str, Action]) -> None:
+        """Refill every action's shared sets from the loaded lists; ``marks`` the markers."""
+
+    def settle(self) -> set[str]:
+        """Forget the lists held before this start not loaded again: their markers go, and
+        every entry no loaded list holds leaves the shared sets (it cannot be told from
+        entries other lists dropped meanwhile). Returns their names."""
+        gone = set(self._unknown)
+        if gone:
+            self._settle({n: a for n, a in self._marks.items() if n not in gone})
+            self._unknown = set()
+        return gone
+
     def remove_list(self, name: str) -> None:
         """Its entries out of the shared sets (those no other list holds), its marker gone."""
         if name not in self._marks and name not in self._held:
