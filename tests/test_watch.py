@@ -1,7 +1,9 @@
 """Shadow mode: a watch rule counts real packets over a veth and lets them through.
 
 An operator tries an address (or a list) as ``watch`` first, reads its hits in ``pushfw
-list --hits``, then sends it again as a drop. Backends that cannot watch refuse it by name.
+list --hits``, then sends it again as a drop. Every kernel backend watches: nftables with a
+set matched before the verdicts, iptables with rules that have no target above the accepts,
+ipset with its own sets matched by such a rule.
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ from tests.conftest import Netns, RedisServer, pushfw_cli, wait_for
 from tests.test_hits import BEAT_S, hit_rows
 from tests.test_packets import CLIENT_IP, can_connect, listening_peer
 
-WATCHING = ("nftables",)
-"""The kernel backends that hold watch rules; the others refuse them."""
-
 
 def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
     make_netns: Callable[[], Netns],
@@ -32,12 +31,6 @@ def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
     with listening_peer(server, client, tag="w"):
         spawn_worker(server, backend=backend, heartbeat_interval_s=str(BEAT_S)).start()
         results = producer.wait(producer.watch(CLIENT_IP, reason="shadow"), timeout_s=15)
-        if backend not in WATCHING:
-            assert [(r.status.value, r.detail) for r in results] == [
-                ("rejected", f"action: the {backend} backend cannot watch (nftables can)")
-            ]
-            assert can_connect(client)
-            return
         assert [r.status.value for r in results] == ["applied"]
         for _ in range(3):
             assert can_connect(client), "a watch must neither drop nor end evaluation"
@@ -72,7 +65,7 @@ def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
 
 def test_a_list_imported_as_watch_lets_traffic_through_then_as_drop_blocks_it(
     make_netns: Callable[[], Netns],
-    backend: str,
+    set_backend: str,
     spawn_worker,
     producer: Producer,
     redis_server: RedisServer,
@@ -82,16 +75,12 @@ def test_a_list_imported_as_watch_lets_traffic_through_then_as_drop_blocks_it(
     path = tmp_path / "level1.netset"
     path.write_text("# a feed that covers the client's own network\n10.213.0.0/24\n198.18.0.0/15\n")
     with listening_peer(server, client, tag="l"):
-        spawn_worker(server, backend=backend).start()
+        spawn_worker(server, backend=set_backend).start()
         shadow = pushfw_cli(
             redis_server, "import", str(path), "--name", "level1", "--action", "watch", "--wait"
         )
-        if backend not in WATCHING:
-            assert f"the {backend} backend cannot watch" in shadow.stdout + shadow.stderr
-            assert can_connect(client)
-            return
         assert "applied" in shadow.stdout, shadow.stdout
-        assert sorted(Firewall(server, backend).list_entries("level1")) == [
+        assert sorted(Firewall(server, set_backend).list_entries("level1")) == [
             "10.213.0.0/24",
             "198.18.0.0/15",
         ]
@@ -124,7 +113,5 @@ def test_a_watch_in_the_ledger_reaches_the_kernel_at_the_workers_start(
     producer.watch("192.0.2.9", reply=False)
     producer.drop("192.0.2.10", reply=False)
     spawn_worker(netns, backend=backend).start()
-    held = {("drop", "192.0.2.10/32"): None}
-    if backend in WATCHING:
-        held[("watch", "192.0.2.9/32")] = None
+    held = {("drop", "192.0.2.10/32"): None, ("watch", "192.0.2.9/32"): None}
     wait_for(lambda: Firewall(netns, backend).rules() == held, what="the reconciled rules")

@@ -36,8 +36,9 @@ from pushfw.worker.errors import BackendError, PermanentBackendError
 
 logger = logging.getLogger(__name__)
 
-LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
-"""The actions with shared sets: no watch (the gate refuses it on an ipset host)."""
+LIST_ACTIONS = {Action.WATCH: "w", Action.ACCEPT: "a", Action.DROP: "d"}
+"""Each action's letter in its shared sets' and markers' names."""
+_LETTERS = {letter: action for action, letter in LIST_ACTIONS.items()}
 LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
 LIST_MAXELEM_MIN = 65536
 
@@ -94,7 +95,7 @@ class IpsetLists(SharedLists):
 
     def _marks_in(self, set_names: Iterable[str]) -> dict[str, Action]:
         found = (self._mark.fullmatch(n) for n in set_names)
-        return {p["name"]: Action.ACCEPT if p["action"] == "a" else Action.DROP for p in found if p}
+        return {p["name"]: _LETTERS[p["action"]] for p in found if p}
 
     def list_names(self) -> set[str]:
         """The lists whose marker set exists, less those with entries in a shared set that
