@@ -22,10 +22,17 @@ from typing import Any
 import redis
 
 from pushfw.producer import Action, Keys, Producer
-from pushfw.producer.records import RuleHits
+from pushfw.producer.records import TOP_LIST_ENTRIES, RuleHits
 from pushfw.worker.backends.base import Rule, RuleKey
 from pushfw.worker.backends.memory import MemoryBackend
-from pushfw.worker.hits import EVERY_BEATS, HitsReader, busiest, publish_hits, totals
+from pushfw.worker.hits import (
+    EVERY_BEATS,
+    HitsReader,
+    busiest,
+    list_record,
+    publish_hits,
+    totals,
+)
 from pushfw.worker.metrics import Metrics
 from testbed.env import clean_env
 from testbed.kernel import Firewall, veth
@@ -227,6 +234,7 @@ def test_publishing_replaces_the_hosts_hash_and_list_sorts_across_hosts(
         "host": "db1",
         "action": "drop",
         "network": "192.0.2.1/32",
+        "list": None,  # a rule, not a list's entry
         "packets": 7,
         "bytes": 420,
         "read_at": "1970-01-01T00:00:02.000Z",
@@ -288,15 +296,16 @@ def test_past_hits_max_rules_the_counters_are_not_read_and_the_hash_goes(r: redi
     assert reader.publish(4_000) == 3 and read == [1], "back under the bound: read again"
 
 
-def test_top_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: Path):
-    proc = subprocess.run(
-        [*PUSHFW, "--redis-url", redis_server.url, "list", "--top", "3"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=30,
-    )
-    assert proc.returncode == 2 and "--top goes with --hits" in proc.stderr, proc.stderr
+def test_top_or_list_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: Path):
+    for option, value in (("--top", "3"), ("--list", "level1")):
+        proc = subprocess.run(
+            [*PUSHFW, "--redis-url", redis_server.url, "list", option, value],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=30,
+        )
+        assert proc.returncode == 2 and f"{option} goes with --hits" in proc.stderr, proc.stderr
 
 
 def test_ipset_save_with_counters_is_parsed():
@@ -313,3 +322,12 @@ add pushfw-drop4 198.51.100.0/24 timeout 0
         Element(net("192.0.2.0/24"), 0, None, (0, 0)),
         Element(net("198.51.100.0/24"), 0, None, None),
     ]
+
+
+def test_a_list_record_sums_every_entry_and_keeps_only_the_busiest():
+    entries = {f"10.0.{i // 256}.{i % 256}/32": (i, i * 60) for i in range(1, 1001)}
+    record = list_record(entries, 5)
+    assert (record.packets, record.bytes, record.ms) == (500_500, 500_500 * 60, 5)
+    assert len(record.entries) == TOP_LIST_ENTRIES, "a large list costs Redis its top only"
+    assert record.entries[0] == ("10.0.3.232/32", 1000, 60_000)
+    assert [e[1] for e in record.entries] == list(range(1000, 1000 - TOP_LIST_ENTRIES, -1))

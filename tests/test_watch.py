@@ -8,9 +8,13 @@ ipset with its own sets matched by such a rule.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from pushfw.producer import Producer
 from pushfw.worker.hits import EVERY_BEATS
@@ -115,3 +119,86 @@ def test_a_watch_in_the_ledger_reaches_the_kernel_at_the_workers_start(
     spawn_worker(netns, backend=backend).start()
     held = {("drop", "192.0.2.10/32"): None, ("watch", "192.0.2.9/32"): None}
     wait_for(lambda: Firewall(netns, backend).rules() == held, what="the reconciled rules")
+
+
+SCRAPE = """
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
+"""
+
+
+def test_watch_lists_count_per_list_and_per_entry_in_lists_list_hits_and_metrics(
+    make_netns: Callable[[], Netns],
+    set_backend: str,
+    spawn_worker,
+    producer: Producer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+):
+    """Two watch lists hold the client's network (one element in the shared sets): its
+    packets count for both, per list and per entry; an entry that saw nothing is not shown."""
+    server, client = make_netns(), make_netns()
+    level1, vpc = tmp_path / "level1.netset", tmp_path / "vpc.netset"
+    level1.write_text("10.213.0.0/24\n198.18.0.0/15\n")
+    vpc.write_text("10.213.0.0/24\n")
+    with listening_peer(server, client, tag="h"):
+        spawn_worker(
+            server,
+            backend=set_backend,
+            heartbeat_interval_s=str(BEAT_S),
+            metrics_listen="127.0.0.1:9477",
+        ).start()
+        for path in (level1, vpc):  # --wait would judge a host beating every 0.25 s stale
+            imported = pushfw_cli(
+                redis_server, "import", str(path), "--name", path.stem, "--action", "watch"
+            )
+            assert imported.returncode == 0, imported.stderr
+        fw = Firewall(server, set_backend)
+        both = ["10.213.0.0/24", "198.18.0.0/15"]  # one action's lists share their sets
+        wait_for(lambda: sorted(fw.list_entries("vpc")) == both, what="both lists loaded")
+        for _ in range(3):
+            assert can_connect(client), "a watch list must let its entries' traffic through"
+
+        def counted() -> dict[str, Any] | None:
+            shown = pushfw_cli(redis_server, "lists", "--json")
+            rows = {row["name"]: row for row in json.loads(shown.stdout)}
+            done = all((rows[n]["hits"] or 0) >= 3 for n in ("level1", "vpc"))
+            return rows if done else None
+
+        wait_for(counted, timeout=EVERY_BEATS * BEAT_S * 10, what="the lists' hits published")
+        rows = counted()
+        assert rows is not None
+        assert rows["level1"]["hits"] == rows["vpc"]["hits"], "one element counts for both"
+        assert rows["level1"]["hit_bytes"] > 0
+
+        table = pushfw_cli(redis_server, "lists")
+        print(table.stdout)  # the report shows it (pytest -s)
+        header = table.stdout.splitlines()[0].split()
+        assert "HITS" in header, table.stdout
+        for line in table.stdout.splitlines()[1:]:
+            assert line.split()[header.index("HITS")].isdigit(), table.stdout
+
+        entries = json.loads(
+            pushfw_cli(redis_server, "list", "--hits", "--list", "level1", "--json").stdout
+        )
+        assert [(e["list"], e["action"], e["network"]) for e in entries] == [
+            ("level1", "watch", "10.213.0.0/24")
+        ], "only the entry that saw packets, named with its list"
+        assert entries[0]["packets"] >= 3 and entries[0]["host"] == server.name
+        published = producer.list_hits([server.name])[server.name]["level1"]
+        assert [e[0] for e in published.entries] == ["10.213.0.0/24"]
+        assert published.packets == entries[0]["packets"], "one entry: its sum is the list's"
+        print(pushfw_cli(redis_server, "list", "--hits").stdout)
+        both = json.loads(pushfw_cli(redis_server, "list", "--hits", "--json").stdout)
+        assert sorted(e["list"] for e in both) == ["level1", "vpc"]
+
+        metrics = server.run(sys.executable, "-c", SCRAPE, "http://127.0.0.1:9477/metrics")
+        found = {
+            (s.name, s.labels.get("list")): s.value
+            for family in text_string_to_metric_families(metrics.stdout)
+            for s in family.samples
+            if s.name.startswith("pushfw_list_hits")
+        }
+        assert found[("pushfw_list_hits_packets", "level1")] >= 3
+        assert found[("pushfw_list_hits_packets", "vpc")] >= 3
+        assert found[("pushfw_list_hits_bytes", "level1")] > 0

@@ -19,8 +19,8 @@ from itertools import chain
 
 from pushfw.producer.contract import Action
 from pushfw.worker.backends.base import BlockList
-from pushfw.worker.backends.entries import list_entries
-from pushfw.worker.backends.ipset_cmd import FAMILIES, SET_NAME_MAX, kernel_timeout_s
+from pushfw.worker.backends.entries import gc_paused, list_entries
+from pushfw.worker.backends.ipset_cmd import FAMILIES, SET_NAME_MAX, kernel_timeout_s, parse_save
 from pushfw.worker.backends.union import (
     ABSENT,
     Group,
@@ -76,6 +76,23 @@ class IpsetLists(SharedLists):
     @abc.abstractmethod
     def _write_rules(self, warn: bool = False) -> None:
         """The managed chain's rules matching the sets, written again."""
+
+    def _element_counters(self) -> Iterator[tuple[Action, Group, bytes, int, int]]:
+        """One ``ipset save`` per live shared set; elements that matched nothing are skipped."""
+        live = set(self._marks.values())
+        for (action, version), set_name in sorted(self._lists_sets.items()):
+            if action not in live:
+                continue
+            saved = self._run("save", set_name)
+            with gc_paused():
+                counted = [
+                    (e.network, e.counters)
+                    for e in parse_save(saved, set_name, version)
+                    if e.counters is not None and e.counters[0]
+                ]
+            for net, (packets, octets) in counted:
+                group = (version, net.prefixlen)
+                yield action, group, net.network_address.packed, packets, octets
 
     list_chunk = 50_000
     """A change of more elements refills the action's shared sets (a temporary set filled
