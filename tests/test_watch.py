@@ -67,6 +67,32 @@ def test_watch_counts_traffic_it_lets_through_then_a_drop_blocks_it(
         assert not can_connect(client), "removing the watch leaves the drop"
 
 
+def test_a_watch_counts_what_an_accept_lets_through(
+    make_netns: Callable[[], Netns],
+    backend: str,
+    spawn_worker,
+    producer: Producer,
+    redis_server: RedisServer,
+):
+    """An accept ends evaluation in pushfw's chain, so a watch must come before it (iptables:
+    watches at the top of PUSHFW, an accept added later inserted below them)."""
+    server, client = make_netns(), make_netns()
+    with listening_peer(server, client, tag="a"):
+        spawn_worker(server, backend=backend, heartbeat_interval_s=str(BEAT_S)).start()
+        for sent in (producer.watch(CLIENT_IP), producer.accept(CLIENT_IP)):
+            assert [r.status.value for r in producer.wait(sent, timeout_s=15)] == ["applied"]
+        for _ in range(3):
+            assert can_connect(client)
+
+        def watched() -> bool:
+            rows = hit_rows(redis_server)
+            mine = [r for r in rows if r["network"] == f"{CLIENT_IP}/32"]
+            counts = {r["action"]: r["packets"] for r in mine}
+            return counts.get("watch", 0) >= 3 and counts.get("accept", 0) >= 3
+
+        wait_for(watched, timeout=EVERY_BEATS * BEAT_S * 10, what="watch and accept counted")
+
+
 def test_a_list_imported_as_watch_lets_traffic_through_then_as_drop_blocks_it(
     make_netns: Callable[[], Netns],
     set_backend: str,
