@@ -87,7 +87,7 @@ def test_a_watch_counts_what_an_accept_lets_through(
         def watched() -> bool:
             rows = hit_rows(redis_server)
             mine = [r for r in rows if r["network"] == f"{CLIENT_IP}/32"]
-            counts = {r["action"]: r["packets"] for r in mine}
+            counts: dict[str, int] = {r["action"]: r["packets"] for r in mine}
             return counts.get("watch", 0) >= 3 and counts.get("accept", 0) >= 3
 
         wait_for(watched, timeout=EVERY_BEATS * BEAT_S * 10, what="watch and accept counted")

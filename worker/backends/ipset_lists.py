@@ -83,7 +83,9 @@ class IpsetLists(SharedLists):
         for (action, version), set_name in sorted(self._lists_sets.items()):
             if action not in live:
                 continue
-            saved = self._run("save", set_name)
+            # most entries of a large list match nothing: skip their lines before parsing
+            lines = self._run("save", set_name).splitlines()
+            saved = "\n".join(line for line in lines if " packets 0 " not in line)
             with gc_paused():
                 counted = [
                     (e.network, e.counters)
