@@ -228,3 +228,24 @@ def test_watch_lists_count_per_list_and_per_entry_in_lists_list_hits_and_metrics
         assert found[("pushfw_list_hits_packets", "level1")] >= 3
         assert found[("pushfw_list_hits_packets", "vpc")] >= 3
         assert found[("pushfw_list_hits_bytes", "level1")] > 0
+
+
+def test_watches_flushed_by_hand_are_put_back_at_the_next_heartbeat(
+    netns: Netns, backend: str, spawn_worker, producer: Producer
+):
+    """Only the watch objects go (ipset: its watch sets emptied; iptables: the rules with no
+    target deleted; nftables: the watch sets emptied); the worker sees it and reconciles."""
+    fw = Firewall(netns, backend)
+    worker = spawn_worker(netns, backend=backend, heartbeat_interval_s="0.5").start()
+    for sent in (producer.watch("192.0.2.140"), producer.drop("192.0.2.141")):
+        assert [r.status.value for r in producer.wait(sent)] == ["applied"]
+    want = {("watch", "192.0.2.140/32"): None, ("drop", "192.0.2.141/32"): None}
+    assert fw.rules() == want
+    worker.pause()  # the kernel as the flush left it, before any heartbeat repairs it
+    fw.flush("watch")
+    left = fw.rules()
+    worker.resume()
+    assert left == {("drop", "192.0.2.141/32"): None}
+    wait_for(lambda: fw.rules() == want, 15, "the heartbeat to put the watch back")
+    assert worker.stop() == 0
+    assert worker.log.count("the kernel lost pushfw's rules or hooks") == 1
