@@ -173,6 +173,7 @@ def producer_rules(
             f"%R~{_glob(k)}" for k in (keys.results, keys.dead, keys.rules, keys.hosts, keys.ahead)
         ]
         rules.append(f"%R~{_glob(keys.hits(''))}*")  # pushfw list --hits: every host's hash
+        rules.append(f"%R~{_glob(keys.list_hits(''))}*")  # pushfw lists: hits per list
         rules.append(f"%R~{_glob(keys.lists)}")  # pushfw lists
     rules += ["-@all", "+xadd", *_connection(db, redis_version)]
     if fcall:

@@ -501,9 +501,14 @@ def _span(ms: int) -> str:
 @cli.command(name="list")
 @click.option("--host", default=None, help="Only rules that reach this host (name).")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
-@click.option("--hits", is_flag=True, help="Packets and bytes each rule matched, per host.")
+@click.option(
+    "--hits", is_flag=True, help="Packets and bytes each rule and list entry matched, per host."
+)
 @click.option(
     "--top", type=click.IntRange(1, 100_000), default=None, help="With --hits: rows shown [20]."
+)
+@click.option(
+    "--list", "list_name", default=None, help="With --hits: only the entries of this named list."
 )
 @selection_options(inside=True)
 @click.pass_obj
@@ -513,19 +518,24 @@ def list_rules(
     json_out: bool,
     hits: bool,
     top: int | None,
+    list_name: str | None,
     selection: Selection,
 ) -> None:
     """Active rules in the ledger, with time remaining, reason and origin.
 
-    With --hits: the rules that matched the most packets, one row per rule and host, from
-    the counts each host publishes once a minute (its 1,000 busiest rules).
+    With --hits: the rules and named-list entries that matched the most packets, one row
+    per rule (or entry) and host, from the counts each host publishes once a minute (its
+    1,000 busiest rules, and each list's 100 busiest entries: LIST names the list).
     """
-    if top is not None and not hits:
-        raise click.UsageError("--top goes with --hits")
+    for option, given in (("--top", top), ("--list", list_name)):
+        if given is not None and not hits:
+            raise click.UsageError(f"{option} goes with --hits")
     if hits and selection != Selection():
-        raise click.UsageError("the filters go without --hits (--host and --top go with it)")
+        raise click.UsageError(
+            "the filters go without --hits (--host, --top and --list go with it)"
+        )
     if hits:
-        _list_hits(producer, host, top or 20, json_out)
+        _list_hits(producer, host, top or 20, json_out, list_name)
         return
     now_ms = producer.now_ms()
     rows: list[dict[str, object]] = []
@@ -572,33 +582,55 @@ def _warn_unfolded(producer: Producer) -> None:
         )
 
 
-def _list_hits(producer: Producer, host: str | None, top: int, json_out: bool) -> None:
-    """``pushfw list --hits``: the busiest (rule, host) pairs, most packets first."""
+def _hit_rows(
+    producer: Producer, names: list[str], list_name: str | None
+) -> list[tuple[int, int, int, str, str, str, str | None]]:
+    """(packets, bytes, read ms, host, action, network, list) of every published count:
+    rules (list None) unless ``list_name`` is given, and the lists' busiest entries."""
+    found: list[tuple[int, int, int, str, str, str, str | None]] = []
+    if list_name is None:
+        for name, counts in producer.hits(names).items():
+            for rule, hit in counts.items():
+                action, _, network = rule.partition(" ")
+                found.append((hit.packets, hit.bytes, hit.ms, name, action, network, None))
+    actions = {rec.name: rec.action for rec in producer.lists()}
+    for name, lists in producer.list_hits(names).items():
+        for listed, hits in lists.items():
+            if list_name not in (None, listed):
+                continue
+            action = actions.get(listed, "?")
+            for entry, packets, octets in hits.entries:
+                found.append((packets, octets, hits.ms, name, action, entry, listed))
+    return found
+
+
+def _list_hits(
+    producer: Producer, host: str | None, top: int, json_out: bool, list_name: str | None
+) -> None:
+    """``pushfw list --hits``: the busiest (rule or list entry, host) pairs, most packets
+    first."""
     names = [h.host for h in producer.hosts() if host is None or h.host == host]
     now_ms = producer.now_ms()
-    found = [
-        (hit, name, rule)
-        for name, counts in producer.hits(names).items()
-        for rule, hit in counts.items()
-    ]
-    found.sort(key=lambda f: (-f[0].packets, -f[0].bytes, f[1], f[2]))
+    found = _hit_rows(producer, names, list_name)
+    found.sort(key=lambda f: (-f[0], -f[1], f[3], f[5], f[6] or ""))
     rows: list[dict[str, object]] = []
-    for hit, name, rule in found[:top]:
-        action, _, network = rule.partition(" ")
-        when = {"read_at": hit.ms} if json_out else {"read": _ago(now_ms - hit.ms)}
+    for packets, octets, ms, name, action, network, listed in found[:top]:
+        when = {"read_at": ms} if json_out else {"read": _ago(now_ms - ms)}
         rows.append(
             {
                 "host": name,
                 "action": action,
                 "network": network,
-                "packets": hit.packets,
-                "bytes": hit.bytes,
+                "list": listed if json_out else (listed or "-"),
+                "packets": packets,
+                "bytes": octets,
                 **when,
             }
         )
-    _show(rows, ["host", "action", "network", "packets", "bytes", "read"], json_out)
+    _show(rows, ["host", "action", "network", "list", "packets", "bytes", "read"], json_out)
     if not json_out:
-        shown = f"{len(rows)} of {plural(len(found), 'rule')}" if found else "no rule"
+        what = ("entry", "entries") if list_name else ("rule or entry", "rules or entries")
+        shown = f"{len(rows)} of {plural(len(found), *what)}" if found else f"no {what[0]}"
         click.echo(
             f"{shown} with hit counts on {plural(len(names), 'host')}"
             " (hosts read them every 12 heartbeats: once a minute by default)",
@@ -830,15 +862,24 @@ def _warn_protected(name: str, parsed: ListFile, protect: list[Network]) -> None
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def lists_group(ctx: click.Context, json_out: bool) -> None:
-    """Named lists: each with its version, size and the hosts that hold that version."""
+    """Named lists: each with its version, size, the hosts that hold that version, and the
+    packets its entries matched (HITS, summed over the last reading of every host it
+    targets, live or not; per entry: pushfw list --hits --list NAME)."""
     if ctx.invoked_subcommand is not None:
         return
     producer: Producer = ctx.obj
     now_ms = producer.now_ms()
-    hosts = [h for h in producer.hosts() if is_live(h, now_ms)]
+    known = producer.hosts()
+    hosts = [h for h in known if is_live(h, now_ms)]
+    counted = producer.list_hits(h.host for h in known)
     rows: list[dict[str, object]] = []
     for rec in producer.lists():
         reached = [h for h in hosts if reaches(rec.target, h)]
+        hits = [
+            c[rec.name]
+            for h in known
+            if reaches(rec.target, h) and rec.name in (c := counted[h.host])
+        ]
         holding = sorted(
             h.host
             for h in reached
@@ -852,6 +893,8 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
                 "entries": rec.size,
                 "version": rec.version if json_out else rec.version[:12],
                 "hosts": holding if json_out else f"{len(holding)}/{len(reached)}",
+                "hits": sum(h.packets for h in hits) if hits else (None if json_out else "-"),
+                **({"hit_bytes": sum(h.bytes for h in hits) if hits else None} if json_out else {}),
                 "expires_in": (None if left is None else left / 1000)
                 if json_out
                 else ("never" if left is None else _span(left)),
@@ -867,6 +910,7 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
         "entries",
         "version",
         "hosts",
+        "hits",
         "expires_in",
         "target",
         "set_at",
@@ -876,7 +920,8 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
     if not json_out:
         click.echo(
             f"{plural(len(rows), 'list')}; HOSTS: live hosts holding that version"
-            " / live hosts it targets",
+            " / live hosts it targets; HITS: packets its entries matched on the hosts"
+            " it targets (read once a minute)",
             err=True,
         )
     _warn_unfolded(producer)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from pydantic import ValidationError
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer import functions
@@ -15,7 +17,14 @@ from pushfw.producer.connection import connect, redis_ms
 from pushfw.producer.contract import Command, Result, parse_command, signature, targets
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.lists import ListContent, parse_list_command
-from pushfw.producer.records import HostStatus, IdsAhead, ListRecord, RuleHits, RuleRecord
+from pushfw.producer.records import (
+    HostStatus,
+    IdsAhead,
+    ListHits,
+    ListRecord,
+    RuleHits,
+    RuleRecord,
+)
 
 __all__ = [
     "STALE_AFTER_BEATS",
@@ -74,7 +83,7 @@ def forget_host(client: redis.Redis, keys: Keys, host: str) -> bool:
     """
     pipe = client.pipeline(transaction=True)
     pipe.hdel(keys.hosts, host)
-    pipe.delete(keys.hits(host))
+    pipe.delete(keys.hits(host), keys.list_hits(host))
     pipe.exists(keys.cmd)
     deleted, _, stream = pipe.execute()
     destroyed = 0
@@ -446,3 +455,23 @@ class Producer:
             host: {rule: RuleHits.model_validate_json(raw) for rule, raw in reply.items()}
             for host, reply in zip(names, replies, strict=True)
         }
+
+    def list_hits(self, hosts: Iterable[str]) -> dict[str, dict[str, ListHits]]:
+        """Each host's published list counts: host -> list name -> counts and busiest entries.
+
+        One ``HGETALL`` of ``{pushfw}:list-hits:<host>`` per host, in one round trip; a value
+        that is not a valid count is left out, never trusted.
+        https://redis.io/commands/hgetall/
+        """
+        names = list(hosts)
+        pipe = self.client.pipeline(transaction=False)
+        for host in names:
+            pipe.hgetall(self.keys.list_hits(host))
+        replies = cast(list[dict[str, str]], pipe.execute())
+        found: dict[str, dict[str, ListHits]] = {}
+        for host, reply in zip(names, replies, strict=True):
+            found[host] = {}
+            for name, raw in reply.items():
+                with contextlib.suppress(ValidationError):
+                    found[host][name] = ListHits.model_validate_json(raw)
+        return found

@@ -103,6 +103,10 @@ class Keys:
         """Hash of rule id -> JSON hit counts (packets, bytes, ms) of one host's busiest rules."""
         return f"{self.prefix}:hits:{host}"
 
+    def list_hits(self, host: str) -> str:
+        """Hash of list name -> JSON hit counts of one host's lists (:class:`.ListHits`)."""
+        return f"{self.prefix}:list-hits:{host}"
+
     def ttl_marker(self, rule_id: str) -> str:
         """A key that expires with a timed rule, so Redis's expiry event wakes schedulers."""
         return f"{self.prefix}:ttl:{rule_id}"

@@ -14,6 +14,7 @@ __all__ = [
     "HeldList",
     "HostStatus",
     "IdsAhead",
+    "ListHits",
     "ListRecord",
     "RoleState",
     "RuleHits",
@@ -208,3 +209,26 @@ class RuleHits(BaseModel):
     packets: int
     bytes: int
     ms: int
+
+
+TOP_LIST_ENTRIES = 100
+"""Entries of one list published per host, the most packets first (a host holds at most
+``max_lists`` lists, so its hash stays small however large the lists are)."""
+
+
+class ListHits(BaseModel):
+    """One list's kernel counters on one host, in ``{pushfw}:list-hits:<host>`` (field: the
+    list's name).
+
+    ``packets`` and ``bytes`` sum every entry that matched; ``entries`` are the busiest
+    :data:`TOP_LIST_ENTRIES` as ``[cidr, packets, bytes]``, most packets first. The lists of
+    one action share one kernel element per entry, so an entry two lists hold counts in
+    both. ``ms`` is when they were read (Redis clock).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    packets: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    ms: int
+    entries: list[tuple[str, int, int]] = Field(default=[], max_length=TOP_LIST_ENTRIES)

@@ -158,7 +158,7 @@ class _Driver:
                 time.sleep(args[0])
                 return None
             case "kernel" | "dump" | "flush" | "hold_lock" | "release_lock":
-                return self.kernel_step(verb)
+                return self.kernel_step(verb, *args)
             case "shell":  # a hand change to the kernel, as an operator would make it
                 return subprocess.run(args, capture_output=True, text=True).returncode
             case "content":  # what the kernel holds for a list, read with the operator's tools
@@ -167,7 +167,7 @@ class _Driver:
                 return _list_step(self.backend(label or "a"), verb, args)
         return _backend_step(self.backend(label or "a"), verb, args)
 
-    def kernel_step(self, verb: str) -> Any:
+    def kernel_step(self, verb: str, *args: str) -> Any:
         from pushfw.worker.backends.iptables import XTABLES_LOCK
 
         if verb == "hold_lock":  # flock: another open file description conflicts, same process
@@ -180,8 +180,8 @@ class _Driver:
             return None
         if self.netns is None:
             return None  # the memory backend has no kernel
-        if verb == "flush":  # every managed rule removed by hand
-            Firewall(Netns(self.netns), self.name).flush()
+        if verb == "flush":  # every managed rule (or those of one action) removed by hand
+            Firewall(Netns(self.netns), self.name).flush(*args)
             return None
         return kernel_view(Netns(self.netns), self.name, dump=verb == "dump")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +15,9 @@ from testbed.netns import Netns
 BACKENDS = ("iptables", "nftables", "ipset")
 _NFT_SET = re.compile(r"(drop|accept|watch)([46])(_\d+)?")
 _NFT_LIST_SET = re.compile(r"lists_(?P<action>drop|accept|watch)[46]_(?P<prefix>\d+)b?")
-_IPSET_LIST_LINE = re.compile(r"add pushfw-lists-(?P<action>[ad])[46] (?P<net>\S+)")
+_IPSET_LIST_LINE = re.compile(r"add pushfw-lists-(?P<action>[adw])[46] (?P<net>\S+)")
 _IPSET_LINE = re.compile(
-    r"add pushfw-(drop|accept)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
+    r"add pushfw-(drop|accept|watch)([46]) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?"
     r'(?: comment "([^"]*)")?'
 )
 
@@ -59,7 +60,8 @@ class Firewall:
                 words = line.split()
                 if "-s" not in words:
                     continue
-                action = "accept" if line.endswith("-j ACCEPT") else "drop"
+                target = words[words.index("-j") + 1] if "-j" in words else ""
+                action = {"ACCEPT": "accept", "DROP": "drop", "": "watch"}.get(target, target)
                 exp = re.search(r"exp=(\d+)", line)
                 out[(action, _net(words[words.index("-s") + 1]))] = int(exp[1]) if exp else None
         return out
@@ -135,21 +137,42 @@ class Firewall:
         lines = (legacy + nft + sets).splitlines()
         return "\n".join(x for x in lines if not x.startswith(("#", ":")))
 
-    def flush(self) -> None:
-        """Remove every managed rule by hand, as an operator's mistake or a reload would."""
+    def flush(self, action: str | None = None) -> None:
+        """Remove every managed rule (or those of ``action``) by hand, as an operator's
+        mistake or a reload would."""
+        actions = ("drop", "accept", "watch") if action is None else (action,)
         match self.backend:
             case "nftables":
-                listing = json.loads(self.ns.run("nft", "-j", "list", "sets", "inet").stdout)
-                for item in listing.get("nftables", []):
-                    if "set" in item and item["set"]["table"] == "pushfw":
-                        self.ns.run("nft", "flush", "set", "inet", "pushfw", item["set"]["name"])
-                self.ns.run("nft", "flush", "chain", "inet", "pushfw", "input")
+                self._flush_nft_sets(actions)
+                if action is None:
+                    self.ns.run("nft", "flush", "chain", "inet", "pushfw", "input")
             case "ipset":
-                for name in ("drop4", "drop6", "accept4", "accept6"):
-                    self.ns.run("ipset", "flush", f"pushfw-{name}", check=False)
-            case _:
+                for name in actions:
+                    for version in (4, 6):
+                        self.ns.run("ipset", "flush", f"pushfw-{name}{version}", check=False)
+            case _ if action is None:
                 self.ns.run("iptables-legacy", "-F", "PUSHFW")
                 self.ns.run("ip6tables-legacy", "-F", "PUSHFW")
+            case _:
+                for (rule_action, net), _exp in self._iptables().items():
+                    if rule_action == action:
+                        self._delete_rule(net)
+
+    def _flush_nft_sets(self, actions: tuple[str, ...]) -> None:
+        listing = json.loads(self.ns.run("nft", "-j", "list", "sets", "inet").stdout)
+        for item in listing.get("nftables", []):
+            name = _NFT_SET.fullmatch(item["set"]["name"]) if "set" in item else None
+            if name and item["set"]["table"] == "pushfw" and name[1] in actions:
+                self.ns.run("nft", "flush", "set", "inet", "pushfw", item["set"]["name"])
+
+    def _delete_rule(self, net: str) -> None:
+        """``iptables -D`` of the managed rules of ``net`` that :meth:`flush` removes."""
+        v6 = ipaddress.ip_network(net).version == 6
+        tool = "ip6tables-legacy" if v6 else "iptables-legacy"
+        for line in chain_rules(self.ns, v6=v6):
+            words = shlex.split(line)
+            if "-j" not in words and _net(words[words.index("-s") + 1]) == net:
+                self.ns.run(tool, "-D", *words[1:])
 
     def wipe(self) -> None:
         """Empty the whole firewall, as a reboot does."""
@@ -183,8 +206,8 @@ def nft_list_entries(listing: str, name: str) -> list[str]:
 def ipset_list_entries(saved: str, name: str) -> list[str]:
     """What the kernel enforces for list ``name`` in ``ipset save``: the lists of one action
     share sets, so these are the entries of every loaded list of its action (its marker set
-    ``pushfw-m<a|d>-<name>`` says which): with one such list, its own."""
-    marker = re.search(rf"^create pushfw-m([ad])-{re.escape(name)} ", saved, re.MULTILINE)
+    ``pushfw-m<a|d|w>-<name>`` says which): with one such list, its own."""
+    marker = re.search(rf"^create pushfw-m([adw])-{re.escape(name)} ", saved, re.MULTILINE)
     found = []
     for line in saved.splitlines():
         parsed = _IPSET_LIST_LINE.match(line)

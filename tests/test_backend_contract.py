@@ -437,6 +437,59 @@ def test_intact_sees_what_a_hand_flush_or_an_uninstall_removed(subject: Subject)
     assert r[uninstalled] is False, "intact() missed the managed chain or sets being removed"
 
 
+def test_watch_rules_are_held_beside_accepts_and_drops_and_a_flush_is_seen(subject: Subject):
+    """Every backend holds watch (shadow) rules: one network may be watched and dropped at
+    once, both in the snapshot and the kernel; a hand flush takes the watches too."""
+    exp = now_ms() + 600_000
+    s = Script()
+    s("open")
+    s("add", "watch", "192.0.2.90")
+    s("add", "drop", "192.0.2.90")
+    s("add", "accept", "192.0.2.91")
+    s("add", "watch", "2001:db8::90", exp)
+    s("add", "watch", "198.51.100.0/24")
+    first = s("commit")
+    snap1, kern1 = s("snapshot"), s("kernel")
+    s("delete", "watch", "192.0.2.90")
+    s("add", "watch", "2001:db8::90")  # timed -> permanent
+    s("add", "accept", "198.51.100.7")
+    second = s("commit")
+    snap2, kern2 = s("snapshot"), s("kernel")
+    s("open@b")
+    reread = s("snapshot@b")
+    whole = s("intact")
+    s("flush", "watch")  # the watches alone
+    flushed = s("intact")
+    s("open")
+    after_open, kern3 = s("snapshot"), s("kernel")
+
+    r = subject.run(s)
+    assert r[first]["error"] is None and r[second]["error"] is None
+    assert r[snap1] == rules(
+        ["watch", "192.0.2.90/32", None],
+        ["drop", "192.0.2.90/32", None],
+        ["accept", "192.0.2.91/32", None],
+        ["watch", net("2001:db8::90"), exp],
+        ["watch", "198.51.100.0/24", None],
+    )
+    agrees(r[snap1], r[kern1])
+    want = rules(
+        ["drop", "192.0.2.90/32", None],
+        ["accept", "192.0.2.91/32", None],
+        ["watch", net("2001:db8::90"), None],
+        ["watch", "198.51.100.0/24", None],
+        ["accept", "198.51.100.7/32", None],
+    )
+    assert r[snap2] == want
+    agrees(r[snap2], r[kern2])
+    if subject.kernel:
+        assert r[reread] == want, "open() read another index than the kernel holds"
+        assert r[whole] is True
+        assert r[flushed] is False, "intact() missed a hand flush of the watch rules"
+        assert r[after_open] == [row for row in want if row[0] != "watch"]
+        agrees(r[after_open], r[kern3])
+
+
 FOREIGN: dict[str, list[list[str]]] = {  # rules and sets of someone else's, by tool
     "iptables": [
         ["iptables-legacy", "-A", "INPUT", "-s", "198.51.100.1", "-j", "DROP"],

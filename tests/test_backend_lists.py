@@ -357,23 +357,25 @@ def test_intact_sees_a_list_removed_by_hand(kernel_subject: Subject):
     assert r[repaired] is True
 
 
+@pytest.mark.parametrize("action", ["drop", "watch"])
 def test_a_list_emptied_by_hand_is_no_longer_held_but_one_a_change_emptied_is(
-    kernel_subject: Subject,
+    kernel_subject: Subject, action: str
 ):
     """An operator's flush leaves the sets (and rules) but no element: a list to load again.
-    A change that removes a family's last entries leaves an empty set too, rightly."""
+    A change that removes a family's last entries leaves an empty set too, rightly. So for
+    a watch (shadow) list, whose shared sets are its action's own."""
     if kernel_subject.name == "nftables":
-        flush = ["nft", "flush", "set", "inet", "pushfw", "lists_drop4_24"]
+        flush = ["nft", "flush", "set", "inet", "pushfw", f"lists_{action}4_24"]
     else:
-        flush = ["ipset", "flush", "pushfw-lists-d4"]
+        flush = ["ipset", "flush", f"pushfw-lists-{action[0]}4"]
     s = Script()
     s("open")
-    s("load", "bad", "drop", FIRST)
-    s("change", "bad", "drop", [], [e for e in FIRST if ":" in e])
+    s("load", "bad", action, FIRST)
+    s("change", "bad", action, [], [e for e in FIRST if ":" in e])
     quiet, held = s("intact"), s("names")
     s("shell", *flush)
     alarmed, missing = s("intact"), s("names")
-    ok_ = s("load", "bad", "drop", FIRST)
+    ok_ = s("load", "bad", action, FIRST)
     repaired, content_ = s("intact"), s("content", "bad")
 
     r = run(kernel_subject, s)

@@ -8,6 +8,7 @@ paths (:func:`request_from_record` is checked against :meth:`Request.from_entry`
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -172,6 +173,16 @@ ROWS: list[tuple[str, Policy, dict[str, str], Decision]] = [
             rule_key("drop", "127.0.0.1/32"),
             Status.REJECTED,
             "ip: 127.0.0.1/32 overlaps protected network 127.0.0.0/8",
+        ),
+    ),
+    (
+        "a backend that cannot hold an action refuses it by name",
+        replace(LAX, actions=frozenset({Action.ACCEPT, Action.DROP}), backend="bare"),
+        {"op": "watch.insert", "ip": "192.0.2.1"},
+        Delete(
+            rule_key("watch", "192.0.2.1/32"),
+            Status.REJECTED,
+            "action: the bare backend cannot watch",
         ),
     ),
 ]

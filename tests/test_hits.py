@@ -22,10 +22,17 @@ from typing import Any
 import redis
 
 from pushfw.producer import Action, Keys, Producer
-from pushfw.producer.records import RuleHits
-from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.producer.records import TOP_LIST_ENTRIES, ListHits, RuleHits
+from pushfw.worker.backends.base import ListCounters, Rule, RuleKey, list_counters_of
 from pushfw.worker.backends.memory import MemoryBackend
-from pushfw.worker.hits import EVERY_BEATS, HitsReader, busiest, publish_hits, totals
+from pushfw.worker.hits import (
+    EVERY_BEATS,
+    HitsReader,
+    busiest,
+    list_record,
+    publish_hits,
+    totals,
+)
 from pushfw.worker.metrics import Metrics
 from testbed.env import clean_env
 from testbed.kernel import Firewall, veth
@@ -106,7 +113,7 @@ EVERY_RULE = """
 import ipaddress, json, sys, time
 from pushfw.producer.contract import Action
 from pushfw.worker.backends import make_backend
-from pushfw.worker.backends.base import Rule, RuleKey
+from pushfw.worker.backends.base import ListCounters, Rule, RuleKey, list_counters_of
 
 backend = make_backend(sys.argv[1])
 backend.open()
@@ -227,6 +234,7 @@ def test_publishing_replaces_the_hosts_hash_and_list_sorts_across_hosts(
         "host": "db1",
         "action": "drop",
         "network": "192.0.2.1/32",
+        "list": None,  # a rule, not a list's entry
         "packets": 7,
         "bytes": 420,
         "read_at": "1970-01-01T00:00:02.000Z",
@@ -288,15 +296,64 @@ def test_past_hits_max_rules_the_counters_are_not_read_and_the_hash_goes(r: redi
     assert reader.publish(4_000) == 3 and read == [1], "back under the bound: read again"
 
 
-def test_top_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: Path):
-    proc = subprocess.run(
-        [*PUSHFW, "--redis-url", redis_server.url, "list", "--top", "3"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=30,
-    )
-    assert proc.returncode == 2 and "--top goes with --hits" in proc.stderr, proc.stderr
+class CountedLists:
+    """List counters as a set backend reports them (:class:`ListCounters`), without a kernel."""
+
+    def __init__(self, lists: dict[str, dict[str, tuple[int, int]]], entries: int) -> None:
+        self.lists, self.entries, self.reads = lists, entries, 0
+
+    def held_entries(self) -> int:
+        return self.entries
+
+    def list_hits(self) -> dict[str, dict[str, tuple[int, int]]]:
+        self.reads += 1
+        return self.lists
+
+
+def test_list_counters_are_published_beside_the_rules_and_bounded_apart(
+    r: redis.Redis, producer: Producer
+):
+    keys = Keys()
+    backend = CountingBackend({key("drop", "192.0.2.1"): (5, 300)})
+    backend.add(Rule(key("drop", "192.0.2.1")))
+    backend.commit()
+    lists = CountedLists({"level1": {"10.213.0.0/24": (11, 596)}, "quiet": {}}, entries=2)
+    assert isinstance(lists, ListCounters)
+    assert list_counters_of(MemoryBackend()) is None, "no kernel, no list counters"
+    metrics = Metrics()
+    reader = HitsReader(r, keys, "h1", backend, 0.2, metrics, max_rules=2, lists=lists)
+    assert reader.publish(1_000) == 1
+    assert producer.list_hits(["h1"]) == {
+        "h1": {
+            "level1": ListHits(
+                packets=11, bytes=596, ms=1_000, entries=[("10.213.0.0/24", 11, 596)]
+            ),
+            "quiet": ListHits(packets=0, bytes=0, ms=1_000),
+        }
+    }
+    assert metrics.list_hits_packets.labels("level1")._value.get() == 11
+
+    lists.entries = 3  # past the bound: the lists' counters go, the rules' stay
+    assert reader.publish(2_000) == 1 and lists.reads == 1
+    assert not r.exists(keys.list_hits("h1")) and r.hlen(keys.hits("h1")) == 1
+    lists.entries = 2
+    assert reader.publish(3_000) == 1 and lists.reads == 2
+    assert r.hlen(keys.list_hits("h1")) == 2
+
+    r.hset(keys.list_hits("h1"), "forged", '{"packets": -1, "bytes": 0, "ms": 0}')
+    assert set(producer.list_hits(["h1"])["h1"]) == {"level1", "quiet"}, "input, not truth"
+
+
+def test_top_or_list_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: Path):
+    for option, value in (("--top", "3"), ("--list", "level1")):
+        proc = subprocess.run(
+            [*PUSHFW, "--redis-url", redis_server.url, "list", option, value],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=30,
+        )
+        assert proc.returncode == 2 and f"{option} goes with --hits" in proc.stderr, proc.stderr
 
 
 def test_ipset_save_with_counters_is_parsed():
@@ -313,3 +370,12 @@ add pushfw-drop4 198.51.100.0/24 timeout 0
         Element(net("192.0.2.0/24"), 0, None, (0, 0)),
         Element(net("198.51.100.0/24"), 0, None, None),
     ]
+
+
+def test_a_list_record_sums_every_entry_and_keeps_only_the_busiest():
+    entries = {f"10.0.{i // 256}.{i % 256}/32": (i, i * 60) for i in range(1, 1001)}
+    record = list_record(entries, 5)
+    assert (record.packets, record.bytes, record.ms) == (500_500, 500_500 * 60, 5)
+    assert len(record.entries) == TOP_LIST_ENTRIES, "a large list costs Redis its top only"
+    assert record.entries[0] == ("10.0.3.232/32", 1000, 60_000)
+    assert [e[1] for e in record.entries] == list(range(1000, 1000 - TOP_LIST_ENTRIES, -1))

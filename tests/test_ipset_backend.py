@@ -23,7 +23,7 @@ from testbed.driver import Step, run, run_process
 from tests.conftest import Netns, need
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = {"pushfw-drop4", "pushfw-drop6", "pushfw-accept4", "pushfw-accept6"}
+SETS = {f"pushfw-{action}{v}" for action in ("watch", "accept", "drop") for v in (4, 6)}
 _SAVED = re.compile(
     r'add (\S+) (\S+)(?: timeout (\d+))?(?: packets \d+ bytes \d+)?(?: comment "([^"]*)")?'
 )
@@ -119,11 +119,13 @@ def test_add_delete_ipv6_network_and_rule_order(ns: Netns):
     assert ns.run("ipset", "test", "pushfw-drop6", "2001:db8:ffff::1", check=False).returncode == 0
 
     drive(ns, ["open"])  # opening again adds no second rule or jump
-    assert chain(ns) == [
+    assert chain(ns) == [  # watches first, with no target: they count, the chain goes on
+        "-A PUSHFW -m set --match-set pushfw-watch4 src",
         "-A PUSHFW -m set --match-set pushfw-accept4 src -j ACCEPT",
         "-A PUSHFW -m set --match-set pushfw-drop4 src -j DROP",
     ]
     assert chain(ns, v6=True) == [
+        "-A PUSHFW -m set --match-set pushfw-watch6 src",
         "-A PUSHFW -m set --match-set pushfw-accept6 src -j ACCEPT",
         "-A PUSHFW -m set --match-set pushfw-drop6 src -j DROP",
     ]
@@ -253,7 +255,7 @@ def test_maxelem_change_moves_the_elements(ns: Netns):
     low, high = timeout_between(exp, started)
     assert low <= after[("pushfw-drop4", "192.0.2.1/32")][0] <= high
     assert len(after) == 6
-    assert len(chain(ns)) == 2, "the rules matching the set survive the swap"
+    assert len(chain(ns)) == 3, "the rules matching the sets survive the swap"
 
     failed = drive_failing(ns, ["open"], maxelem=4)
     assert "PermanentBackendError" in failed and "is full" in failed, failed
@@ -265,15 +267,16 @@ def test_maxelem_change_moves_the_elements(ns: Netns):
 
 
 def _creation_order(name: str) -> int:
-    return ["pushfw-accept4", "pushfw-drop4", "pushfw-accept6", "pushfw-drop6"].index(name)
+    return [f"pushfw-{a}{v}" for v in (4, 6) for a in ("watch", "accept", "drop")].index(name)
 
 
 def test_foreign_rules_in_the_chain_are_left_alone(ns: Netns):
     drive(ns, ["open"])
-    ns.run("iptables-legacy", "-D", "PUSHFW", "1")  # our accept rule, removed by hand
+    ns.run("iptables-legacy", "-D", "PUSHFW", "2")  # our accept rule, removed by hand
     ns.run("iptables-legacy", "-I", "PUSHFW", "-s", "198.51.100.7", "-j", "DROP")
     drive(ns, ["open"])
     assert chain(ns) == [
+        "-A PUSHFW -m set --match-set pushfw-watch4 src",
         "-A PUSHFW -m set --match-set pushfw-accept4 src -j ACCEPT",
         "-A PUSHFW -m set --match-set pushfw-drop4 src -j DROP",
         "-A PUSHFW -s 198.51.100.7/32 -j DROP",

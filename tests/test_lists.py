@@ -342,15 +342,18 @@ def test_pushfw_import_and_lists_as_an_operator_uses_them(
         "ENTRIES",
         "VERSION",
         "HOSTS",
+        "HITS",
         "EXPIRES_IN",
         "TARGET",
         "SET_AT_UTC",
         "REASON",
     ]
-    assert row.split()[:5] == ["firehol_level1", "drop", "2", row.split()[3], "1/1"]
+    # HITS: no count read (the memory backend keeps none), not a count of 0
+    assert row.split()[:6] == ["firehol_level1", "drop", "2", row.split()[3], "1/1", "-"]
     assert "1d 23h" in row
     as_json = json.loads(pushfw("lists", "--json").stdout)
     assert as_json[0]["hosts"] == ["web1"] and len(as_json[0]["version"]) == 32
+    assert as_json[0]["hits"] is None and as_json[0]["hit_bytes"] is None
     [host] = json.loads(pushfw("status", "--json").stdout)
     assert host["lists"] == {
         "firehol_level1": {"version": as_json[0]["version"], "entries": 2, "refused": 0}

@@ -186,3 +186,28 @@ def test_operating_doc_lists_every_metric() -> None:
         suffix = "_total" if family.type == "counter" else ""
         names.add(family.name + suffix)
     assert {name for name in names if name.startswith("pushfw_")} == listed
+
+
+def test_list_hits_have_one_series_per_list_held_and_a_gone_list_loses_its_own() -> None:
+    metrics = Metrics()
+
+    def series() -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels["list"]): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name.startswith("pushfw_list_hits")
+        }
+
+    metrics.list_hits({"level1": (12, 640), "vpc": (3, 180)})
+    assert series() == {
+        ("pushfw_list_hits_packets", "level1"): 12,
+        ("pushfw_list_hits_bytes", "level1"): 640,
+        ("pushfw_list_hits_packets", "vpc"): 3,
+        ("pushfw_list_hits_bytes", "vpc"): 180,
+    }
+    metrics.list_hits({"vpc": (5, 300)})  # level1 removed from the host
+    assert series() == {
+        ("pushfw_list_hits_packets", "vpc"): 5,
+        ("pushfw_list_hits_bytes", "vpc"): 300,
+    }

@@ -76,7 +76,7 @@ def test_list_filters_select_what_an_operator_names(
     mixed = pushfw("list", "--hits", "--origin", "crowdsec")
     assert (mixed.returncode, mixed.stderr) == (
         2,
-        "pushfw: the filters go without --hits (--host and --top go with it)\n",
+        "pushfw: the filters go without --hits (--host, --top and --list go with it)\n",
     )
 
 

@@ -290,9 +290,7 @@ def decide(
 
 def cannot_hold(action: Action, policy: Policy) -> str:
     """Why this host refuses every rule or list of ``action``."""
-    return (
-        f"action: the {policy.backend or 'configured'} backend cannot {action.value} (nftables can)"
-    )
+    return f"action: the {policy.backend or 'configured'} backend cannot {action.value}"
 
 
 def _authentic(request: Request, policy: Policy) -> Report | None:

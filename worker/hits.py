@@ -1,12 +1,17 @@
-"""Hit counters: how many packets and bytes each managed rule matched, read once a minute.
+"""Hit counters: how many packets and bytes each managed rule and list entry matched, read
+once a minute.
 
 Every kernel backend counts per rule; :meth:`Backend.hits` reads them in one dump that
 holds the worker's loop in proportion to the rules. So the worker reads them every
 :data:`EVERY_BEATS` heartbeat intervals (no knob that only tests use), publishes the
 :data:`TOP_RULES` busiest in ``{pushfw}:hits:<host>`` (replaced whole in one ``MULTI``),
-and :class:`HitsReader` keeps a reading from holding a timed rule past its expiry (I5): it
-waits for a gap between expiries, spaces readings out past :data:`MAX_SHARE` of the loop's
-time, and stops past ``hits_max_rules``. What a reading costs: docs/benchmarks.md,
+and, on a backend whose lists count per entry (:class:`.ListCounters`), each list's sums
+and its :data:`~pushfw.producer.records.TOP_LIST_ENTRIES` busiest entries in
+``{pushfw}:list-hits:<host>`` in the same ``MULTI``; the lists' dump is part of the same
+reading, so the pacing below covers it. And :class:`HitsReader` keeps a reading from
+holding a timed rule past its expiry (I5): it waits for a gap between expiries, spaces
+readings out past :data:`MAX_SHARE` of the loop's time, and stops past ``hits_max_rules``
+(rules, and apart from them list entries). What a reading costs: docs/benchmarks.md,
 "Measurements behind the code".
 """
 
@@ -23,8 +28,8 @@ import redis
 from pushfw.producer.connection import untyped
 from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
-from pushfw.producer.records import RuleHits
-from pushfw.worker.backends.base import Backend, RuleKey
+from pushfw.producer.records import TOP_LIST_ENTRIES, ListHits, RuleHits
+from pushfw.worker.backends.base import Backend, EntryHits, ListCounters, RuleKey
 from pushfw.worker.errors import TransientBackendError
 from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.metrics import Metrics
@@ -63,6 +68,19 @@ def totals(hits: Hits) -> dict[Action, tuple[int, int]]:
     return sums
 
 
+def list_record(entries: EntryHits, now_ms: int) -> ListHits:
+    """One list's sums over every entry that matched, and its busiest entries."""
+    top = heapq.nsmallest(
+        TOP_LIST_ENTRIES, entries.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0])
+    )
+    return ListHits(
+        packets=sum(p for p, _ in entries.values()),
+        bytes=sum(b for _, b in entries.values()),
+        ms=now_ms,
+        entries=[(entry, p, b) for entry, (p, b) in top],
+    )
+
+
 def publish_hits(
     client: redis.Redis,
     keys: Keys,
@@ -71,6 +89,8 @@ def publish_hits(
     now_ms: int,
     metrics: Metrics | None = None,
     kernel: Callable[[], AbstractContextManager[None]] = nullcontext,
+    lists: ListCounters | None = None,
+    rules: bool = True,
 ) -> int | None:
     """Read the backend's hit counters and replace this host's hash with the busiest rules.
 
@@ -82,6 +102,8 @@ def publish_hits(
         now_ms: Redis's clock now, stored with every count.
         metrics: gets the sums per action and the reading's duration.
         kernel: a section the worker's expiry alarm must not interrupt (the kernel read).
+        lists: the backend's list counters, read too (their hash is replaced whole).
+        rules: read the rules' counters (else their hash goes, not left to age).
 
     Returns:
         How many rules were published; None when the kernel was busy (read next time).
@@ -93,7 +115,8 @@ def publish_hits(
     started = time.monotonic()
     try:
         with kernel():
-            hits = backend.hits()
+            hits = backend.hits() if rules else {}
+            per_list = lists.list_hits() if lists is not None else {}
     except TransientBackendError as exc:
         logger.debug("hit counters not read (%s); next reading in one interval", exc)
         return None
@@ -104,12 +127,17 @@ def publish_hits(
         for key, (packets, octets) in top
     }
     pipe = client.pipeline(transaction=True)  # one key: also fine on a cluster slot
-    pipe.delete(keys.hits(host))
+    pipe.delete(keys.hits(host), keys.list_hits(host))
     if fields:
         untyped(pipe).hset(keys.hits(host), mapping=fields)
+    records = {name: list_record(entries, now_ms) for name, entries in per_list.items()}
+    if records:
+        mapping = {name: record.model_dump_json() for name, record in records.items()}
+        untyped(pipe).hset(keys.list_hits(host), mapping=mapping)
     pipe.execute()
     if metrics is not None:
-        metrics.hits(totals(hits), seconds)
+        metrics.hits(totals(hits) if rules else None, seconds)
+        metrics.list_hits({name: (r.packets, r.bytes) for name, r in records.items()})
     logger.debug(
         "hit counters of %d rules read in %.3f s; %d published", len(hits), seconds, len(fields)
     )
@@ -127,7 +155,9 @@ class HitsReader:
         interval_s: seconds between readings (:func:`interval_s`), at least.
         metrics: the worker's metrics.
         kernel: a section the worker's expiry alarm must not interrupt.
-        max_rules: past this many rules the counters are not read (``hits_max_rules``).
+        max_rules: past this many rules the counters are not read (``hits_max_rules``);
+            past this many list entries, the lists' counters are not.
+        lists: the backend's per-entry list counters (:func:`.list_counters_of`), if any.
     """
 
     def __init__(
@@ -140,8 +170,10 @@ class HitsReader:
         metrics: Metrics | None = None,
         kernel: Callable[[], AbstractContextManager[None]] = nullcontext,
         max_rules: int = 100_000,
+        lists: ListCounters | None = None,
     ) -> None:
         self.client, self.keys, self.host, self.backend = client, keys, host, backend
+        self.lists = lists
         self.every_s = interval_s
         self.max_rules = max_rules
         self._skipping = False
@@ -168,24 +200,38 @@ class HitsReader:
 
     def publish(self, now_ms: int) -> int | None:
         """Read and publish now (see :func:`publish_hits`), unless the backend holds more
-        than ``max_rules``: then None, and the host's hash is removed, not left to age."""
+        than ``max_rules``: then None, and the host's hash is removed, not left to age (so
+        for the lists' counters past ``max_rules`` list entries)."""
         rules = len(self.backend.committed())
-        if rules > self.max_rules:
-            if not self._skipping:
-                logger.info(
-                    "hit counters are not read at %d rules (hits_max_rules %d)",
-                    rules,
-                    self.max_rules,
-                )
-                self.client.delete(self.keys.hits(self.host))
-                self._skipping = True
+        entries = 0 if self.lists is None else self.lists.held_entries()
+        read_rules = rules <= self.max_rules
+        lists = self.lists if entries <= self.max_rules else None
+        skipping = not read_rules or lists is not self.lists
+        if skipping and not self._skipping:
+            logger.info(
+                "hit counters are not read at %d rules or %d list entries (hits_max_rules %d)",
+                rules,
+                entries,
+                self.max_rules,
+            )
+        self._skipping = skipping
+        if not read_rules and lists is None:
+            self.client.delete(self.keys.hits(self.host), self.keys.list_hits(self.host))
             return None
-        self._skipping = False
         started = time.monotonic()
         try:
-            return publish_hits(
-                self.client, self.keys, self.host, self.backend, now_ms, self.metrics, self.kernel
+            published = publish_hits(
+                self.client,
+                self.keys,
+                self.host,
+                self.backend,
+                now_ms,
+                self.metrics,
+                self.kernel,
+                lists,
+                rules=read_rules,
             )
+            return published if read_rules else None
         finally:
             self.read_s = time.monotonic() - started
             self._waiting_since = None

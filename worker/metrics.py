@@ -173,6 +173,20 @@ class Metrics:
             "Time the last reading of the kernel's hit counters took (one dump of every rule).",
             registry=reg,
         )
+        self.list_hits_packets = Gauge(
+            "pushfw_list_hits_packets",
+            "Packets a named list's entries matched, by list (kernel counters, read with the "
+            "rules'; an entry two lists of one action hold counts in both).",
+            ["list"],
+            registry=reg,
+        )
+        self.list_hits_bytes = Gauge(
+            "pushfw_list_hits_bytes",
+            "Bytes a named list's entries matched, by list (as pushfw_list_hits_packets).",
+            ["list"],
+            registry=reg,
+        )
+        self._hit_lists: set[str] = set()
         self.ledger_lost = Gauge(
             "pushfw_ledger_lost",
             "1 while the ledger is not the one this host converged with (Redis lost its data; "
@@ -252,12 +266,24 @@ class Metrics:
             self.list_refused.labels(name).set(held.refused)
         self._lists = set(lists)
 
-    def hits(self, totals: Mapping[Action, tuple[int, int]], seconds: float) -> None:
-        """One reading of the hit counters: (packets, bytes) per action, and its duration."""
-        for action, (packets, octets) in totals.items():
+    def hits(self, totals: Mapping[Action, tuple[int, int]] | None, seconds: float) -> None:
+        """One reading of the hit counters: (packets, bytes) per action (None: the rules'
+        were not read), and its duration."""
+        for action, (packets, octets) in (totals or {}).items():
             self.rule_hits_packets.labels(action.value).set(packets)
             self.rule_hits_bytes.labels(action.value).set(octets)
         self.rule_hits_read_seconds.set(seconds)
+
+    def list_hits(self, lists: Mapping[str, tuple[int, int]]) -> None:
+        """(packets, bytes) per list at one reading; a list no longer read loses its series
+        (at most ``max_lists`` series each)."""
+        for name in self._hit_lists - lists.keys():
+            self.list_hits_packets.remove(name)
+            self.list_hits_bytes.remove(name)
+        for name, (packets, octets) in lists.items():
+            self.list_hits_packets.labels(name).set(packets)
+            self.list_hits_bytes.labels(name).set(octets)
+        self._hit_lists = set(lists)
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve ``/metrics`` from a daemon thread; returns the bound address (port 0 works)."""

@@ -323,7 +323,8 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="most managed rules at which per-rule hit counters are still read (once a "
         "minute, for `pushfw list --hits`); past it they are not, since one reading lists "
-        "every element and a million took seconds and a gigabyte; 0: never read them",
+        "every element and a million took seconds and a gigabyte; so for the entries of the "
+        "named lists, counted apart (`pushfw lists` HITS); 0: never read them",
     )
     expiry_events: bool = Field(
         default=True,

@@ -305,3 +305,38 @@ class ListBackend(Protocol):
 def lists_of(backend: Backend) -> ListBackend | None:
     """The backend's list capability, or None when it keeps no sets (iptables)."""
     return backend if isinstance(backend, ListBackend) else None
+
+
+EntryHits = dict[str, tuple[int, int]]
+"""A list's entries that matched packets: CIDR -> (packets, bytes)."""
+
+
+@runtime_checkable
+class ListCounters(Protocol):
+    """A list backend whose kernel counts each list entry's packets (nftables and ipset:
+    their shared list sets carry a counter per element). Optional, as :class:`ListBackend`:
+    ask :func:`list_counters_of` once, where the hits reader is built.
+    """
+
+    def held_entries(self) -> int:
+        """How many entries the lists loaded since this start hold (overlaps counted per
+        list): what a reading of :meth:`list_hits` costs grows with it."""
+        ...
+
+    def list_hits(self) -> dict[str, EntryHits]:
+        """Per list loaded since this start, the counters of its entries that matched.
+
+        Read in one dump of the lists' shared sets, so, as :meth:`Backend.hits`, its cost
+        grows with the entries held: the worker reads it with the rules' counters, on the
+        same schedule. The lists of one action share one kernel element per entry, so an
+        entry two lists hold counts for both. Entries that matched nothing are left out.
+
+        Raises:
+            BackendError: the kernel could not be read.
+        """
+        ...
+
+
+def list_counters_of(backend: Backend) -> ListCounters | None:
+    """The backend's per-entry list counters, or None when it keeps none (iptables, memory)."""
+    return backend if isinstance(backend, ListCounters) else None

@@ -2,7 +2,8 @@
 
 One ``hash:net`` set per action and family, with kernel timeouts, counters and each timed
 rule's exact expiry as a comment (so the index can be rebuilt from the kernel); the managed
-chain matches the accept sets before the drop sets. Each batch is one ``ipset -exist
+chain matches the watch sets (a rule with no target: it counts, and the chain goes on), then
+the accept sets, then the drop sets. Each batch is one ``ipset -exist
 restore`` fed on stdin, never a shell, undone by a second restore if the kernel refuses a
 line. Named lists of one action share one set per family (:mod:`.union`). The layout and why:
 docs/internals.md, "Kernel layouts".
@@ -51,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 _RESIZE_SUFFIX = "-resize"
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+")
-_TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
+_TARGETS = {Action.WATCH: "", Action.ACCEPT: "ACCEPT", Action.DROP: "DROP"}
+"""Each action's match rule target, in the chain's order; a watch's has none."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,9 @@ class _Set:
 
 
 class IpsetBackend(IpsetLists, IndexedBackend):
-    """Four ``hash:net`` sets matched from the managed chain; one ``ipset restore`` per batch."""
+    """Six ``hash:net`` sets matched from the managed chain; one ``ipset restore`` per batch."""
 
     name = "ipset"
-    actions = frozenset({Action.ACCEPT, Action.DROP})  # no watch (shadow) rules yet
 
     def __init__(
         self,
@@ -109,7 +110,7 @@ class IpsetBackend(IpsetLists, IndexedBackend):
         self._sets = {
             (action, version): _Set(f"{set_prefix}-{action.value}{version}", action, version)
             for version in (4, 6)
-            for action in (Action.ACCEPT, Action.DROP)
+            for action in _TARGETS
         }
         self._counts = dict.fromkeys((s.name for s in self._sets.values()), 0)
         self._chain_entries: dict[int, int | None] = {}
@@ -117,11 +118,14 @@ class IpsetBackend(IpsetLists, IndexedBackend):
             rf"{re.escape(set_prefix)}-(?P<action>[ad])(?P<version>[46])(?P<temp>[-+])"
             rf"(?P<name>{LIST_NAME})"
         )
-        self._mark = re.compile(rf"{re.escape(set_prefix)}-m(?P<action>[ad])-(?P<name>{LIST_NAME})")
+        self._mark = re.compile(
+            rf"{re.escape(set_prefix)}-m(?P<action>[{''.join(LIST_ACTIONS.values())}])-"
+            rf"(?P<name>{LIST_NAME})"
+        )
         self._lists_sets = {
             (action, version): f"{set_prefix}-lists-{LIST_ACTIONS[action]}{version}"
             for version in (4, 6)
-            for action in (Action.ACCEPT, Action.DROP)
+            for action in LIST_ACTIONS
         }
         """Per action and family, the ``hash:net`` set the lists of that action share."""
         self._forget_lists()
@@ -152,7 +156,7 @@ class IpsetBackend(IpsetLists, IndexedBackend):
                 self._run("-exist", "destroy", name)
         self._index = self._read_index()
         logger.info(
-            "ipset sets %s-{accept,drop}{4,6} ready in chain %s: %d rules",
+            "ipset sets %s-{watch,accept,drop}{4,6} ready in chain %s: %d rules",
             self.set_prefix,
             self.chain,
             len(self._index),
@@ -247,10 +251,10 @@ class IpsetBackend(IpsetLists, IndexedBackend):
         return None
 
     def _wanted_rules(self, version: int, present: set[str]) -> list[str]:
-        """The sets the chain matches, in order: accepts (set, then lists), then drops. The
-        lists of an action are matched by one rule, present while there is such a list."""
+        """The sets the chain matches, in order: watches (set, then lists), accepts, drops.
+        The lists of an action are matched by one rule, present while there is such a list."""
         wanted: list[str] = []
-        for action in (Action.ACCEPT, Action.DROP):
+        for action in _TARGETS:
             wanted.append(self._sets[(action, version)].name)
             lists_set = self._lists_sets[(action, version)]
             if action in self._marks.values() and lists_set in present:

@@ -19,8 +19,8 @@ from itertools import chain
 
 from pushfw.producer.contract import Action
 from pushfw.worker.backends.base import BlockList
-from pushfw.worker.backends.entries import list_entries
-from pushfw.worker.backends.ipset_cmd import FAMILIES, SET_NAME_MAX, kernel_timeout_s
+from pushfw.worker.backends.entries import gc_paused, list_entries
+from pushfw.worker.backends.ipset_cmd import FAMILIES, SET_NAME_MAX, kernel_timeout_s, parse_save
 from pushfw.worker.backends.union import (
     ABSENT,
     Group,
@@ -36,8 +36,9 @@ from pushfw.worker.errors import BackendError, PermanentBackendError
 
 logger = logging.getLogger(__name__)
 
-LIST_ACTIONS = {Action.ACCEPT: "a", Action.DROP: "d"}
-"""The actions with shared sets: no watch (the gate refuses it on an ipset host)."""
+LIST_ACTIONS = {Action.WATCH: "w", Action.ACCEPT: "a", Action.DROP: "d"}
+"""Each action's letter in its shared sets' and markers' names."""
+_LETTERS = {letter: action for action, letter in LIST_ACTIONS.items()}
 LIST_NAME = r"[a-z][a-z0-9_]{0,15}"
 LIST_MAXELEM_MIN = 65536
 
@@ -76,6 +77,25 @@ class IpsetLists(SharedLists):
     def _write_rules(self, warn: bool = False) -> None:
         """The managed chain's rules matching the sets, written again."""
 
+    def _element_counters(self) -> Iterator[tuple[Action, Group, bytes, int, int]]:
+        """One ``ipset save`` per live shared set; elements that matched nothing are skipped."""
+        live = set(self._marks.values())
+        for (action, version), set_name in sorted(self._lists_sets.items()):
+            if action not in live:
+                continue
+            # most entries of a large list match nothing: skip their lines before parsing
+            lines = self._run("save", set_name).splitlines()
+            saved = "\n".join(line for line in lines if " packets 0 " not in line)
+            with gc_paused():
+                counted = [
+                    (e.network, e.counters)
+                    for e in parse_save(saved, set_name, version)
+                    if e.counters is not None and e.counters[0]
+                ]
+            for net, (packets, octets) in counted:
+                group = (version, net.prefixlen)
+                yield action, group, net.network_address.packed, packets, octets
+
     list_chunk = 50_000
     """A change of more elements refills the action's shared sets (a temporary set filled
     in one streamed restore, then swapped in) instead of adding and deleting in place."""
@@ -94,7 +114,7 @@ class IpsetLists(SharedLists):
 
     def _marks_in(self, set_names: Iterable[str]) -> dict[str, Action]:
         found = (self._mark.fullmatch(n) for n in set_names)
-        return {p["name"]: Action.ACCEPT if p["action"] == "a" else Action.DROP for p in found if p}
+        return {p["name"]: _LETTERS[p["action"]] for p in found if p}
 
     def list_names(self) -> set[str]:
         """The lists whose marker set exists, less those with entries in a shared set that

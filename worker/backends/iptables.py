@@ -2,9 +2,11 @@
 
 Each family (IPv4, IPv6) has a chain of pushfw's own in the filter table, jumped to once
 from each hook chain. Accept rules sit at the top of the chain and drop rules below them,
-so an allow always wins over a ban. Each rule carries a comment (``pushfw`` or
-``pushfw exp=<ms>``) so the index, and timed rules' expiry, can be rebuilt from the kernel
-after a restart. libiptc writes the legacy x_tables; all calls happen on one thread.
+so an allow always wins over a ban; watch rules (shadow mode) sit above both, with no
+target, so they count every packet and evaluation goes on. Each rule carries a comment
+(``pushfw`` or ``pushfw exp=<ms>``) so the index, and timed rules' expiry, can be rebuilt
+from the kernel after a restart. libiptc writes the legacy x_tables; all calls happen on
+one thread.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from pushfw.worker.errors import BackendError
 logger = logging.getLogger(__name__)
 
 COMMENT = "pushfw"
+_TARGETS = {Action.ACCEPT: "ACCEPT", Action.DROP: "DROP", Action.WATCH: ""}
+"""The target of each action's rules; a watch has none: it counts and the chain goes on."""
+_ACTIONS = {target: action for action, target in _TARGETS.items()}
 
 
 def _comment(rule: Rule) -> str:
@@ -62,7 +67,7 @@ class _RuleCodec:
 
     python-iptables' Rule objects cost about 0.3 ms each to build and compare, which made
     a batch of 2,500 expiries on a 10k-rule chain take over a second. Our rules have one
-    shape (source, comment, ACCEPT/DROP), so a template built once by python-iptables is
+    shape (source, comment, ACCEPT/DROP/no target), so a template built once by python-iptables is
     patched per rule instead; the offsets are checked against python-iptables at start.
     """
 
@@ -87,7 +92,7 @@ class _RuleCodec:
         ipt_rule.src = src
         match = ipt_rule.create_match("comment")
         match.comment = comment
-        ipt_rule.create_target("ACCEPT" if action is Action.ACCEPT else "DROP")
+        ipt_rule.create_target(_TARGETS[action])
         return ipt_rule
 
     def _check(self, iptc: Any, probe: str) -> None:
@@ -109,9 +114,11 @@ class _RuleCodec:
     def mask(self, action: Action) -> Any:
         return self._masks[action]
 
-    def decode(self, raw: bytes, target: str) -> Rule | None:
-        """Our rule in ``raw``, or None for a rule pushfw did not write."""
-        if target not in ("ACCEPT", "DROP") or len(raw) != len(self._templates[Action.DROP]):
+    def decode(self, raw: bytes, target: bytes | None) -> Rule | None:
+        """Our rule in ``raw`` (``target``: libiptc's name of its target, b"" for none), or
+        None for a rule pushfw did not write."""
+        action = _ACTIONS.get(target.decode()) if isinstance(target, bytes) else None
+        if action is None or len(raw) != len(self._templates[action]):
             return None
         managed, expires_ms = _parse_comment(raw[self._comment].split(b"\0", 1)[0].decode())
         if not managed:
@@ -119,7 +126,6 @@ class _RuleCodec:
         cls = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
         address = int.from_bytes(raw[self._src], "big")
         prefix = bin(int.from_bytes(raw[self._smsk], "big")).count("1")
-        action = Action.ACCEPT if target == "ACCEPT" else Action.DROP
         key = RuleKey(action, cls((address, prefix)))
         return Rule(key, expires_ms)
 
@@ -135,6 +141,8 @@ class _Family:
     """How many of the backend's index entries are of this family."""
     extra: int = 0
     """Entries of the chain beyond the index (rules pushfw did not write, duplicates)."""
+    watches: int = 0
+    """How many of this family's rules are watches: the chain's top, above the accepts."""
 
     def table(self) -> Any:
         return filter_table(self.iptc, self.version)
@@ -144,7 +152,6 @@ class IptablesBackend(IndexedBackend):
     """Managed chains in the legacy filter table, one commit per family and batch."""
 
     name = "iptables"
-    actions = frozenset({Action.ACCEPT, Action.DROP})  # no watch (shadow) rules yet
 
     def __init__(
         self,
@@ -183,6 +190,7 @@ class IptablesBackend(IndexedBackend):
             for key, rule in found.items():
                 self._index[key] = rule
             fam.size = len(found)
+            fam.watches = sum(key.action is Action.WATCH for key in found)
         logger.info(
             "iptables chains ready: %s rules (IPv4 %d, IPv6 %d)",
             self.chain,
@@ -201,7 +209,7 @@ class IptablesBackend(IndexedBackend):
             entries += 1
             raw = ctypes.string_at(ctypes.addressof(entry), entry.next_offset)
             target = table.get_target(entry)
-            rule = fam.codec.decode(raw, target.decode() if isinstance(target, bytes) else "")
+            rule = fam.codec.decode(raw, target)
             if rule is None:
                 foreign += 1
             else:
@@ -238,7 +246,7 @@ class IptablesBackend(IndexedBackend):
             while entry:
                 raw = ctypes.string_at(ctypes.addressof(entry), entry.next_offset)
                 target = table.get_target(entry)
-                rule = fam.codec.decode(raw, target.decode() if isinstance(target, bytes) else "")
+                rule = fam.codec.decode(raw, target)
                 if rule is not None:  # a duplicate entry of one rule adds to its counts
                     packets, octets = found.get(rule.key, (0, 0))
                     counters = entry.counters
@@ -277,9 +285,10 @@ class IptablesBackend(IndexedBackend):
                 else:
                     self._index[key] = old
             raise
-        fam.size += sum(
-            (key in self._index) - (old is not None) for key, old in _first_of_each(undo)
-        )
+        for key, old in _first_of_each(undo):
+            change = (key in self._index) - (old is not None)
+            fam.size += change
+            fam.watches += change if key.action is Action.WATCH else 0
 
     def _stage_entries(
         self,
@@ -289,18 +298,30 @@ class IptablesBackend(IndexedBackend):
         undo: list[tuple[RuleKey, Rule | None]],
     ) -> None:
         codec = fam.codec
+        watches = fam.watches
         for key, rule in staged:
             old = self._index.pop(key, None)
             undo.append((key, old))
             if old is not None:
+                watches -= key.action is Action.WATCH
                 with contextlib.suppress(self._iptc.IPTCError):
                     table.delete_entry(self.chain, codec.encode(old), codec.mask(old.key.action))
             if rule is not None:
-                if rule.key.action is Action.ACCEPT:
-                    table.insert_entry(self.chain, codec.encode(rule), 0)
-                else:
+                if rule.key.action is Action.DROP:
                     table.append_entry(self.chain, codec.encode(rule))
+                elif rule.key.action is Action.WATCH:
+                    table.insert_entry(self.chain, codec.encode(rule), 0)
+                    watches += 1
+                else:
+                    self._insert_accept(table, codec.encode(rule), watches)
                 self._index[rule.key] = rule
+
+    def _insert_accept(self, table: Any, entry: Any, watches: int) -> None:
+        """An accept goes below the watches (they count every packet) and above the drops."""
+        try:
+            table.insert_entry(self.chain, entry, watches)
+        except self._iptc.IPTCError:  # fewer entries than watches: flushed by hand
+            table.insert_entry(self.chain, entry, 0)
 
     def _commit_table(self, table: Any) -> None:
         commit_table(self._iptc, table)
@@ -318,7 +339,7 @@ class IptablesBackend(IndexedBackend):
                 if remove_chain(self._iptc, table, self.chain, self.hooks):
                     found.append(f"IPv{fam.version}")
                 self._commit_table(table)
-            fam.size = 0
+            fam.size = fam.watches = 0
         self._index.clear()
         return chain_removed(self.chain, found)
 

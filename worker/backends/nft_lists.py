@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pushfw.producer.contract import Action
@@ -195,6 +195,22 @@ class NftLists(SharedLists):
             for action, group in sorted(wanted & self._live_groups())
             if self._empty(union_set_name(action, *group, self._slot[action]))
         }
+
+    def _element_counters(self) -> Iterator[tuple[Action, Group, bytes, int, int]]:
+        """One listing per live shared set; elements that matched nothing are skipped."""
+        for action, group in sorted(self._live_groups()):
+            name = union_set_name(action, *group, self._slot[action])
+            listing = self._run([{"list": {"set": self._t(name=name)}}]) or {}
+            family = socket.AF_INET if group[0] == 4 else socket.AF_INET6
+            for item in listing.get("nftables", []):
+                for raw in item.get("set", {}).get("elem", []):
+                    elem = raw.get("elem") if isinstance(raw, dict) else None
+                    if not isinstance(elem, dict):
+                        continue  # an element without a counter, in JSON a bare address
+                    counter = elem.get("counter")
+                    if isinstance(counter, dict) and counter.get("packets"):
+                        key = socket.inet_pton(family, str(elem["val"]))
+                        yield action, group, key, int(counter["packets"]), int(counter["bytes"])
 
     def _live_groups(self) -> set[tuple[Action, Group]]:
         return {(a, g) for a, groups in self._union.items() for g in groups}

@@ -11,7 +11,9 @@ no dict or set of a million objects is ever built.
 from __future__ import annotations
 
 import abc
+import bisect
 import heapq
+import ipaddress
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -86,12 +88,41 @@ class SharedLists:
             return
         self._change(name, {n: h for n, h in self._held.items() if n != name}, None, None)
 
+    @abc.abstractmethod
+    def _element_counters(self) -> Iterator[tuple[Action, Group, bytes, int, int]]:
+        """Each element of the live shared sets that matched packets: (action, group,
+        packed address, packets, bytes), read from the kernel."""
+
+    def held_entries(self) -> int:
+        """How many entries the lists loaded since this start hold."""
+        return sum(held.size() for held in self._held.values())
+
+    def list_hits(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Each loaded list's entries that matched, found by a binary search of its sorted
+        entries per counted element: the cost is the kernel's dump, not the lists' size."""
+        found: dict[str, dict[str, tuple[int, int]]] = {name: {} for name in self._held}
+        for action, group, key, packets, octets in self._element_counters():
+            entry = ""
+            for name, held in self._held.items():
+                packed = held.groups.get(group) if held.action is action else None
+                if packed is not None and _holds(packed, _WIDTH[group[0]], key):
+                    entry = entry or f"{ipaddress.ip_address(key)}/{group[1]}"
+                    found[name][entry] = (packets, octets)
+        return found
+
     def _marks_after(self, name: str, action: Action | None) -> dict[str, Action]:
         """The markers once list ``name`` is of ``action`` (None: removed)."""
         marks = {n: a for n, a in self._marks.items() if n != name}
         if action is not None:
             marks[name] = action
         return marks
+
+
+def _holds(packed: bytes, width: int, key: bytes) -> bool:
+    """Is ``key`` among the sorted packed addresses?"""
+    count = len(packed) // width
+    at = bisect.bisect_left(range(count), key, key=lambda i: packed[i * width : (i + 1) * width])
+    return at < count and packed[at * width : (at + 1) * width] == key
 
 
 def _sorted(packed: bytes, width: int) -> bytes:
