@@ -246,19 +246,18 @@ def _list_row(
     """One row of ``pushfw lists``: HOSTS counts the live hosts it targets that hold its
     version (JSON: names them); HITS sums ``hits``."""
     reached = [h for h in live if reaches(rec.target, h)]
-    holding = sorted(
-        h.host for h in reached if (held := h.lists.get(rec.name)) and held.version == rec.version
-    )
+    holding = sorted(h.host for h in reached if _holds(h, rec))
+    packets = sum(h.packets for h in hits) if hits else None
     row: dict[str, object] = {"name": rec.name, "action": rec.action, "entries": rec.size}
     if json_out:
         row["version"] = rec.version
         row["hosts"] = holding
-        row["hits"] = sum(h.packets for h in hits) if hits else None
+        row["hits"] = packets
         row["hit_bytes"] = sum(h.bytes for h in hits) if hits else None
     else:
         row["version"] = rec.version[:12]
         row["hosts"] = f"{len(holding)}/{len(reached)}"
-        row["hits"] = sum(h.packets for h in hits) if hits else "-"
+        row["hits"] = "-" if packets is None else packets
     return row | {
         "expires_in": expires_in(rec.expires_ms, now_ms, json_out),
         "expires_at": rec.expires_ms,
@@ -266,6 +265,12 @@ def _list_row(
         "set_at": entry_ms(rec.id),
         "reason": rec.reason,
     }
+
+
+def _holds(host: HostStatus, rec: ListRecord) -> bool:
+    """The host's heartbeat says it holds the list's current version."""
+    held = host.lists.get(rec.name)
+    return held is not None and held.version == rec.version
 
 
 @lists_group.command(name="remove")
