@@ -133,18 +133,21 @@ def _warn_ahead(producer: Producer) -> None:
         )
 
 
-_RESULT_COLUMNS = ["time", "host", "status", "cmd", "request_id", "detail"]
-_ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
-
-
-@click.command()
-@click.option(
+_newest = click.option(
     "--count",
     default=20,
     show_default=True,
     type=click.IntRange(1, 100_000),
     help="Newest entries shown.",
 )
+"""``--count`` of ``results`` and ``dead``."""
+
+_RESULT_COLUMNS = ["time", "host", "status", "cmd", "request_id", "detail"]
+_ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
+@click.command()
+@_newest
 @click.option("--cmd", "cmd_id", default=None, help="Only results of this command id.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
@@ -175,13 +178,7 @@ def results(producer: Producer, count: int, cmd_id: str | None, json_out: bool) 
 
 
 @click.command()
-@click.option(
-    "--count",
-    default=20,
-    show_default=True,
-    type=click.IntRange(1, 100_000),
-    help="Newest entries shown.",
-)
+@_newest
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def dead(producer: Producer, count: int, json_out: bool) -> None:
