@@ -10,17 +10,13 @@ from importlib.metadata import version
 import redis
 
 from pushfw.producer import Keys, Producer
+from pushfw.producer.connection import redis_ms
 from pushfw.producer.records import HostStatus
 from testbed.env import clean_env
 from tests.conftest import RedisServer, Run, memory_worker, run_pushfw, wait_for
 from tests.test_metrics import build, running, scrape, value
 
 KEYS = Keys()
-
-
-def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def beat(r: redis.Redis, host: str, **fields: object) -> None:
