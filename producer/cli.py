@@ -1006,6 +1006,8 @@ def status(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[s
         return
     for h in hosts:
         silent_ms = now_ms - h.last_seen_ms
+        # a worker that stopped or went silent was up until its last heartbeat, not until now
+        up_ms = (now_ms if is_live(h, now_ms) else h.last_seen_ms) - h.started_ms
         rows.append(
             {
                 "host": h.host,
@@ -1019,9 +1021,7 @@ def status(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[s
                 "backend": h.backend,
                 "labels": ",".join(h.labels) if not json_out else h.labels,
                 "version": h.version,
-                "up": _span(now_ms - h.started_ms)
-                if not json_out
-                else max(0, now_ms - h.started_ms) // 1000,
+                "up": _span(up_ms) if not json_out else max(0, up_ms) // 1000,
                 **(
                     {
                         "ledger_lost": h.ledger_lost,
