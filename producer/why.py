@@ -12,14 +12,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from pushfw.producer.client import Producer, is_live, reaches
 from pushfw.producer.client import _order as entry_order
 from pushfw.producer.contract import Result, Status
 from pushfw.producer.lists import read_content, record_text
 from pushfw.producer.records import HostStatus, ListRecord, RuleRecord
-from pushfw.producer.render import as_table
+from pushfw.producer.render import as_table, iso_ms
 
 __all__ = [
     "Cover",
@@ -64,12 +63,6 @@ def parse_address(raw: str) -> Address:
         return ipaddress.ip_address(raw.strip())
     except ValueError:
         raise ValueError(f"{raw[:60]!r} is not an IP address (like 203.0.113.9)") from None
-
-
-def iso_ms(ms: int) -> str:
-    """Epoch ms as ISO 8601 UTC, e.g. ``2026-12-06T04:30:00.000Z``."""
-    when = datetime.fromtimestamp(ms / 1000, UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _order(entry_id: str) -> tuple[int, int]:

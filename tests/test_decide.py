@@ -29,8 +29,8 @@ from pushfw.worker.decide import (
     request_from_record,
 )
 from pushfw.worker.generation import trusts_ledger
-from pushfw.worker.ledger import record_for
 from pushfw.worker.protect import LOOPBACK, Protection
+from pushfw.worker.record import record_for
 from pushfw.worker.signing import Signing
 from pushfw.worker.stream import Entry
 

@@ -17,6 +17,7 @@ import pytest
 PACKAGES = ["pushfw.producer", "pushfw.worker"]
 MODULES_WITH_ALL = [
     "pushfw.producer.acl",
+    "pushfw.producer.cli",
     "pushfw.producer.client",
     "pushfw.producer.connection",
     "pushfw.producer.crowdsec",

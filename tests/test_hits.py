@@ -23,7 +23,13 @@ import redis
 
 from pushfw.producer import Action, Keys, Producer
 from pushfw.producer.records import TOP_LIST_ENTRIES, ListHits, RuleHits
-from pushfw.worker.backends.base import ListCounters, Rule, RuleKey, list_counters_of
+from pushfw.worker.backends.base import (
+    ListCounters,
+    Rule,
+    RuleKey,
+    list_counters_of,
+    rule_counters_of,
+)
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.hits import (
     EVERY_BEATS,
@@ -197,7 +203,7 @@ def test_the_busiest_rules_come_first_and_totals_are_per_action():
         Action.WATCH: (2, 80),
     }
     assert totals({}) == {Action.DROP: (0, 0), Action.ACCEPT: (0, 0), Action.WATCH: (0, 0)}
-    assert MemoryBackend().hits() == {}, "no kernel, no counts"
+    assert rule_counters_of(MemoryBackend()) is None, "no kernel, no counts"
 
 
 class CountingBackend(MemoryBackend):
@@ -252,7 +258,8 @@ def test_publishing_replaces_the_hosts_hash_and_list_sorts_across_hosts(
 
 
 def test_a_reading_waits_for_a_gap_between_expiries(r: redis.Redis):
-    reader = HitsReader(r, Keys(), "h1", CountingBackend({}), interval_s=0.2)
+    backend = CountingBackend({})
+    reader = HitsReader(r, Keys(), "h1", backend, interval_s=0.2, counters=backend)
     reader.read_s = 1.0  # the last reading took a second: it needs 2.5 s clear
     assert reader.interval_s == 100.0, "a reading takes at most 1% of the worker's time"
     assert reader.clear(None), "no timed rule"
@@ -274,7 +281,7 @@ def test_past_hits_max_rules_the_counters_are_not_read_and_the_hash_goes(r: redi
     backend = CountingBackend(counts)
     backend.add(Rule(key("drop", "192.0.2.1")))
     backend.commit()
-    reader = HitsReader(r, keys, "big", backend, interval_s=0.2, max_rules=1)
+    reader = HitsReader(r, keys, "big", backend, interval_s=0.2, max_rules=1, counters=backend)
     assert reader.publish(1_000) == 3
     assert r.hlen(keys.hits("big")) == 3
     for ip in ("192.0.2.2", "192.0.2.3"):
@@ -321,7 +328,9 @@ def test_list_counters_are_published_beside_the_rules_and_bounded_apart(
     assert isinstance(lists, ListCounters)
     assert list_counters_of(MemoryBackend()) is None, "no kernel, no list counters"
     metrics = Metrics()
-    reader = HitsReader(r, keys, "h1", backend, 0.2, metrics, max_rules=2, lists=lists)
+    reader = HitsReader(
+        r, keys, "h1", backend, 0.2, metrics, max_rules=2, lists=lists, counters=backend
+    )
     assert reader.publish(1_000) == 1
     assert producer.list_hits(["h1"]) == {
         "h1": {

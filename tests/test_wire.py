@@ -16,8 +16,8 @@ import pytest
 from pushfw.producer.contract import CommandRejected, Network, parse_command
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.wire import ParsedCommand, read_command
-from pushfw.worker.ledger import folded
 from pushfw.worker.protect import Protection
+from pushfw.worker.record import folded
 from pushfw.worker.stream import Entry
 
 # Each pool starts with the valid values (_VALID says how many), then the invalid ones.

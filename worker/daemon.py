@@ -21,7 +21,7 @@ from pushfw.worker.alarm import ExpiryAlarm, ExpiryDue
 from pushfw.worker.answers import Answerer
 from pushfw.worker.applier import Applier
 from pushfw.worker.backends import Backend, make_backend
-from pushfw.worker.backends.base import list_counters_of
+from pushfw.worker.backends.base import list_counters_of, rule_counters_of
 from pushfw.worker.clock import Clock, SyncedClock
 from pushfw.worker.config import mask_url
 from pushfw.worker.converge import Converger
@@ -176,6 +176,7 @@ class Worker:
             alarm.kernel,
             settings.hits_max_rules,
             list_counters_of(backend),
+            rule_counters_of(backend),
         )
         self.house = Housekeeping(
             client=client,

@@ -390,7 +390,7 @@ def decide_record(
     record: RuleRecord | None, held: RuleRecord | None, policy: Policy, now_ms: int
 ) -> tuple[RuleKey, Decision] | None:
     """The decision for one rule at reconcile: its newest record (None: forgotten) and its
-    held record (the newest one a worker verified, see :mod:`pushfw.worker.ledger`)."""
+    held record (the newest one a worker verified, see :mod:`pushfw.worker.held`)."""
     request = request_from_record(record) if record is not None else None
     decision = decide(request, policy, now_ms) if request is not None else None
     if held is not None and takes_held(policy, decision):

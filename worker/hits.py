@@ -1,7 +1,8 @@
 """Hit counters: how many packets and bytes each managed rule and list entry matched, read
 once a minute.
 
-Every kernel backend counts per rule; :meth:`Backend.hits` reads them in one dump that
+Every kernel backend counts per rule (:class:`.RuleCounters`; the memory backend has no
+kernel and publishes no counts); :meth:`~.RuleCounters.hits` reads them in one dump that
 holds the worker's loop in proportion to the rules. So the worker reads them every
 :data:`EVERY_BEATS` heartbeat intervals (no knob that only tests use), publishes the
 :data:`TOP_RULES` busiest in ``{pushfw}:hits:<host>`` (replaced whole in one ``MULTI``),
@@ -29,7 +30,7 @@ from pushfw.producer.connection import untyped
 from pushfw.producer.contract import Action
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import TOP_LIST_ENTRIES, ListHits, RuleHits
-from pushfw.worker.backends.base import Backend, EntryHits, ListCounters, RuleKey
+from pushfw.worker.backends.base import Backend, EntryHits, ListCounters, RuleCounters, RuleKey
 from pushfw.worker.errors import TransientBackendError
 from pushfw.worker.heap import LARGE, give_back_memory
 from pushfw.worker.metrics import Metrics
@@ -85,7 +86,7 @@ def publish_hits(
     client: redis.Redis,
     keys: Keys,
     host: str,
-    backend: Backend,
+    counters: RuleCounters | None,
     now_ms: int,
     metrics: Metrics | None = None,
     kernel: Callable[[], AbstractContextManager[None]] = nullcontext,
@@ -98,7 +99,7 @@ def publish_hits(
         client: the worker's Redis client.
         keys: the key names under the worker's prefix.
         host: this host's name (the hash is ``keys.hits(host)``).
-        backend: the opened backend to read.
+        counters: the opened backend's rule counters (None: it has none, nothing is counted).
         now_ms: Redis's clock now, stored with every count.
         metrics: gets the sums per action and the reading's duration.
         kernel: a section the worker's expiry alarm must not interrupt (the kernel read).
@@ -115,8 +116,7 @@ def publish_hits(
     started = time.monotonic()
     try:
         with kernel():
-            hits = backend.hits() if rules else {}
-            per_list = lists.list_hits() if lists is not None else {}
+            hits, per_list = _read(counters if rules else None, lists)
     except TransientBackendError as exc:
         logger.debug("hit counters not read (%s); next reading in one interval", exc)
         return None
@@ -144,6 +144,14 @@ def publish_hits(
     return len(fields)
 
 
+def _read(
+    counters: RuleCounters | None, lists: ListCounters | None
+) -> tuple[Hits, dict[str, EntryHits]]:
+    """The rules' and the lists' counters, each empty where there are none to read."""
+    hits = counters.hits() if counters is not None else {}
+    return hits, lists.list_hits() if lists is not None else {}
+
+
 class HitsReader:
     """:func:`publish_hits` for one worker, at moments when no timed rule falls due meanwhile.
 
@@ -151,13 +159,14 @@ class HitsReader:
         client: the worker's Redis client.
         keys: the key names under the worker's prefix.
         host: this host's name.
-        backend: the worker's backend.
+        backend: the worker's backend (how many rules it holds bounds a reading).
         interval_s: seconds between readings (:func:`interval_s`), at least.
         metrics: the worker's metrics.
         kernel: a section the worker's expiry alarm must not interrupt.
         max_rules: past this many rules the counters are not read (``hits_max_rules``);
             past this many list entries, the lists' counters are not.
         lists: the backend's per-entry list counters (:func:`.list_counters_of`), if any.
+        counters: the backend's per-rule counters (:func:`.rule_counters_of`), if any.
     """
 
     def __init__(
@@ -171,9 +180,11 @@ class HitsReader:
         kernel: Callable[[], AbstractContextManager[None]] = nullcontext,
         max_rules: int = 100_000,
         lists: ListCounters | None = None,
+        counters: RuleCounters | None = None,
     ) -> None:
         self.client, self.keys, self.host, self.backend = client, keys, host, backend
         self.lists = lists
+        self.counters = counters
         self.every_s = interval_s
         self.max_rules = max_rules
         self._skipping = False
@@ -224,7 +235,7 @@ class HitsReader:
                 self.client,
                 self.keys,
                 self.host,
-                self.backend,
+                self.counters,
                 now_ms,
                 self.metrics,
                 self.kernel,

@@ -10,7 +10,7 @@ group and heartbeat are removed (``pushfw hosts forget`` does it by hand). Tombs
 older than the trim point can go: no entry that could resurrect them is left. They are
 found in ``{pushfw}:tombs``, which the ledger's scripts keep, so a trim reads only what it
 removes, never the whole ledger; removed and expired named lists are forgotten the same way,
-and held records (:mod:`pushfw.worker.ledger`) once they have expired.
+and held records (:mod:`pushfw.worker.held`) once they have expired.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It runs in its own thread with its own Redis connection and never touches the ke
 host's applier removes its timed rules itself, on the same clock). It wakes on Redis
 key-expiry events of the per-rule marker keys and, because those events are fire-and-forget
 and fire late under lazy expiry, on a short timer to the next due score as well: the timer
-alone meets the 1 s bound. A due rule is claimed in Lua (:data:`pushfw.worker.ledger.CLAIM`):
+alone meets the 1 s bound. A due rule is claimed in Lua (:data:`pushfw.worker.ledger_lua.CLAIM`):
 only if its expiry is still the current one does the script write the tombstone, drop it
 from the queue and XADD the delete, so two schedulers never emit one expiry twice and an
 extended ban is not cut short.
@@ -21,7 +21,7 @@ import redis
 from pushfw.producer.connection import redis_ms, text, untyped
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
-from pushfw.worker.ledger import claim_script
+from pushfw.worker.ledger_lua import claim_script
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.supervisor import RoleHealth
 

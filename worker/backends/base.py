@@ -126,12 +126,14 @@ class Backend(abc.ABC):
     - what it holds: :meth:`committed`, one read-only view of the committed rules answered
       from the backend's packed index without a kernel call (look-up, count, the timed
       rules, a pass over all of them, integers for reconcile);
-    - the kernel's health: :meth:`intact`, :meth:`hits`, :meth:`uninstall`, with harmless
-      defaults for a backend that has no kernel.
+    - the kernel's health: :meth:`intact` and :meth:`uninstall`, with harmless defaults
+      for a backend that has no kernel.
 
     The clock and the lock accounting are given to the constructor, never set later.
-    Named lists are an optional capability, :class:`ListBackend`, asked for once with
-    :func:`lists_of`. Implementations give their methods one-line docstrings.
+    Optional capabilities are Protocols, each asked for once where its user is built:
+    named lists (:class:`ListBackend`, :func:`lists_of`), the rules' hit counters
+    (:class:`RuleCounters`, :func:`rule_counters_of`) and the lists' (:class:`ListCounters`,
+    :func:`list_counters_of`). Implementations give their methods one-line docstrings.
     """
 
     name: str = "backend"
@@ -218,22 +220,6 @@ class Backend(abc.ABC):
         """
         return True
 
-    def hits(self) -> dict[RuleKey, tuple[int, int]]:
-        """Each managed rule's kernel counters: ``(packets, bytes)`` it matched so far.
-
-        Read in one dump of the kernel's objects (the chain's entries, the sets' elements),
-        so its cost grows with the number of rules: the worker calls it once a minute (see
-        :mod:`pushfw.worker.hits`), never per heartbeat or per scrape. A rule the kernel
-        keeps no counter for (a set created before counters, until it is migrated) is left
-        out; so is anything pushfw did not write. A counter starts at zero when its rule is
-        (re)written, and a renewal may rewrite it.
-
-        Raises:
-            TransientBackendError: the kernel was busy (the xtables lock).
-            BackendError: the kernel could not be read.
-        """
-        return {}
-
     def uninstall(self) -> str:
         """Remove everything this backend created in the kernel; say what, in a few words."""
         return "nothing to remove"
@@ -307,6 +293,35 @@ def lists_of(backend: Backend) -> ListBackend | None:
     return backend if isinstance(backend, ListBackend) else None
 
 
+@runtime_checkable
+class RuleCounters(Protocol):
+    """A backend whose kernel counts each managed rule's packets (iptables, ipset,
+    nftables). Optional, as :class:`ListBackend`: the memory backend has no kernel to count;
+    ask :func:`rule_counters_of` once, where the hits reader is built.
+    """
+
+    def hits(self) -> dict[RuleKey, tuple[int, int]]:
+        """Each managed rule's kernel counters: ``(packets, bytes)`` it matched so far.
+
+        Read in one dump of the kernel's objects (the chain's entries, the sets' elements),
+        so its cost grows with the number of rules: the worker calls it once a minute (see
+        :mod:`pushfw.worker.hits`), never per heartbeat or per scrape. A rule the kernel
+        keeps no counter for (a set created before counters, until it is migrated) is left
+        out; so is anything pushfw did not write. A counter starts at zero when its rule is
+        (re)written, and a renewal may rewrite it.
+
+        Raises:
+            TransientBackendError: the kernel was busy (the xtables lock).
+            BackendError: the kernel could not be read.
+        """
+        ...
+
+
+def rule_counters_of(backend: Backend) -> RuleCounters | None:
+    """The backend's per-rule counters, or None when it has no kernel to count (memory)."""
+    return backend if isinstance(backend, RuleCounters) else None
+
+
 EntryHits = dict[str, tuple[int, int]]
 """A list's entries that matched packets: CIDR -> (packets, bytes)."""
 
@@ -326,7 +341,7 @@ class ListCounters(Protocol):
     def list_hits(self) -> dict[str, EntryHits]:
         """Per list loaded since this start, the counters of its entries that matched.
 
-        Read in one dump of the lists' shared sets, so, as :meth:`Backend.hits`, its cost
+        Read in one dump of the lists' shared sets, so, as :meth:`RuleCounters.hits`, its cost
         grows with the entries held: the worker reads it with the rules' counters, on the
         same schedule. The lists of one action share one kernel element per entry, so an
         entry two lists hold counts for both. Entries that matched nothing are left out.
