@@ -212,6 +212,13 @@ def _refusal(results: list[Result], host: str) -> Result | None:
     )
 
 
+def _answered(results: list[Result], host: str) -> bool:
+    """Whether this host's result says it carried the command out: the result is written
+    before the heartbeat that would say so (up to a read's block later), and ``--wait``
+    returns on the result."""
+    return any(r.host == host and r.status in (Status.APPLIED, Status.UNCHANGED) for r in results)
+
+
 def _taken(host: HostStatus, cmd_id: str) -> bool:
     """Whether this host has carried out ``cmd_id``: it answered it or a newer command, or
     its startup reconcile (which loads the whole ledger) came after it. A stopped worker
@@ -229,7 +236,7 @@ def _rule_part(cover: Cover, host: HostStatus, results: list[Result]) -> HostPar
     refused = _refusal(results, host.host)
     if refused is not None:
         return HostPart(cover, REFUSED, f"{refused.status.value}: {refused.detail}")
-    if _taken(host, cover.set_by):
+    if _answered(results, host.host) or _taken(host, cover.set_by):
         return HostPart(cover, HOLDS)
     return HostPart(cover, NOT_YET, "has not carried out the command yet")
 

@@ -135,6 +135,8 @@ def test_status_marks_a_silent_host_stale(r: redis.Redis, fleet: Fleet):
     assert set(rows) == {"web1", "db1", "gone1"}
     assert rows["gone1"].split()[1] == "STALE"
     assert re.search(r"STALE\s+10m \ds ago\s+12\s", rows["gone1"])
+    # up from its start until its last heartbeat, not until now: it is not up any more
+    assert rows["gone1"].split()[-2:] == ["50m", "0s"]
     assert rows["web1"].split()[1] == rows["db1"].split()[1] == "stopped"
 
 

@@ -15,6 +15,7 @@ import redis
 from pushfw.producer import Keys, Producer
 from pushfw.producer.connection import text
 from pushfw.producer.lists import ListContent
+from pushfw.producer.records import HostStatus
 from tests.conftest import RedisServer, Run, memory_worker
 
 KEYS = Keys()
@@ -147,3 +148,24 @@ def test_why_reads_list_content_as_strictly_as_a_worker(
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout == "192.0.2.1: no rule or list entry covers it\n"
     assert shown.stderr.startswith("warning: list feed: content unreadable: ")
+
+
+def test_why_trusts_a_hosts_result_before_its_next_heartbeat(
+    r: Any, redis_server: RedisServer, producer: Producer, pushfw: Run
+):
+    """``pushfw drop X --wait`` returns on the host's result, which is written before the
+    heartbeat that says the host went past the command (up to a read's block later, 1 s by
+    default): a ``why`` run at once must not say the host has not carried it out."""
+    worker = memory_worker(redis_server, "web1")
+    worker.setup()
+    drop = producer.drop("203.0.113.9", reason="ssh-bf")
+    worker.run(burst=True)
+    assert [(x.host, x.status.value) for x in producer.results_of([drop])] == [("web1", "applied")]
+    # the heartbeat as it stood between that result and the next beat
+    beat = HostStatus.model_validate_json(r.hget(KEYS.hosts, "web1"))
+    r.hset(KEYS.hosts, "web1", beat.model_copy(update={"done_id": ""}).model_dump_json())
+
+    data = json.loads(pushfw("why", "203.0.113.9", "--json").stdout)
+    [host] = data["hosts"]
+    assert [(p["name"], p["state"]) for p in host["covers"]] == [("drop 203.0.113.9/32", "holds")]
+    assert host["verdict"] == "drop"

@@ -14,7 +14,7 @@ import redis
 import pushfw.producer.why as explain_why
 from pushfw.producer.check import Check, Severity, check, host_state
 from pushfw.producer.cli.wait import no_hosts, result_rows
-from pushfw.producer.client import Producer
+from pushfw.producer.client import Producer, is_live
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import ago, entry_ms, listing, span, when
 
@@ -67,6 +67,11 @@ def status(producer: Producer, json_out: bool, check_mode: bool, wanted: tuple[s
         _warn_ahead(producer)
 
 
+def _up_ms(h: HostStatus, now_ms: int) -> int:
+    """How long the worker has run: a stopped or silent one until its last heartbeat."""
+    return (now_ms if is_live(h, now_ms) else h.last_seen_ms) - h.started_ms
+
+
 def _table_row(h: HostStatus, now_ms: int) -> dict[str, object]:
     """A host as ``status`` shows it: times as ``4m 2s ago`` and ``3h 12m``."""
     return {
@@ -80,7 +85,7 @@ def _table_row(h: HostStatus, now_ms: int) -> dict[str, object]:
         "backend": h.backend,
         "labels": ",".join(h.labels),
         "version": h.version,
-        "up": span(now_ms - h.started_ms),
+        "up": span(_up_ms(h, now_ms)),
     }
 
 
@@ -98,7 +103,7 @@ def _json_row(h: HostStatus, now_ms: int) -> dict[str, object]:
         "backend": h.backend,
         "labels": h.labels,
         "version": h.version,
-        "up": max(0, now_ms - h.started_ms) // 1000,
+        "up": max(0, _up_ms(h, now_ms)) // 1000,
         "ledger_lost": h.ledger_lost,
         "instance": h.instance,
         "duplicate": h.duplicate,
