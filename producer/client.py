@@ -15,6 +15,7 @@ from redis.typing import EncodableT, FieldT
 from pushfw.producer import functions
 from pushfw.producer.connection import connect, redis_ms
 from pushfw.producer.contract import Command, Result, parse_command, signature, targets
+from pushfw.producer.entry_ids import before, entry_ms, entry_order
 from pushfw.producer.keys import DEFAULT_PREFIX, Keys
 from pushfw.producer.lists import ListContent, parse_list_command
 from pushfw.producer.records import (
@@ -50,16 +51,6 @@ class DeadLetter:
     deliveries: int
     error: str
     fields: dict[str, str]
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _stream_id_before(entry_id: str) -> str:
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq) - 1}" if seq and int(seq) > 0 else f"{max(int(ms) - 1, 0)}"
 
 
 def _with_options(
@@ -289,9 +280,9 @@ class Producer:
     def wait(self, cmd_id: str, expect: int = 1, timeout_s: float = 10.0) -> list[Result]:
         """Block until ``expect`` hosts reported on ``cmd_id`` or the timeout passes."""
         found: dict[str, Result] = {}
-        cursor = _stream_id_before(cmd_id)
+        cursor = before(cmd_id)
         now_ms = self.now_ms()
-        if int(cmd_id.partition("-")[0]) > now_ms:
+        if entry_ms(cmd_id) > now_ms:
             # an id ahead of Redis's clock (a producer chose one): results get ids behind it
             cursor = f"{now_ms - 60_000}-0"
         deadline = time.monotonic() + timeout_s
@@ -326,8 +317,8 @@ class Producer:
         stream from the oldest command on (``pushfw why`` asks for several at once)."""
         if not cmd_ids:
             return []
-        oldest = min(cmd_ids, key=_order)
-        start = oldest if _order(oldest)[0] <= self.now_ms() else "-"  # "-": an id ahead
+        oldest = min(cmd_ids, key=entry_order)
+        start = oldest if entry_order(oldest)[0] <= self.now_ms() else "-"  # "-": an id ahead
         wanted = set(cmd_ids)
         found: list[Result] = []
         while True:
@@ -355,13 +346,13 @@ class Producer:
             raise
         except redis.ResponseError:  # no command stream yet
             return {}
-        order = _order(cmd_id)
+        order = entry_order(cmd_id)
         out: dict[str, str] = {}
         for group in groups:
             name = str(group["name"])
             if not name.startswith("host:"):
                 continue
-            if _order(str(group["last-delivered-id"])) < order:
+            if entry_order(str(group["last-delivered-id"])) < order:
                 out[name.removeprefix("host:")] = "not read"
                 continue
             held = cast(
@@ -370,7 +361,7 @@ class Producer:
             out[name.removeprefix("host:")] = "pending" if held else "done"
         for host in self.hosts():  # followers have no group: their heartbeat says
             if host.position:
-                out[host.host] = "done" if _order(host.position) >= order else "not done"
+                out[host.host] = "done" if entry_order(host.position) >= order else "not done"
         return out
 
     def unfolded(self) -> int | None:

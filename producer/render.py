@@ -10,6 +10,8 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
+from pushfw.producer.entry_ids import entry_ms
+
 __all__ = [
     "ago",
     "as_json",
@@ -40,11 +42,6 @@ def as_json(rows: Sequence[Mapping[str, object]]) -> str:
 def plural(count: int, noun: str, nouns: str = "") -> str:
     """A count with its noun: ``1 rule``, ``2 rules``, ``plural(n, "entry", "entries")``."""
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
-
-
-def entry_ms(entry_id: str) -> int:
-    """When Redis stamped an entry: its id's milliseconds (a point, see :data:`_POINTS`)."""
-    return int(entry_id.split("-", 1)[0])
 
 
 def _utc(ms: int) -> str:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pushfw.producer.client import Producer, is_live, reaches
-from pushfw.producer.client import _order as entry_order
 from pushfw.producer.contract import Result, Status
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.lists import read_content, record_text
 from pushfw.producer.records import HostStatus, ListRecord, RuleRecord
 from pushfw.producer.render import as_table, iso_ms

@@ -20,13 +20,13 @@ import redis
 
 from pushfw.producer import Producer
 from pushfw.producer.connection import redis_ms
+from pushfw.producer.entry_ids import entry_order
 from pushfw.worker.backends.memory import MemoryBackend
 from pushfw.worker.daemon import Worker
 from pushfw.worker.follower import SavedPosition
 from pushfw.worker.ledger import Ledger
 from pushfw.worker.retention import trim, trim_point
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import stream_id_order
 from testbed.redis_server import free_port
 from tests.conftest import RedisServer, memory_worker, pushfw_cli, synced, wait_for
 from tests.daemon import cli, worker_env
@@ -587,7 +587,7 @@ def test_a_replica_written_to_while_the_follower_was_away_is_not_read_at_start(
         later = producer.drop("192.0.2.2", reply=False)
         synced(r)
         assert writer.xlen(CMD) == 3, "the primary's entry reached the replica after it"
-        assert stream_id_order(forged) < stream_id_order(later)
+        assert entry_order(forged) < entry_order(later)
 
         again = follower(redis_server, replica, tmp_path, kernel, batch_size=1)
         again.setup()

@@ -21,8 +21,8 @@ import redis
 
 from pushfw.producer import parse_command
 from pushfw.producer.connection import connect
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.functions import FUNCTIONS, LIBRARY_NAME, LIST_STORE
-from pushfw.worker.stream import stream_id_order
 from testbed.env import clean_env
 from tests.conftest import RedisServer, need, pushfw_cli
 from tests.test_applier import key, make_worker, results_by_cmd
@@ -149,7 +149,7 @@ def test_each_seed_command_appends_the_equivalent_entry(
     assert rules[key("drop", "192.168.1.9")].expires_ms == ms(ids["ttl_drop_seed"]) + 600_000
     assert rules[key("accept", "2001:db8::8")].expires_ms == ms(ids["ttl_accept"]) + 3_600_000
     answers = worker.applier.answers
-    assert answers.done_id == max(ids.values(), key=stream_id_order)
+    assert answers.done_id == max(ids.values(), key=entry_order)
     assert answers.counts == {"applied": len(ids)}, "the seed's commands ask no result"
     assert results_by_cmd(r) == {}
 

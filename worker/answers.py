@@ -16,10 +16,11 @@ from dataclasses import replace
 from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.contract import Status
+from pushfw.producer.entry_ids import entry_order
 from pushfw.worker.batch import Answer
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import HostStream, stream_id_order
+from pushfw.worker.stream import HostStream
 
 __all__ = ["Answerer"]
 
@@ -117,7 +118,7 @@ class Answerer:
         if not done:
             return
         newest = max(done, key=lambda a: a.entry.order).entry
-        if not self.done_id or newest.order > stream_id_order(self.done_id):
+        if not self.done_id or newest.order > entry_order(self.done_id):
             self.done_id = newest.id
         self.counts.update(a.status.value for a in done if a.report and a.status is not None)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from pushfw.producer.contract import CommandRejected, Status
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.lists import is_list_entry
 from pushfw.producer.records import RuleRecord
 from pushfw.producer.render import plural
@@ -33,7 +34,7 @@ from pushfw.worker.lists import ListKeeper
 from pushfw.worker.metrics import Metrics
 from pushfw.worker.plan import Step, plan
 from pushfw.worker.reader import Reader
-from pushfw.worker.stream import Entry, ParsedEntries, stream_id_order
+from pushfw.worker.stream import Entry, ParsedEntries
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def _superseding(
     """A late retry overtaken by a newer command this host already read: nothing to do."""
     if record is None or request.is_expiry:
         return None
-    newer = stream_id_order(record.order_id)
-    if stream_id_order(request.id) < newer <= boundary:
+    newer = entry_order(record.order_id)
+    if entry_order(request.id) < newer <= boundary:
         return Report(Status.UNCHANGED, f"superseded by newer command {record.id}")
     return None
 
@@ -230,7 +231,7 @@ class Applier:
         wanted = {
             str(r.key): None
             for r in requests
-            if isinstance(r, Request) and (r.is_expiry or stream_id_order(r.id) <= boundary)
+            if isinstance(r, Request) and (r.is_expiry or entry_order(r.id) <= boundary)
         }
         if not wanted:
             return {}

@@ -20,8 +20,9 @@ from typing import Any
 import redis
 
 from pushfw.producer.connection import redis_ms, text, time_ms
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.keys import Keys
-from pushfw.worker.stream import LUA_ID_ORDER, Entry, stream_id_order
+from pushfw.worker.stream import LUA_ID_ORDER, Entry
 
 __all__ = ["LUA_NOW_MS", "Clock", "SyncedClock"]
 
@@ -95,13 +96,13 @@ class Clock:
         seconds, micros, raw_max = self._now(keys=[self.keys.ahead])
         now_ms = time_ms(seconds, micros)
         seen = {e.id: e.ms for e in entries}
-        limit = stream_id_order(text(raw_max)) if raw_max is not None else (0, 0)
+        limit = entry_order(text(raw_max)) if raw_max is not None else (0, 0)
         lookup = [e.id for e in entries if e.ms > now_ms or e.order <= limit]
         if lookup:
             stamps: list[Any] = self._stamp(keys=[self.keys.seen, self.keys.ahead], args=lookup)
             for entry_id, ms in zip(lookup, stamps, strict=True):
                 seen[entry_id] = int(ms)
-                order = stream_id_order(entry_id)
+                order = entry_order(entry_id)
                 if order[0] > int(ms) and order > self._newest_noted:
                     self._newest_noted = order
                     self._note(entry_id, order[0] - int(ms))

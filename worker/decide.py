@@ -31,6 +31,7 @@ from pushfw.producer.contract import (
     Status,
     targets,
 )
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.lists import (
     ListCommand,
     ListContent,
@@ -44,7 +45,7 @@ from pushfw.worker.expiry import expired, expires_at
 from pushfw.worker.protect import Protection
 from pushfw.worker.settings import WorkerSettings
 from pushfw.worker.signing import Signing
-from pushfw.worker.stream import Entry, stream_id_order
+from pushfw.worker.stream import Entry
 
 __all__ = [
     "FORGED_EXPIRY",
@@ -328,7 +329,7 @@ def _confirm_expiry(request: Request, record: RuleRecord | None) -> Decision:
         return Delete(request.key, expiring_by=record.expired_ms)
     if record is not None and record.voided == request.id:
         return Report(Status.UNCHANGED, f"renewed by {record.id} before it expired")
-    if record is not None and stream_id_order(record.order_id) > stream_id_order(request.id):
+    if record is not None and entry_order(record.order_id) > entry_order(request.id):
         return Report(Status.UNCHANGED, f"superseded by newer command {record.id}")
     return Report(Status.REJECTED, FORGED_EXPIRY)
 
@@ -345,7 +346,7 @@ def request_from_record(record: RuleRecord) -> Request | None:
     except ValueError:
         return None
     key = RuleKey(action, network)
-    seen_ms = record.seen_ms if record.seen_ms is not None else stream_id_order(record.id)[0]
+    seen_ms = record.seen_ms if record.seen_ms is not None else entry_order(record.id)[0]
     if record.signed:
         fields = {k.encode(): v.encode() for k, v in record.signed.items()}
         try:
@@ -444,7 +445,7 @@ class ListRequest:
         A signed record is rebuilt from its signed fields, as :func:`request_from_record`
         does for rules."""
         try:
-            first_seen_ms = stream_id_order(record.id)[0]
+            first_seen_ms = entry_order(record.id)[0]
         except ValueError:
             return None
         seen_ms = record.seen_ms if record.seen_ms is not None else first_seen_ms

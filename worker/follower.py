@@ -45,15 +45,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from pushfw.producer.connection import redis_ms, text
+from pushfw.producer.entry_ids import entry_order, is_entry_id
 from pushfw.producer.keys import Keys
 from pushfw.producer.render import plural
 from pushfw.worker.statefile import read_state, write_state
 from pushfw.worker.stream import (
     Entry,
     entries_from_reply,
-    is_entry_id,
     queue_answers,
-    stream_id_order,
 )
 
 __all__ = ["FollowerStream", "PositionFile", "SavedPosition", "StreamGone"]
@@ -107,7 +106,7 @@ def _ahead(newest: str, added: int, primary: Mapping[str, Any] | None) -> str | 
     so that it holds whatever the replica got from it."""
     theirs, their_added = _newest(primary), _entries_added(primary)
     never = "it holds entries the primary never generated"
-    if stream_id_order(newest) > stream_id_order(theirs):
+    if entry_order(newest) > entry_order(theirs):
         return f"{never} (up to {newest}; the primary's newest is {theirs})"
     if added > their_added:
         return f"{never} ({added} ever added; the primary's {their_added})"
@@ -121,7 +120,7 @@ def _entries(reply: Any) -> list[Entry]:
 
 def _before(entry_id: str) -> str:
     """The id just before ``entry_id``: reading after it starts at ``entry_id``."""
-    ms, seq = stream_id_order(entry_id)
+    ms, seq = entry_order(entry_id)
     if seq:
         return f"{ms}-{seq - 1}"
     return f"{ms - 1}-18446744073709551615" if ms else "0-0"
@@ -317,7 +316,7 @@ class FollowerStream:
         return _ahead(_newest(theirs), added, ours)
 
     def _note_primary(self, info: dict[str, Any] | None) -> dict[str, Any] | None:
-        self._primary = (stream_id_order(_newest(info)), _entries_added(info))
+        self._primary = (entry_order(_newest(info)), _entries_added(info))
         return info
 
     def group_exists(self) -> bool:
@@ -354,8 +353,8 @@ class FollowerStream:
         removed = added - int(info.get("length", 0))
         if removed > self._position_added:
             return f"{removed - self._position_added} entries after it were trimmed"
-        newest = stream_id_order(text(info.get("last-generated-id", "0-0")))
-        if newest < stream_id_order(self._read_mark):
+        newest = entry_order(text(info.get("last-generated-id", "0-0")))
+        if newest < entry_order(self._read_mark):
             return f"the stream ends at {text(info.get('last-generated-id'))}: a new stream"
         return None
 
@@ -373,7 +372,7 @@ class FollowerStream:
         """``>``: the replica's next entries; an id: this host's unfinished entries after it,
         as ``XREADGROUP`` with an id returns a consumer's pending ones."""
         if start != ">":
-            after = stream_id_order(start)
+            after = entry_order(start)
             again = [e for e, _ in self._unfinished.values() if e.order > after][:count]
             self._tries.update(e.id for e in again)
             return again
@@ -381,7 +380,7 @@ class FollowerStream:
         entries = self._xread(streams, count, block_ms)
         if not entries:
             return []
-        mark = stream_id_order(self._read_mark)
+        mark = entry_order(self._read_mark)
         for entry in entries:
             self._read_added += 1
             self._unfinished[entry.id] = (entry, self._read_added)
@@ -531,7 +530,7 @@ class FollowerStream:
 
     def last_delivered(self) -> str:
         """The newest entry this host has read, before a restart included."""
-        return max(self._read_mark, self._last_read, key=stream_id_order)
+        return max(self._read_mark, self._last_read, key=entry_order)
 
     def progress(self) -> tuple[int | None, int]:
         """Entries on the primary not yet read (replication lag included), and those read

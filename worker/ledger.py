@@ -24,6 +24,7 @@ from redis.typing import StreamIdT
 
 from pushfw.producer.connection import text
 from pushfw.producer.contract import CommandRejected
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import is_list_entry, parse_list_command
 from pushfw.producer.records import RuleRecord
@@ -37,7 +38,6 @@ from pushfw.worker.stream import (
     Entry,
     ParsedEntries,
     entries_from_reply,
-    stream_id_order,
 )
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class Ledger:
         consumer holds pending are folded again (the fold is idempotent), so the ledger is
         never behind what this host has applied.
         """
-        order = stream_id_order(position)
+        order = entry_order(position)
         while self._last_delivered() < order and self.fold_new():
             pass
         rows = self.client.xpending_range(
@@ -249,7 +249,7 @@ class Ledger:
             name = group["name"]
             if text(name) == Keys.LEDGER_GROUP:
                 last = group["last-delivered-id"]
-                return stream_id_order(text(last))
+                return entry_order(text(last))
         return (0, 0)
 
     def size(self) -> int:

@@ -30,6 +30,7 @@ import redis
 
 from pushfw.producer.connection import text
 from pushfw.producer.contract import CommandRejected, Status
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.keys import Keys
 from pushfw.producer.lists import (
     ListCommand,
@@ -58,7 +59,7 @@ from pushfw.worker.decide import (
 from pushfw.worker.errors import BackendError, PermanentBackendError, TransientBackendError
 from pushfw.worker.expiry import expired
 from pushfw.worker.heap import LARGE, give_back_memory
-from pushfw.worker.stream import Entry, stream_id_order
+from pushfw.worker.stream import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class ListKeeper:
         except CommandRejected as exc:
             return Outcome(Status.REJECTED, str(exc)), None
         newest = self._newest_id(cmd.name)
-        if newest is not None and stream_id_order(newest) > stream_id_order(entry.id):
+        if newest is not None and entry_order(newest) > entry_order(entry.id):
             return Outcome(Status.UNCHANGED, f"superseded by newer command {newest}"), cmd
         request = ListRequest.from_entry(entry, cmd, seen_ms)
         outcome = self._guarded(
@@ -383,7 +384,7 @@ class ListKeeper:
     def _content_gone(self, spec: BlockList, entry_id: str) -> Outcome:
         """The content was replaced and has expired: a newer command brings the list."""
         record = read_records(self.client, self.keys).get(spec.name)
-        if record is not None and stream_id_order(record.id) > stream_id_order(entry_id):
+        if record is not None and entry_order(record.id) > entry_order(entry_id):
             return Outcome(Status.UNCHANGED, f"superseded by newer command {record.id}")
         return Outcome(
             Status.FAILED,

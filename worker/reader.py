@@ -11,9 +11,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from pushfw.producer.entry_ids import entry_order
 from pushfw.worker.backoff import Backoff
 from pushfw.worker.settings import WorkerSettings
-from pushfw.worker.stream import Entry, HostStream, stream_id_order
+from pushfw.worker.stream import Entry, HostStream
 
 __all__ = ["Reader", "StopRequested"]
 
@@ -54,7 +55,7 @@ class Reader:
 
     def setup(self) -> None:
         """Start after the newest entry the group was ever given."""
-        self.high_water = stream_id_order(self.stream.last_delivered())
+        self.high_water = entry_order(self.stream.last_delivered())
 
     def next_batch(self) -> tuple[list[Entry], tuple[int, int]]:
         """The next entries to process, and the newest entry read before them."""

@@ -22,11 +22,11 @@ import redis
 
 from pushfw.producer.client import forget_host
 from pushfw.producer.connection import text
+from pushfw.producer.entry_ids import entry_order
 from pushfw.producer.keys import Keys
 from pushfw.producer.records import HostStatus, ListRecord, RuleRecord
 from pushfw.worker.heartbeat import read_hosts
 from pushfw.worker.ledger import Ledger
-from pushfw.worker.stream import stream_id_order
 
 __all__ = ["retire", "take_turn", "trim", "trim_point"]
 
@@ -36,11 +36,11 @@ _PAGE = 1000
 
 
 def _before(entry_id: Any, limit: tuple[int, int]) -> bool:
-    return stream_id_order(text(entry_id)) < limit
+    return entry_order(text(entry_id)) < limit
 
 
 def _next_id(entry_id: str) -> str:
-    ms, seq = stream_id_order(entry_id)
+    ms, seq = entry_order(entry_id)
     return f"{ms}-{seq + 1}"
 
 
@@ -67,13 +67,11 @@ def trim_point(
         name = text(group["name"])
         if name != Keys.LEDGER_GROUP and name.removeprefix("host:") not in live:
             continue
-        after_last = stream_id_order(_next_id(text(group["last-delivered-id"])))
+        after_last = entry_order(_next_id(text(group["last-delivered-id"])))
         summary: Any = client.xpending(keys.cmd, name) if int(group["pending"]) > 0 else {}
         oldest = summary.get("min")  # None if the pending entries were acked meanwhile
-        needed.append(stream_id_order(text(oldest)) if oldest is not None else after_last)
-    needed += (
-        stream_id_order(_next_id(h.position)) for h in hosts if h.position and h.host in live
-    )
+        needed.append(entry_order(text(oldest)) if oldest is not None else after_last)
+    needed += (entry_order(_next_id(h.position)) for h in hosts if h.position and h.host in live)
     if not needed:
         return None
     ms, seq = min(needed)
@@ -110,7 +108,7 @@ def _index_tombstones(ledger: Ledger) -> None:
     for field, raw in client.hscan_iter(keys.rules, count=_PAGE):
         record = RuleRecord.model_validate_json(raw)
         if record.deleted:
-            pipe.zadd(keys.tombs, {text(field): stream_id_order(record.id)[0]})
+            pipe.zadd(keys.tombs, {text(field): entry_order(record.id)[0]})
             indexed += 1
     pipe.set(keys.tombs_indexed, "1")
     pipe.execute()
@@ -133,7 +131,7 @@ def _forget_tombstones(ledger: Ledger, limit: tuple[int, int]) -> int:
             record = RuleRecord.model_validate_json(raw) if raw is not None else None
             if record is None or not record.deleted:
                 unindexed.append(field)  # gone or live again: the fold re-indexes if needed
-            elif stream_id_order(record.id) < limit:
+            elif entry_order(record.id) < limit:
                 stale.append((field, raw))
             else:
                 offset += 1  # the trim point's own millisecond, at or after it: kept
@@ -153,7 +151,7 @@ def _forget_list_tombstones(ledger: Ledger, limit: tuple[int, int]) -> int:
     for field, value in raw.items():
         record = ListRecord.model_validate_json(value)
         over = record.deleted or (record.expires_ms is not None and record.expires_ms < limit[0])
-        if over and stream_id_order(record.id) < limit:
+        if over and entry_order(record.id) < limit:
             stale.append((field, value))
     return ledger.forget(stale, of_lists=True) if stale else 0
 
@@ -192,7 +190,7 @@ def trim(
     if minid is None:
         return 0
     trimmed = int(client.xtrim(keys.cmd, minid=minid, approximate=True, limit=0))
-    limit = stream_id_order(minid)
+    limit = entry_order(minid)
     _index_tombstones(ledger)
     forgotten = _forget_tombstones(ledger, limit) + _forget_list_tombstones(ledger, limit)
     forgotten += _forget_expired_held(ledger, now_ms)

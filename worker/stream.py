@@ -16,6 +16,7 @@ from redis.typing import EncodableT, FieldT
 
 from pushfw.producer.connection import redis_ms, text
 from pushfw.producer.contract import CommandRejected
+from pushfw.producer.entry_ids import entry_ms, entry_order
 from pushfw.producer.keys import Keys
 from pushfw.producer.wire import ParsedCommand, read_command
 
@@ -37,11 +38,11 @@ class Entry(NamedTuple):
     @property
     def ms(self) -> int:
         """The entry's time in Redis's clock when it was added."""
-        return int(self.id.split("-", 1)[0])
+        return entry_ms(self.id)
 
     @property
     def order(self) -> tuple[int, int]:
-        return stream_id_order(self.id)
+        return entry_order(self.id)
 
 
 LUA_ID_ORDER = """
@@ -56,24 +57,6 @@ local function newer(a, b)
 end
 """
 """Lua helpers for scripts that compare entry ids: ``parse(id)`` and ``newer(a, b)``."""
-
-
-_U64 = 1 << 64
-
-
-def is_entry_id(text: str) -> bool:
-    """Whether ``text`` is a stream entry id as ``XREAD`` takes it: ``<ms>-<seq>`` or ``<ms>``."""
-    ms, dash, seq = text.partition("-")
-    seq = seq if dash else "0"
-    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
-        return False
-    return len(ms) <= 20 and len(seq) <= 20 and int(ms) < _U64 and int(seq) < _U64
-
-
-def stream_id_order(entry_id: str) -> tuple[int, int]:
-    """An entry id as a tuple that sorts the way Redis orders ids."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def entries_from_reply(raw: Sequence[Any]) -> list[Entry]:
