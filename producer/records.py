@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from pushfw.producer.contract import targets
+from pushfw.producer.entry_ids import entry_ms
 
 __all__ = [
     "HeldList",
@@ -114,6 +115,12 @@ class ListRecord(BaseModel):
 
     def active_at(self, now_ms: int) -> bool:
         return not self.deleted and (self.expires_ms is None or self.expires_ms > now_ms)
+
+    def counted_by(self, hits: ListHits) -> bool:
+        """Whether ``hits`` count this list as it is: read after its newest command. Counts
+        read before may be of another action or content (a watch list re-imported as a
+        drop), so they are not shown for it until the host's next reading."""
+        return hits.ms >= entry_ms(self.id)
 
 
 class HeldList(BaseModel):

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from pushfw.producer import Action, Keys, Producer
+from pushfw.producer.lists import ListContent
 from pushfw.producer.records import TOP_LIST_ENTRIES, ListHits, RuleHits
 from pushfw.worker.backends.base import (
     ListCounters,
@@ -42,7 +43,7 @@ from pushfw.worker.hits import (
 from pushfw.worker.metrics import Metrics
 from testbed.env import clean_env
 from testbed.kernel import Firewall, veth
-from tests.conftest import Netns, RedisServer, wait_for
+from tests.conftest import Netns, RedisServer, memory_worker, wait_for
 
 SERVER_IP = "10.214.0.1"
 CLIENT_IP = "10.214.0.2"
@@ -388,3 +389,50 @@ def test_a_list_record_sums_every_entry_and_keeps_only_the_busiest():
     assert len(record.entries) == TOP_LIST_ENTRIES, "a large list costs Redis its top only"
     assert record.entries[0] == ("10.0.3.232/32", 1000, 60_000)
     assert [e[1] for e in record.entries] == list(range(1000, 1000 - TOP_LIST_ENTRIES, -1))
+
+
+def test_a_lists_counts_from_before_its_newest_command_are_not_shown_for_it(
+    r: redis.Redis, redis_server: RedisServer, producer: Producer
+):
+    """A watch list re-imported as a drop: the counts a host read while it watched are not
+    the drop's. Until the host reads again, ``lists`` shows no HITS for it and ``list --hits``
+    no entry, rather than a drop that seems to have matched what it never dropped."""
+    worker = memory_worker(redis_server, "h1")
+    worker.setup()
+    content = ListContent.of(["198.18.0.2/31"])
+    producer.load_list("level1", content, action="watch")
+    worker.run(burst=True)
+    watched = ListHits(
+        packets=15, bytes=820, ms=producer.now_ms(), entries=[("198.18.0.2/31", 15, 820)]
+    )
+    r.hset(Keys().list_hits("h1"), "level1", watched.model_dump_json())
+
+    def shown() -> tuple[object, list[dict[str, Any]]]:
+        lists = subprocess.run(
+            [*PUSHFW, "--redis-url", redis_server.url, "lists", "--json"],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=30,
+            check=True,
+        )
+        [row] = json.loads(lists.stdout)
+        return row["hits"], hit_rows(redis_server, "--list", "level1")
+
+    hits, entries = shown()
+    assert hits == 15 and [(e["action"], e["packets"]) for e in entries] == [("watch", 15)]
+
+    wait_for(lambda: producer.now_ms() > watched.ms, 5, "Redis's clock to pass the reading")
+    producer.load_list("level1", content, action="drop")
+    worker.run(burst=True)
+    assert shown() == (None, []), "the watch's counts are shown as the drop's"
+
+    r.hset(
+        Keys().list_hits("h1"),
+        "level1",
+        ListHits(
+            packets=5, bytes=300, ms=producer.now_ms(), entries=[("198.18.0.2/31", 5, 300)]
+        ).model_dump_json(),
+    )
+    hits, entries = shown()
+    assert hits == 5 and [(e["action"], e["packets"]) for e in entries] == [("drop", 5)]

@@ -234,9 +234,13 @@ def lists_group(ctx: click.Context, json_out: bool) -> None:
 def _hits_of(
     rec: ListRecord, known: list[HostStatus], counted: dict[str, dict[str, ListHits]]
 ) -> list[ListHits]:
-    """The last counts of list ``rec`` from every host it targets, live or not."""
+    """The last counts of list ``rec`` from every host it targets, live or not, read since
+    its newest command."""
     return [
-        c[rec.name] for h in known if reaches(rec.target, h) and rec.name in (c := counted[h.host])
+        c[rec.name]
+        for h in known
+        if reaches(rec.target, h) and rec.name in (c := counted[h.host])
+        if rec.counted_by(c[rec.name])
     ]
 
 

@@ -175,14 +175,14 @@ def _hit_rows(producer: Producer, names: list[str], list_name: str | None) -> li
             for rule, hit in counts.items():
                 action, _, network = rule.partition(" ")
                 found.append((hit.packets, hit.bytes, hit.ms, name, action, network, None))
-    actions = {rec.name: rec.action for rec in producer.lists()}
+    records = {rec.name: rec for rec in producer.lists()}
     for name, lists in producer.list_hits(names).items():
         for listed, hits in lists.items():
-            if list_name not in (None, listed):
-                continue
-            action = actions.get(listed, "?")
+            rec = records.get(listed)
+            if list_name not in (None, listed) or rec is None or not rec.counted_by(hits):
+                continue  # a list gone, or counted before its newest command
             for entry, packets, octets in hits.entries:
-                found.append((packets, octets, hits.ms, name, action, entry, listed))
+                found.append((packets, octets, hits.ms, name, rec.action, entry, listed))
     return found
 
 
