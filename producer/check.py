@@ -26,15 +26,19 @@ class Severity(IntEnum):
     UNKNOWN = 3
 
 
-_CRITICAL_STATES = frozenset({"STALE", "DUPLICATE", "LEDGER LOST", "MISSING"})
+_CRITICAL_STATES = frozenset({"STALE", "STOPPED", "DUPLICATE", "LEDGER LOST", "MISSING"})
 """States in which commands do not reach the host's kernel whole, or its rules are wrong."""
 _OK_STATES = frozenset({"ok", "starting"})
 
 
 def host_state(h: HostStatus, now_ms: int) -> str:
-    """What ``pushfw status`` shows as a host's STATE: what is wrong with it first."""
+    """What ``pushfw status`` shows as a host's STATE: what is wrong with it first.
+
+    A worker that said it stopped is ``stopped`` for a restart's worth of heartbeats, then
+    ``STOPPED``: not silent (STALE, where nothing is known), but no longer applying commands.
+    """
     if is_stale(h, now_ms):
-        return "STALE"
+        return "STOPPED" if h.state == "stopped" else "STALE"
     if h.state != "running":
         return h.state
     if h.duplicate:

@@ -62,12 +62,13 @@ def test_check_names_each_unhealthy_host_and_exits_with_the_worst(r: redis.Redis
     beat(r, "lost1", state="running", ledger_lost=True)
     beat(r, "twin1", state="running", duplicate="a1b2c3")
     beat(r, "gone1", last_seen_ms=redis_ms(r) - 600_000)
+    beat(r, "off1", state="stopped", last_seen_ms=redis_ms(r) - 600_000)
     code, line = check(pushfw)
     assert code == 2
     assert line == (
         "PUSHFW CRITICAL: busy1 DEGRADED, gone1 STALE, lost1 LEDGER LOST, "
-        "new1 starting with problems, twin1 DUPLICATE; "
-        "1 of 6 hosts ok | hosts=6 ok=1 warning=2 critical=3"
+        "new1 starting with problems, off1 STOPPED, twin1 DUPLICATE; "
+        "1 of 7 hosts ok | hosts=7 ok=1 warning=2 critical=4"
     )
 
 

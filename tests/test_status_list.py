@@ -120,20 +120,25 @@ def test_status_table_shows_every_host(fleet: Fleet):
 
 
 def test_status_marks_a_silent_host_stale(r: redis.Redis, fleet: Fleet):
+    now_ms = redis_ms(r)
     old = HostStatus(
         host="gone1",
         labels=["web"],
         backend="iptables",
-        last_seen_ms=redis_ms(r) - 600_000,
-        started_ms=redis_ms(r) - 3_600_000,
+        last_seen_ms=now_ms - 600_000,
+        started_ms=now_ms - 3_600_000,
         rules=12,
     )
     r.hset(KEYS.hosts, old.host, old.model_dump_json())
+    # a worker that said it stopped, ten minutes ago: not silent, but not applying commands
+    off = old.model_copy(update={"host": "off1", "state": "stopped"})
+    r.hset(KEYS.hosts, off.host, off.model_dump_json())
 
     proc = run_pushfw(fleet.url, "status")
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
-    assert set(rows) == {"web1", "db1", "gone1"}
+    assert set(rows) == {"web1", "db1", "gone1", "off1"}
     assert rows["gone1"].split()[1] == "STALE"
+    assert rows["off1"].split()[1] == "STOPPED"
     assert re.search(r"STALE\s+10m \ds ago\s+12\s", rows["gone1"])
     # up from its start until its last heartbeat, not until now: it is not up any more
     assert rows["gone1"].split()[-2:] == ["50m", "0s"]

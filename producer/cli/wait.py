@@ -10,7 +10,8 @@ from typing import Any
 import click
 import redis
 
-from pushfw.producer.client import Producer, is_live, is_stale, reaches
+from pushfw.producer.check import host_state
+from pushfw.producer.client import Producer, is_live, reaches
 from pushfw.producer.contract import Result
 from pushfw.producer.records import HostStatus
 from pushfw.producer.render import as_json, entry_ms, listing, plural
@@ -119,7 +120,7 @@ def _nobody_answers(producer: Producer, target: list[str]) -> str | None:
 def _known_host(h: HostStatus, now_ms: int) -> str:
     """``web1 [eu,web]``, ``db1 (stopped)``: a host's name, labels, and why it is not live."""
     labels = f" [{','.join(h.labels)}]" if h.labels else ""
-    why = " (STALE)" if is_stale(h, now_ms) else " (stopped)" if h.state == "stopped" else ""
+    why = f" ({host_state(h, now_ms)})" if not is_live(h, now_ms) else ""
     return h.host + labels + why
 
 
