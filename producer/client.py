@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from pydantic import ValidationError
@@ -36,6 +36,8 @@ __all__ = [
     "is_stale",
     "reaches",
 ]
+
+_Counts = TypeVar("_Counts", RuleHits, ListHits)
 
 STALE_AFTER_BEATS = 3
 """Heartbeats a host may miss before ``pushfw status`` calls it STALE."""
@@ -432,37 +434,30 @@ class Producer:
         )
 
     def hits(self, hosts: Iterable[str]) -> dict[str, dict[str, RuleHits]]:
-        """Each host's published hit counts: host -> rule id -> counts (its busiest rules).
-
-        One ``HGETALL`` of ``{pushfw}:hits:<host>`` per host, in one round trip.
-        https://redis.io/commands/hgetall/
-        """
-        names = list(hosts)
-        pipe = self.client.pipeline(transaction=False)
-        for host in names:
-            pipe.hgetall(self.keys.hits(host))
-        replies = cast(list[dict[str, str]], pipe.execute())
-        return {
-            host: {rule: RuleHits.model_validate_json(raw) for rule, raw in reply.items()}
-            for host, reply in zip(names, replies, strict=True)
-        }
+        """Each host's published hit counts: host -> rule id -> counts (its busiest rules)."""
+        return self._per_host(hosts, self.keys.hits, RuleHits)
 
     def list_hits(self, hosts: Iterable[str]) -> dict[str, dict[str, ListHits]]:
-        """Each host's published list counts: host -> list name -> counts and busiest entries.
+        """Each host's published list counts: host -> list name -> counts and busiest entries."""
+        return self._per_host(hosts, self.keys.list_hits, ListHits)
 
-        One ``HGETALL`` of ``{pushfw}:list-hits:<host>`` per host, in one round trip; a value
-        that is not a valid count is left out, never trusted.
+    def _per_host(
+        self, hosts: Iterable[str], key_of: Callable[[str], str], model: type[_Counts]
+    ) -> dict[str, dict[str, _Counts]]:
+        """One hash per host, field -> ``model``: one ``HGETALL`` per host in one round trip.
+        A value that is not a valid ``model`` is left out, never trusted (workers write
+        these hashes; Redis is input).
         https://redis.io/commands/hgetall/
         """
         names = list(hosts)
         pipe = self.client.pipeline(transaction=False)
         for host in names:
-            pipe.hgetall(self.keys.list_hits(host))
+            pipe.hgetall(key_of(host))
         replies = cast(list[dict[str, str]], pipe.execute())
-        found: dict[str, dict[str, ListHits]] = {}
+        found: dict[str, dict[str, _Counts]] = {}
         for host, reply in zip(names, replies, strict=True):
             found[host] = {}
-            for name, raw in reply.items():
+            for field, raw in reply.items():
                 with contextlib.suppress(ValidationError):
-                    found[host][name] = ListHits.model_validate_json(raw)
+                    found[host][field] = model.model_validate_json(raw)
         return found

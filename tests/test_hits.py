@@ -352,6 +352,9 @@ def test_list_counters_are_published_beside_the_rules_and_bounded_apart(
 
     r.hset(keys.list_hits("h1"), "forged", '{"packets": -1, "bytes": 0, "ms": 0}')
     assert set(producer.list_hits(["h1"])["h1"]) == {"level1", "quiet"}, "input, not truth"
+    rules = set(producer.hits(["h1"])["h1"])
+    r.hset(keys.hits("h1"), "drop 192.0.2.9/32", "not a count")
+    assert set(producer.hits(["h1"])["h1"]) == rules, "a rule's count is input too"
 
 
 def test_top_or_list_without_hits_is_a_usage_error(redis_server: RedisServer, tmp_path: Path):
